@@ -1,0 +1,5 @@
+import sys
+
+from aptq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,41 @@
+import math
+
+import pytest
+import torch
+
+from aptq.errors import UserError
+from aptq.evaluate import evaluate
+from aptq.models import load_model
+from tests.tiny_models import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return load_model(str(save_tiny_model("llama", tmp_path_factory.mktemp("llama"))), device="cpu").model
+
+
+def test_perplexity_is_exp_of_the_mean_nll_by_hand(tiny_llama):
+    windows = torch.randint(0, 49152, (3, 17), generator=torch.Generator().manual_seed(0))
+    result = evaluate(tiny_llama, windows, batch_size=2)
+    with torch.no_grad():
+        logits = tiny_llama(windows).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert result.tokens == 3 * 16 and result.windows == 3
+    assert result.perplexity == pytest.approx(math.exp(nll.item()), rel=1e-5)
+
+
+def test_kl_of_a_model_against_itself_is_zero(tiny_llama):
+    windows = torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(1))
+    result = evaluate(tiny_llama, windows, reference=tiny_llama)
+    assert result.kl_divergence == pytest.approx(0.0, abs=1e-6) and result.top1_agreement == 1.0
+
+
+def test_kl_against_a_different_model_is_positive(tiny_llama, tmp_path):
+    other = load_model(str(save_tiny_model("llama", tmp_path, seed=1)), device="cpu").model
+    windows = torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert evaluate(tiny_llama, windows, reference=other).kl_divergence > 0
+
+
+def test_window_longer_than_the_context_is_refused(tiny_llama):
+    with pytest.raises(UserError, match="longer than the model's context of 256 tokens"):
+        evaluate(tiny_llama, torch.zeros(1, 300, dtype=torch.long))
