@@ -35,12 +35,13 @@ if loaded is None or corpus is None:
     st.stop()
 
 arch = loaded.arch
+st.subheader(loaded.display_name)
 cols = st.columns(5)
-cols[0].metric("Model", loaded.display_name)
-cols[1].metric("Parameters", f"{loaded.n_params / 1e6:.1f} M")
-cols[2].metric("Architecture", f"{arch.family} · {arch.n_blocks} blocks")
-cols[3].metric("Attention", f"{arch.n_heads} heads / {arch.n_kv_heads} KV · d_h {arch.head_dim}")
-cols[4].metric("Device", f"{loaded.device} · {str(loaded.model.dtype).removeprefix('torch.')}")
+cols[0].metric("Parameters", f"{loaded.n_params / 1e6:.1f} M")
+cols[1].metric("Family", arch.family)
+cols[2].metric("Blocks", arch.n_blocks)
+cols[3].metric("Heads (query / KV)", f"{arch.n_heads} / {arch.n_kv_heads}")
+cols[4].metric("Device", f"{loaded.device} {str(loaded.model.dtype).removeprefix('torch.')}")
 st.caption(f"Weights from `{loaded.path}`. Baseline: **{loaded.baseline_label}**. "
            f"{len(arch.layers)} quantizable linear layers; RoPE: {arch.rope}; GQA: {arch.gqa}.")
 st.write(f"**Corpus:** {corpus.description}.")

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from aptq.errors import UserError
-from aptq.models import DATA_DIR
+from aptq.models import CACHE_DIR, DATA_DIR
 
 EMBEDDED_CORPUS = "brown"
 BROWN_FILE = DATA_DIR / "brown.jsonl.gz"
-TOKEN_CACHE = DATA_DIR / "cache" / "tokens"
+TOKEN_CACHE = CACHE_DIR / "cache" / "tokens"
 # Brown split (documented in data/BROWN.md): every document whose two-digit number is a multiple of 5 is evaluation.
 BROWN_EVAL_EVERY = 5
 # Local text files: the last tenth of the paragraphs is evaluation (our choice).

@@ -29,8 +29,9 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Its weights were dequantized from Q4_1 (groups of 32): the "full precision" baseline is that, not the original fp16.
 EMBEDDED_BASELINE_LABEL = "dequantized Q4_1"
 
-DATA_DIR = Path(os.environ.get("APTQ_DATA_DIR", Path(__file__).resolve().parent.parent / "data"))
-MODEL_CACHE = DATA_DIR / "models"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # committed data (the embedded corpus)
+CACHE_DIR = Path(os.environ.get("APTQ_CACHE_DIR", DATA_DIR))  # everything derived: converted models, token caches
+MODEL_CACHE = CACHE_DIR / "models"
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
 
