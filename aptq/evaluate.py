@@ -3,6 +3,12 @@
 Perplexity follows the GPTQ protocol: non-overlapping windows of `seqlen` tokens, each evaluated independently; it
 is exp of the mean negative log-likelihood over every predicted token (the L−1 next-token predictions per window).
 KL divergence KL(P_reference ‖ P_model) and top-1 agreement are averaged over the same predicted positions.
+
+Comparing many quantized models with one reference would recompute the reference's logits every time, so the
+reference can be summarized once as `ReferenceStats`: its top-k log-probabilities per position (our choice, k = 128).
+KL against those stats treats the tokens outside the reference's top k as one bucket; by the log-sum inequality that
+is a lower bound of the exact KL, and with k = vocabulary size it is exact (see tests/test_evaluate.py and
+bench/results for the measured gap).
 """
 
 from __future__ import annotations
@@ -52,10 +58,52 @@ def _log_probs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+REFERENCE_TOP_K = 128
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """A reference model's top-k next-token log-probabilities on fixed windows (n × (L−1) × k, best first)."""
+
+    log_probs: torch.Tensor
+    token_ids: torch.Tensor
+
+    def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.log_probs[first:first + size], self.token_ids[first:first + size]
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | None = None, batch_size: int = 1,
-             progress: Progress = no_progress) -> Evaluation:
-    """Perplexity of `model` on `windows` (n × seqlen); with a `reference`, also KL and top-1 agreement."""
+def reference_stats(model: nn.Module, windows: torch.Tensor, k: int = REFERENCE_TOP_K, batch_size: int = 1,
+                    progress: Progress = no_progress) -> ReferenceStats:
+    check_window(model, windows.shape[1])
+    values, ids = [], []
+    for first in range(0, windows.shape[0], batch_size):
+        top = _log_probs(model, windows[first:first + batch_size]).topk(k, dim=-1)
+        values.append(top.values.cpu())
+        ids.append(top.indices.to(torch.int32).cpu())
+        progress(min(first + batch_size, windows.shape[0]), windows.shape[0], "reference")
+    return ReferenceStats(torch.cat(values), torch.cat(ids))
+
+
+def _kl_and_agreement(log_probs: torch.Tensor, reference: ReferenceStats | torch.Tensor) -> tuple[float, int]:
+    """Summed KL(P_ref ‖ P_model) and the count of matching argmaxes, against full or top-k reference log-probs."""
+    if isinstance(reference, torch.Tensor):  # full reference log-probabilities: exact
+        kl = (reference.exp() * (reference - log_probs)).sum(-1)
+        return kl.double().sum().item(), (reference.argmax(-1) == log_probs.argmax(-1)).sum().item()
+    ref_top, ref_ids = reference.log_probs, reference.token_ids.long()
+    model_top = log_probs.gather(-1, ref_ids)
+    p_top = ref_top.exp()
+    p_rest = (1 - p_top.sum(-1)).clamp_min(0)
+    q_rest = (1 - model_top.exp().sum(-1)).clamp_min(1e-12)
+    kl = (p_top * (ref_top - model_top)).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * q_rest.log()
+    return kl.double().sum().item(), (ref_ids[..., 0] == log_probs.argmax(-1)).sum().item()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | ReferenceStats | None = None,
+             batch_size: int = 1, progress: Progress = no_progress) -> Evaluation:
+    """Perplexity of `model` on `windows` (n × seqlen); with a reference model or its `ReferenceStats` (computed on
+    the same windows), also KL divergence and top-1 agreement."""
     check_window(model, windows.shape[1])
     start = time.perf_counter()
     nll_sum, kl_sum, agree_sum, count = 0.0, 0.0, 0, 0
@@ -68,11 +116,15 @@ def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Non
             raise UserError("The model produced non-finite log-probabilities (NaN/inf); its weights are broken.")
         nll_sum += nll.double().sum().item()
         count += targets.numel()
+        if isinstance(reference, ReferenceStats):
+            ref_top, ref_ids = reference.batch(first, batch_size)
+            kl, agree = _kl_and_agreement(log_probs, ReferenceStats(ref_top.to(log_probs.device),
+                                                                    ref_ids.to(log_probs.device)))
+        elif reference is not None:
+            kl, agree = _kl_and_agreement(log_probs, _log_probs(reference, batch).to(log_probs.device))
         if reference is not None:
-            ref_log_probs = _log_probs(reference, batch).to(log_probs.device)
-            kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)
-            kl_sum += kl.double().sum().item()
-            agree_sum += (ref_log_probs.argmax(-1) == log_probs.argmax(-1)).sum().item()
+            kl_sum += kl
+            agree_sum += agree
         progress(min(first + batch_size, windows.shape[0]), windows.shape[0], f"ppl {math.exp(nll_sum / count):.3f}")
     mean_nll = nll_sum / count
     return Evaluation(math.exp(mean_nll), mean_nll, count, windows.shape[0], windows.shape[1],

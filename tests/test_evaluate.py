@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aptq.errors import UserError
-from aptq.evaluate import evaluate
+from aptq.evaluate import evaluate, reference_stats
 from aptq.models import load_model
 from tests.tiny_models import save_tiny_model
 
@@ -39,3 +39,16 @@ def test_kl_against_a_different_model_is_positive(tiny_llama, tmp_path):
 def test_window_longer_than_the_context_is_refused(tiny_llama):
     with pytest.raises(UserError, match="longer than the model's context of 256 tokens"):
         evaluate(tiny_llama, torch.zeros(1, 300, dtype=torch.long))
+
+
+def test_top_k_reference_stats_bound_the_exact_kl(tiny_llama, tmp_path):
+    other = load_model(str(save_tiny_model("llama", tmp_path, seed=2)), device="cpu").model
+    windows = torch.randint(0, 49152, (3, 9), generator=torch.Generator().manual_seed(3))
+    exact = evaluate(other, windows, reference=tiny_llama)
+    full = evaluate(other, windows, reference=reference_stats(tiny_llama, windows, k=49152))
+    top = evaluate(other, windows, reference=reference_stats(tiny_llama, windows, k=128))
+    assert full.kl_divergence == pytest.approx(exact.kl_divergence, rel=1e-4)
+    assert full.top1_agreement == exact.top1_agreement == top.top1_agreement
+    assert 0 < top.kl_divergence <= exact.kl_divergence * (1 + 1e-6)
+    assert evaluate(tiny_llama, windows, reference=reference_stats(tiny_llama, windows)).kl_divergence == \
+        pytest.approx(0.0, abs=1e-6)
