@@ -26,6 +26,11 @@ def _kinds(frame: pd.DataFrame) -> list[str]:
     return [k for k in KIND_ORDER if k in present]
 
 
+def _block_axis(blocks: pd.Index) -> dict:
+    """Integer ticks only (one per block up to 32 blocks): a block axis has no block 0.5."""
+    return {"title": "block", "tickmode": "linear", "dtick": 1 if len(blocks) <= 32 else 4}
+
+
 def sensitivity_heatmap(layers: pd.DataFrame, metric: str, title: str | None = None) -> go.Figure:
     """Blocks × projection types, coloured by log10 of `metric`; hover shows the exact value and the layer name."""
     grid = layers.pivot_table(index="kind", columns="block", values=metric, aggfunc="first").reindex(_kinds(layers))
@@ -37,13 +42,18 @@ def sensitivity_heatmap(layers: pd.DataFrame, metric: str, title: str | None = N
         z=log_values, x=list(grid.columns), y=list(grid.index), customdata=np.dstack([grid.to_numpy(), names]),
         colorscale="Viridis", colorbar={"title": "log₁₀"},
         hovertemplate="block %{x} · %{y}<br>%{customdata[1]}<br>value %{customdata[0]:.4g}<extra></extra>"))
-    figure.update_layout(title=title or METRIC_LABELS.get(metric, metric), xaxis_title="block",
-                         yaxis_title="projection", yaxis_autorange="reversed", height=330, margin={"t": 50, "b": 40})
+    figure.update_layout(title=title or METRIC_LABELS.get(metric, metric), yaxis_title="projection",
+                         yaxis_autorange="reversed", height=330, margin={"t": 50, "b": 40})
+    figure.update_xaxes(_block_axis(grid.columns))
     return figure
 
 
-def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer") -> go.Figure:
-    """Blocks × projection types coloured by the plan's bit width (discrete colours per width)."""
+def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer", selectable: bool = False) -> go.Figure:
+    """Blocks × projection types coloured by the plan's bit width (discrete colours per width).
+
+    `selectable` overlays one invisible square marker per cell: plotly selects scatter points but not heatmap cells,
+    so clicks and box selections land on the markers (a selected cell shows a dark square; shift-click adds).
+    """
     widths = sorted(set(int(b) for b in plan["bits"]))
     grid = plan.pivot_table(index="kind", columns="block", values="bits", aggfunc="first").reindex(_kinds(plan))
     # Map each width to the middle of its own band so the colour scale is discrete and stable per width.
@@ -59,16 +69,25 @@ def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer") -> go.Figure
         zmin=0, zmax=steps, colorscale=scale or "Greys",
         colorbar={"tickvals": [i + 0.5 for i in range(steps)], "ticktext": [f"{w} bit" for w in widths]},
         hovertemplate="block %{x} · %{y}: %{customdata} bits<extra></extra>"))
-    figure.update_layout(title=title, xaxis_title="block", yaxis_title="projection", yaxis_autorange="reversed",
-                         height=330, margin={"t": 50, "b": 40})
+    if selectable:
+        cells = plan.dropna(subset=["bits"])
+        figure.add_trace(go.Scatter(
+            x=cells["block"], y=cells["kind"], customdata=cells["bits"], mode="markers", showlegend=False,
+            marker={"symbol": "square-open", "size": 18, "color": "#111", "opacity": 0, "line": {"width": 3}},
+            selected={"marker": {"opacity": 1}}, unselected={"marker": {"opacity": 0}},
+            hovertemplate="block %{x} · %{y}: %{customdata} bits<extra></extra>"))
+        figure.update_traces(hoverinfo="skip", selector={"type": "heatmap"})  # hover and clicks go to the markers
+    figure.update_layout(title=title, yaxis_title="projection", yaxis_autorange="reversed", height=330,
+                         margin={"t": 50, "b": 40})
+    figure.update_xaxes(_block_axis(grid.columns))
     return figure
 
 
-def block_bars(layers: pd.DataFrame, metric: str) -> go.Figure:
+def block_bars(layers: pd.DataFrame, metric: str, label: str | None = None) -> go.Figure:
     """Per-block totals of `metric`, stacked by projection type."""
     totals = layers.groupby(["block", "kind"], as_index=False)[metric].sum()
     figure = px.bar(totals, x="block", y=metric, color="kind", category_orders={"kind": _kinds(layers)},
-                    log_y=True, labels={metric: METRIC_LABELS.get(metric, metric)})
+                    log_y=True, labels={metric: label or METRIC_LABELS.get(metric, metric)})
     figure.update_layout(height=320, margin={"t": 30, "b": 40}, title="per block")
     return figure
 
@@ -86,20 +105,44 @@ def rank_comparison(layers: pd.DataFrame, x_metric: str, y_metric: str) -> go.Fi
     return figure
 
 
-def tradeoff_curves(runs: pd.DataFrame, y: str = "perplexity", protocol: str = "") -> go.Figure:
-    """`y` against average bits, one line per method (columns: method, avg_bits, y)."""
+QUANT_DASH = {"rtn": "dot", "gptq": "dash", "attention": "solid"}  # line style per quantization method
+QUANT_SYMBOLS = {"rtn": "square", "gptq": "diamond", "attention": "circle"}
+AXIS_LABELS = {"avg_bits": "average bits per weight", "effective_bits": "effective bits per weight (with scales)",
+               "perplexity": "perplexity", "kl": "KL(full precision ‖ quantized), nats/token",
+               "top1": "top-1 agreement", "predicted_error_attention": "predicted Σ e (attention-aware)",
+               "predicted_error_layerwise": "predicted Σ e (layer-wise)"}
+
+
+def tradeoff_curves(runs: pd.DataFrame, y: str = "perplexity", protocol: str = "", x: str = "avg_bits",
+                    current: dict | None = None) -> go.Figure:
+    """`y` against bits from stored runs (columns allocation, method, plan_name, x, y): one line per allocation
+    method (colour) and quantization method (dash). `current` = {"x", "y" (None when there is no estimate),
+    "label"} adds the current plan, predicted only: an open star, or a dotted vertical line without an estimate."""
     figure = go.Figure()
-    for method, group in runs.sort_values("avg_bits").groupby("method", sort=False):
-        figure.add_trace(go.Scatter(x=group["avg_bits"], y=group[y], mode="lines+markers", name=str(method),
-                                    line={"color": METHOD_COLORS.get(str(method))}))
-    figure.update_layout(xaxis_title="average bits per weight", yaxis_title=y, yaxis_type="log",
-                         title=f"{y} vs bits" + (f" — {protocol}" if protocol else ""), height=420)
+    for (allocation, method), group in runs.sort_values(x).groupby(["allocation", "method"], sort=True):
+        figure.add_trace(go.Scatter(
+            x=group[x], y=group[y], mode="lines+markers", name=f"{allocation} · {method}",
+            line={"color": METHOD_COLORS.get(str(allocation)), "dash": QUANT_DASH.get(str(method), "solid")},
+            marker={"symbol": QUANT_SYMBOLS.get(str(method), "circle"), "size": 8}, customdata=group[["plan_name"]],
+            hovertemplate=f"%{{customdata[0]}}<br>%{{x:.3f}} bits<br>{y} %{{y:.4g}}<extra>%{{fullData.name}}</extra>"))
+    if current is not None and current.get("y") is not None:
+        figure.add_trace(go.Scatter(x=[current["x"]], y=[current["y"]], mode="markers", name=current["label"],
+                                    marker={"symbol": "star-open", "size": 16, "color": "#000", "line": {"width": 2}}))
+    elif current is not None:
+        figure.add_vline(x=current["x"], line={"dash": "dot", "color": "#000"}, annotation_text=current["label"])
+    figure.update_layout(xaxis_title=AXIS_LABELS.get(x, x), yaxis_title=AXIS_LABELS.get(y, y), yaxis_type="log",
+                         title=f"{y} vs bits" + (f" — {protocol}" if protocol else ""), height=440,
+                         legend={"title": "allocation · quantization"})
     return figure
 
 
-def predicted_vs_measured(runs: pd.DataFrame, measured: str = "kl_divergence") -> go.Figure:
-    """Predicted total error against a measured quantity, coloured by method (log–log)."""
-    figure = px.scatter(runs, x="predicted_error", y=measured, color="method", hover_name="label",
-                        color_discrete_map=METHOD_COLORS, log_x=True, log_y=True)
-    figure.update_layout(height=420, title=f"predicted error vs measured {measured}")
+def predicted_vs_measured(runs: pd.DataFrame, measured: str = "kl", protocol: str = "") -> go.Figure:
+    """Predicted total error (attention-aware) against a measured quantity, log–log; colour = allocation method,
+    symbol = quantization method. Points on a rising line mean the predictions rank plans correctly."""
+    figure = px.scatter(runs, x="predicted_error_attention", y=measured, color="allocation", symbol="method",
+                        hover_name="plan_name", hover_data={"avg_bits": ":.3f"}, color_discrete_map=METHOD_COLORS,
+                        symbol_map=QUANT_SYMBOLS, log_x=True, log_y=True,
+                        labels={k: v for k, v in AXIS_LABELS.items() if k in ("predicted_error_attention", measured)})
+    figure.update_layout(height=420, title=f"predicted error vs measured {measured}"
+                         + (f" — {protocol}" if protocol else ""))
     return figure

@@ -65,11 +65,271 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"KL to reference {result.kl_divergence:.5f} nats/token, top-1 agreement {result.top1_agreement:.4f}")
 
 
+def _bit_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bit widths must be integers separated by commas, got {text!r}") from exc
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", type=int, default=None,
+                        help="calibration segments (default: 64 on CPU, 128 on GPU)")
+    parser.add_argument("--seqlen", type=int, default=None,
+                        help="tokens per segment (default: 512 on CPU, 2048 on GPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the segment draw and probes (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=None, help="segments per forward pass (default: auto)")
+    parser.add_argument("--store", default=None, help="DuckDB file (default: $APTQ_STORE or data/aptq.duckdb)")
+
+
+def calibration_of(args: argparse.Namespace, loaded):
+    from aptq.data import Sampling
+    from aptq.sensitivity import default_calibration
+
+    samples, seqlen = default_calibration(loaded.device)
+    return Sampling(args.samples or samples, args.seqlen or seqlen, args.seed)
+
+
+def group_of(args: argparse.Namespace, loaded) -> int:
+    from aptq.sensitivity import default_group_size
+
+    return default_group_size(loaded.arch) if args.group is None else args.group
+
+
+class LazyBar:
+    """A tqdm progress callback whose bar appears on the first report, so bad input fails with one line."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.bar: tuple | None = None
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        from aptq.progress import tqdm_progress
+
+        if self.bar is None:
+            self.bar = tqdm_progress(self.description)
+        self.bar[0](done, total, message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar[1]()
+            self.bar = None
+
+
+def add_analyze_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("analyze", help="per-layer sensitivity: traces, scores and predicted errors",
+                                 description="Walk the model block by block over calibration segments and measure "
+                                             "each linear layer's sensitivity (layer-wise and attention-aware "
+                                             "Hessians, APTQ trace) and the predicted error of each bit width. "
+                                             "Results are cached in the DuckDB store; a repeat is instant.")
+    add_model_arguments(parser)
+    add_calibration_arguments(parser)
+    parser.add_argument("--group", type=int, default=None,
+                        help="quantization group size for the predicted errors, 0 = per channel "
+                             "(default: 128 when the hidden size allows it, else 64)")
+    parser.add_argument("--bits", type=_bit_list, default=(2, 3, 4, 8),
+                        help="bit widths for the predicted errors (default: 2,3,4,8)")
+    parser.add_argument("--probes", type=int, default=None,
+                        help="Hutchinson probes per segment for the APTQ trace (default: 1)")
+    parser.add_argument("--max-blocks", type=int, default=None, help="analyze only the first N blocks")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the blocks an interrupted run already stored (default: on)")
+    parser.set_defaults(handler=run_analyze)
+
+
+def analysis_for(args: argparse.Namespace, loaded, corpus, sampling, bits=(2, 3, 4, 8), probes=None,
+                 max_blocks=None, resume=True):
+    """(layers, errors) of the analysis the arguments describe: from the store, or computed with a progress bar."""
+    from aptq.hessian import DEFAULT_PROBES
+    from aptq.sensitivity import AnalysisSettings, analyze
+    from aptq.store import Store
+
+    settings = AnalysisSettings(group_size=group_of(args, loaded), bits=bits,
+                                probes=DEFAULT_PROBES if probes is None else probes, max_blocks=max_blocks,
+                                batch_size=args.batch_size)
+    bar = LazyBar("analyzing blocks")
+    try:
+        return analyze(loaded, corpus, sampling, settings, store=Store(args.store), progress=bar, resume=resume)
+    finally:
+        bar.close()
+
+
+def run_analyze(args: argparse.Namespace) -> None:
+    from aptq.data import load_corpus
+    from aptq.models import load_model
+    from aptq.sensitivity import ranked
+    from aptq.store import Store
+
+    loaded = load_model(args.model, device=args.device)
+    corpus = load_corpus(args.corpus)
+    sampling = calibration_of(args, loaded)
+    layers, _ = analysis_for(args, loaded, corpus, sampling, args.bits, args.probes, args.max_blocks, args.resume)
+    origin = "cache hit" if layers.attrs["cached"] else "computed"
+    print(f"{loaded.display_name} on {corpus.name}: {len(layers)} layers, {sampling.n_samples} × {sampling.seqlen} "
+          f"calibration tokens ({origin}); results in {Store(args.store).path}, analysis "
+          f"{layers.attrs['analysis_key']} (tables layer_metrics, predicted_errors)")
+    most, least = ranked(layers, "score", 10)
+    columns = ["layer", "kind", "score", "score_attention", "score_layerwise"]
+    for title, frame in (("Most sensitive (APTQ trace per parameter)", most), ("Least sensitive", least)):
+        print(f"\n{title}:")
+        print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group", type=int, default=None,
+                        help="columns per scale/zero group, 0 = per output channel "
+                             "(default: 128 when the hidden size allows it, else 64)")
+    parser.add_argument("--symmetric", action="store_true", help="symmetric grid (default: asymmetric)")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ columns in order of decreasing diag(H)")
+    parser.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=CPU_EVAL_TOKENS,
+                        help="evaluate at most this many tokens, 0 = the whole split (default: %(default)s)")
+
+
+def quantize_settings(args: argparse.Namespace, loaded, method: str):
+    from aptq.pipeline import EvalSettings, QuantizeSettings
+
+    return (QuantizeSettings(method=method, group_size=group_of(args, loaded), symmetric=args.symmetric,
+                             act_order=args.act_order, batch_size=args.batch_size, device=args.device),
+            EvalSettings(args.eval_seqlen, args.tokens or None))
+
+
+def add_quantize_parser(commands: argparse._SubParsersAction) -> None:
+    from aptq.pipeline import METHOD_LABELS
+
+    parser = commands.add_parser("quantize", help="quantize with uniform bits or a plan, evaluate, store, export",
+                                 description="Quantize the model block by block (true-sequential) with one bit "
+                                             "width for every layer or a plan, measure perplexity, KL divergence "
+                                             "and top-1 agreement against full precision, store the run, and "
+                                             "optionally export it. A run stored before is not repeated.")
+    add_model_arguments(parser)
+    add_calibration_arguments(parser)
+    add_quantization_arguments(parser)
+    parser.add_argument("--method", choices=list(METHOD_LABELS), default="attention",
+                        help="; ".join(f"{k}: {v}" for k, v in METHOD_LABELS.items()) + " (default: %(default)s)")
+    parser.add_argument("--bits", type=int, default=None, help="one width (2–8) for every layer")
+    parser.add_argument("--plan", default=None,
+                        help="a plan JSON: {layer: bits} or a plan.json this tool exported (16 = keep)")
+    parser.add_argument("--export", default=None, help="write the quantized model and the plan files here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    parser.add_argument("--json", action="store_true", help="print the run as JSON")
+    parser.set_defaults(handler=run_quantize)
+
+
+def read_plan(path: str) -> dict[str, int]:
+    from pathlib import Path
+
+    try:
+        document = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"The plan file {path} does not exist.") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"The plan file {path} is not readable JSON ({exc}).") from None
+    layers = document.get("layers", document) if isinstance(document, dict) else None
+    if not isinstance(layers, dict) or not all(isinstance(v, int) for v in layers.values()):
+        raise UserError(f"The plan file {path} must map layer names to integer bits (or be a plan.json export).")
+    return layers
+
+
+def print_run(row: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(row, indent=2, default=str))
+        return
+    origin = "stored run, no work done" if row["cached"] else f"quantized in {row['quant_seconds']:.1f} s"
+    print(f"{row['method']} · {row['avg_bits']:.3f} bits ({row['effective_bits']:.3f} effective, "
+          f"{row['size_mb']:.1f} MB of linear weights) · {origin}")
+    print(f"perplexity {row['perplexity']:.3f} (full precision {row['fp_perplexity']:.3f}) on {row['corpus']}, "
+          f"window {row['eval_seqlen']}, {row['eval_tokens']} tokens · KL {row['kl']:.5f} · top-1 {row['top1']:.4f}")
+    if row.get("notes"):
+        print(f"notes: {row['notes']}")
+    if row.get("export_dir"):
+        print(f"exported to {row['export_dir']}")
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    from aptq.data import load_corpus
+    from aptq.models import load_model
+    from aptq.pipeline import run_plan, uniform_plan
+    from aptq.store import Store
+
+    if (args.bits is None) == (args.plan is None):
+        raise UserError("Give either --bits (one width for every layer) or --plan (a plan JSON file).")
+    loaded = load_model(args.model, device=args.device)
+    corpus = load_corpus(args.corpus)
+    plan = uniform_plan(loaded.arch, args.bits) if args.plan is None else read_plan(args.plan)
+    settings, evaluation = quantize_settings(args, loaded, args.method)
+    meta = {"allocation": "uniform", "budget": args.bits} if args.plan is None else {"name": args.plan}
+    bar = LazyBar(f"{args.method}")
+    try:
+        row = run_plan(loaded, corpus, calibration_of(args, loaded), plan, settings, evaluation, Store(args.store),
+                       bar, meta, args.export, args.overwrite)
+    finally:
+        bar.close()
+    print_run(row, args.json)
+
+
+def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
+    from aptq.allocate import METHODS
+    from aptq.pipeline import METHOD_LABELS
+
+    parser = commands.add_parser("sweep", help="plans for many budgets and solvers, each quantized and evaluated",
+                                 description="For every allocation method and budget, turn the cached sensitivity "
+                                             "analysis into a plan, quantize and evaluate it, and store the "
+                                             "perplexity/KL-versus-bits curves. Stored points are reused, so an "
+                                             "interrupted sweep resumes.")
+    add_model_arguments(parser)
+    add_calibration_arguments(parser)
+    add_quantization_arguments(parser)
+    parser.add_argument("--budgets", default="2.5:4.5:0.25",
+                        help="average bits: start:stop:step or a comma list (default: %(default)s)")
+    parser.add_argument("--methods", default="uniform,aptq,knapsack,knapsack-layerwise",
+                        help=f"allocation methods, comma separated, from {', '.join(METHODS)} (default: %(default)s)")
+    parser.add_argument("--candidates", type=_bit_list, default=(2, 3, 4, 8),
+                        help="bit widths a layer may take (default: 2,3,4,8)")
+    parser.add_argument("--seeds", type=_bit_list, default=(0, 1, 2),
+                        help="seeds of the random allocation (default: 0,1,2)")
+    parser.add_argument("--quantizer", choices=list(METHOD_LABELS), default="gptq",
+                        help="how each plan is quantized (default: %(default)s)")
+    parser.set_defaults(handler=run_sweep_command)
+
+
+def run_sweep_command(args: argparse.Namespace) -> None:
+    from aptq.allocate import METHODS
+    from aptq.data import load_corpus
+    from aptq.models import load_model
+    from aptq.store import Store
+    from aptq.sweep import parse_budgets, run_sweep, sweep_points
+
+    allocations = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in allocations if m not in METHODS]
+    if unknown or not allocations:
+        raise UserError(f"Unknown allocation method {unknown[0] if unknown else '(none)'}; choose from "
+                        f"{', '.join(METHODS)}.")
+    points = sweep_points(allocations, parse_budgets(args.budgets), args.seeds)
+    loaded = load_model(args.model, device=args.device)
+    corpus = load_corpus(args.corpus)
+    sampling = calibration_of(args, loaded)
+    layers, errors = analysis_for(args, loaded, corpus, sampling, bits=tuple(sorted(set(args.candidates))))
+    settings, evaluation = quantize_settings(args, loaded, args.quantizer)
+    bar = LazyBar("sweep")
+    try:
+        table = run_sweep(loaded, corpus, sampling, layers, errors, points, args.candidates, settings, evaluation,
+                          Store(args.store), bar)
+    finally:
+        bar.close()
+    columns = [c for c in ("allocation", "budget", "seed", "avg_bits", "effective_bits", "perplexity", "kl", "top1",
+                           "predicted_error_attention", "quant_seconds", "cached", "skipped") if c in table]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aptq",
                                      description="See and steer mixed-precision quantization of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(commands)
+    add_analyze_parser(commands)
+    add_quantize_parser(commands)
+    add_sweep_parser(commands)
     return parser
 
 

@@ -67,6 +67,7 @@ class ReferenceStats:
 
     log_probs: torch.Tensor
     token_ids: torch.Tensor
+    mean_nll: float = math.nan  # the reference's own mean NLL on the windows (its perplexity is exp of it)
 
     def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.log_probs[first:first + size], self.token_ids[first:first + size]
@@ -77,12 +78,16 @@ def reference_stats(model: nn.Module, windows: torch.Tensor, k: int = REFERENCE_
                     progress: Progress = no_progress) -> ReferenceStats:
     check_window(model, windows.shape[1])
     values, ids = [], []
+    nll_sum = 0.0
     for first in range(0, windows.shape[0], batch_size):
-        top = _log_probs(model, windows[first:first + batch_size]).topk(k, dim=-1)
+        batch = windows[first:first + batch_size]
+        log_probs = _log_probs(model, batch)
+        nll_sum -= log_probs.gather(-1, batch[:, 1:].to(log_probs.device).unsqueeze(-1)).double().sum().item()
+        top = log_probs.topk(k, dim=-1)
         values.append(top.values.cpu())
         ids.append(top.indices.to(torch.int32).cpu())
         progress(min(first + batch_size, windows.shape[0]), windows.shape[0], "reference")
-    return ReferenceStats(torch.cat(values), torch.cat(ids))
+    return ReferenceStats(torch.cat(values), torch.cat(ids), nll_sum / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
 def _kl_and_agreement(log_probs: torch.Tensor, reference: ReferenceStats | torch.Tensor) -> tuple[float, int]:

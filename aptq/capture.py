@@ -1,0 +1,181 @@
+"""Block-by-block walk over a decoder, keeping every block's inputs in memory.
+
+The calibration segments (n × L token ids) go through the embeddings once; a forward pre-hook on the first decoder
+block records what the model hands to its blocks (hidden states, attention mask, rotary position embeddings, position
+ids …, whatever the architecture passes) and stops the forward pass. From then on the walk runs one block at a time,
+in batches of a few segments: block i's outputs become block i+1's inputs. Only the block being processed sits on the
+compute device; the cached inputs stay on the CPU, so a model larger than the GPU streams through it.
+
+Usage (the caller may inspect or modify each block before the walk computes its outputs):
+
+    walk = BlockWalk(loaded.model, loaded.arch, segments, device="cuda")
+    for step in walk:                       # step.index, step.block (already on the compute device)
+        for batch in step.batches():        # batch.hidden and batch.kwargs are on the compute device
+            out = step.forward(batch)       # runs the block on one batch (hooks installed by the caller fire)
+            step.keep_output(batch, out)    # optional: use these as the next block's inputs
+        ...                                 # e.g. quantize step.block in place
+    # When the loop moves on, outputs not kept are computed with the block as it is then (so the next block sees the
+    # modified block's outputs, as true-sequential quantization wants), and the block goes back to its home device.
+
+Leaving the loop early (break, an exception, a `Cancelled` from a progress callback) puts the current block back too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from aptq.errors import UserError
+from aptq.models import Architecture
+
+TOKENS_PER_BATCH = 4096  # (our choice) segments per forward pass = max(1, this // L): bounds activation memory
+
+
+def default_batch_size(seqlen: int) -> int:
+    return max(1, TOKENS_PER_BATCH // seqlen)
+
+
+class _StopForward(Exception):
+    """Raised by the pre-hook on block 0 once its inputs are recorded: nothing after it needs to run."""
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    """Tensors (also inside tuples, lists and dicts) moved to `device`; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: int  # position in the walk's list of batches
+    segments: range  # which calibration segments it holds
+    hidden: torch.Tensor  # block input, on the compute device
+    args: tuple  # further positional arguments of the block call (GPT-2 passes the mask positionally)
+    kwargs: dict[str, Any]  # keyword arguments of the block call, on the compute device
+
+
+class BlockStep:
+    """One decoder block on the compute device with its cached inputs; see the module docstring."""
+
+    def __init__(self, index: int, block: nn.Module, inputs: list[torch.Tensor], calls: dict[int, tuple[tuple, dict]],
+                 batch_starts: list[int], device: torch.device) -> None:
+        self.index = index
+        self.block = block
+        self.device = device
+        self._inputs = inputs
+        self._outputs: list[torch.Tensor | None] = [None] * len(inputs)
+        self._batch_starts = batch_starts
+        # The extra arguments depend only on the batch size (no padding): move each variant once per step.
+        self._calls = {size: (_move(args, device), _move(kwargs, device)) for size, (args, kwargs) in calls.items()}
+
+    @property
+    def n_batches(self) -> int:
+        return len(self._inputs)
+
+    @property
+    def call_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of a full-size batch (e.g. rotary `position_embeddings`), on the compute device."""
+        return self._calls[max(self._calls)][1]
+
+    def batch(self, index: int) -> Batch:
+        hidden = self._inputs[index]
+        args, kwargs = self._calls[hidden.shape[0]]
+        start = self._batch_starts[index]
+        return Batch(index, range(start, start + hidden.shape[0]), hidden.to(self.device), args, kwargs)
+
+    def batches(self) -> Iterator[Batch]:
+        for index in range(self.n_batches):
+            yield self.batch(index)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        output = self.block(batch.hidden, *batch.args, **batch.kwargs)
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    def keep_output(self, batch: Batch, output: torch.Tensor) -> None:
+        self._outputs[batch.index] = output.detach().to(self._inputs[batch.index].device,
+                                                        self._inputs[batch.index].dtype)
+
+    @torch.no_grad()
+    def finish(self) -> list[torch.Tensor]:
+        """Outputs of every batch (computing those not kept), checked for NaN/inf: the next block's inputs."""
+        for index, output in enumerate(self._outputs):
+            if output is None:
+                batch = self.batch(index)
+                self.keep_output(batch, self.forward(batch))
+        outputs = [o for o in self._outputs if o is not None]
+        if not all(torch.isfinite(o).all() for o in outputs):
+            raise UserError(f"Block {self.index} produced NaN or infinite activations on the calibration data; "
+                            f"the model (or its dtype) is numerically unstable on this input.")
+        return outputs
+
+
+class BlockWalk:
+    """Iterate over decoder blocks `start … stop-1` with each block's inputs cached; see the module docstring."""
+
+    def __init__(self, model: nn.Module, arch: Architecture, segments: torch.Tensor,
+                 device: torch.device | str | None = None, batch_size: int | None = None,
+                 stop: int | None = None, storage: torch.device | str = "cpu") -> None:
+        self.model = model
+        self.arch = arch
+        self.segments = segments
+        self.blocks: nn.ModuleList = model.get_submodule(arch.blocks_path)
+        self.device = torch.device(device) if device is not None else next(self.blocks.parameters()).device
+        self.batch_size = batch_size or default_batch_size(segments.shape[1])
+        self.stop = arch.n_blocks if stop is None else min(stop, arch.n_blocks)
+        self.storage = torch.device(storage)
+        self.batch_starts = list(range(0, segments.shape[0], self.batch_size))
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batch_starts)
+
+    @torch.no_grad()
+    def _first_inputs(self) -> tuple[list[torch.Tensor], dict[int, tuple[tuple, dict]]]:
+        """Embeddings of every batch and the other block-0 arguments (per batch size), recorded by a pre-hook."""
+        inputs: list[torch.Tensor] = []
+        calls: dict[int, tuple[tuple, dict]] = {}
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            inputs.append(hidden.detach().to(self.storage))
+            size = hidden.shape[0]
+            if size not in calls:
+                # Caches would accumulate state across calls; the walk never uses them.
+                kwargs = {k: (None if k in ("past_key_values", "past_key_value") else v) for k, v in kwargs.items()}
+                calls[size] = (_move(tuple(args[1:]), self.storage), _move(kwargs, self.storage))
+            raise _StopForward
+
+        embed_device = self.model.get_input_embeddings().weight.device
+        handle = self.blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            for start in self.batch_starts:
+                ids = self.segments[start:start + self.batch_size].to(embed_device)
+                try:
+                    self.model(input_ids=ids, use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        return inputs, calls
+
+    def __iter__(self) -> Iterator[BlockStep]:
+        inputs, calls = self._first_inputs()
+        for index in range(self.stop):
+            block = self.blocks[index]
+            home = next(block.parameters()).device
+            block.to(self.device)
+            try:
+                step = BlockStep(index, block, inputs, calls, self.batch_starts, self.device)
+                yield step
+                if index + 1 < self.stop:  # the last block's outputs are not needed
+                    inputs = step.finish()
+            finally:
+                block.to(home)

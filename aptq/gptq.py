@@ -1,0 +1,279 @@
+"""GPTQ and its attention-aware variants (ALGORITHMS.md §1 and §2).
+
+One column walk (`_walk_columns`) quantizes a batch of rows left to right (or in act-order), spreading each column's
+error over the columns not yet quantized with the upper Cholesky factor U of the damped `H⁻¹`, in blocks with lazy
+updates. Three entry points use it:
+
+- `gptq`: all rows of a layer under one Hessian H;
+- `gptq_per_head`: the value projection, each KV head's rows under its own Hessian `H_V,h`;
+- `gptq_rows`: the query/key projections (BoA): row i of every head at once under the shared H, then the row's error is
+  compensated in the later rows of its head with the upper Cholesky factor of the damped `G_h⁻¹`.
+
+Group grids are computed when the walk reaches a group's first column, on the weights as updated so far. With
+act-order (our choice, GPTQ's "static groups"): the groups stay those of the original column order and their grids are
+computed before the walk starts, so that every group keeps a single grid however the walk visits its columns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from aptq.quantizer import GridParams, QuantConfig, grid_params, group_spans, group_width, layer_error, \
+    quantize_dequantize, rtn
+
+# (our choice) when the damped Hessian does not factorize, retry with the damping ×10, ×100 and ×1000.
+DAMP_RETRIES = 4
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """Dequantized weights (in the dtype of W), their loss on the undamped Hessian, and why GPTQ fell back if it did."""
+
+    weight: Tensor
+    loss: float
+    fallback: str | None = None
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """What a column walk needs from one Hessian: prepared once, reused for every batch of rows."""
+
+    hessian: Tensor  # damped, dead columns fixed, original column order, float32: (our choice) it weights the
+    # clipping search, as it is the Hessian the walk minimizes
+    upper: Tensor  # upper Cholesky factor of the damped H⁻¹, in walk order, float32
+    order: Tensor | None  # walk order of the columns (act-order), None for left to right
+    dead: Tensor  # columns whose input is always zero
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hessian preparation
+
+
+def _with_dead_fixed(H: Tensor) -> tuple[Tensor, Tensor]:
+    """H in float64 with a 1 on the diagonal of dead columns (diag = 0), and the mask of those columns."""
+    fixed = H.detach().to(torch.float64).clone()
+    dead = fixed.diagonal() == 0
+    fixed.diagonal()[dead] = 1
+    return fixed, dead
+
+
+def _damped_inverse_factor(H: Tensor, damp: float) -> tuple[Tensor, Tensor] | None:
+    """Upper Cholesky factor of `(H + λ mean(diag H) I)⁻¹` and the damped H, raising λ until it factorizes."""
+    identity = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(DAMP_RETRIES):
+        damped = H + damp * 10 ** attempt * H.diagonal().mean() * identity
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info.item() != 0 or not torch.isfinite(lower).all():
+            continue
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        if info.item() == 0 and torch.isfinite(upper).all():
+            return upper, damped
+    return None
+
+
+def _prepare_walk(H: Tensor, act_order: bool, damp: float) -> _Walk | None:
+    """Dead columns, damping, walk order and the inverse factor for one Hessian; None when it cannot be factored."""
+    fixed, dead = _with_dead_fixed(H)
+    order = torch.argsort(fixed.diagonal(), descending=True) if act_order else None
+    in_walk_order = fixed if order is None else fixed[order][:, order]
+    factored = _damped_inverse_factor(in_walk_order, damp)
+    if factored is None:
+        return None
+    upper, damped = factored
+    damped_original = damped if order is None else damped[torch.argsort(order)][:, torch.argsort(order)]
+    return _Walk(damped_original.float(), upper.float(), order, dead)
+
+
+def _fall_back(rows: Tensor, cfg: QuantConfig, label: str, damp: float, stacklevel: int) -> tuple[Tensor, str]:
+    """Round-to-nearest for rows whose Hessian cannot be factored, said in a warning (pointing at the entry point's
+    caller, `stacklevel` frames up) and returned as a message."""
+    message = (f"GPTQ fell back to round-to-nearest for {label}: its Hessian could not be factored even with damping "
+               f"{damp * 10 ** (DAMP_RETRIES - 1):g}.")
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+    return rtn(rows, cfg), message  # (our choice) plain squared-error clipping: this H is not usable
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The column walk
+
+
+def _static_params(rows: Tensor, walk: _Walk, cfg: QuantConfig) -> GridParams:
+    """Grids of the groups of the original column order, one column each, rearranged into walk order."""
+    scales, zeros = [], []
+    for start, end in group_spans(rows.shape[1], cfg):
+        params = grid_params(rows[:, start:end], cfg, walk.hessian[start:end, start:end])
+        scales.append(params.scale.expand(-1, end - start))
+        zeros.append(params.zero.expand(-1, end - start))
+    return GridParams(torch.cat(scales, dim=1)[:, walk.order], torch.cat(zeros, dim=1)[:, walk.order])
+
+
+def _current_columns(W: Tensor, block: Tensor, errors: Tensor, upper: Tensor, start: int, i: int,
+                     end: int) -> Tensor:
+    """Columns j = start + i … end − 1 as updated so far: those past the block still owe its lazy update."""
+    block_end = start + block.shape[1]
+    inside = block[:, i:min(end, block_end) - start]
+    if end <= block_end:
+        return inside
+    pending = errors[:, :i] @ upper[start:start + i, block_end:end]
+    return torch.cat([inside, W[:, block_end:end] - pending], dim=1)
+
+
+def _walk_columns(rows: Tensor, walk: _Walk, cfg: QuantConfig, block_size: int) -> Tensor:
+    """GPTQ over the columns of a batch of rows (float32, original column order): their dequantized values."""
+    n_cols = rows.shape[1]
+    static = None if walk.order is None else _static_params(rows, walk, cfg)
+    W = rows.clone() if walk.order is None else rows[:, walk.order]
+    width = group_width(n_cols, cfg)
+    quantized = torch.empty_like(W)
+    params = None
+    for start in range(0, n_cols, block_size):
+        stop = min(start + block_size, n_cols)
+        block = W[:, start:stop].clone()
+        errors = torch.empty_like(block)  # (w − q) / U_jj: what the later columns compensate
+        for i in range(stop - start):
+            j = start + i
+            if static is not None:
+                params = GridParams(static.scale[:, j:j + 1], static.zero[:, j:j + 1])
+            elif j % width == 0:
+                end = min(j + width, n_cols)
+                current = _current_columns(W, block, errors, walk.upper, start, i, end)
+                params = grid_params(current, cfg, walk.hessian[j:end, j:end])
+            column = block[:, i:i + 1]
+            q = quantize_dequantize(column, params, cfg)
+            quantized[:, j:j + 1] = q
+            error = (column - q) / walk.upper[j, j]
+            block[:, i:] -= error * walk.upper[j, j:stop]
+            errors[:, i:i + 1] = error
+        W[:, stop:] -= errors @ walk.upper[start:stop, stop:]
+    return quantized if walk.order is None else quantized[:, torch.argsort(walk.order)]
+
+
+def _quantize_rows(rows: Tensor, walk: _Walk, cfg: QuantConfig, block_size: int) -> Tensor:
+    """The walk on rows whose dead columns are zeroed first, and kept at zero in the result.
+
+    (our choice) the result's dead columns are set to 0 whatever the grid: a symmetric grid cannot represent 0, and an
+    input that is always zero makes these weights irrelevant to the loss.
+    """
+    live = rows.clone()
+    live[:, walk.dead] = 0
+    quantized = _walk_columns(live, walk, cfg, block_size)
+    quantized[:, walk.dead] = 0
+    return quantized
+
+
+def _gptq_or_rtn(rows: Tensor, H: Tensor, cfg: QuantConfig, block_size: int, act_order: bool, damp: float,
+                 label: str) -> tuple[Tensor, str | None]:
+    """GPTQ of float32 rows under H; round-to-nearest (and a warning) when H cannot be factored."""
+    walk = _prepare_walk(H.to(rows.device), act_order, damp)
+    if walk is None:
+        return _fall_back(rows, cfg, label, damp, stacklevel=4)
+    return _quantize_rows(rows, walk, cfg, block_size), None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _check_inputs(W: Tensor, H: Tensor, block_size: int) -> None:
+    if W.dim() != 2:
+        raise ValueError(f"W must be a matrix (d_out × d_in), got shape {tuple(W.shape)}.")
+    if H.shape[-2:] != (W.shape[1], W.shape[1]):
+        raise ValueError(f"The Hessian must be {W.shape[1]} × {W.shape[1]} for W of shape {tuple(W.shape)}, "
+                         f"got {tuple(H.shape)}.")
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}.")
+
+
+def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, block_size: int = 128, act_order: bool = False, damp: float = 0.01,
+         name: str = "this layer") -> GPTQResult:
+    """GPTQ of W (d_out × d_in) under H (d_in × d_in); loss `tr(ΔW H ΔWᵀ)` on the undamped H."""
+    _check_inputs(W, H, block_size)
+    quantized, fallback = _gptq_or_rtn(W.float(), H, cfg, block_size, act_order, damp, name)
+    weight = quantized.to(W.dtype)
+    return GPTQResult(weight, layer_error(W, weight, H.to(W.device)), fallback)
+
+
+def gptq_per_head(W: Tensor, H_heads: Tensor, cfg: QuantConfig, block_size: int = 128, act_order: bool = False,
+                  damp: float = 0.01, name: str = "this layer") -> GPTQResult:
+    """Value projection: the rows of KV head h (rows ordered head by head) under its own Hessian H_heads[h].
+
+    Loss `Σ_h tr(ΔW_h H_h ΔW_hᵀ)`; a head whose Hessian cannot be factored falls back to round-to-nearest alone.
+    """
+    _check_inputs(W, H_heads, block_size)
+    if H_heads.dim() != 3 or W.shape[0] % H_heads.shape[0]:
+        raise ValueError(f"H_heads must be (n_kv_heads, d_in, d_in) with n_kv_heads dividing d_out = {W.shape[0]}, "
+                         f"got {tuple(H_heads.shape)}.")
+    n_heads = H_heads.shape[0]
+    head_dim = W.shape[0] // n_heads
+    heads, messages = [], []
+    for h in range(n_heads):
+        rows = W[h * head_dim:(h + 1) * head_dim].float()
+        quantized, message = _gptq_or_rtn(rows, H_heads[h], cfg, block_size, act_order, damp, f"{name} (head {h})")
+        heads.append(quantized)
+        messages += [message] if message else []
+    weight = torch.cat(heads).to(W.dtype)
+    loss = sum(layer_error(W[h * head_dim:(h + 1) * head_dim], weight[h * head_dim:(h + 1) * head_dim],
+                           H_heads[h].to(W.device)) for h in range(n_heads))
+    return GPTQResult(weight, float(loss), " ".join(messages) or None)
+
+
+def _row_compensation(G_heads: Tensor, damp: float, name: str) -> tuple[Tensor, str | None]:
+    """Per head, `U_G[r, s] / U_G[r, r]` (s > r) from the upper Cholesky factor U_G of the damped `G_h⁻¹`.
+
+    (our choice) a head whose G cannot be factored gets no row compensation (plain GPTQ for its rows), with a warning.
+    """
+    n_heads, head_dim, _ = G_heads.shape
+    coefficients = torch.zeros(n_heads, head_dim, head_dim, dtype=torch.float32, device=G_heads.device)
+    failed = []
+    for h in range(n_heads):
+        factored = _damped_inverse_factor(_with_dead_fixed(G_heads[h])[0], damp)
+        if factored is None:
+            failed.append(h)
+            continue
+        upper = factored[0]
+        coefficients[h] = torch.triu(upper / upper.diagonal().unsqueeze(1), diagonal=1).float()
+    if not failed:
+        return coefficients, None
+    message = (f"BoA row compensation skipped for {name}, heads {failed}: their row Hessians could not be factored "
+               f"even with damping {damp * 10 ** (DAMP_RETRIES - 1):g}.")
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    return coefficients, message
+
+
+def _boa_rows(W: Tensor, walk: _Walk, G_heads: Tensor, cfg: QuantConfig, block_size: int, damp: float,
+              name: str) -> tuple[Tensor, str | None]:
+    """Row r of every head at once by the column walk, then its error compensated in rows r+1… of its head."""
+    coefficients, message = _row_compensation(G_heads, damp, name)
+    n_heads, head_dim, _ = G_heads.shape
+    by_head = W.reshape(n_heads, head_dim, -1).clone()
+    quantized = torch.empty_like(by_head)
+    for r in range(head_dim):
+        quantized[:, r] = _quantize_rows(by_head[:, r], walk, cfg, block_size)
+        row_error = by_head[:, r] - quantized[:, r]  # E_r: the row before quantization minus its quantized value
+        by_head[:, r + 1:] -= coefficients[:, r, r + 1:].unsqueeze(-1) * row_error.unsqueeze(1)
+    return quantized.reshape(W.shape), message
+
+
+def gptq_rows(W: Tensor, H: Tensor, G_heads: Tensor, cfg: QuantConfig, block_size: int = 128,
+              act_order: bool = False, damp: float = 0.01, name: str = "this layer") -> GPTQResult:
+    """Query/key projection (BoA): GPTQ over columns with the shared H, row by row with compensation through G.
+
+    Rows of W are ordered head by head (row r of head h is W[h · d_h + r]); G_heads is (n_heads, d_h, d_h).
+    Row r of all heads is quantized at once, then its error E_r compensates rows r+1… of each head:
+    `W_h[r+1:] −= (U_G[r, r+1:]ᵀ / U_G[r, r]) · E_r`. Loss `tr(G ΔW H ΔWᵀ)` on the undamped H and G.
+    """
+    _check_inputs(W, H, block_size)
+    if G_heads.dim() != 3 or G_heads.shape[1] != G_heads.shape[2] or G_heads.shape[0] * G_heads.shape[1] != W.shape[0]:
+        raise ValueError(f"G_heads must be (n_heads, d_h, d_h) with n_heads · d_h = d_out = {W.shape[0]}, "
+                         f"got {tuple(G_heads.shape)}.")
+    walk = _prepare_walk(H.to(W.device), act_order, damp)
+    if walk is None:
+        quantized, message = _fall_back(W.float(), cfg, name, damp, stacklevel=3)
+    else:
+        quantized, message = _boa_rows(W.float(), walk, G_heads.to(W.device), cfg, block_size, damp, name)
+    weight = quantized.to(W.dtype)
+    return GPTQResult(weight, layer_error(W, weight, H.to(W.device), G_heads.to(W.device)), message)

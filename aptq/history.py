@@ -1,0 +1,117 @@
+"""Saved plans and quantization runs in the store, and how far the predicted errors can be trusted.
+
+SCHEMA (added to aptq.store's tables)
+------
+plans   key PK (model + plan + group size), model → models, name, allocation (solver, "uniform", "manual" …),
+        budget, group_size, request (JSON: the allocation request), plan (JSON: layer → bits), summary (JSON:
+        aptq.allocate.summarize), created
+runs    key PK (model + calibration + plan + quantization settings + evaluation + PIPELINE_VERSION), created,
+        model → models, model_name, corpus, eval_seqlen, eval_tokens, calibration → calibrations (NULL for RTN),
+        method (rtn | gptq | attention), group_size, settings (JSON), plan (JSON), plan_key, plan_name,
+        allocation, budget, analysis (the analysis whose errors predicted this plan, if any), avg_bits,
+        effective_bits, size_mb, predicted_error_attention, predicted_error_layerwise, perplexity, kl, top1,
+        fp_perplexity, quant_seconds, eval_seconds, device, notes (fallbacks and warnings)
+
+A run row is written once, in one statement, after the model has been quantized and evaluated: there is never a
+half-written row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pandas as pd
+from scipy.stats import spearmanr
+
+from aptq.store import Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS plans (
+    key VARCHAR PRIMARY KEY, model VARCHAR, name VARCHAR, allocation VARCHAR, budget DOUBLE, group_size INTEGER,
+    request JSON, plan JSON, summary JSON, created TIMESTAMP DEFAULT current_timestamp);
+CREATE TABLE IF NOT EXISTS runs (
+    key VARCHAR PRIMARY KEY, created TIMESTAMP DEFAULT current_timestamp, model VARCHAR, model_name VARCHAR,
+    corpus VARCHAR, eval_seqlen INTEGER, eval_tokens BIGINT, calibration VARCHAR, method VARCHAR,
+    group_size INTEGER, settings JSON, plan JSON, plan_key VARCHAR, plan_name VARCHAR, allocation VARCHAR,
+    budget DOUBLE, analysis VARCHAR, avg_bits DOUBLE, effective_bits DOUBLE, size_mb DOUBLE,
+    predicted_error_attention DOUBLE, predicted_error_layerwise DOUBLE, perplexity DOUBLE, kl DOUBLE, top1 DOUBLE,
+    fp_perplexity DOUBLE, quant_seconds DOUBLE, eval_seconds DOUBLE, device VARCHAR, notes VARCHAR);
+"""
+
+
+def digest(*parts: str) -> str:
+    hasher = hashlib.sha256()
+    for part in parts:
+        hasher.update(part.encode())
+        hasher.update(b"\0")
+    return hasher.hexdigest()[:16]
+
+
+def plan_json(plan: dict[str, int]) -> str:
+    """The canonical text of a plan (sorted names), used in keys and stored as is."""
+    return json.dumps({name: int(bits) for name, bits in sorted(plan.items())}, sort_keys=True)
+
+
+def plan_key(model_fp: str, plan: dict[str, int], group_size: int) -> str:
+    return digest(model_fp, plan_json(plan), str(group_size))
+
+
+def _ready(store: Store | None) -> Store:
+    store = store or Store()
+    store.add_schema(SCHEMA)
+    return store
+
+
+def save_plan(store: Store | None, model_fp: str, name: str, plan: dict[str, int], meta: dict) -> str:
+    """Store a plan under `name` (a plan saved again under a new name keeps the newer name); return its key."""
+    store = _ready(store)
+    group_size = int(meta.get("group_size", 0))
+    key = plan_key(model_fp, plan, group_size)
+    store.execute("INSERT OR REPLACE INTO plans (key, model, name, allocation, budget, group_size, request, plan, "
+                  "summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  [key, model_fp, name, meta.get("allocation", "manual"), meta.get("budget"), group_size,
+                   json.dumps(meta.get("request", {}), default=str), plan_json(plan),
+                   json.dumps(meta.get("summary", {}), default=str)])
+    return key
+
+
+def stored_plans(store: Store | None = None, model_fp: str | None = None) -> pd.DataFrame:
+    """Saved plans, newest first (all models unless `model_fp`)."""
+    store = _ready(store)
+    where, params = ("WHERE model = ?", [model_fp]) if model_fp else ("", [])
+    return store.query(f"SELECT * FROM plans {where} ORDER BY created DESC", params)
+
+
+def stored_runs(store: Store | None = None, model_fp: str | None = None) -> pd.DataFrame:
+    """Quantization runs, newest first (all models unless `model_fp`)."""
+    store = _ready(store)
+    where, params = ("WHERE model = ?", [model_fp]) if model_fp else ("", [])
+    return store.query(f"SELECT * FROM runs {where} ORDER BY created DESC", params)
+
+
+def find_run(store: Store | None, key: str) -> dict | None:
+    store = _ready(store)
+    rows = store.query("SELECT * FROM runs WHERE key = ?", [key])
+    return None if rows.empty else rows.iloc[0].to_dict()
+
+
+def record_run(store: Store | None, row: dict) -> None:
+    """Write one finished run (one statement: all or nothing)."""
+    store = _ready(store)
+    store.write_frame("runs", pd.DataFrame([row]))
+
+
+def trust(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per quantization method: Spearman rank correlation of the predicted total error with the measured KL and
+    perplexity, over the runs that carry a prediction (one model and evaluation protocol at a time)."""
+    rows = []
+    usable = runs.dropna(subset=["predicted_error_attention", "kl"])
+    for method, group in usable.groupby("method"):
+        row = {"method": method, "runs": len(group)}
+        for predicted in ("predicted_error_attention", "predicted_error_layerwise"):
+            for measured in ("kl", "perplexity"):
+                value = spearmanr(group[predicted], group[measured]).statistic if len(group) >= 3 else float("nan")
+                row[f"spearman_{predicted.removeprefix('predicted_error_')}_{measured}"] = value
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,331 @@
+"""A plan (layer → bits) becomes a quantized model, measured against full precision and stored (ALGORITHMS.md §1–2).
+
+    run = run_plan(loaded, corpus, sampling, plan, QuantizeSettings(method="attention", group_size=64),
+                   EvalSettings(seqlen=512, max_tokens=16384))
+
+Methods:
+  rtn        round-to-nearest with the clipping search (no calibration data)
+  gptq       GPTQ on every layer with its layer-wise Hessian `H = 2/N Σ x xᵀ`
+  attention  attention-aware GPTQ (aespa/BoA): value projection per KV head with `H_V`; query and key projections
+             row by row with the row-Hessian compensation (`gptq_rows`); out projection and MLP with plain GPTQ
+
+Quantization is true-sequential: the walk goes block by block (aptq.capture), each block's Hessians are collected on
+inputs that come from the already quantized blocks, the block is quantized, and its outputs are recomputed with the
+quantized weights for the next block. One block sits on the compute device at a time.
+
+The loaded model is never modified: the work happens on a copy. Each finished block's quantized weights are saved
+under `CACHE_DIR/runs/<key>/`, so an interrupted run resumes at the first unfinished block; the directory goes once the
+run's row is stored. The run key covers the model, calibration, plan, settings, evaluation and PIPELINE_VERSION, so
+the same plan is never quantized twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from aptq import history
+from aptq.allocate import FULL_PRECISION, weight_size
+from aptq.capture import BlockWalk
+from aptq.data import Corpus, Sampling, calibration_segments, evaluation_windows, token_ids, tokenizer_fingerprint
+from aptq.errors import UserError
+from aptq.evaluate import ReferenceStats, check_window, evaluate, reference_stats
+from aptq.export import export_model, plan_files
+from aptq.gptq import gptq, gptq_per_head, gptq_rows
+from aptq.hessian import BlockHessians, CollectOptions, HessianCollector
+from aptq.models import CACHE_DIR, Architecture, LinearLayer, LoadedModel, get_weight, model_fingerprint, set_weight
+from aptq.progress import Progress, no_progress
+from aptq.quantizer import QuantConfig, rtn
+from aptq.store import Store
+
+PIPELINE_VERSION = 1  # bump when a change alters quantized weights: stored runs then miss
+METHODS = ("rtn", "gptq", "attention")
+METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "attention": "attention-aware GPTQ (BoA)"}
+RUN_CACHE = CACHE_DIR / "runs"
+REFERENCE_CACHE = CACHE_DIR / "cache" / "reference"
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    method: str = "attention"
+    group_size: int = 64  # columns per scale/zero group; 0 = per output channel
+    symmetric: bool = False
+    act_order: bool = False
+    clip_search: bool = True
+    damp: float = 0.01
+    batch_size: int | None = None  # segments per forward pass: speed only, not part of the key
+    device: str | None = None  # compute device (default: the model's): not part of the key
+
+    def key_fields(self) -> dict:
+        fields = asdict(self)
+        del fields["batch_size"], fields["device"]
+        return fields
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    seqlen: int = 512
+    max_tokens: int | None = 16384  # None: the whole evaluation split
+
+
+def uniform_plan(arch: Architecture, bits: int) -> dict[str, int]:
+    return {layer.name: int(bits) for layer in arch.layers}
+
+
+def check_plan(arch: Architecture, plan: dict[str, int], settings: QuantizeSettings) -> dict[str, int]:
+    """The plan completed with 16 (full precision) for every layer it does not name; one clear error otherwise."""
+    if settings.method not in METHODS:
+        raise UserError(f"Unknown method {settings.method!r}; choose one of {', '.join(METHODS)}.")
+    if settings.group_size < 0:
+        raise UserError(f"The group size must be 0 (per output channel) or positive, got {settings.group_size}.")
+    names = {layer.name for layer in arch.layers}
+    unknown = sorted(set(plan) - names)
+    if unknown:
+        raise UserError(f"The plan names {len(unknown)} layer(s) this model does not have, e.g. {unknown[0]!r}; "
+                        f"layer names look like {arch.layers[0].name!r}.")
+    bad = {name: bits for name, bits in plan.items() if int(bits) != FULL_PRECISION and not 2 <= int(bits) <= 8}
+    if bad:
+        name, bits = next(iter(bad.items()))
+        raise UserError(f"{name} has {bits} bits; use 2–8, or 16 to keep a layer in full precision.")
+    complete = {layer.name: int(plan.get(layer.name, FULL_PRECISION)) for layer in arch.layers}
+    if all(bits == FULL_PRECISION for bits in complete.values()):
+        raise UserError("The plan keeps every layer in full precision: there is nothing to quantize.")
+    return complete
+
+
+def layer_table(loaded: LoadedModel) -> pd.DataFrame:
+    """layer, kind, n_params, d_in of every quantizable layer, read from the weights (no analysis needed)."""
+    rows = []
+    for layer in loaded.arch.layers:
+        d_out, d_in = get_weight(loaded.model, layer).shape
+        rows.append({"layer": layer.name, "kind": layer.kind, "n_params": d_out * d_in, "d_in": d_in})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantizing one layer
+
+
+def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians | None, config: QuantConfig,
+                   settings: QuantizeSettings) -> tuple[torch.Tensor, str | None]:
+    """The layer's dequantized weights under the settings' method, and a fallback message if GPTQ fell back."""
+    if settings.method == "rtn":
+        return rtn(weight, config), None
+    options = dict(act_order=settings.act_order, damp=settings.damp, name=layer.name)
+    h = hessians.layerwise[layer.name].to(weight.device)
+    if settings.method == "attention" and layer.kind == "v":
+        result = gptq_per_head(weight, hessians.value[layer.name].to(weight.device), config, **options)
+    elif settings.method == "attention" and layer.kind in ("q", "k"):
+        result = gptq_rows(weight, h, hessians.row[layer.name].to(weight.device), config, **options)
+    else:
+        result = gptq(weight, h, config, **options)
+    return result.weight, result.fallback
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantizing the model
+
+
+class _Checkpoints:
+    """Quantized weights of finished blocks on disk: what lets an interrupted run resume."""
+
+    def __init__(self, key: str) -> None:
+        self.directory = RUN_CACHE / key
+
+    def _path(self, block: int) -> Path:
+        return self.directory / f"block-{block:04d}.safetensors"
+
+    def load(self, block: int) -> tuple[dict[str, torch.Tensor], list[str]] | None:
+        path = self._path(block)
+        if not path.is_file():
+            return None
+        try:
+            notes = json.loads(path.with_suffix(".json").read_text())
+            return load_file(str(path)), notes
+        except Exception:  # a torn file from a crash: quantize the block again
+            return None
+
+    def save(self, block: int, weights: dict[str, torch.Tensor], notes: list[str]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(block)
+        path.with_suffix(".json").write_text(json.dumps(notes))
+        partial = path.with_suffix(".partial")
+        save_file({name: w.detach().contiguous().cpu() for name, w in weights.items()}, str(partial))
+        partial.replace(path)  # the weights file appears last and whole: its presence marks the block as done
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _block_plan(arch: Architecture, block: int, plan: dict[str, int]) -> list[tuple[LinearLayer, int]]:
+    return [(layer, plan[layer.name]) for layer in arch.block_layers(block) if plan[layer.name] < FULL_PRECISION]
+
+
+def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]], hessians: BlockHessians | None,
+                    settings: QuantizeSettings) -> tuple[dict[str, torch.Tensor], list[str]]:
+    weights, notes = {}, []
+    for layer, bits in todo:
+        config = QuantConfig(bits, settings.group_size, settings.symmetric, settings.clip_search)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are reported through the notes
+            quantized, fallback = quantize_layer(get_weight(model, layer).detach(), layer, hessians, config,
+                                                 settings)
+        set_weight(model, layer, quantized)
+        weights[layer.name] = quantized
+        notes += [fallback] if fallback else []
+    return weights, notes
+
+
+def _restore_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]],
+                   weights: dict[str, torch.Tensor]) -> None:
+    for layer, _ in todo:
+        set_weight(model, layer, weights[layer.name])
+
+
+def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: QuantizeSettings,
+                   segments: torch.Tensor | None, key: str, progress: Progress = no_progress
+                   ) -> tuple[torch.nn.Module, list[str]]:
+    """A quantized copy of the model and the notes (fallbacks); see the module docstring."""
+    arch = loaded.arch
+    model = copy.deepcopy(loaded.model)
+    checkpoints = _Checkpoints(key)
+    notes: list[str] = []
+    n_blocks = arch.n_blocks
+    if settings.method == "rtn":  # no data needed: layer by layer
+        for block in range(n_blocks):
+            notes += _quantize_block(model, _block_plan(arch, block, plan), None, settings)[1]
+            progress(block + 1, n_blocks, f"block {block + 1}/{n_blocks}")
+        return model, notes
+    options = CollectOptions(attention=settings.method == "attention", probes=0)
+    walk = BlockWalk(model, arch, segments, device=settings.device or loaded.device, batch_size=settings.batch_size)
+    geometry_cache: dict = {}
+    for step in walk:
+        todo = _block_plan(arch, step.index, plan)
+        stored = checkpoints.load(step.index)
+        if stored is not None:
+            _restore_block(model, todo, stored[0])
+            notes += stored[1]
+        elif todo:
+            with HessianCollector(step, arch, options, geometry_cache) as collector:
+                for batch in step.batches():
+                    collector.process(batch)  # outputs are recomputed after quantization (true-sequential)
+            weights, block_notes = _quantize_block(model, todo, collector.result(), settings)
+            checkpoints.save(step.index, weights, block_notes)
+            notes += block_notes
+        progress(step.index + 1, n_blocks, f"block {step.index + 1}/{n_blocks}")
+    return model, notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference statistics, cached on disk per model and evaluation protocol
+
+
+def _reference(loaded: LoadedModel, windows: torch.Tensor, eval_fp: str, model_fp: str,
+               progress: Progress) -> ReferenceStats:
+    path = REFERENCE_CACHE / f"{model_fp}-{eval_fp}.pt"
+    if path.is_file():
+        try:
+            return ReferenceStats(**torch.load(path))
+        except Exception:
+            path.unlink()  # torn by a crash: recompute
+    stats = reference_stats(loaded.model, windows, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(asdict(stats), partial)
+    partial.replace(path)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole run
+
+
+def run_key(model_fp: str, calibration_fp: str | None, plan: dict[str, int], settings: QuantizeSettings,
+            eval_fp: str) -> str:
+    return history.digest(model_fp, calibration_fp or "-", history.plan_json(plan),
+                          json.dumps(settings.key_fields(), sort_keys=True), eval_fp, str(PIPELINE_VERSION))
+
+
+def _stage(progress: Progress, stage: str) -> Progress:
+    return lambda done, total, message: progress(done, total, f"{stage}: {message}")
+
+
+def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict[str, int],
+             settings: QuantizeSettings = QuantizeSettings(), evaluation: EvalSettings = EvalSettings(),
+             store: Store | None = None, progress: Progress = no_progress, plan_meta: dict | None = None,
+             export_dir: Path | str | None = None, overwrite: bool = False) -> dict:
+    """Quantize with `plan`, evaluate against full precision, store and return the run row (`cached` True when the
+    same run was stored before and no model work was done). `plan_meta` may carry name, allocation, budget,
+    analysis, predicted_error_attention and predicted_error_layerwise. With `export_dir`, the quantized model and its
+    plan files are written there (refused if it exists, unless `overwrite`)."""
+    plan = check_plan(loaded.arch, plan, settings)
+    export_dir = Path(export_dir) if export_dir else None
+    if export_dir is not None and export_dir.exists() and not overwrite:
+        raise UserError(f"{export_dir} already exists; choose another directory or allow overwriting.")
+    check_window(loaded.model, evaluation.seqlen)
+    store = store or Store()
+    meta = dict(plan_meta or {})
+    model_fp = model_fingerprint(loaded.path)
+    tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
+    calibration_fp = None if settings.method == "rtn" else sampling.fingerprint(corpus, tokenizer_fp)
+    eval_fp = history.digest(corpus.fingerprint, tokenizer_fp, str(evaluation.seqlen), str(evaluation.max_tokens))
+    key = run_key(model_fp, calibration_fp, plan, settings, eval_fp)
+    stored = history.find_run(store, key)
+    if stored is not None and export_dir is None:
+        progress(1, 1, "cached")
+        return stored | {"cached": True}
+
+    windows = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), evaluation.seqlen,
+                                 evaluation.max_tokens)
+    reference = _reference(loaded, windows, eval_fp, model_fp, _stage(progress, "reference"))
+    segments = None if calibration_fp is None else calibration_segments(
+        token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
+    start = time.perf_counter()
+    device = settings.device or str(loaded.device)
+    try:
+        model, notes = quantize_model(loaded, plan, settings, segments, key, _stage(progress, "quantizing"))
+    except torch.cuda.OutOfMemoryError:
+        if device == "cpu":
+            raise
+        torch.cuda.empty_cache()
+        progress(0, 1, "out of GPU memory: quantizing on the CPU instead")
+        settings = QuantizeSettings(**(asdict(settings) | {"device": "cpu"}))
+        model, notes = quantize_model(loaded, plan, settings, segments, key, _stage(progress, "quantizing (CPU)"))
+        notes.append("Out of GPU memory: quantized on the CPU.")
+    quant_seconds = time.perf_counter() - start
+    if export_dir is not None:
+        files = plan_files(loaded.arch, model, plan, settings.group_size, settings.symmetric,
+                           meta | {"method": settings.method, "model": loaded.display_name})
+        export_model(model, loaded.tokenizer, export_dir, files, overwrite=overwrite)
+        if stored is not None:
+            progress(1, 1, "exported; metrics were already stored")
+            return stored | {"cached": True, "export_dir": str(export_dir)}
+    result = evaluate(model, windows, reference=reference, progress=_stage(progress, "evaluating"))
+    size = weight_size(layer_table(loaded), np.array([plan[layer.name] for layer in loaded.arch.layers]),
+                       settings.group_size)
+    row = {"key": key, "model": model_fp, "model_name": loaded.display_name, "corpus": corpus.name,
+           "eval_seqlen": evaluation.seqlen, "eval_tokens": result.tokens, "calibration": calibration_fp,
+           "method": settings.method, "group_size": settings.group_size,
+           "settings": json.dumps(settings.key_fields() | {"samples": sampling.n_samples, "seqlen": sampling.seqlen,
+                                                           "seed": sampling.seed}),
+           "plan": history.plan_json(plan), "plan_key": history.plan_key(model_fp, plan, settings.group_size),
+           "plan_name": meta.get("name"), "allocation": meta.get("allocation", "manual"),
+           "budget": meta.get("budget"), "analysis": meta.get("analysis"), **size,
+           "predicted_error_attention": meta.get("predicted_error_attention"),
+           "predicted_error_layerwise": meta.get("predicted_error_layerwise"),
+           "perplexity": result.perplexity, "kl": result.kl_divergence, "top1": result.top1_agreement,
+           "fp_perplexity": float(np.exp(reference.mean_nll)), "quant_seconds": quant_seconds,
+           "eval_seconds": result.seconds, "device": device, "notes": " ".join(notes) or None}
+    history.record_run(store, row)
+    _Checkpoints(key).remove()
+    return history.find_run(store, key) | {"cached": False} | ({"export_dir": str(export_dir)} if export_dir else {})

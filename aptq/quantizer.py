@@ -1,0 +1,174 @@
+"""Quantization grid, round-to-nearest, layer error and storage size (ALGORITHMS.md §1 and §4).
+
+Weights are `d_out × d_in` (nn.Linear layout). A grid is uniform over the integers `0 … 2^b − 1`, with one scale and
+one zero point per output row and group of input columns:
+
+- asymmetric (default): the range `[min(w, 0), max(w, 0)]` of the row-group maps onto `0 … 2^b − 1`; the zero
+  point is an integer, so 0 is exactly representable (the range includes 0, as in GPTQ);
+- symmetric: the range `[−max|w|, max|w|]`, zero point in the middle, `(2^b − 1) / 2`. (our choice: the levels
+  `±s/2, ±3s/2, …` are symmetric about 0; GPTQ's reference puts the zero at `2^(b−1)`, which gives one more negative
+  level than positive ones, and 0 is then representable.)
+
+The clipping search shrinks the range by the factors in `CLIP_FACTORS` and keeps, row by row, the one with the least
+error: `Δw H_gg Δwᵀ` when a Hessian is given (its block on the group's columns), the squared error otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# (our choice) 1.00, 0.99, …, 0.21: the range GPTQ's reference search covers. A floor of 0.80 is not enough: on
+# Gaussian rows the best factor is about 0.6 at 2 bits in groups of 128 and about 0.45 per channel over 4096 columns.
+CLIP_FACTORS = tuple(round(1.0 - 0.01 * k, 2) for k in range(80))
+# (our choice) smallest scale: a row-group that is all zeros keeps a usable grid that maps 0 to (about) 0.
+MIN_SCALE = 1e-10
+# (our choice) cap on the elements of one (factors × rows × columns) candidate tensor in the clipping search.
+CLIP_SEARCH_ELEMENTS = 2 ** 25
+FP16_BITS = 16
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one layer is quantized: bits per weight, group size (0 = one group per output row), grid kind, clipping."""
+
+    bits: int
+    group_size: int = 0
+    symmetric: bool = False
+    clip_search: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer from 2 to 8, got {self.bits!r}.")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ValueError(f"group_size must be 0 (per output channel) or a positive number of input columns, "
+                             f"got {self.group_size!r}.")
+
+    @property
+    def max_level(self) -> int:
+        """The largest integer on the grid, 2^b − 1."""
+        return 2 ** self.bits - 1
+
+
+class GridParams(NamedTuple):
+    """Scale and zero point of each row of a block of columns, shaped (rows, 1) to broadcast over the columns."""
+
+    scale: Tensor
+    zero: Tensor
+
+
+def group_width(d_in: int, cfg: QuantConfig) -> int:
+    """Columns per group; the last group is shorter when the width does not divide d_in."""
+    return d_in if cfg.group_size == 0 else min(cfg.group_size, d_in)
+
+
+def group_spans(d_in: int, cfg: QuantConfig) -> list[tuple[int, int]]:
+    """The [start, end) column ranges of the groups, left to right."""
+    width = group_width(d_in, cfg)
+    return [(start, min(start + width, d_in)) for start in range(0, d_in, width)]
+
+
+def quantize_dequantize(W: Tensor, params: GridParams, cfg: QuantConfig) -> Tensor:
+    """Round W onto the grid and map it back: `s · (clamp(round(w / s + z), 0, 2^b − 1) − z)`."""
+    levels = torch.clamp(torch.round(W / params.scale + params.zero), 0, cfg.max_level)
+    return params.scale * (levels - params.zero)
+
+
+def _params_for_range(low: Tensor, high: Tensor, cfg: QuantConfig) -> GridParams:
+    """Grid parameters for ranges [low, high] (low ≤ 0 ≤ high), elementwise over any shape."""
+    if cfg.symmetric:
+        scale = torch.clamp(2 * torch.maximum(-low, high) / cfg.max_level, min=MIN_SCALE)
+        return GridParams(scale, torch.full_like(scale, cfg.max_level / 2))
+    scale = torch.clamp((high - low) / cfg.max_level, min=MIN_SCALE)
+    return GridParams(scale, torch.round(-low / scale))
+
+
+def _row_errors(delta: Tensor, H: Tensor | None) -> Tensor:
+    """Per row of `delta` (…, rows, cols): `δ H δᵀ`, or `‖δ‖²` without a Hessian."""
+    if H is None:
+        return (delta * delta).sum(dim=-1)
+    return ((delta @ H) * delta).sum(dim=-1)
+
+
+def _best_clipped(block: Tensor, low: Tensor, high: Tensor, cfg: QuantConfig, H: Tensor | None) -> GridParams:
+    """Per row, the grid of the shrink factor with the least error (the first, i.e. widest, on ties)."""
+    factors = torch.tensor(CLIP_FACTORS, dtype=block.dtype, device=block.device).unsqueeze(1)
+    rows, cols = block.shape
+    chunk = max(1, CLIP_SEARCH_ELEMENTS // (len(CLIP_FACTORS) * cols))
+    scales, zeros = [], []
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        candidates = _params_for_range(factors * low[part], factors * high[part], cfg)  # (factors, rows)
+        grids = GridParams(candidates.scale.unsqueeze(-1), candidates.zero.unsqueeze(-1))
+        errors = _row_errors(quantize_dequantize(block[part], grids, cfg) - block[part], H)
+        best = errors.argmin(dim=0, keepdim=True)
+        scales.append(candidates.scale.gather(0, best).squeeze(0))
+        zeros.append(candidates.zero.gather(0, best).squeeze(0))
+    return GridParams(torch.cat(scales), torch.cat(zeros))
+
+
+def grid_params(block: Tensor, cfg: QuantConfig, H: Tensor | None = None) -> GridParams:
+    """Grid of each row of a block of columns (rows × cols, float); H (cols × cols) weights the clipping search."""
+    low = torch.clamp(block.min(dim=1).values, max=0)
+    high = torch.clamp(block.max(dim=1).values, min=0)
+    if cfg.clip_search:
+        params = _best_clipped(block, low, high, cfg, None if H is None else H.to(block))
+    else:
+        params = _params_for_range(low, high, cfg)
+    return GridParams(params.scale.unsqueeze(1), params.zero.unsqueeze(1))
+
+
+def rtn(W: Tensor, cfg: QuantConfig, H: Tensor | None = None) -> Tensor:
+    """Round-to-nearest: W (d_out × d_in) dequantized from its grid, same shape and dtype; H guides the clipping."""
+    weights = W.float()
+    result = torch.empty_like(weights)
+    for start, end in group_spans(W.shape[1], cfg):
+        block = weights[:, start:end]
+        hessian = None if H is None else H[start:end, start:end]
+        result[:, start:end] = quantize_dequantize(block, grid_params(block, cfg, hessian), cfg)
+    return result.to(W.dtype)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64, float32 otherwise (half precision is too coarse for traces)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _row_hessian_product(G: Tensor, delta: Tensor) -> Tensor:
+    """`G ΔW` for a full G (d_out × d_out) or one block per head (n_heads × d_h × d_h, rows ordered by head)."""
+    d_out = delta.shape[0]
+    if G.dim() == 2:
+        if G.shape != (d_out, d_out):
+            raise ValueError(f"A full row Hessian must be {d_out} × {d_out}, got {tuple(G.shape)}.")
+        return G @ delta
+    if G.dim() != 3 or G.shape[1] != G.shape[2] or G.shape[0] * G.shape[1] != d_out:
+        raise ValueError(f"Row Hessians per head must be (n_heads, d_h, d_h) with n_heads · d_h = {d_out}, "
+                         f"got {tuple(G.shape)}.")
+    n_heads, head_dim, _ = G.shape
+    return (G @ delta.reshape(n_heads, head_dim, -1)).reshape(d_out, -1)
+
+
+def layer_error(W: Tensor, Wq: Tensor, H: Tensor, G: Tensor | None = None) -> float:
+    """`tr(ΔW H ΔWᵀ)`, or `tr(G ΔW H ΔWᵀ)` with a row Hessian G (full, or per head as (n_heads, d_h, d_h))."""
+    if W.shape != Wq.shape:
+        raise ValueError(f"W and Wq differ in shape: {tuple(W.shape)} and {tuple(Wq.shape)}.")
+    if H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"H must be {W.shape[1]} × {W.shape[1]} for W of shape {tuple(W.shape)}, "
+                         f"got {tuple(H.shape)}.")
+    dtype = _compute_dtype(W, Wq, H, *([] if G is None else [G]))
+    delta = Wq.to(dtype) - W.to(dtype)
+    weighted = delta if G is None else _row_hessian_product(G.to(delta), delta)
+    return float(((weighted @ H.to(delta)) * delta).sum())
+
+
+def packed_bits(d_out: int, d_in: int, cfg: QuantConfig) -> float:
+    """Storage of a d_out × d_in layer in bits: the codes plus an fp16 scale and an fp16 zero per row and group.
+
+    (our choice) the zero is counted for symmetric grids too, as ALGORITHMS.md §4 counts `2·16/g` bits per weight.
+    """
+    n_groups = math.ceil(d_in / group_width(d_in, cfg))
+    return float(d_out * d_in * cfg.bits + d_out * n_groups * 2 * FP16_BITS)

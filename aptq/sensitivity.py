@@ -1,0 +1,280 @@
+"""Per-layer sensitivity of a model on calibration data: traces, scores and predicted errors (ALGORITHMS.md §2–4).
+
+`analyze` walks the model block by block (aptq.capture), collects each block's Hessians (aptq.hessian), turns them into
+one row per layer and one row per (layer, bit width), and writes them to the store one block at a time, so a repeat is
+a cache hit and an interrupted analysis resumes at the first missing block.
+
+Columns (a contract: the allocation solver reads `layers[layer, block, kind, fused, n_params, score]` and
+`errors[layer, bits, err_layerwise, err_attention]`):
+
+layers   layer, block, kind, fused (the name of the stored tensor a layer shares, else its own name), n_params,
+         d_out, d_in,
+         trace_layerwise   tr(I ⊗ H) = d_out · tr(H)
+         trace_attention   v: Σ_g d_h · tr(H_V,g); q/k: Σ_h tr(G_h) · tr(H); o and MLP: = trace_layerwise
+         trace_lm, trace_lm_se   APTQ tr(2 E[JᵀJ]) by Hutchinson, and its standard error
+         score_layerwise, score_attention, score   the traces per parameter (score = APTQ trace / n_params)
+errors   layer, bits, group_size,
+         err_layerwise     tr(ΔW H ΔWᵀ) with the round-to-nearest error ΔW
+         err_attention     v: Σ_g tr(ΔW_g H_V,g ΔW_gᵀ); q/k: tr(G ΔW H ΔWᵀ); o and MLP: = err_layerwise
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+
+from aptq.capture import BlockWalk, BlockStep
+from aptq.data import Corpus, Sampling, calibration_segments, token_ids, tokenizer_fingerprint
+from aptq.errors import UserError
+from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianCollector
+from aptq.models import Architecture, LoadedModel, get_weight, model_fingerprint
+from aptq.progress import Progress, no_progress
+from aptq.quantizer import QuantConfig, layer_error, rtn
+from aptq.store import Store
+
+METHOD_VERSION = 1  # bump when any formula changes: old cache entries then miss
+DEFAULT_BITS = (2, 3, 4, 8)
+CPU_CALIBRATION = (64, 512)  # (our choice) segments × tokens that keep an analysis within minutes on a CPU
+GPU_CALIBRATION = (128, 2048)  # the GPTQ papers' setting
+
+
+def default_calibration(device: torch.device | str) -> tuple[int, int]:
+    return GPU_CALIBRATION if torch.device(device).type == "cuda" else CPU_CALIBRATION
+
+
+def default_group_size(arch: Architecture) -> int:
+    """128 (the common choice) when every layer's columns split into groups of 128, else 64 (DESIGN.md)."""
+    return 128 if arch.hidden_size % 128 == 0 else 64
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    group_size: int = 64  # columns per quantization group for the predicted errors; 0 = per output channel
+    bits: tuple[int, ...] = DEFAULT_BITS
+    probes: int = DEFAULT_PROBES  # Hutchinson probes per calibration segment
+    symmetric: bool = False
+    clip_search: bool = True
+    max_blocks: int | None = None  # analyze only the first blocks (quick looks, tests)
+    batch_size: int | None = None  # segments per forward pass; speed only, not part of the cache key
+    device: str | None = None  # compute device (default: the model's); not part of the cache key
+
+    def key_fields(self) -> dict:
+        fields = asdict(self)
+        del fields["batch_size"], fields["device"]
+        fields["bits"] = sorted(set(self.bits))
+        return fields
+
+
+def _digest(*parts: str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Fingerprints that key an analysis in the store."""
+
+    key: str
+    model: str
+    calibration: str
+    tokenizer: str
+    settings_json: str
+
+
+def identify(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: AnalysisSettings) -> Identity:
+    model_fp = model_fingerprint(loaded.path)
+    tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
+    calibration_fp = sampling.fingerprint(corpus, tokenizer_fp)
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    settings_json = json.dumps(settings.key_fields() | {"dtype": dtype}, sort_keys=True)
+    return Identity(_digest(model_fp, calibration_fp, settings_json, str(METHOD_VERSION)), model_fp,
+                    calibration_fp, tokenizer_fp, settings_json)
+
+
+def analysis_key(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: AnalysisSettings) -> str:
+    return identify(loaded, corpus, sampling, settings).key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-block metrics
+
+
+def _trace(matrix: torch.Tensor) -> float:
+    return matrix.diagonal(dim1=-2, dim2=-1).sum().item()
+
+
+def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessians,
+               settings: AnalysisSettings) -> tuple[list[dict], list[dict]]:
+    """The block's rows of `layers` and `errors` from its Hessians and current weights."""
+    layer_records, error_records = [], []
+    for layer in arch.block_layers(hessians.block):
+        weight = get_weight(model, layer).detach().float()
+        device = weight.device
+        h = hessians.layerwise[layer.name].to(device)
+        d_out, d_in = weight.shape
+        n_params = d_out * d_in
+        trace_layerwise = d_out * _trace(h)
+        if layer.kind == "v":
+            h_v = hessians.value[layer.name].to(device)
+            trace_attention = arch.head_dim * _trace(h_v)
+        elif layer.kind in ("q", "k"):
+            g = hessians.row[layer.name].to(device)
+            trace_attention = _trace(g) * _trace(h)
+        else:
+            trace_attention = trace_layerwise
+        trace_lm = hessians.lm_trace[layer.name]
+        # (our choice of normalization, HAWQ-style) scores are traces per parameter.
+        layer_records.append({
+            "layer": layer.name, "block": layer.block, "kind": layer.kind, "fused": layer.group,
+            "n_params": n_params, "d_out": d_out, "d_in": d_in, "trace_layerwise": trace_layerwise,
+            "trace_attention": trace_attention, "trace_lm": trace_lm, "trace_lm_se": hessians.lm_trace_se[layer.name],
+            "score_layerwise": trace_layerwise / n_params, "score_attention": trace_attention / n_params,
+            "score": trace_lm / n_params})
+        for bits in sorted(set(settings.bits)):
+            config = QuantConfig(bits, settings.group_size, symmetric=settings.symmetric,
+                                 clip_search=settings.clip_search)
+            # (our choice) one RTN ΔW per (layer, bits), its clipping searched with the layer-wise H, scored under
+            # both Hessians: the two error columns then differ only by the Hessian.
+            quantized = rtn(weight, config, h)
+            err_layerwise = layer_error(weight, quantized, h)
+            if layer.kind == "v":
+                rows = arch.head_dim
+                err_attention = sum(layer_error(weight[g * rows:(g + 1) * rows], quantized[g * rows:(g + 1) * rows],
+                                                h_v[g]) for g in range(h_v.shape[0]))
+            elif layer.kind in ("q", "k"):
+                err_attention = layer_error(weight, quantized, h, g)
+            else:
+                err_attention = err_layerwise
+            error_records.append({"layer": layer.name, "bits": bits, "group_size": settings.group_size,
+                                  "err_layerwise": float(err_layerwise), "err_attention": float(err_attention)})
+    return layer_records, error_records
+
+
+def collect_block(step: BlockStep, arch: Architecture, options: CollectOptions,
+                  geometry_cache: dict) -> BlockHessians:
+    """Run the step's batches through the collector, keeping the outputs as the next block's inputs."""
+    with HessianCollector(step, arch, options, geometry_cache) as collector:
+        for batch in step.batches():
+            step.keep_output(batch, collector.process(batch))
+    return collector.result()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Persistence
+
+
+def _register(store: Store, loaded: LoadedModel, corpus: Corpus, sampling: Sampling, ident: Identity,
+              n_blocks: int, device: torch.device, resume: bool) -> set[int]:
+    """Record model, calibration and the analysis as running; return the blocks already finished (resume)."""
+    with store.transaction() as con:
+        con.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, now()) ON CONFLICT DO NOTHING",
+                    [ident.model, loaded.display_name, loaded.arch.family, loaded.source, loaded.baseline_label,
+                     loaded.n_params, loaded.arch.n_blocks])
+        con.execute("INSERT INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    [ident.calibration, corpus.name, corpus.fingerprint, ident.tokenizer, sampling.n_samples,
+                     sampling.seqlen, sampling.seed])
+        if not resume:
+            for table, column in (("analysis_blocks", "analysis"), ("layer_metrics", "analysis"),
+                                  ("predicted_errors", "analysis"), ("analyses", "key")):
+                con.execute(f"DELETE FROM {table} WHERE {column} = ?", [ident.key])
+        con.execute("INSERT INTO analyses VALUES (?, ?, ?, ?, ?, 'running', 0, ?, ?, now(), "
+                    "now(), 0) ON CONFLICT (key) DO UPDATE SET status = 'running', device = ?, "
+                    "updated = now()",
+                    [ident.key, ident.model, ident.calibration, ident.settings_json, METHOD_VERSION, n_blocks,
+                     str(device), str(device)])
+        done = con.execute("SELECT block FROM analysis_blocks WHERE analysis = ?", [ident.key]).fetchall()
+    return {block for (block,) in done}
+
+
+def _write_block(store: Store, key: str, block: int, layer_records: list[dict], error_records: list[dict],
+                 seconds: float, position: dict[str, int]) -> None:
+    layers = pd.DataFrame(layer_records).assign(analysis=key)
+    layers["position"] = layers["layer"].map(position)
+    with store.transaction() as con:
+        store.write_frame("layer_metrics", layers, con)
+        store.write_frame("predicted_errors", pd.DataFrame(error_records).assign(analysis=key), con)
+        con.execute("INSERT OR REPLACE INTO analysis_blocks (analysis, block, seconds) VALUES (?, ?, ?)",
+                    [key, block, seconds])
+        con.execute("UPDATE analyses SET blocks_done = (SELECT count(*) FROM analysis_blocks WHERE analysis = ?), "
+                    "seconds = seconds + ?, updated = now() WHERE key = ?", [key, seconds, key])
+
+
+def _set_status(store: Store, key: str, status: str) -> None:
+    store.execute("UPDATE analyses SET status = ?, updated = now() WHERE key = ?", [status, key])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: AnalysisSettings = AnalysisSettings(),
+            store: Store | None = None, progress: Progress = no_progress,
+            resume: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Sensitivity of every linear layer; (layers, errors) as described in the module docstring.
+
+    Cached in `store` (default: `Store()`): a repeat returns the stored frames without model work. With `resume`,
+    blocks finished by an interrupted run are kept and the walk recomputes only the inputs up to the first missing
+    one; without it, stored partial results are discarded. `progress(done, total, message)` is called once per
+    block; raising `Cancelled` from it stops after the finished blocks are stored. `layers.attrs` carries
+    `analysis_key` and `cached`.
+    """
+    if settings.probes < 1:
+        raise UserError("The APTQ traces need at least 1 Hutchinson probe per segment.")
+    try:
+        for bits in settings.bits:
+            QuantConfig(bits, settings.group_size)
+    except ValueError as exc:
+        raise UserError(f"Bad quantization setting: {exc}") from exc
+    store = store or Store()
+    arch = loaded.arch
+    n_blocks = arch.n_blocks if settings.max_blocks is None else max(1, min(settings.max_blocks, arch.n_blocks))
+    ident = identify(loaded, corpus, sampling, settings)
+    cached = store.load_analysis(ident.key)
+    if cached is not None:
+        progress(n_blocks, n_blocks, "cached")
+        return _tagged(cached, ident.key, True)
+
+    device = torch.device(settings.device) if settings.device else loaded.device
+    done = _register(store, loaded, corpus, sampling, ident, n_blocks, device, resume)
+    segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
+    walk = BlockWalk(loaded.model, arch, segments, device=device, batch_size=settings.batch_size, stop=n_blocks)
+    options = CollectOptions(attention=True, probes=settings.probes, seed=sampling.seed)
+    position = {layer.name: i for i, layer in enumerate(arch.layers)}
+    geometry_cache: dict = {}
+    progress(len(done), n_blocks, f"{len(done)} of {n_blocks} blocks already stored" if done else "starting")
+    try:
+        for step in walk:
+            if step.index in done:
+                continue  # the walk still computes its outputs: the next block needs them
+            start = time.perf_counter()
+            hessians = collect_block(step, arch, options, geometry_cache)
+            layer_records, error_records = layer_rows(loaded.model, arch, hessians, settings)
+            _write_block(store, ident.key, step.index, layer_records, error_records, time.perf_counter() - start,
+                         position)
+            done.add(step.index)
+            progress(len(done), n_blocks, f"block {step.index + 1}/{n_blocks}")
+    except BaseException:
+        _set_status(store, ident.key, "interrupted")
+        raise
+    _set_status(store, ident.key, "complete")
+    return _tagged(store.load_analysis(ident.key), ident.key, False)
+
+
+def _tagged(frames: tuple[pd.DataFrame, pd.DataFrame], key: str, cached: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    layers, errors = frames
+    layers.attrs.update(analysis_key=key, cached=cached)
+    return layers, errors
+
+
+def ranked(layers: pd.DataFrame, column: str = "score", n: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The `n` most and `n` least sensitive layers under `column`."""
+    ordered = layers.sort_values(column, ascending=False)
+    return ordered.head(n), ordered.tail(n).iloc[::-1]

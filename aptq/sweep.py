@@ -1,0 +1,88 @@
+"""Sweeps: every (allocation method, budget) becomes a plan, is quantized and evaluated, and lands in the store.
+
+Each point reuses a stored run when the same plan was quantized before with the same settings (e.g. `uniform` at 3.25
+and 3.5 bits is the same 3-bit plan), so an interrupted sweep resumes where it stopped, and a partly quantized point
+resumes at its first unfinished block (aptq.pipeline).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from aptq import history
+from aptq.allocate import AllocationError, AllocationRequest, allocate, summarize
+from aptq.data import Corpus, Sampling
+from aptq.errors import UserError
+from aptq.models import LoadedModel, model_fingerprint
+from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan
+from aptq.progress import Progress, no_progress
+from aptq.store import Store
+
+
+def parse_budgets(text: str) -> list[float]:
+    """"2.5:4.5:0.25" (start:stop:step, inclusive) or "3,3.5,4"."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(part) for part in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            return [round(start + i * step, 6) for i in range(count)]
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"Budgets must be start:stop:step (e.g. 2.5:4.5:0.25) or a list like 3,3.5,4; got {text!r}."
+                        ) from None
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    allocation: str
+    budget: float
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.allocation} @ {self.budget:g} bits" + (f" (seed {self.seed})" if self.allocation == "random"
+                                                                else "")
+
+
+def sweep_points(allocations: list[str], budgets: list[float], seeds: tuple[int, ...]) -> list[SweepPoint]:
+    return [SweepPoint(allocation, budget, seed) for allocation in allocations for budget in budgets
+            for seed in (seeds if allocation == "random" else (0,))]
+
+
+def run_sweep(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: pd.DataFrame, errors: pd.DataFrame,
+              points: list[SweepPoint], candidates: tuple[int, ...], settings: QuantizeSettings,
+              evaluation: EvalSettings, store: Store | None = None, progress: Progress = no_progress) -> pd.DataFrame:
+    """One row per point: its plan's summary and the measured run (or why the point was skipped)."""
+    store = store or Store()
+    model_fp = model_fingerprint(loaded.path)
+    rows = []
+    for index, point in enumerate(points):
+        request = AllocationRequest(point.budget, point.allocation, candidates, seed=point.seed,
+                                    group_size=settings.group_size)
+        base = {"allocation": point.allocation, "budget": point.budget, "seed": point.seed}
+        try:
+            plan = allocate(layers, errors, request)
+        except AllocationError as exc:
+            rows.append(base | {"skipped": str(exc)})
+            continue
+        summary = summarize(plan, layers, errors)
+        meta = {"name": point.name, "allocation": point.allocation, "budget": point.budget,
+                "analysis": layers.attrs.get("analysis_key"), "group_size": settings.group_size,
+                "predicted_error_attention": summary["predicted_error_attention"],
+                "predicted_error_layerwise": summary["predicted_error_layerwise"]}
+        history.save_plan(store, model_fp, point.name, plan.bits, meta | {"request": request, "summary": summary})
+
+        def report(done: int, total: int, message: str, index: int = index) -> None:
+            progress(index, len(points), f"{point.name}: {message}")
+
+        run = run_plan(loaded, corpus, sampling, plan.bits, settings, evaluation, store, report, meta)
+        rows.append(base | {key: run[key] for key in ("key", "avg_bits", "effective_bits", "size_mb", "perplexity",
+                                                      "kl", "top1", "quant_seconds", "cached")}
+                    | {"predicted_error_attention": summary["predicted_error_attention"]})
+        progress(index + 1, len(points), point.name)
+    return pd.DataFrame(rows)

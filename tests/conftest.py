@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random models of each supported family (see tests/tiny_models.py).
+
+- `tiny_model(family, **config_overrides)`: an in-memory model in eval mode with eager attention, and its adapter.
+- `tiny_model_dir(family)`: the same kind of model saved as an HF directory with a tokenizer (for `load_model`),
+  built once per test session and family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from aptq.models import Architecture, architecture_of
+from tests.tiny_models import save_tiny_model, tiny_config
+
+
+def build_tiny_model(family: str, seed: int = 0, **overrides) -> tuple[torch.nn.Module, Architecture]:
+    config = tiny_config(family)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    return model, architecture_of(model.config)
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., tuple[torch.nn.Module, Architecture]]:
+    return build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
+    saved: dict[str, Path] = {}
+
+    def directory(family: str) -> Path:
+        if family not in saved:
+            saved[family] = save_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return saved[family]
+
+    return directory
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """A small local text corpus (random sentences over a fixed vocabulary), split by aptq.data's text-file rule."""
+    import numpy as np
+
+    from aptq.data import load_corpus
+
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+    rng = np.random.default_rng(0)
+    path.write_text("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(200)))
+    return load_corpus(str(path))

@@ -1,0 +1,363 @@
+"""The bit-budget solvers on synthetic sensitivity tables: properties (hypothesis), exhaustive search, messages."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from fractions import Fraction
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import aptq.allocate as allocate_module
+from aptq.allocate import METHODS, AllocationError, AllocationRequest, Plan, allocate, plan_frame, summarize
+from aptq.errors import UserError
+
+KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+SMOL_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576),
+               "up": (1536, 576), "down": (576, 1536)}
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def tables(sizes: list[int], kinds: list[str], fused: list[str], err: np.ndarray, widths: tuple[int, ...],
+           scores: list[float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Layers `l0, l1, …`; err_attention of layer i at widths[j] is err[i, j], err_layerwise is 2·err[i, m-1-j]."""
+    names = [f"l{i}" for i in range(len(sizes))]
+    layers = pd.DataFrame({"layer": names, "block": range(len(sizes)), "kind": kinds, "fused": fused,
+                           "n_params": sizes, "score": scores if scores is not None else [1.0] * len(sizes)})
+    errors = pd.DataFrame([{"layer": name, "bits": w, "err_attention": float(err[i, j]),
+                            "err_layerwise": 2.0 * float(err[i, len(widths) - 1 - j])}
+                           for i, name in enumerate(names) for j, w in enumerate(widths)])
+    return layers, errors
+
+
+def smol_tables(seed: int = 0, blocks: int = 30) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    layers, errors = [], []
+    for block in range(blocks):
+        for kind, (d_out, d_in) in SMOL_SHAPES.items():
+            name = f"model.layers.{block}.{kind}"
+            layers.append({"layer": name, "block": block, "kind": kind, "fused": name, "n_params": d_out * d_in,
+                           "d_in": d_in, "score": rng.lognormal()})
+            scale = rng.lognormal() * d_out * d_in
+            errors += [{"layer": name, "bits": b, "err_attention": scale * 4.0 ** -b * rng.uniform(0.5, 2),
+                        "err_layerwise": scale * 4.0 ** -b} for b in (2, 3, 4, 8)]
+    return pd.DataFrame(layers), pd.DataFrame(errors)
+
+
+@st.composite
+def instances(draw, max_layers: int = 7):
+    """A small random problem: sizes, kinds, fused groups, errors, candidates (≤ 3 widths), pins, budget."""
+    count = draw(st.integers(1, max_layers))
+    widths = tuple(sorted(draw(st.sets(st.sampled_from([2, 3, 4, 8]), min_size=1, max_size=3))))
+    sizes = [64 * s for s in draw(st.lists(st.sampled_from([1, 2, 3, 5, 9, 24]), min_size=count, max_size=count))]
+    kinds = draw(st.lists(st.sampled_from(KINDS), min_size=count, max_size=count))
+    partner = draw(st.lists(st.integers(0, count - 1), min_size=count, max_size=count))
+    fused = [f"l{min(i, partner[i])}" if draw(st.booleans()) else f"l{i}" for i in range(count)]
+    err = np.array(draw(st.lists(st.integers(0, 1000), min_size=count * len(widths), max_size=count * len(widths))),
+                   dtype=float).reshape(count, len(widths)) / 8
+    drawn = draw(st.dictionaries(st.sampled_from([f"l{i}" for i in range(count)]), st.sampled_from(widths), max_size=2))
+    first_pin_of_group = {fused[int(name[1:])]: name for name in reversed(list(drawn))}  # no conflicting fused pins
+    pins = {name: drawn[name] for name in first_pin_of_group.values()}
+    budget = draw(st.floats(min(widths), max(widths)))
+    min_bits = draw(st.sampled_from([{}, {"q": widths[-1]}, {"down": widths[len(widths) // 2]}]))
+    layers, errors = tables(sizes, kinds, fused, err, widths, scores=draw(
+        st.lists(st.floats(0, 10), min_size=count, max_size=count)))
+    return layers, errors, widths, pins, budget, min_bits
+
+
+def fused_keys(layers: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(layers["fused"]))
+
+
+def exhaustive_best(layers: pd.DataFrame, errors: pd.DataFrame, request: AllocationRequest,
+                    metric: str = "err_attention") -> float | None:
+    """Least total error over every assignment of widths to fused groups, or None when none fits the budget."""
+    keys = fused_keys(layers)
+    err = errors.set_index(["layer", "bits"])[metric]
+    pinned = {layers.set_index("layer").at[name, "fused"]: width for name, width in request.pins.items()}
+    options = []
+    for key in keys:
+        members = layers[layers["fused"] == key]
+        if key in pinned:
+            options.append([pinned[key]])
+            continue
+        allowed = [w for w in request.candidates if all(
+            request.min_bits.get(k, 0) <= w <= request.max_bits.get(k, 16) for k in members["kind"])]
+        options.append(allowed)
+    capacity = Fraction(request.budget) * int(layers["n_params"].sum())
+    best = None
+    for combo in itertools.product(*options):
+        width_of = dict(zip(keys, combo))
+        bits = layers["fused"].map(width_of)
+        if int((bits * layers["n_params"]).sum()) > capacity:
+            continue
+        total = sum(err[(name, b)] for name, b in zip(layers["layer"], bits))
+        best = total if best is None else min(best, total)
+    return best
+
+
+def plan_cost(plan: Plan, layers: pd.DataFrame) -> int:
+    return int((layers["layer"].map(plan.bits) * layers["n_params"]).sum())
+
+
+def plan_error(plan: Plan, errors: pd.DataFrame, metric: str = "err_attention") -> float:
+    err = errors.set_index(["layer", "bits"])[metric]
+    return float(sum(err[(name, b)] for name, b in plan.bits.items()))
+
+
+def within_budget(plan: Plan, layers: pd.DataFrame) -> bool:
+    return plan_cost(plan, layers) <= Fraction(plan.request.budget) * int(layers["n_params"].sum())
+
+
+# ---- properties ---------------------------------------------------------------------------------------------------
+
+@PROPERTY_SETTINGS
+@given(instances())
+def test_knapsack_equals_exhaustive_search(instance):
+    layers, errors, widths, pins, budget, min_bits = instance
+    request = AllocationRequest(budget, "knapsack", widths, pins=pins, min_bits=min_bits)
+    best = exhaustive_best(layers, errors, request)
+    if best is None:
+        with pytest.raises(AllocationError):
+            allocate(layers, errors, request)
+        return
+    plan = allocate(layers, errors, request)
+    assert within_budget(plan, layers)
+    assert plan_error(plan, errors) == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+@PROPERTY_SETTINGS
+@given(instances())
+def test_knapsack_layerwise_equals_exhaustive_search(instance):
+    layers, errors, widths, pins, budget, min_bits = instance
+    request = AllocationRequest(budget, "knapsack-layerwise", widths, pins=pins, min_bits=min_bits)
+    best = exhaustive_best(layers, errors, request, "err_layerwise")
+    if best is not None:
+        plan = allocate(layers, errors, request)
+        assert plan_error(plan, errors, "err_layerwise") == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+@PROPERTY_SETTINGS
+@given(instances(), st.sampled_from(METHODS), st.integers(0, 3))
+def test_every_method_keeps_the_budget_pins_bounds_and_fused_groups(instance, method, seed):
+    layers, errors, widths, pins, budget, min_bits = instance
+    request = AllocationRequest(budget, method, widths, pins=pins, min_bits=min_bits, seed=seed,
+                                low_high=(widths[0], widths[-1]))
+    if method == "aptq" and len(widths) < 2:
+        return
+    try:
+        plan = allocate(layers, errors, request)
+    except AllocationError:
+        assert exhaustive_best(layers, errors, AllocationRequest(budget, "knapsack", widths, pins=pins,
+                                                                 min_bits=min_bits)) is None
+        return
+    assert set(plan.bits) == set(layers["layer"])
+    assert within_budget(plan, layers)
+    fused_of = layers.set_index("layer")["fused"]
+    for name, width in pins.items():
+        assert all(plan.bits[member] == width for member in layers.loc[layers["fused"] == fused_of[name], "layer"])
+    for key in fused_keys(layers):
+        assert len({plan.bits[m] for m in layers.loc[layers["fused"] == key, "layer"]}) == 1
+    pinned_groups = {fused_of[name] for name in pins}
+    for row in layers.itertuples():
+        assert plan.bits[row.layer] in widths
+        if row.fused not in pinned_groups:
+            assert plan.bits[row.layer] >= min_bits.get(row.kind, 0)
+
+
+@PROPERTY_SETTINGS
+@given(instances(), st.floats(0, 1))
+def test_a_larger_budget_never_raises_the_optimal_error(instance, step):
+    layers, errors, widths, pins, budget, min_bits = instance
+    larger = budget + step * (max(widths) - budget)
+    try:
+        tight = allocate(layers, errors, AllocationRequest(budget, "knapsack", widths, pins=pins, min_bits=min_bits))
+    except AllocationError:
+        return
+    loose = allocate(layers, errors, AllocationRequest(larger, "knapsack", widths, pins=pins, min_bits=min_bits))
+    assert plan_error(loose, errors) <= plan_error(tight, errors) + 1e-9
+
+
+@PROPERTY_SETTINGS
+@given(st.lists(st.floats(0, 100), min_size=2, max_size=12),
+       st.lists(st.sampled_from([1, 2, 3, 8]), min_size=12, max_size=12), st.floats(2, 4))
+def test_aptq_gives_the_low_width_to_the_lowest_scores(scores, size_units, budget):
+    count = len(scores)
+    sizes = [64 * s for s in size_units[:count]]
+    names = [f"l{i}" for i in range(count)]
+    layers, errors = tables(sizes, ["q"] * count, names, np.ones((count, 2)), (2, 4), scores=scores)
+    plan = allocate(layers, errors, AllocationRequest(budget, "aptq", (2, 4), low_high=(2, 4)))
+    assert within_budget(plan, layers)
+    low = [s for s, name in zip(scores, names) if plan.bits[name] == 2]
+    high = [s for s, name in zip(scores, names) if plan.bits[name] == 4]
+    assert not low or not high or max(low) <= min(high)
+    if low:  # the rule stops as soon as the budget holds: the last layer sent low was needed
+        last = names[max((i for i in range(count) if plan.bits[names[i]] == 2), key=lambda i: (scores[i], i))]
+        assert not within_budget(Plan({**plan.bits, last: 4}, plan.request), layers)
+
+
+# ---- the SmolLM2-shaped table -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol():
+    return smol_tables()
+
+
+def test_knapsack_is_exact_in_gcd_units_and_beats_every_other_method(smol):
+    layers, errors = smol
+    plans = {m: allocate(layers, errors, AllocationRequest(3.0, m, group_size=64)) for m in METHODS}
+    best = plans["knapsack"]
+    assert "110592" in best.notes[0] and "exact" in best.notes[0]
+    for method, plan in plans.items():
+        assert within_budget(plan, layers), method
+        assert plan_error(best, errors) <= plan_error(plan, errors) + 1e-9, method
+    assert plan_error(plans["knapsack-layerwise"], errors, "err_layerwise") <= min(
+        plan_error(p, errors, "err_layerwise") for p in plans.values()) + 1e-9
+
+
+def test_discretized_knapsack_rounds_costs_up_and_is_optimal_up_to_its_resolution(smol, monkeypatch):
+    layers, errors = smol
+    request = AllocationRequest(3.1, "knapsack", group_size=64)
+    exact = allocate(layers, errors, request)
+    monkeypatch.setattr(allocate_module, "MAX_TABLE_CELLS", 210 * 300)
+    coarse = allocate(layers, errors, request)
+    assert "rounded up" in coarse.notes[0]
+    assert within_budget(coarse, layers)
+    # Rounding adds less than one unit per layer, so every plan cheaper by 210 units was open to the coarse DP.
+    unit = int(re.search(r"units of (\d+) weights", coarse.notes[0]).group(1))
+    monkeypatch.setattr(allocate_module, "MAX_TABLE_CELLS", 1 << 24)
+    margin = 210 * unit / layers["n_params"].sum()
+    reference = allocate(layers, errors, AllocationRequest(3.1 - margin, "knapsack", group_size=64))
+    assert plan_error(exact, errors) <= plan_error(coarse, errors) <= plan_error(reference, errors) + 1e-9
+
+
+def test_uniform_says_which_width_fits_once_pins_are_charged(smol):
+    layers, errors = smol
+    pins = {name: 8 for name in layers["layer"][layers["kind"] == "down"]}
+    plan = allocate(layers, errors, AllocationRequest(4.5, "uniform", pins=pins))  # 2 + 0.75·w ≤ 4.5
+    free = [plan.bits[n] for n in layers["layer"] if n not in pins]
+    assert set(free) == {3} and plan.notes == ("uniform width 3 bits",)
+    assert within_budget(plan, layers)
+
+
+def test_per_kind_bounds_restrict_the_widths(smol):
+    layers, errors = smol
+    plan = allocate(layers, errors, AllocationRequest(3.0, "knapsack", min_bits={"down": 4}, max_bits={"q": 3}))
+    frame = plan_frame(plan, layers)
+    assert frame.loc[frame["kind"] == "down", "bits"].min() >= 4
+    assert frame.loc[frame["kind"] == "q", "bits"].max() <= 3
+
+
+def test_random_is_seeded(smol):
+    layers, errors = smol
+    first, again, other = (allocate(layers, errors, AllocationRequest(3.5, "random", seed=s)) for s in (1, 1, 2))
+    assert first.bits == again.bits and first.bits != other.bits
+    assert within_budget(other, layers)
+
+
+def test_full_precision_pins_cost_16_bits_and_no_error(smol):
+    layers, errors = smol
+    name = layers["layer"].iloc[0]
+    plan = allocate(layers, errors, AllocationRequest(3.0, "knapsack", pins={name: 16}, group_size=64))
+    assert plan.bits[name] == 16 and within_budget(plan, layers)
+    summary = summarize(plan, layers, errors)
+    assert summary["predicted_error_attention"] == pytest.approx(
+        plan_error(Plan({k: b for k, b in plan.bits.items() if b < 16}, plan.request), errors))
+
+
+# ---- summary ------------------------------------------------------------------------------------------------------
+
+def test_summary_numbers():
+    layers, errors = tables([64 * 64, 100 * 64, 64 * 64], ["q", "down", "q"], ["l0", "l1", "l2"],
+                            np.array([[8.0, 1.0], [4.0, 2.0], [6.0, 3.0]]), (2, 4))
+    layers["d_in"] = [64, 100, 64]
+    plan = Plan({"l0": 2, "l1": 4, "l2": 16}, AllocationRequest(3.0, group_size=64))
+    summary = summarize(plan, layers, errors)
+    n = np.array([4096, 6400, 4096])
+    assert summary["avg_bits"] == pytest.approx((2 * 4096 + 4 * 6400 + 16 * 4096) / n.sum())
+    # l0: one group of 64 → 32/64; l1: ⌈100/64⌉ = 2 groups per row → 64/100; fp16 layer: no overhead
+    effective = (4096 * 2.5 + 6400 * 4.64 + 4096 * 16) / n.sum()
+    assert summary["effective_bits"] == pytest.approx(effective)
+    assert summary["size_mb"] == pytest.approx(effective * n.sum() / 8e6)
+    assert summary["compression"] == pytest.approx(16 / effective)
+    assert summary["predicted_error_attention"] == pytest.approx(8.0 + 2.0)
+    assert summary["predicted_error_layerwise"] == pytest.approx(2 * 1.0 + 2 * 4.0)
+    assert summary["bits_by_kind"] == pytest.approx({"q": 9.0, "down": 4.0})
+    assert summary["layers_by_bits"] == {2: 1, 4: 1, 16: 1}
+
+
+def test_summary_per_channel_and_without_d_in():
+    layers, errors = tables([128 * 64], ["q"], ["l0"], np.array([[1.0]]), (4,))
+    plan = Plan({"l0": 4}, AllocationRequest(4.0, candidates=(4,), group_size=0))
+    assert summarize(plan, layers, errors)["effective_bits"] == pytest.approx(4 + 32 / np.sqrt(128 * 64))
+    layers["d_in"] = 64
+    assert summarize(plan, layers, errors)["effective_bits"] == pytest.approx(4 + 32 / 64)
+    grouped = Plan({"l0": 4}, AllocationRequest(4.0, candidates=(4,), group_size=128))
+    assert summarize(grouped, layers.drop(columns="d_in"), errors)["effective_bits"] == pytest.approx(4.25)
+
+
+def test_plan_frame_has_one_row_per_layer(smol):
+    layers, errors = smol
+    frame = plan_frame(allocate(layers, errors, AllocationRequest(3.0)), layers)
+    assert list(frame.columns) == ["block", "kind", "layer", "bits"] and len(frame) == len(layers)
+
+
+def test_errors_table_with_several_group_sizes_is_filtered():
+    layers, errors = tables([4096, 4096], ["q", "k"], ["l0", "l1"], np.array([[4.0, 1.0], [8.0, 1.0]]), (2, 4))
+    other = errors.assign(group_size=128, err_attention=errors["err_attention"][::-1].to_numpy())
+    both = pd.concat([errors.assign(group_size=64), other])
+    plan = allocate(layers, both, AllocationRequest(3.0, "knapsack", (2, 4), group_size=64))
+    assert plan.bits == {"l0": 2, "l1": 4}
+
+
+# ---- messages -----------------------------------------------------------------------------------------------------
+
+def small_tables():
+    return tables([4096] * 5, ["q", "k", "v", "o", "down"], [f"l{i}" for i in range(5)], np.ones((5, 3)), (2, 3, 4))
+
+
+@pytest.mark.parametrize("request_kwargs, expected", [
+    ({"budget": 1.5}, ["1.5", "below the smallest candidate", "at least 2"]),
+    ({"budget": 4.5}, ["4.5", "above the largest candidate", "at most 4"]),
+    ({"budget": 3.0, "candidates": ()}, ["candidate set is empty"]),
+    ({"budget": 3.0, "candidates": (2, 9)}, ["remove [9]"]),
+    ({"budget": 3.0, "method": "greedy"}, ["'greedy'", "knapsack"]),
+    ({"budget": 3.0, "pins": {"x1": 2, "x2": 2, "x3": 2, "x4": 2}}, ["4 unknown", "x1, x2, x3 and 1 more"]),
+    ({"budget": 3.0, "pins": {"l0": 9}}, ["l0 is pinned to 9", "2–8 or 16"]),
+    ({"budget": 3.0, "pins": {"l0": 4, "l1": 4, "l2": 4}}, ["at least 3.2", "2.4 of it from the pins", "budget is 3"]),
+    ({"budget": 2.5, "min_bits": {"q": 4, "k": 4}}, ["per-kind minimums", "at least 2.8", "budget is 2.5"]),
+    ({"budget": 3.0, "min_bits": {"attn": 3}}, ["unknown layer kinds ['attn']"]),
+    ({"budget": 3.0, "min_bits": {"q": 4}, "max_bits": {"q": 3}}, ["l0", "widen min_bits/max_bits"]),
+    ({"budget": 3.0, "method": "aptq", "low_high": (2, 8)}, ["(2, 8)", "(2, 3, 4)"]),
+    ({"budget": 3.0, "group_size": 128, "errors_group": 64}, ["[64]", "not 128"]),
+])
+def test_error_messages_name_the_numbers_and_the_fix(request_kwargs, expected):
+    layers, errors = small_tables()
+    kwargs = {"candidates": (2, 3, 4), **request_kwargs}
+    if "errors_group" in kwargs:
+        errors = errors.assign(group_size=kwargs.pop("errors_group"))
+    with pytest.raises(AllocationError) as caught:
+        allocate(layers, errors, AllocationRequest(**kwargs))
+    for text in expected:
+        assert text in str(caught.value)
+
+
+def test_missing_error_row_names_layer_and_width():
+    layers, errors = small_tables()
+    errors = errors[~((errors["layer"] == "l3") & (errors["bits"] == 4))]
+    with pytest.raises(AllocationError, match="no predicted error for l3 at 4 bits"):
+        allocate(layers, errors, AllocationRequest(3.0, candidates=(2, 3, 4)))
+
+
+def test_conflicting_pins_in_a_fused_group():
+    layers, errors = tables([4096] * 2, ["q", "k"], ["qk", "qk"], np.ones((2, 2)), (2, 4))
+    with pytest.raises(AllocationError, match="pinned to 2 and 4 bits"):
+        allocate(layers, errors, AllocationRequest(3.0, candidates=(2, 4), pins={"l0": 2, "l1": 4}))
+
+
+def test_allocation_error_is_a_user_error_and_a_value_error():
+    assert issubclass(AllocationError, UserError) and issubclass(AllocationError, ValueError)

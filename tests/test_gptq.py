@@ -1,0 +1,258 @@
+"""GPTQ and its attention-aware variants (aptq/gptq.py), against RTN, a textbook GPTQ and each other."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from aptq.gptq import gptq, gptq_per_head, gptq_rows
+from aptq.quantizer import GridParams, QuantConfig, grid_params, group_spans, group_width, layer_error, \
+    quantize_dequantize, rtn
+
+D_OUT, D_IN, N_TOKENS = 24, 64, 512
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def correlated_hessian(seed: int, d_in: int = D_IN, n_tokens: int = N_TOKENS) -> torch.Tensor:
+    """`H = 2/N X Xᵀ` for inputs X = mixing @ noise, with uneven column scales so that the inputs are correlated."""
+    g = generator(seed)
+    mixing = torch.randn(d_in, d_in, generator=g) * torch.rand(d_in, generator=g) * 2
+    inputs = mixing @ torch.randn(d_in, n_tokens, generator=g)
+    return 2 / n_tokens * inputs @ inputs.T
+
+
+def random_weight(seed: int, d_out: int = D_OUT, d_in: int = D_IN) -> torch.Tensor:
+    return torch.randn(d_out, d_in, generator=generator(seed))
+
+
+def random_spd(seed: int, size: int) -> torch.Tensor:
+    """A well-conditioned but strongly correlated SPD matrix."""
+    root = torch.randn(size, size, generator=generator(seed)) + 2 * torch.ones(size, size)
+    return root @ root.T / size + 0.05 * torch.eye(size)
+
+
+def indefinite_hessian(d_in: int) -> torch.Tensor:
+    """Symmetric, finite, with eigenvalues −99 that no damping of up to 10 · mean(diag H) can lift."""
+    pair = torch.tensor([[1.0, 100.0], [100.0, 1.0]])
+    return torch.block_diag(*[pair] * (d_in // 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A textbook GPTQ: no blocks, no lazy updates, the inverse Hessian updated explicitly after every column
+
+
+def textbook_gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, act_order: bool = False,
+                  damp: float = 0.01) -> torch.Tensor:
+    """Column by column in float64: quantize, spread `(w_j − q_j) / [H⁻¹]_jj · [H⁻¹]_j,:` over the later columns,
+    then remove column j from the inverse (OBQ's rank-one update). Grids as documented in aptq/gptq.py: per group at
+    its first column on the updated weights; with act-order per static group, up front."""
+    H = H.double() + damp * H.diagonal().mean().double() * torch.eye(H.shape[0], dtype=torch.float64)
+    n_cols = W.shape[1]
+    order = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n_cols)
+    static = _static_grids(W.double(), cfg) if act_order else None
+    weights = W.double()[:, order].clone()
+    inverse = torch.linalg.inv(H[order][:, order])
+    quantized = torch.empty_like(weights)
+    width = group_width(n_cols, cfg)
+    for j in range(n_cols):
+        if static is not None:
+            params = static[order[j].item()]
+        elif j % width == 0:
+            params = grid_params(weights[:, j:j + width], cfg)
+        quantized[:, j:j + 1] = quantize_dequantize(weights[:, j:j + 1], params, cfg)
+        error = (weights[:, j] - quantized[:, j]) / inverse[j, j]
+        weights[:, j + 1:] -= torch.outer(error, inverse[j, j + 1:])
+        inverse = inverse - torch.outer(inverse[:, j], inverse[j, :]) / inverse[j, j]
+    return quantized[:, torch.argsort(order)]
+
+
+def _static_grids(W: torch.Tensor, cfg: QuantConfig) -> dict[int, GridParams]:
+    grids = {}
+    for start, end in group_spans(W.shape[1], cfg):
+        params = grid_params(W[:, start:end], cfg)
+        grids.update({column: params for column in range(start, end)})
+    return grids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain GPTQ
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [0, 16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_round_to_nearest(bits, group_size, act_order):
+    weight, hessian = random_weight(0), correlated_hessian(1)
+    cfg = QuantConfig(bits, group_size)
+    result = gptq(weight, hessian, cfg, block_size=32, act_order=act_order)
+    rtn_loss = layer_error(weight, rtn(weight, cfg, hessian), hessian)
+    assert result.fallback is None
+    assert result.loss == pytest.approx(layer_error(weight, result.weight, hessian))
+    assert result.loss < 0.9 * rtn_loss
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric, act_order", [
+    (3, 0, False, False),
+    (2, 24, False, False),  # groups straddle the blocks of 16 columns
+    (4, 20, True, False),  # the last group is shorter
+    (3, 0, False, True),
+    (4, 16, False, True),
+])
+def test_blocked_gptq_matches_the_textbook_algorithm(bits, group_size, symmetric, act_order):
+    weight, hessian = random_weight(2), correlated_hessian(3)
+    cfg = QuantConfig(bits, group_size, symmetric=symmetric, clip_search=False)
+    result = gptq(weight, hessian, cfg, block_size=16, act_order=act_order)
+    reference = layer_error(weight, textbook_gptq(weight, hessian, cfg, act_order), hessian)
+    assert result.loss == pytest.approx(reference, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gptq_returns_the_dtype_of_w_and_scores_what_it_returns(dtype):
+    weight, hessian = random_weight(4).to(dtype), correlated_hessian(5)
+    result = gptq(weight, hessian, QuantConfig(4, 16))
+    assert result.weight.dtype == dtype and result.weight.shape == weight.shape
+    assert result.loss == pytest.approx(layer_error(weight, result.weight, hessian))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_columns_are_zeroed(symmetric, act_order):
+    g = generator(6)
+    inputs = torch.randn(D_IN, N_TOKENS, generator=g)
+    dead = [3, 10, 40]
+    inputs[dead] = 0
+    hessian = 2 / N_TOKENS * inputs @ inputs.T
+    weight = random_weight(7)
+    cfg = QuantConfig(3, 16, symmetric=symmetric)
+    result = gptq(weight, hessian, cfg, act_order=act_order)
+    assert result.fallback is None and torch.isfinite(result.weight).all()
+    assert (result.weight[:, dead] == 0).all()
+    assert result.loss < layer_error(weight, rtn(weight, cfg, hessian), hessian)
+
+
+def test_a_hessian_that_needs_more_damping_is_damped_more_without_falling_back():
+    g = generator(8)
+    inputs = torch.randn(D_IN, D_IN // 2, generator=g)  # rank D_IN / 2: H has a null space
+    hessian = inputs @ inputs.T
+    null_direction = torch.linalg.svd(inputs).U[:, -1]
+    hessian -= 0.05 * hessian.diagonal().mean() * torch.outer(null_direction, null_direction)  # eigenvalue −5 % of mean
+    weight = random_weight(9)
+    cfg = QuantConfig(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = gptq(weight, hessian, cfg)
+    assert result.fallback is None
+    assert result.loss < layer_error(weight, rtn(weight, cfg, hessian), hessian)
+
+
+def test_a_hessian_that_cannot_be_factored_falls_back_to_round_to_nearest():
+    weight, cfg = random_weight(10), QuantConfig(3, 16)
+    with pytest.warns(RuntimeWarning, match="round-to-nearest for block 3 q_proj"):
+        result = gptq(weight, indefinite_hessian(D_IN), cfg, name="block 3 q_proj")
+    assert "block 3 q_proj" in result.fallback
+    torch.testing.assert_close(result.weight, rtn(weight, cfg))
+
+
+def test_inputs_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match="Hessian must be 64 × 64"):
+        gptq(random_weight(11), torch.eye(32), QuantConfig(4))
+    with pytest.raises(ValueError, match="n_heads · d_h = d_out = 24"):
+        gptq_rows(random_weight(11), torch.eye(D_IN), torch.eye(5).expand(4, 5, 5), QuantConfig(4))
+    with pytest.raises(ValueError, match="n_kv_heads dividing d_out = 24"):
+        gptq_per_head(random_weight(11), torch.eye(D_IN).expand(5, D_IN, D_IN), QuantConfig(4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention-aware variants
+
+N_HEADS, HEAD_DIM = 4, 6  # D_OUT = 24 rows, ordered head by head
+
+
+def head_hessians(seed: int) -> torch.Tensor:
+    return torch.stack([correlated_hessian(seed + h) for h in range(N_HEADS)])
+
+
+def row_hessians(seed: int) -> torch.Tensor:
+    return torch.stack([random_spd(seed + h, HEAD_DIM) for h in range(N_HEADS)])
+
+
+def per_head_loss(W: torch.Tensor, Wq: torch.Tensor, H_heads: torch.Tensor) -> float:
+    return sum(layer_error(W[h * HEAD_DIM:(h + 1) * HEAD_DIM], Wq[h * HEAD_DIM:(h + 1) * HEAD_DIM], H_heads[h])
+               for h in range(N_HEADS))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits, group_size", [(2, 0), (3, 16), (4, 0)])
+def test_row_compensation_lowers_the_kronecker_objective(bits, group_size, act_order):
+    weight, hessian, rows = random_weight(12), correlated_hessian(13), row_hessians(14)
+    cfg = QuantConfig(bits, group_size)
+    boa = gptq_rows(weight, hessian, rows, cfg, block_size=32, act_order=act_order)
+    plain = gptq(weight, hessian, cfg, block_size=32, act_order=act_order)
+    assert boa.fallback is None
+    assert boa.loss == pytest.approx(layer_error(weight, boa.weight, hessian, rows))
+    assert boa.loss < 0.95 * layer_error(weight, plain.weight, hessian, rows)
+
+
+def test_row_compensation_with_identity_row_hessians_is_plain_gptq():
+    weight, hessian = random_weight(15), correlated_hessian(16)
+    cfg = QuantConfig(3, 16)
+    identity = torch.eye(HEAD_DIM).expand(N_HEADS, HEAD_DIM, HEAD_DIM)
+    boa = gptq_rows(weight, hessian, identity, cfg, block_size=32)
+    plain = gptq(weight, hessian, cfg, block_size=32)
+    torch.testing.assert_close(boa.weight, plain.weight)
+    assert boa.loss == pytest.approx(plain.loss, rel=1e-5)
+
+
+def test_row_compensation_falls_back_when_h_cannot_be_factored():
+    weight, cfg = random_weight(17), QuantConfig(4)
+    with pytest.warns(RuntimeWarning, match="round-to-nearest for block 0 k_proj"):
+        result = gptq_rows(weight, indefinite_hessian(D_IN), row_hessians(18), cfg, name="block 0 k_proj")
+    torch.testing.assert_close(result.weight, rtn(weight, cfg))
+
+
+def test_a_head_whose_row_hessian_cannot_be_factored_gets_no_row_compensation():
+    weight, hessian, cfg = random_weight(19), correlated_hessian(20), QuantConfig(3)
+    rows = row_hessians(21)
+    rows[2] = indefinite_hessian(HEAD_DIM)
+    with pytest.warns(RuntimeWarning, match=r"heads \[2\]"):
+        result = gptq_rows(weight, hessian, rows, cfg, block_size=32)
+    plain = gptq(weight, hessian, cfg, block_size=32)
+    torch.testing.assert_close(result.weight[2 * HEAD_DIM:3 * HEAD_DIM], plain.weight[2 * HEAD_DIM:3 * HEAD_DIM])
+    assert "heads [2]" in result.fallback
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits, group_size", [(2, 0), (3, 16), (4, 0)])
+def test_head_hessians_lower_the_value_objective(bits, group_size, act_order):
+    weight, heads = random_weight(22), head_hessians(23)
+    cfg = QuantConfig(bits, group_size)
+    per_head = gptq_per_head(weight, heads, cfg, block_size=32, act_order=act_order)
+    averaged = gptq(weight, heads.mean(dim=0), cfg, block_size=32, act_order=act_order)
+    assert per_head.fallback is None
+    assert per_head.loss == pytest.approx(per_head_loss(weight, per_head.weight, heads))
+    assert per_head.loss < 0.95 * per_head_loss(weight, averaged.weight, heads)
+
+
+def test_equal_head_hessians_give_plain_gptq():
+    weight, hessian = random_weight(24), correlated_hessian(25)
+    cfg = QuantConfig(3, 16)
+    per_head = gptq_per_head(weight, hessian.expand(N_HEADS, D_IN, D_IN), cfg, block_size=32)
+    torch.testing.assert_close(per_head.weight, gptq(weight, hessian, cfg, block_size=32).weight)
+
+
+def test_only_the_head_whose_hessian_cannot_be_factored_falls_back():
+    weight, cfg = random_weight(26), QuantConfig(3)
+    heads = head_hessians(27)
+    heads[1] = indefinite_hessian(D_IN)
+    with pytest.warns(RuntimeWarning, match=r"round-to-nearest for v_proj \(head 1\)"):
+        result = gptq_per_head(weight, heads, cfg, name="v_proj")
+    rows = slice(HEAD_DIM, 2 * HEAD_DIM)
+    torch.testing.assert_close(result.weight[rows], rtn(weight[rows], cfg))
+    assert "head 1" in result.fallback and "head 0" not in result.fallback
+    head_0 = gptq(weight[:HEAD_DIM], heads[0], cfg)
+    torch.testing.assert_close(result.weight[:HEAD_DIM], head_0.weight)

@@ -1,0 +1,150 @@
+"""The quantization pipeline end to end on tiny models: every method, the store, resume, export, bad plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import aptq.pipeline as pipeline
+from aptq.cli import main
+from aptq.data import Sampling, evaluation_windows, token_ids
+from aptq.errors import UserError
+from aptq.evaluate import evaluate
+from aptq.history import stored_runs
+from aptq.models import get_weight, load_model
+from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
+from aptq.progress import Cancelled
+from aptq.store import Store
+
+SAMPLING = Sampling(6, 32, seed=0)
+EVALUATION = EvalSettings(seqlen=32, max_tokens=256)
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "cache.duckdb")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "RUN_CACHE", tmp_path / "runs")
+    monkeypatch.setattr(pipeline, "REFERENCE_CACHE", tmp_path / "reference")
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("method", pipeline.METHODS)
+def test_every_method_quantizes_evaluates_and_is_stored_once(tiny_model_dir, text_corpus, store, family, method):
+    loaded = load_model(str(tiny_model_dir(family)), device="cpu")
+    before = {layer.name: get_weight(loaded.model, layer).clone() for layer in loaded.arch.layers}
+    plan = uniform_plan(loaded.arch, 3)
+    settings = QuantizeSettings(method=method, group_size=32)
+    row = run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store)
+    assert not row["cached"] and row["method"] == method and row["avg_bits"] == 3
+    assert row["effective_bits"] == pytest.approx(3 + 32 / 32)
+    assert row["kl"] > 0 and 0 <= row["top1"] <= 1 and row["perplexity"] > 1 and row["fp_perplexity"] > 1
+    assert (row["calibration"] is None) == (method == "rtn")
+    for layer in loaded.arch.layers:  # the loaded model is untouched: the work happens on a copy
+        assert torch.equal(get_weight(loaded.model, layer), before[layer.name])
+    again = run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store)
+    assert again["cached"] and again["perplexity"] == row["perplexity"]
+    assert len(stored_runs(store)) == 1
+
+
+def test_full_precision_layers_stay_exact_and_kl_grows_as_bits_shrink(tiny_model_dir, text_corpus, store):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    kept = loaded.arch.layers[0].name
+    rows = {}
+    for bits in (8, 4, 2):
+        plan = uniform_plan(loaded.arch, bits) | {kept: 16}
+        rows[bits] = run_plan(loaded, text_corpus, SAMPLING, plan, QuantizeSettings("gptq", 32), EVALUATION, store)
+    assert rows[8]["kl"] < rows[4]["kl"] < rows[2]["kl"]
+    assert rows[8]["avg_bits"] > 8  # the full-precision layer counts at 16 bits
+
+
+def test_gptq_beats_rtn_on_a_real_model_block(text_corpus, store):
+    """Two blocks of the embedded model at 2 bits, everything else kept: GPTQ's KL is below RTN's."""
+    loaded = load_model(device="cpu")
+    plan = {layer.name: 2 for layer in loaded.arch.layers if layer.block < 2}
+    evaluation = EvalSettings(seqlen=64, max_tokens=512)
+    kl = {method: run_plan(loaded, text_corpus, Sampling(8, 64), plan, QuantizeSettings(method, 64), evaluation,
+                           store)["kl"] for method in ("rtn", "gptq", "attention")}
+    assert kl["gptq"] < kl["rtn"] and kl["attention"] < kl["rtn"]
+
+
+def test_an_interrupted_run_resumes_at_the_first_unfinished_block(tiny_model_dir, text_corpus, store, monkeypatch):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    plan = uniform_plan(loaded.arch, 3)
+    settings = QuantizeSettings("attention", 32)
+
+    def stop_after_first_block(done: int, total: int, message: str) -> None:
+        if message.startswith("quantizing") and done == 1:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store, stop_after_first_block)
+    assert stored_runs(store).empty
+    quantized_blocks = []
+    original = pipeline._quantize_block
+    monkeypatch.setattr(pipeline, "_quantize_block",
+                        lambda model, todo, *rest: quantized_blocks.append(todo[0][0].block) or original(model, todo,
+                                                                                                         *rest))
+    resumed = run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store)
+    assert quantized_blocks == [1]
+    monkeypatch.setattr(pipeline, "_quantize_block", original)
+    store_fresh = Store(store.path.with_name("fresh.duckdb"))
+    monkeypatch.setattr(pipeline, "RUN_CACHE", store.path.parent / "fresh-runs")
+    fresh = run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store_fresh)
+    assert resumed["perplexity"] == pytest.approx(fresh["perplexity"], rel=1e-6)
+    assert not (pipeline.RUN_CACHE / resumed["key"]).exists()  # checkpoints go once the row is stored
+
+
+def test_export_reloads_with_transformers_and_reproduces_the_perplexity(tiny_model_dir, text_corpus, store,
+                                                                         tmp_path):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    target = tmp_path / "export"
+    row = run_plan(loaded, text_corpus, SAMPLING, uniform_plan(loaded.arch, 4), QuantizeSettings("gptq", 32),
+                   EVALUATION, store, export_dir=target)
+    assert (target / "plan.json").is_file() and (target / "llmcompressor_recipe.yaml").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(target)).eval()
+    windows = evaluation_windows(token_ids(loaded.tokenizer, text_corpus, "evaluation"), 32, 256)
+    assert evaluate(reloaded, windows).perplexity == pytest.approx(row["perplexity"], rel=1e-5)
+    with pytest.raises(UserError, match="already exists"):
+        run_plan(loaded, text_corpus, SAMPLING, uniform_plan(loaded.arch, 4), QuantizeSettings("gptq", 32),
+                 EVALUATION, store, export_dir=target)
+    assert not target.with_name("export.partial").exists()
+
+
+@pytest.mark.parametrize("plan, message", [
+    ({"model.layers.9.self_attn.q_proj": 4}, "does not have"),
+    ({"model.layers.0.self_attn.q_proj": 9}, "use 2–8, or 16"),
+    ({"model.layers.0.self_attn.q_proj": 16}, "nothing to quantize"),
+])
+def test_bad_plans_are_one_clear_sentence(tiny_model_dir, text_corpus, store, plan, message):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    with pytest.raises(UserError, match=message):
+        run_plan(loaded, text_corpus, SAMPLING, plan, QuantizeSettings("rtn", 32), EVALUATION, store)
+    assert stored_runs(store).empty
+
+
+def test_cli_quantize_with_a_plan_file_and_export(tiny_model_dir, text_corpus, tmp_path, capsys):
+    model = str(tiny_model_dir("opt"))
+    loaded = load_model(model, device="cpu")
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps({layer.name: 4 if layer.kind == "down" else 3 for layer in loaded.arch.layers}))
+    corpus = str(tmp_path / "corpus.txt")
+    (tmp_path / "corpus.txt").write_text(text_corpus.text("calibration") + "\n\n" + text_corpus.text("evaluation"))
+    args = ["quantize", "--model", model, "--corpus", corpus, "--device", "cpu", "--method", "gptq",
+            "--plan", str(plan_path), "--group", "32", "--samples", "4", "--seqlen", "32", "--eval-seqlen", "32",
+            "--tokens", "128", "--store", str(tmp_path / "cli.duckdb"), "--export", str(tmp_path / "out"), "--json"]
+    assert main(args) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["method"] == "gptq" and 3 < row["avg_bits"] < 4
+    exported = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert exported["layers"] == json.loads(plan_path.read_text())
+    assert main(args) == 2  # the export directory exists now
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args[:-3], "--plan", str(tmp_path / "out" / "plan.json"), "--json"]) == 0  # our export reads back
+    assert json.loads(capsys.readouterr().out)["cached"]

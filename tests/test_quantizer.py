@@ -1,0 +1,207 @@
+"""The quantization grid, round-to-nearest with clipping, the layer error and the storage size (aptq/quantizer.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aptq.quantizer import QuantConfig, grid_params, group_spans, layer_error, packed_bits, quantize_dequantize, rtn
+
+GRID_CASES = settings(max_examples=40, deadline=None)
+
+
+def random_weight(seed: int, d_out: int, d_in: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(d_out, d_in, generator=generator)
+
+
+def spd(seed: int, size: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    root = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    return root @ root.T / size + 0.1 * torch.eye(size, dtype=torch.float64)
+
+
+def grid_step(group: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Step of each row's unclipped grid, written from the definition: the range including 0 over 2^b − 1."""
+    low, high = group.min(dim=1).values.clamp(max=0), group.max(dim=1).values.clamp(min=0)
+    span = 2 * torch.maximum(-low, high) if cfg.symmetric else high - low
+    return span / cfg.max_level
+
+
+configs = st.builds(QuantConfig, bits=st.integers(2, 8), group_size=st.sampled_from([0, 1, 5, 8, 16, 64]),
+                    symmetric=st.booleans(), clip_search=st.booleans())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, -3])
+def test_bits_outside_2_to_8_are_refused(bits):
+    with pytest.raises(ValueError, match="bits must be an integer from 2 to 8"):
+        QuantConfig(bits)
+
+
+def test_a_negative_group_size_is_refused():
+    with pytest.raises(ValueError, match="group_size must be 0"):
+        QuantConfig(4, -8)
+
+
+def test_the_config_is_frozen_with_asymmetric_clipped_per_channel_defaults():
+    cfg = QuantConfig(3)
+    assert (cfg.group_size, cfg.symmetric, cfg.clip_search, cfg.max_level) == (0, False, True, 7)
+    with pytest.raises(AttributeError):
+        cfg.bits = 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grid invariants
+
+
+@GRID_CASES
+@given(cfg=configs, seed=st.integers(0, 2 ** 16), d_out=st.integers(1, 6), d_in=st.integers(1, 40))
+def test_each_row_group_uses_at_most_2_to_the_b_levels(cfg, seed, d_out, d_in):
+    quantized = rtn(random_weight(seed, d_out, d_in), cfg)
+    for start, end in group_spans(d_in, cfg):
+        for row in quantized[:, start:end]:
+            assert row.unique().numel() <= 2 ** cfg.bits
+
+
+@GRID_CASES
+@given(bits=st.integers(2, 8), group_size=st.sampled_from([0, 3, 7, 16]), symmetric=st.booleans(),
+       seed=st.integers(0, 2 ** 16), d_in=st.integers(1, 40))
+def test_unclipped_rounding_is_within_half_a_step(bits, group_size, symmetric, seed, d_in):
+    cfg = QuantConfig(bits, group_size, symmetric=symmetric, clip_search=False)
+    weight = random_weight(seed, 5, d_in)
+    error = (rtn(weight, cfg) - weight).abs()
+    for start, end in group_spans(d_in, cfg):
+        half_step = grid_step(weight[:, start:end], cfg).unsqueeze(1) / 2
+        assert (error[:, start:end] <= half_step * (1 + 1e-5) + 1e-7).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_symmetric_grid_is_symmetric_about_zero(bits):
+    cfg = QuantConfig(bits, symmetric=True, clip_search=False)
+    lopsided = torch.tensor([[-0.3, 0.2, 1.0]])  # its grid must still be symmetric
+    dense = torch.linspace(-1.1, 1.1, 20001).unsqueeze(0)
+    levels = quantize_dequantize(dense, grid_params(lopsided, cfg), cfg).unique()
+    assert levels.numel() == 2 ** bits
+    torch.testing.assert_close(levels, -levels.flip(0))
+
+
+@pytest.mark.parametrize("group_size", [0, 8])
+def test_symmetric_rounding_is_an_odd_function(group_size):
+    cfg = QuantConfig(3, group_size, symmetric=True)
+    weight = random_weight(1, 6, 24)
+    torch.testing.assert_close(rtn(-weight, cfg), -rtn(weight, cfg))
+
+
+def test_a_group_size_that_does_not_divide_d_in_leaves_a_shorter_last_group():
+    cfg = QuantConfig(3, 16)
+    weight = random_weight(2, 4, 50)
+    weight[:, 48:] *= 1e-3  # the last group (2 columns) must get its own, much finer grid
+    assert group_spans(50, cfg) == [(0, 16), (16, 32), (32, 48), (48, 50)]
+    quantized = rtn(weight, cfg)
+    torch.testing.assert_close(quantized[:, 48:], rtn(weight[:, 48:], cfg))
+    torch.testing.assert_close(quantized[:, :16], rtn(weight[:, :16], cfg))
+    assert (quantized[:, 48:] - weight[:, 48:]).abs().max() < 1e-3
+
+
+def test_an_all_zero_row_stays_zero():
+    weight = random_weight(3, 3, 12)
+    weight[1] = 0
+    for symmetric in (False, True):
+        quantized = rtn(weight, QuantConfig(4, symmetric=symmetric))
+        assert quantized[1].abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_rtn_keeps_shape_and_dtype(dtype):
+    weight = random_weight(4, 5, 20).to(dtype)
+    quantized = rtn(weight, QuantConfig(4, 8))
+    assert quantized.shape == weight.shape and quantized.dtype == dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clipping search
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_clipping_never_increases_a_rows_squared_error(bits, group_size):
+    weight = random_weight(5, 16, 64)
+    clipped = ((rtn(weight, QuantConfig(bits, group_size)) - weight) ** 2).sum(dim=1)
+    unclipped = ((rtn(weight, QuantConfig(bits, group_size, clip_search=False)) - weight) ** 2).sum(dim=1)
+    assert (clipped <= unclipped * (1 + 1e-6)).all()
+    if bits == 2:
+        assert clipped.sum() < 0.9 * unclipped.sum()
+
+
+def row_errors(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    delta = (quantized - weight).double()
+    return ((delta @ hessian) * delta).sum(dim=1)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_clipping_with_a_hessian_minimizes_each_rows_weighted_error(bits):
+    weight = random_weight(6, 16, 32)
+    hessian = spd(7, 32)
+    cfg = QuantConfig(bits)
+    with_h = row_errors(weight, rtn(weight, cfg, hessian), hessian)
+    squared_only = row_errors(weight, rtn(weight, cfg), hessian)
+    unclipped = row_errors(weight, rtn(weight, QuantConfig(bits, clip_search=False)), hessian)
+    assert (with_h <= squared_only * (1 + 1e-5)).all()
+    assert (with_h <= unclipped * (1 + 1e-5)).all()
+    assert with_h.sum() < squared_only.sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer error
+
+
+def column_major_vec(matrix: torch.Tensor) -> torch.Tensor:
+    """vec(M): the columns of M stacked, so that (H ⊗ G) vec(M) = vec(G M Hᵀ)."""
+    return matrix.T.reshape(-1)
+
+
+def test_layer_error_is_the_trace_of_delta_h_delta_transposed():
+    weight, quantized = random_weight(8, 5, 7).double(), random_weight(9, 5, 7).double()
+    hessian = spd(10, 7)
+    delta = quantized - weight
+    assert layer_error(weight, quantized, hessian) == pytest.approx(torch.trace(delta @ hessian @ delta.T).item())
+
+
+def test_the_kronecker_form_matches_the_explicit_kronecker_product():
+    n_heads, head_dim, d_in = 3, 2, 4
+    weight, quantized = random_weight(11, n_heads * head_dim, d_in).double(), random_weight(12, 6, d_in).double()
+    hessian = spd(13, d_in)
+    heads = torch.stack([spd(20 + h, head_dim) for h in range(n_heads)])
+    full = torch.block_diag(*heads)
+    vec = column_major_vec(quantized - weight)
+    brute_force = (vec @ torch.kron(hessian, full) @ vec).item()
+    assert layer_error(weight, quantized, hessian, heads) == pytest.approx(brute_force, rel=1e-12)
+    assert layer_error(weight, quantized, hessian, full) == pytest.approx(brute_force, rel=1e-12)
+
+
+def test_a_row_hessian_of_the_wrong_shape_is_refused():
+    weight = random_weight(14, 6, 4)
+    with pytest.raises(ValueError, match="n_heads · d_h = 6"):
+        layer_error(weight, weight, torch.eye(4), torch.eye(4).expand(2, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Storage
+
+
+@pytest.mark.parametrize("group_size, groups_per_row", [(0, 1), (128, 1), (64, 2), (48, 3), (4096, 1)])
+def test_packed_bits_count_codes_plus_fp16_scale_and_zero_per_group(group_size, groups_per_row):
+    assert packed_bits(10, 128, QuantConfig(3, group_size)) == 10 * 128 * 3 + 10 * groups_per_row * 32
+
+
+def test_packed_bits_per_weight_approach_the_budget_formula():
+    per_weight = packed_bits(4096, 4096, QuantConfig(4, 128)) / (4096 * 4096)
+    assert math.isclose(per_weight, 4 + 2 * 16 / 128)

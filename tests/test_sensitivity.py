@@ -1,0 +1,224 @@
+"""The sensitivity analysis end to end: tiny models of each family, the DuckDB cache, resume, locking, corruption."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import aptq.sensitivity as sensitivity
+from aptq.cli import main
+from aptq.data import Sampling, load_corpus
+from aptq.errors import UserError
+from aptq.models import get_weight, load_model
+from aptq.progress import Cancelled
+from aptq.sensitivity import AnalysisSettings, analyze
+from aptq.store import Store
+
+SAMPLING = Sampling(6, 24, seed=0)
+SETTINGS = AnalysisSettings(group_size=32, bits=(2, 4, 8))
+LAYER_COLUMNS = ["layer", "block", "kind", "fused", "n_params", "d_out", "d_in", "trace_layerwise", "trace_attention",
+                 "trace_lm", "trace_lm_se", "score_layerwise", "score_attention", "score"]
+ERROR_COLUMNS = ["layer", "bits", "group_size", "err_layerwise", "err_attention"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+    rng = np.random.default_rng(0)
+    path.write_text("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(200)))
+    return load_corpus(str(path))
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "cache.duckdb")
+
+
+def count_calls(monkeypatch, name: str) -> list:
+    """Wrap `aptq.sensitivity.<name>` to record its calls."""
+    calls = []
+    original = getattr(sensitivity, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_analysis_of_each_family_round_trips_through_the_store(tiny_model_dir, corpus, store, family):
+    loaded = load_model(str(tiny_model_dir(family)), device="cpu")
+    layers, errors = analyze(loaded, corpus, SAMPLING, SETTINGS, store=store)
+    assert list(layers.columns) == LAYER_COLUMNS and list(errors.columns) == ERROR_COLUMNS
+    assert list(layers["layer"]) == [layer.name for layer in loaded.arch.layers]
+    assert len(errors) == 3 * len(layers) and set(errors["group_size"]) == {32}
+    numbers = layers.select_dtypes("number")
+    assert np.isfinite(numbers.to_numpy()).all() and (layers[["trace_layerwise", "trace_lm"]] > 0).all().all()
+    assert np.allclose(layers["score"], layers["trace_lm"] / layers["n_params"])
+    same = layers["kind"].isin(["o", "gate", "up", "down"])
+    assert np.allclose(layers.loc[same, "trace_attention"], layers.loc[same, "trace_layerwise"])
+    assert (layers.loc[~same, "trace_attention"] != layers.loc[~same, "trace_layerwise"]).all()
+    # The MLP output is linear in the down projection: its APTQ trace is the layer-wise one (up to probe noise).
+    down = layers[layers["kind"] == "down"]
+    assert np.allclose(down["trace_lm"], down["trace_layerwise"], rtol=6 * (down["trace_lm_se"] /
+                                                                            down["trace_lm"]).max())
+    by_bits = errors.pivot(index="layer", columns="bits", values="err_attention")
+    assert (by_bits[2] > by_bits[4]).all() and (by_bits[4] > by_bits[8]).all()
+    fused = layers[layers["kind"].isin(["q", "k", "v"])]["fused"]
+    assert (fused.nunique() == loaded.arch.n_blocks) == (family == "gpt2")
+
+    stored = Store(store.path).load_analysis(layers.attrs["analysis_key"])
+    pd.testing.assert_frame_equal(stored[0], layers)
+    pd.testing.assert_frame_equal(stored[1], errors)
+
+
+def test_repeat_is_a_cache_hit_and_a_changed_setting_is_a_miss(tiny_model_dir, corpus, store, monkeypatch):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    layers, errors = analyze(loaded, corpus, SAMPLING, SETTINGS, store=store)
+    assert layers.attrs["cached"] is False
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("a cache hit must not walk the model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sensitivity, "BlockWalk", no_model_work)
+        start = time.perf_counter()
+        again, again_errors = analyze(loaded, corpus, SAMPLING, SETTINGS, store=store)
+        assert time.perf_counter() - start < 1.0
+    assert again.attrs["cached"] is True
+    pd.testing.assert_frame_equal(again, layers)
+    pd.testing.assert_frame_equal(again_errors, errors)
+
+    walks = count_calls(monkeypatch, "BlockWalk")
+    changed = [(SAMPLING, AnalysisSettings(group_size=32, bits=(2, 3))),
+               (SAMPLING, AnalysisSettings(group_size=0, bits=(2, 4, 8))),
+               (SAMPLING, AnalysisSettings(group_size=32, bits=(2, 4, 8), probes=2)),
+               (Sampling(6, 24, seed=1), SETTINGS)]
+    keys = {layers.attrs["analysis_key"]}
+    for sampling, settings in changed:
+        result, _ = analyze(loaded, corpus, sampling, settings, store=store)
+        assert result.attrs["cached"] is False
+        keys.add(result.attrs["analysis_key"])
+    assert len(walks) == len(changed) and len(keys) == len(changed) + 1
+    # Speed-only settings do not change the key.
+    faster = AnalysisSettings(group_size=32, bits=(8, 4, 2), batch_size=1, device="cpu")
+    assert analyze(loaded, corpus, SAMPLING, faster, store=store)[0].attrs["cached"] is True
+
+
+def test_an_interrupted_analysis_resumes_at_the_first_missing_block(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    full, full_errors = analyze(loaded, corpus, SAMPLING, SETTINGS, store=Store(tmp_path / "full.duckdb"))
+
+    store = Store(tmp_path / "interrupted.duckdb")
+
+    def cancel_after_first_block(done: int, total: int, message: str) -> None:
+        if done == 1:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        analyze(loaded, corpus, SAMPLING, SETTINGS, store=store, progress=cancel_after_first_block)
+    key = full.attrs["analysis_key"]
+    record = store.query("SELECT status, blocks_done FROM analyses WHERE key = ?", [key])
+    assert record.to_dict("records") == [{"status": "interrupted", "blocks_done": 1}]
+    assert store.load_analysis(key) is None
+
+    collected = count_calls(monkeypatch, "collect_block")
+    with pytest.raises(Cancelled):  # without resume, the stored block 0 is discarded and computed again
+        analyze(loaded, corpus, SAMPLING, SETTINGS, store=store, progress=cancel_after_first_block, resume=False)
+    assert [args[0].index for args in collected] == [0]
+
+    collected.clear()
+    resumed, resumed_errors = analyze(loaded, corpus, SAMPLING, SETTINGS, store=store)
+    assert [args[0].index for args in collected] == [1]  # block 0 came from the store
+    pd.testing.assert_frame_equal(resumed, full, rtol=1e-5)
+    pd.testing.assert_frame_equal(resumed_errors, full_errors, rtol=1e-5)
+
+
+def test_nonfinite_activations_name_the_block_and_layer(tiny_model_dir, corpus, store):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    o_proj = loaded.arch.block_layers(0)[3]
+    with torch.no_grad():
+        get_weight(loaded.model, o_proj)[0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.gate_proj \(block 0\) contains NaN"):
+        analyze(loaded, corpus, SAMPLING, SETTINGS, store=store)
+
+
+HOLD_LOCK = """
+import sys, time, duckdb
+con = duckdb.connect(sys.argv[1])
+con.execute("CREATE TABLE IF NOT EXISTS held (x INTEGER)")
+print("holding", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def hold_lock(path: Path, seconds: float) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), str(seconds)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+def test_a_store_held_by_another_process_is_busy_then_usable(tmp_path):
+    path = tmp_path / "shared.duckdb"
+    holder = hold_lock(path, 30)
+    try:
+        with pytest.raises(UserError, match=r"is busy \(used by another process\); try again when"):
+            Store(path, busy_timeout=0.5).query("SELECT 1")
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = hold_lock(path, 0.5)  # released while we retry
+    try:
+        assert Store(path, busy_timeout=10).query("SELECT count(*) AS n FROM held")["n"][0] == 0
+    finally:
+        holder.wait()
+
+
+def test_a_corrupt_store_is_moved_aside_and_replaced(tmp_path):
+    path = tmp_path / "cache.duckdb"
+    path.write_bytes(b"definitely not a database " * 100)
+    store = Store(path)
+    with pytest.warns(UserWarning, match="was not a DuckDB database; it was moved to"):
+        assert store.query("SELECT count(*) AS n FROM analyses")["n"][0] == 0
+    aside = list(tmp_path.glob("cache.duckdb.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"definitely not a database")
+    assert store.load_analysis("missing") is None
+
+
+def test_cli_analyze_prints_where_the_results_are_and_caches(tiny_model_dir, corpus, tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus.calibration + "\n\n" + corpus.evaluation)
+    common = ["analyze", "--model", str(tiny_model_dir("opt")), "--corpus", str(text), "--samples", "4",
+              "--seqlen", "16", "--group", "32", "--device", "cpu", "--store", str(tmp_path / "cli.duckdb")]
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "cli.duckdb") in out and "Most sensitive" in out and "Least sensitive" in out
+    assert "(computed)" in out
+    assert main(common) == 0 and "(cache hit)" in capsys.readouterr().out
+    assert main([*common, "--samples", "100000"]) == 2  # the last value wins
+    err = capsys.readouterr().err
+    assert err.startswith("error: The calibration text has") and err.count("\n") == 1
+
+
+def test_embedded_model_integration(tmp_path):
+    loaded = load_model(device="cpu")
+    corpus = load_corpus("brown")
+    store = Store(tmp_path / "embedded.duckdb")
+    settings = AnalysisSettings(group_size=64, bits=(2, 4), max_blocks=2)
+    layers, errors = analyze(loaded, corpus, Sampling(4, 64, seed=0), settings, store=store)
+    assert len(layers) == 2 * 7 and len(errors) == 2 * len(layers)
+    assert np.isfinite(layers.select_dtypes("number").to_numpy()).all()
+    assert (layers["trace_lm_se"] < layers["trace_lm"]).all()
+    v = errors[errors["layer"].str.endswith("v_proj")]
+    assert (v["err_attention"] != v["err_layerwise"]).all()
