@@ -1,33 +1,50 @@
-"""Home: choose the model and the corpus, see what was loaded, measure the full-precision perplexity."""
+"""Home: choose model and corpus, run (or resume) the sensitivity analysis, measure full-precision perplexity."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from aptq.data import evaluation_windows, token_ids
-from aptq.errors import UserError
-from aptq.evaluate import evaluate
-from aptq.models import EMBEDDED_MODEL, SUPPORTED_FAMILIES
-from ui.session import CORPORA, current_corpus, current_model, progress_bar
+from aptq import charts
+from aptq.data import Corpus, evaluation_windows, token_ids
+from aptq.evaluate import Evaluation, evaluate
+from aptq.models import EMBEDDED_MODEL, SUPPORTED_FAMILIES, LoadedModel
+from aptq.progress import Progress
+from aptq.sensitivity import CPU_CALIBRATION, GPU_CALIBRATION, analyze
+from aptq.store import Store, default_path
+from ui import jobs
+from ui.session import (CORPORA, AnalysisRequest, analysis_request, analysis_status, cached_analysis_key,
+                        corpus_spec, current_corpus, current_model, describe, model_source, page_header,
+                        store_call, stored_analysis)
 
-st.set_page_config(page_title="APTQ studio", page_icon="🎚️", layout="wide")
-st.title("Mixed-precision quantization studio")
-st.caption("See how sensitive every layer is, drag a bit budget, quantize, watch perplexity move. "
-           "APTQ · aespa · BoA, and what we built past them.")
+# Session keys that belong to one model: forgotten when the model or corpus changes.
+PER_MODEL_KEYS = ("analysis_request", "calib_samples", "calib_seqlen", "group_size", "max_blocks", "pins", "plan")
+GROUP_SIZES = (0, 32, 64, 128)
+HEATMAP_METRICS = {"score": "APTQ trace per parameter", "score_attention": "attention-aware trace per parameter",
+                   "score_layerwise": "layer-wise trace per parameter", "trace_lm": "APTQ trace",
+                   "trace_attention": "attention-aware trace", "trace_layerwise": "layer-wise trace"}
+
+page_header("Mixed-precision quantization studio")
+st.markdown("See how sensitive every layer is, drag a bit budget, quantize, watch perplexity move — "
+            "APTQ · aespa · BoA, and what we built past them. **Start here:** pick a model and a corpus, run the "
+            "sensitivity analysis once (it is stored), then open **Sensitivity** and **Bit budget** in the sidebar.")
 
 with st.form("model_and_corpus"):
     left, right = st.columns(2)
-    model_source = left.text_input("Model", value=st.session_state.get("model_source", EMBEDDED_MODEL),
-                                   help="Hub id (when reachable or cached), local HF directory, .gguf file, or "
-                                        f"the embedded default `{EMBEDDED_MODEL}`. Families: "
-                                        f"{', '.join(SUPPORTED_FAMILIES)}.")
+    source = left.text_input("Model", value=model_source(),
+                             help="Hub id (when reachable or cached), local HF directory, .gguf file, or "
+                                  f"the embedded default `{EMBEDDED_MODEL}`. Families: "
+                                  f"{', '.join(SUPPORTED_FAMILIES)}.")
     corpus_choice = right.selectbox("Corpus", list(CORPORA), format_func=CORPORA.get,
                                     index=list(CORPORA).index(st.session_state.get("corpus_choice", "brown")))
     corpus_path = right.text_input("Text file (for a local file)", value=st.session_state.get("corpus_path", ""))
     if st.form_submit_button("Use this model and corpus"):
-        st.session_state.update(model_source=model_source.strip() or EMBEDDED_MODEL, corpus_choice=corpus_choice,
-                                corpus_path=corpus_path,
-                                corpus_spec=corpus_path.strip() if corpus_choice == "file" else corpus_choice)
+        chosen = {"model_source": source.strip() or EMBEDDED_MODEL,
+                  "corpus_spec": corpus_path.strip() if corpus_choice == "file" else corpus_choice}
+        if chosen != {"model_source": model_source(), "corpus_spec": corpus_spec()}:
+            for key in PER_MODEL_KEYS:
+                st.session_state.pop(key, None)
+        st.session_state.update(chosen, corpus_choice=corpus_choice, corpus_path=corpus_path)
+        st.rerun()
 
 loaded = current_model()
 corpus = current_corpus()
@@ -46,23 +63,87 @@ st.caption(f"Weights from `{loaded.path}`. Baseline: **{loaded.baseline_label}**
            f"{len(arch.layers)} quantizable linear layers; RoPE: {arch.rope}; GQA: {arch.gqa}.")
 st.write(f"**Corpus:** {corpus.description}.")
 
+
+def analysis_controls(loaded: LoadedModel, corpus: Corpus) -> AnalysisRequest:
+    """Calibration size, group size and blocks; the request they make is kept for the other pages."""
+    request = analysis_request(loaded, corpus)
+    n_blocks = loaded.arch.n_blocks
+    for key, value in (("calib_samples", request.samples), ("calib_seqlen", request.seqlen),
+                       ("group_size", request.group_size), ("max_blocks", request.max_blocks or n_blocks)):
+        st.session_state.setdefault(key, value)
+    cols = st.columns(4)
+    samples = cols[0].number_input("Calibration segments", min_value=1, max_value=4096, key="calib_samples",
+                                   help=f"Random segments of the calibration split. Defaults: CPU "
+                                        f"{CPU_CALIBRATION[0]} × {CPU_CALIBRATION[1]} tokens (our choice, minutes), "
+                                        f"GPU {GPU_CALIBRATION[0]} × {GPU_CALIBRATION[1]} (the GPTQ papers').")
+    seqlen = cols[1].number_input("Tokens per segment", min_value=16, max_value=loaded.max_length, step=64,
+                                  key="calib_seqlen")
+    group = cols[2].selectbox("Group size", sorted({*GROUP_SIZES, request.group_size}), key="group_size",
+                              format_func=lambda g: f"{g} columns" if g else "per output channel",
+                              help="Columns per scale/zero group for the predicted errors. 128 is the common "
+                                   "choice where it divides the hidden size; the embedded model (576 = 9 × 64) "
+                                   "uses 64, and its Q4_1 origin makes 32 too easy.")
+    blocks = cols[3].number_input("Blocks to analyze", min_value=1, max_value=n_blocks, key="max_blocks",
+                                  help="Fewer than all: a quick look at the first blocks (a different analysis).")
+    request = AnalysisRequest(int(samples), int(seqlen), int(group), None if blocks >= n_blocks else int(blocks))
+    st.session_state["analysis_request"] = request
+    return request
+
+
+st.subheader("Sensitivity analysis")
+request = analysis_controls(loaded, corpus)
+key = cached_analysis_key(model_source(), corpus_spec(), request)
+job = jobs.find(key)
+running = job is not None and job.active
+status = store_call(lambda: analysis_status(key))
+complete = status is not None and status["status"] == "complete"
+if complete:
+    st.success(f"Analysis stored: {describe(loaded, corpus, request)}; {status['seconds']:.0f} s of model work on "
+               f"{status['device']}. Open **Sensitivity** or **Bit budget** in the sidebar.")
+elif running:
+    pass  # the progress panel below says everything
+elif status is not None:
+    st.warning(f"Analysis interrupted after {status['blocks_done']} of {status['n_blocks']} blocks; "
+               f"Start / resume continues with the next block.")
+else:
+    st.info(f"Not analyzed yet: {describe(loaded, corpus, request)}.")
+if not complete and st.button("Start / resume analysis", type="primary", disabled=running):
+    store = Store(default_path())
+
+    def work(progress: Progress) -> None:
+        # The frames land in the store block by block; the pages read them from there.
+        analyze(loaded, corpus, request.sampling, request.settings, store=store, progress=progress)
+
+    job = jobs.start(key, "Sensitivity analysis", model_source(), work)
+jobs.show(job)
+
+frames = store_call(lambda: stored_analysis(key)) if complete else None
+if frames is not None:
+    metric = st.selectbox("Heatmap metric", list(HEATMAP_METRICS), format_func=HEATMAP_METRICS.get)
+    st.plotly_chart(charts.sensitivity_heatmap(frames[0], metric, HEATMAP_METRICS[metric]), width="stretch")
+    st.caption("Blocks × projections, log colour scale; hover for exact values. More on the Sensitivity page.")
+
 st.subheader("Full-precision perplexity")
 c1, c2 = st.columns(2)
-seqlen = c1.number_input("Window (tokens)", min_value=16, max_value=loaded.max_length, value=512, step=64)
-max_tokens = c2.number_input("Tokens to evaluate", min_value=int(seqlen), value=16384, step=int(seqlen),
+seqlen = c1.number_input("Window (tokens)", min_value=16, max_value=loaded.max_length,
+                         value=min(512, loaded.max_length), step=64, key="fp_seqlen")
+max_tokens = c2.number_input("Tokens to evaluate", min_value=16, value=16384, step=int(seqlen), key="fp_tokens",
                              help="Non-overlapping windows from the start of the evaluation split (GPTQ protocol). "
                                   "~500 tokens/s on 2 CPU cores.")
-if st.button("Measure perplexity", type="primary"):
-    try:
+fp_prefix = f"fp:{model_source()}:{corpus_spec()}:"  # job keys: the results shown belong to this model and corpus
+if st.button("Measure perplexity"):
+    def measure(progress: Progress) -> Evaluation:
         windows = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), int(seqlen), int(max_tokens))
-        update, done = progress_bar("Evaluating")
-        result = evaluate(loaded.model, windows, progress=update)
-        done()
-        st.session_state.setdefault("fp_results", []).append(
-            {"model": loaded.display_name, "corpus": corpus.name, "window": result.seqlen, "tokens": result.tokens,
-             "perplexity": round(result.perplexity, 4), "tokens/s": round(result.tokens_per_second)})
-    except UserError as exc:
-        st.error(str(exc))
-for row in reversed(st.session_state.get("fp_results", [])):
-    st.success(f"Perplexity **{row['perplexity']:.3f}** on {row['corpus']} evaluation split, window {row['window']}, "
-               f"{row['tokens']} predicted tokens ({row['tokens/s']} tokens/s).")
+        return evaluate(loaded.model, windows, progress=progress)
+
+    fp_key = f"{fp_prefix}{seqlen}:{max_tokens}"
+    jobs.start(fp_key, "Full-precision perplexity", model_source(), measure)
+    st.session_state["fp_jobs"] = [fp_key] + [k for k in st.session_state.get("fp_jobs", []) if k != fp_key]
+for fp_key in [k for k in st.session_state.get("fp_jobs", []) if k.startswith(fp_prefix)]:
+    fp_job = jobs.find(fp_key)
+    if fp_job is not None and fp_job.state == "finished":
+        result = fp_job.result
+        st.success(f"Perplexity **{result.perplexity:.3f}** on {corpus.name} evaluation split, window {result.seqlen}, "
+                   f"{result.tokens} predicted tokens ({result.tokens_per_second:.0f} tokens/s).")
+    else:
+        jobs.show(fp_job)

@@ -26,26 +26,37 @@ def _kinds(frame: pd.DataFrame) -> list[str]:
     return [k for k in KIND_ORDER if k in present]
 
 
-def _block_axis(blocks: pd.Index) -> dict:
-    """Integer ticks only (one per block up to 32 blocks): a block axis has no block 0.5."""
-    return {"title": "block", "tickmode": "linear", "dtick": 1 if len(blocks) <= 32 else 4}
+def _grid(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str], list[int]]:
+    """`column` laid out as projection kinds × blocks (NaN where a cell is missing), with the row and column labels.
+    Plain numpy: pandas' pivot_table costs tens of ms, and these grids are rebuilt on every slider move."""
+    kinds = _kinds(frame)
+    blocks = np.unique(frame["block"].to_numpy())
+    values = frame[column].to_numpy()
+    grid = np.full((len(kinds), len(blocks)), np.nan, dtype=float if values.dtype.kind in "iuf" else object)
+    grid[pd.Index(kinds).get_indexer(frame["kind"]), np.searchsorted(blocks, frame["block"].to_numpy())] = values
+    return grid, kinds, blocks.tolist()
+
+
+def _grid_layout(title: str, blocks: list[int]) -> dict:
+    """Shared layout of the block × projection heatmaps: integer block ticks (no block 0.5), q at the top."""
+    dtick = 1 if len(blocks) <= 16 else 2 if len(blocks) <= 40 else 5
+    return {"title": title, "height": 330, "margin": {"t": 50, "b": 40},
+            "xaxis": {"title": "block", "tickmode": "linear", "dtick": dtick},
+            "yaxis": {"title": "projection", "autorange": "reversed"}}
 
 
 def sensitivity_heatmap(layers: pd.DataFrame, metric: str, title: str | None = None) -> go.Figure:
     """Blocks × projection types, coloured by log10 of `metric`; hover shows the exact value and the layer name."""
-    grid = layers.pivot_table(index="kind", columns="block", values=metric, aggfunc="first").reindex(_kinds(layers))
-    names = layers.pivot_table(index="kind", columns="block", values="layer", aggfunc="first").reindex(grid.index)
+    values, kinds, blocks = _grid(layers, metric)
+    names, _, _ = _grid(layers, "layer")
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_values = np.log10(grid.to_numpy(dtype=float))
+        log_values = np.log10(values)
     log_values[~np.isfinite(log_values)] = np.nan
-    figure = go.Figure(go.Heatmap(
-        z=log_values, x=list(grid.columns), y=list(grid.index), customdata=np.dstack([grid.to_numpy(), names]),
+    return go.Figure(go.Heatmap(
+        z=log_values, x=blocks, y=kinds, customdata=np.dstack([values.astype(object), names]),
         colorscale="Viridis", colorbar={"title": "log₁₀"},
-        hovertemplate="block %{x} · %{y}<br>%{customdata[1]}<br>value %{customdata[0]:.4g}<extra></extra>"))
-    figure.update_layout(title=title or METRIC_LABELS.get(metric, metric), yaxis_title="projection",
-                         yaxis_autorange="reversed", height=330, margin={"t": 50, "b": 40})
-    figure.update_xaxes(_block_axis(grid.columns))
-    return figure
+        hovertemplate="block %{x} · %{y}<br>%{customdata[1]}<br>value %{customdata[0]:.4g}<extra></extra>"),
+        _grid_layout(title or METRIC_LABELS.get(metric, metric), blocks))
 
 
 def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer", selectable: bool = False) -> go.Figure:
@@ -54,33 +65,24 @@ def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer", selectable: 
     `selectable` overlays one invisible square marker per cell: plotly selects scatter points but not heatmap cells,
     so clicks and box selections land on the markers (a selected cell shows a dark square; shift-click adds).
     """
-    widths = sorted(set(int(b) for b in plan["bits"]))
-    grid = plan.pivot_table(index="kind", columns="block", values="bits", aggfunc="first").reindex(_kinds(plan))
-    # Map each width to the middle of its own band so the colour scale is discrete and stable per width.
-    position = {w: i + 0.5 for i, w in enumerate(widths)}
-    z = grid.apply(lambda col: col.map(lambda b: position.get(int(b)) if pd.notna(b) else np.nan))
+    bits, kinds, blocks = _grid(plan, "bits")
+    widths = sorted({int(b) for b in plan["bits"]})
     steps = max(len(widths), 1)
-    scale = []
-    for i, w in enumerate(widths):
-        color = BIT_COLORS.get(w, "#cccccc")
-        scale += [[i / steps, color], [(i + 1) / steps, color]]
-    figure = go.Figure(go.Heatmap(
-        z=z.to_numpy(dtype=float), x=list(grid.columns), y=list(grid.index), customdata=grid.to_numpy(),
-        zmin=0, zmax=steps, colorscale=scale or "Greys",
-        colorbar={"tickvals": [i + 0.5 for i in range(steps)], "ticktext": [f"{w} bit" for w in widths]},
-        hovertemplate="block %{x} · %{y}: %{customdata} bits<extra></extra>"))
-    if selectable:
-        cells = plan.dropna(subset=["bits"])
-        figure.add_trace(go.Scatter(
-            x=cells["block"], y=cells["kind"], customdata=cells["bits"], mode="markers", showlegend=False,
+    # Each width sits in the middle of its own colour band, so the scale is discrete and stable per width.
+    band = np.searchsorted(widths, np.nan_to_num(bits, nan=-1)) + 0.5
+    band[np.isnan(bits)] = np.nan
+    scale = [[(i + edge) / steps, BIT_COLORS.get(w, "#cccccc")] for i, w in enumerate(widths) for edge in (0, 1)]
+    hover = "block %{x} · %{y}: %{customdata} bits<extra></extra>"
+    traces = [go.Heatmap(z=band, x=blocks, y=kinds, customdata=bits, zmin=0, zmax=steps, colorscale=scale or "Greys",
+                         colorbar={"tickvals": [i + 0.5 for i in range(steps)],
+                                   "ticktext": [f"{w} bit" for w in widths]},
+                         hovertemplate=hover, hoverinfo="skip" if selectable else None)]
+    if selectable:  # hover and clicks go to the markers
+        traces.append(go.Scatter(
+            x=plan["block"], y=plan["kind"], customdata=plan["bits"], mode="markers", showlegend=False,
             marker={"symbol": "square-open", "size": 18, "color": "#111", "opacity": 0, "line": {"width": 3}},
-            selected={"marker": {"opacity": 1}}, unselected={"marker": {"opacity": 0}},
-            hovertemplate="block %{x} · %{y}: %{customdata} bits<extra></extra>"))
-        figure.update_traces(hoverinfo="skip", selector={"type": "heatmap"})  # hover and clicks go to the markers
-    figure.update_layout(title=title, yaxis_title="projection", yaxis_autorange="reversed", height=330,
-                         margin={"t": 50, "b": 40})
-    figure.update_xaxes(_block_axis(grid.columns))
-    return figure
+            selected={"marker": {"opacity": 1}}, unselected={"marker": {"opacity": 0}}, hovertemplate=hover))
+    return go.Figure(traces, _grid_layout(title, blocks))
 
 
 def block_bars(layers: pd.DataFrame, metric: str, label: str | None = None) -> go.Figure:

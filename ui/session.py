@@ -1,18 +1,28 @@
-"""What every page needs: the chosen model and corpus, loaded once per server process and shared by sessions."""
+"""What every page needs: the chosen model and corpus (loaded once per server process and shared by sessions), the
+analysis settings of this session, and the stored analysis they select (read from the DuckDB store, cached per key).
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
+import duckdb
+import pandas as pd
 import streamlit as st
 
-from aptq.data import EMBEDDED_CORPUS, Corpus, load_corpus
+from aptq import history
+from aptq.data import EMBEDDED_CORPUS, Corpus, Sampling, load_corpus
 from aptq.errors import UserError
-from aptq.models import EMBEDDED_MODEL, LoadedModel, load_model
-from aptq.progress import Progress
+from aptq.models import EMBEDDED_MODEL, LoadedModel, load_model, model_fingerprint
+from aptq.sensitivity import AnalysisSettings, analysis_key, default_calibration, default_group_size
+from aptq.store import Store, default_path
 
 CORPORA = {"brown": "Brown (embedded)", "wikitext2": "WikiText-2 (datasets)", "c4": "C4 (datasets)",
            "file": "a local text file…"}
+T = TypeVar("T")
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
@@ -38,7 +48,7 @@ def current_model() -> LoadedModel | None:
     try:
         return cached_model(model_source())
     except UserError as exc:
-        st.error(f"{exc}")
+        st.error(f"{exc} Choose another model on the Home page.")
         return None
 
 
@@ -46,15 +56,180 @@ def current_corpus() -> Corpus | None:
     try:
         return cached_corpus(corpus_spec())
     except UserError as exc:
-        st.error(f"{exc}")
+        st.error(f"{exc} Choose another corpus on the Home page.")
         return None
 
 
-def progress_bar(label: str) -> tuple[Progress, Callable[[], None]]:
-    """A Progress callback drawing st.progress, and a function that removes the bar."""
-    bar = st.progress(0.0, text=label)
+def page_header(title: str) -> None:
+    st.set_page_config(page_title=f"{title} · APTQ studio", page_icon="🎚️", layout="wide")
+    st.title(title)
+    spec = corpus_spec()
+    st.caption(f"Model `{model_source()}` · corpus {CORPORA.get(spec, f'`{spec}`')} — change them on the Home page.")
 
-    def update(done: int, total: int, message: str) -> None:
-        bar.progress(min(1.0, done / max(total, 1)), text=f"{label}: {done}/{total} {message}")
 
-    return update, bar.empty
+STORE_ERRORS = (UserError, duckdb.Error)
+
+
+def store_error(exc: Exception) -> None:
+    """A busy, unreadable or older-version store as one st.error that names the fix, never a traceback."""
+    if isinstance(exc, UserError):
+        st.error(str(exc))
+    else:
+        st.error(f"The cache {default_path()} could not be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                 f"it may come from another version of this project: move it away or point APTQ_STORE elsewhere.")
+
+
+def store_call(action: Callable[[], T]) -> T | None:
+    """Run a store operation; None after store_error explained a failure."""
+    try:
+        return action()
+    except STORE_ERRORS as exc:
+        store_error(exc)
+        return None
+
+
+# ---- analysis settings of this session --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AnalysisRequest:
+    """What the Home page's analysis controls choose; together with model and corpus it selects one analysis."""
+
+    samples: int
+    seqlen: int
+    group_size: int
+    max_blocks: int | None = None  # None: every block
+    seed: int = 0
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.samples, self.seqlen, self.seed)
+
+    @property
+    def settings(self) -> AnalysisSettings:
+        return AnalysisSettings(group_size=self.group_size, max_blocks=self.max_blocks)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def cached_model_fingerprint(source: str) -> str:
+    return model_fingerprint(cached_model(source).path)
+
+
+@st.cache_data(show_spinner="Fingerprinting model and corpus…", max_entries=32)
+def cached_analysis_key(source: str, spec: str, request: AnalysisRequest) -> str:
+    # Hashing the corpus text and the tokenizer takes tens of ms: done once per choice, not on every rerun.
+    return analysis_key(cached_model(source), cached_corpus(spec), request.sampling, request.settings)
+
+
+def _latest_stored_request(loaded: LoadedModel, corpus: Corpus) -> AnalysisRequest | None:
+    """The settings of the newest complete analysis of this model on this corpus, so a new session opens on it."""
+    rows = Store().query(
+        "SELECT a.settings, c.n_samples, c.seqlen, c.seed FROM analyses a JOIN calibrations c "
+        "ON a.calibration = c.fingerprint WHERE a.model = ? AND c.corpus_fingerprint = ? AND a.status = 'complete' "
+        "ORDER BY a.updated DESC LIMIT 1", [cached_model_fingerprint(model_source()), corpus.fingerprint])
+    if rows.empty:
+        return None
+    row = rows.iloc[0]
+    stored = json.loads(row["settings"])
+    request = AnalysisRequest(int(row["n_samples"]), int(row["seqlen"]), int(stored["group_size"]),
+                              stored["max_blocks"], int(row["seed"]))
+    # Analyses made with settings the dashboard does not offer (e.g. other widths from the CLI) cannot be selected.
+    return request if request.settings.key_fields() | {"dtype": stored["dtype"]} == stored else None
+
+
+def _default_request(loaded: LoadedModel) -> AnalysisRequest:
+    samples, seqlen = default_calibration(loaded.device)
+    return AnalysisRequest(samples, min(seqlen, loaded.max_length), default_group_size(loaded.arch))
+
+
+def analysis_request(loaded: LoadedModel, corpus: Corpus) -> AnalysisRequest:
+    """This session's analysis settings: chosen on Home, else the newest stored analysis, else the defaults."""
+    request = st.session_state.get("analysis_request")
+    if request is None:
+        try:
+            request = _latest_stored_request(loaded, corpus) or _default_request(loaded)
+        except STORE_ERRORS:  # the page's next store read reports it; look again on the next run
+            return _default_request(loaded)
+        st.session_state["analysis_request"] = request
+    return request
+
+
+# ---- the stored analysis ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Analysis:
+    key: str
+    layers: pd.DataFrame
+    errors: pd.DataFrame
+    group_size: int
+    description: str
+    model_fp: str
+    request: AnalysisRequest
+
+
+class _NotStored(LookupError):
+    """Raised inside the cached reader so that a missing analysis is not cached (it may be finished later)."""
+
+
+@st.cache_data(show_spinner="Reading the analysis…", max_entries=16)
+def _stored_frames(store_path: str, key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    frames = Store(store_path).load_analysis(key)
+    if frames is None:
+        raise _NotStored(key)
+    return frames
+
+
+def stored_analysis(key: str) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    try:
+        return _stored_frames(str(default_path()), key)
+    except _NotStored:
+        return None
+
+
+def analysis_status(key: str) -> dict | None:
+    """The analysis row (status, blocks_done, n_blocks, seconds, device), read fresh from the store."""
+    rows = Store().query("SELECT status, blocks_done, n_blocks, seconds, device FROM analyses WHERE key = ?", [key])
+    return None if rows.empty else rows.iloc[0].to_dict()
+
+
+def describe(loaded: LoadedModel, corpus: Corpus, request: AnalysisRequest) -> str:
+    blocks = "all blocks" if request.max_blocks is None else \
+        f"first {min(request.max_blocks, loaded.arch.n_blocks)} of {loaded.arch.n_blocks} blocks"
+    group = f"group {request.group_size}" if request.group_size else "per-channel"
+    return (f"{loaded.display_name} on {corpus.name}, {request.samples} × {request.seqlen} calibration tokens "
+            f"(seed {request.seed}), {group}, {blocks}")
+
+
+def current_analysis() -> Analysis | None:
+    """The stored analysis selected by this session's model, corpus and settings; None after st.info/st.error says
+    what to do. Reads only the store (cached per analysis key): a slider move does no database or model work."""
+    loaded, corpus = current_model(), current_corpus()
+    if loaded is None or corpus is None:
+        return None
+    request = analysis_request(loaded, corpus)
+    key = cached_analysis_key(model_source(), corpus_spec(), request)
+    try:
+        frames = stored_analysis(key)
+        status = None if frames else analysis_status(key)
+    except STORE_ERRORS as exc:
+        store_error(exc)
+        return None
+    if frames is None:
+        if status is None:
+            st.info(f"No sensitivity analysis for this model and these settings yet "
+                    f"({describe(loaded, corpus, request)}): start one on the Home page.")
+        else:
+            st.info(f"The analysis stopped after {status['blocks_done']} of {status['n_blocks']} blocks: resume it "
+                    f"on the Home page (finished blocks are kept).")
+        st.page_link("app.py", label="Go to the Home page", icon="🏠")
+        return None
+    layers, errors = frames
+    return Analysis(key, layers, errors, request.group_size, describe(loaded, corpus, request),
+                    cached_model_fingerprint(model_source()), request)
+
+
+def save_current_plan(name: str, plan: dict, analysis: Analysis) -> str | None:
+    """Store the Bit budget page's plan (`st.session_state["plan"]`) under `name`; its key, or None after st.error."""
+    meta = {"allocation": plan["method"], "budget": plan["budget"], "group_size": analysis.group_size,
+            "request": plan["request"], "summary": plan["summary"] | {"analysis": analysis.key}}
+    return store_call(lambda: history.save_plan(Store(), analysis.model_fp, name, plan["bits"], meta))
+

@@ -1,0 +1,81 @@
+"""Sensitivity: how much every layer matters, under the layer-wise and the attention-aware measures."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from aptq import charts
+from ui.session import current_analysis, page_header
+
+page_header("Sensitivity")
+analysis = current_analysis()
+if analysis is None:
+    st.stop()
+layers, errors = analysis.layers, analysis.errors
+
+METRICS = {"trace_attention": "attention-aware trace (aespa/BoA Hessians)",
+           "trace_layerwise": "layer-wise trace (GPTQ H)", "trace_lm": "APTQ trace (Levenberg–Marquardt, Hutchinson)",
+           "score": "APTQ trace per parameter", "score_attention": "attention-aware trace per parameter",
+           "score_layerwise": "layer-wise trace per parameter", "error": "predicted error at b bits"}
+left, mid, right = st.columns([2, 1, 1])
+metric = left.selectbox("Metric", list(METRICS), format_func=METRICS.get, key="sens_metric", persist_state="session")
+frame, label = layers, METRICS[metric]
+if metric == "error":
+    bits = mid.selectbox("Bits", sorted(int(b) for b in errors["bits"].unique()), key="sens_bits")
+    hessian = right.radio("Hessian", ["attention", "layerwise"], horizontal=True, key="sens_hessian",
+                          format_func={"attention": "attention-aware", "layerwise": "layer-wise"}.get)
+    chosen = errors[errors["bits"] == bits].set_index("layer")[f"err_{hessian}"]
+    frame = layers.assign(error=layers["layer"].map(chosen))
+    label = f"predicted error e(layer, {bits} bits), {hessian} Hessian"
+
+st.plotly_chart(charts.sensitivity_heatmap(frame, metric, label), width="stretch")
+st.caption("Log colour scale; hover a cell for the exact value. Values come from the cache: "
+           f"{analysis.description}.")
+st.plotly_chart(charts.block_bars(frame, metric, label), width="stretch")
+
+st.subheader("Layer-wise versus attention-aware ranking")
+rank_left, rank_right = st.columns([3, 2])
+x_metric = "score_layerwise"
+y_metric = rank_right.selectbox("Compare with", ["score_attention", "score"], format_func=METRICS.get, key="sens_rank",
+                                persist_state="session")
+rank_left.plotly_chart(charts.rank_comparison(layers, x_metric, y_metric), width="stretch")
+spearman = layers[x_metric].rank().corr(layers[y_metric].rank())
+rank_right.metric("Spearman rank correlation", f"{spearman:.3f}")
+moved = layers.assign(rank_layerwise=layers[x_metric].rank(ascending=False).astype(int),
+                      rank_other=layers[y_metric].rank(ascending=False).astype(int))
+moved = moved.assign(shift=moved["rank_layerwise"] - moved["rank_other"])
+rank_right.write("Layers whose rank moves the most (positive: more sensitive than the layer-wise view says):")
+rank_right.dataframe(moved.reindex(moved["shift"].abs().sort_values(ascending=False).index)
+                     [["layer", "rank_layerwise", "rank_other", "shift"]].head(12), hide_index=True)
+
+with st.expander("What these numbers are", expanded=True):
+    st.markdown("Notation: `X` is a layer's input (`d_in × N`, one column per calibration token), `W` its weight, "
+                "`ΔW = Q(W) − W` the quantization error. Items marked *(our choice)* are where the papers are silent "
+                "and this project decided.")
+    st.markdown("**Layer-wise (GPTQ).** The error of a layer is measured at its own output, with the Hessian of "
+                "that squared error:")
+    st.latex(r"\|\Delta W X\|_F^2 = \operatorname{tr}(\Delta W H \Delta W^\top),\qquad "
+             r"H = \tfrac{2}{N}\textstyle\sum_{n} x_n x_n^\top")
+    st.markdown("**Attention-aware (aespa / BoA).** The error of q, k and v is measured at the attention output. "
+                "For the value projection this is exact, with one Hessian per key/value head:")
+    st.latex(r"H_{V,h} = 2\,\mathbb{E}\left[X A_h^\top A_h X^\top\right]")
+    st.markdown("For query and key, linearizing the softmax gives a Kronecker-factored bound with a *row Hessian* "
+                "`G` (keys after RoPE for the query, queries for the key, mapped back to the weight's frame):")
+    st.latex(r"\operatorname{tr}\left(G_{Q,h}\,\Delta W_{Q,h}\, H\, \Delta W_{Q,h}^\top\right),\qquad "
+             r"G_{Q,h} = \mathbb{E}\left[K_h^\top K_h\right]")
+    st.markdown("**APTQ trace.** The Levenberg–Marquardt Hessian of the attention (or MLP) output with respect to "
+                "the layer's weights; its trace estimated with Hutchinson probes *(our choice: the paper's exact "
+                "formulas are not available to us)*. The table's `trace_lm_se` is the estimate's standard error.")
+    st.latex(r"\operatorname{tr}(H_{LM}) = 2\,\mathbb{E}\|J\|_F^2 \approx \tfrac{2}{m}\textstyle\sum_{i=1}^{m} "
+             r"\left\|\partial (u_i^\top F)/\partial W\right\|^2,\quad u_i \sim \text{Rademacher}")
+    st.markdown("**Score** — trace per parameter, so that large and small layers compare *(our choice of "
+                "normalization, as in HAWQ)*; `score` uses the APTQ trace, the other scores the other traces:")
+    st.latex(r"s_\ell = \operatorname{tr}(H_\ell)\,/\,n_\ell")
+    st.markdown("**Predicted error** of giving layer ℓ `b` bits — what the Bit budget solver minimizes. `ΔW_b` is the "
+                "round-to-nearest error at `b` bits with the analysis's group size, its clipping searched with the "
+                "layer-wise `H` *(our choice)*, and the attention-aware `H` (Kronecker form for q/k):")
+    st.latex(r"e(\ell, b) = \operatorname{tr}\left(\Delta W_b\, H\, \Delta W_b^\top\right)")
+
+with st.expander("Table"):
+    st.dataframe(pd.DataFrame(layers), hide_index=True)

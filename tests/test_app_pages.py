@@ -1,0 +1,172 @@
+"""The dashboard's pages in Streamlit's AppTest on a store holding a real analysis of a tiny model: the slider makes
+the plan, pins survive budget changes and page switches, plans are saved, quantized, compared and downloaded."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from aptq.data import load_corpus
+from aptq.models import load_model
+from aptq.sensitivity import analyze
+from aptq.store import Store
+from ui.session import AnalysisRequest
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+REQUEST = AnalysisRequest(samples=4, seqlen=64, group_size=64)
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
+    """A store with a complete analysis of the tiny llama (made once), and the model's directory."""
+    model = str(tiny_model_dir("llama"))
+    path = tmp_path_factory.mktemp("analyzed") / "store.duckdb"
+    analyze(load_model(model, device="cpu"), load_corpus("brown"), REQUEST.sampling, REQUEST.settings,
+            store=Store(path))
+    return path, model
+
+
+@pytest.fixture
+def at(analyzed, tmp_path, monkeypatch) -> AppTest:
+    """A fresh session on the tiny model over a private copy of the analyzed store."""
+    source, model = analyzed
+    shutil.copy(source, tmp_path / "store.duckdb")
+    monkeypatch.setenv("APTQ_STORE", str(tmp_path / "store.duckdb"))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.session_state["model_source"] = model  # no analysis_request: a new session opens on the stored analysis
+    return at
+
+
+def texts(elements) -> str:
+    return " ".join(str(e.value) for e in elements)
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label.startswith(label))
+
+
+def no_problems(at: AppTest) -> None:
+    assert not at.exception, texts(at.exception)
+    assert not at.error, texts(at.error)
+
+
+def set_pins(at: AppTest, edits: dict[int, int]) -> AppTest:
+    """Edit the pin column of the pin table (row index → bits), as a person does in the data editor."""
+    editor = at.data_editor[0]
+    at.session_state[editor.key] = {"edited_rows": {row: {"pin": bits} for row, bits in edits.items()},
+                                    "added_rows": [], "deleted_rows": []}
+    return at.run()
+
+
+def test_home_opens_on_the_stored_analysis(at):
+    at.run()
+    no_problems(at)
+    assert "Analysis stored" in texts(at.success) and "4 × 64 calibration tokens" in texts(at.success)
+    assert any(s.label == "Heatmap metric" for s in at.selectbox)
+
+
+def test_sensitivity_page_shows_every_view(at):
+    at.switch_page("pages/1_Sensitivity.py").run()
+    no_problems(at)
+    assert len(at.latex) >= 6 and "(our choice" in texts(at.markdown)
+    assert "Spearman rank correlation" in [m.label for m in at.metric]
+    at.selectbox(key="sens_metric").set_value("error").run()
+    no_problems(at)
+    at.selectbox(key="sens_bits").set_value(2).run()
+    at.radio(key="sens_hessian").set_value("layerwise").run()
+    no_problems(at)
+
+
+def test_the_slider_changes_the_plan(at):
+    at.switch_page("pages/2_Bit_budget.py").run()
+    no_problems(at)
+    assert metric(at, "Average bits") == "3.000"
+    first = dict(at.session_state["plan"]["bits"])
+    at.slider(key="budget").set_value(4.5).run()
+    no_problems(at)
+    assert float(metric(at, "Average bits")) == pytest.approx(4.5, abs=0.05)
+    second = at.session_state["plan"]["bits"]
+    assert second != first and sum(second.values()) > sum(first.values())
+    at.slider(key="budget").set_value(3.5)
+    at.selectbox(key="method").set_value("aptq").run()
+    no_problems(at)
+    assert at.session_state["plan"]["method"] == "aptq" and set(at.session_state["plan"]["bits"].values()) <= {2, 4}
+
+
+def test_a_pin_survives_budget_changes_and_page_switches(at):
+    at.switch_page("pages/2_Bit_budget.py").run()
+    layer = at.data_editor[0].value["layer"].iloc[0]
+    set_pins(at, {0: 8})
+    no_problems(at)
+    assert at.session_state["pins"] == {layer: 8} and at.session_state["plan"]["bits"][layer] == 8
+    for budget in (2.5, 4.0):
+        at.slider(key="budget").set_value(budget).run()
+        no_problems(at)
+        assert at.session_state["pins"] == {layer: 8} and at.session_state["plan"]["bits"][layer] == 8
+    at.switch_page("pages/1_Sensitivity.py").run()
+    at.switch_page("pages/2_Bit_budget.py").run()
+    assert at.slider(key="budget").value == 4.0 and at.session_state["pins"] == {layer: 8}
+    assert metric(at, "Average bits") == "4.000"
+    button(at, "Clear all pins").click().run()
+    no_problems(at)
+    assert at.session_state["pins"] == {} and "Pins (0)" in texts(at.subheader)
+
+
+def test_pins_that_break_the_budget_explain_and_stay_editable(at):
+    at.switch_page("pages/2_Bit_budget.py").run()
+    set_pins(at, {row: 8 for row in range(len(at.data_editor[0].value))})
+    assert "budget" in texts(at.error) and not at.exception
+    assert at.data_editor  # the pin table is still there: the person can undo
+    set_pins(at, {0: None})
+    assert len(at.session_state["pins"]) == len(at.data_editor[0].value) - 1
+    button(at, "Clear all pins").click().run()
+    no_problems(at)
+    assert at.session_state["pins"] == {}
+
+
+def wait_for_run(at: AppTest, timeout: float = 120) -> AppTest:
+    deadline = time.monotonic() + timeout
+    while not any(m.label == "Perplexity" for m in at.metric):
+        assert not at.error, texts(at.error)
+        assert time.monotonic() < deadline, "the quantization run did not finish"
+        time.sleep(0.3)
+        at.run()
+    return at
+
+
+def test_save_quantize_and_compare_plans(at):
+    at.switch_page("pages/2_Bit_budget.py").run()
+    button(at, "Save plan").click().run()
+    assert "Saved plan 'knapsack-3.00'" in texts(at.success)
+
+    at.switch_page("pages/3_Quantize.py").run()
+    no_problems(at)
+    assert "current plan" in at.selectbox(key="run_plan_choice").format_func("current")
+    at.number_input(key="run_seqlen").set_value(64)
+    at.number_input(key="run_tokens").set_value(256)
+    at.radio(key="run_method").set_value("attention").run()
+    button(at, "Quantize and evaluate").click().run()
+    wait_for_run(at)
+    no_problems(at)
+    assert "window 64, 252 predicted tokens" in texts(at.caption)
+    at.selectbox(key="run_plan_choice").set_value("uniform").run()
+    at.radio(key="run_method").set_value("rtn").run()
+    button(at, "Quantize and evaluate").click().run()
+    wait_for_run(at)
+    assert len(at.dataframe[0].value) == 2
+
+    at.switch_page("pages/4_Trade_offs.py").run()
+    no_problems(at)
+    assert "2 run(s) under this protocol" in texts(at.caption)
+    assert [b.label for b in at.download_button] == ["Plan JSON", "GPTQModel quantize config", "llm-compressor recipe"]
+    assert "layers differ" in texts(at.markdown)
+    at.radio(key="trade_y").set_value("kl").run()
+    no_problems(at)

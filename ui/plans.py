@@ -1,0 +1,61 @@
+"""Plans as the Quantize and Trade-offs pages offer them: the Bit budget page's current plan and the saved ones."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pandas as pd
+import streamlit as st
+
+from aptq import history
+from aptq.allocate import FULL_PRECISION
+from aptq.models import Architecture
+from aptq.store import Store
+from ui.session import store_call
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    label: str
+    name: str
+    bits: dict[str, int]
+    allocation: str
+    budget: float
+    group_size: int  # the group size its summary (effective bits, predicted errors) was computed for
+    summary: dict  # aptq.allocate.summarize, plus the analysis key; empty when there was no analysis
+
+    def run_meta(self) -> dict:
+        """The plan_meta of aptq.pipeline.run_plan."""
+        return {"name": self.name, "allocation": self.allocation, "budget": self.budget,
+                "analysis": self.summary.get("analysis"),
+                "predicted_error_attention": self.summary.get("predicted_error_attention"),
+                "predicted_error_layerwise": self.summary.get("predicted_error_layerwise")}
+
+
+def current_plan() -> PlanChoice | None:
+    plan = st.session_state.get("plan")
+    if plan is None:
+        return None
+    return PlanChoice(f"current plan (Bit budget page): {plan['method']} at {plan['budget']:.2f} bits",
+                      f"{plan['method']}-{plan['budget']:.2f}", plan["bits"], plan["method"], plan["budget"],
+                      plan["group_size"], plan["summary"] | {"analysis": plan["analysis"]})
+
+
+def plan_choices(model_fp: str) -> dict[str, PlanChoice]:
+    """"current" (when the Bit budget page made one), then this model's saved plans by key, newest first."""
+    current = current_plan()
+    choices = {"current": current} if current else {}
+    saved = store_call(lambda: history.stored_plans(Store(), model_fp))
+    for row in saved.itertuples() if saved is not None else ():
+        summary = json.loads(row.summary or "{}")
+        choices[row.key] = PlanChoice(f"saved plan {row.name!r} ({row.allocation}, "
+                                      f"{summary.get('avg_bits', row.budget or 0):.2f} bits)", row.name,
+                                      json.loads(row.plan), row.allocation, row.budget, int(row.group_size), summary)
+    return choices
+
+
+def plan_table(arch: Architecture, bits: dict[str, int]) -> pd.DataFrame:
+    """block, kind, layer, bits of every quantizable layer: the input of charts.plan_heatmap."""
+    return pd.DataFrame([{"block": layer.block, "kind": layer.kind, "layer": layer.name,
+                          "bits": bits.get(layer.name, FULL_PRECISION)} for layer in arch.layers])
