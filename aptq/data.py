@@ -35,7 +35,7 @@ class Corpus:
 
     @property
     def fingerprint(self) -> str:
-        return _digest(self.name, self.calibration, self.evaluation)
+        return digest(self.name, self.calibration, self.evaluation)
 
     def text(self, split: str) -> str:
         if split not in ("calibration", "evaluation"):
@@ -43,7 +43,8 @@ class Corpus:
         return self.calibration if split == "calibration" else self.evaluation
 
 
-def _digest(*parts: str) -> str:
+def digest(*parts: str) -> str:
+    """A short content hash of the parts: the fingerprints and cache keys of the whole project."""
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part.encode("utf-8"))
@@ -141,7 +142,7 @@ def load_corpus(spec: str = EMBEDDED_CORPUS) -> Corpus:
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     content = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return _digest(type(tokenizer).__name__, content)
+    return digest(type(tokenizer).__name__, content)
 
 
 def token_ids(tokenizer, corpus: Corpus, split: str) -> torch.Tensor:
@@ -178,7 +179,7 @@ class Sampling:
     seed: int = 0
 
     def fingerprint(self, corpus: Corpus, tokenizer_fp: str) -> str:
-        return _digest(corpus.fingerprint, tokenizer_fp, str(self.n_samples), str(self.seqlen), str(self.seed))
+        return digest(corpus.fingerprint, tokenizer_fp, str(self.n_samples), str(self.seqlen), str(self.seed))
 
 
 def calibration_segments(ids: torch.Tensor, sampling: Sampling) -> torch.Tensor:

@@ -18,12 +18,12 @@ half-written row.
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pandas as pd
 from scipy.stats import spearmanr
 
+from aptq.data import digest
 from aptq.store import Store
 
 SCHEMA = """
@@ -38,14 +38,6 @@ CREATE TABLE IF NOT EXISTS runs (
     predicted_error_attention DOUBLE, predicted_error_layerwise DOUBLE, perplexity DOUBLE, kl DOUBLE, top1 DOUBLE,
     fp_perplexity DOUBLE, quant_seconds DOUBLE, eval_seconds DOUBLE, device VARCHAR, notes VARCHAR);
 """
-
-
-def digest(*parts: str) -> str:
-    hasher = hashlib.sha256()
-    for part in parts:
-        hasher.update(part.encode())
-        hasher.update(b"\0")
-    return hasher.hexdigest()[:16]
 
 
 def plan_json(plan: dict[str, int]) -> str:

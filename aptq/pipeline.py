@@ -37,7 +37,8 @@ from safetensors.torch import load_file, save_file
 from aptq import history
 from aptq.allocate import FULL_PRECISION, weight_size
 from aptq.capture import BlockWalk
-from aptq.data import Corpus, Sampling, calibration_segments, evaluation_windows, token_ids, tokenizer_fingerprint
+from aptq.data import Corpus, Sampling, calibration_segments, digest, evaluation_windows, token_ids, \
+    tokenizer_fingerprint
 from aptq.errors import UserError
 from aptq.evaluate import ReferenceStats, check_window, evaluate, reference_stats
 from aptq.export import export_model, plan_files
@@ -172,14 +173,21 @@ def _block_plan(arch: Architecture, block: int, plan: dict[str, int]) -> list[tu
 
 
 def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]], hessians: BlockHessians | None,
-                    settings: QuantizeSettings) -> tuple[dict[str, torch.Tensor], list[str]]:
+                    settings: QuantizeSettings, rtn_memo: dict | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
     weights, notes = {}, []
     for layer, bits in todo:
         config = QuantConfig(bits, settings.group_size, settings.symmetric, settings.clip_search)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are reported through the notes
-            quantized, fallback = quantize_layer(get_weight(model, layer).detach(), layer, hessians, config,
-                                                 settings)
+        memo_key = (layer.name, config)
+        if rtn_memo is not None and memo_key in rtn_memo:
+            quantized, fallback = rtn_memo[memo_key], None
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are reported through the notes
+                quantized, fallback = quantize_layer(get_weight(model, layer).detach(), layer, hessians, config,
+                                                     settings)
+            if rtn_memo is not None:
+                rtn_memo[memo_key] = quantized
         set_weight(model, layer, quantized)
         weights[layer.name] = quantized
         notes += [fallback] if fallback else []
@@ -193,9 +201,12 @@ def _restore_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]],
 
 
 def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: QuantizeSettings,
-                   segments: torch.Tensor | None, key: str, progress: Progress = no_progress
-                   ) -> tuple[torch.nn.Module, list[str]]:
-    """A quantized copy of the model and the notes (fallbacks); see the module docstring."""
+                   segments: torch.Tensor | None, key: str, progress: Progress = no_progress,
+                   rtn_memo: dict | None = None) -> tuple[torch.nn.Module, list[str]]:
+    """A quantized copy of the model and the notes (fallbacks); see the module docstring.
+
+    `rtn_memo` (RTN only): a dict shared by several calls on the same model, so that each (layer, width) is rounded
+    once; RTN layers do not depend on each other, which makes this exact. Sweeps pass one."""
     arch = loaded.arch
     model = copy.deepcopy(loaded.model)
     checkpoints = _Checkpoints(key)
@@ -203,7 +214,7 @@ def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: Quantize
     n_blocks = arch.n_blocks
     if settings.method == "rtn":  # no data needed: layer by layer
         for block in range(n_blocks):
-            notes += _quantize_block(model, _block_plan(arch, block, plan), None, settings)[1]
+            notes += _quantize_block(model, _block_plan(arch, block, plan), None, settings, rtn_memo)[1]
             progress(block + 1, n_blocks, f"block {block + 1}/{n_blocks}")
         return model, notes
     options = CollectOptions(attention=settings.method == "attention", probes=0)
@@ -252,8 +263,8 @@ def _reference(loaded: LoadedModel, windows: torch.Tensor, eval_fp: str, model_f
 
 def run_key(model_fp: str, calibration_fp: str | None, plan: dict[str, int], settings: QuantizeSettings,
             eval_fp: str) -> str:
-    return history.digest(model_fp, calibration_fp or "-", history.plan_json(plan),
-                          json.dumps(settings.key_fields(), sort_keys=True), eval_fp, str(PIPELINE_VERSION))
+    return digest(model_fp, calibration_fp or "-", history.plan_json(plan),
+                  json.dumps(settings.key_fields(), sort_keys=True), eval_fp, str(PIPELINE_VERSION))
 
 
 def _stage(progress: Progress, stage: str) -> Progress:
@@ -263,11 +274,11 @@ def _stage(progress: Progress, stage: str) -> Progress:
 def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict[str, int],
              settings: QuantizeSettings = QuantizeSettings(), evaluation: EvalSettings = EvalSettings(),
              store: Store | None = None, progress: Progress = no_progress, plan_meta: dict | None = None,
-             export_dir: Path | str | None = None, overwrite: bool = False) -> dict:
+             export_dir: Path | str | None = None, overwrite: bool = False, rtn_memo: dict | None = None) -> dict:
     """Quantize with `plan`, evaluate against full precision, store and return the run row (`cached` True when the
     same run was stored before and no model work was done). `plan_meta` may carry name, allocation, budget,
     analysis, predicted_error_attention and predicted_error_layerwise. With `export_dir`, the quantized model and its
-    plan files are written there (refused if it exists, unless `overwrite`)."""
+    plan files are written there (refused if it exists, unless `overwrite`). `rtn_memo`: see `quantize_model`."""
     plan = check_plan(loaded.arch, plan, settings)
     export_dir = Path(export_dir) if export_dir else None
     if export_dir is not None and export_dir.exists() and not overwrite:
@@ -278,7 +289,7 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     model_fp = model_fingerprint(loaded.path)
     tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
     calibration_fp = None if settings.method == "rtn" else sampling.fingerprint(corpus, tokenizer_fp)
-    eval_fp = history.digest(corpus.fingerprint, tokenizer_fp, str(evaluation.seqlen), str(evaluation.max_tokens))
+    eval_fp = digest(corpus.fingerprint, tokenizer_fp, str(evaluation.seqlen), str(evaluation.max_tokens))
     key = run_key(model_fp, calibration_fp, plan, settings, eval_fp)
     stored = history.find_run(store, key)
     if stored is not None and export_dir is None:
@@ -293,7 +304,8 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     start = time.perf_counter()
     device = settings.device or str(loaded.device)
     try:
-        model, notes = quantize_model(loaded, plan, settings, segments, key, _stage(progress, "quantizing"))
+        model, notes = quantize_model(loaded, plan, settings, segments, key, _stage(progress, "quantizing"),
+                                      rtn_memo)
     except torch.cuda.OutOfMemoryError:
         if device == "cpu":
             raise

@@ -27,8 +27,12 @@ from torch import Tensor
 CLIP_FACTORS = tuple(round(1.0 - 0.01 * k, 2) for k in range(80))
 # (our choice) smallest scale: a row-group that is all zeros keeps a usable grid that maps 0 to (about) 0.
 MIN_SCALE = 1e-10
-# (our choice) cap on the elements of one (factors × rows × columns) candidate tensor in the clipping search.
-CLIP_SEARCH_ELEMENTS = 2 ** 25
+# (our choice) elements of one (factors × rows × columns) chunk of candidates in the clipping search. On a CPU, 2^20
+# (4 MiB in float32, two buffers) stays in the last-level cache and needs few enough operations that the threads'
+# synchronization costs little; on an accelerator the chunk is as large as before (few kernel launches).
+# bench/results/quantizer.md has the measurements.
+CLIP_SEARCH_ELEMENTS = 2 ** 20
+CLIP_SEARCH_ELEMENTS_ACCELERATOR = 2 ** 25
 FP16_BITS = 16
 
 
@@ -87,24 +91,57 @@ def _params_for_range(low: Tensor, high: Tensor, cfg: QuantConfig) -> GridParams
     return GridParams(scale, torch.round(-low / scale))
 
 
-def _row_errors(delta: Tensor, H: Tensor | None) -> Tensor:
-    """Per row of `delta` (…, rows, cols): `δ H δᵀ`, or `‖δ‖²` without a Hessian."""
+def _search_chunk(device: torch.device) -> int:
+    """Candidate elements per chunk of the clipping search on this device."""
+    return CLIP_SEARCH_ELEMENTS if device.type == "cpu" else CLIP_SEARCH_ELEMENTS_ACCELERATOR
+
+
+def _candidate_errors(block: Tensor, scale: Tensor, zero: Tensor, cfg: QuantConfig, H: Tensor | None,
+                      buffers: list[Tensor]) -> Tensor:
+    """Per candidate grid and row: `δ H δᵀ`, or `‖δ‖²` without a Hessian, with `δ = quantize_dequantize(block) − block`.
+
+    block: rows × cols; scale, zero: candidates × rows. δ is computed with the operations of `quantize_dequantize`, in
+    the same order (so it is the same to the last bit), but in place in buffers reused from one chunk to the next: no
+    temporaries, and on a CPU a chunk small enough to stay in cache. Float32 throughout, like the weights.
+    """
+    n_candidates, rows = scale.shape
+    cols = block.shape[1]
+    size = n_candidates * rows * cols
+    if not buffers or buffers[0].numel() < size:
+        buffers[:] = [block.new_empty(size), block.new_empty(0 if H is None else size)]
+    delta = buffers[0][:size].view(n_candidates, rows, cols)
+    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    torch.div(block, scale, out=delta)
+    delta.add_(zero).round_().clamp_(0, cfg.max_level).sub_(zero).mul_(scale).sub_(block)
+    flat = delta.view(-1, cols)
     if H is None:
-        return (delta * delta).sum(dim=-1)
-    return ((delta @ H) * delta).sum(dim=-1)
+        return flat.square_().sum(dim=-1).view(n_candidates, rows)
+    weighted = torch.mm(flat, H, out=buffers[1][:size].view(-1, cols))  # one matmul for all candidates and rows
+    return weighted.mul_(flat).sum(dim=-1).view(n_candidates, rows)
 
 
+@torch.no_grad()
 def _best_clipped(block: Tensor, low: Tensor, high: Tensor, cfg: QuantConfig, H: Tensor | None) -> GridParams:
-    """Per row, the grid of the shrink factor with the least error (the first, i.e. widest, on ties)."""
+    """Per row, the grid of the shrink factor with the least error (the first, i.e. widest, on ties).
+
+    Exhaustive over `CLIP_FACTORS`. The candidates (factors × rows × columns) are evaluated in chunks of at most
+    `_search_chunk` elements, cut over rows and then over factors.
+    """
     factors = torch.tensor(CLIP_FACTORS, dtype=block.dtype, device=block.device).unsqueeze(1)
+    block = block.contiguous()
     rows, cols = block.shape
-    chunk = max(1, CLIP_SEARCH_ELEMENTS // (len(CLIP_FACTORS) * cols))
+    n_factors = len(CLIP_FACTORS)
+    chunk = _search_chunk(block.device)
+    row_chunk = max(1, min(rows, chunk // cols))
+    factor_chunk = max(1, min(n_factors, chunk // (row_chunk * cols)))
+    buffers: list[Tensor] = []
     scales, zeros = [], []
-    for start in range(0, rows, chunk):
-        part = slice(start, start + chunk)
+    for start in range(0, rows, row_chunk):
+        part = slice(start, start + row_chunk)
         candidates = _params_for_range(factors * low[part], factors * high[part], cfg)  # (factors, rows)
-        grids = GridParams(candidates.scale.unsqueeze(-1), candidates.zero.unsqueeze(-1))
-        errors = _row_errors(quantize_dequantize(block[part], grids, cfg) - block[part], H)
+        errors = torch.cat([_candidate_errors(block[part], candidates.scale[f:f + factor_chunk],
+                                              candidates.zero[f:f + factor_chunk], cfg, H, buffers)
+                            for f in range(0, n_factors, factor_chunk)])
         best = errors.argmin(dim=0, keepdim=True)
         scales.append(candidates.scale.gather(0, best).squeeze(0))
         zeros.append(candidates.zero.gather(0, best).squeeze(0))

@@ -20,7 +20,6 @@ errors   layer, bits, group_size,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ import pandas as pd
 import torch
 
 from aptq.capture import BlockWalk, BlockStep
-from aptq.data import Corpus, Sampling, calibration_segments, token_ids, tokenizer_fingerprint
+from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
 from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianCollector
 from aptq.models import Architecture, LoadedModel, get_weight, model_fingerprint
@@ -70,14 +69,6 @@ class AnalysisSettings:
         return fields
 
 
-def _digest(*parts: str) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
-
-
 @dataclass(frozen=True)
 class Identity:
     """Fingerprints that key an analysis in the store."""
@@ -95,7 +86,7 @@ def identify(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: 
     calibration_fp = sampling.fingerprint(corpus, tokenizer_fp)
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     settings_json = json.dumps(settings.key_fields() | {"dtype": dtype}, sort_keys=True)
-    return Identity(_digest(model_fp, calibration_fp, settings_json, str(METHOD_VERSION)), model_fp,
+    return Identity(digest(model_fp, calibration_fp, settings_json, str(METHOD_VERSION)), model_fp,
                     calibration_fp, tokenizer_fp, settings_json)
 
 

@@ -60,6 +60,7 @@ def run_sweep(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: p
     """One row per point: its plan's summary and the measured run (or why the point was skipped)."""
     store = store or Store()
     model_fp = model_fingerprint(loaded.path)
+    rtn_memo: dict = {}  # RTN rounds each (layer, width) once for the whole sweep
     rows = []
     for index, point in enumerate(points):
         request = AllocationRequest(point.budget, point.allocation, candidates, seed=point.seed,
@@ -80,7 +81,8 @@ def run_sweep(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: p
         def report(done: int, total: int, message: str, index: int = index) -> None:
             progress(index, len(points), f"{point.name}: {message}")
 
-        run = run_plan(loaded, corpus, sampling, plan.bits, settings, evaluation, store, report, meta)
+        run = run_plan(loaded, corpus, sampling, plan.bits, settings, evaluation, store, report, meta,
+                       rtn_memo=rtn_memo)
         rows.append(base | {key: run[key] for key in ("key", "avg_bits", "effective_bits", "size_mb", "perplexity",
                                                       "kl", "top1", "quant_seconds", "cached")}
                     | {"predicted_error_attention": summary["predicted_error_attention"]})

@@ -44,6 +44,35 @@ def timed_walk(loaded, segments, options, batch_size) -> float:
     return time.perf_counter() - start
 
 
+def load_average() -> str:
+    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+
+
+class PhaseTimer:
+    """Wraps functions of a module to add up the wall time spent in them (the predicted-error phase of `analyze`)."""
+
+    def __init__(self, module, names: tuple[str, ...]):
+        self.module, self.names, self.seconds, self.originals = module, names, 0.0, {}
+
+    def __enter__(self) -> "PhaseTimer":
+        for name in self.names:
+            original = self.originals[name] = getattr(self.module, name)
+
+            def timed(*args, _original=original, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            setattr(self.module, name, timed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self.originals.items():
+            setattr(self.module, name, original)
+
+
 def ranking_table(layers, column: str) -> list[str]:
     from aptq.sensitivity import ranked
 
@@ -65,6 +94,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
+    import aptq.sensitivity as sensitivity
     from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
     from aptq.hessian import CollectOptions
     from aptq.models import load_model
@@ -80,10 +110,12 @@ def main() -> None:
     settings = AnalysisSettings(group_size=args.group, probes=args.probes, batch_size=args.batch_size)
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
     rss_before = peak_rss_mib()
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as folder:
         store = Store(Path(folder) / "bench.duckdb")
         start = time.perf_counter()
-        layers, errors = analyze(loaded, corpus, sampling, settings, store=store)
+        with PhaseTimer(sensitivity, ("rtn", "layer_error")) as predicted:
+            layers, errors = analyze(loaded, corpus, sampling, settings, store=store)
         full = time.perf_counter() - start
         rss_full = peak_rss_mib()
         print(f"full analysis {full:.1f} s, peak RSS {rss_full:.0f} MiB", flush=True)
@@ -99,13 +131,17 @@ def main() -> None:
                            ("+ Hutchinson traces", CollectOptions(attention=True, probes=args.probes))):
         walks[label] = timed_walk(loaded, segments, options, args.batch_size)
         print(f"walk {label}: {walks[label]:.1f} s", flush=True)
+    load_after = load_average()
     base = walks["layer-wise H only"]
     scores = layers[["score_layerwise", "score_attention", "score"]]
     spearman = scores.corr(method="spearman")
     lines = [
         "# Sensitivity analysis benchmark", "",
         f"- date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads (the machine is shared with other engineers: timings are indicative)",
+        f"{torch.get_num_threads()} threads"
+        + "".join(f", {k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ)
+        + f" (the machine is shared with other engineers: timings are indicative; load average {load_before} "
+        f"before, {load_after} after)",
         f"- command: `{command}`",
         f"- model: {loaded.display_name} ({loaded.baseline_label}), {loaded.arch.n_blocks} blocks, "
         f"{len(layers)} linear layers; calibration: Brown, {sampling.n_samples} segments × {sampling.seqlen} tokens "
@@ -116,8 +152,10 @@ def main() -> None:
     ] + [f"| walk: {label} | {seconds:.1f} | {seconds / base:.2f} |" for label, seconds in walks.items()] + [
         f"| full `analyze` (all Hessians, traces, predicted errors, store) | {full:.1f} | {full / base:.2f} |",
         f"| of which block work recorded in the store | {block_seconds:.1f} | |",
-        f"| of which predicted errors (RTN with clipping search, {len(settings.bits)} widths × {len(layers)} layers) "
-        f"and store writes, ≈ full − traces walk | {full - walks['+ Hutchinson traces']:.1f} | |",
+        f"| of which predicted errors, measured (`rtn` with clipping search + `layer_error`, {len(settings.bits)} "
+        f"widths × {len(layers)} layers) | {predicted.seconds:.1f} | |",
+        f"| of which predicted errors and store writes, ≈ full − traces walk | "
+        f"{full - walks['+ Hutchinson traces']:.1f} | |",
         f"| second identical `analyze` (cache hit) | {hit:.3f} | |", "",
         f"Peak RSS: {rss_full:.0f} MiB after the full analysis ({rss_before:.0f} MiB with the model loaded and the "
         f"segments drawn, before it). Targets: attention-aware ≤ 2×, with traces ≤ 3× the layer-wise walk; "

@@ -9,7 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aptq.quantizer import QuantConfig, grid_params, group_spans, layer_error, packed_bits, quantize_dequantize, rtn
+import aptq.quantizer as quantizer
+from aptq.quantizer import CLIP_FACTORS, GridParams, QuantConfig, grid_params, group_spans, layer_error, packed_bits, \
+    quantize_dequantize, rtn
 
 GRID_CASES = settings(max_examples=40, deadline=None)
 
@@ -157,6 +159,85 @@ def test_clipping_with_a_hessian_minimizes_each_rows_weighted_error(bits):
     assert (with_h <= squared_only * (1 + 1e-5)).all()
     assert (with_h <= unclipped * (1 + 1e-5)).all()
     assert with_h.sum() < squared_only.sum()
+
+
+def correlated(seed: int, d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights with correlated columns and a few large ones, and H = 2 X Xᵀ / N from correlated inputs with outlier
+    channels (as in real activations), one dead."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.eye(d_in) + 0.3 * torch.randn(d_in, d_in, generator=generator) / d_in ** 0.5
+    weight = torch.randn(d_out, d_in, generator=generator) @ mixing
+    weight[:, :2] *= 4
+    inputs = mixing @ torch.randn(d_in, 4 * d_in, generator=generator)
+    inputs[d_in // 3] *= 20
+    inputs[d_in // 2] = 0
+    return weight, 2 * inputs @ inputs.T / inputs.shape[1]
+
+
+def brute_force_grid(block: torch.Tensor, cfg: QuantConfig, hessian: torch.Tensor | None) -> tuple[GridParams,
+                                                                                                  torch.Tensor]:
+    """The clipping search written from its definition: one factor at a time, the grid of each row's least error
+    (float64; the first factor on ties), and every candidate's error (factors × rows)."""
+    low, high = block.min(dim=1).values.clamp(max=0), block.max(dim=1).values.clamp(min=0)
+    candidates, errors = [], []
+    for factor in CLIP_FACTORS:
+        shrink = torch.tensor(factor, dtype=block.dtype)
+        params = quantizer._params_for_range(shrink * low, shrink * high, cfg)
+        grid = GridParams(params.scale.unsqueeze(1), params.zero.unsqueeze(1))
+        delta = (quantize_dequantize(block, grid, cfg) - block).double()
+        weighted = delta if hessian is None else delta @ hessian.double()
+        candidates.append(grid)
+        errors.append((weighted * delta).sum(dim=1))
+    errors = torch.stack(errors)
+    best = errors.argmin(dim=0)
+    rows = torch.arange(block.shape[0])
+    scale = torch.stack([grid.scale[:, 0] for grid in candidates])[best, rows]
+    zero = torch.stack([grid.zero[:, 0] for grid in candidates])[best, rows]
+    return GridParams(scale.unsqueeze(1), zero.unsqueeze(1)), errors
+
+
+@pytest.mark.parametrize("chunk", [None, 3000])  # None: the default chunks; 3000: chunks cut over rows and factors
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("use_hessian", [True, False])
+def test_the_clipping_search_picks_the_brute_force_grid(bits, symmetric, chunk, use_hessian, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(quantizer, "CLIP_SEARCH_ELEMENTS", chunk)
+    weight, hessian = correlated(bits + 10 * symmetric, 40, 48)
+    cfg = QuantConfig(bits, 16, symmetric=symmetric)
+    for start, end in group_spans(48, cfg):
+        block, block_h = weight[:, start:end], hessian[start:end, start:end] if use_hessian else None
+        fast = grid_params(block, cfg, block_h)
+        expected, errors = brute_force_grid(block, cfg, block_h)
+        # The fast search sums in float32 and in another order: only a near tie (within float noise) may go the
+        # other way, and then the error of its grid must be the least one up to that noise.
+        ordered = errors.sort(dim=0).values
+        clear = ordered[1] > ordered[0] * (1 + 1e-5)
+        assert clear.float().mean() > 0.9
+        torch.testing.assert_close(fast.scale[clear], expected.scale[clear], rtol=0, atol=0)
+        torch.testing.assert_close(fast.zero[clear], expected.zero[clear], rtol=0, atol=0)
+        delta = (quantize_dequantize(block, fast, cfg) - block).double()
+        fast_errors = ((delta if block_h is None else delta @ block_h.double()) * delta).sum(dim=1)
+        assert (fast_errors <= ordered[0] * (1 + 1e-5) + 1e-12).all()
+
+
+def test_the_per_channel_search_over_many_columns_picks_the_brute_force_grid(monkeypatch):
+    monkeypatch.setattr(quantizer, "CLIP_SEARCH_ELEMENTS", 2 ** 14)  # a few rows per chunk, a few factors per chunk
+    weight, hessian = correlated(99, 24, 200)
+    for bits in (2, 4):
+        cfg = QuantConfig(bits)
+        fast = grid_params(weight, cfg, hessian)
+        expected, errors = brute_force_grid(weight, cfg, hessian)
+        ordered = errors.sort(dim=0).values
+        clear = ordered[1] > ordered[0] * (1 + 1e-5)
+        assert clear.all()
+        assert torch.equal(fast.scale, expected.scale) and torch.equal(fast.zero, expected.zero)
+
+
+def test_the_clipping_search_does_not_track_gradients():
+    weight = random_weight(15, 6, 16).requires_grad_()
+    params = grid_params(weight, QuantConfig(3, 8), spd(16, 16).float())
+    assert params.scale.shape == (6, 1) and torch.isfinite(params.scale).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------

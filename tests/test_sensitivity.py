@@ -28,13 +28,9 @@ LAYER_COLUMNS = ["layer", "block", "kind", "fused", "n_params", "d_out", "d_in",
 ERROR_COLUMNS = ["layer", "bits", "group_size", "err_layerwise", "err_attention"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
-    rng = np.random.default_rng(0)
-    path.write_text("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(200)))
-    return load_corpus(str(path))
+@pytest.fixture
+def corpus(text_corpus):
+    return text_corpus
 
 
 @pytest.fixture
