@@ -1,14 +1,31 @@
 """Bit budget → mixed-precision plan, from the cached sensitivity tables alone (ALGORITHMS.md §3–4).
 
-Reads `layers[layer, block, kind, fused, n_params, score (, d_in)]` and `errors[layer, bits, err_layerwise,
-err_attention (, group_size)]` as written by aptq.sensitivity; never touches the model, so a plan takes milliseconds.
+Reads `layers[layer, block, kind, fused, n_params, score (, d_in, trace_lm, trace_attention, trace_layerwise,
+residual_ms)]` and `errors[layer, bits, err_layerwise, err_attention (, group_size)]` as written by aptq.sensitivity;
+never touches the model, so a plan takes milliseconds.
+
+Predicted errors in one currency (our choice; the papers sum raw errors): each Hessian measures a layer's error where
+that Hessian lives — the value projection's before the out projection, q/k's in the attention scores, gate/up's in
+their own outputs — and blocks further down work on a residual stream hundreds of times larger than the first ones,
+so raw errors of different layers cannot be summed. Every error is multiplied by
+
+    tr(H_LM) / tr(H_metric) / residual_ms
+
+the layer's APTQ trace (taken at the attention or MLP output) over the trace of the Hessian the error used, which
+moves the error to the module output (o and down: factor 1 up to Hutchinson's noise), divided by the median per-token
+‖h‖² of the residual stream that output is added to: pre-norm blocks read the stream through a normalization, so a
+later block sees an error relative to the stream's size. Measured on the embedded model (bench/results/sweep.md): at
+3.0 bits with RTN the raw sum gave perplexity 722, the module-output sum 3393, this relative sum 113 (uniform 3-bit:
+124). The knapsacks minimize and the summaries report these converted sums. A layers table without the trace and
+residual columns (synthetic tables) is used as given.
 
 Methods:
   uniform             every free layer at the widest candidate that fits the budget once pins are charged
   aptq                the APTQ paper's rule: sorted by score, the least sensitive layers take the low width until the
                       parameter-weighted average meets the budget
-  knapsack            min Σ err_attention(l, b_l) s.t. Σ n_l b_l ≤ budget · Σ n_l: multiple-choice knapsack by DP
-  knapsack-layerwise  the same with err_layerwise
+  knapsack            min Σ err_attention(l, b_l) (converted, see above) s.t. Σ n_l b_l ≤ budget · Σ n_l:
+                      multiple-choice knapsack by DP
+  knapsack-layerwise  the same with err_layerwise (converted the same way)
   random              seeded random widths, then lowered at random until the budget holds (for teaching)
 
 Constraints for every method: pins are kept and charged to the budget; per-kind bounds narrow the candidates of a
@@ -37,6 +54,7 @@ SCALE_ZERO_BITS = 32  # one fp16 scale + one fp16 zero point per group
 MAX_TABLE_CELLS = 1 << 24  # (our choice) DP back-pointer table cap: 16 MiB of int8
 LAYER_COLUMNS = ("layer", "block", "kind", "fused", "n_params")
 ERROR_COLUMNS = ("layer", "bits", "err_layerwise", "err_attention")
+METRIC_TRACES = {"err_attention": "trace_attention", "err_layerwise": "trace_layerwise"}  # the metric's own Hessian
 
 
 class AllocationError(UserError, ValueError):
@@ -114,8 +132,8 @@ def summarize(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict:
         **size,
         "fp16_size_mb": total * FULL_PRECISION / 8e6,
         "compression": total * FULL_PRECISION / 8e6 / size["size_mb"],
-        "predicted_error_attention": _predicted_error(plan, errors, "err_attention"),
-        "predicted_error_layerwise": _predicted_error(plan, errors, "err_layerwise"),
+        "predicted_error_attention": _predicted_error(plan, layers, errors, "err_attention"),
+        "predicted_error_layerwise": _predicted_error(plan, layers, errors, "err_layerwise"),
         "bits_by_kind": {str(k): float(row.nb / row.n) for k, row in by_kind.iterrows()},
         "layers_by_bits": {int(w): int(c) for w, c in zip(widths, counts)},
         "notes": list(plan.notes),
@@ -225,7 +243,7 @@ def _build_problem(layers: pd.DataFrame, errors: pd.DataFrame, request: Allocati
     free = pinned == 0
     _check_bounds(group_allowed, free, layers, group_of)
     metric = "err_layerwise" if request.method == "knapsack-layerwise" else "err_attention"
-    layer_err = _error_matrix(errors, names, widths, metric, request.group_size)
+    layer_err = _error_matrix(layers, errors, names, widths, metric, request.group_size)
     _check_coverage(layer_err, group_allowed[group_of] & free[group_of, None], pinned[group_of], names, widths)
     group_err = np.stack([np.bincount(group_of, weights=np.nan_to_num(layer_err[:, j]), minlength=n_groups)
                           for j in range(len(widths))], axis=1)
@@ -233,8 +251,11 @@ def _build_problem(layers: pd.DataFrame, errors: pd.DataFrame, request: Allocati
     if request.method == "aptq":
         if "score" not in layers.columns:
             raise AllocationError("The layers table has no score column; the aptq rule needs the sensitivity scores.")
-        weighted = layers["score"].to_numpy(dtype=float) * n_layer
-        score = np.bincount(group_of, weights=weighted, minlength=n_groups) / n_group
+        layer_score = layers["score"].to_numpy(dtype=float)
+        score = np.bincount(group_of, weights=layer_score * n_layer, minlength=n_groups) / n_group
+        # Unfused layers keep their score exactly: rounding in the weighted mean must not reorder equal scores.
+        single = np.bincount(group_of, minlength=n_groups)[group_of] == 1
+        score[group_of[single]] = layer_score[single]
     total = int(n_layer.sum())
     pinned_cost = int((n_group * pinned).sum())
     capacity = math.floor(Fraction(request.budget) * total) - pinned_cost  # exact: no float rounding at the budget
@@ -261,13 +282,13 @@ def _check_bounds(group_allowed: np.ndarray, free: np.ndarray, layers: pd.DataFr
                               f"(kind {layers['kind'].iloc[member]}); widen min_bits/max_bits or add a candidate.")
 
 
-def _error_matrix(errors: pd.DataFrame, names: np.ndarray, widths: np.ndarray, metric: str,
-                  group_size: int) -> np.ndarray:
-    """(L, m) predicted error of each layer at each width; NaN where the table has no row."""
+def _error_matrix(layers: pd.DataFrame, errors: pd.DataFrame, names: np.ndarray, widths: np.ndarray,
+                  metric: str, group_size: int) -> np.ndarray:
+    """(L, m) predicted error of each layer at each width (module-output units); NaN where the table has no row."""
     missing = sorted(set(ERROR_COLUMNS) - set(errors.columns))
     if missing:
         raise AllocationError(f"The errors table lacks columns {missing}; pass the sensitivity analysis's table.")
-    errors = _errors_for_group(errors, group_size)
+    errors = _output_errors(layers, _errors_for_group(errors, group_size), metric)
     row = pd.Index(names).get_indexer(errors["layer"])
     bits = errors["bits"].to_numpy(dtype=np.int64)
     col = np.minimum(np.searchsorted(widths, bits), len(widths) - 1)
@@ -291,6 +312,17 @@ def _errors_for_group(errors: pd.DataFrame, group_size: int) -> pd.DataFrame:
         raise AllocationError(f"The predicted errors were computed for group size(s) {sorted(int(s) for s in sizes)}, "
                               f"not {group_size}; set group_size to one of them or rerun the analysis.")
     return errors[errors["group_size"] == group_size]
+
+
+def _output_errors(layers: pd.DataFrame, errors: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """`errors` with `metric` × tr(H_LM) / tr(H_metric) / residual_ms per layer (see the module docstring)."""
+    trace = METRIC_TRACES[metric]
+    if not {"trace_lm", trace, "residual_ms"} <= set(layers.columns):
+        return errors
+    # A zero trace (inputs all zero) means zero error anyway; a missing value leaves the error as it is.
+    factor = (layers["trace_lm"] / layers[trace] / layers["residual_ms"]).where(layers[trace] > 0, 1.0)
+    factor.index = layers["layer"]
+    return errors.assign(**{metric: errors[metric] * errors["layer"].map(factor).fillna(1.0).to_numpy()})
 
 
 def _check_coverage(layer_err: np.ndarray, needed: np.ndarray, layer_pins: np.ndarray, names: np.ndarray,
@@ -494,10 +526,12 @@ def _overhead_bits(layers: pd.DataFrame, group_size: int) -> np.ndarray:
     return SCALE_ZERO_BITS * groups_per_row / d_in
 
 
-def _predicted_error(plan: Plan, errors: pd.DataFrame, metric: str) -> float:
-    """Σ over layers of the predicted error at the plan's width; full-precision layers add 0; NaN if any is missing."""
+def _predicted_error(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame, metric: str) -> float:
+    """Σ over layers of the predicted error (module-output units) at the plan's width; full-precision layers add 0;
+    NaN if any is missing."""
     chosen = pd.DataFrame({"layer": list(plan.bits), "bits": list(plan.bits.values())})
     quantized = chosen[chosen["bits"] < FULL_PRECISION]
-    table = _errors_for_group(errors, plan.request.group_size)[["layer", "bits", metric]]
+    table = _output_errors(layers, _errors_for_group(errors, plan.request.group_size), metric)
+    table = table[["layer", "bits", metric]]
     merged = quantized.merge(table, on=["layer", "bits"], how="left")
     return float(merged[metric].sum()) if merged[metric].notna().all() else math.nan

@@ -10,6 +10,9 @@ Per block, from hooks on its linear layers and on its attention function:
   Hutchinson's estimator with Rademacher probes, with their standard errors. (our choice, as the issue asks:
   ALGORITHMS.md §3 lets MLP layers use their own output; for down both agree, for gate/up we differentiate the MLP
   output, so they are measured after the down projection as q/k/v are after the out projection.)
+- the size of the residual stream each module writes into: the median over calibration tokens of ‖h‖² just after the
+  attention output and just after the MLP output are added (the median, because a few "attention sink" tokens carry
+  activations orders of magnitude above the rest). The allocator uses it to compare errors across blocks.
 
 The attention probabilities, the post-RoPE queries and keys and the mask come from our own eager attention function,
 registered in transformers' `AttentionInterface` and switched on for the block while it is collected; it computes
@@ -191,6 +194,8 @@ class BlockHessians:
     row: dict[str, torch.Tensor] = field(default_factory=dict)  # q layers: G_Q (n_heads × d_h × d_h); k: G_K (n_kv …)
     lm_trace: dict[str, float] = field(default_factory=dict)  # APTQ tr(H_LM) per layer
     lm_trace_se: dict[str, float] = field(default_factory=dict)  # its standard error
+    # "attention" / "mlp": median over tokens of ‖h‖² of the residual stream just after that module's output is added
+    residual: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,7 @@ class HessianCollector:
         self._inputs: dict[str, torch.Tensor] = {}  # per batch: module path → input
         self._outputs: dict[str, torch.Tensor] = {}  # per batch: module path → output
         self._attention: tuple | None = None  # per batch: (query, key, probs, scaling, mask)
+        self._residual: dict[str, list[torch.Tensor]] = {"attention": [], "mlp": []}  # per-token ‖h‖²
         self._stack = None
 
     # -- hooks -------------------------------------------------------------------------------------------------
@@ -291,6 +297,7 @@ class HessianCollector:
             self._accumulate_layerwise(inputs)
             if self.options.attention:
                 self._accumulate_attention(inputs, length)
+            self._accumulate_residual(batch, output)
         if self.options.probes > 0:
             self._accumulate_traces(batch, inputs, n, length)
         self.tokens += n * length
@@ -333,6 +340,13 @@ class HessianCollector:
         self._add("row_q", torch.stack(row_q))
         self._add("row_k", torch.stack(row_k))
 
+    def _accumulate_residual(self, batch: Batch, output: torch.Tensor) -> None:
+        """Per-token ‖h‖² of the residual stream after the attention add (block input + attention output) and after
+        the MLP add (the block output), as pre-norm blocks sum them."""
+        attention_out = self._outputs[self.by_kind["o"].module_path].detach().reshape_as(batch.hidden)
+        for module, stream in (("attention", batch.hidden + attention_out), ("mlp", output.detach())):
+            self._residual[module].append(stream.float().square().sum(-1).flatten().cpu())
+
     def _accumulate_traces(self, batch: Batch, inputs: dict[str, torch.Tensor], n: int, length: int) -> None:
         """Hutchinson: per segment, ‖∂(uᵀF)/∂W‖² for Rademacher u on the attention and MLP outputs."""
         paths = list(dict.fromkeys(layer.module_path for layer in self.layers))
@@ -368,6 +382,7 @@ class HessianCollector:
         shared = {group: (self._sums[group] * scale).cpu() for group in self.group_leaders}
         hessians = BlockHessians(self.step.index, self.tokens,
                                  {layer.name: shared[INPUT_GROUPS[layer.kind]] for layer in self.layers})
+        hessians.residual = {module: torch.cat(norms).median().item() for module, norms in self._residual.items()}
         if self.options.attention:
             repeats = self.arch.n_heads // self.arch.n_kv_heads
             hessians.value[self.by_kind["v"].name] = (self._sums["value"] * (scale / repeats)).cpu()

@@ -94,6 +94,15 @@ def record_run(store: Store | None, row: dict) -> None:
     store.write_frame("runs", pd.DataFrame([row]))
 
 
+def set_prediction(store: Store | None, key: str, meta: dict) -> dict:
+    """Give a stored run the analysis and predicted errors of `meta` (the latest prediction of its plan); the row."""
+    store = _ready(store)
+    store.execute("UPDATE runs SET analysis = ?, predicted_error_attention = ?, predicted_error_layerwise = ? "
+                  "WHERE key = ?", [meta.get("analysis"), meta.get("predicted_error_attention"),
+                                    meta.get("predicted_error_layerwise"), key])
+    return find_run(store, key)
+
+
 def trust(runs: pd.DataFrame) -> pd.DataFrame:
     """Per quantization method: Spearman rank correlation of the predicted total error with the measured KL and
     perplexity, over the runs that carry a prediction (one model and evaluation protocol at a time)."""

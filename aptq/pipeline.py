@@ -292,6 +292,8 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     eval_fp = digest(corpus.fingerprint, tokenizer_fp, str(evaluation.seqlen), str(evaluation.max_tokens))
     key = run_key(model_fp, calibration_fp, plan, settings, eval_fp)
     stored = history.find_run(store, key)
+    if stored is not None and meta.get("predicted_error_attention") is not None:
+        stored = history.set_prediction(store, key, meta)  # the same plan predicted again (e.g. a newer analysis)
     if stored is not None and export_dir is None:
         progress(1, 1, "cached")
         return stored | {"cached": True}

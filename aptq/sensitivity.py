@@ -13,6 +13,8 @@ layers   layer, block, kind, fused (the name of the stored tensor a layer shares
          trace_attention   v: Σ_g d_h · tr(H_V,g); q/k: Σ_h tr(G_h) · tr(H); o and MLP: = trace_layerwise
          trace_lm, trace_lm_se   APTQ tr(2 E[JᵀJ]) by Hutchinson, and its standard error
          score_layerwise, score_attention, score   the traces per parameter (score = APTQ trace / n_params)
+         residual_ms       median per-token ‖h‖² of the residual stream the layer's module (attention or MLP) adds
+                           its output to (aptq.allocate divides the errors by it)
 errors   layer, bits, group_size,
          err_layerwise     tr(ΔW H ΔWᵀ) with the round-to-nearest error ΔW
          err_attention     v: Σ_g tr(ΔW_g H_V,g ΔW_gᵀ); q/k: tr(G ΔW H ΔWᵀ); o and MLP: = err_layerwise
@@ -36,8 +38,9 @@ from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, layer_error, rtn
 from aptq.store import Store
 
-METHOD_VERSION = 1  # bump when any formula changes: old cache entries then miss
+METHOD_VERSION = 2  # bump when any formula changes: old cache entries then miss
 DEFAULT_BITS = (2, 3, 4, 8)
+ATTENTION_KINDS = ("q", "k", "v", "o")
 CPU_CALIBRATION = (64, 512)  # (our choice) segments × tokens that keep an analysis within minutes on a CPU
 GPU_CALIBRATION = (128, 2048)  # the GPTQ papers' setting
 
@@ -122,13 +125,14 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
         else:
             trace_attention = trace_layerwise
         trace_lm = hessians.lm_trace[layer.name]
+        module = "attention" if layer.kind in ATTENTION_KINDS else "mlp"
         # (our choice of normalization, HAWQ-style) scores are traces per parameter.
         layer_records.append({
             "layer": layer.name, "block": layer.block, "kind": layer.kind, "fused": layer.group,
             "n_params": n_params, "d_out": d_out, "d_in": d_in, "trace_layerwise": trace_layerwise,
             "trace_attention": trace_attention, "trace_lm": trace_lm, "trace_lm_se": hessians.lm_trace_se[layer.name],
             "score_layerwise": trace_layerwise / n_params, "score_attention": trace_attention / n_params,
-            "score": trace_lm / n_params})
+            "score": trace_lm / n_params, "residual_ms": hessians.residual[module]})
         for bits in sorted(set(settings.bits)):
             config = QuantConfig(bits, settings.group_size, symmetric=settings.symmetric,
                                  clip_search=settings.clip_search)

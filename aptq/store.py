@@ -26,7 +26,8 @@ analyses           key PK (model + calibration + settings + METHOD_VERSION), mod
 analysis_blocks    (analysis, block) PK, seconds, finished — one row per finished block; resuming starts at the
                    first block without a row
 layer_metrics      (analysis, layer) PK, position (order in the model), block, kind, fused, n_params, d_out, d_in,
-                   trace_layerwise, trace_attention, trace_lm, trace_lm_se, score_layerwise, score_attention, score
+                   trace_layerwise, trace_attention, trace_lm, trace_lm_se, score_layerwise, score_attention, score,
+                   residual_ms (added by ALTER TABLE so that older files keep working)
 predicted_errors   (analysis, layer, bits, group_size) PK, err_layerwise, err_attention
 """
 
@@ -68,6 +69,7 @@ CREATE TABLE IF NOT EXISTS layer_metrics (
     n_params BIGINT, d_out INTEGER, d_in INTEGER, trace_layerwise DOUBLE, trace_attention DOUBLE, trace_lm DOUBLE,
     trace_lm_se DOUBLE, score_layerwise DOUBLE, score_attention DOUBLE, score DOUBLE,
     PRIMARY KEY (analysis, layer));
+ALTER TABLE layer_metrics ADD COLUMN IF NOT EXISTS residual_ms DOUBLE;
 CREATE TABLE IF NOT EXISTS predicted_errors (
     analysis VARCHAR, layer VARCHAR, bits INTEGER, group_size INTEGER, err_layerwise DOUBLE, err_attention DOUBLE,
     PRIMARY KEY (analysis, layer, bits, group_size));

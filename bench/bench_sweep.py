@@ -76,7 +76,8 @@ def main() -> None:
     aptq_row, random_rows = at("aptq", 3.5).iloc[0], at("random", 3.5)
     runs = stored_runs(store, model_fingerprint(loaded.path))
     protocol = runs.set_index("key").loc[measured["key"].iloc[0], ["eval_tokens", "eval_seqlen", "group_size"]]
-    runs = runs[(runs[protocol.index] == protocol.to_numpy()).all(axis=1)]
+    runs = runs[(runs[protocol.index] == protocol.to_numpy()).all(axis=1)
+                & (runs["analysis"] == layers.attrs["analysis_key"])]  # predictions of this analysis only
     lines = [
         "# Sweep benchmark", "",
         f"- date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores, {platform.processor() or 'CPU'}, "
@@ -96,7 +97,7 @@ def main() -> None:
         f"- 3.5 bits: aptq (2/4 by trace per parameter) perplexity {aptq_row.perplexity:.3f}, KL {aptq_row.kl:.4f}; "
         f"random, median of seeds {sorted(random_rows['seed'].tolist())}: perplexity "
         f"{random_rows['perplexity'].median():.3f}, KL {random_rows['kl'].median():.4f}", "",
-        f"## Predicted versus measured (Spearman over the {len(runs)} stored runs of this protocol)", "",
+        f"## Predicted versus measured (Spearman over the {len(runs)} stored runs of this protocol and analysis)", "",
         *table(trust(runs)),
     ]
     RESULTS.write_text("\n".join(lines) + "\n")

@@ -13,7 +13,8 @@ from aptq.allocate import (FULL_PRECISION, METHODS, AllocationError, AllocationR
                            summarize)
 from ui.session import Analysis, current_analysis, page_header, save_current_plan
 
-SOLVER_HELP = ("knapsack: least total predicted error (attention-aware Hessians) within the budget; "
+SOLVER_HELP = ("knapsack: least total predicted error (attention-aware Hessians, each layer's error taken to its "
+               "module's output and made relative to the residual stream — our choice) within the budget; "
                "knapsack-layerwise: the same with layer-wise errors; aptq: the paper's rule (least sensitive layers "
                "take the low width); uniform; random (seeded, for comparison).")
 
@@ -70,7 +71,10 @@ def headline(summary: dict) -> None:
     cols[2].metric("Size", f"{summary['size_mb']:.1f} MB", help="quantizable linear weights only, with scales")
     cols[3].metric("Compression", f"{summary['compression']:.2f}×", help="FP16 size / plan size")
     cols[4].metric("Predicted error", f"{summary['predicted_error_attention']:.4g}",
-                   help="Σ e(layer, b) with the attention-aware Hessians — what the knapsack minimizes")
+                   help="Σ e(layer, b) with the attention-aware Hessians, each moved to its module's output "
+                        "(× APTQ trace / trace of its Hessian) and divided by the median ‖h‖² of the residual stream "
+                        "it is added to (our choice: the papers sum raw errors, which are not in one unit) — what the "
+                        "knapsack minimizes")
     st.caption(f"FP16: {summary['fp16_size_mb']:.1f} MB. Predicted error with the layer-wise Hessians: "
                f"{summary['predicted_error_layerwise']:.4g}. Layers per width: "
                + ", ".join(f"{count} × {bits} bits" for bits, count in summary["layers_by_bits"].items()) + ".")

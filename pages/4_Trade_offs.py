@@ -75,6 +75,13 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
     if predicted.empty:
         st.info("None of these runs carries a predicted error: run plans made on the Bit budget page.")
         return
+    # Predictions from different analyses are in different units: keep those of the newest prediction's analysis.
+    analysis = predicted["analysis"].fillna("")
+    latest = analysis[predicted["created"].idxmax()]
+    if analysis.nunique() > 1:
+        st.caption(f"Runs predicted by analysis {latest or '(unnamed)'} only ({(analysis == latest).sum()} of "
+                   f"{len(predicted)}): predictions from different analyses are not comparable.")
+    predicted = predicted[analysis == latest]
     left, right = st.columns([3, 2])
     left.plotly_chart(charts.predicted_vs_measured(predicted, "kl" if measured == "top1" else measured, protocol),
                       width="stretch")

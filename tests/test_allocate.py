@@ -290,6 +290,21 @@ def test_summary_numbers():
     assert summary["layers_by_bits"] == {2: 1, 4: 1, 16: 1}
 
 
+def test_errors_are_moved_to_the_module_output_and_made_relative_to_the_residual_stream():
+    # Equal raw errors; the factors tr(H_LM) / tr(H_metric) / residual_ms are 10/2/1 = 5 for l0 and 4/1/8 = 0.5 for l1.
+    layers, errors = tables([4096, 4096], ["v", "down"], ["l0", "l1"], np.array([[8.0, 1.0], [8.0, 1.0]]), (2, 4))
+    layers = layers.assign(trace_lm=[10.0, 4.0], trace_attention=[2.0, 1.0], trace_layerwise=[5.0, 4.0],
+                           residual_ms=[1.0, 8.0])
+    plan = allocate(layers, errors, AllocationRequest(3.0, "knapsack", (2, 4)))
+    assert plan.bits == {"l0": 4, "l1": 2}
+    summary = summarize(plan, layers, errors)
+    assert summary["predicted_error_attention"] == pytest.approx(5 * 1.0 + 0.5 * 8.0)
+    # err_layerwise is 2·err reversed: l0 at 4 bits 16, l1 at 2 bits 2; factors 10/5/1 = 2 and 4/4/8.
+    assert summary["predicted_error_layerwise"] == pytest.approx(2 * 16.0 + 0.125 * 2.0)
+    as_given = allocate(layers.drop(columns="residual_ms"), errors, AllocationRequest(3.0, "knapsack", (2, 4)))
+    assert summarize(as_given, layers.drop(columns="residual_ms"), errors)["predicted_error_attention"] == 9.0
+
+
 def test_summary_per_channel_and_without_d_in():
     layers, errors = tables([128 * 64], ["q"], ["l0"], np.array([[1.0]]), (4,))
     plan = Plan({"l0": 4}, AllocationRequest(4.0, candidates=(4,), group_size=0))

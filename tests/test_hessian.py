@@ -248,3 +248,16 @@ def test_collector_leaves_the_model_as_it_was(tiny_model):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in blocks.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, before)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_residual_size_is_the_median_norm_after_each_add(tiny_model, family):
+    model, arch = tiny_model(family)
+    ids = segments()
+    hessians = collect(model, arch, ids, attention=False)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    attention_out = reference(model, arch, ids)["y_o"].reshape_as(hidden[0])
+    for module, stream in (("attention", hidden[0] + attention_out), ("mlp", hidden[1])):
+        expected = stream.square().sum(-1).flatten().median().item()
+        assert hessians.residual[module] == pytest.approx(expected, rel=1e-5)

@@ -24,7 +24,7 @@ from aptq.store import Store
 SAMPLING = Sampling(6, 24, seed=0)
 SETTINGS = AnalysisSettings(group_size=32, bits=(2, 4, 8))
 LAYER_COLUMNS = ["layer", "block", "kind", "fused", "n_params", "d_out", "d_in", "trace_layerwise", "trace_attention",
-                 "trace_lm", "trace_lm_se", "score_layerwise", "score_attention", "score"]
+                 "trace_lm", "trace_lm_se", "score_layerwise", "score_attention", "score", "residual_ms"]
 ERROR_COLUMNS = ["layer", "bits", "group_size", "err_layerwise", "err_attention"]
 
 
@@ -68,6 +68,8 @@ def test_analysis_of_each_family_round_trips_through_the_store(tiny_model_dir, c
     down = layers[layers["kind"] == "down"]
     assert np.allclose(down["trace_lm"], down["trace_layerwise"], rtol=6 * (down["trace_lm_se"] /
                                                                             down["trace_lm"]).max())
+    module = layers["kind"].isin(["q", "k", "v", "o"])  # one residual size per (block, attention or MLP)
+    assert (layers["residual_ms"] > 0).all() and (layers.groupby(["block", module])["residual_ms"].nunique() == 1).all()
     by_bits = errors.pivot(index="layer", columns="bits", values="err_attention")
     assert (by_bits[2] > by_bits[4]).all() and (by_bits[4] > by_bits[8]).all()
     fused = layers[layers["kind"].isin(["q", "k", "v"])]["fused"]

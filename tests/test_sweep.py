@@ -54,6 +54,16 @@ def test_sweep_quantizes_each_plan_once_and_resumes(tiny_model_dir, text_corpus,
     assert len(stored_plans(store)) == measured["key"].nunique()  # a plan is stored once, under its latest name
     again = run_sweep(*args)
     assert again.dropna(subset=["key"])["cached"].all()
+    # A new prediction of the same plans (here: every error doubled) reaches the stored runs without model work.
+    doubled = errors.assign(err_attention=2 * errors["err_attention"])
+    redo = run_sweep(*args[:4], doubled, *args[5:]).dropna(subset=["key"])
+    assert redo["cached"].all()
+    runs = stored_runs(store, model_fingerprint(loaded.path)).set_index("key")
+    for row in redo.itertuples():
+        assert runs.loc[row.key, "predicted_error_attention"] == pytest.approx(row.predicted_error_attention)
+        assert row.predicted_error_attention == pytest.approx(
+            2 * first.set_index("key").loc[[row.key], "predicted_error_attention"].iloc[0])
+    runs = runs.reset_index()
     table = trust(runs)
     assert list(table["method"]) == ["rtn"] and table["runs"].iloc[0] == len(runs)
     assert -1 <= table["spearman_attention_kl"].iloc[0] <= 1
