@@ -320,9 +320,12 @@ def _output_errors(layers: pd.DataFrame, errors: pd.DataFrame, metric: str) -> p
     if not {"trace_lm", trace, "residual_ms"} <= set(layers.columns):
         return errors
     # A zero trace (inputs all zero) means zero error anyway; a missing value leaves the error as it is.
-    factor = (layers["trace_lm"] / layers[trace] / layers["residual_ms"]).where(layers[trace] > 0, 1.0)
-    factor.index = layers["layer"]
-    return errors.assign(**{metric: errors[metric] * errors["layer"].map(factor).fillna(1.0).to_numpy()})
+    own = layers[trace].to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = layers["trace_lm"].to_numpy(dtype=float) / own / layers["residual_ms"].to_numpy(dtype=float)
+    factor = np.append(np.where((own > 0) & np.isfinite(factor), factor, 1.0), 1.0)  # last: layers not in the table
+    row = pd.Index(layers["layer"]).get_indexer(errors["layer"])  # −1 → the appended 1.0
+    return errors.assign(**{metric: errors[metric].to_numpy(dtype=float) * factor[row]})
 
 
 def _check_coverage(layer_err: np.ndarray, needed: np.ndarray, layer_pins: np.ndarray, names: np.ndarray,

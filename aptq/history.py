@@ -95,11 +95,14 @@ def record_run(store: Store | None, row: dict) -> None:
 
 
 def set_prediction(store: Store | None, key: str, meta: dict) -> dict:
-    """Give a stored run the analysis and predicted errors of `meta` (the latest prediction of its plan); the row."""
+    """Give a stored run the name, allocation, analysis and predicted errors of `meta` (the latest prediction of its
+    plan, e.g. from a newer analysis); return the row."""
     store = _ready(store)
-    store.execute("UPDATE runs SET analysis = ?, predicted_error_attention = ?, predicted_error_layerwise = ? "
-                  "WHERE key = ?", [meta.get("analysis"), meta.get("predicted_error_attention"),
-                                    meta.get("predicted_error_layerwise"), key])
+    store.execute("UPDATE runs SET plan_name = coalesce(?, plan_name), allocation = coalesce(?, allocation), "
+                  "budget = coalesce(?, budget), analysis = ?, predicted_error_attention = ?, "
+                  "predicted_error_layerwise = ? WHERE key = ?",
+                  [meta.get("name"), meta.get("allocation"), meta.get("budget"), meta.get("analysis"),
+                   meta.get("predicted_error_attention"), meta.get("predicted_error_layerwise"), key])
     return find_run(store, key)
 
 

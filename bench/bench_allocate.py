@@ -56,8 +56,12 @@ def synthetic_tables(blocks: int, block_shapes: dict[str, tuple[int, int]], widt
             d_out, d_in = block_shapes[kind]
             name = f"model.layers.{block}.{kind}"
             scale = rng.lognormal(sigma=1.0) * d_out * d_in
+            # The trace and residual columns make the solver convert the errors as it does for a real analysis.
+            trace = scale * rng.uniform(0.5, 2)
             layers.append({"layer": name, "block": block, "kind": kind, "fused": name, "n_params": d_out * d_in,
-                           "d_out": d_out, "d_in": d_in, "score": scale / (d_out * d_in)})
+                           "d_out": d_out, "d_in": d_in, "score": scale / (d_out * d_in), "trace_lm": trace,
+                           "trace_attention": scale, "trace_layerwise": scale,
+                           "residual_ms": 10.0 ** (block / blocks * 3)})
             for bits in widths:
                 base = scale * 4.0 ** -bits
                 errors.append({"layer": name, "bits": bits, "err_layerwise": base,

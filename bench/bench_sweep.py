@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--methods", default="uniform,aptq,knapsack,knapsack-layerwise")
     parser.add_argument("--quantizer", default="gptq")
     parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     loaded = load_model(device=os.environ.get("APTQ_DEVICE"))
@@ -84,7 +85,7 @@ def main() -> None:
         f"torch {torch.__version__}, device {loaded.device}; sweep wall time {seconds / 60:.1f} min (stored points "
         f"reused)",
         f"- command: `PYTHONPATH=. .venv/bin/python bench/bench_sweep.py --budgets {args.budgets} --methods "
-        f"{args.methods} --quantizer {args.quantizer} --tokens {args.tokens}`",
+        f"{args.methods} --quantizer {args.quantizer} --tokens {args.tokens} --output {os.path.relpath(args.output)}`",
         f"- {loaded.display_name}; analysis {layers.attrs['analysis_key']} (Brown calibration 64 × 512, group 64, "
         f"widths {CANDIDATES}); each plan quantized with {args.quantizer} (group 64) and evaluated on the Brown "
         f"evaluation split, windows of 512, first {args.tokens} tokens", "",
@@ -100,7 +101,7 @@ def main() -> None:
         f"## Predicted versus measured (Spearman over the {len(runs)} stored runs of this protocol and analysis)", "",
         *table(trust(runs)),
     ]
-    RESULTS.write_text("\n".join(lines) + "\n")
+    args.output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
