@@ -4,7 +4,7 @@ Reads `layers[layer, block, kind, fused, n_params, score (, d_in, trace_lm, trac
 residual_ms)]` and `errors[layer, bits, err_layerwise, err_attention (, group_size)]` as written by aptq.sensitivity;
 never touches the model, so a plan takes milliseconds.
 
-Predicted errors in one currency (our choice; the papers sum raw errors): each Hessian measures a layer's error where
+Predicted errors in one unit (our choice; the papers sum raw errors): each Hessian measures a layer's error where
 that Hessian lives — the value projection's before the out projection, q/k's in the attention scores, gate/up's in
 their own outputs — and blocks further down work on a residual stream hundreds of times larger than the first ones,
 so raw errors of different layers cannot be summed. Every error is multiplied by
@@ -284,11 +284,11 @@ def _check_bounds(group_allowed: np.ndarray, free: np.ndarray, layers: pd.DataFr
 
 def _error_matrix(layers: pd.DataFrame, errors: pd.DataFrame, names: np.ndarray, widths: np.ndarray,
                   metric: str, group_size: int) -> np.ndarray:
-    """(L, m) predicted error of each layer at each width (module-output units); NaN where the table has no row."""
+    """(L, m) predicted error of each layer at each width, in one unit; NaN where the table has no row."""
     missing = sorted(set(ERROR_COLUMNS) - set(errors.columns))
     if missing:
         raise AllocationError(f"The errors table lacks columns {missing}; pass the sensitivity analysis's table.")
-    errors = _output_errors(layers, _errors_for_group(errors, group_size), metric)
+    errors = comparable_errors(layers, _errors_for_group(errors, group_size), metric)
     row = pd.Index(names).get_indexer(errors["layer"])
     bits = errors["bits"].to_numpy(dtype=np.int64)
     col = np.minimum(np.searchsorted(widths, bits), len(widths) - 1)
@@ -314,8 +314,9 @@ def _errors_for_group(errors: pd.DataFrame, group_size: int) -> pd.DataFrame:
     return errors[errors["group_size"] == group_size]
 
 
-def _output_errors(layers: pd.DataFrame, errors: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """`errors` with `metric` × tr(H_LM) / tr(H_metric) / residual_ms per layer (see the module docstring)."""
+def comparable_errors(layers: pd.DataFrame, errors: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """`errors` with `metric` × tr(H_LM) / tr(H_metric) / residual_ms per layer: the unit in which the solvers sum
+    them (see the module docstring)."""
     trace = METRIC_TRACES[metric]
     if not {"trace_lm", trace, "residual_ms"} <= set(layers.columns):
         return errors
@@ -530,11 +531,11 @@ def _overhead_bits(layers: pd.DataFrame, group_size: int) -> np.ndarray:
 
 
 def _predicted_error(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame, metric: str) -> float:
-    """Σ over layers of the predicted error (module-output units) at the plan's width; full-precision layers add 0;
-    NaN if any is missing."""
+    """Σ over layers of the predicted error (in one unit) at the plan's width; full-precision layers add 0; NaN if any
+    is missing."""
     chosen = pd.DataFrame({"layer": list(plan.bits), "bits": list(plan.bits.values())})
     quantized = chosen[chosen["bits"] < FULL_PRECISION]
-    table = _output_errors(layers, _errors_for_group(errors, plan.request.group_size), metric)
+    table = comparable_errors(layers, _errors_for_group(errors, plan.request.group_size), metric)
     table = table[["layer", "bits", metric]]
     merged = quantized.merge(table, on=["layer", "bits"], how="left")
     return float(merged[metric].sum()) if merged[metric].notna().all() else math.nan

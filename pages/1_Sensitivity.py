@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from aptq import charts
+from aptq.allocate import comparable_errors
 from ui.session import current_analysis, page_header
 
 page_header("Sensitivity")
@@ -25,9 +26,14 @@ if metric == "error":
     bits = mid.selectbox("Bits", sorted(int(b) for b in errors["bits"].unique()), key="sens_bits")
     hessian = right.radio("Hessian", ["attention", "layerwise"], horizontal=True, key="sens_hessian",
                           format_func={"attention": "attention-aware", "layerwise": "layer-wise"}.get)
-    chosen = errors[errors["bits"] == bits].set_index("layer")[f"err_{hessian}"]
+    comparable = left.toggle("In one unit (what the solver sums)", value=True, key="sens_comparable",
+                             help="× APTQ trace / trace of the Hessian used / residual-stream size (our choice); "
+                                  "off: as each Hessian measures it")
+    column = f"err_{hessian}"
+    at_bits = errors[errors["bits"] == bits]
+    chosen = (comparable_errors(layers, at_bits, column) if comparable else at_bits).set_index("layer")[column]
     frame = layers.assign(error=layers["layer"].map(chosen))
-    label = f"predicted error e(layer, {bits} bits), {hessian} Hessian"
+    label = f"predicted error e(layer, {bits} bits), {hessian} Hessian" + (", in one unit" if comparable else "")
 
 st.plotly_chart(charts.sensitivity_heatmap(frame, metric, label), width="stretch")
 st.caption("Log colour scale; hover a cell for the exact value. Values come from the cache: "
@@ -76,6 +82,12 @@ with st.expander("What these numbers are", expanded=True):
                 "round-to-nearest error at `b` bits with the analysis's group size, its clipping searched with the "
                 "layer-wise `H` *(our choice)*, and the attention-aware `H` (Kronecker form for q/k):")
     st.latex(r"e(\ell, b) = \operatorname{tr}\left(\Delta W_b\, H\, \Delta W_b^\top\right)")
+    st.markdown("Before summing, each error is put in one unit *(our choice: raw errors of different layers are "
+                "measured in different places, and summed raw they made the knapsack lose to uniform 3-bit)*: moved "
+                "to the attention or MLP output with the ratio of traces, and made relative to the median per-token "
+                "squared norm of the residual stream that output is added to:")
+    st.latex(r"\tilde e(\ell, b) = e(\ell, b)\,\frac{\operatorname{tr}(H_{LM,\ell})}{\operatorname{tr}(H_\ell)}"
+             r"\,\frac{1}{\operatorname{median}_t \|h_t\|^2}")
 
 with st.expander("Table"):
     st.dataframe(pd.DataFrame(layers), hide_index=True)

@@ -83,6 +83,8 @@ def test_sensitivity_page_shows_every_view(at):
     at.selectbox(key="sens_bits").set_value(2).run()
     at.radio(key="sens_hessian").set_value("layerwise").run()
     no_problems(at)
+    at.toggle(key="sens_comparable").set_value(False).run()  # the errors as each Hessian measures them
+    no_problems(at)
 
 
 def test_the_slider_changes_the_plan(at):
