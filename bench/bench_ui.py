@@ -127,7 +127,7 @@ def main() -> None:
     loaded = load_model(EMBEDDED_MODEL)
     layers, errors, source = embedded_tables(Store(), model_fingerprint(loaded.path))
     steps = slider_move(layers, errors, args.calls)
-    pages = page_runs(loaded, args.store, args.blocks, args.renders)
+    pages = page_runs(loaded, args.store.resolve(), args.blocks, args.renders)
     total = steps["total (one slider move)"]
     lines = ["# Dashboard responsiveness", "",
              f"- date: {datetime.date.today().isoformat()}; machine: {machine()} (shared with other engineers: "
