@@ -26,10 +26,11 @@ def protocol_label(corpus: str, seqlen: int, tokens: int) -> str:
     return f"{corpus} evaluation split, window {seqlen}, {tokens} tokens"
 
 
-def estimate(runs: pd.DataFrame, predicted: float, measured: str) -> tuple[float, str] | None:
+def estimate(runs: pd.DataFrame, predicted: float, analysis: str | None, measured: str) -> tuple[float, str] | None:
     """The current plan's `measured`, read off a log–log line fitted to the runs of the best-covered quantization
-    method (our choice): an estimate, never a measurement."""
-    usable = runs.dropna(subset=["predicted_error_attention", measured])
+    method (our choice): an estimate, never a measurement. Only runs predicted by the plan's own `analysis` count:
+    predictions from different analyses are not in one unit."""
+    usable = runs[runs["analysis"] == analysis].dropna(subset=["predicted_error_attention", measured])
     usable = usable[(usable["predicted_error_attention"] > 0) & (usable[measured] > 0)]
     if usable.empty or not np.isfinite(predicted) or predicted <= 0:
         return None
@@ -60,7 +61,8 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
     protocol = protocol_label(corpus, seqlen, tokens)
     point = None
     if current is not None and current.summary:
-        found = estimate(chosen, current.summary["predicted_error_attention"], measured)
+        found = estimate(chosen, current.summary["predicted_error_attention"], current.summary.get("analysis"),
+                         measured)
         label = f"current plan ({current.name}): " + (f"estimated from the {found[1]} runs, not measured" if found
                                                        else "not measured yet")
         point = {"x": whole_model_bits(loaded, current)[x], "y": found[0] if found else None, "label": label}
