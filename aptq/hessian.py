@@ -34,6 +34,9 @@ from transformers import AttentionInterface
 
 from aptq.capture import Batch, BlockStep
 from aptq.errors import UserError
+from aptq.geometry import (AttentionGeometry, NormJacobian, RmsNorm, RotaryLayout, cap_slopes, complex_to_real,
+                           geometry_for, key_pairs, mapped_row_hessian, mapped_second_moment, qk_norm_modules,
+                           query_pairs)
 from aptq.models import Architecture, LinearLayer
 
 RECORDING_ATTENTION = "aptq_recording"
@@ -48,15 +51,32 @@ DEFAULT_PROBES = 1  # (our choice) Hutchinson probes per segment: keeps the trac
 # Attention recording
 
 
+@dataclass(frozen=True)
+class AttentionCall:
+    """What one call of the attention function saw: post-RoPE queries (n, H, L, d) and keys (n, n_kv, L, d), the
+    probabilities (n, H, L, L), the score scaling λ, the logit soft-cap c (None: none) and the additive mask."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    probs: torch.Tensor
+    scaling: float
+    softcap: float | None
+    mask: torch.Tensor
+
+
 def _recording_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                         **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention (as transformers computes it) that also reports queries, keys, probabilities and the mask."""
+                         softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention (as transformers computes it, with Gemma 2's logit soft-cap) that also reports what it saw.
+
+    A sliding window (`sliding_window` in kwargs) is already in the mask each layer receives, as on the eager path."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     repeats = query.shape[1] // key.shape[1]  # GQA: KV head g serves query heads g·r … g·r+r−1
     keys = key.repeat_interleave(repeats, dim=1)
     values = value.repeat_interleave(repeats, dim=1)
     scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is None:
         attention_mask = _causal_mask(query.shape[2], keys.shape[2], scores.device, scores.dtype)
     elif attention_mask.dtype == torch.bool:
@@ -67,7 +87,7 @@ def _recording_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     recorder = getattr(module, "_aptq_recorder", None)
     if recorder is not None:
-        recorder(query, key, probs, scaling, attention_mask)
+        recorder(AttentionCall(query, key, probs, scaling, softcap, attention_mask))
     return torch.matmul(probs, values).transpose(1, 2).contiguous(), probs
 
 
@@ -81,7 +101,7 @@ AttentionInterface.register(RECORDING_ATTENTION, _recording_attention)
 
 @contextmanager
 def recording_attention(attention: nn.Module, recorder) -> Iterator[None]:
-    """Route `attention` through `_recording_attention`, calling `recorder(query, key, probs, scaling, mask)`."""
+    """Route `attention` through `_recording_attention`, calling `recorder(AttentionCall)` on each call."""
     config = attention.config
     previous = config._attn_implementation
     config._attn_implementation = RECORDING_ATTENTION
@@ -91,92 +111,6 @@ def recording_attention(attention: nn.Module, recorder) -> Iterator[None]:
     finally:
         config._attn_implementation = previous
         del attention._aptq_recorder
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Which keys each query sees, and RoPE
-
-
-class AttentionGeometry:
-    """Pair weights and rotation tables for the row Hessians, fixed by the mask and the positions of a segment.
-
-    The surrogate objective (ALGORITHMS.md §2, scaled like H) is (our choice of normalization, the papers give only
-    `E‖K ΔW_Q X‖²`): the score change `Δs_pj` of each query p averaged over the keys j it sees, averaged over
-    queries, times 2. With pair weights `ω_pj = 1 / (L · #keys seen by p)` for visible pairs, so that Σ ω = 1:
-
-        G_Q = Σ_p Σ_j ω_pj · R_pᵀ k_j k_jᵀ R_p      (k_j after RoPE, mapped back with the query's rotation R_p)
-        G_K = Σ_p Σ_j ω_pj · R_jᵀ q_p q_pᵀ R_j
-
-    so that `Σ_p x_pᵀ ΔWᵀ M_p ΔW x_p`, with the position-dependent middle factor replaced by its mean `G`, is
-    `(N/2) tr(G ΔW H ΔWᵀ)`. A rotation multiplies each pair (i, i + d/2) of coordinates, read as the complex number
-    ξ_i = x_i + i·x_{i+d/2}, by c_p,i = cos + i·sin; so `R_pᵀ x xᵀ R_p` has Hermitian part `conj(c_a) c_b ξ_a conj(ξ_b)`
-    and pseudo part `conj(c_a c_b) ξ_a ξ_b`, and the sums over p collapse into per-position tables (`L × d/2 × d/2`)
-    multiplied elementwise with `ξ ξᴴ` and `ξ ξᵀ`. Without RoPE, c = 1.
-    """
-
-    def __init__(self, visible: torch.Tensor, rotation: torch.Tensor | None, head_dim: int) -> None:
-        if head_dim % 2:
-            raise UserError(f"Row Hessians need an even head size; this model's is {head_dim}.")
-        length = visible.shape[0]
-        omega = visible.to(torch.complex64) / visible.sum(1, keepdim=True) / length
-        if rotation is None:
-            rotation = torch.ones(length, head_dim // 2, dtype=torch.complex64, device=visible.device)
-        conj = rotation.conj()
-        hermitian = (conj[:, :, None] * rotation[:, None, :]).reshape(length, -1)
-        pseudo = (conj[:, :, None] * conj[:, None, :]).reshape(length, -1)
-        shape = (length, head_dim // 2, head_dim // 2)
-        # Tables per key position (G_Q: sum over the queries that see it) and per query position (G_K).
-        self.key_tables = ((omega.T @ hermitian).reshape(shape), (omega.T @ pseudo).reshape(shape))
-        self.query_tables = ((omega @ hermitian).reshape(shape), (omega @ pseudo).reshape(shape))
-
-
-def _visible(mask: torch.Tensor) -> torch.Tensor:
-    """Boolean (queries × keys) visibility from an additive float mask of shape (…, L, L)."""
-    plane = mask.reshape(-1, *mask.shape[-2:])[0]
-    return plane > torch.finfo(plane.dtype).min / 2
-
-
-def _rotation(position_embeddings: tuple[torch.Tensor, torch.Tensor], length: int) -> torch.Tensor:
-    """RoPE as complex multipliers (L × d/2) from the (cos, sin) the model passes to its blocks (rotate-half layout)."""
-    cos, sin = (t.reshape(-1, t.shape[-2], t.shape[-1])[0, :length].float() for t in position_embeddings)
-    half = cos.shape[-1] // 2
-    if not (torch.allclose(cos[:, :half], cos[:, half:]) and torch.allclose(sin[:, :half], sin[:, half:])):
-        raise UserError("This model's rotary embedding layout is not supported by the row Hessians "
-                        "(expected the rotate-half layout of Llama, Mistral and Qwen).")
-    return torch.complex(cos[:, :half], sin[:, :half])
-
-
-def geometry_for(mask: torch.Tensor, position_embeddings, head_dim: int,
-                 cache: dict[tuple, AttentionGeometry]) -> AttentionGeometry:
-    """The geometry of a batch, shared by all blocks with the same mask and length (cached in `cache`)."""
-    visible = _visible(mask)
-    key = (visible.shape[0], hashlib.sha1(visible.cpu().numpy().tobytes()).hexdigest(),
-           position_embeddings is not None)
-    if key not in cache:
-        rotation = None if position_embeddings is None else _rotation(position_embeddings, visible.shape[0])
-        cache[key] = AttentionGeometry(visible, None if rotation is None else rotation.to(visible.device), head_dim)
-    return cache[key]
-
-
-def mapped_second_moment(vectors: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Σ over the batch and positions of the rotation-mapped, pair-weighted outer products, in complex form.
-
-    `vectors`: (m, L, d) real (m = segments × heads pooled into one Hessian); returns the Hermitian and pseudo parts
-    stacked as (2, d/2, d/2) complex; `complex_to_real` turns a sum of these into the d × d matrix.
-    """
-    half = vectors.shape[-1] // 2
-    xi = torch.complex(vectors[..., :half].float(), vectors[..., half:].float()).transpose(0, 1)  # (L, m, d/2)
-    hermitian = (xi.transpose(1, 2) @ xi.conj()) * tables[0]  # per position: Σ_m ξ_a conj(ξ_b), weighted
-    pseudo = (xi.transpose(1, 2) @ xi) * tables[1]
-    return torch.stack([hermitian.sum(0), pseudo.sum(0)])
-
-
-def complex_to_real(parts: torch.Tensor) -> torch.Tensor:
-    """(…, 2, d/2, d/2) Hermitian/pseudo parts → (…, d, d) real second moment."""
-    hermitian, pseudo = parts[..., 0, :, :], parts[..., 1, :, :]
-    top = torch.cat([(hermitian.real + pseudo.real) / 2, (pseudo.imag - hermitian.imag) / 2], dim=-1)
-    bottom = torch.cat([(hermitian.imag + pseudo.imag) / 2, (hermitian.real - pseudo.real) / 2], dim=-1)
-    return torch.cat([top, bottom], dim=-2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,12 +171,16 @@ class HessianCollector:
         for layer in self.layers:
             self.group_leaders.setdefault(INPUT_GROUPS[layer.kind], layer)
         # Running sums: per input group Σ x xᵀ; "value": Σ_h Σ (A_h Xᵀ)ᵀ(A_h Xᵀ) per KV head (n_kv × d_in × d_in);
-        # "row_q"/"row_k": complex parts of the mapped second moments per KV head (n_kv × 2 × d/2 × d/2).
+        # "row_q"/"row_k": in half layout (`RotaryLayout`), either complex parts of the mapped second moments per KV
+        # head (n_kv × 2 × d/2 × d/2, the table path) or real sums (n_heads resp. n_kv × d × d, the per-token path).
         self._sums: dict[str, torch.Tensor] = {}
         self._lm: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}  # per-segment mean ‖g‖²
         self._inputs: dict[str, torch.Tensor] = {}  # per batch: module path → input
         self._outputs: dict[str, torch.Tensor] = {}  # per batch: module path → output
-        self._attention: tuple | None = None  # per batch: (query, key, probs, scaling, mask)
+        self._attention: AttentionCall | None = None  # per batch
+        self._norms: dict[str, RmsNorm | None] = {}  # "q"/"k": the family's q/k normalisation (set on entry)
+        self._score_factors: tuple[float, float] | None = None  # d_h λ² α² for G_Q and G_K, from the first batch
+        self._layout: RotaryLayout | None = None
         self._residual: dict[str, list[torch.Tensor]] = {"attention": [], "mlp": []}  # per-token ‖h‖²
         self._stack = None
 
@@ -262,8 +200,8 @@ class HessianCollector:
             self._outputs[path] = output
         return hook
 
-    def _record_attention(self, query, key, probs, scaling, mask) -> None:
-        self._attention = (query, key, probs, scaling, mask)
+    def _record_attention(self, call: AttentionCall) -> None:
+        self._attention = call
 
     def __enter__(self) -> "HessianCollector":
         self._stack = ExitStack()
@@ -277,6 +215,7 @@ class HessianCollector:
         if self.options.attention:
             attention = self.step.block.get_submodule(self.arch.attention_attr)
             self._stack.enter_context(recording_attention(attention, self._record_attention))
+            self._norms = {kind: RmsNorm.of(module) for kind, module in qk_norm_modules(attention).items()}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -317,28 +256,110 @@ class HessianCollector:
             self._add(group, x.T @ x)
 
     def _accumulate_attention(self, inputs: dict[str, torch.Tensor], length: int) -> None:
-        query, key, probs, scaling, mask = self._attention
+        call = self._attention
         arch = self.arch
         repeats = arch.n_heads // arch.n_kv_heads
         x_v = inputs[self.by_kind["v"].module_path]  # (n, L, d_in)
-        probs = probs.detach().float()
-        # Queries as they enter the score with the standard 1/√d_h: OPT scales q before the attention function; a
-        # further scale (GPT-2's optional 1/(layer+1)) is folded into q (our choice).
-        query = query.detach().float() * (scaling * math.sqrt(arch.head_dim))
-        key = key.detach().float()
-        rope = self.step.call_kwargs.get("position_embeddings") if arch.rope else None
-        geometry = geometry_for(mask, rope, arch.head_dim, self.geometry_cache)
-        value, row_q, row_k = [], [], []
+        probs = call.probs.detach().float()
+        value = []
         for g in range(arch.n_kv_heads):  # one KV group at a time bounds the memory of A_h Xᵀ
             heads = slice(g * repeats, (g + 1) * repeats)
             y = (probs[:, heads] @ x_v[:, None]).reshape(-1, x_v.shape[-1])  # rows of A_h Xᵀ, all heads of g
             value.append(y.T @ y)
-            row_q.append(mapped_second_moment(key[:, g], geometry.key_tables))
-            row_k.append(mapped_second_moment(query[:, heads].reshape(-1, length, arch.head_dim),
-                                              geometry.query_tables))
         self._add("value", torch.stack(value))
-        self._add("row_q", torch.stack(row_q))
-        self._add("row_k", torch.stack(row_k))
+        rope = self.step.call_kwargs.get("position_embeddings") if arch.rope else None
+        geometry = geometry_for(call.mask, rope, arch.head_dim, self.geometry_cache)
+        self._layout = geometry.layout
+        query, key = call.query.detach().float(), call.key.detach().float()
+        if self._score_factors is None:
+            self._score_factors = self._score_factors_checked(query, key, call.scaling, geometry.layout)
+        factor_q, factor_k = self._score_factors
+        if call.softcap is None and self._norms.get("q") is None and self._norms.get("k") is None:
+            row_q, row_k = self._rows_from_tables(geometry.layout.to_half(query), geometry.layout.to_half(key),
+                                                  geometry, length)
+        else:
+            row_q, row_k = self._rows_per_token(query, key, call, geometry)
+        self._add("row_q", row_q * factor_q)
+        self._add("row_k", row_k * factor_k)
+
+    def _rows_from_tables(self, query: torch.Tensor, key: torch.Tensor, geometry: AttentionGeometry,
+                          length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Without q/k norm and soft-cap: per KV head, the complex parts of G_Q (its keys) and of G_K (the queries of
+        its group) from the position tables."""
+        repeats = self.arch.n_heads // self.arch.n_kv_heads
+        row_q, row_k = [], []
+        for g in range(self.arch.n_kv_heads):
+            heads = slice(g * repeats, (g + 1) * repeats)
+            row_q.append(mapped_second_moment(key[:, g], geometry.key_tables))
+            row_k.append(mapped_second_moment(query[:, heads].reshape(-1, length, self.arch.head_dim),
+                                              geometry.query_tables))
+        return torch.stack(row_q), torch.stack(row_k)
+
+    def _rows_per_token(self, query: torch.Tensor, key: torch.Tensor, call: AttentionCall,
+                        geometry: AttentionGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """With a q/k norm (its Jacobian differs per token) or a soft-cap (its slope differs per pair): real G_Q per
+        query head and G_K per KV head, one segment and head at a time (see `mapped_row_hessian`)."""
+        arch, layout = self.arch, geometry.layout
+        repeats = arch.n_heads // arch.n_kv_heads
+        jacobian_q = self._norm_jacobians("q", arch.n_heads, layout)
+        jacobian_k = self._norm_jacobians("k", arch.n_kv_heads, layout)
+        query_half, key_half = layout.to_half(query), layout.to_half(key)
+        d = arch.head_dim
+        row_q = torch.zeros(arch.n_heads, d, d, device=query.device)
+        row_k = torch.zeros(arch.n_kv_heads, d, d, device=query.device)
+        for s in range(query.shape[0]):
+            for h in range(arch.n_heads):
+                g = h // repeats
+                slopes = (None if call.softcap is None
+                          else cap_slopes(query[s, h], key[s, g], call.scaling, call.softcap))
+                row_q[h] += mapped_row_hessian(key_half[s, g], query_pairs(geometry, slopes), layout,
+                                               jacobian_q(s, h))
+                row_k[g] += mapped_row_hessian(query_half[s, h], key_pairs(geometry, slopes), layout,
+                                               jacobian_k(s, g))
+        return row_q, row_k
+
+    def _norm_jacobians(self, kind: str, n_heads: int, layout: RotaryLayout):
+        """(segment, head) → the `NormJacobian` of the q or k norm there (None without a norm)."""
+        norm = self._norms.get(kind)
+        if norm is None:
+            return lambda s, h: None
+        y = self._projection_output(kind)
+        inverse, direction = norm.statistics(y, n_heads)
+        gain = layout.to_half(norm.gain.to(y.device).reshape(-1, self.arch.head_dim).expand(n_heads, -1))
+        direction = layout.to_half(direction)
+        return lambda s, h: NormJacobian(inverse[s, h], direction[s, h], gain[h])
+
+    def _projection_output(self, kind: str) -> torch.Tensor:
+        """The q or k projection's output rows (n, L, heads · d_h), what the q/k norm (if any) reads."""
+        layer = self.by_kind[kind]
+        y = self._outputs[layer.module_path].detach()
+        if layer.rows is not None:
+            y = y[..., layer.rows[0]:layer.rows[1]]
+        return y.float()
+
+    def _score_factors_checked(self, query: torch.Tensor, key: torch.Tensor, scaling: float,
+                               layout: RotaryLayout) -> tuple[float, float]:
+        """d_h λ² α² for G_Q and G_K, with α fitted so that the recorded vectors are α R_p N(y_p) (OPT's queries
+        carry α = 1/√d_h; elsewhere α = 1). A family whose queries or keys are made otherwise is refused here, before
+        any row Hessian is built from a wrong model of its attention."""
+        factors = []
+        for kind, recorded in (("q", query), ("k", key)):
+            n, heads, length, d = recorded.shape
+            y = self._projection_output(kind)
+            norm = self._norms.get(kind)
+            expected = (y if norm is None else norm(y)).reshape(n, length, heads, d).transpose(1, 2)
+            expected = layout.rotate(expected)
+            alpha = ((recorded * expected).sum() / expected.square().sum()).item()
+            error = ((recorded - alpha * expected).norm() / recorded.norm()).item()
+            tolerance = max(1e-3, 16 * torch.finfo(self._attention.query.dtype).eps)
+            if not error <= tolerance:
+                raise UserError(f"The {'queries' if kind == 'q' else 'keys'} of block {self.step.index} of this "
+                                f"{self.arch.family} model are not made the way the row Hessians assume (projection, "
+                                f"optional RMS norm, rotary embedding; relative mismatch {error:.2g}); the "
+                                f"attention-aware q/k Hessians cannot be computed for it.")
+            alpha = 1.0 if abs(alpha - 1.0) <= tolerance else alpha  # float noise of the fit is not a factor
+            factors.append(self.arch.head_dim * scaling ** 2 * alpha ** 2)
+        return factors[0], factors[1]
 
     def _accumulate_residual(self, batch: Batch, output: torch.Tensor) -> None:
         """Per-token ‖h‖² of the residual stream after the attention add (block input + attention output) and after
@@ -386,10 +407,13 @@ class HessianCollector:
         if self.options.attention:
             repeats = self.arch.n_heads // self.arch.n_kv_heads
             hessians.value[self.by_kind["v"].name] = (self._sums["value"] * (scale / repeats)).cpu()
-            row_q = complex_to_real(self._sums["row_q"]) / self.segments
-            hessians.row[self.by_kind["q"].name] = row_q.repeat_interleave(repeats, dim=0).cpu()
-            row_k = complex_to_real(self._sums["row_k"]) / (self.segments * repeats)
-            hessians.row[self.by_kind["k"].name] = row_k.cpu()
+            row_q, row_k = self._sums["row_q"], self._sums["row_k"]
+            if row_q.is_complex():  # the table path: one G_Q per KV head, shared by its query heads
+                row_q = complex_to_real(row_q).repeat_interleave(repeats, dim=0)
+                row_k = complex_to_real(row_k)
+            from_half = self._layout.from_half_matrix
+            hessians.row[self.by_kind["q"].name] = from_half(row_q / self.segments).cpu()
+            hessians.row[self.by_kind["k"].name] = from_half(row_k / (self.segments * repeats)).cpu()
         if self.options.probes > 0:
             length = self.tokens // self.segments
             for name, chunks in self._lm.items():
