@@ -5,7 +5,8 @@ Per block, from hooks on its linear layers and on its attention function:
 - layer-wise `H = (2/N) Σ x xᵀ`, one per distinct input (q/k/v share one, o, gate/up share one, down);
 - value Hessians `H_V,g = 2 E[X A_hᵀ A_h Xᵀ]` per KV head g, averaged over the query heads h of its group;
 - row Hessians `G_Q,h = E[K_hᵀ K_h]` (per query head, from its KV head's keys) and `G_K,g = E[Q_hᵀ Q_h]` (per KV head,
-  averaged over its query heads), with K/Q after RoPE mapped back to the weights' frame (see `AttentionGeometry`);
+  averaged over its query heads), with K/Q after RoPE mapped back to the weights' frame, through each family's q/k
+  norm, query scaling and logit soft-cap (aptq/geometry.py; docs/families.md per family);
 - APTQ traces `tr(2 E[JᵀJ])` of the attention output w.r.t. q/k/v/o and of the MLP output w.r.t. gate/up/down, by
   Hutchinson's estimator with Rademacher probes, with their standard errors. (our choice, as the issue asks:
   ALGORITHMS.md §3 lets MLP layers use their own output; for down both agree, for gate/up we differentiate the MLP
@@ -14,9 +15,11 @@ Per block, from hooks on its linear layers and on its attention function:
   attention output and just after the MLP output are added (the median, because a few "attention sink" tokens carry
   activations orders of magnitude above the rest). The allocator uses it to compare errors across blocks.
 
-The attention probabilities, the post-RoPE queries and keys and the mask come from our own eager attention function,
-registered in transformers' `AttentionInterface` and switched on for the block while it is collected; it computes
-exactly what the eager path computes. `BlockHessians` hands the results on (to the sensitivity analysis, and later to
+The attention probabilities, the post-RoPE queries and keys, the scaling, the soft-cap and the mask come from our own
+eager attention function, registered in transformers' `AttentionInterface` and switched on for the block while it is
+collected; it computes exactly what the eager path computes. On the first batch of each block the collector checks
+that the recorded queries and keys are what the geometry assumes (projection → optional RMS norm → RoPE, times a
+constant) and refuses the model with one sentence otherwise. `BlockHessians` hands the results on (to the sensitivity analysis, and later to
 the quantizer), keyed by layer name.
 """
 
@@ -258,6 +261,10 @@ class HessianCollector:
     def _accumulate_attention(self, inputs: dict[str, torch.Tensor], length: int) -> None:
         call = self._attention
         arch = self.arch
+        if call is None:  # e.g. Falcon computes its eager attention inline
+            raise UserError(f"The attention of this {arch.family} model does not go through transformers' attention "
+                            f"functions, so its probabilities cannot be recorded; the attention-aware Hessians are "
+                            f"unavailable for it.")
         repeats = arch.n_heads // arch.n_kv_heads
         x_v = inputs[self.by_kind["v"].module_path]  # (n, L, d_in)
         probs = call.probs.detach().float()

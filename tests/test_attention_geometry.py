@@ -333,3 +333,28 @@ def test_a_query_path_the_geometry_does_not_know_is_refused(family, overrides, m
     model = build(family, **overrides)
     with pytest.raises(UserError, match=message):
         collect(model, local_architecture(model), segments())
+
+
+def test_an_attention_the_recorder_cannot_see_is_refused():
+    """Falcon computes its eager attention inline: no probabilities are recorded, so the collector says so."""
+    model = build("falcon")
+    attention = model.transformer.h[0].self_attention
+    d = attention.head_dim
+    layers = (LinearLayer("qkv.q", 0, "q", "transformer.h.0.self_attention.query_key_value", rows=(0, 4 * d)),
+              LinearLayer("qkv.k", 0, "k", "transformer.h.0.self_attention.query_key_value", rows=(4 * d, 5 * d)),
+              LinearLayer("qkv.v", 0, "v", "transformer.h.0.self_attention.query_key_value", rows=(5 * d, 6 * d)),
+              LinearLayer("dense", 0, "o", "transformer.h.0.self_attention.dense"))
+    arch = Architecture("falcon", 2, 64, 4, 1, d, True, "transformer.h", "self_attention", None, layers)
+    with pytest.raises(UserError, match="probabilities cannot be recorded"):
+        collect(model, arch, segments())
+
+
+@pytest.mark.xfail(strict=True, reason="aptq/capture.py hands block 0's arguments (Gemma 2's sliding-window mask) to "
+                                       "every block, so the full-attention block 1 is walked with the wrong mask")
+def test_full_attention_block_after_a_sliding_one_gets_its_own_mask():
+    model = build("gemma2")
+    arch = local_architecture(model)
+    ids = segments()
+    hessians, probe = collect(model, arch, ids, block=1), AttentionProbe(model, arch, ids, block=1)
+    assert probe.visible.sum(1)[-1].item() == LENGTH  # the model's own call: full attention
+    assert_matrix_close(hessians.row[probe.layers["q"].name], probe.exact_row_hessians("q"))
