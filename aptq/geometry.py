@@ -20,7 +20,7 @@ used: for standard attention (λ = 1/√d_h, α = 1, no norm, no cap) G_Q = E Σ
 
 Two paths compute it. Without a norm and a cap the middle factor does not depend on the data per position, so the sums
 over positions collapse into per-position tables shared by all blocks (`AttentionGeometry`, O(L d²) per segment).
-Otherwise (`mapped_row_hessian`) the per-position matrices are formed one segment and head at a time: windowed sums of
+Otherwise (`mapped_middle`, `sandwiched_sum`) the per-position matrices are formed one segment and head at a time: windowed sums of
 the outer products by cumulative sums (causal and sliding-window masks), or a dense L × L product when the soft-cap
 gives every pair its own weight.
 """
@@ -295,10 +295,15 @@ class PairWeights:
         if self.dense is not None:
             return torch.einsum("rc,cab->rab", self.dense.to(values.dtype), values)
         scaled = values * self.column_factor.to(values.dtype)[:, None, None]
-        # float64 running sums: a window is a difference of two of them
-        running = torch.cat([torch.zeros_like(scaled[:1]), scaled]).to(torch.complex128).cumsum(0)
         start, stop = self.ranges
-        return (running[stop] - running[start]).to(values.dtype) * self.row_factor[:, None, None]
+        if not start.any() and bool((stop > 0).all()):  # prefixes (causal queries): nothing cancels
+            windows = scaled.cumsum(0)[stop - 1]
+        elif bool((stop == len(scaled)).all()):  # suffixes (causal keys)
+            windows = scaled.flip(0).cumsum(0).flip(0)[start]
+        else:  # sliding windows: a difference of two float64 running sums
+            running = torch.cat([torch.zeros_like(scaled[:1]), scaled]).to(torch.complex128).cumsum(0)
+            windows = (running[stop] - running[start]).to(values.dtype)
+        return windows * self.row_factor[:, None, None]
 
 
 def query_pairs(geometry: AttentionGeometry, cap_slope: torch.Tensor | None) -> PairWeights:
@@ -317,29 +322,31 @@ def key_pairs(geometry: AttentionGeometry, cap_slope: torch.Tensor | None) -> Pa
     return PairWeights(row_factor=ones, column_factor=geometry.query_weight, ranges=geometry.key_ranges)
 
 
-def mapped_row_hessian(vectors: torch.Tensor, weights: PairWeights, layout: RotaryLayout,
-                       jacobian: NormJacobian | None) -> torch.Tensor:
-    """Σ_r J_rᵀ R_rᵀ (Σ_c w_rc v_c v_cᵀ) R_r J_r for one segment and head, as a d × d matrix in half layout.
+def mapped_middle(vectors: torch.Tensor, weights: PairWeights, layout: RotaryLayout) -> torch.Tensor:
+    """R_rᵀ (Σ_c w_rc v_c v_cᵀ) R_r for every mapped position r of one segment and head, as complex parts
+    (L, 2, d/2, d/2) in half layout (`complex_to_real` gives the real matrices).
 
-    `vectors`: (L, d) in half layout (the keys for G_Q, the queries for G_K); r runs over the mapped positions.
+    `vectors`: (L, d) in half layout (the keys for G_Q, the queries for G_K).
     """
     xi = _complex_pairs(vectors)  # (L, d/2)
-    hermitian = weights.sums(xi[:, :, None] * xi.conj()[:, None, :])
-    pseudo = weights.sums(xi[:, :, None] * xi[:, None, :])
     turn = layout.multipliers.conj()
-    hermitian = hermitian * (turn[:, :, None] * turn.conj()[:, None, :])
-    pseudo = pseudo * (turn[:, :, None] * turn[:, None, :])
+    hermitian = weights.sums(xi[:, :, None] * xi.conj()[:, None, :]) * (turn[:, :, None] * turn.conj()[:, None, :])
+    pseudo = weights.sums(xi[:, :, None] * xi[:, None, :]) * (turn[:, :, None] * turn[:, None, :])
+    return torch.stack([hermitian, pseudo], 1)
+
+
+def sandwiched_sum(middle: torch.Tensor, jacobian: NormJacobian | None) -> torch.Tensor:
+    """Σ_r J_rᵀ M_r J_r (d × d, half layout) from `mapped_middle`'s M_r; Σ_r M_r without a norm."""
     if jacobian is None:
-        return complex_to_real(torch.stack([hermitian.sum(0), pseudo.sum(0)]))
-    middle = complex_to_real(torch.stack([hermitian, pseudo], 1))  # (L, d, d): R_rᵀ C_r R_r
+        return complex_to_real(middle.sum(0))
     gain = jacobian.gain
-    middle = middle * (gain[:, None] * gain[None, :]) * jacobian.scale.square()[:, None, None]
+    scaled = complex_to_real(middle) * (gain[:, None] * gain[None, :]) * jacobian.scale.square()[:, None, None]
     # (I − u uᵀ) N (I − u uᵀ) summed over r, with N symmetric: Σ N − (A + Aᵀ) + Σ (uᵀNu) u uᵀ, A = Σ (N u) uᵀ
     u = jacobian.direction
-    pushed = (middle @ u[:, :, None])[..., 0]  # N_r u_r
+    pushed = (scaled @ u[:, :, None])[..., 0]  # N_r u_r
     cross = pushed.T @ u
     curvature = (pushed * u).sum(-1)
-    return middle.sum(0) - cross - cross.T + (u * curvature[:, None]).T @ u
+    return scaled.sum(0) - cross - cross.T + (u * curvature[:, None]).T @ u
 
 
 def cap_slopes(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float) -> torch.Tensor:

@@ -38,8 +38,8 @@ from transformers import AttentionInterface
 from aptq.capture import Batch, BlockStep
 from aptq.errors import UserError
 from aptq.geometry import (AttentionGeometry, NormJacobian, RmsNorm, RotaryLayout, cap_slopes, complex_to_real,
-                           geometry_for, key_pairs, mapped_row_hessian, mapped_second_moment, qk_norm_modules,
-                           query_pairs)
+                           geometry_for, key_pairs, mapped_middle, mapped_second_moment, qk_norm_modules,
+                           query_pairs, sandwiched_sum)
 from aptq.models import Architecture, LinearLayer
 
 RECORDING_ATTENTION = "aptq_recording"
@@ -305,7 +305,7 @@ class HessianCollector:
     def _rows_per_token(self, query: torch.Tensor, key: torch.Tensor, call: AttentionCall,
                         geometry: AttentionGeometry) -> tuple[torch.Tensor, torch.Tensor]:
         """With a q/k norm (its Jacobian differs per token) or a soft-cap (its slope differs per pair): real G_Q per
-        query head and G_K per KV head, one segment and head at a time (see `mapped_row_hessian`)."""
+        query head and G_K per KV head, one segment and head at a time (see `mapped_middle`)."""
         arch, layout = self.arch, geometry.layout
         repeats = arch.n_heads // arch.n_kv_heads
         jacobian_q = self._norm_jacobians("q", arch.n_heads, layout)
@@ -315,14 +315,18 @@ class HessianCollector:
         row_q = torch.zeros(arch.n_heads, d, d, device=query.device)
         row_k = torch.zeros(arch.n_kv_heads, d, d, device=query.device)
         for s in range(query.shape[0]):
-            for h in range(arch.n_heads):
-                g = h // repeats
-                slopes = (None if call.softcap is None
-                          else cap_slopes(query[s, h], key[s, g], call.scaling, call.softcap))
-                row_q[h] += mapped_row_hessian(key_half[s, g], query_pairs(geometry, slopes), layout,
-                                               jacobian_q(s, h))
-                row_k[g] += mapped_row_hessian(query_half[s, h], key_pairs(geometry, slopes), layout,
-                                               jacobian_k(s, g))
+            for g in range(arch.n_kv_heads):
+                # Without a cap the pair weights are the same for every head: the keys' sums serve the whole group.
+                shared = None if call.softcap is not None else mapped_middle(key_half[s, g],
+                                                                             query_pairs(geometry, None), layout)
+                for h in range(g * repeats, (g + 1) * repeats):
+                    slopes = (None if call.softcap is None
+                              else cap_slopes(query[s, h], key[s, g], call.scaling, call.softcap))
+                    keys = shared if shared is not None else mapped_middle(key_half[s, g],
+                                                                           query_pairs(geometry, slopes), layout)
+                    row_q[h] += sandwiched_sum(keys, jacobian_q(s, h))
+                    queries = mapped_middle(query_half[s, h], key_pairs(geometry, slopes), layout)
+                    row_k[g] += sandwiched_sum(queries, jacobian_k(s, g))
         return row_q, row_k
 
     def _norm_jacobians(self, kind: str, n_heads: int, layout: RotaryLayout):
