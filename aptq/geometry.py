@@ -15,14 +15,17 @@ averaged over segments:
           = d_h λ² α² · E_seg Σ_p J_pᵀ R_pᵀ (Σ_j ω_pj φ'_pj² k_j k_jᵀ) R_p J_p,
 
 with J_p the Jacobian of N at y_p (the identity without a norm) and ω the pair weights of `AttentionGeometry`. G_K
-mirrors it (keys mapped with their own R_j and J_j, queries summed). The factor d_h keeps the unit the project always
-used: for standard attention (λ = 1/√d_h, α = 1, no norm, no cap) G_Q = E Σ ω R_pᵀ k kᵀ R_p = E[Kᵀ K] of ALGORITHMS.md.
+mirrors it (keys mapped with their own R_j and J_j, queries summed). The norm and the cap are linearised at the
+calibration point (our choice, as the papers do for the softmax: a norm or cap makes the score nonlinear in the
+weights, and the first-order term is what a quadratic objective can hold). The factor d_h keeps the unit the project
+always used: for standard attention (λ = 1/√d_h, α = 1, no norm, no cap) G_Q = E Σ ω R_pᵀ k kᵀ R_p = E[Kᵀ K] of
+ALGORITHMS.md.
 
 Two paths compute it. Without a norm and a cap the middle factor does not depend on the data per position, so the sums
 over positions collapse into per-position tables shared by all blocks (`AttentionGeometry`, O(L d²) per segment).
-Otherwise (`mapped_middle`, `sandwiched_sum`) the per-position matrices are formed one segment and head at a time: windowed sums of
-the outer products by cumulative sums (causal and sliding-window masks), or a dense L × L product when the soft-cap
-gives every pair its own weight.
+Otherwise (`mapped_middle`, `sandwiched_sum`) the per-position matrices are formed one segment and head at a time:
+windowed sums of the outer products by cumulative sums (causal and sliding-window masks), or a dense L × L product when
+the soft-cap gives every pair its own weight.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import torch
 from torch import nn
 
 from aptq.errors import UserError
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rotary embeddings
@@ -126,7 +128,7 @@ class RmsNorm:
     eps: float
 
     @staticmethod
-    def of(module: nn.Module | None) -> "RmsNorm | None":
+    def of(module: nn.Module | None) -> RmsNorm | None:
         if module is None:
             return None
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))

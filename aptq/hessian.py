@@ -19,8 +19,8 @@ The attention probabilities, the post-RoPE queries and keys, the scaling, the so
 eager attention function, registered in transformers' `AttentionInterface` and switched on for the block while it is
 collected; it computes exactly what the eager path computes. On the first batch of each block the collector checks
 that the recorded queries and keys are what the geometry assumes (projection → optional RMS norm → RoPE, times a
-constant) and refuses the model with one sentence otherwise. `BlockHessians` hands the results on (to the sensitivity analysis, and later to
-the quantizer), keyed by layer name.
+constant) and refuses the model with one sentence otherwise. `BlockHessians` hands the results on (to the sensitivity
+analysis, and later to the quantizer), keyed by layer name.
 """
 
 from __future__ import annotations

@@ -279,11 +279,10 @@ def test_sliding_window_layers_use_their_own_mask(probed):
 def test_rotary_layout_reproduces_the_modules_rotation(family, pairing, rotary):
     """R_p of `rotary_layout` applied to the projection output is the module's post-RoPE query (fused modules too)."""
     model = build(family)
-    attention = next(m for name, m in model.named_modules() if name.endswith(("layers.0.self_attn", "layers.0.attention",
-                                                                             "h.0.self_attention")))
+    names = ("layers.0.self_attn", "layers.0.attention", "h.0.self_attention")
+    attention = next(m for name, m in model.named_modules() if name.endswith(names))
     calls = {}
-    attention.register_forward_pre_hook(lambda m, a, k: calls.update(kwargs=k, hidden=a[0] if a else k["hidden_states"]),
-                                        with_kwargs=True)
+    attention.register_forward_pre_hook(lambda m, a, k: calls.update(kwargs=k), with_kwargs=True)
     with torch.no_grad():
         model(input_ids=segments(), use_cache=False)
     cos, sin = calls["kwargs"]["position_embeddings"]
