@@ -10,6 +10,8 @@ Per block, from hooks on its linear layers and on its attention function:
   Hutchinson's estimator with Rademacher probes, with their standard errors. (our choice, as the issue asks:
   ALGORITHMS.md §3 lets MLP layers use their own output; for down both agree, for gate/up we differentiate the MLP
   output, so they are measured after the down projection as q/k/v are after the out projection.)
+- mixtures of experts (aptq.experts): each expert's H from the tokens routed to it, its traces from its own slice;
+- models without the attention-aware path: only H, and traces of the block output (no cut between modules);
 - the size of the residual stream each module writes into: the median over calibration tokens of ‖h‖² just after the
   attention output and just after the MLP output are added (the median, because a few "attention sink" tokens carry
   activations orders of magnitude above the rest). The allocator uses it to compare errors across blocks.

@@ -297,7 +297,8 @@ def _block_layers(shape: _Shape, prefix: str, block: int, module: nn.Module) -> 
             parent = layer.module_path.rpartition(".")[0]
             group = f"{parent}:{'attention' if layer.kind in 'qkv' else 'mlp'}-input"
         grouped.append(replace(layer, input_group=group))
-    grouped.sort(key=lambda layer: (layer.expert is not None, layer.expert or 0, KIND_ORDER.index(layer.kind)))
+    if shape.known:  # roles in the usual order (OPT stores k before q); other families keep their module order
+        grouped.sort(key=lambda layer: (layer.expert is not None, layer.expert or 0, KIND_ORDER.index(layer.kind)))
     if not grouped:
         raise UserError(f"{shape.name}: decoder block {block} ({prefix}) has no linear layers (nn.Linear or "
                         f"experts), so there is nothing to quantize.")
