@@ -7,7 +7,9 @@ expert by expert with the same arithmetic (`act(gate) · up → down`, times the
 against the module's own output, and hands it on in its place, so that:
 
 - expert e's gate/up Hessian is `H = (2/N_e) Σ x xᵀ` over the N_e tokens routed to it, and its down Hessian the same
-  over the inputs of its down projection (the routing weight scales the expert's output, not these inputs);
+  over the inputs of its down projection: GPTQ's error of each linear at its own output (our choice: the routing
+  weight, which scales the expert's output in the MoE sum, is left out of H, so an expert is measured like a
+  dense layer);
 - its APTQ traces are Hutchinson's per-segment ‖∂(uᵀF)/∂W_e‖², with the gradient w.r.t. the expert's own slice formed
   exactly from the gradients at its gate/up and down outputs (`Σ_t δ_t x_tᵀ` over the segment's routed tokens), as
   for every other layer (F: the MLP output).
@@ -86,7 +88,8 @@ class ExpertRecorder:
             total = total.index_add(0, token, (y * weights[token, slot, None]).to(total.dtype))
             self.routed[e] = (token, x, gate_up, z, y)
         tolerance = 16 * torch.finfo(output.dtype).eps  # the same arithmetic; only the summation order may differ
-        if not torch.allclose(total, output, rtol=tolerance, atol=tolerance * float(output.detach().abs().max()) + 1e-12):
+        scale = float(output.detach().abs().max())
+        if not torch.allclose(total, output, rtol=tolerance, atol=tolerance * scale + 1e-12):
             raise UserError(f"The experts module {self.path} computes something other than act(gate)·up → down "
                             f"weighted by the router, so its experts cannot be measured one by one.")
         self._accumulate(hidden)

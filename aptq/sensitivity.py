@@ -17,7 +17,6 @@ layers   layer, block, kind, fused (the name of the stored tensor a layer shares
                            its output to (aptq.allocate divides the errors by it)
          tokens            calibration tokens the layer's Hessian came from (an expert: those routed to it)
          pooled_hessian    an expert with too few routed tokens, given the pooled Hessian (aptq.experts)
-         expert            the expert's index for a mixture-of-experts layer, else null
 Models without the attention-aware path (`arch.attention_unavailable_reason`): the attention columns repeat the
 layer-wise ones (our choice: every solver keeps working; the CLI and the pages say the metric is unavailable).
 errors   layer, bits, group_size,
@@ -139,7 +138,7 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
             "score_layerwise": trace_layerwise / n_params, "score_attention": trace_attention / n_params,
             "score": trace_lm / n_params, "residual_ms": hessians.residual[module],
             "tokens": hessians.layer_tokens.get(layer.name, hessians.tokens),
-            "pooled_hessian": layer.name in hessians.pooled, "expert": layer.expert})
+            "pooled_hessian": layer.name in hessians.pooled})
         for bits in sorted(set(settings.bits)):
             config = QuantConfig(bits, settings.group_size, symmetric=settings.symmetric,
                                  clip_search=settings.clip_search)
@@ -198,7 +197,7 @@ def _register(store: Store, loaded: LoadedModel, corpus: Corpus, sampling: Sampl
 
 def _write_block(store: Store, key: str, block: int, layer_records: list[dict], error_records: list[dict],
                  seconds: float, position: dict[str, int]) -> None:
-    layers = pd.DataFrame(layer_records).astype({"expert": "Int64"}).assign(analysis=key)  # null: not an expert
+    layers = pd.DataFrame(layer_records).assign(analysis=key)
     layers["position"] = layers["layer"].map(position)
     with store.transaction() as con:
         store.write_frame("layer_metrics", layers, con)

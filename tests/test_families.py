@@ -243,8 +243,9 @@ def test_end_to_end_analyze_quantize_export_reload(family, tiny_model_dir, bloom
                      store=store)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        run = run_plan(loaded, text_corpus, sampling, uniform_plan(arch, 4), QuantizeSettings(method=method, group_size=16),
-                       EvalSettings(seqlen=32, max_tokens=128), store, export_dir=tmp_path / "out")
+        run = run_plan(loaded, text_corpus, sampling, uniform_plan(arch, 4),
+                       QuantizeSettings(method=method, group_size=16), EvalSettings(seqlen=32, max_tokens=128), store,
+                       export_dir=tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager").eval()
     windows = evaluation_windows(token_ids(loaded.tokenizer, text_corpus, "evaluation"), 32, 128)
     assert evaluate(reloaded, windows).perplexity == pytest.approx(run["perplexity"], rel=1e-4)
