@@ -96,6 +96,13 @@ def group_of(args: argparse.Namespace, loaded) -> int:
     return default_group_size(loaded.arch) if args.group is None else args.group
 
 
+def say_attention_unavailable(loaded) -> None:
+    """One line (on stderr, so that --json output stays clean) when the attention-aware path does not apply."""
+    if not loaded.arch.attention_aware:
+        print(f"Attention-aware metrics and quantizer unavailable for {loaded.display_name}: "
+              f"{loaded.arch.attention_unavailable_reason}; layer-wise Hessians, RTN and GPTQ apply.", file=sys.stderr)
+
+
 class LazyBar:
     """A tqdm progress callback whose bar appears on the first report, so bad input fails with one line."""
 
@@ -161,6 +168,7 @@ def run_analyze(args: argparse.Namespace) -> None:
     from aptq.store import Store
 
     loaded = load_model(args.model, device=args.device)
+    say_attention_unavailable(loaded)
     corpus = load_corpus(args.corpus)
     sampling = calibration_of(args, loaded)
     layers, _ = analysis_for(args, loaded, corpus, sampling, args.bits, args.probes, args.max_blocks, args.resume)
@@ -255,6 +263,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     if (args.bits is None) == (args.plan is None):
         raise UserError("Give either --bits (one width for every layer) or --plan (a plan JSON file).")
     loaded = load_model(args.model, device=args.device)
+    say_attention_unavailable(loaded)
     corpus = load_corpus(args.corpus)
     plan = uniform_plan(loaded.arch, args.bits) if args.plan is None else read_plan(args.plan)
     settings, evaluation = quantize_settings(args, loaded, args.method)

@@ -26,12 +26,13 @@ RUNTIME_NOTE = ("Production runtimes (compressed-tensors, vLLM kernels) need in_
 
 
 def module_bits(arch: Architecture, plan: dict[str, int]) -> dict[str, int]:
-    """Bits per stored module (fused q/k/v share one module and one width)."""
+    """Bits per stored module (fused q/k/v share one module and one width; an expert's layers go by their
+    per-expert names)."""
     bits: dict[str, int] = {}
     for layer in arch.layers:
         width = plan.get(layer.name, FULL_PRECISION)
-        if bits.setdefault(layer.module_path, width) != width:
-            raise UserError(f"Layers stored together in {layer.module_path} must share one bit width.")
+        if bits.setdefault(layer.target, width) != width:
+            raise UserError(f"Layers stored together in {layer.target} must share one bit width.")
     return bits
 
 

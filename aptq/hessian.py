@@ -11,6 +11,8 @@ Per block, from hooks on its linear layers and on its attention function:
   Hutchinson's estimator with Rademacher probes, with their standard errors. (our choice, as the issue asks:
   ALGORITHMS.md §3 lets MLP layers use their own output; for down both agree, for gate/up we differentiate the MLP
   output, so they are measured after the down projection as q/k/v are after the out projection.)
+- mixtures of experts (aptq.experts): each expert's H from the tokens routed to it, its traces from its own slice;
+- models without the attention-aware path: only H, and traces of the block output (no cut between modules);
 - the size of the residual stream each module writes into: the median over calibration tokens of ‖h‖² just after the
   attention output and just after the MLP output are added (the median, because a few "attention sink" tokens carry
   activations orders of magnitude above the rest). The allocator uses it to compare errors across blocks.
@@ -37,15 +39,13 @@ from transformers import AttentionInterface
 
 from aptq.capture import Batch, BlockStep
 from aptq.errors import UserError
+from aptq.experts import ExpertRecorder
 from aptq.geometry import (AttentionGeometry, NormJacobian, RmsNorm, RotaryLayout, cap_slopes, complex_to_real,
                            geometry_for, key_pairs, mapped_middle, mapped_second_moment, qk_norm_modules,
                            query_pairs, sandwiched_sum)
 from aptq.models import Architecture, LinearLayer
 
 RECORDING_ATTENTION = "aptq_recording"
-# Layers reading the same tensor share one layer-wise Hessian.
-INPUT_GROUPS = {"q": "attention", "k": "attention", "v": "attention", "o": "o", "gate": "mlp", "up": "mlp",
-                "down": "down"}
 MODULE_INPUTS = ("q", "k", "v", "gate", "up")  # first linears of the attention and MLP modules
 DEFAULT_PROBES = 1  # (our choice) Hutchinson probes per segment: keeps the traces near one extra forward+backward
 
@@ -133,6 +133,10 @@ class BlockHessians:
     lm_trace_se: dict[str, float] = field(default_factory=dict)  # its standard error
     # "attention" / "mlp": median over tokens of ‖h‖² of the residual stream just after that module's output is added
     residual: dict[str, float] = field(default_factory=dict)
+    # Mixtures of experts: calibration tokens each expert layer's H came from, and the layers that fell back to the
+    # pooled Hessian (aptq.experts); other layers saw all `tokens`.
+    layer_tokens: dict[str, int] = field(default_factory=dict)
+    pooled: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -165,19 +169,24 @@ class HessianCollector:
         self.step = step
         self.arch = arch
         self.options = options
-        self.layers: list[LinearLayer] = arch.block_layers(step.index)
+        block_layers = arch.block_layers(step.index)
+        self.layers: list[LinearLayer] = [layer for layer in block_layers if layer.expert is None]
+        expert_layers = [layer for layer in block_layers if layer.expert is not None]
+        # Without the attention-aware path the traces differentiate the block output, with no cut (our choice).
+        self.by_role = arch.attention_aware
+        self.experts = ExpertRecorder(expert_layers, self._block_prefix(), self.by_role) if expert_layers else None
         self.by_kind = {layer.kind: layer for layer in self.layers}
         self.geometry_cache = {} if geometry_cache is None else geometry_cache
         self.tokens = 0
         self.segments = 0
         self.group_leaders = {}  # input group → first layer reading it
         for layer in self.layers:
-            self.group_leaders.setdefault(INPUT_GROUPS[layer.kind], layer)
+            self.group_leaders.setdefault(layer.input_group, layer)
         # Running sums: per input group Σ x xᵀ; "value": Σ_h Σ (A_h Xᵀ)ᵀ(A_h Xᵀ) per KV head (n_kv × d_in × d_in);
         # "row_q"/"row_k": in half layout (`RotaryLayout`), either complex parts of the mapped second moments per KV
         # head (n_kv × 2 × d/2 × d/2, the table path) or real sums (n_heads resp. n_kv × d × d, the per-token path).
         self._sums: dict[str, torch.Tensor] = {}
-        self._lm: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}  # per-segment mean ‖g‖²
+        self._lm: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in block_layers}  # per-segment mean ‖g‖²
         self._inputs: dict[str, torch.Tensor] = {}  # per batch: module path → input
         self._outputs: dict[str, torch.Tensor] = {}  # per batch: module path → output
         self._attention: AttentionCall | None = None  # per batch
@@ -208,13 +217,15 @@ class HessianCollector:
 
     def __enter__(self) -> "HessianCollector":
         self._stack = ExitStack()
-        cut_paths = {layer.module_path for layer in self.layers if layer.kind in MODULE_INPUTS}
+        cut_paths = {layer.module_path for layer in self.layers if self.by_role and layer.kind in MODULE_INPUTS}
         for path in dict.fromkeys(layer.module_path for layer in self.layers):
             module = self.step.block.get_submodule(path[len(self._block_prefix()):])
             handles = (module.register_forward_pre_hook(self._pre_hook(path, path in cut_paths)),
                        module.register_forward_hook(self._forward_hook(path)))
             for handle in handles:
                 self._stack.callback(handle.remove)
+        if self.experts is not None:
+            self._stack.enter_context(self.experts.hooked(self.step.block))
         if self.options.attention:
             attention = self.step.block.get_submodule(self.arch.attention_attr)
             self._stack.enter_context(recording_attention(attention, self._record_attention))
@@ -241,7 +252,7 @@ class HessianCollector:
                 self._accumulate_attention(inputs, length)
             self._accumulate_residual(batch, output)
         if self.options.probes > 0:
-            self._accumulate_traces(batch, inputs, n, length)
+            self._accumulate_traces(batch, inputs, n, length, output)
         self.tokens += n * length
         self.segments += n
         self._inputs, self._outputs, self._attention = {}, {}, None
@@ -345,7 +356,7 @@ class HessianCollector:
         layer = self.by_kind[kind]
         y = self._outputs[layer.module_path].detach()
         if layer.rows is not None:
-            y = y[..., layer.rows[0]:layer.rows[1]]
+            y = layer.rows.take(y, -1)
         return y.float()
 
     def _score_factors_checked(self, query: torch.Tensor, key: torch.Tensor, scaling: float,
@@ -375,33 +386,48 @@ class HessianCollector:
     def _accumulate_residual(self, batch: Batch, output: torch.Tensor) -> None:
         """Per-token ‖h‖² of the residual stream after the attention add (block input + attention output) and after
         the MLP add (the block output), as pre-norm blocks sum them."""
-        attention_out = self._outputs[self.by_kind["o"].module_path].detach().reshape_as(batch.hidden)
-        for module, stream in (("attention", batch.hidden + attention_out), ("mlp", output.detach())):
+        if "o" in self.by_kind:
+            attention_out = self._outputs[self.by_kind["o"].module_path].detach().reshape_as(batch.hidden)
+            attention_stream = batch.hidden + attention_out
+        else:  # no known output projection: both read the block output (our choice)
+            attention_stream = output.detach()
+        for module, stream in (("attention", attention_stream), ("mlp", output.detach())):
             self._residual[module].append(stream.float().square().sum(-1).flatten().cpu())
 
-    def _accumulate_traces(self, batch: Batch, inputs: dict[str, torch.Tensor], n: int, length: int) -> None:
+    def _accumulate_traces(self, batch: Batch, inputs: dict[str, torch.Tensor], n: int, length: int,
+                           block_output: torch.Tensor) -> None:
         """Hutchinson: per segment, ‖∂(uᵀF)/∂W‖² for Rademacher u on the attention and MLP outputs."""
         paths = list(dict.fromkeys(layer.module_path for layer in self.layers))
         module_outputs = [self._outputs[path] for path in paths]
-        # F: the attention output (after the out projection) and the MLP output (after the down projection).
-        ends = [self._outputs[self.by_kind["o"].module_path], self._outputs[self.by_kind["down"].module_path]]
+        expert_outputs = self.experts.trace_tensors() if self.experts is not None else []
+        # F: the attention output (after the out projection) and the MLP output (after the down projection, or the
+        # experts' weighted sum); without the attention-aware path, the block output.
+        if self.by_role:
+            mlp_end = (self.experts.output if self.experts is not None
+                       else self._outputs[self.by_kind["down"].module_path])
+            ends = [self._outputs[self.by_kind["o"].module_path], mlp_end]
+        else:
+            ends = [block_output]
         d_model = self.arch.hidden_size
-        sums = {layer.name: torch.zeros(n, device=batch.hidden.device) for layer in self.layers}
+        sums = {name: torch.zeros(n, device=batch.hidden.device) for name in self._lm}
         for probe in range(self.options.probes):
             objective = 0.0
             for end_index, output in enumerate(ends):
                 signs = torch.stack([rademacher((length, d_model), _probe_seed(
                     self.options.seed, self.step.index, segment, probe, end_index)) for segment in batch.segments])
                 objective = objective + (signs.to(output.device, output.dtype).reshape_as(output) * output).sum()
-            grads = torch.autograd.grad(objective, module_outputs, retain_graph=probe + 1 < self.options.probes)
+            grads = torch.autograd.grad(objective, module_outputs + expert_outputs,
+                                        retain_graph=probe + 1 < self.options.probes)
             by_path = dict(zip(paths, grads))
             with torch.no_grad():
                 for layer in self.layers:
                     delta = by_path[layer.module_path].reshape(n, length, -1).float()
                     if layer.rows is not None:
-                        delta = delta[..., layer.rows[0]:layer.rows[1]]
+                        delta = layer.rows.take(delta, -1)
                     gradient = delta.transpose(1, 2) @ inputs[layer.module_path]  # (n, d_out, d_in) per segment
                     sums[layer.name] += gradient.square().sum((1, 2))
+                if self.experts is not None:
+                    self.experts.add_traces(list(grads[len(paths):]), sums, length)
         for name, total in sums.items():  # probes are seeded per segment: results do not depend on the batch size
             self._lm[name].append((total / self.options.probes).cpu())
 
@@ -413,7 +439,10 @@ class HessianCollector:
         scale = 2.0 / self.tokens
         shared = {group: (self._sums[group] * scale).cpu() for group in self.group_leaders}
         hessians = BlockHessians(self.step.index, self.tokens,
-                                 {layer.name: shared[INPUT_GROUPS[layer.kind]] for layer in self.layers})
+                                 {layer.name: shared[layer.input_group] for layer in self.layers})
+        if self.experts is not None:
+            expert_hessians, hessians.layer_tokens, hessians.pooled = self.experts.hessians(self.step.index)
+            hessians.layerwise.update(expert_hessians)
         hessians.residual = {module: torch.cat(norms).median().item() for module, norms in self._residual.items()}
         if self.options.attention:
             repeats = self.arch.n_heads // self.arch.n_kv_heads

@@ -87,6 +87,9 @@ def check_plan(arch: Architecture, plan: dict[str, int], settings: QuantizeSetti
     """The plan completed with 16 (full precision) for every layer it does not name; one clear error otherwise."""
     if settings.method not in METHODS:
         raise UserError(f"Unknown method {settings.method!r}; choose one of {', '.join(METHODS)}.")
+    if settings.method == "attention" and not arch.attention_aware:
+        raise UserError(f"The attention-aware quantizer is unavailable for this model: "
+                        f"{arch.attention_unavailable_reason}; use --method gptq (layer-wise GPTQ) or rtn.")
     if settings.group_size < 0:
         raise UserError(f"The group size must be 0 (per output channel) or positive, got {settings.group_size}.")
     names = {layer.name for layer in arch.layers}
@@ -124,9 +127,9 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
         return rtn(weight, config), None
     options = dict(act_order=settings.act_order, damp=settings.damp, name=layer.name)
     h = hessians.layerwise[layer.name].to(weight.device)
-    if settings.method == "attention" and layer.kind == "v":
+    if settings.method == "attention" and layer.name in hessians.value:
         result = gptq_per_head(weight, hessians.value[layer.name].to(weight.device), config, **options)
-    elif settings.method == "attention" and layer.kind in ("q", "k"):
+    elif settings.method == "attention" and layer.name in hessians.row:
         result = gptq_rows(weight, h, hessians.row[layer.name].to(weight.device), config, **options)
     else:
         result = gptq(weight, h, config, **options)

@@ -15,6 +15,10 @@ layers   layer, block, kind, fused (the name of the stored tensor a layer shares
          score_layerwise, score_attention, score   the traces per parameter (score = APTQ trace / n_params)
          residual_ms       median per-token ‖h‖² of the residual stream the layer's module (attention or MLP) adds
                            its output to (aptq.allocate divides the errors by it)
+         tokens            calibration tokens the layer's Hessian came from (an expert: those routed to it)
+         pooled_hessian    an expert with too few routed tokens, given the pooled Hessian (aptq.experts)
+Models without the attention-aware path (`arch.attention_unavailable_reason`): the attention columns repeat the
+layer-wise ones (our choice: every solver keeps working; the CLI and the pages say the metric is unavailable).
 errors   layer, bits, group_size,
          err_layerwise     tr(ΔW H ΔWᵀ) with the round-to-nearest error ΔW
          err_attention     v: Σ_g tr(ΔW_g H_V,g ΔW_gᵀ); q/k: tr(G ΔW H ΔWᵀ); o and MLP: = err_layerwise
@@ -116,10 +120,10 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
         d_out, d_in = weight.shape
         n_params = d_out * d_in
         trace_layerwise = d_out * _trace(h)
-        if layer.kind == "v":
+        if layer.name in hessians.value:
             h_v = hessians.value[layer.name].to(device)
             trace_attention = arch.head_dim * _trace(h_v)
-        elif layer.kind in ("q", "k"):
+        elif layer.name in hessians.row:
             g = hessians.row[layer.name].to(device)
             trace_attention = _trace(g) * _trace(h)
         else:
@@ -132,7 +136,9 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
             "n_params": n_params, "d_out": d_out, "d_in": d_in, "trace_layerwise": trace_layerwise,
             "trace_attention": trace_attention, "trace_lm": trace_lm, "trace_lm_se": hessians.lm_trace_se[layer.name],
             "score_layerwise": trace_layerwise / n_params, "score_attention": trace_attention / n_params,
-            "score": trace_lm / n_params, "residual_ms": hessians.residual[module]})
+            "score": trace_lm / n_params, "residual_ms": hessians.residual[module],
+            "tokens": hessians.layer_tokens.get(layer.name, hessians.tokens),
+            "pooled_hessian": layer.name in hessians.pooled})
         for bits in sorted(set(settings.bits)):
             config = QuantConfig(bits, settings.group_size, symmetric=settings.symmetric,
                                  clip_search=settings.clip_search)
@@ -140,11 +146,11 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
             # both Hessians: the two error columns then differ only by the Hessian.
             quantized = rtn(weight, config, h)
             err_layerwise = layer_error(weight, quantized, h)
-            if layer.kind == "v":
+            if layer.name in hessians.value:
                 rows = arch.head_dim
                 err_attention = sum(layer_error(weight[g * rows:(g + 1) * rows], quantized[g * rows:(g + 1) * rows],
                                                 h_v[g]) for g in range(h_v.shape[0]))
-            elif layer.kind in ("q", "k"):
+            elif layer.name in hessians.row:
                 err_attention = layer_error(weight, quantized, h, g)
             else:
                 err_attention = err_layerwise
@@ -241,7 +247,7 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
     done = _register(store, loaded, corpus, sampling, ident, n_blocks, device, resume)
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
     walk = BlockWalk(loaded.model, arch, segments, device=device, batch_size=settings.batch_size, stop=n_blocks)
-    options = CollectOptions(attention=True, probes=settings.probes, seed=sampling.seed)
+    options = CollectOptions(attention=arch.attention_aware, probes=settings.probes, seed=sampling.seed)
     position = {layer.name: i for i, layer in enumerate(arch.layers)}
     geometry_cache: dict = {}
     progress(len(done), n_blocks, f"{len(done)} of {n_blocks} blocks already stored" if done else "starting")

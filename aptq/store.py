@@ -27,7 +27,7 @@ analysis_blocks    (analysis, block) PK, seconds, finished — one row per finis
                    first block without a row
 layer_metrics      (analysis, layer) PK, position (order in the model), block, kind, fused, n_params, d_out, d_in,
                    trace_layerwise, trace_attention, trace_lm, trace_lm_se, score_layerwise, score_attention, score,
-                   residual_ms (added by ALTER TABLE so that older files keep working)
+                   residual_ms, tokens, pooled_hessian (added by ALTER TABLE so that older files keep working)
 predicted_errors   (analysis, layer, bits, group_size) PK, err_layerwise, err_attention
 """
 
@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS layer_metrics (
     trace_lm_se DOUBLE, score_layerwise DOUBLE, score_attention DOUBLE, score DOUBLE,
     PRIMARY KEY (analysis, layer));
 ALTER TABLE layer_metrics ADD COLUMN IF NOT EXISTS residual_ms DOUBLE;
+ALTER TABLE layer_metrics ADD COLUMN IF NOT EXISTS tokens BIGINT;
+ALTER TABLE layer_metrics ADD COLUMN IF NOT EXISTS pooled_hessian BOOLEAN;
 CREATE TABLE IF NOT EXISTS predicted_errors (
     analysis VARCHAR, layer VARCHAR, bits INTEGER, group_size INTEGER, err_layerwise DOUBLE, err_attention DOUBLE,
     PRIMARY KEY (analysis, layer, bits, group_size));

@@ -51,11 +51,15 @@ def test_embedded_model_loads_from_its_converted_cache():
     assert loaded.load_seconds < 30  # generous: the first call may convert; a speed check lives in bench/
 
 
-def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+def test_unknown_architecture_loads_layer_wise_and_says_why(tmp_path):
     BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(str(tmp_path))
-    with pytest.raises(UserError, match="not supported; supported families: llama"):
-        load_model(str(tmp_path), device="cpu")
+    loaded = load_model(str(tmp_path), device="cpu")
+    arch = loaded.arch
+    linears = [name for name, module in loaded.model.get_submodule(arch.blocks_path).named_modules()
+               if isinstance(module, torch.nn.Linear)]
+    assert arch.family == "bert" and len(arch.layers) == len(linears) == 6
+    assert not arch.attention_aware and "not among the tested families" in arch.attention_unavailable_reason
 
 
 @pytest.mark.parametrize("source, message", [

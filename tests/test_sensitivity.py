@@ -24,7 +24,8 @@ from aptq.store import Store
 SAMPLING = Sampling(6, 24, seed=0)
 SETTINGS = AnalysisSettings(group_size=32, bits=(2, 4, 8))
 LAYER_COLUMNS = ["layer", "block", "kind", "fused", "n_params", "d_out", "d_in", "trace_layerwise", "trace_attention",
-                 "trace_lm", "trace_lm_se", "score_layerwise", "score_attention", "score", "residual_ms"]
+                 "trace_lm", "trace_lm_se", "score_layerwise", "score_attention", "score", "residual_ms",
+                 "tokens", "pooled_hessian"]
 ERROR_COLUMNS = ["layer", "bits", "group_size", "err_layerwise", "err_attention"]
 
 
