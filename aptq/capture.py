@@ -1,8 +1,8 @@
 """Block-by-block walk over a decoder, keeping every block's inputs in memory.
 
-The calibration segments (n × L token ids) go through the embeddings once; a forward pre-hook on the first decoder
-block records what the model hands to its blocks (hidden states, attention mask, rotary position embeddings, position
-ids …, whatever the architecture passes) and stops the forward pass. From then on the walk runs one block at a time,
+The calibration segments (n × L token ids) go through the embeddings once, recording what the model hands to each of
+its blocks (hidden states, attention mask, rotary position embeddings, position ids …, whatever the architecture
+passes; some differ per block, as Gemma's sliding-window and full-attention layers' masks), and the forward pass stops. From then on the walk runs one block at a time,
 in batches of a few segments: block i's outputs become block i+1's inputs. Only the block being processed sits on the
 compute device; the cached inputs stay on the CPU, so a model larger than the GPU streams through it.
 
@@ -39,17 +39,22 @@ def default_batch_size(seqlen: int) -> int:
 
 
 class _StopForward(Exception):
-    """Raised by the pre-hook on block 0 once its inputs are recorded: nothing after it needs to run."""
+    """Raised once the last walked block's inputs are recorded: nothing after it needs to run."""
 
 
-def _move(value: Any, device: torch.device) -> Any:
-    """Tensors (also inside tuples, lists and dicts) moved to `device`; anything else unchanged."""
+def _move(value: Any, device: torch.device, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """Tensors (also inside tuples, lists and dicts) moved to `device`; anything else unchanged. With `memo`, a tensor
+    met again (one mask handed to every block) is moved once."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        if memo is None:
+            return value.to(device)
+        if id(value) not in memo:
+            memo[id(value)] = value.to(device)
+        return memo[id(value)]
     if isinstance(value, (tuple, list)):
-        return type(value)(_move(v, device) for v in value)
+        return type(value)(_move(v, device, memo) for v in value)
     if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
+        return {k: _move(v, device, memo) for k, v in value.items()}
     return value
 
 
@@ -138,32 +143,58 @@ class BlockWalk:
         return len(self.batch_starts)
 
     @torch.no_grad()
-    def _first_inputs(self) -> tuple[list[torch.Tensor], dict[int, tuple[tuple, dict]]]:
-        """Embeddings of every batch and the other block-0 arguments (per batch size), recorded by a pre-hook."""
-        inputs: list[torch.Tensor] = []
-        calls: dict[int, tuple[tuple, dict]] = {}
+    def _first_inputs(self) -> tuple[list[torch.Tensor], list[dict[int, tuple[tuple, dict]]]]:
+        """Embeddings of every batch, and each walked block's other arguments per batch size.
 
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        One forward per batch runs block 0 for real and replaces blocks 1 … stop−1 by recorders that pass their input
+        through (in the structure block 0 returned), so every block's own arguments are recorded for the cost of one
+        block; the last recorder stops the pass."""
+        inputs: list[torch.Tensor] = []
+        calls: list[dict[int, tuple[tuple, dict]]] = [{} for _ in range(self.stop)]
+        memo: dict[int, torch.Tensor] = {}
+        first_output: list[Any] = []
+
+        def keep(index: int, args: tuple, kwargs: dict) -> torch.Tensor:
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            inputs.append(hidden.detach().to(self.storage))
             size = hidden.shape[0]
-            if size not in calls:
+            if size not in calls[index]:
                 # Caches would accumulate state across calls; the walk never uses them.
                 kwargs = {k: (None if k in ("past_key_values", "past_key_value") else v) for k, v in kwargs.items()}
-                calls[size] = (_move(tuple(args[1:]), self.storage), _move(kwargs, self.storage))
-            raise _StopForward
+                calls[index][size] = (_move(tuple(args[1:]), self.storage, memo), _move(kwargs, self.storage, memo))
+            if index + 1 == self.stop:
+                raise _StopForward
+            return hidden
+
+        def record_first(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs.append(hidden.detach().to(self.storage))
+            keep(0, args, dict(kwargs))
+
+        def passthrough(index: int):
+            def forward(*args, **kwargs):
+                hidden = keep(index, args, kwargs)
+                output = first_output[0]
+                return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+            return forward
 
         embed_device = self.model.get_input_embeddings().weight.device
-        handle = self.blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+        handles = [self.blocks[0].register_forward_pre_hook(record_first, with_kwargs=True),
+                   self.blocks[0].register_forward_hook(lambda module, args, output: first_output.append(output))]
+        for index in range(1, self.stop):
+            self.blocks[index].forward = passthrough(index)
         try:
             for start in self.batch_starts:
                 ids = self.segments[start:start + self.batch_size].to(embed_device)
+                first_output.clear()
                 try:
                     self.model(input_ids=ids, use_cache=False)
                 except _StopForward:
                     pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+            for index in range(1, self.stop):
+                del self.blocks[index].forward  # the class's forward again
         return inputs, calls
 
     def __iter__(self) -> Iterator[BlockStep]:
@@ -173,7 +204,7 @@ class BlockWalk:
             home = next(block.parameters()).device
             block.to(self.device)
             try:
-                step = BlockStep(index, block, inputs, calls, self.batch_starts, self.device)
+                step = BlockStep(index, block, inputs, calls[index], self.batch_starts, self.device)
                 yield step
                 if index + 1 < self.stop:  # the last block's outputs are not needed
                     inputs = step.finish()

@@ -348,8 +348,6 @@ def test_an_attention_the_recorder_cannot_see_is_refused():
         collect(model, arch, segments())
 
 
-@pytest.mark.xfail(strict=True, reason="aptq/capture.py hands block 0's arguments (Gemma 2's sliding-window mask) to "
-                                       "every block, so the full-attention block 1 is walked with the wrong mask")
 def test_full_attention_block_after_a_sliding_one_gets_its_own_mask():
     model = build("gemma2")
     arch = local_architecture(model)

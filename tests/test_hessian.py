@@ -50,9 +50,16 @@ def reference(model, arch, ids, block=0):
     return seen
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+# Three blocks, so that block 1's output (the next block's input) is checked: Gemma's sliding-window and
+# full-attention layers get different masks (and Gemma 3 different rotations) from the model.
+THREE_BLOCKS = {"llama": {}, "opt": {}, "gpt2": {"n_layer": 3},
+                "gemma2": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+                "gemma3_text": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}}
+
+
+@pytest.mark.parametrize("family", THREE_BLOCKS)
 def test_walk_inputs_are_the_models_hidden_states(tiny_model, family):
-    model, arch = tiny_model(family)
+    model, arch = tiny_model(family, num_hidden_layers=3, **THREE_BLOCKS[family])
     ids = segments()
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
