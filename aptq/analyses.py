@@ -171,7 +171,7 @@ def owner_alive(owner: str | None, updated: datetime | None) -> bool:
         return updated is not None and datetime.now() - updated < REMOTE_STALE
     if int(pid) != os.getpid():
         return _pid_alive(int(pid))
-    return int(thread) != threading.get_ident() and any(t.ident == int(thread) for t in threading.enumerate())
+    return any(t.ident == int(thread) for t in threading.enumerate())
 
 
 # -- reading -----------------------------------------------------------------------------------------------------
@@ -239,13 +239,14 @@ def whole_model_keys(store: Store | None, model_fp: str) -> list[str]:
 def claim(store: Store | None, record: AnalysisRecord, device: str, resume: bool) -> set[int]:
     """Record model, calibration and the analysis as running under this owner; return the blocks already finished.
 
-    Raises `Busy` when a live owner is computing it. Without `resume`, stored partial results are discarded first.
+    Raises `Busy` when another live owner is computing it. Without `resume`, stored partial results are discarded first.
     """
     model, calibration = record.model, record.calibration
     with _ready(store).transaction() as con:
         current = _status_row(con, record.key)
-        if current is not None and current[0] == "running" and owner_alive(current[5], current[6]):
-            raise Busy(current[5])
+        owner = current[5] if current is not None and current[0] == "running" else None
+        if owner not in (None, this_owner()) and owner_alive(owner, current[6]):
+            raise Busy(owner)
         con.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, now()) ON CONFLICT DO NOTHING",
                     [model.fingerprint, model.name, model.family, model.source, model.baseline, model.params,
                      model.n_blocks])

@@ -64,6 +64,7 @@ def test_full_precision_layers_stay_exact_and_kl_grows_as_bits_shrink(tiny_model
     assert rows[8]["avg_bits"] > 8  # the full-precision layer counts at 16 bits
 
 
+@pytest.mark.integration
 def test_gptq_beats_rtn_on_a_real_model_block(text_corpus, store):
     """Two blocks of the embedded model at 2 bits, everything else kept: GPTQ's KL is below RTN's."""
     loaded = load_model(device="cpu")

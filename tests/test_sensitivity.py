@@ -165,6 +165,7 @@ def test_cli_analyze_prints_where_the_results_are_and_caches(tiny_model_dir, cor
     assert err.startswith("error: The calibration text has") and err.count("\n") == 1
 
 
+@pytest.mark.integration
 def test_embedded_model_integration(tmp_path):
     loaded = load_model(device="cpu")
     corpus = load_corpus("brown")
