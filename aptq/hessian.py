@@ -1,4 +1,4 @@
-"""Hessians of one decoder block, accumulated while the block runs on calibration batches (ALGORITHMS.md §1–3).
+"""Hessians of one decoder block, accumulated while the block runs on calibration batches (docs/algorithms.md §1–3).
 
 Per block, from hooks on its linear layers and on its attention function:
 
@@ -7,9 +7,9 @@ Per block, from hooks on its linear layers and on its attention function:
 - row Hessians `G_Q,h = E[K_hᵀ K_h]` (per query head, from its KV head's keys) and `G_K,g = E[Q_hᵀ Q_h]` (per KV head,
   averaged over its query heads), with K/Q after RoPE mapped back to the weights' frame (see `AttentionGeometry`);
 - APTQ traces `tr(2 E[JᵀJ])` of the attention output w.r.t. q/k/v/o and of the MLP output w.r.t. gate/up/down, by
-  Hutchinson's estimator with Rademacher probes, with their standard errors. (our choice, as the issue asks:
-  ALGORITHMS.md §3 lets MLP layers use their own output; for down both agree, for gate/up we differentiate the MLP
-  output, so they are measured after the down projection as q/k/v are after the out projection.)
+  Hutchinson's estimator with Rademacher probes, with their standard errors. (our choice, as the issue asks, see
+  docs/algorithms.md §3: the paper lets MLP layers use their own output; for down both agree, for gate/up we
+  differentiate the MLP output, so they are measured after the down projection as q/k/v are after the out projection.)
 - the size of the residual stream each module writes into: the median over calibration tokens of ‖h‖² just after the
   attention output and just after the MLP output are added (the median, because a few "attention sink" tokens carry
   activations orders of magnitude above the rest). The allocator uses it to compare errors across blocks.
@@ -100,7 +100,7 @@ def recording_attention(attention: nn.Module, recorder) -> Iterator[None]:
 class AttentionGeometry:
     """Pair weights and rotation tables for the row Hessians, fixed by the mask and the positions of a segment.
 
-    The surrogate objective (ALGORITHMS.md §2, scaled like H) is (our choice of normalization, the papers give only
+    The surrogate objective (docs/algorithms.md §2, scaled like H) is (our choice of normalization, the papers give only
     `E‖K ΔW_Q X‖²`): the score change `Δs_pj` of each query p averaged over the keys j it sees, averaged over
     queries, times 2. With pair weights `ω_pj = 1 / (L · #keys seen by p)` for visible pairs, so that Σ ω = 1:
 

@@ -1,4 +1,4 @@
-"""Per-layer sensitivity of a model on calibration data: traces, scores and predicted errors (ALGORITHMS.md §2–4).
+"""Per-layer sensitivity of a model on calibration data: traces, scores, predicted errors (docs/algorithms.md §2–5).
 
 `analyze` walks the model block by block (aptq.capture), collects each block's Hessians (aptq.hessian), turns them into
 one row per layer and one row per (layer, bit width), and writes them to the store one block at a time, so a repeat is
@@ -51,7 +51,7 @@ def default_calibration(device: torch.device | str) -> tuple[int, int]:
 
 
 def default_group_size(arch: Architecture) -> int:
-    """128 (the common choice) when every layer's columns split into groups of 128, else 64 (DESIGN.md)."""
+    """128 (the common choice) when every layer's columns split into groups of 128, else 64 (our choice)."""
     return 128 if arch.hidden_size % 128 == 0 else 64
 
 

@@ -43,7 +43,7 @@ import duckdb
 import pandas as pd
 
 from aptq.errors import UserError
-from aptq.models import CACHE_DIR
+from aptq.paths import CACHE_DIR
 
 DEFAULT_PATH = CACHE_DIR / "aptq.duckdb"
 BUSY_TIMEOUT = 5.0  # (our choice) seconds to wait for another process before giving up

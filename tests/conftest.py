@@ -10,8 +10,8 @@ Markers (registered in pyproject.toml): tests/test_browser.py is `browser`; test
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch

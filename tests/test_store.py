@@ -117,7 +117,8 @@ def test_a_store_of_another_version_is_explained(tmp_path):
 def test_a_running_row_whose_process_is_gone_reads_as_interrupted_and_is_resumed(tmp_path):
     store = Store(tmp_path / "store.duckdb")
     analyses.claim(store, RECORD, "cpu", resume=True)
-    analyses.write_block(store, "key", 0, [{"layer": "a", "block": 0}], [{"layer": "a", "bits": 2, "group_size": 32}], 1.0, {"a": 0})
+    analyses.write_block(store, "key", 0, [{"layer": "a", "block": 0}], [{"layer": "a", "bits": 2, "group_size": 32}],
+                         1.0, {"a": 0})
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_owner = f"{analyses.this_owner().rsplit(':', 2)[0]}:{gone.stdout.strip()}:1"
     store.execute("UPDATE analyses SET owner = ? WHERE key = 'key'", [dead_owner])  # as a kill -9 leaves it
