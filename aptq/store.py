@@ -55,8 +55,10 @@ MARKER_SCHEMA = f"CREATE TABLE IF NOT EXISTS {MARKER} (created TIMESTAMP DEFAULT
 UNMARKED_TABLES = frozenset({"models", "calibrations", "analyses", "analysis_blocks", "layer_metrics",
                              "predicted_errors", "plans", "runs"})
 
-# Errors of a damaged file, as opposed to errors of a statement (those stay exceptions: they are bugs).
+# Errors of a damaged file, as opposed to errors of a statement (those stay exceptions: they are bugs). DuckDB reports
+# a failed block checksum with its base class and a message that starts "Corrupt database file".
 DAMAGE = (duckdb.IOException, duckdb.InternalException, duckdb.FatalException, duckdb.SerializationException)
+OPEN_ATTEMPTS = 3  # a file that vanished (moved aside by another process) is looked for again this often
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -82,6 +84,10 @@ def _columns(con: duckdb.DuckDBPyConnection) -> dict[str, frozenset[str]]:
     return {table: frozenset(columns) for table, columns in tables.items()}
 
 
+def _is_damage(exc: BaseException) -> bool:
+    return isinstance(exc, DAMAGE) or (isinstance(exc, duckdb.Error) and "corrupt" in str(exc).lower())
+
+
 def _has_duckdb_header(path: Path) -> bool:
     with open(path, "rb") as file:
         return file.read(12)[8:12] == DUCKDB_MAGIC
@@ -103,26 +109,30 @@ class Store:
     def _open(self) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.busy_timeout
         delay = 0.02
+        failures = 0
         while True:
             try:
                 return duckdb.connect(str(self.path))
-            except duckdb.IOException as exc:
+            except duckdb.Error as exc:  # e.g. "Corrupt database file: computed checksum … does not match"
                 message = str(exc)
-                if "lock" in message.lower():
-                    if time.monotonic() >= deadline:
-                        raise UserError(f"The store {self.path} is busy (used by another process); try again when "
-                                        f"that process finishes.") from exc
+                busy = isinstance(exc, duckdb.IOException) and "lock" in message.lower()
+                if busy and time.monotonic() >= deadline:
+                    raise UserError(f"The store {self.path} is busy (used by another process); try again when that "
+                                    f"process finishes.") from exc
+                if busy:
                     time.sleep(delay)
                     delay = min(delay * 2, 0.25)
                     continue
+                failures += 1
+                if failures > OPEN_ATTEMPTS:
+                    raise UserError(f"The store {self.path} cannot be opened ({message.splitlines()[0]}); check that "
+                                    f"its folder exists and is writable.") from exc
                 self._unusable(message)
-            except duckdb.Error as exc:  # e.g. "Corrupt database file: computed checksum … does not match"
-                self._unusable(str(exc))
 
     def _unusable(self, message: str) -> None:
         """A file DuckDB cannot open: move it aside when it is ours (then the caller retries), else refuse."""
         reason = message.splitlines()[0]
-        if not self.path.exists():  # another process moved it meanwhile
+        if not self.path.exists():  # moved aside by another process meanwhile, or the folder is not usable
             return
         if self.path.is_dir():
             raise UserError(f"The store {self.path} is a directory; give the path of a DuckDB file.")
@@ -174,7 +184,10 @@ class Store:
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection to a checked store with the schemas in place; closed on exit."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"The folder of the store {self.path} cannot be created ({exc.strerror}).") from exc
         con = self._open()
         try:
             try:
@@ -182,8 +195,10 @@ class Store:
                 for ddl in self._schemas:
                     con.execute(ddl)
                 self._check_columns(con)
-            except DAMAGE as exc:
-                raise self.damaged(exc) from exc
+            except duckdb.Error as exc:
+                if _is_damage(exc):
+                    raise self.damaged(exc) from exc
+                raise
             yield con
         finally:
             con.close()
@@ -203,7 +218,7 @@ class Store:
                 yield con
             except BaseException as exc:
                 con.rollback()
-                if isinstance(exc, DAMAGE):
+                if _is_damage(exc):
                     raise self.damaged(exc) from exc
                 raise
             con.commit()

@@ -156,3 +156,19 @@ def test_finishing_ends_the_claim(tmp_path):
     analyses.finish(store, "key", "interrupted")
     state = analyses.status(store, "key")
     assert state.status == "interrupted" and state.owner is None
+
+
+def test_a_store_damaged_inside_its_data_is_explained_when_read(tmp_path):
+    path = tmp_path / "store.duckdb"
+    store = Store(path)
+    analyses.claim(store, RECORD, "cpu", resume=True)
+    layers = [{"layer": f"layer{i}", "block": 0, "kind": "q", "n_params": i} for i in range(20000)]
+    errors = [{"layer": f"layer{i}", "bits": 2, "group_size": 32, "err_attention": float(i)} for i in range(20000)]
+    analyses.write_block(store, "key", 0, layers, errors, 1.0, {f"layer{i}": i for i in range(20000)})
+    analyses.finish(store, "key", "complete")
+    content = bytearray(path.read_bytes())
+    for start in range(len(content) // 4, len(content), 1 << 17):  # the catalog still reads, the rows do not
+        content[start:start + 4096] = b"\x55" * 4096
+    path.write_bytes(bytes(content))
+    with pytest.raises(UserError, match=r"could not be read \(.*orrupt.*\); it may be damaged"):
+        analyses.load(Store(path), "key")
