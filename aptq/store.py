@@ -58,7 +58,12 @@ UNMARKED_TABLES = frozenset({"models", "calibrations", "analyses", "analysis_blo
 # Errors of a damaged file, as opposed to errors of a statement (those stay exceptions: they are bugs). DuckDB reports
 # a failed block checksum with its base class and a message that starts "Corrupt database file".
 DAMAGE = (duckdb.IOException, duckdb.InternalException, duckdb.FatalException, duckdb.SerializationException)
+SETUP_ATTEMPTS = 5  # catalog write conflicts between threads creating the same tables are retried this often
 OPEN_ATTEMPTS = 3  # a file that vanished (moved aside by another process) is looked for again this often
+# How DuckDB says that the file is held: by another process (its lock) or by another connection of this process.
+BUSY_MESSAGES = ("could not set lock", "conflicting lock", "already attached", "unique file handle conflict")
+# How DuckDB says that the file's content is unusable; any other failure to open is reported, never acted upon.
+UNREADABLE_MESSAGES = ("not a valid duckdb database", "corrupt", "could not read enough bytes")
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -115,7 +120,7 @@ class Store:
                 return duckdb.connect(str(self.path))
             except duckdb.Error as exc:  # e.g. "Corrupt database file: computed checksum … does not match"
                 message = str(exc)
-                busy = isinstance(exc, duckdb.IOException) and "lock" in message.lower()
+                busy = any(text in message.lower() for text in BUSY_MESSAGES)
                 if busy and time.monotonic() >= deadline:
                     raise UserError(f"The store {self.path} is busy (used by another process); try again when that "
                                     f"process finishes.") from exc
@@ -124,7 +129,8 @@ class Store:
                     delay = min(delay * 2, 0.25)
                     continue
                 failures += 1
-                if failures > OPEN_ATTEMPTS:
+                unreadable = any(text in message.lower() for text in UNREADABLE_MESSAGES)
+                if failures > OPEN_ATTEMPTS or not unreadable:
                     raise UserError(f"The store {self.path} cannot be opened ({message.splitlines()[0]}); check that "
                                     f"its folder exists and is writable.") from exc
                 self._unusable(message)
@@ -158,9 +164,8 @@ class Store:
         warnings.warn(f"The store {self.path} could not be read ({reason}); it was moved to {target} and a fresh "
                       f"store was started.", stacklevel=5)
 
-    def _check_ours(self, con: duckdb.DuckDBPyConnection) -> None:
+    def _check_ours(self, con: duckdb.DuckDBPyConnection, tables: set[str]) -> None:
         """Refuse a database of another application; mark a new (or older, unmarked) store of ours."""
-        tables = set(_columns(con))
         if MARKER in tables:
             return
         if tables and not tables & UNMARKED_TABLES:
@@ -170,16 +175,26 @@ class Store:
         con.execute(MARKER_SCHEMA)
         con.execute(f"INSERT INTO {MARKER} (version) VALUES (?)", [STORE_VERSION])
 
-    def _check_columns(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Our tables must have the columns this version declares; an older or foreign layout is refused."""
+    def _missing_columns(self, present: dict[str, frozenset[str]]) -> list[tuple[str, str]]:
+        """(table, column) pairs the registered schemas declare and the file lacks (absent tables not counted)."""
+        return [(table, column) for ddl in self._schemas for table, columns in _declared_columns(ddl).items()
+                for column in sorted(columns - present.get(table, columns))]
+
+    def _prepare(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Check that the file is ours and current, and create what is missing. When everything is in place (the
+        common case) this only reads the catalog, so that the connections of several threads do not conflict."""
         present = _columns(con)
-        for ddl in self._schemas:
-            for table, columns in _declared_columns(ddl).items():
-                missing = sorted(columns - present.get(table, columns))
-                if missing:
-                    raise UserError(f"The store {self.path} comes from another version of this project (table "
-                                    f"{table} has no column {missing[0]}); move it away or point APTQ_STORE "
-                                    f"elsewhere.")
+        self._check_ours(con, set(present))
+        declared = [table for ddl in self._schemas for table in _declared_columns(ddl)]
+        if all(table in present for table in declared) and not self._missing_columns(present):
+            return
+        for ddl in self._schemas:  # absent tables, and columns added by newer versions (ALTER … IF NOT EXISTS)
+            con.execute(ddl)
+        missing = self._missing_columns(_columns(con))
+        if missing:
+            table, column = missing[0]
+            raise UserError(f"The store {self.path} comes from another version of this project (table {table} has no "
+                            f"column {column}); move it away or point APTQ_STORE elsewhere.")
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -190,15 +205,18 @@ class Store:
             raise UserError(f"The folder of the store {self.path} cannot be created ({exc.strerror}).") from exc
         con = self._open()
         try:
-            try:
-                self._check_ours(con)
-                for ddl in self._schemas:
-                    con.execute(ddl)
-                self._check_columns(con)
-            except duckdb.Error as exc:
-                if _is_damage(exc):
-                    raise self.damaged(exc) from exc
-                raise
+            for attempt in range(SETUP_ATTEMPTS):
+                try:
+                    self._prepare(con)
+                    break
+                except duckdb.TransactionException:  # another thread of this process created the same table
+                    if attempt + 1 == SETUP_ATTEMPTS:
+                        raise
+                    time.sleep(0.02 * (attempt + 1))
+                except duckdb.Error as exc:
+                    if _is_damage(exc):
+                        raise self.damaged(exc) from exc
+                    raise
             yield con
         finally:
             con.close()
