@@ -236,14 +236,17 @@ def whole_model_keys(store: Store | None, model_fp: str) -> list[str]:
 
 # -- writing -----------------------------------------------------------------------------------------------------
 
-def claim(store: Store | None, record: AnalysisRecord, device: str, resume: bool) -> set[int]:
-    """Record model, calibration and the analysis as running under this owner; return the blocks already finished.
+def claim(store: Store | None, record: AnalysisRecord, device: str, resume: bool) -> set[int] | None:
+    """Record model, calibration and the analysis as running under this owner; return the blocks already finished,
+    or None when the analysis is complete (another process finished it since the caller looked).
 
     Raises `Busy` when another live owner is computing it. Without `resume`, stored partial results are discarded first.
     """
     model, calibration = record.model, record.calibration
     with _ready(store).transaction() as con:
         current = _status_row(con, record.key)
+        if current is not None and current[0] == "complete":
+            return None
         owner = current[5] if current is not None and current[0] == "running" else None
         if owner not in (None, this_owner()) and owner_alive(owner, current[6]):
             raise Busy(owner)

@@ -170,7 +170,7 @@ def collect_block(step: BlockStep, arch: Architecture, options: CollectOptions,
 def _register(store: Store, loaded: LoadedModel, corpus: Corpus, sampling: Sampling, ident: Identity,
               n_blocks: int, device: torch.device, resume: bool, progress: Progress) -> set[int] | None:
     """Claim the analysis (aptq.analyses), first waiting for another process computing it; return the blocks already
-    finished, or None when that process completed it meanwhile."""
+    finished, or None when another process completed it meanwhile."""
     model = analyses.ModelRecord(ident.model, loaded.display_name, loaded.arch.family, loaded.source,
                                  loaded.baseline_label, loaded.n_params, loaded.arch.n_blocks)
     calibration = analyses.CalibrationRecord(ident.calibration, corpus.name, corpus.fingerprint, ident.tokenizer,

@@ -5,8 +5,9 @@ Where: `data/aptq.duckdb` (under `APTQ_CACHE_DIR` when that is set), or the file
 
 Tables belong to the modules that own their data: aptq.analyses (models, calibrations, analyses, analysis_blocks,
 layer_metrics, predicted_errors) and aptq.history (plans, runs). Each registers its DDL with `Store.add_schema(ddl)`
-(`CREATE TABLE IF NOT EXISTS …`, applied on every connection, about 1 ms) and runs its queries through `execute`,
-`query`, `write_frame` or `transaction()`. This module only knows the file and one table of its own:
+(`CREATE TABLE IF NOT EXISTS …`, run by a connection that finds a declared table or column missing) and runs its
+queries through `execute`, `query`, `write_frame` or `transaction()`. This module only knows the file and one table
+of its own:
 
 aptq_store   created, version — written when this project creates (or first adopts) the file; it is how a DuckDB
              database is recognised as ours
@@ -105,7 +106,7 @@ class Store:
         self._schemas: list[str] = []
 
     def add_schema(self, ddl: str) -> None:
-        """Register `CREATE TABLE IF NOT EXISTS …` statements, applied on every connection (idempotent)."""
+        """Register `CREATE TABLE IF NOT EXISTS …` statements (idempotent); see `_prepare`."""
         if ddl not in self._schemas:
             self._schemas.append(ddl)
 

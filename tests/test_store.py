@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import duckdb
@@ -172,3 +173,30 @@ def test_a_store_damaged_inside_its_data_is_explained_when_read(tmp_path):
     path.write_bytes(bytes(content))
     with pytest.raises(UserError, match=r"could not be read \(.*orrupt.*\); it may be damaged"):
         analyses.load(Store(path), "key")
+
+
+def test_threads_of_one_process_share_a_new_store(tmp_path):
+    """The dashboard reads the store while its jobs write it: concurrent first connections must not conflict."""
+    failures = []
+
+    def read() -> None:
+        try:
+            for _ in range(10):
+                assert analyses.status(Store(tmp_path / "store.duckdb"), "key") is None
+        except Exception as exc:  # collected: an exception in a thread would not fail the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_a_complete_analysis_is_never_claimed_again(tmp_path):
+    store = Store(tmp_path / "store.duckdb")
+    analyses.claim(store, RECORD, "cpu", resume=True)
+    analyses.finish(store, "key", "complete")
+    assert analyses.claim(store, RECORD, "cpu", resume=True) is None  # a late second process reuses it
+    assert analyses.status(store, "key").status == "complete"
