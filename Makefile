@@ -1,5 +1,6 @@
 # The two commands a newcomer needs (see README.md). Each sets up what it needs first.
-.PHONY: run test setup
+# `make check` is the quick loop while working: the linter and the unit tests (a few minutes).
+.PHONY: run test check setup
 
 run:
 	scripts/setup.sh
@@ -8,3 +9,8 @@ run:
 test:
 	scripts/setup.sh --dev
 	.venv/bin/python -m pytest -q
+
+check:
+	scripts/setup.sh --dev
+	.venv/bin/python -m ruff check .
+	.venv/bin/python -m pytest -q -m unit

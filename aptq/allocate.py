@@ -1,4 +1,4 @@
-"""Bit budget → mixed-precision plan, from the cached sensitivity tables alone (ALGORITHMS.md §3–4).
+"""Bit budget → mixed-precision plan, from the cached sensitivity tables alone (docs/algorithms.md §10).
 
 Reads `layers[layer, block, kind, fused, n_params, score (, d_in, trace_lm, trace_attention, trace_layerwise,
 residual_ms)]` and `errors[layer, bits, err_layerwise, err_attention (, group_size)]` as written by aptq.sensitivity;
@@ -45,12 +45,10 @@ import numpy as np
 import pandas as pd
 
 from aptq.errors import UserError
+from aptq.widths import FULL_PRECISION, QUANT_WIDTHS, SCALE_ZERO_BITS
 
-METHODS = ("knapsack", "knapsack-layerwise", "aptq", "uniform", "random")
+ALLOCATORS = ("knapsack", "knapsack-layerwise", "aptq", "uniform", "random")
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-FULL_PRECISION = 16  # same value as aptq.export.FULL_PRECISION (not imported: that module pulls in torch)
-QUANT_WIDTHS = range(2, 9)
-SCALE_ZERO_BITS = 32  # one fp16 scale + one fp16 zero point per group
 MAX_TABLE_CELLS = 1 << 24  # (our choice) DP back-pointer table cap: 16 MiB of int8
 LAYER_COLUMNS = ("layer", "block", "kind", "fused", "n_params")
 ERROR_COLUMNS = ("layer", "bits", "err_layerwise", "err_attention")
@@ -171,8 +169,8 @@ def _fmt_down(value: float) -> str:
 
 
 def _check_request(request: AllocationRequest) -> None:
-    if request.method not in METHODS:
-        raise AllocationError(f"Unknown method {request.method!r}; use one of {', '.join(METHODS)}.")
+    if request.method not in ALLOCATORS:
+        raise AllocationError(f"Unknown method {request.method!r}; use one of {', '.join(ALLOCATORS)}.")
     if not request.candidates:
         raise AllocationError("The candidate set is empty; pick at least one width between 2 and 8 bits.")
     outside = sorted({int(c) for c in request.candidates} - set(QUANT_WIDTHS))

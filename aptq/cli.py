@@ -278,7 +278,7 @@ def run_quantize(args: argparse.Namespace) -> None:
 
 
 def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
-    from aptq.allocate import METHODS
+    from aptq.allocate import ALLOCATORS
     from aptq.pipeline import METHOD_LABELS
 
     parser = commands.add_parser("sweep", help="plans for many budgets and solvers, each quantized and evaluated",
@@ -292,7 +292,8 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--budgets", default="2.5:4.5:0.25",
                         help="average bits: start:stop:step or a comma list (default: %(default)s)")
     parser.add_argument("--methods", default="uniform,aptq,knapsack,knapsack-layerwise",
-                        help=f"allocation methods, comma separated, from {', '.join(METHODS)} (default: %(default)s)")
+                        help=f"allocation methods, comma separated, from {', '.join(ALLOCATORS)} "
+                             f"(default: %(default)s)")
     parser.add_argument("--candidates", type=_bit_list, default=(2, 3, 4, 8),
                         help="bit widths a layer may take (default: 2,3,4,8)")
     parser.add_argument("--seeds", type=_bit_list, default=(0, 1, 2),
@@ -303,17 +304,17 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_sweep_command(args: argparse.Namespace) -> None:
-    from aptq.allocate import METHODS
+    from aptq.allocate import ALLOCATORS
     from aptq.data import load_corpus
     from aptq.models import load_model
     from aptq.store import Store
     from aptq.sweep import parse_budgets, run_sweep, sweep_points
 
     allocations = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in allocations if m not in METHODS]
+    unknown = [m for m in allocations if m not in ALLOCATORS]
     if unknown or not allocations:
         raise UserError(f"Unknown allocation method {unknown[0] if unknown else '(none)'}; choose from "
-                        f"{', '.join(METHODS)}.")
+                        f"{', '.join(ALLOCATORS)}.")
     points = sweep_points(allocations, parse_budgets(args.budgets), args.seeds)
     loaded = load_model(args.model, device=args.device)
     corpus = load_corpus(args.corpus)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from aptq.errors import UserError
-from aptq.models import CACHE_DIR, DATA_DIR
+from aptq.paths import CACHE_DIR, DATA_DIR
 
 EMBEDDED_CORPUS = "brown"
 BROWN_FILE = DATA_DIR / "brown.jsonl.gz"

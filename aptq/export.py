@@ -19,8 +19,8 @@ from torch import nn
 
 from aptq.errors import UserError
 from aptq.models import Architecture, get_weight
+from aptq.widths import FULL_PRECISION
 
-FULL_PRECISION = 16
 RUNTIME_NOTE = ("Production runtimes (compressed-tensors, vLLM kernels) need in_features % group_size == 0 for every "
                 "quantized layer; layers listed under 'indivisible' do not meet that and need another group size.")
 

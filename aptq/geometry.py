@@ -19,7 +19,7 @@ mirrors it (keys mapped with their own R_j and J_j, queries summed). The norm an
 calibration point (our choice, as the papers do for the softmax: a norm or cap makes the score nonlinear in the
 weights, and the first-order term is what a quadratic objective can hold). The factor d_h keeps the unit the project
 always used: for standard attention (λ = 1/√d_h, α = 1, no norm, no cap) G_Q = E Σ ω R_pᵀ k kᵀ R_p = E[Kᵀ K] of
-ALGORITHMS.md.
+docs/algorithms.md §2.
 
 Two paths compute it. Without a norm and a cap the middle factor does not depend on the data per position, so the sums
 over positions collapse into per-position tables shared by all blocks (`AttentionGeometry`, O(L d²) per segment).

@@ -1,4 +1,4 @@
-"""GPTQ and its attention-aware variants (ALGORITHMS.md §1 and §2).
+"""GPTQ and its attention-aware variants (docs/algorithms.md, sections 7–9).
 
 One column walk (`_walk_columns`) quantizes a batch of rows left to right (or in act-order), spreading each column's
 error over the columns not yet quantized with the upper Cholesky factor U of the damped `H⁻¹`, in blocks with lazy

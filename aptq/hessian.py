@@ -1,4 +1,4 @@
-"""Hessians of one decoder block, accumulated while the block runs on calibration batches (ALGORITHMS.md §1–3).
+"""Hessians of one decoder block, accumulated while the block runs on calibration batches (docs/algorithms.md §1–3).
 
 Per block, from hooks on its linear layers and on its attention function:
 
@@ -8,9 +8,9 @@ Per block, from hooks on its linear layers and on its attention function:
   averaged over its query heads), with K/Q after RoPE mapped back to the weights' frame, through each family's q/k
   norm, query scaling and logit soft-cap (aptq/geometry.py; docs/families.md per family);
 - APTQ traces `tr(2 E[JᵀJ])` of the attention output w.r.t. q/k/v/o and of the MLP output w.r.t. gate/up/down, by
-  Hutchinson's estimator with Rademacher probes, with their standard errors. (our choice, as the issue asks:
-  ALGORITHMS.md §3 lets MLP layers use their own output; for down both agree, for gate/up we differentiate the MLP
-  output, so they are measured after the down projection as q/k/v are after the out projection.)
+  Hutchinson's estimator with Rademacher probes, with their standard errors. (our choice, as the issue asks, see
+  docs/algorithms.md §3: the paper lets MLP layers use their own output; for down both agree, for gate/up we
+  differentiate the MLP output, so they are measured after the down projection as q/k/v are after the out projection.)
 - mixtures of experts (aptq.experts): each expert's H from the tokens routed to it, its traces from its own slice;
 - models without the attention-aware path: only H, and traces of the block output (no cut between modules);
 - the size of the residual stream each module writes into: the median over calibration tokens of ‖h‖² just after the

@@ -1,6 +1,6 @@
 """Saved plans and quantization runs in the store, and how far the predicted errors can be trusted.
 
-SCHEMA (added to aptq.store's tables)
+SCHEMA (added to the store by every function here, as aptq.analyses adds the analysis tables)
 ------
 plans   key PK (model + plan + group size), model → models, name, allocation (solver, "uniform", "manual" …),
         budget, group_size, request (JSON: the allocation request), plan (JSON: layer → bits), summary (JSON:
@@ -111,11 +111,12 @@ def trust(runs: pd.DataFrame) -> pd.DataFrame:
     perplexity, over the runs that carry a prediction (one model and evaluation protocol at a time)."""
     rows = []
     usable = runs.dropna(subset=["predicted_error_attention", "kl"])
-    for method, group in usable.groupby("method"):
-        row = {"method": method, "runs": len(group)}
+    for method, of_method in usable.groupby("method"):
+        row = {"method": method, "runs": len(of_method)}
         for predicted in ("predicted_error_attention", "predicted_error_layerwise"):
             for measured in ("kl", "perplexity"):
-                value = spearmanr(group[predicted], group[measured]).statistic if len(group) >= 3 else float("nan")
+                value = spearmanr(of_method[predicted], of_method[measured]).statistic if len(of_method) >= 3 \
+                    else float("nan")
                 row[f"spearman_{predicted.removeprefix('predicted_error_')}_{measured}"] = value
         rows.append(row)
     return pd.DataFrame(rows)

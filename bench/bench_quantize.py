@@ -1,6 +1,6 @@
 """Quantization engine benchmark: FP, RTN, GPTQ and attention-aware GPTQ at several widths and group sizes.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_quantize.py --bits 4,3,2 --groups 64,0 --samples 64 --seqlen 512 --tokens 16384
+    .venv/bin/python -m bench.bench_quantize --bits 4,3,2 --groups 64,0 --samples 64 --seqlen 512 --tokens 16384
 
 Every run goes through `aptq.pipeline.run_plan` into the default store (so the dashboard shows them, and a rerun
 reuses them); the table is rewritten after each run, so an interrupted benchmark keeps what it measured.
@@ -45,12 +45,12 @@ def main() -> None:
         "# Quantization engine benchmark", "",
         f"- date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores, {platform.processor() or 'CPU'}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {loaded.device}",
-        f"- command: `PYTHONPATH=. .venv/bin/python bench/bench_quantize.py --bits {args.bits} --groups {args.groups} "
+        f"- command: `.venv/bin/python -m bench.bench_quantize --bits {args.bits} --groups {args.groups} "
         f"--methods {args.methods} --samples {args.samples} --seqlen {args.seqlen} --tokens {args.tokens}`",
         f"- model: {loaded.display_name} (baseline {loaded.baseline_label}); calibration: Brown calibration split, "
         f"{args.samples} × {args.seqlen} tokens, seed 0; evaluation: Brown evaluation split, windows of 512, first "
         f"{args.tokens} tokens; asymmetric grid with the clipping search; GPTQ blocks of 128 columns, 1 % damping",
-        "- group 128 does not divide the hidden size 576, so the grouped rows use 64 (DESIGN.md)", "",
+        "- group 128 does not divide the hidden size 576, so the grouped rows use 64 (default_group_size)", "",
         "| method | bits | group | perplexity | KL (nats/token) | top-1 agreement | quantize s | evaluate s | notes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

@@ -1,6 +1,6 @@
 """Sweep benchmark: perplexity/KL versus average bits for every allocation method on the embedded model.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_sweep.py --budgets 2.5:4.5:0.25 --quantizer gptq
+    .venv/bin/python -m bench.bench_sweep --budgets 2.5:4.5:0.25 --quantizer gptq
 
 Runs the cached analysis (64 × 512 Brown calibration, group 64, widths 2, 3, 4, 8), then `aptq.sweep.run_sweep` into
 the default store (the dashboard's Trade-offs page draws the same points), and writes bench/results/sweep.md: the
@@ -84,7 +84,7 @@ def main() -> None:
         f"- date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores, {platform.processor() or 'CPU'}, "
         f"torch {torch.__version__}, device {loaded.device}; sweep wall time {seconds / 60:.1f} min (stored points "
         f"reused)",
-        f"- command: `PYTHONPATH=. .venv/bin/python bench/bench_sweep.py --budgets {args.budgets} --methods "
+        f"- command: `.venv/bin/python -m bench.bench_sweep --budgets {args.budgets} --methods "
         f"{args.methods} --quantizer {args.quantizer} --tokens {args.tokens} --output {os.path.relpath(args.output)}`",
         f"- {loaded.display_name}; analysis {layers.attrs['analysis_key']} (Brown calibration 64 × 512, group 64, "
         f"widths {CANDIDATES}); each plan quantized with {args.quantizer} (group 64) and evaluated on the Brown "

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aptq import charts  # noqa: E402
+from aptq import analyses, charts  # noqa: E402
 from aptq.allocate import AllocationRequest, allocate, plan_frame, summarize  # noqa: E402
 from aptq.data import load_corpus  # noqa: E402
 from aptq.models import EMBEDDED_MODEL, load_model, model_fingerprint  # noqa: E402
@@ -50,11 +50,10 @@ def median_ms(action, calls: int) -> float:
 
 def embedded_tables(store: Store, model_fp: str):
     """(layers, errors, description): a complete all-block stored analysis of the embedded model, else synthetic."""
-    rows = store.query("SELECT key FROM analyses WHERE model = ? AND status = 'complete' AND blocks_done = n_blocks "
-                       "AND settings->>'max_blocks' IS NULL ORDER BY updated DESC LIMIT 1", [model_fp])
-    if not rows.empty:
-        layers, errors = store.load_analysis(rows["key"].iloc[0])
-        return layers, errors, f"stored analysis {rows['key'].iloc[0]}"
+    keys = analyses.whole_model_keys(store, model_fp)
+    if keys:
+        layers, errors = analyses.load(store, keys[0])
+        return layers, errors, f"stored analysis {keys[0]}"
     layers, errors = synthetic_tables(30, shapes(576, 192, 1536), (2, 3, 4, 8))
     return layers, errors, "synthetic errors with SmolLM2-135M's real layer shapes (no complete analysis stored)"
 

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from aptq import charts
-from aptq.allocate import (FULL_PRECISION, METHODS, AllocationError, AllocationRequest, Plan, allocate, plan_frame,
+from aptq.allocate import (ALLOCATORS, FULL_PRECISION, AllocationError, AllocationRequest, Plan, allocate, plan_frame,
                            summarize)
 from ui.session import Analysis, current_analysis, page_header, save_current_plan
 
@@ -23,7 +23,7 @@ def controls(analysis: Analysis, available: list[int]) -> AllocationRequest:
     """The sidebar-like control column. Widgets persist for the session, so a page switch keeps the choices."""
     st.session_state.setdefault("budget", 3.0)
     st.session_state["budget"] = min(max(st.session_state["budget"], available[0]), available[-1])
-    method = st.selectbox("Solver", METHODS, key="method", help=SOLVER_HELP, persist_state="session")
+    method = st.selectbox("Solver", ALLOCATORS, key="method", help=SOLVER_HELP, persist_state="session")
     candidates = st.multiselect("Candidate widths", available, default=available, key="candidates",
                                 persist_state="session")
     low_high = (2, 4)

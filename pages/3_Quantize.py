@@ -9,7 +9,7 @@ from aptq import history
 from aptq.allocate import AllocationRequest, allocate, summarize
 from aptq.data import Corpus, digest
 from aptq.models import LoadedModel
-from aptq.pipeline import METHOD_LABELS, METHODS, EvalSettings, QuantizeSettings, run_plan, uniform_plan
+from aptq.pipeline import METHOD_LABELS, QUANTIZERS, EvalSettings, QuantizeSettings, run_plan, uniform_plan
 from aptq.progress import Progress
 from aptq.store import Store, default_path
 from ui import jobs
@@ -78,7 +78,7 @@ with left:
                f"— the Home page's analysis settings.")
 with right:
     st.subheader("Method")
-    method = st.radio("Quantizer", METHODS, index=METHODS.index("attention"), format_func=METHOD_LABELS.get,
+    method = st.radio("Quantizer", QUANTIZERS, index=QUANTIZERS.index("attention"), format_func=METHOD_LABELS.get,
                       horizontal=True, key="run_method")
     group_options = sorted({0, 32, 64, 128, choice.group_size})
     group = st.selectbox("Group size", group_options, index=group_options.index(choice.group_size),

@@ -3,12 +3,15 @@
 - `tiny_model(family, **config_overrides)`: an in-memory model in eval mode with eager attention, and its adapter.
 - `tiny_model_dir(family)`: the same kind of model saved as an HF directory with a tokenizer (for `load_model`),
   built once per test session and family.
+
+Markers (registered in pyproject.toml): tests/test_browser.py is `browser`; tests that load the embedded model carry
+`@pytest.mark.integration` themselves; every other test is `unit` (`make check` runs those).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -16,6 +19,14 @@ from transformers import AutoModelForCausalLM
 
 from aptq.models import Architecture, architecture_of
 from tests.tiny_models import save_tiny_model, tiny_config
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name == "test_browser.py":
+            item.add_marker(pytest.mark.browser)
+        elif item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 def build_tiny_model(family: str, seed: int = 0, **overrides) -> tuple[torch.nn.Module, Architecture]:

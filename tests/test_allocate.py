@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aptq.allocate as allocate_module
-from aptq.allocate import METHODS, AllocationError, AllocationRequest, Plan, allocate, plan_frame, summarize
+from aptq.allocate import ALLOCATORS, AllocationError, AllocationRequest, Plan, allocate, plan_frame, summarize
 from aptq.errors import UserError
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -142,7 +142,7 @@ def test_knapsack_layerwise_equals_exhaustive_search(instance):
 
 
 @PROPERTY_SETTINGS
-@given(instances(), st.sampled_from(METHODS), st.integers(0, 3))
+@given(instances(), st.sampled_from(ALLOCATORS), st.integers(0, 3))
 def test_every_method_keeps_the_budget_pins_bounds_and_fused_groups(instance, method, seed):
     layers, errors, widths, pins, budget, min_bits = instance
     request = AllocationRequest(budget, method, widths, pins=pins, min_bits=min_bits, seed=seed,
@@ -209,7 +209,7 @@ def smol():
 
 def test_knapsack_is_exact_in_gcd_units_and_beats_every_other_method(smol):
     layers, errors = smol
-    plans = {m: allocate(layers, errors, AllocationRequest(3.0, m, group_size=64)) for m in METHODS}
+    plans = {m: allocate(layers, errors, AllocationRequest(3.0, m, group_size=64)) for m in ALLOCATORS}
     best = plans["knapsack"]
     assert "110592" in best.notes[0] and "exact" in best.notes[0]
     for method, plan in plans.items():

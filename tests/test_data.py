@@ -49,6 +49,7 @@ def test_text_file_corpus_and_bad_files(tmp_path):
         load_corpus(str(tmp_path / "missing.txt"))
 
 
+@pytest.mark.integration
 def test_token_stream_is_cached_and_stable():
     tokenizer = load_model(device="cpu").tokenizer
     corpus = Corpus("tiny", "hello world. " * 50, "the end. " * 50, "")

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
-from aptq.quantizer import GridParams, QuantConfig, grid_params, group_spans, group_width, layer_error, \
-    quantize_dequantize, rtn
+from aptq.quantizer import (
+    GridParams,
+    QuantConfig,
+    grid_params,
+    group_spans,
+    group_width,
+    layer_error,
+    quantize_dequantize,
+    rtn,
+)
 
 D_OUT, D_IN, N_TOKENS = 24, 64, 512
 
@@ -256,3 +264,49 @@ def test_only_the_head_whose_hessian_cannot_be_factored_falls_back():
     assert "head 1" in result.fallback and "head 0" not in result.fallback
     head_0 = gptq(weight[:HEAD_DIM], heads[0], cfg)
     torch.testing.assert_close(result.weight[:HEAD_DIM], head_0.weight)
+
+
+def kronecker_obs(W: torch.Tensor, H: torch.Tensor, G_heads: torch.Tensor, cfg: QuantConfig,
+                  damp: float = 0.01) -> torch.Tensor:
+    """Element-wise OBS on the full Hessian `K = G ⊗ H` of `tr(G ΔW H ΔWᵀ)` (G block-diagonal over heads), in float64:
+    weights one at a time in BoA's order (row r of every head, columns left to right), each error spread over all
+    weights not yet quantized with the inverse of K restricted to them, `w_R −= (w_p − q_p) / [K_R⁻¹]_pp · [K_R⁻¹]_:p`.
+    Grids per row and group at the group's first column, on the weights as updated so far (as aptq/gptq.py)."""
+    def damped(M: torch.Tensor) -> torch.Tensor:
+        M = M.double()
+        return M + damp * M.diagonal().mean() * torch.eye(M.shape[0], dtype=torch.float64)
+
+    n_heads, head_dim, _ = G_heads.shape
+    d_in = W.shape[1]
+    damped_h = damped(H).float()
+    kronecker = torch.kron(torch.block_diag(*[damped(G) for G in G_heads]), damped(H))  # vec: row-major
+    weights = W.double().reshape(-1).clone()
+    order = [(h * head_dim + r) * d_in + j for r in range(head_dim) for h in range(n_heads) for j in range(d_in)]
+    quantized = torch.empty_like(weights)
+    width = group_width(d_in, cfg)
+    grids = {}
+    for step, index in enumerate(order):
+        row, column = divmod(index, d_in)
+        if column % width == 0:
+            columns = slice(column, column + width)  # the clipping search is weighted by the damped H, in float32
+            found = grid_params(weights.view(-1, d_in)[row:row + 1, columns].float(), cfg, damped_h[columns, columns])
+            grids[row] = GridParams(found.scale.double(), found.zero.double())
+        quantized[index] = quantize_dequantize(weights[index].view(1, 1), grids[row], cfg)
+        remaining = order[step:]  # this weight first
+        inverse = torch.linalg.inv(kronecker[remaining][:, remaining])
+        weights[remaining] -= (weights[index] - quantized[index]) / inverse[0, 0] * inverse[:, 0]
+    return quantized.view(W.shape)
+
+
+@pytest.mark.parametrize("clip_search", [False, True])
+@pytest.mark.parametrize("bits, group_size", [(2, 0), (3, 8), (4, 0)])
+def test_row_compensation_is_element_wise_obs_on_the_kronecker_hessian(bits, group_size, clip_search):
+    n_heads, head_dim, d_in = 2, 3, 16
+    weight = random_weight(22, n_heads * head_dim, d_in)
+    hessian = correlated_hessian(23, d_in, 64)
+    rows = torch.stack([random_spd(24 + h, head_dim) for h in range(n_heads)])
+    cfg = QuantConfig(bits, group_size, clip_search=clip_search)
+    boa = gptq_rows(weight, hessian, rows, cfg, block_size=4)  # blocks and lazy updates: still the same algebra
+    expected = kronecker_obs(weight, hessian, rows, cfg)
+    torch.testing.assert_close(boa.weight.double(), expected, rtol=0, atol=1e-5)
+    assert not torch.equal(boa.weight, gptq(weight, hessian, cfg, block_size=4).weight)  # G does change the result

@@ -42,6 +42,7 @@ def test_gpt2_fused_projections_are_row_slices(tmp_path):
     assert fused[:, 128:].abs().sum() == 0 and fused[:, :128].abs().sum() > 0
 
 
+@pytest.mark.integration
 def test_embedded_model_loads_from_its_converted_cache():
     loaded = load_model(device="cpu")
     arch = loaded.arch

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import aptq.pipeline as pipeline
 from aptq.cli import main
-from aptq.data import Sampling, evaluation_windows, token_ids
+from aptq.data import Sampling, calibration_segments, evaluation_windows, token_ids
 from aptq.errors import UserError
 from aptq.evaluate import evaluate
 from aptq.history import stored_runs
@@ -35,7 +35,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
-@pytest.mark.parametrize("method", pipeline.METHODS)
+@pytest.mark.parametrize("method", pipeline.QUANTIZERS)
 def test_every_method_quantizes_evaluates_and_is_stored_once(tiny_model_dir, text_corpus, store, family, method):
     loaded = load_model(str(tiny_model_dir(family)), device="cpu")
     before = {layer.name: get_weight(loaded.model, layer).clone() for layer in loaded.arch.layers}
@@ -62,8 +62,14 @@ def test_full_precision_layers_stay_exact_and_kl_grows_as_bits_shrink(tiny_model
         rows[bits] = run_plan(loaded, text_corpus, SAMPLING, plan, QuantizeSettings("gptq", 32), EVALUATION, store)
     assert rows[8]["kl"] < rows[4]["kl"] < rows[2]["kl"]
     assert rows[8]["avg_bits"] > 8  # the full-precision layer counts at 16 bits
+    # The model run_plan evaluates comes from quantize_model: the kept weight is bit for bit the original.
+    segments = calibration_segments(token_ids(loaded.tokenizer, text_corpus, "calibration"), SAMPLING)
+    quantized, _ = pipeline.quantize_model(loaded, plan, QuantizeSettings("gptq", 32), segments, key="kept")
+    for layer in loaded.arch.layers:
+        assert torch.equal(get_weight(quantized, layer), get_weight(loaded.model, layer)) == (layer.name == kept)
 
 
+@pytest.mark.integration
 def test_gptq_beats_rtn_on_a_real_model_block(text_corpus, store):
     """Two blocks of the embedded model at 2 bits, everything else kept: GPTQ's KL is below RTN's."""
     loaded = load_model(device="cpu")

@@ -238,6 +238,8 @@ def test_the_clipping_search_does_not_track_gradients():
     weight = random_weight(15, 6, 16).requires_grad_()
     params = grid_params(weight, QuantConfig(3, 8), spd(16, 16).float())
     assert params.scale.shape == (6, 1) and torch.isfinite(params.scale).all()
+    assert not params.scale.requires_grad and not params.zero.requires_grad  # no graph kept over the candidates
+    assert params.scale.grad_fn is None and params.zero.grad_fn is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

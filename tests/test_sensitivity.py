@@ -1,11 +1,9 @@
-"""The sensitivity analysis end to end: tiny models of each family, the DuckDB cache, resume, locking, corruption."""
+"""The sensitivity analysis end to end: tiny models of each family, the DuckDB cache, resume (the store itself:
+tests/test_store.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 import aptq.sensitivity as sensitivity
+from aptq import analyses
 from aptq.cli import main
 from aptq.data import Sampling, load_corpus
 from aptq.errors import UserError
@@ -76,7 +75,7 @@ def test_analysis_of_each_family_round_trips_through_the_store(tiny_model_dir, c
     fused = layers[layers["kind"].isin(["q", "k", "v"])]["fused"]
     assert (fused.nunique() == loaded.arch.n_blocks) == (family == "gpt2")
 
-    stored = Store(store.path).load_analysis(layers.attrs["analysis_key"])
+    stored = analyses.load(Store(store.path), layers.attrs["analysis_key"])
     pd.testing.assert_frame_equal(stored[0], layers)
     pd.testing.assert_frame_equal(stored[1], errors)
 
@@ -129,7 +128,7 @@ def test_an_interrupted_analysis_resumes_at_the_first_missing_block(tiny_model_d
     key = full.attrs["analysis_key"]
     record = store.query("SELECT status, blocks_done FROM analyses WHERE key = ?", [key])
     assert record.to_dict("records") == [{"status": "interrupted", "blocks_done": 1}]
-    assert store.load_analysis(key) is None
+    assert analyses.load(store, key) is None
 
     collected = count_calls(monkeypatch, "collect_block")
     with pytest.raises(Cancelled):  # without resume, the stored block 0 is discarded and computed again
@@ -152,49 +151,6 @@ def test_nonfinite_activations_name_the_block_and_layer(tiny_model_dir, corpus, 
         analyze(loaded, corpus, SAMPLING, SETTINGS, store=store)
 
 
-HOLD_LOCK = """
-import sys, time, duckdb
-con = duckdb.connect(sys.argv[1])
-con.execute("CREATE TABLE IF NOT EXISTS held (x INTEGER)")
-print("holding", flush=True)
-time.sleep(float(sys.argv[2]))
-"""
-
-
-def hold_lock(path: Path, seconds: float) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), str(seconds)], stdout=subprocess.PIPE,
-                              text=True)
-    assert holder.stdout.readline().strip() == "holding"
-    return holder
-
-
-def test_a_store_held_by_another_process_is_busy_then_usable(tmp_path):
-    path = tmp_path / "shared.duckdb"
-    holder = hold_lock(path, 30)
-    try:
-        with pytest.raises(UserError, match=r"is busy \(used by another process\); try again when"):
-            Store(path, busy_timeout=0.5).query("SELECT 1")
-    finally:
-        holder.kill()
-        holder.wait()
-    holder = hold_lock(path, 0.5)  # released while we retry
-    try:
-        assert Store(path, busy_timeout=10).query("SELECT count(*) AS n FROM held")["n"][0] == 0
-    finally:
-        holder.wait()
-
-
-def test_a_corrupt_store_is_moved_aside_and_replaced(tmp_path):
-    path = tmp_path / "cache.duckdb"
-    path.write_bytes(b"definitely not a database " * 100)
-    store = Store(path)
-    with pytest.warns(UserWarning, match="was not a DuckDB database; it was moved to"):
-        assert store.query("SELECT count(*) AS n FROM analyses")["n"][0] == 0
-    aside = list(tmp_path.glob("cache.duckdb.corrupt-*"))
-    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"definitely not a database")
-    assert store.load_analysis("missing") is None
-
-
 def test_cli_analyze_prints_where_the_results_are_and_caches(tiny_model_dir, corpus, tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text(corpus.calibration + "\n\n" + corpus.evaluation)
@@ -210,6 +166,7 @@ def test_cli_analyze_prints_where_the_results_are_and_caches(tiny_model_dir, cor
     assert err.startswith("error: The calibration text has") and err.count("\n") == 1
 
 
+@pytest.mark.integration
 def test_embedded_model_integration(tmp_path):
     loaded = load_model(device="cpu")
     corpus = load_corpus("brown")

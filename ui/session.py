@@ -4,16 +4,15 @@ analysis settings of this session, and the stored analysis they select (read fro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 import duckdb
 import pandas as pd
 import streamlit as st
 
-from aptq import history
+from aptq import analyses, history
 from aptq.data import EMBEDDED_CORPUS, Corpus, Sampling, load_corpus
 from aptq.errors import UserError
 from aptq.models import EMBEDDED_MODEL, LoadedModel, load_model, model_fingerprint
@@ -122,18 +121,14 @@ def cached_analysis_key(source: str, spec: str, request: AnalysisRequest) -> str
 
 def _latest_stored_request(loaded: LoadedModel, corpus: Corpus) -> AnalysisRequest | None:
     """The settings of the newest complete analysis of this model on this corpus, so a new session opens on it."""
-    rows = Store().query(
-        "SELECT a.settings, c.n_samples, c.seqlen, c.seed FROM analyses a JOIN calibrations c "
-        "ON a.calibration = c.fingerprint WHERE a.model = ? AND c.corpus_fingerprint = ? AND a.status = 'complete' "
-        "ORDER BY a.updated DESC LIMIT 1", [cached_model_fingerprint(model_source()), corpus.fingerprint])
-    if rows.empty:
+    stored = analyses.latest_complete(Store(), cached_model_fingerprint(model_source()), corpus.fingerprint)
+    if stored is None:
         return None
-    row = rows.iloc[0]
-    stored = json.loads(row["settings"])
-    request = AnalysisRequest(int(row["n_samples"]), int(row["seqlen"]), int(stored["group_size"]),
-                              stored["max_blocks"], int(row["seed"]))
+    request = AnalysisRequest(stored.n_samples, stored.seqlen, int(stored.settings["group_size"]),
+                              stored.settings["max_blocks"], stored.seed)
     # Analyses made with settings the dashboard does not offer (e.g. other widths from the CLI) cannot be selected.
-    return request if request.settings.key_fields() | {"dtype": stored["dtype"]} == stored else None
+    offered = request.settings.key_fields() | {"dtype": stored.settings["dtype"]}
+    return request if offered == stored.settings else None
 
 
 def _default_request(loaded: LoadedModel) -> AnalysisRequest:
@@ -172,7 +167,7 @@ class _NotStored(LookupError):
 
 @st.cache_data(show_spinner="Reading the analysis…", max_entries=16)
 def _stored_frames(store_path: str, key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    frames = Store(store_path).load_analysis(key)
+    frames = analyses.load(Store(store_path), key)
     if frames is None:
         raise _NotStored(key)
     return frames
@@ -187,8 +182,8 @@ def stored_analysis(key: str) -> tuple[pd.DataFrame, pd.DataFrame] | None:
 
 def analysis_status(key: str) -> dict | None:
     """The analysis row (status, blocks_done, n_blocks, seconds, device), read fresh from the store."""
-    rows = Store().query("SELECT status, blocks_done, n_blocks, seconds, device FROM analyses WHERE key = ?", [key])
-    return None if rows.empty else rows.iloc[0].to_dict()
+    record = analyses.status(Store(), key)
+    return None if record is None else asdict(record)
 
 
 def describe(loaded: LoadedModel, corpus: Corpus, request: AnalysisRequest) -> str:
