@@ -92,6 +92,7 @@ def run_eval(args: argparse.Namespace) -> None:
     if args.reference:
         other = load_model(args.reference, device=args.device)
         validate.same_vocabulary(loaded.model, loaded.tokenizer, other.model, other.tokenizer)
+        validate.within_context(args.seqlen, other.max_length, "The evaluation window (for the reference)")
         reference = other.model
     work_starts()
     progress, close = tqdm_progress("evaluating")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,8 +70,12 @@ def _edit_config(directory: Path, **changes) -> Path:
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory, tiny_model_dir) -> Paths:
-    tmp = tmp_path_factory.mktemp("adversarial")
-    model = tiny_model_dir("llama")
+    return make_paths(tmp_path_factory.mktemp("adversarial"), tiny_model_dir("llama"), tiny_model_dir("gpt2"))
+
+
+def make_paths(tmp: Path, model: Path, gpt2: Path) -> Paths:
+    """The probes' files under `tmp`, around a tiny llama and a tiny GPT-2 (also used by bench/bench_adversarial.py)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     corpus = tmp / "text.txt"
     corpus.write_text("\n\n".join(f"Sentence {i} of a small corpus about foxes and dogs." for i in range(300)))
     store = tmp / "store" / "aptq.duckdb"
@@ -102,13 +106,14 @@ def paths(tmp_path_factory, tiny_model_dir) -> Paths:
     (_copy_model(model, tmp / "garbage_weights") / "model.safetensors").write_bytes(b"\x00garbage" * 100)
     _edit_config(_copy_model(model, tmp / "bloom"), model_type="bloom", architectures=["BloomForCausalLM"])
     ((_copy_model(model, tmp / "bad_config")) / "config.json").write_text("{not json")
+    _edit_config(_copy_model(model, tmp / "short_context"), max_position_embeddings=32)
     other_vocab = tiny_config("llama")
     other_vocab.vocab_size = 1000
     AutoModelForCausalLM.from_config(other_vocab).save_pretrained(str(tmp / "other_vocab"))
     for name in model.iterdir():  # the same tokenizer files: only the output vocabulary differs
         if name.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
             shutil.copy(name, tmp / "other_vocab" / name.name)
-    return Paths(model, tiny_model_dir("gpt2"), corpus, store, tmp)
+    return Paths(model, gpt2, corpus, store, tmp)
 
 
 # Valid arguments of each command, small enough that a probe which slipped through would still finish quickly;
@@ -180,6 +185,8 @@ PROBES = [
     ("analyze", "--model ''", "--model is empty"),
     ("eval", "--reference {tmp}/other_vocab", "another vocabulary"),
     ("eval", "--reference {tmp}/missing_tensor", "lack 1 tensor"),
+    ("eval", "--reference {tmp}/short_context --seqlen 64", "context of 32"),
+    ("eval", "--reference ''", "--reference is empty"),
     # the store path
     ("analyze", "--store {tmp}/empty_dir", "is a directory"),
     ("analyze", "--store {tmp}/file.txt/aptq.duckdb", "is a file"),
@@ -215,8 +222,6 @@ PROBES = [
     ("quantize", "--bits 4 --export {tmp}/exists", "already exists"),
     ("quantize", "--bits 4 --export /proc/aptq-export", "not writable"),
     ("quantize", "--bits 4 --export {tmp}/blocked", "in the way"),
-    ("quantize", "--bits 4 --export {model} --overwrite", "which this run reads"),
-    ("quantize", "--bits 4 --export {tmp}/store --overwrite", "which this run reads"),
     ("quantize", "--bits 4 --export ''", "export directory is empty"),
     # sweeps: empty or out-of-range budgets ended with exit code 0 and nothing done
     ("sweep", "--budgets ,", "No budget"),
@@ -237,7 +242,14 @@ PROBES = [
     ("sweep", "--methods random --seeds -1", "--seeds"),
     ("sweep", "--quantizer bogus", "invalid choice"),
     ("sweep", "--eval-seqlen 0", "at least 2"),
+    # last: a tree without the checks replaces these directories (bench/bench_adversarial.py runs the list in order)
+    ("quantize", "--bits 4 --export {model} --overwrite", "which this run reads"),
+    ("quantize", "--bits 4 --export {tmp}/store --overwrite", "which this run reads"),
 ]
+
+
+def probe_argv(command: str, arguments: str, paths: Paths) -> list[str]:
+    return [command] + shlex.split(BASE[command].format_map(paths)) + shlex.split(arguments.format_map(paths))
 
 
 def _snapshot(paths: Paths) -> dict[str, object]:
@@ -248,7 +260,7 @@ def _snapshot(paths: Paths) -> dict[str, object]:
 
 @pytest.mark.parametrize("command, arguments, expected", PROBES, ids=[f"{c} {a}" for c, a, _ in PROBES])
 def test_bad_input_is_refused_in_one_sentence_before_any_work(paths, capsys, command, arguments, expected):
-    argv = [command] + shlex.split(BASE[command].format_map(paths)) + shlex.split(arguments.format_map(paths))
+    argv = probe_argv(command, arguments, paths)
     before = _snapshot(paths)
     capsys.readouterr()
     code = main(argv)
@@ -271,17 +283,21 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
+# --help and argument errors, each answered before any heavy module is imported
+LIGHT_PROBES = [["--help"], ["quantize", "--help"], ["sweep", "--help"], ["analyze", "--samples", "0"],
+                ["quantize", "--bits", "9"], ["sweep", "--budgets", "inf"], ["eval", "--bogus"]]
+
+
 def test_help_and_argument_errors_import_no_heavy_module():
-    done = _python("import sys\n"
-                   "from aptq.cli import main\n"
-                   "for argv in (['--help'], ['quantize', '--help'], ['sweep', '--help'], ['analyze', '--samples', '0'],"
-                   " ['quantize', '--bits', '9'], ['sweep', '--budgets', 'inf'], ['eval', '--bogus']):\n"
-                   "    try:\n"
-                   "        main(argv)\n"
-                   "    except SystemExit:\n"
-                   "        pass\n"
-                   "print(sorted(m for m in ('torch', 'scipy', 'transformers', 'numpy', 'pandas', 'duckdb') "
-                   "if m in sys.modules))")
+    done = _python(f"import sys\n"
+                   f"from aptq.cli import main\n"
+                   f"for argv in {LIGHT_PROBES!r}:\n"
+                   f"    try:\n"
+                   f"        main(argv)\n"
+                   f"    except SystemExit:\n"
+                   f"        pass\n"
+                   f"print(sorted(m for m in ('torch', 'scipy', 'transformers', 'numpy', 'pandas', 'duckdb') "
+                   f"if m in sys.modules))")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert "usage: python -m aptq quantize" in done.stdout and "--overwrite" in done.stdout
