@@ -144,15 +144,14 @@ def check_calibration(args: argparse.Namespace) -> None:
 
 
 def calibration_of(args: argparse.Namespace, loaded):
-    """The sampling the arguments ask for (defaults by device), within the model's context."""
+    """The sampling the arguments ask for, within the model's context (the default length is cut to it)."""
     from aptq.data import Sampling
     from aptq.sensitivity import default_calibration
 
     samples, seqlen = default_calibration(loaded.device)
-    sampling = Sampling(samples if args.samples is None else args.samples,
-                        seqlen if args.seqlen is None else args.seqlen, args.seed)
-    validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment (--seqlen)")
-    return sampling
+    if args.seqlen is not None:
+        seqlen = validate.within_context(args.seqlen, loaded.max_length, "A calibration segment (--seqlen)")
+    return Sampling(samples if args.samples is None else args.samples, min(seqlen, loaded.max_length), args.seed)
 
 
 def group_of(args: argparse.Namespace, loaded) -> int:
@@ -339,10 +338,11 @@ def run_quantize(args: argparse.Namespace) -> None:
     plan = uniform_plan(loaded.arch, args.bits) if chosen_plan is None else chosen_plan
     settings, evaluation = quantize_settings(args, loaded, args.method)
     meta = {"allocation": "uniform", "budget": args.bits} if args.plan is None else {"name": args.plan}
+    sampling = calibration_of(args, loaded)
     work_starts()
     bar = LazyBar(f"{args.method}")
     try:
-        row = run_plan(loaded, corpus, calibration_of(args, loaded), plan, settings, evaluation, Store(args.store),
+        row = run_plan(loaded, corpus, sampling, plan, settings, evaluation, Store(args.store),
                        bar, meta, args.export, args.overwrite)
     finally:
         bar.close()
