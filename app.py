@@ -14,7 +14,7 @@ from aptq.store import Store, default_path
 from ui import jobs
 from ui.session import (CORPORA, AnalysisRequest, analysis_request, analysis_status, cached_analysis_key,
                         corpus_spec, current_corpus, current_model, describe, model_source, page_header,
-                        store_call, stored_analysis)
+                        store_call, stored_analysis, usable_choice)
 
 # Session keys that belong to one model: forgotten when the model or corpus changes.
 PER_MODEL_KEYS = ("analysis_request", "calib_samples", "calib_seqlen", "group_size", "max_blocks", "pins", "plan")
@@ -37,9 +37,10 @@ with st.form("model_and_corpus"):
     corpus_choice = right.selectbox("Corpus", list(CORPORA), format_func=CORPORA.get,
                                     index=list(CORPORA).index(st.session_state.get("corpus_choice", "brown")))
     corpus_path = right.text_input("Text file (for a local file)", value=st.session_state.get("corpus_path", ""))
-    if st.form_submit_button("Use this model and corpus"):
-        chosen = {"model_source": source.strip() or EMBEDDED_MODEL,
-                  "corpus_spec": corpus_path.strip() if corpus_choice == "file" else corpus_choice}
+    submitted = st.form_submit_button("Use this model and corpus")
+    chosen = {"model_source": source.strip() or EMBEDDED_MODEL,
+              "corpus_spec": corpus_path.strip() if corpus_choice == "file" else corpus_choice}
+    if submitted and usable_choice(chosen["model_source"], chosen["corpus_spec"]):
         if chosen != {"model_source": model_source(), "corpus_spec": corpus_spec()}:
             for key in PER_MODEL_KEYS:
                 st.session_state.pop(key, None)

@@ -44,10 +44,10 @@ from fractions import Fraction
 import numpy as np
 import pandas as pd
 
+from aptq.choices import ALLOCATORS
 from aptq.errors import UserError
 from aptq.widths import FULL_PRECISION, QUANT_WIDTHS, SCALE_ZERO_BITS
 
-ALLOCATORS = ("knapsack", "knapsack-layerwise", "aptq", "uniform", "random")
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 MAX_TABLE_CELLS = 1 << 24  # (our choice) DP back-pointer table cap: 16 MiB of int8
 LAYER_COLUMNS = ("layer", "block", "kind", "fused", "n_params")

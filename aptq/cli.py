@@ -1,13 +1,35 @@
-"""Command line: `python -m aptq <command> …`. Bad input prints one sentence on stderr and exits with code 2."""
+"""Command line: `python -m aptq <command> …`. Bad input prints one sentence on stderr and exits with code 2.
+
+Every argument and path is checked (aptq.validate) before any work starts. This module imports nothing heavy at import
+time: `--help` and argument errors answer without loading torch; each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
+from aptq import validate
 from aptq.errors import UserError
-from aptq.models import EMBEDDED_MODEL
+from aptq.choices import ALLOCATORS, EMBEDDED_MODEL, METHOD_LABELS, QUANTIZERS
+
+INTERRUPTED = "interrupted; finished work is kept in the store"
+INTERRUPTED_EARLY = "interrupted before any work started"
+
+
+def _leave_at_once(signum: int, frame: object) -> None:
+    os.write(2, f"{INTERRUPTED_EARLY}\n".encode())
+    os._exit(130)
+
+
+def work_starts() -> None:
+    """Until here (arguments, imports, loading) there is nothing to keep, and main() lets Ctrl-C end the process at
+    once: a KeyboardInterrupt inside an extension module's import surfaces as a broken import, not as itself. From
+    here on Ctrl-C is a KeyboardInterrupt again, so that long work stores what it finished and says so."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # CPU defaults keep a run within minutes on 2 cores; the papers' settings apply on a GPU.
 CPU_EVAL_TOKENS = 16384
@@ -37,17 +59,42 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_eval)
 
 
+def check_sources(args: argparse.Namespace) -> None:
+    """The model and corpus every command reads, and the store it writes, before anything is loaded."""
+    validate.model_source(args.model)
+    validate.corpus_source(args.corpus)
+    if getattr(args, "store", None) is not None:
+        validate.store_path(args.store)
+
+
+def check_evaluation(seqlen: int, tokens: int) -> None:
+    validate.at_least(seqlen, 2, "The evaluation window (--seqlen / --eval-seqlen)")
+    validate.at_least(tokens, 0, "--tokens (0 = the whole split)")
+
+
 def run_eval(args: argparse.Namespace) -> None:
+    check_evaluation(args.seqlen, args.tokens)
+    validate.at_least(args.batch_size, 1, "--batch-size")
+    check_sources(args)
+    if args.reference is not None:
+        validate.model_source(args.reference, "--reference")
+
     from aptq.data import evaluation_windows, load_corpus, token_ids
-    from aptq.evaluate import check_window, evaluate
+    from aptq.evaluate import evaluate
     from aptq.models import load_model
     from aptq.progress import tqdm_progress
 
     loaded = load_model(args.model, device=args.device)
-    check_window(loaded.model, args.seqlen)
+    validate.within_context(args.seqlen, loaded.max_length, "The evaluation window")
     corpus = load_corpus(args.corpus)
     windows = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), args.seqlen, args.tokens or None)
-    reference = load_model(args.reference, device=args.device).model if args.reference else None
+    reference = None
+    if args.reference:
+        other = load_model(args.reference, device=args.device)
+        validate.same_vocabulary(loaded.model, loaded.tokenizer, other.model, other.tokenizer)
+        validate.within_context(args.seqlen, other.max_length, "The evaluation window (for the reference)")
+        reference = other.model
+    work_starts()
     progress, close = tqdm_progress("evaluating")
     try:
         result = evaluate(loaded.model, windows, reference=reference, batch_size=args.batch_size, progress=progress)
@@ -82,12 +129,29 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="DuckDB file (default: $APTQ_STORE or data/aptq.duckdb)")
 
 
+def check_calibration(args: argparse.Namespace) -> None:
+    """The calibration arguments and the paths of the commands that calibrate, before anything is loaded."""
+    if args.samples is not None:
+        validate.at_least(args.samples, 1, "--samples (calibration segments)")
+    if args.seqlen is not None:
+        validate.at_least(args.seqlen, 2, "--seqlen (tokens per calibration segment)")
+    validate.seed(args.seed, "--seed")
+    if args.batch_size is not None:
+        validate.at_least(args.batch_size, 1, "--batch-size")
+    if args.group is not None:
+        validate.group_size(args.group)
+    check_sources(args)
+
+
 def calibration_of(args: argparse.Namespace, loaded):
+    """The sampling the arguments ask for, within the model's context (the default length is cut to it)."""
     from aptq.data import Sampling
     from aptq.sensitivity import default_calibration
 
     samples, seqlen = default_calibration(loaded.device)
-    return Sampling(args.samples or samples, args.seqlen or seqlen, args.seed)
+    if args.seqlen is not None:
+        seqlen = validate.within_context(args.seqlen, loaded.max_length, "A calibration segment (--seqlen)")
+    return Sampling(samples if args.samples is None else args.samples, min(seqlen, loaded.max_length), args.seed)
 
 
 def group_of(args: argparse.Namespace, loaded) -> int:
@@ -162,15 +226,24 @@ def analysis_for(args: argparse.Namespace, loaded, corpus, sampling, bits=(2, 3,
 
 
 def run_analyze(args: argparse.Namespace) -> None:
+    check_calibration(args)
+    validate.bit_widths(args.bits, "--bits")
+    if args.probes is not None:
+        validate.at_least(args.probes, 1, "--probes")
+    if args.max_blocks is not None:
+        validate.at_least(args.max_blocks, 1, "--max-blocks")
+
     from aptq.data import load_corpus
     from aptq.models import load_model
     from aptq.sensitivity import ranked
     from aptq.store import Store
 
     loaded = load_model(args.model, device=args.device)
+    validate.block_count(args.max_blocks, loaded.arch.n_blocks)
     say_attention_unavailable(loaded)
     corpus = load_corpus(args.corpus)
     sampling = calibration_of(args, loaded)
+    work_starts()
     layers, _ = analysis_for(args, loaded, corpus, sampling, args.bits, args.probes, args.max_blocks, args.resume)
     origin = "cache hit" if layers.attrs["cached"] else "computed"
     print(f"{loaded.display_name} on {corpus.name}: {len(layers)} layers, {sampling.n_samples} × {sampling.seqlen} "
@@ -203,8 +276,6 @@ def quantize_settings(args: argparse.Namespace, loaded, method: str):
 
 
 def add_quantize_parser(commands: argparse._SubParsersAction) -> None:
-    from aptq.pipeline import METHOD_LABELS
-
     parser = commands.add_parser("quantize", help="quantize with uniform bits or a plan, evaluate, store, export",
                                  description="Quantize the model block by block (true-sequential) with one bit "
                                              "width for every layer or a plan, measure perplexity, KL divergence "
@@ -213,7 +284,7 @@ def add_quantize_parser(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     add_calibration_arguments(parser)
     add_quantization_arguments(parser)
-    parser.add_argument("--method", choices=list(METHOD_LABELS), default="attention",
+    parser.add_argument("--method", choices=list(QUANTIZERS), default="attention",
                         help="; ".join(f"{k}: {v}" for k, v in METHOD_LABELS.items()) + " (default: %(default)s)")
     parser.add_argument("--bits", type=int, default=None, help="one width (2–8) for every layer")
     parser.add_argument("--plan", default=None,
@@ -234,7 +305,7 @@ def read_plan(path: str) -> dict[str, int]:
     except (OSError, ValueError) as exc:
         raise UserError(f"The plan file {path} is not readable JSON ({exc}).") from None
     layers = document.get("layers", document) if isinstance(document, dict) else None
-    if not isinstance(layers, dict) or not all(isinstance(v, int) for v in layers.values()):
+    if not isinstance(layers, dict) or not all(type(v) is int for v in layers.values()):
         raise UserError(f"The plan file {path} must map layer names to integer bits (or be a plan.json export).")
     return layers
 
@@ -255,22 +326,32 @@ def print_run(row: dict, as_json: bool) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> None:
+    if (args.bits is None) == (args.plan is None):
+        raise UserError("Give either --bits (one width for every layer) or --plan (a plan JSON file).")
+    check_calibration(args)
+    check_evaluation(args.eval_seqlen, args.tokens)
+    if args.bits is not None:
+        validate.bit_widths([args.bits], "--bits")
+    chosen_plan = None if args.plan is None else read_plan(args.plan)
+
     from aptq.data import load_corpus
     from aptq.models import load_model
     from aptq.pipeline import run_plan, uniform_plan
     from aptq.store import Store
 
-    if (args.bits is None) == (args.plan is None):
-        raise UserError("Give either --bits (one width for every layer) or --plan (a plan JSON file).")
+    if args.export is not None:  # checked again against the loaded model's directory by run_plan
+        validate.export_target(args.export, args.overwrite, keep=(Store(args.store).path, args.model))
     loaded = load_model(args.model, device=args.device)
     say_attention_unavailable(loaded)
     corpus = load_corpus(args.corpus)
-    plan = uniform_plan(loaded.arch, args.bits) if args.plan is None else read_plan(args.plan)
+    plan = uniform_plan(loaded.arch, args.bits) if chosen_plan is None else chosen_plan
     settings, evaluation = quantize_settings(args, loaded, args.method)
     meta = {"allocation": "uniform", "budget": args.bits} if args.plan is None else {"name": args.plan}
+    sampling = calibration_of(args, loaded)
+    work_starts()
     bar = LazyBar(f"{args.method}")
     try:
-        row = run_plan(loaded, corpus, calibration_of(args, loaded), plan, settings, evaluation, Store(args.store),
+        row = run_plan(loaded, corpus, sampling, plan, settings, evaluation, Store(args.store),
                        bar, meta, args.export, args.overwrite)
     finally:
         bar.close()
@@ -278,9 +359,6 @@ def run_quantize(args: argparse.Namespace) -> None:
 
 
 def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
-    from aptq.allocate import ALLOCATORS
-    from aptq.pipeline import METHOD_LABELS
-
     parser = commands.add_parser("sweep", help="plans for many budgets and solvers, each quantized and evaluated",
                                  description="For every allocation method and budget, turn the cached sensitivity "
                                              "analysis into a plan, quantize and evaluate it, and store the "
@@ -298,32 +376,42 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
                         help="bit widths a layer may take (default: 2,3,4,8)")
     parser.add_argument("--seeds", type=_bit_list, default=(0, 1, 2),
                         help="seeds of the random allocation (default: 0,1,2)")
-    parser.add_argument("--quantizer", choices=list(METHOD_LABELS), default="gptq",
+    parser.add_argument("--quantizer", choices=list(QUANTIZERS), default="gptq",
                         help="how each plan is quantized (default: %(default)s)")
     parser.set_defaults(handler=run_sweep_command)
 
 
 def run_sweep_command(args: argparse.Namespace) -> None:
-    from aptq.allocate import ALLOCATORS
-    from aptq.data import load_corpus
-    from aptq.models import load_model
-    from aptq.store import Store
-    from aptq.sweep import parse_budgets, run_sweep, sweep_points
-
     allocations = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in allocations if m not in ALLOCATORS]
     if unknown or not allocations:
         raise UserError(f"Unknown allocation method {unknown[0] if unknown else '(none)'}; choose from "
                         f"{', '.join(ALLOCATORS)}.")
-    points = sweep_points(allocations, parse_budgets(args.budgets), args.seeds)
+    check_calibration(args)
+    check_evaluation(args.eval_seqlen, args.tokens)
+    candidates = validate.bit_widths(args.candidates, "--candidates")
+    budgets = validate.budgets(validate.parse_budgets(args.budgets), candidates)
+    if "random" in allocations:
+        if not args.seeds:
+            raise UserError("--seeds is empty; the random allocation needs at least one seed.")
+        for seed in args.seeds:
+            validate.seed(seed, "Each of --seeds")
+
+    from aptq.data import load_corpus
+    from aptq.models import load_model
+    from aptq.store import Store
+    from aptq.sweep import run_sweep, sweep_points
+
+    points = sweep_points(allocations, budgets, args.seeds)
     loaded = load_model(args.model, device=args.device)
     corpus = load_corpus(args.corpus)
     sampling = calibration_of(args, loaded)
-    layers, errors = analysis_for(args, loaded, corpus, sampling, bits=tuple(sorted(set(args.candidates))))
+    work_starts()
+    layers, errors = analysis_for(args, loaded, corpus, sampling, bits=candidates)
     settings, evaluation = quantize_settings(args, loaded, args.quantizer)
     bar = LazyBar("sweep")
     try:
-        table = run_sweep(loaded, corpus, sampling, layers, errors, points, args.candidates, settings, evaluation,
+        table = run_sweep(loaded, corpus, sampling, layers, errors, points, candidates, settings, evaluation,
                           Store(args.store), bar)
     finally:
         bar.close()
@@ -332,9 +420,15 @@ def run_sweep_command(args: argparse.Namespace) -> None:
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one sentence and exit code 2 (through main), like every other bad input."""
+
+    def error(self, message: str) -> None:
+        raise UserError(f"{message[0].upper()}{message[1:]}; see `{self.prog} --help`.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m aptq",
-                                     description="See and steer mixed-precision quantization of language models.")
+    parser = Parser(prog="python -m aptq", description="See and steer mixed-precision quantization of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(commands)
     add_analyze_parser(commands)
@@ -344,13 +438,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGINT, _leave_at_once)
     try:
+        args = build_parser().parse_args(argv)
         args.handler(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment failed us (disk full, a file vanished): one sentence, not a traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: could not read or write{where} ({exc.strerror or exc}).", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted; finished work is kept in the cache", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from aptq import validate
 from aptq.errors import UserError
 from aptq.paths import CACHE_DIR, DATA_DIR
 
@@ -73,6 +74,8 @@ def load_text_file(path: Path) -> Corpus:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"Corpus file {path} is not UTF-8 text.") from exc
+    except OSError as exc:
+        raise UserError(f"Corpus file {path} cannot be read ({exc.strerror}).") from exc
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     if not paragraphs:
         raise UserError(f"Corpus file {path} is empty.")
@@ -112,12 +115,17 @@ def load_c4() -> Corpus:
 def load_saved_dataset(path: Path) -> Corpus:
     import datasets
 
-    data = datasets.load_from_disk(str(path))
-    splits = list(data.keys())
+    try:
+        data = datasets.load_from_disk(str(path))
+        splits = list(data.keys())
+    except Exception as exc:  # datasets raises many kinds of errors on a damaged or foreign directory
+        raise UserError(f"The dataset at {path} cannot be read as a saved DatasetDict ({type(exc).__name__}).") from exc
     train = next((s for s in ("train", "calibration") if s in splits), None)
     test = next((s for s in ("test", "validation", "evaluation") if s in splits), None)
     if train is None or test is None:
         raise UserError(f"The dataset at {path} needs a train and a test/validation split; it has {splits}.")
+    if "text" not in data[train].column_names or "text" not in data[test].column_names:
+        raise UserError(f"The dataset at {path} needs a 'text' column in its {train} and {test} splits.")
     return Corpus(f"saved:{path.name}", "\n\n".join(data[train]["text"]), "\n\n".join(data[test]["text"]),
                   f"saved dataset {path}: {train} for calibration, {test} for evaluation")
 
@@ -127,6 +135,7 @@ def load_corpus(spec: str = EMBEDDED_CORPUS) -> Corpus:
     named = {"brown": load_brown, "wikitext2": load_wikitext2, "c4": load_c4}
     if spec in named:
         return named[spec]()
+    validate.corpus_source(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_saved_dataset(path)

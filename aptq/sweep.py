@@ -7,7 +7,6 @@ resumes at its first unfinished block (aptq.pipeline).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -15,26 +14,11 @@ import pandas as pd
 from aptq import history
 from aptq.allocate import AllocationError, AllocationRequest, allocate, summarize
 from aptq.data import Corpus, Sampling
-from aptq.errors import UserError
 from aptq.models import LoadedModel, model_fingerprint
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan
 from aptq.progress import Progress, no_progress
 from aptq.store import Store
-
-
-def parse_budgets(text: str) -> list[float]:
-    """"2.5:4.5:0.25" (start:stop:step, inclusive) or "3,3.5,4"."""
-    try:
-        if ":" in text:
-            start, stop, step = (float(part) for part in text.split(":"))
-            if step <= 0 or stop < start:
-                raise ValueError
-            count = int(math.floor((stop - start) / step + 1e-9)) + 1
-            return [round(start + i * step, 6) for i in range(count)]
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"Budgets must be start:stop:step (e.g. 2.5:4.5:0.25) or a list like 3,3.5,4; got {text!r}."
-                        ) from None
+from aptq.validate import parse_budgets  # noqa: F401 (its home before; callers import it from here)
 
 
 @dataclass(frozen=True)

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from aptq import history
+from aptq import history, validate
 from aptq.allocate import AllocationRequest, allocate, summarize
 from aptq.data import Corpus, digest
 from aptq.models import LoadedModel
-from aptq.pipeline import METHOD_LABELS, QUANTIZERS, EvalSettings, QuantizeSettings, run_plan, uniform_plan
+from aptq.choices import METHOD_LABELS, QUANTIZERS
+from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
 from aptq.progress import Progress
 from aptq.store import Store, default_path
 from ui import jobs
 from ui.plans import PlanChoice, plan_choices
-from ui.session import (analysis_request, cached_analysis_key, cached_model_fingerprint, corpus_spec, current_corpus,
-                        current_model, model_source, page_header, store_call, stored_analysis)
+from ui.session import (analysis_request, cached_analysis_key, cached_model_fingerprint, checked, corpus_spec,
+                        current_corpus, current_model, model_source, page_header, store_call, stored_analysis)
 
 RUN_COLUMNS = ["created", "plan_name", "allocation", "budget", "method", "group_size", "avg_bits", "effective_bits",
                "size_mb", "perplexity", "fp_perplexity", "kl", "top1", "quant_seconds", "eval_seconds", "device",
@@ -104,7 +105,8 @@ if group != choice.group_size:  # the predictions were made for another group si
     st.caption(f"Predicted errors are for group size {choice.group_size}; this run is stored without them.")
 job_key = "run:" + digest(model_source(), corpus_spec(), history.plan_json(choice.bits), repr(settings),
                           repr(evaluation), repr(request.sampling), export_dir.strip(), str(overwrite))
-if st.button("Quantize and evaluate", type="primary"):
+if st.button("Quantize and evaluate", type="primary") and (not export_dir.strip() or checked(
+        lambda: validate.export_target(export_dir.strip(), overwrite, keep=(loaded.path, default_path())))):
     store = Store(default_path())
 
     def work(progress: Progress) -> dict:

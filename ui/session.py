@@ -59,6 +59,22 @@ def current_corpus() -> Corpus | None:
         return None
 
 
+def checked(check: Callable[[], object]) -> bool:
+    """Run an aptq.validate check on what the person typed; False after st.error gave its one sentence."""
+    try:
+        check()
+    except UserError as exc:
+        st.error(str(exc))
+        return False
+    return True
+
+
+def usable_choice(source: str, spec: str) -> bool:
+    """Whether the model and corpus typed on Home load (then they are cached for every page); otherwise st.error
+    says why, and the session keeps its previous choice instead of carrying the bad one to every page."""
+    return checked(lambda: (cached_corpus(spec), cached_model(source)))
+
+
 def page_header(title: str) -> None:
     st.set_page_config(page_title=f"{title} · APTQ studio", page_icon="🎚️", layout="wide")
     st.title(title)
