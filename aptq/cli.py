@@ -50,7 +50,8 @@ def run_eval(args: argparse.Namespace) -> None:
     reference = load_model(args.reference, device=args.device).model if args.reference else None
     progress, close = tqdm_progress("evaluating")
     try:
-        result = evaluate(loaded.model, windows, reference=reference, batch_size=args.batch_size, progress=progress)
+        result = evaluate(loaded.model, windows, reference=reference, batch_size=args.batch_size, progress=progress,
+                          device=loaded.device)
     finally:
         close()
     record = {"model": loaded.display_name, "baseline": loaded.baseline_label, "corpus": corpus.name,

@@ -302,7 +302,9 @@ def load_model(source: str = EMBEDDED_MODEL, device: torch.device | str | None =
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # safetensors, torch and transformers each raise their own types on a bad file
         raise UserError(f"Could not load the model weights from {path}: {str(exc).splitlines()[0]}") from exc
-    model.eval().to(device)
+    # The weights stay where they were loaded (CPU memory): `device` is where the work runs, one block at a time
+    # (aptq.capture, aptq.evaluate), so a model larger than the device's memory still fits.
+    model.eval()
     return LoadedModel(model, tokenizer, arch, source, path, display, device, baseline, time.perf_counter() - start)
 
 
