@@ -87,3 +87,12 @@ def test_split_batches_give_the_same_hessians(tiny_model):
         torch.testing.assert_close(split.row[name], whole.row[name], rtol=1e-5, atol=1e-6)
     for name in whole.value:
         torch.testing.assert_close(split.value[name], whole.value[name], rtol=1e-5, atol=1e-6)
+
+
+def test_probes_drawn_on_the_compute_device_keep_the_seeded_signs():
+    """Drawn where the block runs (here the CPU): the same signs as the previous host-side draw for every seed."""
+    from aptq.hessian import rademacher
+
+    for seed in (0, 7, 2**40 + 3):
+        previous = torch.randint(0, 2, (5, 12), generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
+        assert torch.equal(rademacher((5, 12), seed, torch.device("cpu")), previous)
