@@ -30,14 +30,13 @@ import warnings
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from aptq import history
 from aptq.allocate import FULL_PRECISION, weight_size
 from aptq.capture import BlockStep, BlockWalk
 from aptq.data import Corpus, Sampling, calibration_segments, digest, evaluation_windows, token_ids, \
@@ -51,11 +50,15 @@ from aptq.models import CACHE_DIR, Architecture, LinearLayer, LoadedModel, get_m
     set_weight
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, rtn
-from aptq.store import Store
 
 PIPELINE_VERSION = 1  # bump when a change alters quantized weights: stored runs then miss
 METHODS = ("rtn", "gptq", "attention")
 METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "attention": "attention-aware GPTQ (BoA)"}
+if TYPE_CHECKING:
+    from aptq.store import Store
+# (our choice) the store and the run history (DuckDB) are imported where a run is stored, so that quantizing alone
+# (bench/gpu_check.sh, on a machine without DuckDB) needs neither.
+
 RUN_CACHE = CACHE_DIR / "runs"
 REFERENCE_CACHE = CACHE_DIR / "cache" / "reference"
 
@@ -341,6 +344,8 @@ def _reference(loaded: LoadedModel, windows: torch.Tensor, eval_fp: str, model_f
 
 def run_key(model_fp: str, calibration_fp: str | None, plan: dict[str, int], settings: QuantizeSettings,
             eval_fp: str) -> str:
+    from aptq import history
+
     return digest(model_fp, calibration_fp or "-", history.plan_json(plan),
                   json.dumps(settings.key_fields(), sort_keys=True), eval_fp, str(PIPELINE_VERSION))
 
@@ -362,6 +367,9 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     if export_dir is not None and export_dir.exists() and not overwrite:
         raise UserError(f"{export_dir} already exists; choose another directory or allow overwriting.")
     check_window(loaded.model, evaluation.seqlen)
+    from aptq import history
+    from aptq.store import Store
+
     store = store or Store()
     meta = dict(plan_meta or {})
     model_fp = model_fingerprint(loaded.path)

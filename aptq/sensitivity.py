@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -36,7 +37,9 @@ from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianC
 from aptq.models import Architecture, LoadedModel, get_weight, model_fingerprint
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, layer_error, rtn
-from aptq.store import Store
+
+if TYPE_CHECKING:  # (our choice) imported where results are stored: the per-block metrics run without DuckDB
+    from aptq.store import Store
 
 METHOD_VERSION = 2  # bump when any formula changes: old cache entries then miss
 DEFAULT_BITS = (2, 3, 4, 8)
@@ -228,6 +231,8 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
             QuantConfig(bits, settings.group_size)
     except ValueError as exc:
         raise UserError(f"Bad quantization setting: {exc}") from exc
+    from aptq.store import Store
+
     store = store or Store()
     arch = loaded.arch
     n_blocks = arch.n_blocks if settings.max_blocks is None else max(1, min(settings.max_blocks, arch.n_blocks))
