@@ -135,7 +135,7 @@ def _analyze(loaded, segments, args) -> int:
     from aptq.hessian import CollectOptions
     from aptq.sensitivity import AnalysisSettings, collect_block, layer_rows
 
-    settings = AnalysisSettings(group_size=args.group)
+    settings = AnalysisSettings(group_size=args.group, clip_search=args.clip_search)
     options = CollectOptions(attention=True, probes=1)
     walk = BlockWalk(loaded.model, loaded.arch, segments, device=args.device, stop=args.max_blocks)
     cache: dict = {}
@@ -150,7 +150,7 @@ def _quantize(loaded, segments, args) -> tuple[int, dict]:
 
     n_blocks = min(args.max_blocks or loaded.arch.n_blocks, loaded.arch.n_blocks)
     plan = {layer.name: 4 if layer.block < n_blocks else 16 for layer in loaded.arch.layers}
-    settings = QuantizeSettings("attention", args.group, device=args.device)
+    settings = QuantizeSettings("attention", args.group, clip_search=args.clip_search, device=args.device)
     key = f"bench-big-{os.getpid()}"
     start = time.perf_counter()
     quantized, notes = quantize_model(loaded, plan, settings, segments, key)
@@ -191,7 +191,8 @@ def run_stage(args) -> dict:
     params = loaded.n_params
     block_bytes = sum(p.numel() * p.element_size() for p in loaded.model.get_submodule(
         loaded.arch.blocks_path)[0].parameters())
-    record = {"stage": args.stage, "model": args.model, "blockwise_eval": args.blockwise, "params": params, "hidden": loaded.arch.hidden_size,
+    record = {"stage": args.stage, "model": args.model, "blockwise_eval": args.blockwise,
+              "clip_search": args.clip_search, "params": params, "hidden": loaded.arch.hidden_size,
               "dtype": str(next(loaded.model.parameters()).dtype), "device": args.device,
               "samples": args.samples, "seqlen": args.seqlen, "blocks": blocks, "load_seconds": load_seconds,
               "seconds": seconds, "seconds_per_block": seconds / max(blocks, 1),
@@ -231,17 +232,19 @@ def cpu_benchmark(args) -> None:
         result_path.write_text("\n".join(lines) + "\n")
         return
     common = ["--samples", "4", "--seqlen", "128", "--max-blocks", "2", "--dtype", "bfloat16", "--group", "128",
-              "--eval-windows", "0"]
+              "--eval-windows", "0", "--no-clip-search"]
     big = Path("/tmp/aptq-synthetic-big")
     try:
-        make_model(args.hidden, args.layers, big)
+        if not (big / "model.safetensors.index.json").is_file():  # a model left by an interrupted run is reused
+            make_model(args.hidden, args.layers, big)
         records = [_stage_in_subprocess(stage, big, common) for stage in ("analyze", "quantize")]
     finally:
         subprocess.run(["rm", "-rf", str(big)], check=False)
     lines += ["## Peak memory against the model's size", "",
               f"Synthetic LLaMA, hidden {args.hidden}, {args.layers} blocks, bf16 weights memory-mapped from "
               f"safetensors; calibration 4 × 128 random tokens, first 2 blocks analysed / quantized (the quantize "
-              f"walk still runs every block's forward).", "",
+              f"walk still runs every block's forward); grids without the clipping search (it would take hours "
+              f"per block on one thread; it adds only its chunk buffers, 8 MiB, to the memory).", "",
               "| stage | params | model GiB | one block GiB | peak RSS GiB | peak RSS / model | peak anonymous GiB "
               "| anonymous − model GiB | seconds per block |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -293,6 +296,9 @@ def main() -> None:
     stage.add_argument("--max-blocks", type=int, default=None)
     stage.add_argument("--group", type=int, default=128)
     stage.add_argument("--eval-windows", type=int, default=0, help="windows of --seqlen tokens to evaluate")
+    stage.add_argument("--no-clip-search", dest="clip_search", action="store_false",
+                       help="plain min/max grids (the exhaustive clipping search costs ~1.6 TFLOP per width and "
+                            "block at hidden 2560, hours on one CPU thread)")
     stage.add_argument("--blockwise", action="store_true", default=None,
                        help="evaluate block by block even when the model fits on the device")
     stage.add_argument("--json", type=Path, default=None, help="also append the record to this file")
