@@ -17,8 +17,8 @@ Nothing is copied whole and the loaded model is never modified: each finished bl
 under `CACHE_DIR/runs/<key>/` and swapped into the loaded model by reference only while they are needed (the block's
 outputs for the next block, then evaluation and export), the original tensors put back afterwards. An interrupted run
 resumes at the first unfinished block; the directory goes once the run's row is stored. Out of device memory, a block
-is retried in smaller batches, then on the CPU, with a note. The run key covers the model, calibration, plan, settings, evaluation and PIPELINE_VERSION, so
-the same plan is never quantized twice.
+is retried in smaller batches, then on the CPU, with a note. The run key covers the model, calibration, plan,
+settings, evaluation and PIPELINE_VERSION, so the same plan is never quantized twice.
 """
 
 from __future__ import annotations
@@ -51,14 +51,14 @@ from aptq.models import CACHE_DIR, Architecture, LinearLayer, LoadedModel, get_m
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, rtn
 
-PIPELINE_VERSION = 1  # bump when a change alters quantized weights: stored runs then miss
-METHODS = ("rtn", "gptq", "attention")
-METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "attention": "attention-aware GPTQ (BoA)"}
 if TYPE_CHECKING:
     from aptq.store import Store
 # (our choice) the store and the run history (DuckDB) are imported where a run is stored, so that quantizing alone
 # (bench/gpu_check.sh, on a machine without DuckDB) needs neither.
 
+PIPELINE_VERSION = 1  # bump when a change alters quantized weights: stored runs then miss
+METHODS = ("rtn", "gptq", "attention")
+METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "attention": "attention-aware GPTQ (BoA)"}
 RUN_CACHE = CACHE_DIR / "runs"
 REFERENCE_CACHE = CACHE_DIR / "cache" / "reference"
 
