@@ -135,7 +135,7 @@ def _analyze(loaded, segments, args) -> int:
     from aptq.hessian import CollectOptions
     from aptq.sensitivity import AnalysisSettings, collect_block, layer_rows
 
-    settings = AnalysisSettings(group_size=args.group, clip_search=args.clip_search)
+    settings = AnalysisSettings(group_size=args.group, bits=tuple(args.bits), clip_search=args.clip_search)
     options = CollectOptions(attention=True, probes=1)
     walk = BlockWalk(loaded.model, loaded.arch, segments, device=args.device, stop=args.max_blocks)
     cache: dict = {}
@@ -208,11 +208,12 @@ def run_stage(args) -> dict:
 # The recorded CPU benchmark
 
 
-def _stage_in_subprocess(stage: str, model: Path, extra: list[str]) -> dict:
-    command = [sys.executable, __file__, "stage", stage, "--model", str(model), *extra]
-    output = subprocess.run(command, check=True, capture_output=True, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"}).stdout
-    return json.loads(output.strip().splitlines()[-1])
+RECORDS = Path("/tmp/aptq-big-model-records.jsonl")  # one JSON line per finished stage: survives an interruption
+
+
+def _stage_in_subprocess(stage: str, model: Path, extra: list[str]) -> None:
+    command = [sys.executable, __file__, "stage", stage, "--model", str(model), "--json", str(RECORDS), *extra]
+    subprocess.run(command, check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
 
 
 def _gib(n: float) -> str:
@@ -221,58 +222,57 @@ def _gib(n: float) -> str:
 
 def cpu_benchmark(args) -> None:
     free_gib = int(subprocess.run(["free", "-g"], capture_output=True, text=True).stdout.splitlines()[1].split()[6])
-    result_path = ROOT / "bench" / "results" / "big_model.md"
-    load = Path("/proc/loadavg").read_text().split()[0]
-    lines = ["# Big synthetic models on the CPU: memory and time per block", "",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; 2 CPU cores shared with 6 other "
-             f"helpers' jobs (load average {load} at the start), OMP_NUM_THREADS=1; free memory at the start: "
-             f"{free_gib} GiB", f"- command: `.venv/bin/python bench/bench_big_model.py cpu`", ""]
+    header = [f"- started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; 2 CPU cores shared with 6 other "
+              f"helpers' jobs (load average {Path('/proc/loadavg').read_text().split()[0]} at the start), "
+              f"OMP_NUM_THREADS=1; available memory at the start: {free_gib} GiB"]
     if free_gib < 12:
-        lines.append(f"Skipped: only {free_gib} GiB free (12 GiB needed).")
-        result_path.write_text("\n".join(lines) + "\n")
+        write_report(header + [f"- skipped: only {free_gib} GiB available (12 GiB needed)"])
         return
-    common = ["--samples", "4", "--seqlen", "128", "--max-blocks", "2", "--dtype", "bfloat16", "--group", "128",
-              "--eval-windows", "0", "--no-clip-search"]
-    big = Path("/tmp/aptq-synthetic-big")
-    try:
-        if not (big / "model.safetensors.index.json").is_file():  # a model left by an interrupted run is reused
-            make_model(args.hidden, args.layers, big)
-        records = [_stage_in_subprocess(stage, big, common) for stage in ("analyze", "quantize")]
-    finally:
-        subprocess.run(["rm", "-rf", str(big)], check=False)
-    lines += ["## Peak memory against the model's size", "",
-              f"Synthetic LLaMA, hidden {args.hidden}, {args.layers} blocks, bf16 weights memory-mapped from "
-              f"safetensors; calibration 4 × 128 random tokens, first 2 blocks analysed / quantized (the quantize "
-              f"walk still runs every block's forward); grids without the clipping search (it would take hours "
-              f"per block on one thread; it adds only its chunk buffers, 8 MiB, to the memory).", "",
-              "| stage | params | model GiB | one block GiB | peak RSS GiB | peak RSS / model | peak anonymous GiB "
-              "| anonymous − model GiB | seconds per block |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
+    RECORDS.unlink(missing_ok=True)
+    common = ["--samples", "4", "--seqlen", "128", "--max-blocks", "1", "--dtype", "bfloat16", "--group", "128",
+              "--no-clip-search", "--bits", "4"]
+    models = [(Path("/tmp/aptq-synthetic-big"), args.hidden, args.layers)]
+    models += [(Path(f"/tmp/aptq-synthetic-{hidden}"), hidden, 2) for hidden in (1024, 1536, 2048)]
+    for path, hidden, layers in models:
+        try:
+            if not (path / "model.safetensors.index.json").is_file():  # a model left by an interruption is reused
+                make_model(hidden, layers, path)
+            for stage in ("analyze", "quantize"):
+                _stage_in_subprocess(stage, path, common)
+        finally:
+            subprocess.run(["rm", "-rf", str(path)], check=False)
+        write_report(header)
+
+
+def write_report(header: list[str]) -> None:
+    """bench/results/big_model.md from the records finished so far."""
+    records = [json.loads(line) for line in RECORDS.read_text().splitlines()] if RECORDS.is_file() else []
+    big = [r for r in records if r["params"] > 1e9]
+    small = [r for r in records if r["params"] <= 1e9]
+    lines = ["# Big synthetic models on the CPU: memory and time per block", "", *header,
+             "- command: `.venv/bin/python bench/bench_big_model.py cpu` (each stage in its own process)", "",
+             "## Peak memory against the model's size", "",
+             "Synthetic LLaMA (random weights), bf16 safetensors on disk loaded in bf16; calibration 4 × 128 random "
+             "tokens; the first block analysed / quantized (the quantize walk still runs every block's forward); "
+             "predicted errors at 4 bits only, grids without the clipping search (the full settings cost several "
+             "TFLOP per block at hidden 2560: hours on one shared thread; they add compute, not memory, beyond the "
+             "clipping search's 8 MiB chunk buffers).", "",
+             "| stage | params | model GiB | one block GiB | peak RSS GiB | peak RSS / model | peak anonymous GiB "
+             "| s per block |", "|---|---|---|---|---|---|---|---|"]
+    for r in big:
         lines.append(f"| {r['stage']} | {r['params'] / 1e9:.2f} B | {_gib(r['model_bytes'])} | "
                      f"{_gib(r['block_bytes'])} | {_gib(r['peak_rss_bytes'])} | "
                      f"{r['peak_rss_bytes'] / r['model_bytes']:.2f} | {_gib(r['peak_anonymous_bytes'])} | "
-                     f"{_gib(r['peak_anonymous_bytes'] - r['model_bytes'])} | {r['seconds_per_block']:.1f} |")
-    widths = []
-    for hidden in (1024, 1536, 2048):
-        path = Path(f"/tmp/aptq-synthetic-{hidden}")
-        try:
-            make_model(hidden, 2, path)
-            widths.append([_stage_in_subprocess(stage, path, common) for stage in ("analyze", "quantize")])
-        finally:
-            subprocess.run(["rm", "-rf", str(path)], check=False)
-    lines += ["", "## Time per block against the hidden size (2-block models, same calibration)", "",
-              "| hidden | analyze s/block | quantize (attention) s/block | analyze ratio to previous | "
-              "hidden² ratio |", "|---|---|---|---|---|"]
-    previous = None
-    for analyze, quantize in widths:
-        ratio = "" if previous is None else f"{analyze['seconds_per_block'] / previous['seconds_per_block']:.2f}"
-        square = "" if previous is None else f"{(analyze['hidden'] / previous['hidden']) ** 2:.2f}"
-        lines.append(f"| {analyze['hidden']} | {analyze['seconds_per_block']:.2f} | "
-                     f"{quantize['quantize_seconds'] / quantize['blocks']:.2f} | {ratio} | {square} |")
-        previous = analyze
-    lines += ["", "Raw records:", "", "```", *[json.dumps(r) for r in records + [x for w in widths for x in w]], "```"]
-    result_path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                     f"{r['seconds_per_block']:.1f} |")
+    lines += ["", "## Time per block against the hidden size (2-block models, same settings)", "",
+              "| hidden | stage | s per block | quantize s per quantized block |", "|---|---|---|---|"]
+    for r in small:
+        quantize = f"{r['quantize_seconds'] / r['blocks']:.1f}" if "quantize_seconds" in r else ""
+        lines.append(f"| {r['hidden']} | {r['stage']} | {r['seconds_per_block']:.1f} | {quantize} |")
+    lines += ["", "Raw records:", "", "```", *[json.dumps(r) for r in records], "```"]
+    path = ROOT / "bench" / "results" / "big_model.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
 
 
 def main() -> None:
@@ -296,6 +296,7 @@ def main() -> None:
     stage.add_argument("--max-blocks", type=int, default=None)
     stage.add_argument("--group", type=int, default=128)
     stage.add_argument("--eval-windows", type=int, default=0, help="windows of --seqlen tokens to evaluate")
+    stage.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8], help="widths of the predicted errors")
     stage.add_argument("--no-clip-search", dest="clip_search", action="store_false",
                        help="plain min/max grids (the exhaustive clipping search costs ~1.6 TFLOP per width and "
                             "block at hidden 2560, hours on one CPU thread)")
@@ -305,6 +306,7 @@ def main() -> None:
     cpu = sub.add_parser("cpu")
     cpu.add_argument("--hidden", type=int, default=2560)
     cpu.add_argument("--layers", type=int, default=32)
+    sub.add_parser("report", help="rewrite bench/results/big_model.md from the records finished so far")
     args = parser.parse_args()
     if args.command == "make":
         make_model(args.hidden, args.layers, args.out, heads=args.heads, kv_heads=args.kv_heads,
@@ -316,8 +318,10 @@ def main() -> None:
             with open(args.json, "a") as handle:
                 handle.write(line + "\n")
         print(line)
-    else:
+    elif args.command == "cpu":
         cpu_benchmark(args)
+    else:
+        write_report(["- (report of the records finished before an interruption)"])
 
 
 if __name__ == "__main__":
