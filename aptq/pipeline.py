@@ -300,8 +300,9 @@ def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: Quantize
             notes += (checkpoints.load(block) or ({}, []))[1]
             progress(block + 1, n_blocks, f"block {block + 1}/{n_blocks}")
         return QuantizedWeights(arch, checkpoints), notes
+    last = max(block for block in range(n_blocks) if _block_plan(arch, block, plan))
     walk = BlockWalk(loaded.model, arch, segments, device=settings.device or loaded.device,
-                     batch_size=settings.batch_size)
+                     batch_size=settings.batch_size, stop=last + 1)  # blocks after the last quantized one: no work
     geometry_cache: dict = {}
     for step in walk:
         todo = _block_plan(arch, step.index, plan)
@@ -311,7 +312,7 @@ def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: Quantize
             checkpoints.save(step.index, *stored)
         if stored is not None:
             notes += stored[1]
-            if step.index + 1 < n_blocks:
+            if step.index < last:
                 with swapped_weights(loaded.model, arch, stored[0]):
                     step.finish()  # true-sequential: the next block's inputs come from the quantized block
         progress(step.index + 1, n_blocks, f"block {step.index + 1}/{n_blocks}")
