@@ -253,7 +253,8 @@ def write_report(header: list[str]) -> None:
              "- command: `.venv/bin/python bench/bench_big_model.py cpu` (each stage in its own process)", "",
              "## Peak memory against the model's size", "",
              "Synthetic LLaMA (random weights), bf16 safetensors on disk loaded in bf16; calibration 4 × 128 random "
-             "tokens; the first block analysed / quantized (the quantize walk stops after the last quantized block); "
+             "tokens; the first block analysed / quantized (the quantize walk stops after the last quantized "
+             "block); "
              "predicted errors at 4 bits only, grids without the clipping search (the full settings cost several "
              "TFLOP per block at hidden 2560: hours on one shared thread; they add compute, not memory, beyond the "
              "clipping search's 8 MiB chunk buffers).", "",
