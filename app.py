@@ -135,7 +135,7 @@ fp_prefix = f"fp:{model_source()}:{corpus_spec()}:"  # job keys: the results sho
 if st.button("Measure perplexity"):
     def measure(progress: Progress) -> Evaluation:
         windows = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), int(seqlen), int(max_tokens))
-        return evaluate(loaded.model, windows, progress=progress)
+        return evaluate(loaded.model, windows, progress=progress, device=loaded.device)
 
     fp_key = f"{fp_prefix}{seqlen}:{max_tokens}"
     jobs.start(fp_key, "Full-precision perplexity", model_source(), measure)

@@ -58,6 +58,17 @@ def _move(value: Any, device: torch.device, memo: dict[int, torch.Tensor] | None
     return value
 
 
+def _rows(value: Any, size: int, start: int, stop: int) -> Any:
+    """Tensors (also nested) whose first dimension is `size` cut to rows start … stop−1; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value[start:stop] if value.dim() and value.shape[0] == size else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, size, start, stop) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, size, start, stop) for k, v in value.items()}
+    return value
+
+
 @dataclass(frozen=True)
 class Batch:
     index: int  # position in the walk's list of batches
@@ -99,6 +110,27 @@ class BlockStep:
     def batches(self) -> Iterator[Batch]:
         for index in range(self.n_batches):
             yield self.batch(index)
+
+    @property
+    def largest_batch(self) -> int:
+        return max(self._calls)
+
+    def split(self, batch: Batch, parts: int) -> list[Batch]:
+        """The batch as up to `parts` smaller ones (a device short of memory); their outputs are not for keeping.
+        Extra arguments whose first dimension is the batch's size are sliced with it; others (broadcast) are kept."""
+        size = batch.hidden.shape[0]
+        step = -(-size // parts)
+        if step >= size:
+            return [batch]
+        return [Batch(batch.index, batch.segments[lo:lo + step], batch.hidden[lo:lo + step],
+                      _rows(batch.args, size, lo, lo + step), _rows(batch.kwargs, size, lo, lo + step))
+                for lo in range(0, size, step)]
+
+    def move_to(self, device: torch.device) -> None:
+        """Continue this step on another device (e.g. the CPU when the accelerator runs out of memory)."""
+        self.block.to(device)
+        self.device = device
+        self._calls = {size: _move(call, device) for size, call in self._calls.items()}
 
     def forward(self, batch: Batch) -> torch.Tensor:
         output = self.block(batch.hidden, *batch.args, **batch.kwargs)

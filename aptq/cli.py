@@ -97,7 +97,8 @@ def run_eval(args: argparse.Namespace) -> None:
     work_starts()
     progress, close = tqdm_progress("evaluating")
     try:
-        result = evaluate(loaded.model, windows, reference=reference, batch_size=args.batch_size, progress=progress)
+        result = evaluate(loaded.model, windows, reference=reference, batch_size=args.batch_size, progress=progress,
+                          device=loaded.device)
     finally:
         close()
     record = {"model": loaded.display_name, "baseline": loaded.baseline_label, "corpus": corpus.name,

@@ -9,19 +9,38 @@ reference can be summarized once as `ReferenceStats`: its top-k log-probabilitie
 KL against those stats treats the tokens outside the reference's top k as one bucket; by the log-sum inequality that
 is a lower bound of the exact KL, and with k = vocabulary size it is exact (see tests/test_evaluate.py and
 bench/results for the measured gap).
+
+Where the forward passes run: on `device` (default: where the model's weights are). When the weights live elsewhere
+(a big model kept in CPU memory, one GPU) and the whole model fits in the device's free memory, it is moved there for
+the evaluation and back afterwards; when it does not fit, the evaluation walks the decoder block by block over all
+windows at once, as the GPTQ reference code does: the activations of every window stay on the host, one block at a
+time goes to the device (aptq.capture), and the embeddings, final norm and LM head run on the device at the end.
+`weights` (optional) swaps other weights into each block while it runs (a quantized model without a copy of it).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from typing import ContextManager, Iterator, Protocol
 
 import torch
 from torch import nn
 
+from aptq.capture import BlockWalk
 from aptq.errors import UserError
+from aptq.models import architecture_of
 from aptq.progress import Progress, no_progress
+
+DEVICE_HEADROOM = 1.25  # (our choice) the whole model goes to the device only when 1.25 × its size is free there
+
+
+class BlockWeights(Protocol):
+    """Weights to use instead of the model's own in one block while it runs (e.g. a quantization run's)."""
+
+    def swapped(self, model: nn.Module, block: int) -> ContextManager: ...
 
 
 @dataclass(frozen=True)
@@ -51,11 +70,113 @@ def check_window(model: nn.Module, seqlen: int) -> None:
                         f"use --seqlen {limit} or less.")
 
 
-def _log_probs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the next token at the first L−1 positions, in float32."""
-    device = next(model.parameters()).device
-    logits = model(batch.to(device), use_cache=False).logits[:, :-1]
-    return torch.log_softmax(logits.float(), dim=-1)
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def _home(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def fits_on(model: nn.Module, device: torch.device) -> bool:
+    """Whether the whole model may go to `device` for an evaluation (always, when its weights are already there)."""
+    if device == _home(model) or device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return model_bytes(model) * DEVICE_HEADROOM <= free
+
+
+@contextmanager
+def _moved(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """The model on `device` for the duration, then back where its weights were (a move, not a copy)."""
+    home = _home(model)
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
+
+
+def _whole_model(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
+                 weights: BlockWeights | None) -> Iterator[torch.Tensor]:
+    n_blocks = architecture_of(model.config).n_blocks
+    with ExitStack() as stack:
+        for block in range(n_blocks if weights is not None else 0):
+            stack.enter_context(weights.swapped(model, block))
+        stack.enter_context(_moved(model, device))
+        for first in range(0, windows.shape[0], batch_size):
+            yield _log_softmax(model(windows[first:first + batch_size].to(device), use_cache=False).logits)
+
+
+class _Replay(nn.Module):
+    """Stands in for decoder block 0 in the head pass: returns the final hidden states of the current batch."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+        if hasattr(original, "attention_type"):  # some models pick each block's mask by this attribute
+            self.attention_type = original.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.hidden
+
+
+class _PassThrough(nn.Module):
+    """Stands in for decoder blocks 1… in the head pass."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        if hasattr(original, "attention_type"):
+            self.attention_type = original.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def _block_by_block(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
+                    weights: BlockWeights | None, progress: Progress) -> Iterator[torch.Tensor]:
+    """The decoder blocks walked over all windows (activations on the host), then the rest of the model (embeddings,
+    final norm, LM head) on the device with the blocks replaced by a replay of their final outputs: the model's own
+    forward computes the logits, whatever its family puts after the blocks."""
+    arch = architecture_of(model.config)
+    walk = BlockWalk(model, arch, windows, device=device, batch_size=batch_size)
+    hidden: list[torch.Tensor] = []
+    for step in walk:
+        with weights.swapped(model, step.index) if weights is not None else nullcontext():
+            hidden = step.finish()  # computed with the swapped weights; the walk reuses these outputs
+        progress(step.index + 1, arch.n_blocks + 1, f"block {step.index + 1}/{arch.n_blocks}")
+    blocks = model.get_submodule(arch.blocks_path)
+    originals = list(blocks)
+    replay = _Replay(originals[0])
+    for index, block in enumerate(originals):
+        blocks[index] = replay if index == 0 else _PassThrough(block)
+    try:
+        with _moved(model, device):  # only the modules outside the blocks move now
+            for first, hidden_batch in zip(walk.batch_starts, hidden):
+                replay.hidden = hidden_batch.to(device)
+                ids = windows[first:first + batch_size].to(device)
+                yield _log_softmax(model(ids, use_cache=False).logits)
+    finally:
+        for index, block in enumerate(originals):
+            blocks[index] = block
+
+
+def _log_prob_batches(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str | None,
+                      blockwise: bool | None, weights: BlockWeights | None,
+                      progress: Progress) -> Iterator[torch.Tensor]:
+    """Log-probabilities of each batch of `batch_size` windows in turn, on the compute device."""
+    device = torch.device(device) if device is not None else _home(model)
+    if blockwise is None:
+        blockwise = not fits_on(model, device)
+    if blockwise:
+        yield from _block_by_block(model, windows, batch_size, device, weights, progress)
+    else:
+        yield from _whole_model(model, windows, batch_size, device, weights)
 
 
 REFERENCE_TOP_K = 128
@@ -75,13 +196,15 @@ class ReferenceStats:
 
 @torch.inference_mode()
 def reference_stats(model: nn.Module, windows: torch.Tensor, k: int = REFERENCE_TOP_K, batch_size: int = 1,
-                    progress: Progress = no_progress) -> ReferenceStats:
+                    progress: Progress = no_progress, device: torch.device | str | None = None,
+                    blockwise: bool | None = None) -> ReferenceStats:
+    """`device` and `blockwise` (None: chosen by free device memory) as in `evaluate`."""
     check_window(model, windows.shape[1])
     values, ids = [], []
     nll_sum = 0.0
-    for first in range(0, windows.shape[0], batch_size):
+    batches = _log_prob_batches(model, windows, batch_size, device, blockwise, None, progress)
+    for first, log_probs in zip(range(0, windows.shape[0], batch_size), batches):
         batch = windows[first:first + batch_size]
-        log_probs = _log_probs(model, batch)
         nll_sum -= log_probs.gather(-1, batch[:, 1:].to(log_probs.device).unsqueeze(-1)).double().sum().item()
         top = log_probs.topk(k, dim=-1)
         values.append(top.values.cpu())
@@ -106,15 +229,21 @@ def _kl_and_agreement(log_probs: torch.Tensor, reference: ReferenceStats | torch
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | ReferenceStats | None = None,
-             batch_size: int = 1, progress: Progress = no_progress) -> Evaluation:
+             batch_size: int = 1, progress: Progress = no_progress, device: torch.device | str | None = None,
+             blockwise: bool | None = None, weights: BlockWeights | None = None) -> Evaluation:
     """Perplexity of `model` on `windows` (n × seqlen); with a reference model or its `ReferenceStats` (computed on
-    the same windows), also KL divergence and top-1 agreement."""
+    the same windows), also KL divergence and top-1 agreement. `device`: where the forward passes run (default: where
+    the weights are); `blockwise`: walk block by block (None: when the model does not fit on the device); `weights`:
+    swapped into each block while it runs (see the module docstring)."""
     check_window(model, windows.shape[1])
     start = time.perf_counter()
     nll_sum, kl_sum, agree_sum, count = 0.0, 0.0, 0, 0
-    for first in range(0, windows.shape[0], batch_size):
+    firsts = range(0, windows.shape[0], batch_size)
+    batches = _log_prob_batches(model, windows, batch_size, device, blockwise, weights, progress)
+    reference_batches = (_log_prob_batches(reference, windows, batch_size, device, blockwise, None, no_progress)
+                         if isinstance(reference, nn.Module) else iter(firsts))
+    for first, log_probs, reference_log_probs in zip(firsts, batches, reference_batches):
         batch = windows[first:first + batch_size]
-        log_probs = _log_probs(model, batch)
         targets = batch[:, 1:].to(log_probs.device)
         nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if not torch.isfinite(nll).all():
@@ -126,7 +255,7 @@ def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Ref
             kl, agree = _kl_and_agreement(log_probs, ReferenceStats(ref_top.to(log_probs.device),
                                                                     ref_ids.to(log_probs.device)))
         elif reference is not None:
-            kl, agree = _kl_and_agreement(log_probs, _log_probs(reference, batch).to(log_probs.device))
+            kl, agree = _kl_and_agreement(log_probs, reference_log_probs.to(log_probs.device))
         if reference is not None:
             kl_sum += kl
             agree_sum += agree

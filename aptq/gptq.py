@@ -244,18 +244,77 @@ def _row_compensation(G_heads: Tensor, damp: float, name: str) -> tuple[Tensor, 
     return coefficients, message
 
 
+def _tile_params(inputs: Tensor, current: Tensor, walk: _Walk, cfg: QuantConfig, span: tuple[int, int]) -> GridParams:
+    """Per-column grids (n_heads × width) of one tile: act-order's static grids from the whole row as it enters its
+    walk, else the group's grid from the tile's current columns (what the column walk computes at the group's
+    first column)."""
+    start, end = span
+    if walk.order is not None:  # one tile spans the row: the static grids need the row in the original order
+        params = _static_params(inputs[:, torch.argsort(walk.order)], walk, cfg)
+        return GridParams(params.scale[:, start:end], params.zero[:, start:end])
+    params = grid_params(current, cfg, walk.hessian[start:end, start:end])
+    return GridParams(params.scale.expand(-1, end - start), params.zero.expand(-1, end - start))
+
+
 def _boa_rows(W: Tensor, walk: _Walk, G_heads: Tensor, cfg: QuantConfig, block_size: int, damp: float,
               name: str) -> tuple[Tensor, str | None]:
-    """Row r of every head at once by the column walk, then its error compensated in rows r+1… of its head."""
+    """Row r of every head by the column walk, its error compensated in rows r+1… of its head; run as a wavefront.
+
+    Tile (r, g) is row r of every head over column group g. It needs the tile on its left (the column walk of row r
+    reaches group g with the lazy update of groups < g) and the one above (row r−1's error on these columns,
+    compensated in row r, which also decides group g's grid), so the tiles of one anti-diagonal r + g = t are
+    independent and run as one batch: d_h + n_groups − 1 steps of a group's width instead of d_h walks over all
+    columns. The same arithmetic as row after row, up to float rounding order. With act-order (static grids from the
+    whole row) or one group per row, a row is one tile and the rows go one after another. `block_size` is not
+    needed: the lazy updates come in groups."""
     coefficients, message = _row_compensation(G_heads, damp, name)
-    n_heads, head_dim, _ = G_heads.shape
-    by_head = W.reshape(n_heads, head_dim, -1).clone()
-    quantized = torch.empty_like(by_head)
-    for r in range(head_dim):
-        quantized[:, r] = _quantize_rows(by_head[:, r], walk, cfg, block_size)
-        row_error = by_head[:, r] - quantized[:, r]  # E_r: the row before quantization minus its quantized value
-        by_head[:, r + 1:] -= coefficients[:, r, r + 1:].unsqueeze(-1) * row_error.unsqueeze(1)
-    return quantized.reshape(W.shape), message
+    n_heads, head_dim, n_cols = G_heads.shape[0], G_heads.shape[1], W.shape[1]
+    order = walk.order if walk.order is not None else torch.arange(n_cols, device=W.device)
+    pending = W.reshape(n_heads, head_dim, n_cols)[..., order].clone()  # rows as compensated so far, walk order
+    dead = walk.dead[order]
+    spans = [(0, n_cols)] if walk.order is not None else group_spans(n_cols, cfg)
+    quantized = torch.empty_like(pending)
+    scaled_errors = torch.empty_like(pending)  # (w − q) / U_jj of the column walks: what later columns compensate
+    for t in range(head_dim + len(spans) - 1):
+        tiles = [(t - g, spans[g]) for g in range(len(spans)) if 0 <= t - g < head_dim]
+        for width in sorted({end - start for _, (start, end) in tiles}):  # the last group may be narrower
+            _walk_tiles([tile for tile in tiles if tile[1][1] - tile[1][0] == width], pending, quantized,
+                        scaled_errors, dead, walk, cfg)
+        for r, (start, end) in tiles:  # row compensation: rows r+1… of each head, these columns
+            row_error = pending[:, r, start:end] - quantized[:, r, start:end]
+            pending[:, r + 1:, start:end] -= coefficients[:, r, r + 1:].unsqueeze(-1) * row_error.unsqueeze(1)
+    inverse = torch.argsort(order)
+    return quantized[..., inverse].reshape(W.shape), message
+
+
+def _walk_tiles(tiles: list[tuple[int, tuple[int, int]]], pending: Tensor, quantized: Tensor,
+                scaled_errors: Tensor, dead: Tensor, walk: _Walk, cfg: QuantConfig) -> None:
+    """The column walk over tiles of equal width at once (see `_boa_rows`), writing their quantized values and
+    scaled errors. Dead columns enter as 0 and leave as 0, as in `_quantize_rows`."""
+    currents, scales, zeros, diagonal_blocks = [], [], [], []
+    for r, (start, end) in tiles:
+        inputs = pending[:, r].clone()
+        inputs[:, dead] = 0
+        current = inputs[:, start:end] - scaled_errors[:, r, :start] @ walk.upper[:start, start:end]
+        params = _tile_params(inputs, current, walk, cfg, (start, end))
+        currents.append(current)
+        scales.append(params.scale)
+        zeros.append(params.zero)
+        diagonal_blocks.append(walk.upper[start:end, start:end])
+    current, scale, zero = torch.stack(currents), torch.stack(scales), torch.stack(zeros)  # tiles × heads × width
+    upper = torch.stack(diagonal_blocks)  # tiles × width × width
+    values = torch.empty_like(current)
+    errors = torch.empty_like(current)
+    for i in range(current.shape[-1]):
+        column = current[:, :, i]
+        q = quantize_dequantize(column, GridParams(scale[:, :, i], zero[:, :, i]), cfg)
+        values[:, :, i] = q
+        error = (column - q) / upper[:, i, i].unsqueeze(1)
+        current[:, :, i:] -= error.unsqueeze(-1) * upper[:, i, i:].unsqueeze(1)
+        errors[:, :, i] = error
+    for index, (r, (start, end)) in enumerate(tiles):
+        quantized[:, r, start:end] = values[index].masked_fill(dead[start:end], 0)
+        scaled_errors[:, r, start:end] = errors[index]
 
 
 def gptq_rows(W: Tensor, H: Tensor, G_heads: Tensor, cfg: QuantConfig, block_size: int = 128,

@@ -150,9 +150,11 @@ def _probe_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
-def rademacher(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, shape, generator=generator).float().mul_(2).sub_(1)
+def rademacher(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """±1 signs drawn on `device` (no host-to-device copy per probe). The same seed gives the same signs on a device
+    type; CUDA's generator is another stream than the CPU's, so its estimates differ within their standard error."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(0, 2, shape, generator=generator, device=device).float().mul_(2).sub_(1)
 
 
 class HessianCollector:
@@ -414,8 +416,9 @@ class HessianCollector:
             objective = 0.0
             for end_index, output in enumerate(ends):
                 signs = torch.stack([rademacher((length, d_model), _probe_seed(
-                    self.options.seed, self.step.index, segment, probe, end_index)) for segment in batch.segments])
-                objective = objective + (signs.to(output.device, output.dtype).reshape_as(output) * output).sum()
+                    self.options.seed, self.step.index, segment, probe, end_index), output.device)
+                    for segment in batch.segments])
+                objective = objective + (signs.to(dtype=output.dtype).reshape_as(output) * output).sum()
             grads = torch.autograd.grad(objective, module_outputs + expert_outputs,
                                         retain_graph=probe + 1 < self.options.probes)
             by_path = dict(zip(paths, grads))

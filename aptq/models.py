@@ -545,7 +545,9 @@ def load_model(source: str = EMBEDDED_MODEL, device: torch.device | str | None =
     finally:
         hf_logging.set_verbosity(verbosity)
     validate.weights_complete(path, list(info["missing_keys"]), list(info["unexpected_keys"]))
-    model.eval().to(device)
+    # The weights stay where they were loaded (CPU memory): `device` is where the work runs, one block at a time
+    # (aptq.capture, aptq.evaluate), so a model larger than the device's memory still fits.
+    model.eval()
     return LoadedModel(model, tokenizer, arch, source, path, display, device, baseline, time.perf_counter() - start)
 
 

@@ -13,30 +13,33 @@ Quantization is true-sequential: the walk goes block by block (aptq.capture), ea
 inputs that come from the already quantized blocks, the block is quantized, and its outputs are recomputed with the
 quantized weights for the next block. One block sits on the compute device at a time.
 
-The loaded model is never modified: the work happens on a copy. Each finished block's quantized weights are saved
-under `CACHE_DIR/runs/<key>/`, so an interrupted run resumes at the first unfinished block; the directory goes once the
-run's row is stored. The run key covers the model, calibration, plan, settings, evaluation and PIPELINE_VERSION, so
-the same plan is never quantized twice.
+Nothing is copied whole and the loaded model is never modified: each finished block's quantized weights are saved
+under `CACHE_DIR/runs/<key>/` and swapped into the loaded model by reference only while they are needed (the block's
+outputs for the next block, then evaluation and export), the original tensors put back afterwards. An interrupted run
+resumes at the first unfinished block; the directory goes once the run's row is stored. Out of device memory, a block
+is retried in smaller batches, then on the CPU, with a note. The run key covers the model, calibration, plan,
+settings, evaluation and PIPELINE_VERSION, so the same plan is never quantized twice.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
 import warnings
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from aptq import history, validate
+from aptq import validate
 from aptq.allocate import weight_size
-from aptq.capture import BlockWalk
+from aptq.capture import BlockStep, BlockWalk
 from aptq.choices import QUANTIZERS
 from aptq.data import Corpus, Sampling, calibration_segments, digest, evaluation_windows, token_ids, \
     tokenizer_fingerprint
@@ -45,12 +48,16 @@ from aptq.evaluate import ReferenceStats, check_window, evaluate, reference_stat
 from aptq.export import export_model, plan_files
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
 from aptq.hessian import BlockHessians, CollectOptions, HessianCollector
-from aptq.models import Architecture, LinearLayer, LoadedModel, get_weight, model_fingerprint, set_weight
+from aptq.models import Architecture, LinearLayer, LoadedModel, get_module, get_weight, model_fingerprint, set_weight
 from aptq.paths import CACHE_DIR
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, rtn
-from aptq.store import Store
 from aptq.widths import FULL_PRECISION
+
+if TYPE_CHECKING:
+    from aptq.store import Store
+# (our choice) the store and the run history (DuckDB) are imported where a run is stored, so that quantizing alone
+# (bench/gpu_check.sh, on a machine without DuckDB) needs neither.
 
 PIPELINE_VERSION = 1  # bump when a change alters quantized weights: stored runs then miss
 RUN_CACHE = CACHE_DIR / "runs"
@@ -179,6 +186,7 @@ def _block_plan(arch: Architecture, block: int, plan: dict[str, int]) -> list[tu
 def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]], hessians: BlockHessians | None,
                     settings: QuantizeSettings, rtn_memo: dict | None = None
                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The block's quantized weights (the model is not modified) and the fallback notes."""
     weights, notes = {}, []
     for layer, bits in todo:
         config = QuantConfig(bits, settings.group_size, settings.symmetric, settings.clip_search)
@@ -192,53 +200,127 @@ def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]],
                                                      settings)
             if rtn_memo is not None:
                 rtn_memo[memo_key] = quantized
-        set_weight(model, layer, quantized)
         weights[layer.name] = quantized
         notes += [fallback] if fallback else []
     return weights, notes
 
 
-def _restore_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]],
-                   weights: dict[str, torch.Tensor]) -> None:
-    for layer, _ in todo:
-        set_weight(model, layer, weights[layer.name])
+@contextmanager
+def swapped_weights(model: torch.nn.Module, arch: Architecture, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The named layers' weights replaced by `weights` for the duration, then the original tensors put back.
+
+    Each module gets a new parameter on the module's device (a layer that is a row slice of a fused module fills its
+    rows in a copy of that module's weight); the original parameter is only set aside, never written to."""
+    layers = [arch.layer(name) for name in weights]
+    originals: dict[str, torch.nn.Parameter] = {}
+    try:
+        for layer in layers:
+            module = get_module(model, layer.module_path)
+            if layer.module_path not in originals:
+                originals[layer.module_path] = module.weight
+                module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+            set_weight(model, layer, weights[layer.name])
+        yield
+    finally:
+        for path, original in originals.items():
+            get_module(model, path).weight = original
+
+
+@dataclass(frozen=True)
+class QuantizedWeights:
+    """A run's quantized weights, one file per block in its run directory (aptq.evaluate.BlockWeights)."""
+
+    arch: Architecture
+    checkpoints: _Checkpoints
+
+    def block(self, block: int) -> dict[str, torch.Tensor]:
+        stored = self.checkpoints.load(block)
+        return {} if stored is None else stored[0]
+
+    def swapped(self, model: torch.nn.Module, block: int) -> AbstractContextManager[None]:
+        return swapped_weights(model, self.arch, self.block(block))
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The model with every quantized block swapped in, for the duration (e.g. to export it)."""
+        with ExitStack() as stack:
+            for block in range(self.arch.n_blocks):
+                stack.enter_context(self.swapped(model, block))
+            yield model
+
+
+def _collect(step: BlockStep, arch: Architecture, options: CollectOptions, geometry_cache: dict,
+             parts: int) -> BlockHessians:
+    """The block's Hessians, each cached batch processed in up to `parts` pieces (outputs are recomputed later)."""
+    with HessianCollector(step, arch, options, geometry_cache) as collector:
+        for batch in step.batches():
+            for piece in step.split(batch, parts):
+                collector.process(piece)
+    return collector.result()
+
+
+def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[LinearLayer, int]],
+                   settings: QuantizeSettings, geometry_cache: dict,
+                   progress: Progress) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Hessians and quantization of one block. Out of device memory: the batches split in halves until single
+    segments, then the block on the CPU (our choice of order: smaller batches keep the speed of the device)."""
+    options = CollectOptions(attention=settings.method == "attention", probes=0)
+    parts, notes = 1, []
+    while True:
+        try:
+            hessians = _collect(step, loaded.arch, options, geometry_cache, parts)
+            weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings)
+            return weights, notes + block_notes
+        except torch.cuda.OutOfMemoryError:
+            if step.device.type != "cuda":
+                raise
+            torch.cuda.empty_cache()
+            if parts < step.largest_batch:
+                parts *= 2
+                message = f"Out of device memory in block {step.index}: batches split in {parts}."
+            else:
+                step.move_to(torch.device("cpu"))
+                message = f"Out of device memory in block {step.index}: it was quantized on the CPU."
+            notes.append(message)
+            progress(step.index, loaded.arch.n_blocks, message)
 
 
 def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: QuantizeSettings,
                    segments: torch.Tensor | None, key: str, progress: Progress = no_progress,
-                   rtn_memo: dict | None = None) -> tuple[torch.nn.Module, list[str]]:
-    """A quantized copy of the model and the notes (fallbacks); see the module docstring.
+                   rtn_memo: dict | None = None) -> tuple[QuantizedWeights, list[str]]:
+    """The quantized weights (in the run directory) and the notes (fallbacks); see the module docstring.
 
     `rtn_memo` (RTN only): a dict shared by several calls on the same model, so that each (layer, width) is rounded
     once; RTN layers do not depend on each other, which makes this exact. Sweeps pass one."""
     arch = loaded.arch
-    model = copy.deepcopy(loaded.model)
     checkpoints = _Checkpoints(key)
     notes: list[str] = []
     n_blocks = arch.n_blocks
     if settings.method == "rtn":  # no data needed: layer by layer
         for block in range(n_blocks):
-            notes += _quantize_block(model, _block_plan(arch, block, plan), None, settings, rtn_memo)[1]
+            todo = _block_plan(arch, block, plan)
+            if todo and checkpoints.load(block) is None:
+                checkpoints.save(block, *_quantize_block(loaded.model, todo, None, settings, rtn_memo))
+            notes += (checkpoints.load(block) or ({}, []))[1]
             progress(block + 1, n_blocks, f"block {block + 1}/{n_blocks}")
-        return model, notes
-    options = CollectOptions(attention=settings.method == "attention", probes=0)
-    walk = BlockWalk(model, arch, segments, device=settings.device or loaded.device, batch_size=settings.batch_size)
+        return QuantizedWeights(arch, checkpoints), notes
+    last = max(block for block in range(n_blocks) if _block_plan(arch, block, plan))
+    walk = BlockWalk(loaded.model, arch, segments, device=settings.device or loaded.device,
+                     batch_size=settings.batch_size, stop=last + 1)  # blocks after the last quantized one: no work
     geometry_cache: dict = {}
     for step in walk:
         todo = _block_plan(arch, step.index, plan)
         stored = checkpoints.load(step.index)
+        if stored is None and todo:
+            stored = _quantize_step(loaded, step, todo, settings, geometry_cache, progress)
+            checkpoints.save(step.index, *stored)
         if stored is not None:
-            _restore_block(model, todo, stored[0])
             notes += stored[1]
-        elif todo:
-            with HessianCollector(step, arch, options, geometry_cache) as collector:
-                for batch in step.batches():
-                    collector.process(batch)  # outputs are recomputed after quantization (true-sequential)
-            weights, block_notes = _quantize_block(model, todo, collector.result(), settings)
-            checkpoints.save(step.index, weights, block_notes)
-            notes += block_notes
+            if step.index < last:
+                with swapped_weights(loaded.model, arch, stored[0]):
+                    step.finish()  # true-sequential: the next block's inputs come from the quantized block
         progress(step.index + 1, n_blocks, f"block {step.index + 1}/{n_blocks}")
-    return model, notes
+    return QuantizedWeights(arch, checkpoints), notes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,7 +335,7 @@ def _reference(loaded: LoadedModel, windows: torch.Tensor, eval_fp: str, model_f
             return ReferenceStats(**torch.load(path))
         except Exception:
             path.unlink()  # torn by a crash: recompute
-    stats = reference_stats(loaded.model, windows, progress=progress)
+    stats = reference_stats(loaded.model, windows, progress=progress, device=loaded.device)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save(asdict(stats), partial)
@@ -267,6 +349,8 @@ def _reference(loaded: LoadedModel, windows: torch.Tensor, eval_fp: str, model_f
 
 def run_key(model_fp: str, calibration_fp: str | None, plan: dict[str, int], settings: QuantizeSettings,
             eval_fp: str) -> str:
+    from aptq import history
+
     return digest(model_fp, calibration_fp or "-", history.plan_json(plan),
                   json.dumps(settings.key_fields(), sort_keys=True), eval_fp, str(PIPELINE_VERSION))
 
@@ -284,6 +368,9 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     analysis, predicted_error_attention and predicted_error_layerwise. With `export_dir`, the quantized model and its
     plan files are written there (refused if it exists, unless `overwrite`). `rtn_memo`: see `quantize_model`."""
     plan = check_plan(loaded.arch, plan, settings)
+    from aptq import history
+    from aptq.store import Store
+
     store = store or Store()
     export_dir = validate.export_target(export_dir, overwrite, keep=(loaded.path, store.path)) if export_dir else None
     check_window(loaded.model, evaluation.seqlen)
@@ -309,26 +396,18 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
         token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
     start = time.perf_counter()
     device = settings.device or str(loaded.device)
-    try:
-        model, notes = quantize_model(loaded, plan, settings, segments, key, _stage(progress, "quantizing"),
-                                      rtn_memo)
-    except torch.cuda.OutOfMemoryError:
-        if device == "cpu":
-            raise
-        torch.cuda.empty_cache()
-        progress(0, 1, "out of GPU memory: quantizing on the CPU instead")
-        settings = QuantizeSettings(**(asdict(settings) | {"device": "cpu"}))
-        model, notes = quantize_model(loaded, plan, settings, segments, key, _stage(progress, "quantizing (CPU)"))
-        notes.append("Out of GPU memory: quantized on the CPU.")
+    quantized, notes = quantize_model(loaded, plan, settings, segments, key, _stage(progress, "quantizing"), rtn_memo)
     quant_seconds = time.perf_counter() - start
     if export_dir is not None:
-        files = plan_files(loaded.arch, model, plan, settings.group_size, settings.symmetric,
-                           meta | {"method": settings.method, "model": loaded.display_name})
-        export_model(model, loaded.tokenizer, export_dir, files, overwrite=overwrite)
+        with quantized.applied(loaded.model) as model:
+            files = plan_files(loaded.arch, model, plan, settings.group_size, settings.symmetric,
+                               meta | {"method": settings.method, "model": loaded.display_name})
+            export_model(model, loaded.tokenizer, export_dir, files, overwrite=overwrite)
         if stored is not None:
             progress(1, 1, "exported; metrics were already stored")
             return stored | {"cached": True, "export_dir": str(export_dir)}
-    result = evaluate(model, windows, reference=reference, progress=_stage(progress, "evaluating"))
+    result = evaluate(loaded.model, windows, reference=reference, progress=_stage(progress, "evaluating"),
+                      device=device, weights=quantized)
     size = weight_size(layer_table(loaded), np.array([plan[layer.name] for layer in loaded.arch.layers]),
                        settings.group_size)
     row = {"key": key, "model": model_fp, "model_name": loaded.display_name, "corpus": corpus.name,

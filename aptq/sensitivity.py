@@ -29,11 +29,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
-from aptq import analyses, validate
+from aptq import validate
 from aptq.capture import BlockWalk, BlockStep
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
@@ -41,7 +42,9 @@ from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianC
 from aptq.models import Architecture, LoadedModel, get_weight, model_fingerprint
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, layer_error, rtn
-from aptq.store import Store
+
+if TYPE_CHECKING:  # (our choice) imported where results are stored: the per-block metrics run without DuckDB
+    from aptq.store import Store
 
 METHOD_VERSION = 2  # bump when any formula changes: old cache entries then miss
 DEFAULT_BITS = (2, 3, 4, 8)
@@ -177,6 +180,8 @@ def _register(store: Store, loaded: LoadedModel, corpus: Corpus, sampling: Sampl
               n_blocks: int, device: torch.device, resume: bool, progress: Progress) -> set[int] | None:
     """Claim the analysis (aptq.analyses), first waiting for another process computing it; return the blocks already
     finished, or None when another process completed it meanwhile."""
+    from aptq import analyses
+
     model = analyses.ModelRecord(ident.model, loaded.display_name, loaded.arch.family, loaded.source,
                                  loaded.baseline_label, loaded.n_params, loaded.arch.n_blocks)
     calibration = analyses.CalibrationRecord(ident.calibration, corpus.name, corpus.fingerprint, ident.tokenizer,
@@ -215,6 +220,9 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
     except ValueError as exc:
         raise UserError(f"Bad quantization setting: {exc}") from exc
     validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment")
+    from aptq import analyses
+    from aptq.store import Store
+
     store = store or Store()
     arch = loaded.arch
     n_blocks = arch.n_blocks if settings.max_blocks is None else validate.block_count(settings.max_blocks,
