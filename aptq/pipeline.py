@@ -41,7 +41,7 @@ from aptq.data import Corpus, Sampling, calibration_segments, digest, evaluation
     tokenizer_fingerprint
 from aptq.errors import UserError
 from aptq.evaluate import ReferenceStats, check_window, evaluate, reference_stats
-from aptq.export import export_model, plan_files
+from aptq.export import PackedPlan, Provenance, check_directory, check_formats, export_model, plan_files
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
 from aptq.hessian import BlockHessians, CollectOptions, HessianCollector
 from aptq.models import CACHE_DIR, Architecture, LinearLayer, LoadedModel, get_weight, model_fingerprint, set_weight
@@ -49,7 +49,7 @@ from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, rtn
 from aptq.store import Store
 
-PIPELINE_VERSION = 1  # bump when a change alters quantized weights: stored runs then miss
+PIPELINE_VERSION = 2  # bump when a change alters quantized weights: stored runs then miss (2: fp16 scales, sym zero)
 METHODS = ("rtn", "gptq", "attention")
 METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "attention": "attention-aware GPTQ (BoA)"}
 RUN_CACHE = CACHE_DIR / "runs"
@@ -274,15 +274,21 @@ def _stage(progress: Progress, stage: str) -> Progress:
 def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict[str, int],
              settings: QuantizeSettings = QuantizeSettings(), evaluation: EvalSettings = EvalSettings(),
              store: Store | None = None, progress: Progress = no_progress, plan_meta: dict | None = None,
-             export_dir: Path | str | None = None, overwrite: bool = False, rtn_memo: dict | None = None) -> dict:
+             export_dir: Path | str | None = None, overwrite: bool = False, rtn_memo: dict | None = None,
+             export_formats: tuple[str, ...] = ()) -> dict:
     """Quantize with `plan`, evaluate against full precision, store and return the run row (`cached` True when the
     same run was stored before and no model work was done). `plan_meta` may carry name, allocation, budget,
     analysis, predicted_error_attention and predicted_error_layerwise. With `export_dir`, the quantized model and its
-    plan files are written there (refused if it exists, unless `overwrite`). `rtn_memo`: see `quantize_model`."""
+    plan files are written there (refused if it exists, unless `overwrite`), and each of `export_formats` (aptq.export)
+    beside them, after the evaluation. `rtn_memo`: see `quantize_model`."""
     plan = check_plan(loaded.arch, plan, settings)
     export_dir = Path(export_dir) if export_dir else None
-    if export_dir is not None and export_dir.exists() and not overwrite:
-        raise UserError(f"{export_dir} already exists; choose another directory or allow overwriting.")
+    packed = PackedPlan(loaded.arch, plan, settings.group_size, settings.symmetric)
+    if export_formats and export_dir is None:
+        raise UserError("An export format needs an export directory (--export DIR).")
+    if export_dir is not None:
+        check_directory(export_dir, overwrite)
+        check_formats(loaded.model, packed, tuple(export_formats))
     check_window(loaded.model, evaluation.seqlen)
     store = store or Store()
     meta = dict(plan_meta or {})
@@ -317,13 +323,10 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
         model, notes = quantize_model(loaded, plan, settings, segments, key, _stage(progress, "quantizing (CPU)"))
         notes.append("Out of GPU memory: quantized on the CPU.")
     quant_seconds = time.perf_counter() - start
-    if export_dir is not None:
-        files = plan_files(loaded.arch, model, plan, settings.group_size, settings.symmetric,
-                           meta | {"method": settings.method, "model": loaded.display_name})
-        export_model(model, loaded.tokenizer, export_dir, files, overwrite=overwrite)
-        if stored is not None:
-            progress(1, 1, "exported; metrics were already stored")
-            return stored | {"cached": True, "export_dir": str(export_dir)}
+    if stored is not None:  # export only: the metrics were stored before
+        _export(loaded, model, packed, settings, meta, stored, export_dir, overwrite, tuple(export_formats))
+        progress(1, 1, "exported; metrics were already stored")
+        return stored | {"cached": True, "export_dir": str(export_dir)}
     result = evaluate(model, windows, reference=reference, progress=_stage(progress, "evaluating"))
     size = weight_size(layer_table(loaded), np.array([plan[layer.name] for layer in loaded.arch.layers]),
                        settings.group_size)
@@ -342,4 +345,18 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
            "eval_seconds": result.seconds, "device": device, "notes": " ".join(notes) or None}
     history.record_run(store, row)
     _Checkpoints(key).remove()
-    return history.find_run(store, key) | {"cached": False} | ({"export_dir": str(export_dir)} if export_dir else {})
+    stored = history.find_run(store, key)
+    if export_dir is not None:
+        _export(loaded, model, packed, settings, meta, stored, export_dir, overwrite, tuple(export_formats))
+    return stored | {"cached": False} | ({"export_dir": str(export_dir)} if export_dir else {})
+
+
+def _export(loaded: LoadedModel, model: torch.nn.Module, packed: PackedPlan, settings: QuantizeSettings, meta: dict,
+            run: dict, directory: Path, overwrite: bool, formats: tuple[str, ...]) -> None:
+    """The quantized model, its plan files and formats, with the provenance of the stored run it came from."""
+    files = plan_files(loaded.arch, model, packed.plan, settings.group_size, settings.symmetric,
+                       meta | {"method": settings.method, "model": loaded.display_name})
+    provenance = Provenance(loaded.display_name, settings.method, settings.key_fields(), run.get("analysis"),
+                            packed.plan, run["key"], run["perplexity"], run["kl"], run["top1"], run["fp_perplexity"],
+                            run["corpus"], run["eval_tokens"], run["eval_seqlen"])
+    export_model(model, loaded.tokenizer, directory, files, overwrite, packed, formats, provenance)
