@@ -9,10 +9,12 @@ Packed checkpoints hold our own codes: `recover_codes` reads them back exactly f
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
+import zipfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -411,3 +413,40 @@ def export_model(model: nn.Module, tokenizer, directory: Path, files: PlanFiles,
         raise
     _publish(staging, directory)
     return directory
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloads
+
+PART_LABELS = {"": "Dequantized HF model", GPTQ: "GPTQ checkpoint", COMPRESSED_TENSORS: "compressed-tensors checkpoint",
+               LLAMA_CPP: "llama.cpp overrides"}
+
+
+@dataclass(frozen=True)
+class ExportPart:
+    """One downloadable part of an export: the top-level files of the export ("") or one format's subdirectory."""
+
+    directory: Path
+    name: str
+
+    @property
+    def label(self) -> str:
+        return PART_LABELS[self.name]
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.directory.name}{'-' + self.name if self.name else ''}.zip"
+
+    def read(self) -> bytes:
+        """The part's files as a zip (stored, not compressed: safetensors barely compress)."""
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            for file in sorted((self.directory / self.name).iterdir()):
+                if file.is_file():
+                    archive.write(file, file.name)
+        return buffer.getvalue()
+
+
+def export_parts(directory: Path) -> list[ExportPart]:
+    """The parts an export directory holds, the dequantized model first."""
+    return [ExportPart(directory, name) for name in PART_LABELS if (directory / name).is_dir()]
