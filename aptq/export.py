@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import zipfile
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,9 +62,9 @@ def _exact(module_path: str) -> str:
     return re.escape(module_path) + "$"
 
 
-def gptqmodel_dynamic(arch: Architecture, plan: dict[str, int], group_size: int, symmetric: bool) -> dict:
-    """A GPTQModel quantize config: the most common width as the base, per-module overrides in `dynamic`
-    ("+:" regex = override, "-:" regex = keep in full precision)."""
+def _base_and_dynamic(arch: Architecture, plan: dict[str, int], group_size: int) -> tuple[int, dict]:
+    """GPTQModel's per-module config: the most common width as the base, overrides in `dynamic` ("+:" regex =
+    override, "-:" regex = keep in full precision)."""
     bits = module_bits(arch, plan)
     quantized = [b for b in bits.values() if b < FULL_PRECISION]
     if not quantized:
@@ -76,12 +76,19 @@ def gptqmodel_dynamic(arch: Architecture, plan: dict[str, int], group_size: int,
             dynamic[f"-:{_exact(path)}"] = {}
         elif width != base:
             dynamic[f"+:{_exact(path)}"] = {"bits": width, "group_size": group_size if group_size > 0 else -1}
+    return base, dynamic
+
+
+def gptqmodel_dynamic(arch: Architecture, plan: dict[str, int], group_size: int, symmetric: bool) -> dict:
+    """A GPTQModel quantize config for quantizing again with GPTQModel (see `_base_and_dynamic`)."""
+    base, dynamic = _base_and_dynamic(arch, plan, group_size)
     return {"bits": base, "group_size": group_size if group_size > 0 else -1, "sym": symmetric, "desc_act": False,
             "dynamic": dynamic, "_note": RUNTIME_NOTE}
 
 
-def llmcompressor_recipe(arch: Architecture, plan: dict[str, int], group_size: int, symmetric: bool) -> str:
-    """An llm-compressor recipe (YAML): one GPTQModifier config group per bit width, targeting modules by regex."""
+def _config_groups(arch: Architecture, plan: dict[str, int], group_size: int, symmetric: bool
+                   ) -> tuple[dict[str, dict], list[str]]:
+    """compressed-tensors config groups (one per width, modules by exact-name regex) and the ignore list."""
     by_width: dict[int, list[str]] = defaultdict(list)
     for path, width in module_bits(arch, plan).items():
         by_width[width].append(path)
@@ -90,7 +97,12 @@ def llmcompressor_recipe(arch: Architecture, plan: dict[str, int], group_size: i
                                     "weights": {"num_bits": width, "type": "int", "symmetric": symmetric,
                                                 "dynamic": False} | strategy}
               for width, paths in sorted(by_width.items()) if width < FULL_PRECISION}
-    ignore = ["lm_head"] + [f"re:{_exact(p)}" for p in by_width.get(FULL_PRECISION, [])]
+    return groups, ["lm_head"] + [f"re:{_exact(p)}" for p in by_width.get(FULL_PRECISION, [])]
+
+
+def llmcompressor_recipe(arch: Architecture, plan: dict[str, int], group_size: int, symmetric: bool) -> str:
+    """An llm-compressor recipe (YAML) for quantizing again: one GPTQModifier config group per bit width."""
+    groups, ignore = _config_groups(arch, plan, group_size, symmetric)
     recipe = {"quant_stage": {"quant_modifiers": {"GPTQModifier": {"ignore": ignore, "config_groups": groups}}}}
     return f"# {RUNTIME_NOTE}\n" + yaml.safe_dump(recipe, sort_keys=False, width=120)
 
@@ -269,37 +281,19 @@ def compressed_tensors_tensors(codes: GridCodes) -> dict[str, torch.Tensor]:
 
 
 def gptq_quantization_config(packed: PackedPlan, version: int) -> dict:
-    """GPTQModel/transformers/vLLM `quantization_config`: the most common width as the base, other widths as `dynamic`
-    overrides ("+:" regex), full-precision modules skipped ("-:" regex)."""
-    widths = module_bits(packed.arch, packed.plan)
-    base = Counter(b for b in widths.values() if b < FULL_PRECISION).most_common(1)[0][0]
-    group = packed.group_size or -1
-    dynamic = {}
-    for path, bits in widths.items():
-        if bits >= FULL_PRECISION:
-            dynamic[f"-:{_exact(path)}"] = {}
-        elif bits != base:
-            dynamic[f"+:{_exact(path)}"] = {"bits": bits, "group_size": group}
-    return {"quant_method": "gptq", "bits": base, "group_size": group, "sym": packed.symmetric, "desc_act": False,
-            "static_groups": False, "true_sequential": True, "lm_head": False, "pack_dtype": "int32",
-            "checkpoint_format": "gptq" if version == 1 else "gptq_v2", "dynamic": dynamic,
+    """GPTQModel/transformers/vLLM `quantization_config` of the packed checkpoint (see `_base_and_dynamic`)."""
+    base, dynamic = _base_and_dynamic(packed.arch, packed.plan, packed.group_size)
+    return {"quant_method": "gptq", "bits": base, "group_size": packed.group_size or -1, "sym": packed.symmetric,
+            "desc_act": False, "static_groups": False, "true_sequential": True, "lm_head": False,
+            "pack_dtype": "int32", "checkpoint_format": "gptq" if version == 1 else "gptq_v2", "dynamic": dynamic,
             "meta": {"quantizer": ["aptq-studio"]}}
 
 
 def compressed_tensors_quantization_config(packed: PackedPlan) -> dict:
-    """compressed-tensors `quantization_config`: one config group per width, targets as exact-name regexes."""
-    by_width: dict[int, list[str]] = defaultdict(list)
-    for path, bits in module_bits(packed.arch, packed.plan).items():
-        by_width[bits].append(path)
-    strategy = {"strategy": "group", "group_size": packed.group_size} if packed.group_size else \
-        {"strategy": "channel", "group_size": None}
-    groups = {f"group_{bits}bit": {"targets": [f"re:{_exact(p)}" for p in paths],
-                                   "weights": {"num_bits": bits, "type": "int", "symmetric": packed.symmetric,
-                                               "dynamic": False, "actorder": None, "observer": "minmax"} | strategy,
-                                   "input_activations": None, "output_activations": None,
-                                   "format": "pack-quantized"}
-              for bits, paths in sorted(by_width.items()) if bits < FULL_PRECISION}
-    ignore = ["lm_head"] + [f"re:{_exact(p)}" for p in by_width.get(FULL_PRECISION, [])]
+    """compressed-tensors `quantization_config` of the packed checkpoint: one config group per width."""
+    groups, ignore = _config_groups(packed.arch, packed.plan, packed.group_size, packed.symmetric)
+    for group in groups.values():
+        group |= {"input_activations": None, "output_activations": None, "format": "pack-quantized"}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None}
 
@@ -351,8 +345,7 @@ def llama_cpp_overrides(model: nn.Module, packed: PackedPlan) -> dict:
         lines.append(rf"blk\.{layer.block}\.{kind}\.weight={LLAMA_CPP_TYPES[width]}")
         if LLAMA_CPP_TYPES[width].endswith("_k") and get_weight(model, layer).shape[1] % K_QUANT_BLOCK:
             fallback.append(f"blk.{layer.block}.{kind}.weight")
-    widths = [b for b in packed.plan.values() if b < FULL_PRECISION]
-    base = LLAMA_CPP_TYPES[Counter(widths).most_common(1)[0][0]].upper()
+    base = LLAMA_CPP_TYPES[_base_and_dynamic(packed.arch, packed.plan, packed.group_size)[0]].upper()
     return {"lines": lines, "base_type": base, "k_quant_fallback": fallback, "note": LLAMA_CPP_NOTE,
             "command": f"llama-quantize --tensor-type-file tensor_types.txt model-f16.gguf model-aptq.gguf {base}"}
 

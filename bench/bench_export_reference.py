@@ -57,7 +57,8 @@ def export() -> None:
     store = Store(CACHE / "export-bench.duckdb")
     sampling = Sampling(8, 128, 0)  # quick analysis: the knapsack plan is for the size comparison
     bar, close = tqdm_progress("analysis")
-    layers, errors = analyze(loaded, corpus, sampling, AnalysisSettings(group_size=GROUP, bits=(2, 3, 4, 8)), store, bar)
+    settings = AnalysisSettings(group_size=GROUP, bits=(2, 3, 4, 8))
+    layers, errors = analyze(loaded, corpus, sampling, settings, store, bar)
     close()
     knapsack = allocate(layers, errors, AllocationRequest(3.0, "knapsack", group_size=GROUP)).bits
     plans = {"uniform-4bit": (uniform_plan(loaded.arch, 4), False),

@@ -62,12 +62,13 @@ def test_exported_model_reloads_with_transformers(tmp_path):
 
 def test_a_run_exports_packed_checkpoints_of_its_own_weights_with_its_measurements(tiny_model_dir, text_corpus,
                                                                                     tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
     import aptq.pipeline as pipeline
     from aptq.data import Sampling
     from aptq.models import get_weight
     from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
     from aptq.store import Store
-    from safetensors.torch import load_file
     from tests.test_formats import unpack_gptq
 
     monkeypatch.setattr(pipeline, "RUN_CACHE", tmp_path / "runs")

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 from aptq.errors import UserError
 from aptq.export import PackedPlan, Provenance, compressed_tensors_tensors, export_model, gptq_tensors, plan_files
+from aptq.gptq import gptq
 from aptq.models import get_weight, load_model, set_weight
 from aptq.quantizer import QuantConfig, recover_codes, rtn
-from aptq.gptq import gptq
 
 # ---------------------------------------------------------------------------------------------------------------
 # Independent unpackers
