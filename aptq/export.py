@@ -26,7 +26,7 @@ from torch import nn
 
 from aptq.errors import UserError
 from aptq.models import Architecture, LinearLayer, get_weight
-from aptq.packing import WORD_BITS, pack_stream, pack_words
+from aptq.packing import WORD_BITS, pack_stream
 from aptq.quantizer import GridCodes, QuantConfig, recover_codes
 
 FULL_PRECISION = 16
@@ -273,10 +273,11 @@ def gptq_tensors(codes: GridCodes, version: int) -> dict[str, torch.Tensor]:
 def compressed_tensors_tensors(codes: GridCodes) -> dict[str, torch.Tensor]:
     """One layer in compressed-tensors `pack-quantized`: the signed codes `q − 2^(b−1)` are stored offset by 2^(b−1),
     i.e. our unsigned codes; zero points likewise, packed along the output rows (asymmetric grids only)."""
-    tensors = {"weight_packed": pack_words(codes.codes, codes.cfg.bits), "weight_scale": codes.scales.contiguous(),
+    tensors = {"weight_packed": pack_stream(codes.codes.T, codes.cfg.bits).T.contiguous(),
+               "weight_scale": codes.scales.contiguous(),
                "weight_shape": torch.tensor(codes.codes.shape, dtype=torch.int64)}
     if not codes.cfg.symmetric:
-        tensors["weight_zero_point"] = pack_words(codes.zeros.T, codes.cfg.bits).T.contiguous()
+        tensors["weight_zero_point"] = pack_stream(codes.zeros, codes.cfg.bits)
     return tensors
 
 
@@ -311,7 +312,10 @@ def unfusable_blocks(packed: PackedPlan) -> list[int]:
 def _write_packed(directory: Path, model: nn.Module, tokenizer, packed: PackedPlan, codes: dict[str, GridCodes],
                   fmt: str) -> None:
     directory.mkdir()
-    version = 1 if all(int(c.zeros.min()) >= 1 for c in codes.values()) else 2  # v1 cannot hold a zero point of 0
+    # (our choice) symmetric grids as GPTQ v1, which every runtime reads; asymmetric ones as v2 (zero points as they
+    # are): v1 stores zero − 1, which cannot hold a zero point of 0, and GPTQModel refuses asymmetric v1 that it
+    # did not write itself.
+    version = 1 if packed.symmetric else 2
     quantized = packed.quantized()
     state = _half_state(model, {f"{layer.module_path}.weight" for layer, _ in quantized})
     for layer, _ in quantized:
@@ -329,8 +333,9 @@ def _write_packed(directory: Path, model: nn.Module, tokenizer, packed: PackedPl
     tokenizer.save_pretrained(str(directory))
     notes = {"note": VLLM_NOTE, "unfusable": unfusable_blocks(packed)}
     if fmt == GPTQ and version == 2:
-        notes["checkpoint_format"] = ("gptq_v2: some zero point is 0, which GPTQ v1 (zero − 1 stored) cannot hold; "
-                                      "GPTQModel loads v2, other runtimes may need v1.")
+        notes["checkpoint_format"] = ("gptq_v2 (asymmetric grid: zero points stored as they are; GPTQ v1 stores "
+                                      "zero − 1, which cannot hold 0). GPTQModel loads v2; for runtimes that read "
+                                      "only v1, quantize with a symmetric grid.")
     (directory / "aptq_notes.json").write_text(json.dumps(notes, indent=2))
 
 

@@ -12,7 +12,8 @@ The libraries pin their own transformers/torch, so they live in a separate envir
     PYTHONPATH=. .venv-reference/bin/python bench/bench_export_reference.py load
 
 `export` quantizes the embedded model with RTN in groups of 64 — uniform 4-bit, uniform 4-bit symmetric, uniform
-3-bit, and a knapsack plan at 3.0 bits from a quick analysis — evaluates each on 2048 Brown tokens (window 512),
+3-bit, and a knapsack plan at 3.0 bits (on weight-space RTN errors, see `proxy_tables`) — evaluates each on 2048
+Brown tokens (window 512),
 and exports GPTQ, compressed-tensors and llama.cpp overrides under data/cache/export-bench/. `load` loads each packed
 checkpoint with the real library, measures its perplexity on the same windows and writes bench/results/export.md.
 Only aptq.evaluate (torch alone) is imported in the second step.
@@ -43,24 +44,41 @@ def _size(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*.safetensors"))
 
 
+def proxy_tables(loaded) -> tuple:
+    """Layers and predicted errors for the knapsack without an analysis (which takes hours on this shared machine):
+    the weight-space RTN error ‖W − rtn(W)‖² per (layer, width), groups of 64, no clipping search. (our choice: the
+    knapsack plan here is for the size comparison only; its widths need not be the analysis' ones.)"""
+    import pandas as pd
+
+    from aptq.models import get_weight
+    from aptq.pipeline import layer_table
+    from aptq.quantizer import QuantConfig, rtn
+
+    layers = layer_table(loaded).assign(block=[layer.block for layer in loaded.arch.layers],
+                                        fused=[layer.fused for layer in loaded.arch.layers])
+    errors = []
+    for layer in loaded.arch.layers:
+        weight = get_weight(loaded.model, layer).detach()
+        for bits in (2, 3, 4, 8):
+            error = float((rtn(weight, QuantConfig(bits, GROUP, clip_search=False)) - weight).square().sum())
+            errors.append({"layer": layer.name, "bits": bits, "err_layerwise": error, "err_attention": error,
+                           "group_size": GROUP})
+    return layers, pd.DataFrame(errors)
+
+
 def export() -> None:
     from aptq.allocate import AllocationRequest, allocate
     from aptq.data import Sampling, evaluation_windows, load_corpus, token_ids
     from aptq.models import load_model
     from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
     from aptq.progress import tqdm_progress
-    from aptq.sensitivity import AnalysisSettings, analyze
     from aptq.store import Store
 
     loaded = load_model(device="cpu")
     corpus = load_corpus("brown")
     store = Store(CACHE / "export-bench.duckdb")
-    sampling = Sampling(8, 128, 0)  # quick analysis: the knapsack plan is for the size comparison
-    bar, close = tqdm_progress("analysis")
-    settings = AnalysisSettings(group_size=GROUP, bits=(2, 3, 4, 8))
-    layers, errors = analyze(loaded, corpus, sampling, settings, store, bar)
-    close()
-    knapsack = allocate(layers, errors, AllocationRequest(3.0, "knapsack", group_size=GROUP)).bits
+    sampling = Sampling(8, 128, 0)  # unused by RTN runs (part of run_plan's signature)
+    knapsack = allocate(*proxy_tables(loaded), AllocationRequest(3.0, "knapsack", group_size=GROUP)).bits
     plans = {"uniform-4bit": (uniform_plan(loaded.arch, 4), False),
              "uniform-4bit-sym": (uniform_plan(loaded.arch, 4), True),
              "uniform-3bit": (uniform_plan(loaded.arch, 3), False), "knapsack-3.0bit": (knapsack, False)}
@@ -97,8 +115,40 @@ def _compressed_tensors(directory: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
 
 
+def _compressed_tensors_decompressor(directory: Path) -> torch.nn.Module:
+    """The checkpoint's tensors into a float32 model, each quantized module decompressed by compressed-tensors' own
+    pack-quantized decompressor (for checkpoints that transformers' loader refuses, see the results)."""
+    import re
+
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(directory))
+    quantization = config.quantization_config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    state = load_file(str(directory / "model.safetensors"))
+    schemes = {target.removeprefix("re:"): QuantizationScheme.model_validate(group)
+               for group in quantization["config_groups"].values() for target in group["targets"]}
+    weights = {}
+    for name, module in model.named_modules():
+        scheme = next((scheme for pattern, scheme in schemes.items() if re.match(pattern, name)), None)
+        if scheme is None:
+            continue
+        local = {key.removeprefix(name + "."): state.pop(key) for key in list(state) if key.startswith(name + ".")}
+        weights[name + ".weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"].float()
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in (state | weights).items()}, strict=False)
+    assert not unexpected and all(key.endswith("lm_head.weight") for key in missing), (missing, unexpected)
+    model.tie_weights()
+    return model
+
+
 LOADERS = {"gptq": ("GPTQModel, BACKEND.TORCH (float16)", _gptqmodel),
            "compressed-tensors": ("transformers + compressed-tensors (decompressed, float32)", _compressed_tensors)}
+FALLBACK = ("compressed-tensors' PackedQuantizationCompressor.decompress into a float32 model",
+            _compressed_tensors_decompressor)
 
 
 def load() -> None:
@@ -115,10 +165,12 @@ def load() -> None:
         for fmt, (label, loader) in LOADERS.items():
             try:
                 model = loader(EXPORTS / name / fmt)
-                measured = evaluate(model, windows).perplexity
             except Exception as error:  # a loader's failure is a result to record, not a crash
-                failures.append(f"- {name} / {fmt}: {type(error).__name__}: {str(error)[:300]}")
-                continue
+                failures.append(f"- {name} / {fmt} with {label}: {type(error).__name__}: {str(error)[:300]}")
+                if fmt != "compressed-tensors":
+                    continue
+                label, model = FALLBACK[0], FALLBACK[1](EXPORTS / name / fmt)
+            measured = evaluate(model, windows).perplexity
             gap = measured / run["perplexity"] - 1
             rows.append(f"| {name} | {fmt} | {label} | {run['perplexity']:.4f} | {measured:.4f} | {100 * gap:+.3f} % "
                         f"| {'yes' if abs(gap) <= TOLERANCE else 'NO'} |")

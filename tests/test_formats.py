@@ -4,8 +4,9 @@ GPTQ: `qweight` (d_in·b/32 × d_out int32) is, column by column, one little-end
 input dimension (3-bit codes straddle words); `qzeros` (n_groups × d_out·b/32) likewise along the output dimension,
 each zero point minus one in v1 checkpoints; `scales` (n_groups × d_out) float16; `g_idx` the group of each input
 column; weight[o, i] = scales[g, o] · (q[i, o] − z[g, o]) with g = g_idx[i].
-compressed-tensors pack-quantized: each int32 word of a row holds ⌊32/b⌋ codes from its low bits up, as unsigned
-`signed + 2^(b−1)`; asymmetric zero points packed the same way along the output rows; weight = (q − zp) · scale.
+compressed-tensors pack-quantized (dense packing, 0.20): each output row's codes as one little-endian bit stream
+(⌈d_in·b/32⌉ words), as unsigned `signed + 2^(b−1)`; asymmetric zero points packed the same way along the output rows
+(⌈d_out·b/32⌉ × n_groups); weight = (q − zp) · scale.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from aptq.errors import UserError
 from aptq.export import PackedPlan, Provenance, compressed_tensors_tensors, export_model, gptq_tensors, plan_files
 from aptq.gptq import gptq
 from aptq.models import get_weight, load_model, set_weight
+from aptq.packing import pack_stream
 from aptq.quantizer import QuantConfig, recover_codes, rtn
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,24 +50,16 @@ def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, d_in: int, d_out: i
     return torch.from_numpy(weight.T.astype(np.float32))
 
 
-def read_words(words: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """`count` unsigned values from rows of words holding ⌊32/b⌋ whole values each, low bits first."""
-    per_word = 32 // bits
-    unsigned = words.astype(np.int64) & 0xFFFFFFFF
-    fields = (unsigned[..., None] >> (bits * np.arange(per_word))) & ((1 << bits) - 1)
-    return fields.reshape(*words.shape[:-1], -1)[..., :count]
-
-
 def unpack_compressed_tensors(tensors: dict[str, torch.Tensor], bits: int, symmetric: bool,
                               group_size: int) -> torch.Tensor:
     d_out, d_in = tensors["weight_shape"].tolist()
     offset = 2 ** (bits - 1)
-    signed = read_words(tensors["weight_packed"].numpy(), bits, d_in) - offset
+    signed = read_stream(tensors["weight_packed"].numpy(), bits, d_in) - offset
     scale = tensors["weight_scale"].float().numpy()
     if symmetric:
         zero_point = np.zeros_like(scale, dtype=np.int64)
     else:
-        zero_point = read_words(tensors["weight_zero_point"].numpy().T, bits, d_out).T - offset
+        zero_point = read_stream(tensors["weight_zero_point"].numpy().T, bits, d_out).T - offset
     group = np.arange(d_in) // (group_size or d_in)
     return torch.from_numpy(((signed - zero_point[:, group]) * scale[:, group]).astype(np.float32))
 
@@ -105,7 +99,7 @@ def test_independent_unpackers_recover_our_weights_exactly(bits, group_size, sym
         assert tensors["scales"].dtype == torch.float16
         assert torch.equal(unpack_gptq(tensors, bits, 96, 64, v1), weight)
     ct = compressed_tensors_tensors(codes)
-    assert ct["weight_packed"].shape == (64, -(-96 // (32 // bits)))
+    assert ct["weight_packed"].shape == (64, 96 * bits // 32)
     assert ("weight_zero_point" in ct) == (not symmetric)
     assert torch.equal(unpack_compressed_tensors(ct, bits, symmetric, group_size), weight)
 
@@ -156,7 +150,8 @@ def test_a_mixed_plan_exports_every_format_that_unpacks_to_the_run(quantized_lla
         ("gptq", 4, 32, False, False)
     kept = [layer for layer in loaded.arch.layers if plan[layer.name] == 16][0]
     assert config["dynamic"]["-:" + kept.module_path.replace(".", r"\.") + "$"] == {}
-    v1 = config["checkpoint_format"] == "gptq"
+    assert config["checkpoint_format"] == "gptq_v2"  # asymmetric: zero points as they are
+    v1 = False
     state = load_file(str(gptq_dir / "model.safetensors"))
     for layer in loaded.arch.layers:
         bits = plan[layer.name]
@@ -233,3 +228,13 @@ def test_an_existing_or_unwritable_directory_is_refused(quantized_llama, tmp_pat
     with pytest.raises(UserError, match="is not a writable directory"):
         export(loaded, plan, tmp_path / "a-file" / "out", ("gptq",))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken"]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_a_row_that_does_not_fill_its_last_word_leaves_the_rest_zero(bits):
+    codes = torch.randint(0, 2 ** bits, (45, 3), generator=torch.Generator().manual_seed(bits))
+    words = pack_stream(codes, bits)
+    assert words.shape == (-(-45 * bits // 32), 3)
+    assert torch.equal(torch.from_numpy(read_stream(words.numpy().T, bits, 45).T), codes)
+    tail = stream_bits(words.numpy().T)[:, 45 * bits:]
+    assert not tail.any()
