@@ -9,7 +9,7 @@ The libraries pin their own transformers/torch, so they live in a separate envir
     .venv-reference/bin/pip install -c <(echo torch==2.13.0) accelerate safetensors "transformers>=5" threadpoolctl \
         packaging device-smi protobuf pillow requests pypcre tokenicer logbar jinja2 dill defuser \
         compressed-tensors==0.20.1                                  # runs on torch 2.13 (see bench/results/export.md)
-    PYTHONPATH=. .venv-reference/bin/python bench/bench_export_reference.py load
+    PYTHONPATH=. .venv-reference/bin/python bench/bench_export_reference.py load [--gptq-plans uniform-4bit,...]
 
 `export` quantizes the embedded model with RTN in groups of 64 — uniform 4-bit, uniform 4-bit symmetric, uniform
 3-bit, and a knapsack plan at 3.0 bits (on weight-space RTN errors, see `proxy_tables`) — evaluates each on 2048
@@ -32,16 +32,42 @@ import torch
 
 CACHE = Path(os.environ.get("APTQ_CACHE_DIR", Path(__file__).resolve().parent.parent / "data")) / "cache"
 EXPORTS = CACHE / "export-bench"
-MANIFEST = EXPORTS / "manifest.json"
 WINDOWS = EXPORTS / "windows.pt"
 RESULTS = Path(__file__).parent / "results" / "export.md"
+MEASURED_FILE = EXPORTS / "measured.json"  # perplexities measured so far, so a later call adds plans without redoing
+MEASURED: dict[str, dict] = {}
 GROUP = 64
 SEQLEN, TOKENS = 512, 2048
 TOLERANCE = 0.005  # the issue's bar: within 0.5 % of the run's perplexity
 
 
+PACKED_SUFFIXES = {"gptq": ("qweight", "qzeros", "scales", "g_idx"),
+                   "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
+
+
 def _size(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*.safetensors"))
+
+
+def _fp16_bytes(directory: Path) -> int:
+    """The model in FP16: its dequantized float32 checkpoint (tied tensors saved once) at half the bytes."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as dequantized:
+        return sum(dequantized.get_tensor(key).nbytes // 2 for key in dequantized.keys())
+
+
+def _layer_bytes(directory: Path, fmt: str) -> tuple[int, int]:
+    """Bytes of the quantized layers' tensors in a packed checkpoint, and of the same layers in FP16 (their shapes
+    from compressed-tensors' `weight_shape`, in the sibling directory)."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / fmt / "model.safetensors"), "pt") as packed:
+        stored = sum(packed.get_tensor(key).nbytes for key in packed.keys()
+                     if key.rsplit(".", 1)[1] in PACKED_SUFFIXES[fmt])
+    with safe_open(str(directory / "compressed-tensors" / "model.safetensors"), "pt") as ct:
+        fp16 = sum(2 * int(ct.get_tensor(key).prod()) for key in ct.keys() if key.endswith(".weight_shape"))
+    return stored, fp16
 
 
 def proxy_tables(loaded) -> tuple:
@@ -83,7 +109,8 @@ def export() -> None:
              "uniform-4bit-sym": (uniform_plan(loaded.arch, 4), True),
              "uniform-3bit": (uniform_plan(loaded.arch, 3), False), "knapsack-3.0bit": (knapsack, False)}
     evaluation = EvalSettings(SEQLEN, TOKENS)
-    manifest = {}
+    EXPORTS.mkdir(parents=True, exist_ok=True)
+    torch.save(evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), SEQLEN, TOKENS), WINDOWS)
     for name, (plan, symmetric) in plans.items():
         target = EXPORTS / name
         start = time.perf_counter()
@@ -92,15 +119,8 @@ def export() -> None:
                        bar, {"name": name}, target, overwrite=True,
                        export_formats=("gptq", "compressed-tensors", "llama.cpp"))
         close()
-        bits = list(plan.values())
-        manifest[name] = {"perplexity": row["perplexity"], "kl": row["kl"], "fp_perplexity": row["fp_perplexity"],
-                          "symmetric": symmetric, "average_bits": sum(bits) / len(bits),
-                          "widths": {str(b): bits.count(b) for b in sorted(set(bits))},
-                          "seconds": time.perf_counter() - start}
-        print(name, manifest[name])
-    fp16 = sum(t.numel() * 2 for t in {p.data_ptr(): p for p in loaded.model.state_dict().values()}.values())
-    torch.save(evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), SEQLEN, TOKENS), WINDOWS)
-    MANIFEST.write_text(json.dumps({"fp16_bytes": fp16, "runs": manifest}, indent=2))
+        print(name, {key: row[key] for key in ("perplexity", "kl", "fp_perplexity")},
+              f"{time.perf_counter() - start:.0f} s")
 
 
 def _gptqmodel(directory: Path) -> torch.nn.Module:
@@ -151,34 +171,56 @@ FALLBACK = ("compressed-tensors' PackedQuantizationCompressor.decompress into a 
             _compressed_tensors_decompressor)
 
 
-def load() -> None:
+def load(gptq_plans: set[str]) -> None:
     import compressed_tensors
     import gptqmodel
     import transformers
 
     from aptq.evaluate import evaluate
 
-    saved = json.loads(MANIFEST.read_text())
     windows = torch.load(WINDOWS)
+    if MEASURED_FILE.is_file():
+        MEASURED.update(json.loads(MEASURED_FILE.read_text()))
     rows, sizes, failures = [], [], []
-    for name, run in saved["runs"].items():
+    fp16_bytes = 0
+    for directory in sorted(path for path in EXPORTS.iterdir() if (path / "export.json").is_file()):
+        name, run = directory.name, json.loads((directory / "export.json").read_text())
+        bits = list(run["plan"].values())
+        run |= {"average_bits": sum(bits) / len(bits), "widths": {b: bits.count(b) for b in sorted(set(bits))}}
+        fp16_bytes = _fp16_bytes(directory)
         for fmt, (label, loader) in LOADERS.items():
-            try:
-                model = loader(EXPORTS / name / fmt)
-            except Exception as error:  # a loader's failure is a result to record, not a crash
-                failures.append(f"- {name} / {fmt} with {label}: {type(error).__name__}: {str(error)[:300]}")
-                if fmt != "compressed-tensors":
-                    continue
-                label, model = FALLBACK[0], FALLBACK[1](EXPORTS / name / fmt)
-            measured = evaluate(model, windows).perplexity
+            if fmt == "gptq" and name not in gptq_plans:
+                continue
+            done = MEASURED.get(f"{name}/{fmt}")
+            if done and done["run_key"] == run["run_key"]:  # measured by an earlier call on this export
+                label, measured = done["label"], done["perplexity"]
+                failures += done["failures"]
+            else:
+                errors = []
+                try:
+                    model = loader(EXPORTS / name / fmt)
+                except Exception as error:  # a loader's failure is a result to record, not a crash
+                    errors.append(f"- {name} / {fmt} with {label}: {type(error).__name__}: {str(error)[:300]}")
+                    if fmt != "compressed-tensors":
+                        failures += errors
+                        continue
+                    label, model = FALLBACK[0], FALLBACK[1](EXPORTS / name / fmt)
+                measured = evaluate(model, windows).perplexity
+                failures += errors
+                MEASURED[f"{name}/{fmt}"] = {"run_key": run["run_key"], "label": label, "perplexity": measured,
+                                             "failures": errors}
+                MEASURED_FILE.write_text(json.dumps(MEASURED, indent=2))
             gap = measured / run["perplexity"] - 1
             rows.append(f"| {name} | {fmt} | {label} | {run['perplexity']:.4f} | {measured:.4f} | {100 * gap:+.3f} % "
                         f"| {'yes' if abs(gap) <= TOLERANCE else 'NO'} |")
-        packed = {fmt: _size(EXPORTS / name / fmt) for fmt in LOADERS}
+        cells = []
+        for fmt in LOADERS:
+            total = _size(EXPORTS / name / fmt)
+            layers, layers_fp16 = _layer_bytes(EXPORTS / name, fmt)
+            cells.append(f"{total / 2 ** 20:.1f} ({total / fp16_bytes:.3f}) | {layers / 2 ** 20:.1f} "
+                         f"({layers / layers_fp16:.3f}, {8 * layers / (layers_fp16 / 2):.2f} bits/weight)")
         sizes.append(f"| {name} | {run['average_bits']:.3f} | {run['widths']} | {_size(EXPORTS / name) / 2 ** 20:.1f} "
-                     f"| {packed['gptq'] / 2 ** 20:.1f} ({packed['gptq'] / saved['fp16_bytes']:.3f}) "
-                     f"| {packed['compressed-tensors'] / 2 ** 20:.1f} "
-                     f"({packed['compressed-tensors'] / saved['fp16_bytes']:.3f}) |")
+                     f"| {' | '.join(cells)} |")
     lines = ["# Packed exports loaded by the real libraries", "",
              f"- date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores shared with other helpers' jobs "
              f"running at the same time, {platform.processor() or 'CPU'}, torch {torch.__version__}, "
@@ -192,10 +234,12 @@ def load() -> None:
              "pipeline, 'loaded' = the packed checkpoint as the library loads and runs it", "",
              "| plan | format | loaded with | run perplexity | loaded perplexity | gap | within 0.5 % |",
              "|---|---|---|---|---|---|---|", *rows, "", *(["Failures:", "", *failures, ""] if failures else []),
-             f"Sizes (safetensors on disk; FP16 model = {saved['fp16_bytes'] / 2 ** 20:.1f} MiB, embeddings "
-             "included and tied once; ratio to FP16 in brackets):", "",
-             "| plan | average bits | layers per width | dequantized directory (float32) MiB | GPTQ MiB | "
-             "compressed-tensors MiB |", "|---|---|---|---|---|---|", *sizes, ""]
+             f"Sizes (MiB; whole = every safetensors file of the checkpoint, ratio to the FP16 model = "
+             f"{fp16_bytes / 2 ** 20:.1f} MiB with the tied embeddings once; layers = the quantized linear "
+             "layers' tensors (codes, scales, zero points, g_idx), ratio to the same layers in FP16, and bits per "
+             "weight):", "",
+             "| plan | average bits | layers per width | dequantized directory (float32) | GPTQ whole | GPTQ layers | "
+             "compressed-tensors whole | compressed-tensors layers |", "|---|---|---|---|---|---|---|---|", *sizes, ""]
     RESULTS.write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -203,4 +247,10 @@ def load() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=("export", "load"))
-    {"export": export, "load": load}[parser.parse_args().step]()
+    parser.add_argument("--gptq-plans", default="uniform-4bit,uniform-4bit-sym",
+                        help="plans whose GPTQ export GPTQModel runs (its float16 CPU kernel takes minutes per plan)")
+    args = parser.parse_args()
+    if args.step == "export":
+        export()
+    else:
+        load(set(args.gptq_plans.split(",")))
