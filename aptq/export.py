@@ -180,7 +180,7 @@ LLAMA_CPP_NOTE = ("These overrides carry over the plan's widths only: llama-quan
                   "rounding and no GPTQ/BoA error compensation), so the codes, scales and the measured perplexity of "
                   "this run do not carry over; a k-quant also costs more bits than its name (Q4_K ≈ 4.5, Q3_K ≈ 3.4, "
                   "Q2_K ≈ 2.6 bits per weight). Tensors whose rows are not a multiple of 256 cannot hold a k-quant, "
-                  "and llama-quantize falls back to a 32-weight block type for them (listed under "
+                  "and llama-quantize falls back to another type for them (it prints which; listed under "
                   "'k_quant_fallback').")
 VLLM_NOTE = ("vLLM fuses q/k/v and gate/up into one matrix each and needs one width per fused matrix; blocks listed "
              "under 'unfusable' mix widths there and load in GPTQModel and transformers but not in vLLM.")
@@ -201,9 +201,6 @@ class PackedPlan:
     def quantized(self) -> list[tuple[LinearLayer, int]]:
         return [(layer, self.plan[layer.name]) for layer in self.arch.layers
                 if self.plan.get(layer.name, FULL_PRECISION) < FULL_PRECISION]
-
-    def module_widths(self) -> dict[str, int]:
-        return {layer.module_path: bits for layer, bits in self.quantized()}
 
 
 def check_formats(model: nn.Module, packed: PackedPlan, formats: tuple[str, ...]) -> None:
