@@ -34,8 +34,7 @@ CACHE = Path(os.environ.get("APTQ_CACHE_DIR", Path(__file__).resolve().parent.pa
 EXPORTS = CACHE / "export-bench"
 WINDOWS = EXPORTS / "windows.pt"
 RESULTS = Path(__file__).parent / "results" / "export.md"
-MEASURED_FILE = EXPORTS / "measured.json"  # perplexities measured so far, so a later call adds plans without redoing
-MEASURED: dict[str, dict] = {}
+MEASURED = EXPORTS / "measured"  # one file per (plan, format) measured so far: later calls add plans without redoing
 GROUP = 64
 SEQLEN, TOKENS = 512, 2048
 TOLERANCE = 0.005  # the issue's bar: within 0.5 % of the run's perplexity
@@ -171,7 +170,7 @@ FALLBACK = ("compressed-tensors' PackedQuantizationCompressor.decompress into a 
             _compressed_tensors_decompressor)
 
 
-def load(gptq_plans: set[str]) -> None:
+def load(gptq_plans: set[str], measure: bool) -> None:
     import compressed_tensors
     import gptqmodel
     import transformers
@@ -179,8 +178,6 @@ def load(gptq_plans: set[str]) -> None:
     from aptq.evaluate import evaluate
 
     windows = torch.load(WINDOWS)
-    if MEASURED_FILE.is_file():
-        MEASURED.update(json.loads(MEASURED_FILE.read_text()))
     rows, sizes, failures = [], [], []
     fp16_bytes = 0
     for directory in sorted(path for path in EXPORTS.iterdir() if (path / "export.json").is_file()):
@@ -191,10 +188,14 @@ def load(gptq_plans: set[str]) -> None:
         for fmt, (label, loader) in LOADERS.items():
             if fmt == "gptq" and name not in gptq_plans:
                 continue
-            done = MEASURED.get(f"{name}/{fmt}")
+            record = MEASURED / f"{name}--{fmt}.json"
+            done = json.loads(record.read_text()) if record.is_file() else None
             if done and done["run_key"] == run["run_key"]:  # measured by an earlier call on this export
                 label, measured = done["label"], done["perplexity"]
                 failures += done["failures"]
+            elif not measure:
+                rows.append(f"| {name} | {fmt} | {label} | {run['perplexity']:.4f} | not measured | | |")
+                continue
             else:
                 errors = []
                 try:
@@ -207,9 +208,9 @@ def load(gptq_plans: set[str]) -> None:
                     label, model = FALLBACK[0], FALLBACK[1](EXPORTS / name / fmt)
                 measured = evaluate(model, windows).perplexity
                 failures += errors
-                MEASURED[f"{name}/{fmt}"] = {"run_key": run["run_key"], "label": label, "perplexity": measured,
-                                             "failures": errors}
-                MEASURED_FILE.write_text(json.dumps(MEASURED, indent=2))
+                MEASURED.mkdir(exist_ok=True)
+                record.write_text(json.dumps({"run_key": run["run_key"], "label": label, "perplexity": measured,
+                                              "failures": errors}))
             gap = measured / run["perplexity"] - 1
             rows.append(f"| {name} | {fmt} | {label} | {run['perplexity']:.4f} | {measured:.4f} | {100 * gap:+.3f} % "
                         f"| {'yes' if abs(gap) <= TOLERANCE else 'NO'} |")
@@ -249,8 +250,10 @@ if __name__ == "__main__":
     parser.add_argument("step", choices=("export", "load"))
     parser.add_argument("--gptq-plans", default="uniform-4bit,uniform-4bit-sym",
                         help="plans whose GPTQ export GPTQModel runs (its float16 CPU kernel takes minutes per plan)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the results from the perplexities measured so far and the sizes; measure nothing")
     args = parser.parse_args()
     if args.step == "export":
         export()
     else:
-        load(set(args.gptq_plans.split(",")))
+        load(set(args.gptq_plans.split(",")), not args.report_only)
