@@ -170,6 +170,24 @@ FALLBACK = ("compressed-tensors' PackedQuantizationCompressor.decompress into a 
             _compressed_tensors_decompressor)
 
 
+NOTES = [
+    "Notes (2026-11-30 session, written by hand into this script's output):", "",
+    "- GPTQModel 7.7.0 asks for torch>=2.14.1; installed with --no-deps next to torch 2.13.0 its torch kernel loads "
+    "our checkpoints (`Kernel: loaded -> [TorchLinear]`) and runs them, but its float16 CPU path is slow: the "
+    "2048-token perplexity of uniform-4bit had not finished after 35 minutes on this shared 2-core machine (load "
+    "average 10-11) and was stopped, so the table has no GPTQ row. What it did show: the embedded model's uniform-4bit "
+    "GPTQ export loaded and ran a 256-token forward; on the tiny Llama of the tests (mixed 2/3/4/8 bits, one layer "
+    "in FP16, groups of 32) GPTQModel's logits matched our float32 model within 5.8e-3 (symmetric, GPTQ v1) and "
+    "4.9e-3 (asymmetric, gptq_v2), i.e. float16 rounding. Rerun `load --gptq-plans uniform-4bit` on a quieter machine.",
+    "- transformers 5.24 + compressed-tensors 0.20.1 refuse every asymmetric pack-quantized checkpoint, ours and by "
+    "construction llm-compressor's: the model skeleton they build on the meta device keeps `weight_zero_point` "
+    "unpacked (d_out × n_groups) while their own compress() writes it packed (⌈d_out·b/32⌉ × n_groups). Those rows "
+    "use the library's own PackedQuantizationCompressor.decompress instead; the symmetric export loads through "
+    "from_pretrained as it is.",
+    "- compressed-tensors 0.20 packs densely (a 3-bit value may straddle two words); releases before it put 10 "
+    "3-bit values in each word. Our exports follow 0.20; 2, 4 and 8 bits are the same in both.", ""]
+
+
 def load(gptq_plans: set[str], measure: bool) -> None:
     import compressed_tensors
     import gptqmodel
@@ -239,8 +257,10 @@ def load(gptq_plans: set[str], measure: bool) -> None:
              f"{fp16_bytes / 2 ** 20:.1f} MiB with the tied embeddings once; layers = the quantized linear "
              "layers' tensors (codes, scales, zero points, g_idx), ratio to the same layers in FP16, and bits per "
              "weight):", "",
-             "| plan | average bits | layers per width | dequantized directory (float32) | GPTQ whole | GPTQ layers | "
-             "compressed-tensors whole | compressed-tensors layers |", "|---|---|---|---|---|---|---|---|", *sizes, ""]
+             "| plan | average bits | layers per width | whole export (float32 HF model + formats) | GPTQ whole | "
+             "GPTQ layers | "
+             "compressed-tensors whole | compressed-tensors layers |", "|---|---|---|---|---|---|---|---|", *sizes, "",
+             *NOTES]
     RESULTS.write_text("\n".join(lines))
     print("\n".join(lines))
 
