@@ -292,6 +292,9 @@ def add_quantize_parser(commands: argparse._SubParsersAction) -> None:
                         help="a plan JSON: {layer: bits} or a plan.json this tool exported (16 = keep)")
     parser.add_argument("--export", default=None, help="write the quantized model and the plan files here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    parser.add_argument("--export-format", action="append", default=[], metavar="FORMAT",
+                        help="also write this format into the export (repeatable): gptq or compressed-tensors (packed "
+                             "checkpoints), llama.cpp (llama-quantize tensor-type overrides)")
     parser.add_argument("--json", action="store_true", help="print the run as JSON")
     parser.set_defaults(handler=run_quantize)
 
@@ -353,7 +356,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     bar = LazyBar(f"{args.method}")
     try:
         row = run_plan(loaded, corpus, sampling, plan, settings, evaluation, Store(args.store),
-                       bar, meta, args.export, args.overwrite)
+                       bar, meta, args.export, args.overwrite, export_formats=tuple(args.export_format))
     finally:
         bar.close()
     print_run(row, args.json)

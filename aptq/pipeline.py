@@ -45,7 +45,7 @@ from aptq.data import Corpus, Sampling, calibration_segments, digest, evaluation
     tokenizer_fingerprint
 from aptq.errors import UserError
 from aptq.evaluate import ReferenceStats, check_window, evaluate, reference_stats
-from aptq.export import export_model, plan_files
+from aptq.export import PackedPlan, Provenance, check_formats, export_model, plan_files
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
 from aptq.hessian import BlockHessians, CollectOptions, HessianCollector
 from aptq.models import Architecture, LinearLayer, LoadedModel, get_module, get_weight, model_fingerprint, set_weight
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 # (our choice) the store and the run history (DuckDB) are imported where a run is stored, so that quantizing alone
 # (bench/gpu_check.sh, on a machine without DuckDB) needs neither.
 
-PIPELINE_VERSION = 1  # bump when a change alters quantized weights: stored runs then miss
+PIPELINE_VERSION = 2  # bump when a change alters quantized weights: stored runs then miss (2: fp16 scales, sym zero)
 RUN_CACHE = CACHE_DIR / "runs"
 REFERENCE_CACHE = CACHE_DIR / "cache" / "reference"
 
@@ -362,17 +362,24 @@ def _stage(progress: Progress, stage: str) -> Progress:
 def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict[str, int],
              settings: QuantizeSettings = QuantizeSettings(), evaluation: EvalSettings = EvalSettings(),
              store: Store | None = None, progress: Progress = no_progress, plan_meta: dict | None = None,
-             export_dir: Path | str | None = None, overwrite: bool = False, rtn_memo: dict | None = None) -> dict:
+             export_dir: Path | str | None = None, overwrite: bool = False, rtn_memo: dict | None = None,
+             export_formats: tuple[str, ...] = ()) -> dict:
     """Quantize with `plan`, evaluate against full precision, store and return the run row (`cached` True when the
     same run was stored before and no model work was done). `plan_meta` may carry name, allocation, budget,
     analysis, predicted_error_attention and predicted_error_layerwise. With `export_dir`, the quantized model and its
-    plan files are written there (refused if it exists, unless `overwrite`). `rtn_memo`: see `quantize_model`."""
+    plan files are written there (refused if it exists, unless `overwrite`), and each of `export_formats` (aptq.export)
+    beside them, after the evaluation. `rtn_memo`: see `quantize_model`."""
     plan = check_plan(loaded.arch, plan, settings)
     from aptq import history
     from aptq.store import Store
 
     store = store or Store()
+    packed = PackedPlan(loaded.arch, plan, settings.group_size, settings.symmetric)
+    if export_formats and not export_dir:
+        raise UserError("An export format needs an export directory (--export DIR).")
     export_dir = validate.export_target(export_dir, overwrite, keep=(loaded.path, store.path)) if export_dir else None
+    if export_dir is not None:
+        check_formats(loaded.model, packed, tuple(export_formats))
     check_window(loaded.model, evaluation.seqlen)
     if settings.method != "rtn":
         validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment")
@@ -398,14 +405,12 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     device = settings.device or str(loaded.device)
     quantized, notes = quantize_model(loaded, plan, settings, segments, key, _stage(progress, "quantizing"), rtn_memo)
     quant_seconds = time.perf_counter() - start
-    if export_dir is not None:
+    if stored is not None:  # export only: the metrics were stored before
         with quantized.applied(loaded.model) as model:
-            files = plan_files(loaded.arch, model, plan, settings.group_size, settings.symmetric,
-                               meta | {"method": settings.method, "model": loaded.display_name})
-            export_model(model, loaded.tokenizer, export_dir, files, overwrite=overwrite)
-        if stored is not None:
-            progress(1, 1, "exported; metrics were already stored")
-            return stored | {"cached": True, "export_dir": str(export_dir)}
+            _export(loaded, model, packed, settings, meta, stored, export_dir, overwrite, tuple(export_formats))
+        _Checkpoints(key).remove()
+        progress(1, 1, "exported; metrics were already stored")
+        return stored | {"cached": True, "export_dir": str(export_dir)}
     result = evaluate(loaded.model, windows, reference=reference, progress=_stage(progress, "evaluating"),
                       device=device, weights=quantized)
     size = weight_size(layer_table(loaded), np.array([plan[layer.name] for layer in loaded.arch.layers]),
@@ -424,5 +429,20 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
            "fp_perplexity": float(np.exp(reference.mean_nll)), "quant_seconds": quant_seconds,
            "eval_seconds": result.seconds, "device": device, "notes": " ".join(notes) or None}
     history.record_run(store, row)
+    stored = history.find_run(store, key)
+    if export_dir is not None:
+        with quantized.applied(loaded.model) as model:
+            _export(loaded, model, packed, settings, meta, stored, export_dir, overwrite, tuple(export_formats))
     _Checkpoints(key).remove()
-    return history.find_run(store, key) | {"cached": False} | ({"export_dir": str(export_dir)} if export_dir else {})
+    return stored | {"cached": False} | ({"export_dir": str(export_dir)} if export_dir else {})
+
+
+def _export(loaded: LoadedModel, model: torch.nn.Module, packed: PackedPlan, settings: QuantizeSettings, meta: dict,
+            run: dict, directory: Path, overwrite: bool, formats: tuple[str, ...]) -> None:
+    """The quantized model, its plan files and formats, with the provenance of the stored run it came from."""
+    files = plan_files(loaded.arch, model, packed.plan, settings.group_size, settings.symmetric,
+                       meta | {"method": settings.method, "model": loaded.display_name})
+    provenance = Provenance(loaded.display_name, settings.method, settings.key_fields(), run.get("analysis"),
+                            packed.plan, run["key"], run["perplexity"], run["kl"], run["top1"], run["fp_perplexity"],
+                            run["corpus"], run["eval_tokens"], run["eval_seqlen"])
+    export_model(model, loaded.tokenizer, directory, files, overwrite, packed, formats, provenance)

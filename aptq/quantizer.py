@@ -5,9 +5,13 @@ one zero point per output row and group of input columns:
 
 - asymmetric (default): the range `[min(w, 0), max(w, 0)]` of the row-group maps onto `0 … 2^b − 1`; the zero
   point is an integer, so 0 is exactly representable (the range includes 0, as in GPTQ);
-- symmetric: the range `[−max|w|, max|w|]`, zero point in the middle, `(2^b − 1) / 2`. (our choice: the levels
-  `±s/2, ±3s/2, …` are symmetric about 0; GPTQ's reference puts the zero at `2^(b−1)`, which gives one more negative
-  level than positive ones, and 0 is then representable.)
+- symmetric: the step `2 max|w| / (2^b − 1)` and the zero point `2^(b−1)`, as GPTQ's reference and every packed
+  format that says `sym` (GPTQ, compressed-tensors) define it: one more negative level than positive ones, and 0 is
+  exactly representable.
+
+Scales are float16 values, rounded up from the exact step (our choice: packed checkpoints store fp16 scales, so the
+grid we round onto is the one they hold, and a deployed checkpoint reproduces our dequantized weights bit for bit;
+rounding up keeps the whole range on the grid). `recover_codes` reads the integer codes back from dequantized weights.
 
 The clipping search shrinks the range by the factors in `CLIP_FACTORS` and keeps, row by row, the one with the least
 error: `Δw H_gg Δwᵀ` when a Hessian is given (its block on the group's columns), the squared error otherwise.
@@ -27,8 +31,10 @@ from aptq.widths import FP16_BITS
 # (our choice) 1.00, 0.99, …, 0.21: the range GPTQ's reference search covers. A floor of 0.80 is not enough: on
 # Gaussian rows the best factor is about 0.6 at 2 bits in groups of 128 and about 0.45 per channel over 4096 columns.
 CLIP_FACTORS = tuple(round(1.0 - 0.01 * k, 2) for k in range(80))
-# (our choice) smallest scale: a row-group that is all zeros keeps a usable grid that maps 0 to (about) 0.
-MIN_SCALE = 1e-10
+# (our choice) smallest scale, the smallest positive float16: a row-group that is all zeros keeps a usable grid that
+# maps 0 to 0, and the scale stays a float16 value.
+MIN_SCALE = 2.0 ** -24
+MAX_SCALE = 65504.0  # the largest float16
 # (our choice) elements of one (factors × rows × columns) chunk of candidates in the clipping search. On a CPU, 2^20
 # (4 MiB in float32, two buffers) stays in the last-level cache and needs few enough operations that the threads'
 # synchronization costs little; on an accelerator the chunk is as large as before (few kernel launches).
@@ -58,6 +64,11 @@ class QuantConfig:
         """The largest integer on the grid, 2^b − 1."""
         return 2 ** self.bits - 1
 
+    @property
+    def symmetric_zero(self) -> int:
+        """The zero point of the symmetric grid, 2^(b−1)."""
+        return 2 ** (self.bits - 1)
+
 
 class GridParams(NamedTuple):
     """Scale and zero point of each row of a block of columns, shaped (rows, 1) to broadcast over the columns."""
@@ -86,10 +97,18 @@ def quantize_dequantize(W: Tensor, params: GridParams, cfg: QuantConfig) -> Tens
 def _params_for_range(low: Tensor, high: Tensor, cfg: QuantConfig) -> GridParams:
     """Grid parameters for ranges [low, high] (low ≤ 0 ≤ high), elementwise over any shape."""
     if cfg.symmetric:
-        scale = torch.clamp(2 * torch.maximum(-low, high) / cfg.max_level, min=MIN_SCALE)
-        return GridParams(scale, torch.full_like(scale, cfg.max_level / 2))
-    scale = torch.clamp((high - low) / cfg.max_level, min=MIN_SCALE)
+        scale = fp16_ceil(2 * torch.maximum(-low, high) / cfg.max_level)
+        return GridParams(scale, torch.full_like(scale, cfg.symmetric_zero))
+    scale = fp16_ceil((high - low) / cfg.max_level)
     return GridParams(scale, torch.round(-low / scale))
+
+
+def fp16_ceil(step: Tensor) -> Tensor:
+    """The smallest float16 value ≥ step (clamped to [MIN_SCALE, MAX_SCALE]), in the dtype of step."""
+    step = torch.clamp(step, MIN_SCALE, MAX_SCALE)
+    half = step.half()
+    up = torch.nextafter(half, torch.full_like(half, math.inf))
+    return torch.where(half.to(step.dtype) < step, up, half).to(step.dtype)
 
 
 def _search_chunk(device: torch.device) -> int:
@@ -210,3 +229,77 @@ def packed_bits(d_out: int, d_in: int, cfg: QuantConfig) -> float:
     """
     n_groups = math.ceil(d_in / group_width(d_in, cfg))
     return float(d_out * d_in * cfg.bits + d_out * n_groups * 2 * FP16_BITS)
+
+
+@dataclass(frozen=True)
+class GridCodes:
+    """A layer's weights as a packed format stores them: integer codes `0 … 2^b − 1` (d_out × d_in), and per output row
+    and group a float16 scale and an integer zero point (d_out × n_groups); weight = scale · (code − zero)."""
+
+    codes: Tensor  # uint8
+    scales: Tensor  # float16
+    zeros: Tensor  # uint8
+    cfg: QuantConfig
+
+    def group_index(self) -> Tensor:
+        """The group of each input column (GPTQ's g_idx), int32."""
+        width = group_width(self.codes.shape[1], self.cfg)
+        return torch.arange(self.codes.shape[1], dtype=torch.int32) // width
+
+    def dequantize(self) -> Tensor:
+        """The weights in float32 (exact: a float16 scale times a small integer is a float32 value)."""
+        index = self.group_index().long()
+        levels = self.codes.float() - self.zeros.float()[:, index]
+        return self.scales.float()[:, index] * levels
+
+
+def _codes_of_block(block: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Scale, zero and codes of each row of one group (float64 rows × cols) that puts every value on the grid exactly.
+
+    A row's values are `s · (q − z)` with a float16 s; its smallest nonzero |value| is `s · k` for an integer
+    1 ≤ k ≤ 2^b − 1, so s is among `fp16(that / k)`: the smallest k whose grid holds every value exactly (checked in
+    float64, where these products are exact) and within the code range wins. An all-zero row gets the grid the
+    quantizer gives it (MIN_SCALE). Rows that no k fits are not on such a grid: ValueError.
+    """
+    rows = block.shape[0]
+    magnitude = torch.where(block == 0, torch.inf, block.abs())
+    smallest = magnitude.min(dim=1).values
+    scale = torch.full((rows,), MIN_SCALE, dtype=torch.float64)
+    zero = torch.full((rows,), cfg.symmetric_zero if cfg.symmetric else 0, dtype=torch.float64)
+    pending = torch.isfinite(smallest)
+    for k in range(1, cfg.max_level + 1):
+        if not pending.any():
+            break
+        candidate = (smallest[pending] / k).half().double()
+        levels = torch.round(block[pending] / candidate.unsqueeze(1))
+        exact = (levels * candidate.unsqueeze(1) == block[pending]).all(dim=1)
+        low, high = levels.min(dim=1).values, levels.max(dim=1).values
+        if cfg.symmetric:
+            row_zero = torch.full_like(low, cfg.symmetric_zero)
+        else:
+            row_zero = torch.clamp(-low, min=0)  # the least code is 0 unless every value is positive
+        fits = exact & (low + row_zero >= 0) & (high + row_zero <= cfg.max_level) & (candidate > 0)
+        index = pending.nonzero().squeeze(1)[fits]
+        scale[index], zero[index] = candidate[fits], row_zero[fits]
+        pending[index] = False
+    if pending.any():
+        raise ValueError(f"{int(pending.sum())} row(s) are not on a {cfg.bits}-bit grid with float16 scales.")
+    codes = torch.round(block / scale.unsqueeze(1)) + zero.unsqueeze(1)
+    return scale, zero, codes
+
+
+def recover_codes(weight: Tensor, cfg: QuantConfig) -> GridCodes:
+    """The codes, scales and zero points of dequantized weights, such that `GridCodes.dequantize()` gives back exactly
+    the float32 weights (which need not be the grid the quantizer chose when several hold the same values, e.g. a
+    GPTQ group whose least code ended above 0: the same values, codes shifted). ValueError when a row-group is not on
+    any grid of `cfg` (weights that were not quantized with it, or were rounded to a coarser dtype since)."""
+    values = weight.detach().float().cpu().double()
+    spans = group_spans(values.shape[1], cfg)
+    scales, zeros, codes = [], [], []
+    for start, end in spans:
+        scale, zero, block_codes = _codes_of_block(values[:, start:end], cfg)
+        scales.append(scale)
+        zeros.append(zero)
+        codes.append(block_codes)
+    return GridCodes(torch.cat(codes, dim=1).to(torch.uint8), torch.stack(scales, dim=1).half(),
+                     torch.stack(zeros, dim=1).to(torch.uint8), cfg)

@@ -46,7 +46,7 @@ from aptq.quantizer import QuantConfig, layer_error, rtn
 if TYPE_CHECKING:  # (our choice) imported where results are stored: the per-block metrics run without DuckDB
     from aptq.store import Store
 
-METHOD_VERSION = 2  # bump when any formula changes: old cache entries then miss
+METHOD_VERSION = 3  # 3: float16 scales, symmetric zero 2^(b−1); bump when any formula changes: old entries miss
 DEFAULT_BITS = (2, 3, 4, 8)
 ATTENTION_KINDS = ("q", "k", "v", "o")
 CPU_CALIBRATION = (64, 512)  # (our choice) segments × tokens that keep an analysis within minutes on a CPU

@@ -3,11 +3,14 @@ perplexity, KL divergence and top-1 agreement against full precision. Every run 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from aptq import history, validate
 from aptq.allocate import AllocationRequest, allocate, summarize
 from aptq.data import Corpus, digest
+from aptq.export import EXPORT_FORMATS, export_parts
 from aptq.models import LoadedModel
 from aptq.choices import METHOD_LABELS, QUANTIZERS
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
@@ -50,6 +53,10 @@ def show_result(row: dict) -> None:
                f"{row['eval_tokens']} predicted tokens." + (" Stored earlier: no model work was done."
                                                             if row.get("cached") else "")
                + (f" Exported to `{row['export_dir']}`." if row.get("export_dir") else ""))
+    if row.get("export_dir") and Path(row["export_dir"]).is_dir():
+        parts = export_parts(Path(row["export_dir"]))
+        for column, part in zip(st.columns(len(parts)), parts):  # zipped when the button is pressed
+            column.download_button(part.label, part.read, file_name=part.file_name, key=f"download:{part.file_name}")
     if row.get("notes"):
         st.warning(row["notes"])
 
@@ -96,6 +103,10 @@ with st.expander("Export the quantized model (optional)"):
     export_dir = st.text_input("Directory", key="run_export_dir",
                                help="dequantized safetensors that transformers loads as is, plus the plan files")
     overwrite = st.checkbox("Overwrite if it exists", key="run_overwrite")
+    export_formats = st.multiselect("Also write", EXPORT_FORMATS, key="run_export_formats",
+                                    help="gptq / compressed-tensors: packed checkpoints of this run's own codes that "
+                                         "GPTQModel, vLLM and transformers load; llama.cpp: the plan as "
+                                         "llama-quantize tensor-type overrides")
 
 settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order=act_order)
 evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens))
@@ -104,7 +115,8 @@ if group != choice.group_size:  # the predictions were made for another group si
     meta = {k: v for k, v in meta.items() if not k.startswith("predicted_error")}
     st.caption(f"Predicted errors are for group size {choice.group_size}; this run is stored without them.")
 job_key = "run:" + digest(model_source(), corpus_spec(), history.plan_json(choice.bits), repr(settings),
-                          repr(evaluation), repr(request.sampling), export_dir.strip(), str(overwrite))
+                          repr(evaluation), repr(request.sampling), export_dir.strip(), str(overwrite),
+                          repr(export_formats))
 if st.button("Quantize and evaluate", type="primary") and (not export_dir.strip() or checked(
         lambda: validate.export_target(export_dir.strip(), overwrite, keep=(loaded.path, default_path())))):
     store = Store(default_path())
@@ -112,7 +124,7 @@ if st.button("Quantize and evaluate", type="primary") and (not export_dir.strip(
     def work(progress: Progress) -> dict:
         return run_plan(loaded, corpus, request.sampling, choice.bits, settings, evaluation, store=store,
                         progress=progress, plan_meta=meta, export_dir=export_dir.strip() or None,
-                        overwrite=overwrite)
+                        overwrite=overwrite, export_formats=tuple(export_formats))
 
     jobs.start(job_key, f"{METHOD_LABELS[method]} · {meta['name']}", model_source(), work)
     st.session_state["last_run"] = job_key

@@ -58,3 +58,40 @@ def test_exported_model_reloads_with_transformers(tmp_path):
     with torch.no_grad():
         assert torch.allclose(again(ids).logits, loaded.model(ids).logits, atol=1e-5)
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_run_exports_packed_checkpoints_of_its_own_weights_with_its_measurements(tiny_model_dir, text_corpus,
+                                                                                    tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import aptq.pipeline as pipeline
+    from aptq.data import Sampling
+    from aptq.models import get_weight
+    from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
+    from aptq.store import Store
+    from tests.test_formats import unpack_gptq
+
+    monkeypatch.setattr(pipeline, "RUN_CACHE", tmp_path / "runs")
+    monkeypatch.setattr(pipeline, "REFERENCE_CACHE", tmp_path / "reference")
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    store = Store(tmp_path / "store.duckdb")
+    arguments = (loaded, text_corpus, Sampling(6, 32, seed=0), uniform_plan(loaded.arch, 3),
+                 QuantizeSettings("rtn", 32, symmetric=True), EvalSettings(seqlen=32, max_tokens=256), store)
+    with pytest.raises(UserError, match="needs an export directory"):
+        run_plan(*arguments, export_formats=("gptq",))
+    row = run_plan(*arguments, export_dir=tmp_path / "first", export_formats=("gptq", "llama.cpp"))
+    again = run_plan(*arguments, export_dir=tmp_path / "again", export_formats=("gptq",))  # from the stored run
+    assert again["cached"] and not row["cached"]
+    for target in (tmp_path / "first", tmp_path / "again"):
+        provenance = json.loads((target / "export.json").read_text())
+        assert (provenance["perplexity"], provenance["kl"], provenance["run_key"]) == \
+            (row["perplexity"], row["kl"], row["key"])
+        assert provenance["method"] == "rtn" and provenance["plan"] == uniform_plan(loaded.arch, 3)
+        dequantized = AutoModelForCausalLM.from_pretrained(str(target))
+        state = load_file(str(target / "gptq" / "model.safetensors"))
+        config = json.loads((target / "gptq" / "config.json").read_text())["quantization_config"]
+        assert (config["bits"], config["sym"], config["checkpoint_format"]) == (3, True, "gptq")
+        for layer in loaded.arch.layers:
+            weight = get_weight(dequantized, layer)
+            tensors = {name: state[f"{layer.module_path}.{name}"] for name in ("qweight", "qzeros", "scales", "g_idx")}
+            assert torch.equal(unpack_gptq(tensors, 3, weight.shape[1], weight.shape[0], v1=True), weight)

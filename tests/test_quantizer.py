@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import aptq.quantizer as quantizer
 from aptq.quantizer import CLIP_FACTORS, GridParams, QuantConfig, grid_params, group_spans, layer_error, packed_bits, \
-    quantize_dequantize, rtn
+    quantize_dequantize, recover_codes, rtn
 
 GRID_CASES = settings(max_examples=40, deadline=None)
 
@@ -28,10 +28,11 @@ def spd(seed: int, size: int) -> torch.Tensor:
 
 
 def grid_step(group: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    """Step of each row's unclipped grid, written from the definition: the range including 0 over 2^b − 1."""
+    """Step of each row's unclipped grid, written from the definition: the range including 0 over 2^b − 1, rounded up
+    to a float16 value (at most 2^-10 relative)."""
     low, high = group.min(dim=1).values.clamp(max=0), group.max(dim=1).values.clamp(min=0)
     span = 2 * torch.maximum(-low, high) if cfg.symmetric else high - low
-    return span / cfg.max_level
+    return span / cfg.max_level * (1 + 2 ** -10)
 
 
 configs = st.builds(QuantConfig, bits=st.integers(2, 8), group_size=st.sampled_from([0, 1, 5, 8, 16, 64]),
@@ -86,20 +87,71 @@ def test_unclipped_rounding_is_within_half_a_step(bits, group_size, symmetric, s
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_the_symmetric_grid_is_symmetric_about_zero(bits):
+def test_the_symmetric_grid_has_gptqs_zero_point_and_holds_zero(bits):
     cfg = QuantConfig(bits, symmetric=True, clip_search=False)
-    lopsided = torch.tensor([[-0.3, 0.2, 1.0]])  # its grid must still be symmetric
+    lopsided = torch.tensor([[-0.3, 0.2, 1.0]])  # its grid is set by max |w| alone
+    params = grid_params(lopsided, cfg)
+    assert params.zero.item() == 2 ** (bits - 1)
     dense = torch.linspace(-1.1, 1.1, 20001).unsqueeze(0)
-    levels = quantize_dequantize(dense, grid_params(lopsided, cfg), cfg).unique()
-    assert levels.numel() == 2 ** bits
-    torch.testing.assert_close(levels, -levels.flip(0))
+    levels = quantize_dequantize(dense, params, cfg).unique()
+    step = params.scale.item()
+    expected = step * torch.arange(-2 ** (bits - 1), 2 ** (bits - 1), dtype=torch.float32)
+    assert torch.equal(levels, expected)  # one more level below zero than above, 0 among them
+    assert step >= 2 * 1.0 / cfg.max_level and torch.tensor(step).half().item() == step
 
 
 @pytest.mark.parametrize("group_size", [0, 8])
-def test_symmetric_rounding_is_an_odd_function(group_size):
-    cfg = QuantConfig(3, group_size, symmetric=True)
+def test_symmetric_rounding_is_odd_except_at_the_extra_negative_level(group_size):
+    cfg = QuantConfig(3, group_size, symmetric=True, clip_search=False)  # w and −w then share each grid
     weight = random_weight(1, 6, 24)
-    torch.testing.assert_close(rtn(-weight, cfg), -rtn(weight, cfg))
+    positive, negative = rtn(weight, cfg), rtn(-weight, cfg)
+    # −w rounds to −(w's level) except at −4 s, whose mirror +4 s is not on the grid (it clamps to +3 s)
+    lowest = (positive == positive.min(dim=1, keepdim=True).values) | (negative == negative.min(dim=1,
+                                                                                               keepdim=True).values)
+    assert torch.equal(negative[~lowest], -positive[~lowest])
+    assert lowest.any()
+
+
+def old_asymmetric_params(low: torch.Tensor, high: torch.Tensor, cfg: QuantConfig) -> GridParams:
+    """The asymmetric grid as it was before float16 scales (PIPELINE_VERSION 1), scale then rounded up to float16:
+    the only change the asymmetric grid was given."""
+    scale = torch.clamp((high - low) / cfg.max_level, min=quantizer.MIN_SCALE)
+    half = scale.half()
+    up = torch.nextafter(half, torch.full_like(half, math.inf))
+    scale = torch.where(half.float() < scale, up, half).float()
+    return GridParams(scale, torch.round(-low / scale))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_asymmetric_grid_is_unchanged_but_for_its_float16_scale(bits):
+    weight = random_weight(bits, 32, 48) * 0.05
+    cfg = QuantConfig(bits, 16)
+    for factor in (1.0, 0.83):
+        low, high = factor * weight.min(dim=1).values.clamp(max=0), factor * weight.max(dim=1).values.clamp(min=0)
+        params, expected = quantizer._params_for_range(low, high, cfg), old_asymmetric_params(low, high, cfg)
+        assert torch.equal(params.scale, expected.scale) and torch.equal(params.zero, expected.zero)
+        assert torch.equal(params.scale.half().float(), params.scale)
+        assert (params.scale >= (high - low) / cfg.max_level).all()  # rounded up: the range stays on the grid
+
+
+@GRID_CASES
+@given(cfg=configs, seed=st.integers(0, 2 ** 16), d_out=st.integers(1, 6), d_in=st.integers(1, 40))
+def test_codes_recovered_from_dequantized_weights_give_them_back_exactly(cfg, seed, d_out, d_in):
+    weight = random_weight(seed, d_out, d_in)
+    weight[:, ::7] = 0
+    quantized = rtn(weight, cfg)
+    codes = recover_codes(quantized, cfg)
+    assert torch.equal(codes.dequantize(), quantized)
+    assert int(codes.codes.max()) <= cfg.max_level and codes.scales.dtype == torch.float16
+    if cfg.symmetric:
+        assert (codes.zeros == cfg.symmetric_zero).all()
+
+
+def test_weights_off_every_grid_have_no_codes():
+    cfg = QuantConfig(3, 8)
+    quantized = rtn(random_weight(5, 4, 16), cfg)
+    with pytest.raises(ValueError, match="not on a 3-bit grid"):
+        recover_codes(quantized + 1e-3, cfg)
 
 
 def test_a_group_size_that_does_not_divide_d_in_leaves_a_shorter_last_group():
