@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from aptq import history
+from aptq import coverage, history
 from aptq.allocate import FULL_PRECISION, weight_size
 from aptq.capture import BlockWalk
 from aptq.data import Corpus, Sampling, calibration_segments, digest, evaluation_windows, token_ids, \
@@ -278,7 +278,9 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     """Quantize with `plan`, evaluate against full precision, store and return the run row (`cached` True when the
     same run was stored before and no model work was done). `plan_meta` may carry name, allocation, budget,
     analysis, predicted_error_attention and predicted_error_layerwise. With `export_dir`, the quantized model and its
-    plan files are written there (refused if it exists, unless `overwrite`). `rtn_memo`: see `quantize_model`."""
+    plan files are written there (refused if it exists, unless `overwrite`). `rtn_memo`: see `quantize_model`.
+    The layers `plan` names are its coverage (aptq.coverage), stored with the run."""
+    decided = dict(plan)
     plan = check_plan(loaded.arch, plan, settings)
     export_dir = Path(export_dir) if export_dir else None
     if export_dir is not None and export_dir.exists() and not overwrite:
@@ -325,8 +327,9 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
             progress(1, 1, "exported; metrics were already stored")
             return stored | {"cached": True, "export_dir": str(export_dir)}
     result = evaluate(model, windows, reference=reference, progress=_stage(progress, "evaluating"))
-    size = weight_size(layer_table(loaded), np.array([plan[layer.name] for layer in loaded.arch.layers]),
-                       settings.group_size)
+    table = layer_table(loaded)
+    size = weight_size(table, np.array([plan[layer.name] for layer in loaded.arch.layers]), settings.group_size)
+    size |= coverage.run_fields(loaded.arch, table, decided, settings.group_size)
     row = {"key": key, "model": model_fp, "model_name": loaded.display_name, "corpus": corpus.name,
            "eval_seqlen": evaluation.seqlen, "eval_tokens": result.tokens, "calibration": calibration_fp,
            "method": settings.method, "group_size": settings.group_size,
