@@ -46,7 +46,7 @@ def texts(elements) -> str:
 
 
 def metric(at: AppTest, label: str) -> str:
-    return next(m.value for m in at.metric if m.label == label)
+    return next(m.value for m in at.metric if m.label.startswith(label))
 
 
 def button(at: AppTest, label: str):
@@ -167,7 +167,7 @@ def test_save_quantize_and_compare_plans(at):
 
     at.switch_page("pages/4_Trade_offs.py").run()
     no_problems(at)
-    assert "2 run(s) under this protocol" in texts(at.caption)
+    assert "2 run(s) covering all 2 blocks under this protocol" in texts(at.caption)
     assert [b.label for b in at.download_button] == ["Plan JSON", "GPTQModel quantize config", "llm-compressor recipe"]
     assert "layers differ" in texts(at.markdown)
     at.radio(key="trade_y").set_value("kl").run()

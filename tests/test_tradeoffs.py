@@ -130,3 +130,42 @@ def test_rank_shifts_and_spearman():
     assert ranking.spearman(layers, "x", "y") == pytest.approx(pd.Series([1, 2, 3, 4]).corr(pd.Series([4, 2, 3, 1])))
     moved = ranking.rank_shifts(layers, "x", "y", n=2)
     assert list(moved["layer"]) == ["a", "d"] and list(moved["shift"]) == [-3.0, 3.0]
+
+
+def test_a_shared_view_survives_the_url_and_bad_values_are_dropped():
+    from aptq.share import SharedView, pins_from_text, pins_to_text
+
+    layers, _ = smol_tables(blocks=3)
+    pins = {"model.layers.2.down": 16, "model.layers.0.q": 8}
+    view = SharedView("embedded", "brown", 64, 512, 64, 4, "knapsack", 3.25, pins_to_text(pins, layers))
+    params = view.to_params()
+    assert params["pins"] == "0.q=8,2.down=16" and params["budget"] == "3.25"
+    back = SharedView.from_params(params)
+    assert back == view and pins_from_text(back.pins, layers) == pins
+    edited = SharedView.from_params({"budget": "three", "blocks": "4", "pins": "0.q=8,9.q=4,1.up=99,x,1.k=2"})
+    assert edited == SharedView(blocks=4, pins="0.q=8,9.q=4,1.up=99,x,1.k=2")
+    assert pins_from_text(edited.pins, layers) == {"model.layers.0.q": 8, "model.layers.1.k": 2}
+
+
+def test_whole_model_bits_count_unnamed_layers_in_fp16(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    table = layer_table(loaded)
+    half = {layer.name: 4 for layer in loaded.arch.block_layers(1)}
+    assert coverage.whole_model_size(table, half, 0)["avg_bits"] == pytest.approx((4 + 16) / 2)
+    assert coverage.covered_size(table, half, half, 0)["covered_avg_bits"] == pytest.approx(4.0)
+
+
+def test_run_time_scales_the_measured_rates_of_the_same_method_and_device():
+    from aptq.timing import expected_run_time
+
+    def run(method, layers, seconds, device="cpu", samples=4, seqlen=64):
+        plan = json.dumps({f"l{i}": (3 if i < layers else 16) for i in range(10)})
+        return {"method": method, "device": device, "plan": plan, "quant_seconds": seconds, "eval_seconds": 2.0,
+                "eval_tokens": 200, "settings": json.dumps({"samples": samples, "seqlen": seqlen})}
+
+    runs = pd.DataFrame([run("gptq", 4, 8.0), run("gptq", 2, 4.0), run("rtn", 5, 1.0), run("gptq", 4, 99.0, "cuda")])
+    # gptq on cpu: 2 s per layer at 4 × 64 tokens → 8 layers at 8 × 64 tokens take 32 s; eval 0.01 s per token.
+    found = expected_run_time(runs, "gptq", "cpu", {f"l{i}": 4 for i in range(8)}, 8, 64, 1000)
+    assert found.quant_seconds == pytest.approx(32.0) and found.eval_seconds == pytest.approx(10.0)
+    assert found.runs == 2 and found.total == pytest.approx(42.0)
+    assert expected_run_time(runs, "attention", "cpu", {"l0": 4}, 8, 64, 10) is None
