@@ -16,7 +16,7 @@ from ui import jobs
 from ui.session import (CORPORA, AnalysisRequest, analysis_request, analysis_status, cached_analysis_key,
                         cached_model_fingerprint, corpus_spec, current_corpus, current_model, describe, model_source,
                         page_header, store_call, stored_analysis)
-from ui.shell import navigate
+from ui.shell import navigate, write_url
 
 if not navigate():  # another page was chosen and has run
     st.stop()
@@ -179,3 +179,5 @@ if baselines is not None and not baselines.empty:
                  hide_index=True, column_config={"eval_seqlen": "window", "eval_tokens": "tokens",
                                                  "tokens_per_second": "tokens/s", "perplexity": st.column_config.
                                                  NumberColumn("perplexity", format="%.3f")})
+
+write_url()

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from aptq import coverage, history
+from aptq import coverage, history, teaching
 from aptq.allocate import FULL_PRECISION, weight_size
 from aptq.capture import BlockWalk
 from aptq.data import Corpus, Sampling, calibration_segments, digest, evaluation_windows, token_ids, \
@@ -77,6 +77,7 @@ class QuantizeSettings:
 class EvalSettings:
     seqlen: int = 512
     max_tokens: int | None = 16384  # None: the whole evaluation split
+    prompts: int = 0  # corpus prompts completed by both models and stored with the run (aptq.teaching)
 
 
 def uniform_plan(arch: Architecture, bits: int) -> dict[str, int]:
@@ -327,6 +328,8 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
             progress(1, 1, "exported; metrics were already stored")
             return stored | {"cached": True, "export_dir": str(export_dir)}
     result = evaluate(model, windows, reference=reference, progress=_stage(progress, "evaluating"))
+    completions = teaching.side_by_side(loaded.model, model, loaded.tokenizer,
+                                        teaching.corpus_prompts(corpus, evaluation.prompts))
     table = layer_table(loaded)
     size = weight_size(table, np.array([plan[layer.name] for layer in loaded.arch.layers]), settings.group_size)
     size |= coverage.run_fields(loaded.arch, table, decided, settings.group_size)
@@ -342,7 +345,8 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
            "predicted_error_layerwise": meta.get("predicted_error_layerwise"),
            "perplexity": result.perplexity, "kl": result.kl_divergence, "top1": result.top1_agreement,
            "fp_perplexity": float(np.exp(reference.mean_nll)), "quant_seconds": quant_seconds,
-           "eval_seconds": result.seconds, "device": device, "notes": " ".join(notes) or None}
+           "eval_seconds": result.seconds, "device": device, "notes": " ".join(notes) or None,
+           "completions": json.dumps([asdict(c) for c in completions]) if completions else None}
     history.record_run(store, row)
     _Checkpoints(key).remove()
     return history.find_run(store, key) | {"cached": False} | ({"export_dir": str(export_dir)} if export_dir else {})

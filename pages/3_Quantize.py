@@ -4,6 +4,8 @@ named, tagged, filtered, deleted and exported."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import streamlit as st
 
@@ -13,6 +15,7 @@ from aptq.models import LoadedModel
 from aptq.pipeline import METHOD_LABELS, METHODS, EvalSettings, QuantizeSettings, run_plan, uniform_plan
 from aptq.progress import Progress
 from aptq.store import Store, default_path
+from aptq.teaching import Completion
 from aptq.timing import expected_run_time
 from ui import jobs
 from ui.plans import PlanChoice, model_layer_table, plan_choices
@@ -20,6 +23,7 @@ from ui.session import (analysis_request, cached_analysis_key, cached_model_fing
                         current_model, model_source, page_header, store_call, stored_analysis)
 from ui.shell import presenting
 
+COMPLETION_PROMPTS = 3  # (our choice) enough to see the difference, few enough to read on a slide
 RUN_COLUMNS = {"created": st.column_config.DatetimeColumn("when", format="YYYY-MM-DD HH:mm"),
                "label": "name", "tag": "tag", "plan_name": "plan", "allocation": "solver", "method": "quantizer",
                "coverage": "covers", "covered_avg_bits": st.column_config.NumberColumn("bits (covered)", format="%.3f"),
@@ -70,6 +74,21 @@ def show_result(row: dict) -> None:
                + (f" Exported to `{row['export_dir']}`." if row.get("export_dir") else ""))
     if row.get("notes"):
         st.warning(row["notes"])
+    show_completions(row.get("completions"))
+
+
+def show_completions(stored: str | None) -> None:
+    """The run's prompts continued greedily by both models, side by side."""
+    if not isinstance(stored, str):
+        st.caption("No completions stored with this run (it was measured without them).")
+        return
+    samples = [Completion(**c) for c in json.loads(stored)]
+    st.markdown("**The same prompts, continued greedily** (from the evaluation split):")
+    st.dataframe(pd.DataFrame({"prompt": [c.prompt + " …" for c in samples],
+                               "full precision": [c.full_precision for c in samples],
+                               "quantized": [c.quantized for c in samples],
+                               "same?": ["same" if c.same else "differs" for c in samples]}),
+                 hide_index=True, width="stretch")
 
 
 def time_estimate(runs: pd.DataFrame | None, settings: QuantizeSettings, device: str, choice: PlanChoice,
@@ -98,6 +117,7 @@ def manage_runs(runs: pd.DataFrame) -> None:
     st.caption(f"{len(shown)} of {len(runs)} run(s) in `{default_path()}`; select rows to name, tag or delete them.")
     if len(picked) == 1:
         row = picked.iloc[0]
+        show_completions(row["completions"])
         with st.form("name_run"):
             left, right = st.columns(2)
             label = left.text_input("Name", value=row["label"] if pd.notna(row["label"]) else "")
@@ -168,7 +188,7 @@ with st.expander("Export the quantized model (optional)"):
     overwrite = st.checkbox("Overwrite if it exists", key="run_overwrite")
 
 settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order=act_order)
-evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens))
+evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens), prompts=COMPLETION_PROMPTS)
 meta = choice.run_meta()
 if group != choice.group_size:  # the predictions were made for another group size: they would mislead
     meta = {k: v for k, v in meta.items() if not k.startswith("predicted_error")}

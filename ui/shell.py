@@ -25,9 +25,11 @@ def navigate() -> bool:
                           for path, title, icon in PAGES])
     restore_from_url()
     presentation_toggle()
-    write_url()
     if page.url_path:
-        page.run()
+        try:
+            page.run()
+        finally:  # after the page, whose widgets may have changed the view (and whose switch clears the URL)
+            write_url()
         return False
     return True
 
