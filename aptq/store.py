@@ -100,6 +100,12 @@ class Store:
         while True:
             try:
                 return duckdb.connect(str(self.path))
+            except duckdb.ResourceInUseException as exc:  # another thread of this process is opening the file
+                if time.monotonic() >= deadline:
+                    raise UserError(f"The cache {self.path} is busy; try again in a moment.") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+                continue
             except duckdb.IOException as exc:
                 message = str(exc)
                 if "not a valid DuckDB database" in message:
@@ -133,10 +139,23 @@ class Store:
         con = self._open()
         try:
             for ddl in self._schemas:
-                con.execute(ddl)
+                self._apply(con, ddl)
             yield con
         finally:
             con.close()
+
+    def _apply(self, con: duckdb.DuckDBPyConnection, ddl: str) -> None:
+        """Run schema DDL; another thread of this process applying it at the same moment is a catalog conflict that
+        a retry resolves (the dashboard's background jobs and its pages share the file)."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                con.execute(ddl)
+                return
+            except duckdb.TransactionException:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -57,3 +57,27 @@ def test_a_baseline_is_stored_once_per_protocol(tmp_path):
     baselines = history.stored_baselines(store, "m")
     assert len(baselines) == 2
     assert baselines.set_index("eval_seqlen").loc[64, "perplexity"] == 31.0
+
+
+def test_threads_of_one_process_share_the_store(tmp_path):
+    """A background job writing runs while a page reads them (one process, as in the dashboard) sees no error."""
+    import threading
+
+    store = Store(tmp_path / "store.duckdb")
+    errors: list[str] = []
+
+    def work(index: int) -> None:
+        for i in range(40):
+            try:
+                history.record_run(store, {"key": f"t{index}-{i}", "model": "m"})
+                history.stored_runs(store, "m")
+            except Exception as exc:  # collected: the assertion below names it
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert len(history.stored_runs(store, "m")) == 160
