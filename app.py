@@ -1,10 +1,11 @@
-"""Home: choose model and corpus, run (or resume) the sensitivity analysis, measure full-precision perplexity."""
+"""The dashboard's entry point: the navigation (ui.shell), then Home — choose model and corpus, run (or resume) the
+sensitivity analysis, measure full-precision perplexity."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from aptq import charts
+from aptq import charts, history
 from aptq.data import Corpus, evaluation_windows, token_ids
 from aptq.evaluate import Evaluation, evaluate
 from aptq.models import EMBEDDED_MODEL, SUPPORTED_FAMILIES, LoadedModel
@@ -13,15 +14,17 @@ from aptq.sensitivity import CPU_CALIBRATION, GPU_CALIBRATION, analyze
 from aptq.store import Store, default_path
 from ui import jobs
 from ui.session import (CORPORA, AnalysisRequest, analysis_request, analysis_status, cached_analysis_key,
-                        corpus_spec, current_corpus, current_model, describe, model_source, page_header,
-                        store_call, stored_analysis, usable_choice)
+                        cached_model_fingerprint, corpus_spec, current_corpus, current_model, describe, model_source,
+                        page_header, store_call, stored_analysis, usable_choice)
+from ui.shell import navigate, write_url
+
+if not navigate():  # another page was chosen and has run
+    st.stop()
 
 # Session keys that belong to one model: forgotten when the model or corpus changes.
-PER_MODEL_KEYS = ("analysis_request", "calib_samples", "calib_seqlen", "group_size", "max_blocks", "pins", "plan")
+PER_MODEL_KEYS = ("analysis_request", "calib_samples", "calib_seqlen", "group_size", "max_blocks", "pins", "plan",
+                  "pins_text", "url_pins")
 GROUP_SIZES = (0, 32, 64, 128)
-HEATMAP_METRICS = {"score": "APTQ trace per parameter", "score_attention": "attention-aware trace per parameter",
-                   "score_layerwise": "layer-wise trace per parameter", "trace_lm": "APTQ trace",
-                   "trace_attention": "attention-aware trace", "trace_layerwise": "layer-wise trace"}
 
 page_header("Mixed-precision quantization studio")
 st.markdown("See how sensitive every layer is, drag a bit budget, quantize, watch perplexity move — "
@@ -94,6 +97,19 @@ def analysis_controls(loaded: LoadedModel, corpus: Corpus) -> AnalysisRequest:
 st.subheader("Sensitivity analysis")
 request = analysis_controls(loaded, corpus)
 key = cached_analysis_key(model_source(), corpus_spec(), request)
+
+
+def start_analysis() -> None:
+    """A button callback: the job exists before the page is drawn, so this very run already shows it running."""
+    store = Store(default_path())
+
+    def work(progress: Progress) -> None:
+        # The frames land in the store block by block; the pages read them from there.
+        analyze(loaded, corpus, request.sampling, request.settings, store=store, progress=progress)
+
+    jobs.start(key, "Sensitivity analysis", model_source(), work)
+
+
 job = jobs.find(key)
 running = job is not None and job.active
 status = store_call(lambda: analysis_status(key))
@@ -102,26 +118,21 @@ if complete:
     st.success(f"Analysis stored: {describe(loaded, corpus, request)}; {status['seconds']:.0f} s of model work on "
                f"{status['device']}. Open **Sensitivity** or **Bit budget** in the sidebar.")
 elif running:
-    pass  # the progress panel below says everything
-elif status is not None:
+    st.info(f"Analysing: {describe(loaded, corpus, request)}. Other pages stay usable meanwhile.")
+elif status is not None and not (job is not None and job.state == "failed"):
     st.warning(f"Analysis interrupted after {status['blocks_done']} of {status['n_blocks']} blocks; "
                f"Start / resume continues with the next block.")
-else:
+elif status is None:
     st.info(f"Not analyzed yet: {describe(loaded, corpus, request)}.")
-if not complete and st.button("Start / resume analysis", type="primary", disabled=running):
-    store = Store(default_path())
-
-    def work(progress: Progress) -> None:
-        # The frames land in the store block by block; the pages read them from there.
-        analyze(loaded, corpus, request.sampling, request.settings, store=store, progress=progress)
-
-    job = jobs.start(key, "Sensitivity analysis", model_source(), work)
+if not complete:
+    st.button("Start / resume analysis", type="primary", disabled=running, on_click=start_analysis,
+              help="Runs in the background; the first block also measures this machine's speed for the ETA.")
 jobs.show(job)
 
 frames = store_call(lambda: stored_analysis(key)) if complete else None
 if frames is not None:
-    metric = st.selectbox("Heatmap metric", list(HEATMAP_METRICS), format_func=HEATMAP_METRICS.get)
-    st.plotly_chart(charts.sensitivity_heatmap(frames[0], metric, HEATMAP_METRICS[metric]), width="stretch")
+    metric = st.selectbox("Heatmap metric", list(charts.METRIC_LABELS), format_func=charts.METRIC_LABELS.get)
+    st.plotly_chart(charts.sensitivity_heatmap(frames[0], metric), width="stretch")
     st.caption("Blocks × projections, log colour scale; hover for exact values. More on the Sensitivity page.")
 
 st.subheader("Full-precision perplexity")
@@ -132,19 +143,42 @@ max_tokens = c2.number_input("Tokens to evaluate", min_value=16, value=16384, st
                              help="Non-overlapping windows from the start of the evaluation split (GPTQ protocol). "
                                   "~500 tokens/s on 2 CPU cores.")
 fp_prefix = f"fp:{model_source()}:{corpus_spec()}:"  # job keys: the results shown belong to this model and corpus
-if st.button("Measure perplexity"):
-    def measure(progress: Progress) -> Evaluation:
-        windows = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), int(seqlen), int(max_tokens))
-        return evaluate(loaded.model, windows, progress=progress, device=loaded.device)
+model_fp = cached_model_fingerprint(model_source())
 
-    fp_key = f"{fp_prefix}{seqlen}:{max_tokens}"
+
+def measure_perplexity() -> None:
+    """A button callback (the job shows as running in this very run); the result is stored as a baseline."""
+    window, tokens = int(st.session_state["fp_seqlen"]), int(st.session_state["fp_tokens"])
+    store = Store(default_path())
+
+    def measure(progress: Progress) -> Evaluation:
+        windows = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), window, tokens)
+        result = evaluate(loaded.model, windows, progress=progress, device=loaded.device)
+        history.record_baseline(store, model_fp, corpus.name, result.seqlen, result.tokens, result.perplexity,
+                                result.tokens_per_second)
+        return result
+
+    fp_key = f"{fp_prefix}{window}:{tokens}"
     jobs.start(fp_key, "Full-precision perplexity", model_source(), measure)
     st.session_state["fp_jobs"] = [fp_key] + [k for k in st.session_state.get("fp_jobs", []) if k != fp_key]
+
+
+st.button("Measure perplexity", on_click=measure_perplexity)
 for fp_key in [k for k in st.session_state.get("fp_jobs", []) if k.startswith(fp_prefix)]:
     fp_job = jobs.find(fp_key)
     if fp_job is not None and fp_job.state == "finished":
         result = fp_job.result
         st.success(f"Perplexity **{result.perplexity:.3f}** on {corpus.name} evaluation split, window {result.seqlen}, "
-                   f"{result.tokens} predicted tokens ({result.tokens_per_second:.0f} tokens/s).")
+                   f"{result.tokens} predicted tokens ({result.tokens_per_second:.0f} tokens/s); stored.")
     else:
         jobs.show(fp_job)
+baselines = store_call(lambda: history.stored_baselines(Store(), model_fp))
+if baselines is not None and not baselines.empty:
+    st.caption("Stored full-precision perplexities of this model (the Trade-offs page draws them as baselines):")
+    st.dataframe(baselines[baselines["corpus"] == corpus.name][["perplexity", "eval_seqlen", "eval_tokens",
+                                                                 "tokens_per_second", "created"]],
+                 hide_index=True, column_config={"eval_seqlen": "window", "eval_tokens": "tokens",
+                                                 "tokens_per_second": "tokens/s", "perplexity": st.column_config.
+                                                 NumberColumn("perplexity", format="%.3f")})
+
+write_url()

@@ -14,11 +14,13 @@ KIND_ORDER = ["q", "k", "v", "o", "gate", "up", "down"]
 METHOD_COLORS = {"fp": "#222222", "uniform": "#7f7f7f", "aptq": "#1f77b4", "knapsack": "#d62728",
                  "knapsack-layerwise": "#ff7f0e", "random": "#9467bd", "rtn": "#8c564b", "gptq": "#2ca02c",
                  "attention": "#e377c2"}
-BIT_COLORS = {2: "#b2182b", 3: "#ef8a62", 4: "#fddbc7", 5: "#d1e5f0", 6: "#92c5de", 8: "#4393c3", 16: "#2166ac"}
-METRIC_LABELS = {"trace_layerwise": "layer-wise trace tr(I⊗H)", "trace_attention": "attention-aware trace",
-                 "trace_lm": "APTQ trace tr(H_LM) (Hutchinson)", "score": "APTQ trace per parameter",
-                 "score_layerwise": "layer-wise trace per parameter",
-                 "score_attention": "attention-aware trace per parameter"}
+# One hue per width, told apart at a glance and on a projector: red (2) … green (8), FP16 a neutral grey.
+BIT_COLORS = {2: "#d7191c", 3: "#fd8d3c", 4: "#fed976", 5: "#c7e9b4", 6: "#7fcdbb", 7: "#41b6c4", 8: "#1a9641",
+              16: "#bdbdbd"}
+# Per-layer metrics in the order the pages offer them; the first is every page's default.
+METRIC_LABELS = {"score": "APTQ trace per parameter", "score_attention": "attention-aware trace per parameter",
+                 "score_layerwise": "layer-wise trace per parameter", "trace_lm": "APTQ trace tr(H_LM) (Hutchinson)",
+                 "trace_attention": "attention-aware trace", "trace_layerwise": "layer-wise trace tr(I⊗H)"}
 
 
 def _kinds(frame: pd.DataFrame) -> list[str]:
@@ -40,7 +42,7 @@ def _grid(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str], list
 def _grid_layout(title: str, blocks: list[int]) -> dict:
     """Shared layout of the block × projection heatmaps: integer block ticks (no block 0.5), q at the top."""
     dtick = 1 if len(blocks) <= 16 else 2 if len(blocks) <= 40 else 5
-    return {"title": title, "height": 330, "margin": {"t": 50, "b": 40},
+    return {"title": {"text": title, "y": 0.97, "yanchor": "top"}, "height": 330, "margin": {"t": 60, "b": 40},
             "xaxis": {"title": "block", "tickmode": "linear", "dtick": dtick},
             "yaxis": {"title": "projection", "autorange": "reversed"}}
 
@@ -59,11 +61,13 @@ def sensitivity_heatmap(layers: pd.DataFrame, metric: str, title: str | None = N
         _grid_layout(title or METRIC_LABELS.get(metric, metric), blocks))
 
 
-def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer", selectable: bool = False) -> go.Figure:
-    """Blocks × projection types coloured by the plan's bit width (discrete colours per width).
+def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer", selectable: bool = False,
+                 pinned: frozenset[str] = frozenset()) -> go.Figure:
+    """Blocks × projection types coloured by the plan's bit width (one fixed colour per width, BIT_COLORS).
 
-    `selectable` overlays one invisible square marker per cell: plotly selects scatter points but not heatmap cells,
-    so clicks and box selections land on the markers (a selected cell shows a dark square; shift-click adds).
+    `pinned` layers carry a black ring, so a pinned cell never looks like one the solver chose. `selectable` overlays
+    one invisible square marker per cell: plotly selects scatter points but not heatmap cells, so clicks and box
+    selections land on the markers (a selected cell shows a dark square; shift-click adds).
     """
     bits, kinds, blocks = _grid(plan, "bits")
     widths = sorted({int(b) for b in plan["bits"]})
@@ -75,22 +79,33 @@ def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer", selectable: 
     hover = "block %{x} · %{y}: %{customdata} bits<extra></extra>"
     traces = [go.Heatmap(z=band, x=blocks, y=kinds, customdata=bits, zmin=0, zmax=steps, colorscale=scale or "Greys",
                          colorbar={"tickvals": [i + 0.5 for i in range(steps)],
-                                   "ticktext": [f"{w} bit" for w in widths]},
-                         hovertemplate=hover, hoverinfo="skip" if selectable else None)]
+                                   "ticktext": ["FP16" if w == 16 else f"{w} bit" for w in widths]},
+                         hovertemplate=hover, hoverinfo="skip" if selectable else None, xgap=1, ygap=1)]
+    held = plan[plan["layer"].isin(pinned)]
+    if not held.empty:
+        traces.append(go.Scatter(x=held["block"], y=held["kind"], mode="markers", name="pinned", showlegend=True,
+                                 marker={"symbol": "circle-open", "size": 12, "color": "#000", "line": {"width": 2}},
+                                 hoverinfo="skip"))
     if selectable:  # hover and clicks go to the markers
         traces.append(go.Scatter(
             x=plan["block"], y=plan["kind"], customdata=plan["bits"], mode="markers", showlegend=False,
             marker={"symbol": "square-open", "size": 18, "color": "#111", "opacity": 0, "line": {"width": 3}},
             selected={"marker": {"opacity": 1}}, unselected={"marker": {"opacity": 0}}, hovertemplate=hover))
-    return go.Figure(traces, _grid_layout(title, blocks))
+    layout = _grid_layout(title, blocks) | {"legend": {"orientation": "h", "y": -0.25}}
+    return go.Figure(traces, layout)
 
 
 def block_bars(layers: pd.DataFrame, metric: str, label: str | None = None) -> go.Figure:
-    """Per-block totals of `metric`, stacked by projection type."""
+    """Each block's share of the model's total `metric`, stacked by projection type on a linear axis (a stack on a
+    log axis would misstate the parts)."""
     totals = layers.groupby(["block", "kind"], as_index=False)[metric].sum()
-    figure = px.bar(totals, x="block", y=metric, color="kind", category_orders={"kind": _kinds(layers)},
-                    log_y=True, labels={metric: label or METRIC_LABELS.get(metric, metric)})
-    figure.update_layout(height=320, margin={"t": 30, "b": 40}, title="per block")
+    totals = totals.assign(share=100 * totals[metric] / totals[metric].sum())
+    figure = px.bar(totals, x="block", y="share", color="kind", category_orders={"kind": _kinds(layers)},
+                    hover_data={metric: ":.4g"},
+                    labels={"share": "share of the total (%)", metric: label or METRIC_LABELS.get(metric, metric)})
+    figure.update_layout(height=340, margin={"t": 60, "b": 40},
+                         title={"text": f"share per block — {label or METRIC_LABELS.get(metric, metric)}", "y": 0.97,
+                                "yanchor": "top"})
     return figure
 
 
@@ -109,32 +124,67 @@ def rank_comparison(layers: pd.DataFrame, x_metric: str, y_metric: str) -> go.Fi
 
 QUANT_DASH = {"rtn": "dot", "gptq": "dash", "attention": "solid"}  # line style per quantization method
 QUANT_SYMBOLS = {"rtn": "square", "gptq": "diamond", "attention": "circle"}
-AXIS_LABELS = {"avg_bits": "average bits per weight", "effective_bits": "effective bits per weight (with scales)",
+AXIS_LABELS = {"avg_bits": "average bits per weight, whole model",
+               "effective_bits": "effective bits per weight (with scales), whole model",
+               "covered_avg_bits": "average bits per weight over the covered layers",
+               "covered_effective_bits": "effective bits per weight (with scales) over the covered layers",
                "perplexity": "perplexity", "kl": "KL(full precision ‖ quantized), nats/token",
                "top1": "top-1 agreement", "predicted_error_attention": "predicted Σ e (attention-aware)",
                "predicted_error_layerwise": "predicted Σ e (layer-wise)"}
 
 
-def tradeoff_curves(runs: pd.DataFrame, y: str = "perplexity", protocol: str = "", x: str = "avg_bits",
+def tradeoff_curves(runs: pd.DataFrame, y: str = "perplexity", title: str = "", x: str = "covered_avg_bits",
+                    baseline: float | None = None, frontier: pd.DataFrame | None = None,
                     current: dict | None = None) -> go.Figure:
-    """`y` against bits from stored runs (columns allocation, method, plan_name, x, y): one line per allocation
-    method (colour) and quantization method (dash). `current` = {"x", "y" (None when there is no estimate),
-    "label"} adds the current plan, predicted only: an open star, or a dotted vertical line without an estimate."""
+    """`y` against bits from stored runs of one run set (aptq.tradeoffs): one line per allocation method (colour) and
+    quantization method (dash); `baseline` the full-precision value (a horizontal line); `frontier` the runs nothing
+    beats (a grey step line). `current` = {"x", "y", "low", "high", "label"} adds the current plan: a filled star when
+    it was measured (low = high = y), an open star with its uncertainty band when estimated, a dotted vertical line
+    when there is neither."""
     figure = go.Figure()
+    if frontier is not None and len(frontier) > 1:
+        figure.add_trace(go.Scatter(x=frontier[x], y=frontier[y], mode="lines", name="best runs (Pareto frontier)",
+                                    line={"color": "#bbbbbb", "width": 8, "shape": "hv"}, hoverinfo="skip"))
     for (allocation, method), group in runs.sort_values(x).groupby(["allocation", "method"], sort=True):
         figure.add_trace(go.Scatter(
             x=group[x], y=group[y], mode="lines+markers", name=f"{allocation} · {method}",
             line={"color": METHOD_COLORS.get(str(allocation)), "dash": QUANT_DASH.get(str(method), "solid")},
-            marker={"symbol": QUANT_SYMBOLS.get(str(method), "circle"), "size": 8}, customdata=group[["plan_name"]],
+            marker={"symbol": QUANT_SYMBOLS.get(str(method), "circle"), "size": 9}, customdata=group[["plan_name"]],
             hovertemplate=f"%{{customdata[0]}}<br>%{{x:.3f}} bits<br>{y} %{{y:.4g}}<extra>%{{fullData.name}}</extra>"))
+    if baseline is not None:
+        figure.add_hline(y=baseline, line={"dash": "dash", "color": METHOD_COLORS["fp"]},
+                         annotation_text=f"full precision {baseline:.4g}", annotation_position="bottom right")
     if current is not None and current.get("y") is not None:
+        error = {"type": "data", "symmetric": False, "array": [current["high"] - current["y"]],
+                 "arrayminus": [current["y"] - current["low"]], "visible": bool(current["high"] > current["low"])}
         figure.add_trace(go.Scatter(x=[current["x"]], y=[current["y"]], mode="markers", name=current["label"],
-                                    marker={"symbol": "star-open", "size": 16, "color": "#000", "line": {"width": 2}}))
+                                    error_y=error, marker={"symbol": "star" if current["high"] == current["low"]
+                                                           else "star-open", "size": 18, "color": "#000",
+                                                           "line": {"width": 2}}))
     elif current is not None:
         figure.add_vline(x=current["x"], line={"dash": "dot", "color": "#000"}, annotation_text=current["label"])
-    figure.update_layout(xaxis_title=AXIS_LABELS.get(x, x), yaxis_title=AXIS_LABELS.get(y, y), yaxis_type="log",
-                         title=f"{y} vs bits" + (f" — {protocol}" if protocol else ""), height=440,
-                         legend={"title": "allocation · quantization"})
+    figure.update_layout(xaxis_title=AXIS_LABELS.get(x, x), yaxis_title=AXIS_LABELS.get(y, y),
+                         yaxis_type="linear" if y == "top1" else "log", height=460,
+                         title={"text": title or f"{y} vs bits", "y": 0.97, "yanchor": "top"},
+                         margin={"t": 60}, legend={"title": "allocation · quantization"})
+    return figure
+
+
+def predicted_curves(curves: pd.DataFrame, current: dict | None = None) -> go.Figure:
+    """Predicted total error against bits for every solver (aptq.tradeoffs.predicted_curves), before anything is
+    quantized; `current` = {"x", "y", "label"} marks the current plan."""
+    figure = go.Figure()
+    for solver, group in curves.groupby("solver", sort=False):
+        figure.add_trace(go.Scatter(x=group["avg_bits"], y=group["predicted_error_attention"], mode="lines+markers",
+                                    name=str(solver), line={"color": METHOD_COLORS.get(str(solver))},
+                                    hovertemplate="%{x:.3f} bits<br>predicted %{y:.4g}<extra>%{fullData.name}</extra>"))
+    if current is not None:
+        figure.add_trace(go.Scatter(x=[current["x"]], y=[current["y"]], mode="markers", name=current["label"],
+                                    marker={"symbol": "star", "size": 16, "color": "#000"}))
+    figure.update_layout(xaxis_title="average bits per weight over the analysed layers",
+                         yaxis_title=AXIS_LABELS["predicted_error_attention"], yaxis_type="log", height=400,
+                         title={"text": "predicted error against bits, every solver (from the analysis alone)",
+                                "y": 0.97, "yanchor": "top"}, margin={"t": 60}, legend={"title": "solver"})
     return figure
 
 

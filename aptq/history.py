@@ -10,7 +10,12 @@ runs    key PK (model + calibration + plan + quantization settings + evaluation 
         method (rtn | gptq | attention), group_size, settings (JSON), plan (JSON), plan_key, plan_name,
         allocation, budget, analysis (the analysis whose errors predicted this plan, if any), avg_bits,
         effective_bits, size_mb, predicted_error_attention, predicted_error_layerwise, perplexity, kl, top1,
-        fp_perplexity, quant_seconds, eval_seconds, device, notes (fallbacks and warnings)
+        fp_perplexity, quant_seconds, eval_seconds, device, notes (fallbacks and warnings),
+        coverage (aptq.coverage: the layers the plan decides, e.g. "blocks 0–3 of 30"), covered_avg_bits,
+        covered_effective_bits (over those layers; avg_bits/effective_bits are over the whole model),
+        label and tag (a person's name and tag for the run), completions (JSON: aptq.teaching samples)
+baselines  (model, corpus, eval_seqlen, eval_tokens) PK, perplexity, tokens_per_second, created: full-precision
+        perplexity measured on the Home page
 
 A run row is written once, in one statement, after the model has been quantized and evaluated: there is never a
 half-written row.
@@ -37,6 +42,16 @@ CREATE TABLE IF NOT EXISTS runs (
     budget DOUBLE, analysis VARCHAR, avg_bits DOUBLE, effective_bits DOUBLE, size_mb DOUBLE,
     predicted_error_attention DOUBLE, predicted_error_layerwise DOUBLE, perplexity DOUBLE, kl DOUBLE, top1 DOUBLE,
     fp_perplexity DOUBLE, quant_seconds DOUBLE, eval_seconds DOUBLE, device VARCHAR, notes VARCHAR);
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS coverage VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS covered_avg_bits DOUBLE;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS covered_effective_bits DOUBLE;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS label VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS tag VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS completions JSON;
+CREATE TABLE IF NOT EXISTS baselines (
+    model VARCHAR, corpus VARCHAR, eval_seqlen INTEGER, eval_tokens BIGINT, perplexity DOUBLE,
+    tokens_per_second DOUBLE, created TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (model, corpus, eval_seqlen, eval_tokens));
 """
 
 
@@ -120,3 +135,54 @@ def trust(runs: pd.DataFrame) -> pd.DataFrame:
                 row[f"spearman_{predicted.removeprefix('predicted_error_')}_{measured}"] = value
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ---- runs a person manages: names, tags, deletion, filtering, export ------------------------------------------------
+
+def label_run(store: Store | None, key: str, label: str | None = None, tag: str | None = None) -> None:
+    """Give a run a name and a tag (None or blank clears them)."""
+    store = _ready(store)
+    store.execute("UPDATE runs SET label = ?, tag = ? WHERE key = ?",
+                  [(label or "").strip() or None, (tag or "").strip() or None, key])
+
+
+def delete_runs(store: Store | None, keys: list[str]) -> int:
+    """Delete runs by key; the number deleted."""
+    store = _ready(store)
+    with store.transaction() as con:
+        before = con.execute("SELECT count(*) FROM runs").fetchone()[0]
+        con.execute("DELETE FROM runs WHERE list_contains(?, key)", [list(keys)])
+        return before - con.execute("SELECT count(*) FROM runs").fetchone()[0]
+
+
+def filter_runs(runs: pd.DataFrame, text: str = "", tag: str | None = None) -> pd.DataFrame:
+    """Runs whose label, plan name, allocation, method, tag or coverage contains `text` (case-insensitive), and
+    whose tag is `tag` when one is given."""
+    chosen = runs
+    if tag:
+        chosen = chosen[chosen["tag"] == tag]
+    if text.strip():
+        fields = ["label", "plan_name", "allocation", "method", "tag", "coverage"]
+        haystack = chosen[[f for f in fields if f in chosen]].astype("string").fillna("").agg(" ".join, axis=1)
+        chosen = chosen[haystack.str.contains(text.strip(), case=False, regex=False)]
+    return chosen
+
+
+def runs_csv(runs: pd.DataFrame) -> str:
+    """The runs table as CSV (plans and completions left out: they are long JSON)."""
+    return runs.drop(columns=[c for c in ("plan", "completions") if c in runs]).to_csv(index=False)
+
+
+def record_baseline(store: Store | None, model_fp: str, corpus: str, seqlen: int, tokens: int, perplexity: float,
+                    tokens_per_second: float) -> None:
+    """Store a full-precision perplexity (one row per model and protocol; a remeasurement replaces it)."""
+    store = _ready(store)
+    store.write_frame("baselines", pd.DataFrame([{"model": model_fp, "corpus": corpus, "eval_seqlen": seqlen,
+                                                  "eval_tokens": tokens, "perplexity": perplexity,
+                                                  "tokens_per_second": tokens_per_second}]))
+
+
+def stored_baselines(store: Store | None, model_fp: str) -> pd.DataFrame:
+    """The model's full-precision perplexities, newest first."""
+    store = _ready(store)
+    return store.query("SELECT * FROM baselines WHERE model = ? ORDER BY created DESC", [model_fp])

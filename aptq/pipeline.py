@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from aptq import validate
+from aptq import coverage, teaching, validate
 from aptq.allocate import weight_size
 from aptq.capture import BlockStep, BlockWalk
 from aptq.choices import QUANTIZERS
@@ -85,6 +85,7 @@ class QuantizeSettings:
 class EvalSettings:
     seqlen: int = 512
     max_tokens: int | None = 16384  # None: the whole evaluation split
+    prompts: int = 0  # corpus prompts completed by both models and stored with the run (aptq.teaching)
 
 
 def uniform_plan(arch: Architecture, bits: int) -> dict[str, int]:
@@ -368,7 +369,9 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     same run was stored before and no model work was done). `plan_meta` may carry name, allocation, budget,
     analysis, predicted_error_attention and predicted_error_layerwise. With `export_dir`, the quantized model and its
     plan files are written there (refused if it exists, unless `overwrite`), and each of `export_formats` (aptq.export)
-    beside them, after the evaluation. `rtn_memo`: see `quantize_model`."""
+    beside them, after the evaluation. `rtn_memo`: see `quantize_model`. The layers `plan` names are its coverage
+    (aptq.coverage), stored with the run."""
+    decided = dict(plan)
     plan = check_plan(loaded.arch, plan, settings)
     from aptq import history
     from aptq.store import Store
@@ -413,8 +416,11 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
         return stored | {"cached": True, "export_dir": str(export_dir)}
     result = evaluate(loaded.model, windows, reference=reference, progress=_stage(progress, "evaluating"),
                       device=device, weights=quantized)
-    size = weight_size(layer_table(loaded), np.array([plan[layer.name] for layer in loaded.arch.layers]),
-                       settings.group_size)
+    completions = teaching.side_by_side(loaded.model, lambda: quantized.applied(loaded.model), loaded.tokenizer,
+                                        teaching.corpus_prompts(corpus, evaluation.prompts))
+    table = layer_table(loaded)
+    size = weight_size(table, np.array([plan[layer.name] for layer in loaded.arch.layers]), settings.group_size)
+    size |= coverage.run_fields(loaded.arch, table, decided, settings.group_size)
     row = {"key": key, "model": model_fp, "model_name": loaded.display_name, "corpus": corpus.name,
            "eval_seqlen": evaluation.seqlen, "eval_tokens": result.tokens, "calibration": calibration_fp,
            "method": settings.method, "group_size": settings.group_size,
@@ -427,7 +433,8 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
            "predicted_error_layerwise": meta.get("predicted_error_layerwise"),
            "perplexity": result.perplexity, "kl": result.kl_divergence, "top1": result.top1_agreement,
            "fp_perplexity": float(np.exp(reference.mean_nll)), "quant_seconds": quant_seconds,
-           "eval_seconds": result.seconds, "device": device, "notes": " ".join(notes) or None}
+           "eval_seconds": result.seconds, "device": device, "notes": " ".join(notes) or None,
+           "completions": json.dumps([asdict(c) for c in completions]) if completions else None}
     history.record_run(store, row)
     stored = history.find_run(store, key)
     if export_dir is not None:

@@ -37,7 +37,7 @@ def main() -> None:
                                     Sampling(args.samples, args.seqlen))
     windows = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), args.seqlen, 8 * args.seqlen)
     plan = {layer.name: 3 if layer.block < args.blocks else 16 for layer in loaded.arch.layers}
-    for method in pipeline.METHODS:
+    for method in pipeline.QUANTIZERS:
         start = time.perf_counter()
         result, _ = pipeline.quantize_model(loaded, plan, pipeline.QuantizeSettings(method, 64), segments,
                                             key=f"speed-{method}")

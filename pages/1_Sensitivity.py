@@ -5,9 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from aptq import charts
+from aptq import charts, ranking
 from aptq.allocate import comparable_errors
 from ui.session import current_analysis, page_header
+from ui.shell import presenting
 
 page_header("Sensitivity")
 analysis = current_analysis()
@@ -15,10 +16,12 @@ if analysis is None:
     st.stop()
 layers, errors = analysis.layers, analysis.errors
 
-METRICS = {"trace_attention": "attention-aware trace (aespa/BoA Hessians)",
-           "trace_layerwise": "layer-wise trace (GPTQ H)", "trace_lm": "APTQ trace (Levenberg–Marquardt, Hutchinson)",
-           "score": "APTQ trace per parameter", "score_attention": "attention-aware trace per parameter",
-           "score_layerwise": "layer-wise trace per parameter", "error": "predicted error at b bits"}
+METRICS = charts.METRIC_LABELS | {"error": "predicted error at b bits"}  # the same default (first) as Home's
+TABLE_COLUMNS = {"layer": "layer", "block": "block", "kind": "projection", "n_params": "parameters",
+                 "score": "APTQ score", "score_attention": "attention-aware score",
+                 "score_layerwise": "layer-wise score", "trace_lm": "APTQ trace", "trace_lm_se": "± (std. error)",
+                 "trace_attention": "attention-aware trace", "trace_layerwise": "layer-wise trace",
+                 "residual_ms": "residual ‖h‖²"}
 left, mid, right = st.columns([2, 1, 1])
 metric = left.selectbox("Metric", list(METRICS), format_func=METRICS.get, key="sens_metric", persist_state="session")
 frame, label = layers, METRICS[metric]
@@ -37,7 +40,7 @@ if metric == "error":
 
 st.plotly_chart(charts.sensitivity_heatmap(frame, metric, label), width="stretch")
 st.caption("Log colour scale; hover a cell for the exact value. Values come from the cache: "
-           f"{analysis.description}.")
+           f"{analysis.description}. Below: each block's share of the model's total (linear scale).")
 st.plotly_chart(charts.block_bars(frame, metric, label), width="stretch")
 
 st.subheader("Layer-wise versus attention-aware ranking")
@@ -46,16 +49,15 @@ x_metric = "score_layerwise"
 y_metric = rank_right.selectbox("Compare with", ["score_attention", "score"], format_func=METRICS.get, key="sens_rank",
                                 persist_state="session")
 rank_left.plotly_chart(charts.rank_comparison(layers, x_metric, y_metric), width="stretch")
-spearman = layers[x_metric].rank().corr(layers[y_metric].rank())
-rank_right.metric("Spearman rank correlation", f"{spearman:.3f}")
-moved = layers.assign(rank_layerwise=layers[x_metric].rank(ascending=False).astype(int),
-                      rank_other=layers[y_metric].rank(ascending=False).astype(int))
-moved = moved.assign(shift=moved["rank_layerwise"] - moved["rank_other"])
+rank_right.metric("Spearman rank correlation", f"{ranking.spearman(layers, x_metric, y_metric):.3f}")
 rank_right.write("Layers whose rank moves the most (positive: more sensitive than the layer-wise view says):")
-rank_right.dataframe(moved.reindex(moved["shift"].abs().sort_values(ascending=False).index)
-                     [["layer", "rank_layerwise", "rank_other", "shift"]].head(12), hide_index=True)
+rank_right.dataframe(ranking.rank_shifts(layers, x_metric, y_metric), hide_index=True, column_config={
+    "layer": st.column_config.TextColumn("layer", width="medium"),
+    "rank_x": st.column_config.NumberColumn("layer-wise rank", format="%d"),
+    "rank_y": st.column_config.NumberColumn("other rank", format="%d"),
+    "shift": st.column_config.NumberColumn("moves up by", format="%+d")})
 
-with st.expander("What these numbers are", expanded=True):
+with st.expander("What these numbers are", expanded=not presenting()):
     st.markdown("Notation: `X` is a layer's input (`d_in × N`, one column per calibration token), `W` its weight, "
                 "`ΔW = Q(W) − W` the quantization error. Items marked *(our choice)* are where the papers are silent "
                 "and this project decided.")
@@ -90,4 +92,6 @@ with st.expander("What these numbers are", expanded=True):
              r"\,\frac{1}{\operatorname{median}_t \|h_t\|^2}")
 
 with st.expander("Table"):
-    st.dataframe(pd.DataFrame(layers), hide_index=True)
+    shown = [c for c in TABLE_COLUMNS if c in layers]
+    st.dataframe(pd.DataFrame(layers)[shown].rename(columns=TABLE_COLUMNS), hide_index=True,
+                 column_config={"layer": st.column_config.TextColumn(width="medium")})

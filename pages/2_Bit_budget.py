@@ -8,10 +8,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from aptq import charts
+from aptq import charts, coverage
 from aptq.allocate import (ALLOCATORS, FULL_PRECISION, AllocationError, AllocationRequest, Plan, allocate, plan_frame,
                            summarize)
-from ui.session import Analysis, current_analysis, page_header, save_current_plan
+from aptq.share import pins_from_text, pins_to_text
+from ui.plans import model_layer_table
+from ui.session import Analysis, current_analysis, model_source, page_header, save_current_plan
+from ui.shell import presenting
 
 SOLVER_HELP = ("knapsack: least total predicted error (attention-aware Hessians, each layer's error taken to its "
                "module's output and made relative to the residual stream — our choice) within the budget; "
@@ -19,33 +22,43 @@ SOLVER_HELP = ("knapsack: least total predicted error (attention-aware Hessians,
                "take the low width); uniform; random (seeded, for comparison).")
 
 
-def controls(analysis: Analysis, available: list[int]) -> AllocationRequest:
-    """The sidebar-like control column. Widgets persist for the session, so a page switch keeps the choices."""
+def budget_row(available: list[int]) -> float:
+    """A full-width slider over the analysis's widths and a number box beside it, kept in step."""
     st.session_state.setdefault("budget", 3.0)
-    st.session_state["budget"] = min(max(st.session_state["budget"], available[0]), available[-1])
+    st.session_state["budget"] = min(max(float(st.session_state["budget"]), available[0]), available[-1])
+    st.session_state["budget_box"] = st.session_state["budget"]
+    slider, box = st.columns([6, 1], vertical_alignment="bottom")
+    # The range is fixed by the analysis (not by the candidates) so that the slider keeps its value.
+    slider.slider("Average bits per weight over the analysed layers", float(available[0]), float(available[-1]),
+                  step=0.05, key="budget", persist_state="session")
+    box.number_input("Bits", float(available[0]), float(available[-1]), step=0.05, format="%.2f", key="budget_box",
+                     on_change=lambda: st.session_state.update(budget=st.session_state["budget_box"]),
+                     help="type an exact budget")
+    return float(st.session_state["budget"])
+
+
+def controls(analysis: Analysis, available: list[int], budget: float) -> AllocationRequest:
+    """The control column. Widgets persist for the session, so a page switch keeps the choices; presentation mode
+    keeps the solver only."""
     method = st.selectbox("Solver", ALLOCATORS, key="method", help=SOLVER_HELP, persist_state="session")
-    candidates = st.multiselect("Candidate widths", available, default=available, key="candidates",
-                                persist_state="session")
-    low_high = (2, 4)
+    candidates, low_high, seed, min_bits = available, (2, 4), 0, {}
+    if not presenting():
+        candidates = st.multiselect("Candidate widths", available, default=available, key="candidates",
+                                    persist_state="session")
+        seed = st.number_input("Seed", value=0, step=1, key="seed", persist_state="session") \
+            if method == "random" else 0
+        with st.expander("Per-type minimum widths"):
+            kinds = [k for k in charts.KIND_ORDER if k in set(analysis.layers["kind"])]
+            min_bits = {k: int(v) for k in kinds if (v := st.selectbox(f"min bits · {k}", [0] + available,
+                                                                        key=f"min_{k}", persist_state="session"))}
     if method == "aptq":
         pair = [w for w in available if w in candidates] or available
         low = st.selectbox("Low width", pair, index=0, key="aptq_low")
         high = st.selectbox("High width", pair, index=pair.index(4) if 4 in pair else len(pair) - 1, key="aptq_high",
                             help="The paper mixes 2 and 4 bits.")
         low_high = (int(low), int(high))
-    # The range is fixed by the analysis (not by the candidates) so that the slider keeps its value.
-    budget = st.slider("Average bits per weight", float(available[0]), float(available[-1]), step=0.05,
-                       key="budget", persist_state="session")
-    seed = st.number_input("Seed", value=0, step=1, key="seed", persist_state="session") if method == "random" else 0
-    with st.expander("Per-type minimum widths"):
-        kinds = [k for k in charts.KIND_ORDER if k in set(analysis.layers["kind"])]
-        min_bits = {k: int(v) for k in kinds if (v := st.selectbox(f"min bits · {k}", [0] + available, key=f"min_{k}",
-                                                                    persist_state="session"))}
     st.caption(f"Group size {analysis.group_size or 'per-channel'} (set by the analysis).")
-    if analysis.request.max_blocks is not None:
-        st.caption(f"The analysis covers the first {analysis.layers['block'].nunique()} blocks only: the plan and its "
-                   f"numbers are for their layers, and quantizing keeps the other blocks in FP16.")
-    return AllocationRequest(budget=float(budget), method=method, candidates=tuple(int(c) for c in candidates),
+    return AllocationRequest(budget=budget, method=method, candidates=tuple(int(c) for c in candidates),
                              pins=dict(st.session_state["pins"]), min_bits=min_bits, low_high=low_high,
                              seed=int(seed), group_size=analysis.group_size)
 
@@ -64,32 +77,59 @@ def set_pins(pins: dict[str, int]) -> None:
     st.rerun()
 
 
-def headline(summary: dict) -> None:
+def headline(summary: dict, whole: dict[str, float], analysis: Analysis) -> None:
+    partial = analysis.request.max_blocks is not None
+    scope = "analysed layers" if partial else "whole model"
     cols = st.columns(5)
-    cols[0].metric("Average bits", f"{summary['avg_bits']:.3f}")
-    cols[1].metric("Effective bits", f"{summary['effective_bits']:.3f}", help="with an fp16 scale and zero per group")
-    cols[2].metric("Size", f"{summary['size_mb']:.1f} MB", help="quantizable linear weights only, with scales")
-    cols[3].metric("Compression", f"{summary['compression']:.2f}×", help="FP16 size / plan size")
+    cols[0].metric(f"Average bits ({scope})", f"{summary['avg_bits']:.3f}",
+                   help="parameter-weighted mean width of the layers the plan decides")
+    cols[1].metric(f"Effective bits ({scope})", f"{summary['effective_bits']:.3f}",
+                   help="with an fp16 scale and zero per group")
+    cols[2].metric("Size (whole model)", f"{whole['size_mb']:.1f} MB",
+                   help="every quantizable linear weight with scales; layers outside the analysis in FP16")
+    cols[3].metric("Compression", f"{summary['compression']:.2f}×", help=f"FP16 size / plan size, {scope}")
     cols[4].metric("Predicted error", f"{summary['predicted_error_attention']:.4g}",
                    help="Σ e(layer, b) with the attention-aware Hessians, each moved to its module's output "
                         "(× APTQ trace / trace of its Hessian) and divided by the median ‖h‖² of the residual stream "
                         "it is added to (our choice: the papers sum raw errors, which are not in one unit) — what the "
                         "knapsack minimizes")
-    st.caption(f"FP16: {summary['fp16_size_mb']:.1f} MB. Predicted error with the layer-wise Hessians: "
-               f"{summary['predicted_error_layerwise']:.4g}. Layers per width: "
+    if partial:
+        st.warning(f"The analysis covers {coverage_label(analysis)} only: the plan decides those layers, and a run "
+                   f"keeps the others in FP16 — **{whole['avg_bits']:.3f} average bits over the whole model**. "
+                   f"Runs of this plan are compared only with runs of the same coverage.")
+    st.caption(f"FP16: {summary['fp16_size_mb']:.1f} MB over the {scope}. Predicted error with the layer-wise "
+               f"Hessians: {summary['predicted_error_layerwise']:.4g}. Layers per width: "
                + ", ".join(f"{count} × {bits} bits" for bits, count in summary["layers_by_bits"].items()) + ".")
+
+
+def coverage_label(analysis: Analysis) -> str:
+    blocks = sorted(analysis.layers["block"].unique())
+    return f"blocks {blocks[0]}–{blocks[-1]}" if len(blocks) > 1 else f"block {blocks[0]}"
+
+
+def uniform_note(plan: Plan, summary: dict, available: list[int]) -> None:
+    """A uniform plan has whole widths: say so when the budget lies between them, never round silently."""
+    if plan.request.method != "uniform" or abs(summary["avg_bits"] - plan.request.budget) < 1e-9:
+        return
+    below = max((w for w in available if w <= plan.request.budget), default=available[0])
+    above = min((w for w in available if w > plan.request.budget), default=None)
+    st.info(f"Uniform plans come in whole widths: {plan.request.budget:.2f} bits gives every free layer "
+            f"{below} bits (the widest width within the budget; average {summary['avg_bits']:.3f})."
+            + (f" The next width is {above} bits." if above else "")
+            + " Other solvers mix widths to use the whole budget.")
 
 
 def pin_from_heatmap(plan: Plan, summary: dict, analysis: Analysis, available: list[int]) -> None:
     frame = plan_frame(plan, analysis.layers)
-    event = st.plotly_chart(charts.plan_heatmap(frame, f"plan: {plan.request.method} at {plan.request.budget:.2f} bits",
-                                                selectable=True),
+    title = f"plan: {plan.request.method} at {plan.request.budget:.2f} bits"
+    event = st.plotly_chart(charts.plan_heatmap(frame, title, selectable=True,
+                                                pinned=frozenset(st.session_state["pins"])),
                             width="stretch", on_select="rerun", selection_mode=("points", "box"), key="plan_map")
     cells = {(int(p["x"]), str(p["y"])) for p in event.selection.points}
     chosen = [row.layer for row in frame.itertuples() if (row.block, row.kind) in cells]
     left, mid, right = st.columns([2, 1, 1], vertical_alignment="bottom")
     left.write(f"**{len(chosen)} cell(s) selected.**" if chosen else "Click heatmap cells (shift-click adds) or use "
-               "the box-select tool to pin them, or edit the table below.")
+               "the box-select tool to pin them, or edit the table below. Pinned cells carry a black ring.")
     width = mid.selectbox("Pin to", available + [FULL_PRECISION], key="pin_width",
                           format_func=lambda b: "keep FP16" if b == FULL_PRECISION else f"{b} bits")
     if right.button("Pin selected", disabled=not chosen):
@@ -101,13 +141,17 @@ def pin_from_heatmap(plan: Plan, summary: dict, analysis: Analysis, available: l
 def pin_table(plan: Plan | None, analysis: Analysis, available: list[int]) -> None:
     pins: dict[str, int] = st.session_state["pins"]
     base = analysis.layers[["layer", "block", "kind"]]
-    table = base.assign(bits=base["layer"].map(plan.bits) if plan else pd.NA,
-                        pin=base["layer"].map(pins).astype("Int64"))
+    table = pd.DataFrame({"pin": base["layer"].map(pins).astype("Int64"),
+                          "bits": base["layer"].map(plan.bits) if plan else pd.NA,
+                          "block": base["block"], "kind": base["kind"], "layer": base["layer"]})
     edited = st.data_editor(table, hide_index=True, key=f"pin_table_{st.session_state.get('pin_version', 0)}",
-                            disabled=["layer", "block", "kind", "bits"], height=280,
+                            disabled=["layer", "block", "kind", "bits"], height=280, width="stretch",
                             column_config={"pin": st.column_config.SelectboxColumn(
-                                "pin (bits)", options=available + [FULL_PRECISION],
-                                help="fix this layer's width (16 = keep in FP16); the budget is charged for it")})
+                                "pin (bits)", options=available + [FULL_PRECISION], width="small",
+                                help="fix this layer's width (16 = keep in FP16); the budget is charged for it"),
+                                "bits": st.column_config.NumberColumn("plan bits", width="small"),
+                                "block": st.column_config.NumberColumn(width="small"),
+                                "kind": st.column_config.TextColumn("projection", width="small")})
     edited_pins = {row.layer: int(row.pin) for row in edited.itertuples() if pd.notna(row.pin)}
     if edited_pins != pins:
         set_pins(edited_pins)
@@ -121,25 +165,32 @@ if analysis is None:
     st.stop()
 available = sorted(int(b) for b in analysis.errors["bits"].unique())
 st.session_state.setdefault("pins", {})
+if "url_pins" in st.session_state:  # pins named by a shared link (ui.shell), resolved against this analysis
+    st.session_state["pins"] = pins_from_text(st.session_state.pop("url_pins"), analysis.layers)
 
+budget = budget_row(available)
 left, view = st.columns([1, 3])
 with left:
-    request = controls(analysis, available)
+    request = controls(analysis, available, budget)
 try:
     plan = allocate(analysis.layers, analysis.errors, request)
 except AllocationError as exc:
     plan = None
     view.error(str(exc))
+st.session_state["pins_text"] = pins_to_text(st.session_state["pins"], analysis.layers)
 
 if plan is not None:
     summary = summarize(plan, analysis.layers, analysis.errors)
+    whole = coverage.whole_model_size(model_layer_table(model_source()), plan.bits, analysis.group_size)
     st.session_state["plan"] = {"bits": dict(plan.bits), "method": request.method, "budget": request.budget,
                                 "group_size": analysis.group_size, "summary": summary,
                                 "request": asdict(request), "analysis": analysis.key}
     with view:
-        headline(summary)
+        headline(summary, whole, analysis)
+        uniform_note(plan, summary, available)
         pin_from_heatmap(plan, summary, analysis, available)
-        st.plotly_chart(sensitivity_figure(analysis.key, analysis.layers), width="stretch")
+        if not presenting():
+            st.plotly_chart(sensitivity_figure(analysis.key, analysis.layers), width="stretch")
 
 st.subheader(f"Pins ({len(st.session_state['pins'])})")
 st.caption("Pins stay when the budget, the widths or the solver change, and when you visit other pages.")

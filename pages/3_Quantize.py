@@ -1,14 +1,16 @@
 """Quantize: run a plan (the current one, a saved one, or uniform) with RTN, GPTQ or attention-aware GPTQ, and measure
-perplexity, KL divergence and top-1 agreement against full precision. Every run lands in the store."""
+perplexity, KL divergence and top-1 agreement against full precision. Every run lands in the store, where it can be
+named, tagged, filtered, deleted and exported."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
-from aptq import history, validate
-from aptq.allocate import AllocationRequest, allocate, summarize
+from aptq import coverage, history, validate
 from aptq.data import Corpus, digest
 from aptq.export import EXPORT_FORMATS, export_parts
 from aptq.models import LoadedModel
@@ -16,39 +18,59 @@ from aptq.choices import METHOD_LABELS, QUANTIZERS
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
 from aptq.progress import Progress
 from aptq.store import Store, default_path
+from aptq.teaching import Completion
+from aptq.timing import expected_run_time
 from ui import jobs
-from ui.plans import PlanChoice, plan_choices
+from ui.plans import PlanChoice, model_layer_table, plan_choices
 from ui.session import (analysis_request, cached_analysis_key, cached_model_fingerprint, checked, corpus_spec,
                         current_corpus, current_model, model_source, page_header, store_call, stored_analysis)
+from ui.shell import presenting
 
-RUN_COLUMNS = ["created", "plan_name", "allocation", "budget", "method", "group_size", "avg_bits", "effective_bits",
-               "size_mb", "perplexity", "fp_perplexity", "kl", "top1", "quant_seconds", "eval_seconds", "device",
-               "corpus", "eval_seqlen", "eval_tokens", "notes"]
+COMPLETION_PROMPTS = 3  # (our choice) enough to see the difference, few enough to read on a slide
+RUN_COLUMNS = {"created": st.column_config.DatetimeColumn("when", format="YYYY-MM-DD HH:mm"),
+               "label": "name", "tag": "tag", "plan_name": "plan", "allocation": "solver", "method": "quantizer",
+               "coverage": "covers", "covered_avg_bits": st.column_config.NumberColumn("bits (covered)", format="%.3f"),
+               "avg_bits": st.column_config.NumberColumn("bits (whole model)", format="%.3f"),
+               "perplexity": st.column_config.NumberColumn("perplexity", format="%.3f"),
+               "fp_perplexity": st.column_config.NumberColumn("FP perplexity", format="%.3f"),
+               "kl": st.column_config.NumberColumn("KL", format="%.4f"),
+               "top1": st.column_config.NumberColumn("top-1", format="percent"),
+               "group_size": "group", "quant_seconds": st.column_config.NumberColumn("quantize s", format="%.1f"),
+               "eval_seconds": st.column_config.NumberColumn("evaluate s", format="%.1f"), "device": "device",
+               "corpus": "corpus", "eval_seqlen": "window", "eval_tokens": "tokens", "notes": "notes"}
 
 
 def uniform_choice(loaded: LoadedModel, corpus: Corpus, bits: int) -> PlanChoice:
-    """Every layer at `bits`; with predicted errors when the session's analysis is stored."""
+    """Every analysed layer at `bits` (the whole model without a stored analysis, then without a prediction)."""
     request = analysis_request(loaded, corpus)
     key = cached_analysis_key(model_source(), corpus_spec(), request)
     frames = store_call(lambda: stored_analysis(key))
-    summary = {}
-    if frames is not None and bits in set(frames[1]["bits"]):
-        layers, errors = frames
-        plan = allocate(layers, errors, AllocationRequest(bits, "uniform", (bits,), group_size=request.group_size))
-        summary = summarize(plan, layers, errors) | {"analysis": key}
-    return PlanChoice(f"uniform {bits} bits", f"uniform-{bits}", uniform_plan(loaded.arch, bits), "uniform",
-                      float(bits), request.group_size, summary)
+    if frames is None or bits not in set(frames[1]["bits"]):
+        return PlanChoice(f"uniform {bits} bits, whole model (no stored analysis: no prediction)", f"uniform-{bits}",
+                          uniform_plan(loaded.arch, bits), "uniform", float(bits), request.group_size, {})
+    plan, summary = coverage.uniform_over(*frames, bits, request.group_size)
+    scope = coverage.coverage_of(loaded.arch, plan)
+    label = f"uniform {bits} bits" + ("" if scope.whole_model else f" over the analysed {scope.label} (others FP16)")
+    return PlanChoice(label, f"uniform-{bits}", plan, "uniform", float(bits), request.group_size,
+                      summary | {"analysis": key})
 
 
 def show_result(row: dict) -> None:
     cols = st.columns(6)
     cols[0].metric("Perplexity", f"{row['perplexity']:.3f}", f"{row['perplexity'] - row['fp_perplexity']:+.3f} vs "
-                   f"{row['fp_perplexity']:.3f}", delta_color="inverse")
+                   f"full precision {row['fp_perplexity']:.3f}", delta_color="inverse")
     cols[1].metric("KL divergence", f"{row['kl']:.4f}", help="KL(full precision ‖ quantized), nats per token")
     cols[2].metric("Top-1 agreement", f"{row['top1']:.1%}")
-    cols[3].metric("Average bits", f"{row['avg_bits']:.3f}", f"{row['size_mb']:.1f} MB", delta_color="off")
-    cols[4].metric("Quantization", f"{row['quant_seconds']:.1f} s", row["device"], delta_color="off")
-    cols[5].metric("Evaluation", f"{row['eval_seconds']:.1f} s")
+    cols[3].metric(f"Average bits ({row['coverage']})", f"{row['covered_avg_bits']:.3f}",
+                   help="over the layers the plan decides")
+    cols[4].metric("Average bits (whole model)", f"{row['avg_bits']:.3f}",
+                   help=f"{row['size_mb']:.1f} MB; layers the plan does not decide stay in FP16")
+    cols[5].metric("Time", f"{row['quant_seconds'] + row['eval_seconds']:.0f} s",
+                   help=f"quantizing {row['quant_seconds']:.1f} s + evaluating {row['eval_seconds']:.1f} s on "
+                        f"{row['device']}")
+    if row["covered_avg_bits"] != row["avg_bits"]:
+        st.info(f"The plan covers {row['coverage']}: {row['covered_avg_bits']:.3f} bits there, and the other layers "
+                f"stay in FP16, so the whole model averages {row['avg_bits']:.3f} bits.")
     st.caption(f"Perplexity protocol: {row['corpus']} evaluation split, window {row['eval_seqlen']}, "
                f"{row['eval_tokens']} predicted tokens." + (" Stored earlier: no model work was done."
                                                             if row.get("cached") else "")
@@ -59,6 +81,72 @@ def show_result(row: dict) -> None:
             column.download_button(part.label, part.read, file_name=part.file_name, key=f"download:{part.file_name}")
     if row.get("notes"):
         st.warning(row["notes"])
+    show_completions(row.get("completions"))
+
+
+def show_completions(stored: str | None) -> None:
+    """The run's prompts continued greedily by both models, side by side."""
+    if not isinstance(stored, str):
+        st.caption("No completions stored with this run (it was measured without them).")
+        return
+    samples = [Completion(**c) for c in json.loads(stored)]
+    st.markdown("**The same prompts, continued greedily** (from the evaluation split):")
+    st.dataframe(pd.DataFrame({"prompt": [c.prompt + " …" for c in samples],
+                               "full precision": [c.full_precision for c in samples],
+                               "quantized": [c.quantized for c in samples],
+                               "same?": ["same" if c.same else "differs" for c in samples]}),
+                 hide_index=True, width="stretch")
+
+
+def time_estimate(runs: pd.DataFrame | None, settings: QuantizeSettings, device: str, choice: PlanChoice,
+                  samples: int, seqlen: int, tokens: int) -> str:
+    found = None if runs is None or runs.empty else expected_run_time(runs, settings.method, device, choice.bits,
+                                                                      samples, seqlen, tokens)
+    if found is None:
+        return (f"No earlier {METHOD_LABELS[settings.method]} run on {device}: this one measures the speed "
+                f"(RTN takes seconds, GPTQ minutes on a CPU).")
+    return (f"Expected: about {jobs.format_seconds(found.total)} (quantizing {jobs.format_seconds(found.quant_seconds)}"
+            f", evaluating {jobs.format_seconds(found.eval_seconds)}), from {found.runs} earlier run(s) on {device}; "
+            f"the first run of a new evaluation protocol also measures the full-precision model once.")
+
+
+def manage_runs(runs: pd.DataFrame) -> None:
+    """Filter, name, tag, delete (after a confirmation) and export the runs."""
+    cols = st.columns([2, 1, 1], vertical_alignment="bottom")
+    text = cols[0].text_input("Filter", key="runs_filter", placeholder="name, plan, solver, quantizer, tag…")
+    tags = sorted(t for t in runs["tag"].dropna().unique())
+    tag = cols[1].selectbox("Tag", [""] + tags, key="runs_tag", format_func=lambda t: t or "any tag")
+    shown = history.filter_runs(runs, text, tag or None)
+    cols[2].download_button("Runs as CSV", history.runs_csv(shown), "runs.csv", "text/csv")
+    event = st.dataframe(shown[list(RUN_COLUMNS)], hide_index=True, column_config=RUN_COLUMNS, on_select="rerun",
+                         selection_mode="multi-row", key="runs_table")
+    picked = shown.iloc[event.selection.rows] if event.selection.rows else shown.iloc[:0]
+    st.caption(f"{len(shown)} of {len(runs)} run(s) in `{default_path()}`; select rows to name, tag or delete them.")
+    if len(picked) == 1:
+        row = picked.iloc[0]
+        show_completions(row["completions"])
+        with st.form("name_run"):
+            left, right = st.columns(2)
+            label = left.text_input("Name", value=row["label"] if pd.notna(row["label"]) else "")
+            new_tag = right.text_input("Tag", value=row["tag"] if pd.notna(row["tag"]) else "")
+            if st.form_submit_button("Save name and tag"):
+                store_call(lambda: history.label_run(Store(), row["key"], label, new_tag))
+                st.rerun()
+    if not picked.empty:
+        if st.button(f"Delete {len(picked)} selected run(s)…"):
+            st.session_state["confirm_delete"] = list(picked["key"])
+        pending = st.session_state.get("confirm_delete")
+        if pending == list(picked["key"]):
+            st.warning(f"Delete {len(pending)} run(s) from the store? Their measurements are lost; quantizing the "
+                       f"same plan again remeasures them.")
+            yes, no = st.columns(2)
+            if yes.button("Yes, delete", type="primary"):
+                store_call(lambda: history.delete_runs(Store(), pending))
+                st.session_state.pop("confirm_delete")
+                st.rerun()
+            if no.button("Keep them"):
+                st.session_state.pop("confirm_delete")
+                st.rerun()
 
 
 page_header("Quantize")
@@ -86,14 +174,16 @@ with left:
                f"— the Home page's analysis settings.")
 with right:
     st.subheader("Method")
-    method = st.radio("Quantizer", QUANTIZERS, index=QUANTIZERS.index("attention"), format_func=METHOD_LABELS.get,
-                      horizontal=True, key="run_method")
+    method = st.radio("Quantizer", QUANTIZERS, index=QUANTIZERS.index("rtn"), format_func=METHOD_LABELS.get,
+                      horizontal=True, key="run_method", help="RTN takes seconds; GPTQ and the attention-aware "
+                                                              "method collect Hessians on the calibration data first")
     group_options = sorted({0, 32, 64, 128, choice.group_size})
     group = st.selectbox("Group size", group_options, index=group_options.index(choice.group_size),
                          format_func=lambda g: f"{g} columns" if g else "per output channel", key="run_group")
     flags = st.columns(2)
-    symmetric = flags[0].checkbox("Symmetric grid", key="run_symmetric")
-    act_order = flags[1].checkbox("Act-order", key="run_act_order", help="quantize columns by decreasing diag(H)")
+    symmetric = flags[0].checkbox("Symmetric grid", key="run_symmetric") if not presenting() else False
+    act_order = flags[1].checkbox("Act-order", key="run_act_order", help="quantize columns by decreasing diag(H)") \
+        if not presenting() else False
     window = st.columns(2)
     seqlen = window[0].number_input("Evaluation window", min_value=16, max_value=loaded.max_length,
                                     value=min(512, loaded.max_length), step=64, key="run_seqlen")
@@ -109,7 +199,7 @@ with st.expander("Export the quantized model (optional)"):
                                          "llama-quantize tensor-type overrides")
 
 settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order=act_order)
-evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens))
+evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens), prompts=COMPLETION_PROMPTS)
 meta = choice.run_meta()
 if group != choice.group_size:  # the predictions were made for another group size: they would mislead
     meta = {k: v for k, v in meta.items() if not k.startswith("predicted_error")}
@@ -117,8 +207,18 @@ if group != choice.group_size:  # the predictions were made for another group si
 job_key = "run:" + digest(model_source(), corpus_spec(), history.plan_json(choice.bits), repr(settings),
                           repr(evaluation), repr(request.sampling), export_dir.strip(), str(overwrite),
                           repr(export_formats))
-if st.button("Quantize and evaluate", type="primary") and (not export_dir.strip() or checked(
-        lambda: validate.export_target(export_dir.strip(), overwrite, keep=(loaded.path, default_path())))):
+runs = store_call(lambda: history.stored_runs(Store(), model_fp))
+if runs is not None:
+    runs = coverage.fill_coverage(runs, loaded.arch, model_layer_table(model_source()))
+
+
+def start_run() -> None:
+    """A button callback: the job exists before the page is drawn, so this very run already shows it running. The
+    export directory is checked first (from the widget's state: the callback runs before the page does)."""
+    target = st.session_state.get("run_export_dir", "").strip()
+    if target and not checked(lambda: validate.export_target(target, bool(st.session_state.get("run_overwrite")),
+                                                             keep=(loaded.path, default_path()))):
+        return
     store = Store(default_path())
 
     def work(progress: Progress) -> dict:
@@ -128,18 +228,20 @@ if st.button("Quantize and evaluate", type="primary") and (not export_dir.strip(
 
     jobs.start(job_key, f"{METHOD_LABELS[method]} · {meta['name']}", model_source(), work)
     st.session_state["last_run"] = job_key
+
+
+st.caption(time_estimate(runs, settings, str(loaded.device), choice, request.samples, request.seqlen, int(tokens)))
+st.button("Quantize and evaluate", type="primary", on_click=start_run)
 last = jobs.find(st.session_state.get("last_run", ""))
 if last is not None and last.state == "finished":
-    show_result(last.result)
+    row = coverage.fill_coverage(pd.DataFrame([last.result]), loaded.arch, model_layer_table(model_source()))
+    show_result(row.iloc[0].to_dict())
 else:
     jobs.show(last)
 
 st.subheader("Runs of this model")
-runs = store_call(lambda: history.stored_runs(Store(), model_fp))
 if runs is None or runs.empty:
     st.info("No runs yet: choose a plan and press **Quantize and evaluate**. Compare runs on the Trade-offs page.")
 else:
-    st.dataframe(runs[RUN_COLUMNS], hide_index=True, column_config={
-        "created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
-        "top1": st.column_config.NumberColumn(format="percent")})
-    st.caption(f"{len(runs)} run(s) in `{default_path()}`. Baseline (full precision): {loaded.baseline_label}.")
+    manage_runs(runs)
+    st.caption(f"Baseline (full precision): {loaded.baseline_label}.")

@@ -9,87 +9,105 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from aptq import charts, history
-from aptq.allocate import FULL_PRECISION, weight_size
+from aptq import charts, coverage, history, tradeoffs
+from aptq.choices import ALLOCATORS as SOLVERS
 from aptq.export import plan_files
 from aptq.models import Architecture, LoadedModel
-from aptq.pipeline import layer_table
 from aptq.store import Store
-from ui.plans import PlanChoice, plan_choices, plan_table
-from ui.session import cached_model_fingerprint, current_corpus, current_model, model_source, page_header, store_call
+from ui.plans import PlanChoice, model_layer_table, plan_choices, plan_table
+from ui.session import (analysis_request, cached_analysis_key, cached_model_fingerprint, corpus_spec, current_corpus,
+                        current_model, model_source, page_header, store_call, stored_analysis)
 
 MEASURES = {"perplexity": "perplexity", "kl": "KL divergence", "top1": "top-1 agreement"}
-MIN_FIT_RUNS = 3  # (our choice) runs with predictions needed before the current plan gets an estimate
+X_AXES = {"covered_avg_bits": "average, covered layers", "covered_effective_bits": "effective, covered layers",
+          "avg_bits": "average, whole model", "effective_bits": "effective, whole model"}
 
 
-def protocol_label(corpus: str, seqlen: int, tokens: int) -> str:
-    return f"{corpus} evaluation split, window {seqlen}, {tokens} tokens"
-
-
-def estimate(runs: pd.DataFrame, predicted: float, analysis: str | None, measured: str) -> tuple[float, str] | None:
-    """The current plan's `measured`, read off a log–log line fitted to the runs of the best-covered quantization
-    method (our choice): an estimate, never a measurement. Only runs predicted by the plan's own `analysis` count:
-    predictions from different analyses are not in one unit."""
-    usable = runs[runs["analysis"] == analysis].dropna(subset=["predicted_error_attention", measured])
-    usable = usable[(usable["predicted_error_attention"] > 0) & (usable[measured] > 0)]
-    if usable.empty or not np.isfinite(predicted) or predicted <= 0:
+def current_point(chosen: pd.DataFrame, current: PlanChoice, run_set: tradeoffs.RunSet, loaded: LoadedModel,
+                  measured: str, x: str) -> dict | None:
+    """The current plan on the chart: its measured run if there is one, else an estimate, else its bits only; None
+    when it covers other layers than this run set (then it is not comparable)."""
+    scope = coverage.coverage_of(loaded.arch, current.bits).label
+    if scope != run_set.coverage:
+        st.caption(f"The current plan covers {scope}, these runs {run_set.coverage}: it is not drawn here.")
         return None
-    method = usable["method"].value_counts().index[0]
-    fit = usable[usable["method"] == method]
-    if len(fit) < MIN_FIT_RUNS or fit["predicted_error_attention"].nunique() < 2:
-        return None
-    slope, intercept = np.polyfit(np.log(fit["predicted_error_attention"]), np.log(fit[measured]), 1)
-    return float(np.exp(intercept + slope * np.log(predicted))), method
-
-
-def whole_model_bits(loaded: LoadedModel, choice: PlanChoice) -> dict[str, float]:
-    """The plan's bits counted over every layer of the model, as runs count them: after an analysis of the first
-    blocks only, the other blocks stay in FP16."""
-    bits = np.array([choice.bits.get(layer.name, FULL_PRECISION) for layer in loaded.arch.layers])
-    return weight_size(layer_table(loaded), bits, choice.group_size)
+    whole = coverage.whole_model_size(model_layer_table(model_source()), current.bits, current.group_size)
+    bits = {"covered_avg_bits": current.summary.get("avg_bits"),
+            "covered_effective_bits": current.summary.get("effective_bits"),
+            "avg_bits": whole["avg_bits"], "effective_bits": whole["effective_bits"]}[x]
+    done = tradeoffs.runs_of_plan(chosen, current.bits, loaded.arch)
+    if not done.empty:
+        run = done.iloc[0]
+        return {"x": run[x], "y": run[measured], "low": run[measured], "high": run[measured],
+                "label": f"current plan ({current.name}): measured, {run['method']}"}
+    found = tradeoffs.estimate(chosen, current.summary.get("predicted_error_attention", np.nan),
+                               current.summary.get("analysis"), measured)
+    if found is None:
+        return {"x": bits, "y": None, "label": f"current plan ({current.name}): not measured yet"}
+    return {"x": bits, "y": found.value, "low": found.low, "high": found.high,
+            "label": f"current plan ({current.name}): estimated from {found.runs} {found.method} runs, not measured"}
 
 
 def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: LoadedModel) -> None:
-    protocols = runs.groupby(["corpus", "eval_seqlen", "eval_tokens"]).size().sort_values(ascending=False)
-    cols = st.columns(3)
-    corpus, seqlen, tokens = cols[0].selectbox("Perplexity protocol", list(protocols.index),
-                                               format_func=lambda p: protocol_label(*p), key="trade_protocol")
+    sets = tradeoffs.run_sets(runs)
+    cols = st.columns([3, 2, 2])
+    index = cols[0].selectbox("Runs compared", range(len(sets)), format_func=lambda i: sets[i].label,
+                              key="trade_set", help="only runs that cover the same layers and were measured under the "
+                                                    "same protocol share a chart")
+    run_set = sets[index]
     measured = cols[1].radio("Measure", list(MEASURES), format_func=MEASURES.get, horizontal=True, key="trade_y")
-    x = cols[2].radio("Bits", ["avg_bits", "effective_bits"], horizontal=True, key="trade_x",
-                      format_func={"avg_bits": "average", "effective_bits": "effective (with scales)"}.get)
-    chosen = runs[(runs["corpus"] == corpus) & (runs["eval_seqlen"] == seqlen) & (runs["eval_tokens"] == tokens)]
-    protocol = protocol_label(corpus, seqlen, tokens)
-    point = None
-    if current is not None and current.summary:
-        found = estimate(chosen, current.summary["predicted_error_attention"], current.summary.get("analysis"),
-                         measured)
-        label = f"current plan ({current.name}): " + (f"estimated from the {found[1]} runs, not measured" if found
-                                                       else "not measured yet")
-        point = {"x": whole_model_bits(loaded, current)[x], "y": found[0] if found else None, "label": label}
-    st.plotly_chart(charts.tradeoff_curves(chosen, measured, protocol, x, point), width="stretch")
-    baseline = chosen["fp_perplexity"].dropna()
-    st.caption(f"{len(chosen)} run(s) under this protocol; colour = allocation method, line style = quantizer "
-               f"(dotted RTN, dashed GPTQ, solid attention-aware)."
-               + (f" Full-precision perplexity {baseline.iloc[0]:.3f}." if not baseline.empty else ""))
+    x = cols[2].radio("Bits", list(X_AXES), format_func=X_AXES.get, horizontal=True, key="trade_x")
+    chosen = tradeoffs.select(runs, run_set)
+    point = current_point(chosen, current, run_set, loaded, measured, x) if current and current.summary else None
+    baseline = {"perplexity": chosen["fp_perplexity"].dropna().median(), "top1": 1.0}.get(measured)
+    st.plotly_chart(charts.tradeoff_curves(chosen, measured, f"{MEASURES[measured]} vs bits — {run_set.protocol}", x,
+                                           baseline if baseline is None or np.isfinite(baseline) else None,
+                                           tradeoffs.pareto_frontier(chosen, x, measured), point), width="stretch")
+    st.caption(f"{len(chosen)} run(s) covering {run_set.coverage} under this protocol; colour = allocation method, "
+               f"line style = quantizer (dotted RTN, dashed GPTQ, solid attention-aware); the thick grey steps are "
+               f"the best runs (Pareto frontier); dashed line: full precision.")
 
     st.subheader("How far to trust the predictions")
-    predicted = chosen.dropna(subset=["predicted_error_attention"])
-    if predicted.empty:
+    predicted = tradeoffs.newest_analysis(chosen)
+    if predicted.runs.empty:
         st.info("None of these runs carries a predicted error: run plans made on the Bit budget page.")
         return
-    # Predictions from different analyses are in different units: keep those of the newest prediction's analysis.
-    analysis = predicted["analysis"].fillna("")
-    latest = analysis[predicted["created"].idxmax()]
-    if analysis.nunique() > 1:
-        st.caption(f"Runs predicted by analysis {latest or '(unnamed)'} only ({(analysis == latest).sum()} of "
-                   f"{len(predicted)}): predictions from different analyses are not comparable.")
-    predicted = predicted[analysis == latest]
+    if predicted.left_out:
+        st.caption(f"Runs predicted by analysis {predicted.analysis or '(unnamed)'} only ({len(predicted.runs)}; "
+                   f"{predicted.left_out} from other analyses left out): predictions from different analyses are "
+                   f"not comparable.")
     left, right = st.columns([3, 2])
-    left.plotly_chart(charts.predicted_vs_measured(predicted, "kl" if measured == "top1" else measured, protocol),
-                      width="stretch")
+    left.plotly_chart(charts.predicted_vs_measured(predicted.runs, "kl" if measured == "top1" else measured,
+                                                   run_set.protocol), width="stretch")
     right.write("Spearman rank correlation of the predicted total error with the measured quantity, per quantizer "
                 "(1 = the predictions order plans exactly as the measurements do; needs 3 runs):")
-    right.dataframe(history.trust(predicted), hide_index=True)
+    right.dataframe(history.trust(predicted.runs), hide_index=True)
+
+
+@st.cache_data(show_spinner="Predicting every solver's error…", max_entries=8)
+def cached_predictions(key: str, _frames: tuple[pd.DataFrame, pd.DataFrame], group_size: int) -> pd.DataFrame:
+    layers, errors = _frames
+    widths = tuple(sorted(int(b) for b in errors["bits"].unique()))
+    budgets = [float(b) for b in np.arange(widths[0], min(widths[-1], 5.0) + 1e-9, 0.25)]
+    return tradeoffs.predicted_curves(layers, errors, SOLVERS, budgets, widths, group_size)
+
+
+def predictions_section(loaded: LoadedModel, current: PlanChoice | None) -> None:
+    request = analysis_request(loaded, current_corpus())
+    key = cached_analysis_key(model_source(), corpus_spec(), request)
+    frames = store_call(lambda: stored_analysis(key))
+    if frames is None:
+        st.info("No stored analysis for the Home page's settings: the predictions need one.")
+        return
+    curves = cached_predictions(key, frames, request.group_size)
+    star = None
+    if current is not None and current.summary.get("analysis") == key:
+        star = {"x": current.summary["avg_bits"], "y": current.summary["predicted_error_attention"],
+                "label": f"current plan ({current.name})"}
+    st.plotly_chart(charts.predicted_curves(curves, star), width="stretch")
+    st.caption("Each solver's plan at budgets from the lowest width up, scored by the analysis alone (no "
+               "quantization): lower is better if the predictions can be trusted — the section below checks that "
+               "against measured runs.")
 
 
 def side_by_side(choices: dict[str, PlanChoice], arch: Architecture) -> None:
@@ -99,7 +117,10 @@ def side_by_side(choices: dict[str, PlanChoice], arch: Architecture) -> None:
                                 format_func=lambda k: choices[k].label) for i in range(2)]
     tables = [plan_table(arch, choices[k].bits) for k in picked]
     for i, (key, table) in enumerate(zip(picked, tables)):
-        cols[i].plotly_chart(charts.plan_heatmap(table, choices[key].name), width="stretch", key=f"trade_map_{i}")
+        covered = table[table["layer"].isin(set(choices[key].bits))]  # the blocks the plan decides, not FP16 filler
+        scope = coverage.coverage_of(arch, choices[key].bits)
+        cols[i].plotly_chart(charts.plan_heatmap(covered, f"{choices[key].name} — {scope.label}"), width="stretch",
+                             key=f"trade_map_{i}")
     rows = {choices[k].name: {name: choices[k].summary.get(name) for name in
                               ("avg_bits", "effective_bits", "size_mb", "predicted_error_attention",
                                "predicted_error_layerwise")} for k in picked}
@@ -135,6 +156,11 @@ if loaded is None or corpus is None:
 model_fp = cached_model_fingerprint(model_source())
 choices = plan_choices(model_fp)
 runs = store_call(lambda: history.stored_runs(Store(), model_fp))
+if runs is not None:
+    runs = coverage.fill_coverage(runs, loaded.arch, model_layer_table(model_source()))
+
+st.subheader("Predicted error before quantizing")
+predictions_section(loaded, choices.get("current"))
 
 st.subheader("Quality against bits")
 if runs is None or runs.empty:

@@ -3,6 +3,7 @@ the plan, pins survive budget changes and page switches, plans are saved, quanti
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def texts(elements) -> str:
 
 
 def metric(at: AppTest, label: str) -> str:
-    return next(m.value for m in at.metric if m.label == label)
+    return next(m.value for m in at.metric if m.label.startswith(label))
 
 
 def button(at: AppTest, label: str):
@@ -163,12 +164,91 @@ def test_save_quantize_and_compare_plans(at):
     at.radio(key="run_method").set_value("rtn").run()
     button(at, "Quantize and evaluate").click().run()
     wait_for_run(at)
-    assert len(at.dataframe[0].value) == 2
+    assert len(at.dataframe[-1].value) == 2  # the runs table (the completions table comes first)
 
     at.switch_page("pages/4_Trade_offs.py").run()
     no_problems(at)
-    assert "2 run(s) under this protocol" in texts(at.caption)
+    assert "2 run(s) covering all 2 blocks under this protocol" in texts(at.caption)
     assert [b.label for b in at.download_button] == ["Plan JSON", "GPTQModel quantize config", "llm-compressor recipe"]
     assert "layers differ" in texts(at.markdown)
     at.radio(key="trade_y").set_value("kl").run()
     no_problems(at)
+
+
+def test_the_number_box_drives_the_slider_and_uniform_says_it_rounds(at):
+    at.switch_page("pages/2_Bit_budget.py").run()
+    at.number_input(key="budget_box").set_value(3.4).run()
+    no_problems(at)
+    assert at.slider(key="budget").value == pytest.approx(3.4)
+    assert float(metric(at, "Average bits")) == pytest.approx(3.4, abs=0.05)
+    at.slider(key="budget").set_value(2.5)
+    at.selectbox(key="method").set_value("uniform").run()
+    no_problems(at)
+    assert metric(at, "Average bits") == "2.000" and at.number_input(key="budget_box").value == pytest.approx(2.5)
+    assert "Uniform plans come in whole widths: 2.50 bits gives every free layer 2 bits" in texts(at.info)
+
+
+def test_a_shared_url_restores_solver_budget_and_pins(at):
+    at.query_params.update({"solver": "aptq", "budget": "3.5", "pins": "0.q=8"})
+    at.run()
+    at.switch_page("pages/2_Bit_budget.py").run()
+    no_problems(at)
+    q_layer = next(name for name in at.session_state["plan"]["bits"] if name.endswith("0.self_attn.q_proj"))
+    assert at.session_state["plan"]["method"] == "aptq" and at.session_state["budget"] == 3.5
+    assert at.session_state["pins"] == {q_layer: 8} and at.session_state["plan"]["bits"][q_layer] == 8
+    # (AppTest runs a page without the entry script, so the address bar's update is checked in the browser test.)
+
+
+def test_presentation_mode_leaves_out_the_fine_controls(at):
+    at.session_state["presentation"] = True
+    at.switch_page("pages/2_Bit_budget.py").run()
+    no_problems(at)
+    assert not [m for m in at.multiselect if m.label == "Candidate widths"] and at.slider(key="budget")
+
+
+@pytest.fixture
+def partial(tmp_path, monkeypatch, tiny_model_dir) -> AppTest:
+    """A session over a store whose analysis covers block 0 of the tiny llama's 2 blocks."""
+    model = str(tiny_model_dir("llama"))
+    request = AnalysisRequest(samples=4, seqlen=64, group_size=64, max_blocks=1)
+    store = tmp_path / "store.duckdb"
+    analyze(load_model(model, device="cpu"), load_corpus("brown"), request.sampling, request.settings,
+            store=Store(store))
+    monkeypatch.setenv("APTQ_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.session_state["model_source"] = model
+    at.session_state["analysis_request"] = request
+    return at
+
+
+def quantize(at: AppTest, method: str, plan: str = "current", bits: int | None = None) -> AppTest:
+    at.switch_page("pages/3_Quantize.py").run()
+    at.selectbox(key="run_plan_choice").set_value(plan).run()
+    if bits is not None:
+        at.selectbox(key="run_uniform_bits").set_value(bits).run()
+    at.number_input(key="run_seqlen").set_value(64)
+    at.number_input(key="run_tokens").set_value(256)
+    at.radio(key="run_method").set_value(method).run()
+    button(at, "Quantize and evaluate").click().run()
+    return wait_for_run(at)
+
+
+def test_a_partial_analysis_quantizes_and_compares_only_the_analysed_blocks(partial):
+    at = partial
+    at.switch_page("pages/2_Bit_budget.py").run()
+    no_problems(at)
+    assert "covers blocks" not in texts(at.warning) and "block 0 only" in texts(at.warning)
+    assert "average bits over the whole model" in texts(at.warning)
+    quantize(at, "rtn", "uniform", 3)
+    no_problems(at)
+    assert metric(at, "Average bits (block 0 of 2)") == "3.000"
+    assert metric(at, "Average bits (whole model)") == "9.500"  # two equal blocks, the second in FP16
+    assert "stay in FP16, so the whole model averages 9.500 bits" in texts(at.info)
+    quantize(at, "rtn")  # the Bit budget page's knapsack plan at 3 bits
+    runs = Store(os.environ["APTQ_STORE"]).query("SELECT coverage, covered_avg_bits, analysis, "
+                                                 "predicted_error_attention FROM runs")
+    assert set(runs["coverage"]) == {"block 0 of 2"} and runs["predicted_error_attention"].notna().all()
+    assert runs["analysis"].nunique() == 1
+    at.switch_page("pages/4_Trade_offs.py").run()
+    no_problems(at)
+    assert "2 run(s) covering block 0 of 2 under this protocol" in texts(at.caption)

@@ -36,6 +36,7 @@ class Job:
     error: str = ""
     result: Any = None
     started: float = field(default_factory=time.monotonic)
+    done_since: tuple[int, float] | None = None  # (steps done, time) when the current stage began: ETA from there
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -45,6 +46,8 @@ class Job:
     def progress(self, done: int, total: int, message: str) -> None:
         if self.cancel_requested.is_set():
             raise Cancelled(self.label)
+        if self.done_since is None or total != self.total:  # a new stage starts its own clock
+            self.done_since = (done, time.monotonic())
         self.done, self.total, self.message = done, total, message
 
     def cancel(self) -> None:
@@ -96,6 +99,21 @@ def start(key: str, label: str, model: str, work: Callable[[Progress], Any]) -> 
     return job
 
 
+def eta(job: Job) -> str:
+    """Time left at the speed measured on this machine since the job started running its steps."""
+    if job.state == "queued":
+        return " · waiting for other work on this model to finish"
+    if job.done_since is None or job.done <= job.done_since[0] or not job.total:
+        return " · first step: measuring this machine's speed"
+    first_done, first_time = job.done_since
+    per_step = (time.monotonic() - first_time) / (job.done - first_done)
+    return f" · about {format_seconds(per_step * (job.total - job.done))} left"
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 @st.fragment(run_every=1.0)
 def progress_panel(key: str) -> None:
     """Progress bar and Cancel button of a running job; reruns the whole page once the job has ended."""
@@ -105,7 +123,7 @@ def progress_panel(key: str) -> None:
     fraction = job.done / job.total if job.total else 0.0
     elapsed = time.monotonic() - job.started
     st.progress(min(fraction, 1.0), text=f"{job.label}: {job.done}/{job.total or '?'} · {job.message} · "
-                                         f"{elapsed:.0f} s")
+                                         f"{elapsed:.0f} s{eta(job)}")
     st.button("Cancel", key=f"cancel-{key}", on_click=job.cancel, disabled=job.cancel_requested.is_set(),
               help="Stops after the current block; finished blocks are kept and a later start resumes.")
 

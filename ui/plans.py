@@ -11,8 +11,9 @@ import streamlit as st
 from aptq import history
 from aptq.allocate import FULL_PRECISION
 from aptq.models import Architecture
+from aptq.pipeline import layer_table
 from aptq.store import Store
-from ui.session import store_call
+from ui.session import cached_model, store_call
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,9 @@ def plan_table(arch: Architecture, bits: dict[str, int]) -> pd.DataFrame:
     """block, kind, layer, bits of every quantizable layer: the input of charts.plan_heatmap."""
     return pd.DataFrame([{"block": layer.block, "kind": layer.kind, "layer": layer.name,
                           "bits": bits.get(layer.name, FULL_PRECISION)} for layer in arch.layers])
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def model_layer_table(source: str) -> pd.DataFrame:
+    """Every quantizable layer of the model (name, kind, size): bits over the whole model, analysed or not."""
+    return layer_table(cached_model(source))

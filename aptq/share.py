@@ -1,0 +1,67 @@
+"""A dashboard view as URL parameters, so that a lecturer can share it: model, corpus, analysis settings, solver,
+budget and pins. Pins are written as `block.kind=bits` (short, and the same for every model of a family)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import pandas as pd
+
+from aptq.allocate import FULL_PRECISION, QUANT_WIDTHS
+
+
+@dataclass(frozen=True)
+class SharedView:
+    model: str | None = None
+    corpus: str | None = None
+    samples: int | None = None
+    seqlen: int | None = None
+    group: int | None = None
+    blocks: int | None = None  # analysed blocks; None = all
+    solver: str | None = None
+    budget: float | None = None
+    pins: str | None = None  # pins_to_text
+
+    def to_params(self) -> dict[str, str]:
+        return {f.name: str(value) for f in fields(self) if (value := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> SharedView:
+        """The view in `params`; a value that does not parse is left out (an edited link opens what it can)."""
+        values = {}
+        for f in fields(cls):
+            text = params.get(f.name)
+            if text is None:
+                continue
+            kind = {"int | None": int, "float | None": float}.get(str(f.type), str)
+            try:
+                values[f.name] = kind(text)
+            except ValueError:
+                continue
+        return cls(**values)
+
+
+def pins_to_text(pins: dict[str, int], layers: pd.DataFrame) -> str:
+    """`{layer: bits}` as "block.kind=bits,…" in model order (layers: an analysis's layers table)."""
+    where = layers.set_index("layer")[["block", "kind"]]
+    return ",".join(f"{int(where.at[name, 'block'])}.{where.at[name, 'kind']}={int(pins[name])}"
+                    for name in layers["layer"] if name in pins)
+
+
+def pins_from_text(text: str, layers: pd.DataFrame) -> dict[str, int]:
+    """The pins of pins_to_text; entries that do not parse, name no layer of `layers` or no width (2–8, 16) are
+    dropped."""
+    by_cell = {(int(row.block), str(row.kind)): str(row.layer) for row in layers.itertuples()}
+    pins = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        cell, _, bits = item.partition("=")
+        block, _, kind = cell.partition(".")
+        try:
+            name = by_cell.get((int(block), kind))
+            width = int(bits)
+        except ValueError:
+            continue
+        if name is not None and (width in QUANT_WIDTHS or width == FULL_PRECISION):
+            pins[name] = width
+    return pins
+

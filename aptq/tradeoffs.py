@@ -1,0 +1,138 @@
+"""What the Trade-offs page compares: which runs may share a chart, the best runs, what the analysis predicts before
+anything is quantized, and an estimate for a plan not yet measured.
+
+Runs are comparable only when they cover the same layers and were measured under the same perplexity protocol
+(corpus, window, tokens): a run set. Predictions are comparable only within one analysis (each analysis has its own
+unit of predicted error).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from aptq import history
+from aptq.allocate import FULL_PRECISION, AllocationError, AllocationRequest, allocate, summarize
+from aptq.models import Architecture
+
+MIN_FIT_RUNS = 3  # (our choice) runs with predictions needed before an unmeasured plan gets an estimate
+SET_COLUMNS = ["coverage", "corpus", "eval_seqlen", "eval_tokens"]
+HIGHER_IS_BETTER = {"perplexity": False, "kl": False, "top1": True}
+
+
+@dataclass(frozen=True)
+class RunSet:
+    """Runs that may be drawn and ranked together: one coverage, one perplexity protocol."""
+
+    coverage: str
+    corpus: str
+    eval_seqlen: int
+    eval_tokens: int
+    count: int
+
+    @property
+    def protocol(self) -> str:
+        return f"{self.corpus} evaluation split, window {self.eval_seqlen}, {self.eval_tokens} tokens"
+
+    @property
+    def label(self) -> str:
+        return f"{self.coverage} · {self.protocol} ({self.count} run{'s' if self.count != 1 else ''})"
+
+
+def run_sets(runs: pd.DataFrame) -> list[RunSet]:
+    """The run sets present in `runs` (coverage filled in, see aptq.coverage.fill_coverage), largest first."""
+    if runs.empty:
+        return []
+    counts = runs.groupby(SET_COLUMNS, dropna=False).size().sort_values(ascending=False, kind="stable")
+    return [RunSet(str(cov), str(corpus), int(seqlen), int(tokens), int(n))
+            for (cov, corpus, seqlen, tokens), n in counts.items()]
+
+
+def select(runs: pd.DataFrame, run_set: RunSet) -> pd.DataFrame:
+    return runs[(runs["coverage"] == run_set.coverage) & (runs["corpus"] == run_set.corpus)
+                & (runs["eval_seqlen"] == run_set.eval_seqlen) & (runs["eval_tokens"] == run_set.eval_tokens)]
+
+
+@dataclass(frozen=True)
+class Predicted:
+    runs: pd.DataFrame  # the runs predicted by `analysis`
+    analysis: str | None
+    left_out: int  # runs with a prediction from another analysis
+
+
+def newest_analysis(runs: pd.DataFrame) -> Predicted:
+    """The runs that carry a prediction, restricted to the analysis of the newest one (predictions of different
+    analyses are in different units)."""
+    predicted = runs.dropna(subset=["predicted_error_attention"])
+    if predicted.empty:
+        return Predicted(predicted, None, 0)
+    analysis = predicted["analysis"]
+    newest = analysis.loc[predicted["created"].idxmax()]
+    same = analysis.isna() if pd.isna(newest) else analysis == newest
+    return Predicted(predicted[same], None if pd.isna(newest) else str(newest), int((~same).sum()))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    low: float  # ± one standard deviation of the fit's residuals, in log space (our choice of uncertainty band)
+    high: float
+    method: str  # the quantization method whose runs the line was fitted to
+    runs: int
+
+
+def estimate(runs: pd.DataFrame, predicted: float, analysis: str | None, measured: str) -> Estimate | None:
+    """An unmeasured plan's `measured`, read off a log–log line fitted to the runs of the best-covered quantization
+    method (our choice) among those predicted by the plan's own `analysis`; None with too few runs."""
+    usable = runs[runs["analysis"] == analysis].dropna(subset=["predicted_error_attention", measured])
+    usable = usable[(usable["predicted_error_attention"] > 0) & (usable[measured] > 0)]
+    if usable.empty or not math.isfinite(predicted) or predicted <= 0:
+        return None
+    method = str(usable["method"].value_counts().index[0])
+    fit = usable[usable["method"] == method]
+    if len(fit) < MIN_FIT_RUNS or fit["predicted_error_attention"].nunique() < 2:
+        return None
+    x, y = np.log(fit["predicted_error_attention"].to_numpy()), np.log(fit[measured].to_numpy())
+    slope, intercept = np.polyfit(x, y, 1)
+    spread = float(np.std(y - (intercept + slope * x), ddof=2)) if len(fit) > 2 else 0.0
+    center = intercept + slope * math.log(predicted)
+    return Estimate(math.exp(center), math.exp(center - spread), math.exp(center + spread), method, len(fit))
+
+
+def pareto_frontier(runs: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The runs no other run beats on both fewer bits and better `y` (lower perplexity/KL, higher top-1), by bits."""
+    better = HIGHER_IS_BETTER.get(y, False)
+    ordered = runs.dropna(subset=[x, y]).sort_values([x, y], ascending=[True, not better], kind="stable")
+    keep, best = [], -math.inf if better else math.inf
+    for index, value in ordered[y].items():
+        if (value > best) if better else (value < best):
+            keep.append(index)
+            best = value
+    return ordered.loc[keep]
+
+
+def runs_of_plan(runs: pd.DataFrame, plan: dict[str, int], arch: Architecture) -> pd.DataFrame:
+    """The runs that quantized exactly `plan` (layers it does not name in FP16)."""
+    complete = {layer.name: int(plan.get(layer.name, FULL_PRECISION)) for layer in arch.layers}
+    return runs[runs["plan"] == history.plan_json(complete)]
+
+
+def predicted_curves(layers: pd.DataFrame, errors: pd.DataFrame, solvers: tuple[str, ...], budgets: list[float],
+                     candidates: tuple[int, ...], group_size: int) -> pd.DataFrame:
+    """Predicted total error (attention-aware, in one unit) of every solver's plan at every budget, from the
+    analysis alone: solver, budget, avg_bits (over the analysed layers), predicted_error_attention. Budgets a solver
+    cannot meet are left out."""
+    rows = []
+    for solver in solvers:
+        for budget in budgets:
+            try:
+                plan = allocate(layers, errors, AllocationRequest(budget, solver, candidates, group_size=group_size))
+            except AllocationError:
+                continue
+            summary = summarize(plan, layers, errors)
+            rows.append({"solver": solver, "budget": budget, "avg_bits": summary["avg_bits"],
+                         "predicted_error_attention": summary["predicted_error_attention"]})
+    return pd.DataFrame(rows, columns=["solver", "budget", "avg_bits", "predicted_error_attention"])

@@ -1,0 +1,171 @@
+"""Page logic moved into the backend: coverage of plans and runs, which runs may be compared, the best runs, the
+estimate of an unmeasured plan, predictions before quantizing, and layer rank shifts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from aptq import coverage, ranking, tradeoffs
+from aptq.data import Sampling, load_corpus
+from aptq.models import load_model
+from aptq.pipeline import EvalSettings, QuantizeSettings, layer_table, run_plan
+from aptq.store import Store
+from tests.test_allocate import smol_tables
+
+
+def test_coverage_names_whole_blocks_and_tells_other_sets_apart(tiny_model):
+    _, arch = tiny_model("llama", num_hidden_layers=4)
+    names = [layer.name for layer in arch.layers]
+    block = {b: [layer.name for layer in arch.block_layers(b)] for b in range(4)}
+    assert coverage.coverage_of(arch, names) == coverage.Coverage("all 4 blocks", frozenset(names), True)
+    assert coverage.coverage_of(arch, block[0] + block[1]).label == "blocks 0–1 of 4"
+    assert coverage.coverage_of(arch, block[2]).label == "block 2 of 4"
+    gap = coverage.coverage_of(arch, block[0] + block[2]).label
+    one_less = coverage.coverage_of(arch, block[0][1:]).label
+    assert gap.startswith(f"{2 * len(block[0])} of {len(names)} layers (") and one_less.startswith(
+        f"{len(block[0]) - 1} of {len(names)} layers (") and gap != one_less
+
+
+def test_a_partial_plan_run_records_its_coverage_and_bits_over_it(tmp_path, tiny_model_dir):
+    """A 3-bit plan over block 0 of 2: 3.000 bits over the covered layers, far more over the whole model."""
+    loaded, corpus = load_model(str(tiny_model_dir("llama")), device="cpu"), load_corpus("brown")
+    plan = {layer.name: 3 for layer in loaded.arch.block_layers(0)}
+    row = run_plan(loaded, corpus, Sampling(2, 32), plan, QuantizeSettings(method="rtn", group_size=0),
+                   EvalSettings(seqlen=32, max_tokens=64), store=Store(tmp_path / "s.duckdb"))
+    assert row["coverage"] == "block 0 of 2"
+    assert row["covered_avg_bits"] == pytest.approx(3.0)
+    assert row["avg_bits"] == pytest.approx((3 + 16) / 2)  # two blocks of equal size, the second kept in FP16
+    # A row stored before coverage was recorded gets the same answer from its plan.
+    old = pd.DataFrame([row | {"coverage": None, "covered_avg_bits": None, "covered_effective_bits": None}])
+    filled = coverage.fill_coverage(old, loaded.arch, layer_table(loaded)).iloc[0]
+    assert filled["coverage"] == "block 0 of 2" and filled["covered_avg_bits"] == pytest.approx(3.0)
+    assert filled["covered_effective_bits"] == pytest.approx(row["covered_effective_bits"])
+
+
+def test_a_uniform_plan_under_an_analysis_covers_exactly_the_analysed_layers():
+    layers, errors = smol_tables(blocks=3)
+    bits, summary = coverage.uniform_over(layers, errors, 3, 64)
+    assert set(bits) == set(layers["layer"]) and set(bits.values()) == {3}
+    assert summary["avg_bits"] == 3.0 and summary["predicted_error_attention"] > 0
+    assert coverage.prediction_applies(bits, layers)
+    assert not coverage.prediction_applies(bits | {"model.layers.9.q": 3}, layers)
+
+
+def runs_frame(rows: list[dict]) -> pd.DataFrame:
+    base = {"coverage": "all 2 blocks", "corpus": "brown", "eval_seqlen": 64, "eval_tokens": 256, "method": "rtn",
+            "analysis": "a1", "created": pd.Timestamp("2026-01-01")}
+    return pd.DataFrame([base | row for row in rows])
+
+
+def test_runs_of_different_coverage_or_protocol_fall_into_different_sets():
+    runs = runs_frame([{}, {}, {"coverage": "block 0 of 2"}, {"eval_tokens": 512}])
+    sets = tradeoffs.run_sets(runs)
+    assert [s.count for s in sets] == [2, 1, 1]
+    assert sets[0].label == "all 2 blocks · brown evaluation split, window 64, 256 tokens (2 runs)"
+    assert all(len(tradeoffs.select(runs, s)) == s.count for s in sets)
+
+
+def test_only_the_newest_analysis_predictions_are_ranked_together():
+    runs = runs_frame([{"analysis": "old", "predicted_error_attention": 1.0, "created": pd.Timestamp("2026-01-01")},
+                       {"analysis": "new", "predicted_error_attention": 2.0, "created": pd.Timestamp("2026-01-03")},
+                       {"analysis": "new", "predicted_error_attention": 3.0, "created": pd.Timestamp("2026-01-02")},
+                       {"analysis": "new", "predicted_error_attention": None}])
+    chosen = tradeoffs.newest_analysis(runs)
+    assert chosen.analysis == "new" and chosen.left_out == 1
+    assert sorted(chosen.runs["predicted_error_attention"]) == [2.0, 3.0]
+
+
+def test_the_estimate_follows_an_exact_power_law_and_needs_enough_runs():
+    predicted = np.array([1.0, 2.0, 4.0, 8.0])
+    runs = runs_frame([{"predicted_error_attention": p, "kl": 0.5 * p ** 0.7} for p in predicted])
+    found = tradeoffs.estimate(runs, 16.0, "a1", "kl")
+    assert found.value == pytest.approx(0.5 * 16 ** 0.7) and found.method == "rtn" and found.runs == 4
+    assert found.low == pytest.approx(found.value) == pytest.approx(found.high)  # no scatter around the line
+    assert tradeoffs.estimate(runs, 16.0, "another analysis", "kl") is None
+    assert tradeoffs.estimate(runs.head(2), 16.0, "a1", "kl") is None
+
+
+def test_the_pareto_frontier_matches_brute_force():
+    rng = np.random.default_rng(0)
+    runs = pd.DataFrame({"avg_bits": rng.choice([2.5, 3.0, 3.5, 4.0], 30), "perplexity": rng.uniform(10, 50, 30),
+                         "top1": rng.uniform(0.5, 1, 30)})
+    for measure, better in (("perplexity", lambda a, b: a < b), ("top1", lambda a, b: a > b)):
+        front = tradeoffs.pareto_frontier(runs, "avg_bits", measure)
+        dominated = {i for i, j in itertools.permutations(runs.index, 2)
+                     if runs.at[j, "avg_bits"] <= runs.at[i, "avg_bits"]
+                     and (better(runs.at[j, measure], runs.at[i, measure])
+                          or (runs.at[j, measure] == runs.at[i, measure] and runs.at[j, "avg_bits"]
+                              < runs.at[i, "avg_bits"]))}
+        assert set(front.index) == set(runs.index) - dominated, measure
+        assert front["avg_bits"].is_monotonic_increasing
+
+
+def test_predicted_curves_give_every_solver_a_point_per_budget():
+    layers, errors = smol_tables(blocks=2)
+    curves = tradeoffs.predicted_curves(layers, errors, ("knapsack", "uniform", "aptq"), [2.5, 3.0, 4.0],
+                                        (2, 3, 4, 8), 64)
+    assert len(curves) == 9 and (curves["avg_bits"] <= curves["budget"] + 1e-9).all()
+    at = curves.set_index(["solver", "budget"])["predicted_error_attention"]
+    assert all(at["knapsack", b] <= min(at["uniform", b], at["aptq", b]) for b in (2.5, 3.0, 4.0))
+    assert math.isclose(curves.query("solver == 'uniform' and budget == 2.5")["avg_bits"].item(), 2.0)
+
+
+def test_runs_of_a_plan_match_the_completed_plan(tiny_model):
+    _, arch = tiny_model("llama")
+    partial = {layer.name: 3 for layer in arch.block_layers(0)}
+    complete = {layer.name: partial.get(layer.name, 16) for layer in arch.layers}
+    runs = pd.DataFrame({"plan": [json.dumps(complete, sort_keys=True), json.dumps({"x": 3})]})
+    assert list(tradeoffs.runs_of_plan(runs, partial, arch).index) == [0]
+
+
+def test_rank_shifts_and_spearman():
+    layers = pd.DataFrame({"layer": list("abcd"), "x": [4.0, 3.0, 2.0, 1.0], "y": [1.0, 3.0, 2.0, 4.0]})
+    assert ranking.spearman(layers, "x", "x") == pytest.approx(1.0)
+    assert ranking.spearman(layers, "x", "y") == pytest.approx(pd.Series([1, 2, 3, 4]).corr(pd.Series([4, 2, 3, 1])))
+    moved = ranking.rank_shifts(layers, "x", "y", n=2)
+    assert list(moved["layer"]) == ["a", "d"] and list(moved["shift"]) == [-3.0, 3.0]
+
+
+def test_a_shared_view_survives_the_url_and_bad_values_are_dropped():
+    from aptq.share import SharedView, pins_from_text, pins_to_text
+
+    layers, _ = smol_tables(blocks=3)
+    pins = {"model.layers.2.down": 16, "model.layers.0.q": 8}
+    view = SharedView("embedded", "brown", 64, 512, 64, 4, "knapsack", 3.25, pins_to_text(pins, layers))
+    params = view.to_params()
+    assert params["pins"] == "0.q=8,2.down=16" and params["budget"] == "3.25"
+    back = SharedView.from_params(params)
+    assert back == view and pins_from_text(back.pins, layers) == pins
+    edited = SharedView.from_params({"budget": "three", "blocks": "4", "pins": "0.q=8,9.q=4,1.up=99,x,1.k=2"})
+    assert edited == SharedView(blocks=4, pins="0.q=8,9.q=4,1.up=99,x,1.k=2")
+    assert pins_from_text(edited.pins, layers) == {"model.layers.0.q": 8, "model.layers.1.k": 2}
+
+
+def test_whole_model_bits_count_unnamed_layers_in_fp16(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    table = layer_table(loaded)
+    half = {layer.name: 4 for layer in loaded.arch.block_layers(1)}
+    assert coverage.whole_model_size(table, half, 0)["avg_bits"] == pytest.approx((4 + 16) / 2)
+    assert coverage.covered_size(table, half, half, 0)["covered_avg_bits"] == pytest.approx(4.0)
+
+
+def test_run_time_scales_the_measured_rates_of_the_same_method_and_device():
+    from aptq.timing import expected_run_time
+
+    def run(method, layers, seconds, device="cpu", samples=4, seqlen=64):
+        plan = json.dumps({f"l{i}": (3 if i < layers else 16) for i in range(10)})
+        return {"method": method, "device": device, "plan": plan, "quant_seconds": seconds, "eval_seconds": 2.0,
+                "eval_tokens": 200, "settings": json.dumps({"samples": samples, "seqlen": seqlen})}
+
+    runs = pd.DataFrame([run("gptq", 4, 8.0), run("gptq", 2, 4.0), run("rtn", 5, 1.0), run("gptq", 4, 99.0, "cuda")])
+    # gptq on cpu: 2 s per layer at 4 × 64 tokens → 8 layers at 8 × 64 tokens take 32 s; eval 0.01 s per token.
+    found = expected_run_time(runs, "gptq", "cpu", {f"l{i}": 4 for i in range(8)}, 8, 64, 1000)
+    assert found.quant_seconds == pytest.approx(32.0) and found.eval_seconds == pytest.approx(10.0)
+    assert found.runs == 2 and found.total == pytest.approx(42.0)
+    assert expected_run_time(runs, "attention", "cpu", {"l0": 4}, 8, 64, 10) is None
