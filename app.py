@@ -13,9 +13,23 @@ from aptq.progress import Progress
 from aptq.sensitivity import CPU_CALIBRATION, GPU_CALIBRATION, analyze
 from aptq.store import Store, default_path
 from ui import jobs
-from ui.session import (CORPORA, AnalysisRequest, analysis_request, analysis_status, cached_analysis_key,
-                        cached_model_fingerprint, corpus_spec, current_corpus, current_model, describe, model_source,
-                        page_header, store_call, stored_analysis, usable_choice)
+from ui.session import (
+    CORPORA,
+    AnalysisRequest,
+    analysis_request,
+    analysis_status,
+    cached_analysis_key,
+    cached_model_fingerprint,
+    corpus_spec,
+    current_corpus,
+    current_model,
+    describe,
+    model_source,
+    page_header,
+    store_call,
+    stored_analysis,
+    usable_choice,
+)
 from ui.shell import navigate, write_url
 
 if not navigate():  # another page was chosen and has run

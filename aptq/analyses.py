@@ -19,8 +19,8 @@ layer_metrics      (analysis, layer) PK, position (order in the model), block, k
                    expert that fell back to the block's pooled MLP Hessian)
 predicted_errors   (analysis, layer, bits, group_size) PK, err_layerwise, err_attention
 
-Columns added after the first release (residual_ms, owner, tokens, pooled_hessian) come in by `ALTER TABLE … ADD COLUMN IF NOT EXISTS`, so
-older files keep working.
+Columns added after the first release (residual_ms, owner, tokens, pooled_hessian) come in by
+`ALTER TABLE … ADD COLUMN IF NOT EXISTS`, so older files keep working.
 
 One computation per analysis (our choice: a claim in the analysis row rather than a lock file, so that there is
 nothing to clean up beside the store): `claim` marks the row 'running' with the owner's host, pid and thread, in one

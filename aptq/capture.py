@@ -2,8 +2,9 @@
 
 The calibration segments (n × L token ids) go through the embeddings once, recording what the model hands to each of
 its blocks (hidden states, attention mask, rotary position embeddings, position ids …, whatever the architecture
-passes; some differ per block, as Gemma's sliding-window and full-attention layers' masks), and the forward pass stops. From then on the walk runs one block at a time,
-in batches of a few segments: block i's outputs become block i+1's inputs. Only the block being processed sits on the
+passes; some differ per block, as Gemma's sliding-window and full-attention layers' masks), and the forward pass
+stops. From then on the walk runs one block at a time, in batches of a few segments: block i's outputs become block
+i+1's inputs. Only the block being processed sits on the
 compute device; the cached inputs stay on the CPU, so a model larger than the GPU streams through it.
 
 Usage (the caller may inspect or modify each block before the walk computes its outputs):
@@ -22,8 +23,9 @@ Leaving the loop early (break, an exception, a `Cancelled` from a progress callb
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn

@@ -13,8 +13,8 @@ import signal
 import sys
 
 from aptq import validate
-from aptq.errors import UserError
 from aptq.choices import ALLOCATORS, EMBEDDED_MODEL, METHOD_LABELS, QUANTIZERS
+from aptq.errors import UserError
 
 INTERRUPTED = "interrupted; finished work is kept in the store"
 INTERRUPTED_EARLY = "interrupted before any work started"

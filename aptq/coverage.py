@@ -22,7 +22,6 @@ from aptq.allocate import FULL_PRECISION, AllocationRequest, allocate, summarize
 from aptq.data import digest
 from aptq.models import Architecture
 
-
 FIELDS = ("coverage", "covered_avg_bits", "covered_effective_bits")  # the run columns this module fills
 
 

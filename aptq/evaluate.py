@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
-from typing import ContextManager, Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ DEVICE_HEADROOM = 1.25  # (our choice) the whole model goes to the device only w
 class BlockWeights(Protocol):
     """Weights to use instead of the model's own in one block while it runs (e.g. a quantization run's)."""
 
-    def swapped(self, model: nn.Module, block: int) -> ContextManager: ...
+    def swapped(self, model: nn.Module, block: int) -> AbstractContextManager: ...
 
 
 @dataclass(frozen=True)

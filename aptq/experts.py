@@ -22,8 +22,8 @@ Hessian; it gets the Hessian of all the block's MLP input tokens (gate/up) or of
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

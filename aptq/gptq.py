@@ -22,8 +22,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from aptq.quantizer import GridParams, QuantConfig, grid_params, group_spans, group_width, layer_error, \
-    quantize_dequantize, rtn
+from aptq.quantizer import (
+    GridParams,
+    QuantConfig,
+    grid_params,
+    group_spans,
+    group_width,
+    layer_error,
+    quantize_dequantize,
+    rtn,
+)
 
 # (our choice) when the damped Hessian does not factorize, retry with the damping ×10, ×100 and ×1000.
 DAMP_RETRIES = 4

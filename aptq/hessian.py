@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -40,9 +40,21 @@ from transformers import AttentionInterface
 from aptq.capture import Batch, BlockStep
 from aptq.errors import UserError
 from aptq.experts import ExpertRecorder
-from aptq.geometry import (AttentionGeometry, NormJacobian, RmsNorm, RotaryLayout, cap_slopes, complex_to_real,
-                           geometry_for, key_pairs, mapped_middle, mapped_second_moment, qk_norm_modules,
-                           query_pairs, sandwiched_sum)
+from aptq.geometry import (
+    AttentionGeometry,
+    NormJacobian,
+    RmsNorm,
+    RotaryLayout,
+    cap_slopes,
+    complex_to_real,
+    geometry_for,
+    key_pairs,
+    mapped_middle,
+    mapped_second_moment,
+    qk_norm_modules,
+    query_pairs,
+    sandwiched_sum,
+)
 from aptq.models import Architecture, LinearLayer
 
 RECORDING_ATTENTION = "aptq_recording"
@@ -217,7 +229,7 @@ class HessianCollector:
     def _record_attention(self, call: AttentionCall) -> None:
         self._attention = call
 
-    def __enter__(self) -> "HessianCollector":
+    def __enter__(self) -> HessianCollector:
         self._stack = ExitStack()
         cut_paths = {layer.module_path for layer in self.layers if self.by_role and layer.kind in MODULE_INPUTS}
         for path in dict.fromkeys(layer.module_path for layer in self.layers):

@@ -27,10 +27,11 @@ import json
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -41,8 +42,15 @@ from aptq import coverage, teaching, validate
 from aptq.allocate import weight_size
 from aptq.capture import BlockStep, BlockWalk
 from aptq.choices import QUANTIZERS
-from aptq.data import Corpus, Sampling, calibration_segments, digest, evaluation_windows, token_ids, \
-    tokenizer_fingerprint
+from aptq.data import (
+    Corpus,
+    Sampling,
+    calibration_segments,
+    digest,
+    evaluation_windows,
+    token_ids,
+    tokenizer_fingerprint,
+)
 from aptq.errors import UserError
 from aptq.evaluate import ReferenceStats, check_window, evaluate, reference_stats
 from aptq.export import PackedPlan, Provenance, check_formats, export_model, plan_files

@@ -6,7 +6,7 @@ after whatever was already finished has been persisted.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 Progress = Callable[[int, int, str], None]
 

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from aptq import validate
-from aptq.capture import BlockWalk, BlockStep
+from aptq.capture import BlockStep, BlockWalk
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
 from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianCollector

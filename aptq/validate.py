@@ -16,7 +16,6 @@ from pathlib import Path
 from aptq.choices import EMBEDDED_MODEL, NAMED_CORPORA
 from aptq.errors import UserError
 
-
 MIN_BITS, MAX_BITS = 2, 8  # the integer grids aptq.quantizer implements
 MAX_SEED = 2**32 - 1  # (our choice) the range every generator we seed accepts (numpy's is the narrowest)
 

@@ -54,7 +54,7 @@ class PhaseTimer:
     def __init__(self, module, names: tuple[str, ...]):
         self.module, self.names, self.seconds, self.originals = module, names, 0.0, {}
 
-    def __enter__(self) -> "PhaseTimer":
+    def __enter__(self) -> PhaseTimer:
         for name in self.names:
             original = self.originals[name] = getattr(self.module, name)
 

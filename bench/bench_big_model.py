@@ -66,7 +66,7 @@ def make_model(hidden: int, layers: int, out: Path, seed: int = 0, **shape) -> P
         part = name.split(".")[2] if name.startswith("model.layers.") else "rest"
         groups.setdefault(part, []).append(name)
     index, total = {}, 0
-    for number, (part, names) in enumerate(groups.items()):
+    for number, names in enumerate(groups.values()):
         shard = f"model-{number:05d}.safetensors"
         tensors = {}
         for name in names:
@@ -108,7 +108,7 @@ class AnonymousPeak:
             self.peak_kib = max(self.peak_kib, self._read())
             time.sleep(0.05)
 
-    def __enter__(self) -> "AnonymousPeak":
+    def __enter__(self) -> AnonymousPeak:
         self._thread.start()
         return self
 

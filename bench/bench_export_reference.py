@@ -152,7 +152,7 @@ def _compressed_tensors_decompressor(directory: Path) -> torch.nn.Module:
     schemes = {target.removeprefix("re:"): QuantizationScheme.model_validate(group)
                for group in quantization["config_groups"].values() for target in group["targets"]}
     weights = {}
-    for name, module in model.named_modules():
+    for name, _module in model.named_modules():
         scheme = next((scheme for pattern, scheme in schemes.items() if re.match(pattern, name)), None)
         if scheme is None:
             continue

@@ -19,8 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aptq.geometry import (AttentionGeometry, NormJacobian, mapped_middle, query_pairs, rotary_layout,  # noqa: E402
-                           sandwiched_sum)
+from aptq.geometry import AttentionGeometry, NormJacobian, mapped_middle, query_pairs, rotary_layout, sandwiched_sum  # noqa: E402
 
 SIZES = ((512, 64), (2048, 128))  # (segment length, head size): SmolLM2-like and Qwen3-like heads
 

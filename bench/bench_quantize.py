@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from aptq.choices import METHOD_LABELS
 from aptq.data import Sampling, load_corpus
 from aptq.models import load_model
-from aptq.choices import METHOD_LABELS
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
 from aptq.progress import tqdm_progress
 from aptq.store import Store

@@ -24,17 +24,23 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from aptq.quantizer import CLIP_FACTORS, CLIP_SEARCH_ELEMENTS, GridParams, QuantConfig, _params_for_range, \
-    grid_params, group_spans, layer_error, quantize_dequantize, rtn  # noqa: E402
+from aptq.quantizer import (
+    CLIP_FACTORS,
+    CLIP_SEARCH_ELEMENTS,
+    GridParams,
+    QuantConfig,
+    _params_for_range,
+    grid_params,  # noqa: E402
+    group_spans,
+    layer_error,
+    quantize_dequantize,
+    rtn,
+)
 
 BASELINE_ELEMENTS = 2 ** 25
 
@@ -259,7 +265,7 @@ def main() -> None:
                       f"**{oc / nc:.1f}×** |", "",
                       f"Agreement: the chosen grids differ in {channel_differing} of {channel_total} rows.", ""]
         print("\n".join(lines[-40:]), flush=True)
-    results = ROOT / "bench" / "results" / "quantizer.md"
+    results = Path(__file__).resolve().parent / "results" / "quantizer.md"
     previous = results.read_text() if args.append and results.exists() else ""
     results.write_text(previous + "\n".join(lines) + "\n")
 

@@ -9,8 +9,16 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from aptq import charts, coverage
-from aptq.allocate import (ALLOCATORS, FULL_PRECISION, AllocationError, AllocationRequest, Plan, allocate, plan_frame,
-                           summarize)
+from aptq.allocate import (
+    ALLOCATORS,
+    FULL_PRECISION,
+    AllocationError,
+    AllocationRequest,
+    Plan,
+    allocate,
+    plan_frame,
+    summarize,
+)
 from aptq.share import pins_from_text, pins_to_text
 from ui.plans import model_layer_table
 from ui.session import Analysis, current_analysis, model_source, page_header, save_current_plan

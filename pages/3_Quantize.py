@@ -11,10 +11,10 @@ import pandas as pd
 import streamlit as st
 
 from aptq import coverage, history, validate
+from aptq.choices import METHOD_LABELS, QUANTIZERS
 from aptq.data import Corpus, digest
 from aptq.export import EXPORT_FORMATS, export_parts
 from aptq.models import LoadedModel
-from aptq.choices import METHOD_LABELS, QUANTIZERS
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
 from aptq.progress import Progress
 from aptq.store import Store, default_path
@@ -22,8 +22,19 @@ from aptq.teaching import Completion
 from aptq.timing import expected_run_time
 from ui import jobs
 from ui.plans import PlanChoice, model_layer_table, plan_choices
-from ui.session import (analysis_request, cached_analysis_key, cached_model_fingerprint, checked, corpus_spec,
-                        current_corpus, current_model, model_source, page_header, store_call, stored_analysis)
+from ui.session import (
+    analysis_request,
+    cached_analysis_key,
+    cached_model_fingerprint,
+    checked,
+    corpus_spec,
+    current_corpus,
+    current_model,
+    model_source,
+    page_header,
+    store_call,
+    stored_analysis,
+)
 from ui.shell import presenting
 
 COMPLETION_PROMPTS = 3  # (our choice) enough to see the difference, few enough to read on a slide

@@ -15,8 +15,18 @@ from aptq.export import plan_files
 from aptq.models import Architecture, LoadedModel
 from aptq.store import Store
 from ui.plans import PlanChoice, model_layer_table, plan_choices, plan_table
-from ui.session import (analysis_request, cached_analysis_key, cached_model_fingerprint, corpus_spec, current_corpus,
-                        current_model, model_source, page_header, store_call, stored_analysis)
+from ui.session import (
+    analysis_request,
+    cached_analysis_key,
+    cached_model_fingerprint,
+    corpus_spec,
+    current_corpus,
+    current_model,
+    model_source,
+    page_header,
+    store_call,
+    stored_analysis,
+)
 
 MEASURES = {"perplexity": "perplexity", "kl": "KL divergence", "top1": "top-1 agreement"}
 X_AXES = {"covered_avg_bits": "average, covered layers", "covered_effective_bits": "effective, covered layers",

@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
 
-
 from aptq.cli import INTERRUPTED, main
 from aptq.store import Store
 from tests.tiny_models import tiny_config

@@ -1,8 +1,16 @@
 import pytest
 import torch
 
-from aptq.data import (Corpus, Sampling, calibration_segments, evaluation_windows, load_brown, load_corpus,
-                       token_ids, tokenizer_fingerprint)
+from aptq.data import (
+    Corpus,
+    Sampling,
+    calibration_segments,
+    evaluation_windows,
+    load_brown,
+    load_corpus,
+    token_ids,
+    tokenizer_fingerprint,
+)
 from aptq.errors import UserError
 from aptq.models import load_model
 

@@ -25,8 +25,15 @@ from aptq.data import Sampling, evaluation_windows, token_ids
 from aptq.errors import UserError
 from aptq.evaluate import evaluate
 from aptq.hessian import CollectOptions, HessianCollector, _probe_seed, rademacher
-from aptq.models import (ATTENTION_FAMILIES, architecture_of_model, get_module, get_weight, load_model, resolve_source,
-                         set_weight)
+from aptq.models import (
+    ATTENTION_FAMILIES,
+    architecture_of_model,
+    get_module,
+    get_weight,
+    load_model,
+    resolve_source,
+    set_weight,
+)
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store

@@ -10,8 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aptq.quantizer as quantizer
-from aptq.quantizer import CLIP_FACTORS, GridParams, QuantConfig, grid_params, group_spans, layer_error, packed_bits, \
-    quantize_dequantize, recover_codes, rtn
+from aptq.quantizer import (
+    CLIP_FACTORS,
+    GridParams,
+    QuantConfig,
+    grid_params,
+    group_spans,
+    layer_error,
+    packed_bits,
+    quantize_dequantize,
+    recover_codes,
+    rtn,
+)
 
 GRID_CASES = settings(max_examples=40, deadline=None)
 

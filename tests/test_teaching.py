@@ -41,5 +41,6 @@ def test_a_run_stores_both_completions_of_each_prompt(tmp_path, tiny_model_dir):
     stored = [teaching.Completion(**c) for c in json.loads(row["completions"])]
     assert [c.prompt for c in stored] == teaching.corpus_prompts(corpus, 2)
     assert stored[0].full_precision == teaching.greedy(loaded.model, loaded.tokenizer, stored[0].prompt)
-    same = teaching.side_by_side(loaded.model, lambda: nullcontext(loaded.model), loaded.tokenizer, [stored[0].prompt], 4)
+    same = teaching.side_by_side(loaded.model, lambda: nullcontext(loaded.model), loaded.tokenizer,
+                                 [stored[0].prompt], 4)
     assert same[0].same
