@@ -163,8 +163,8 @@ def _walk_columns(rows: Tensor, walk: _Walk, cfg: QuantConfig, block_size: int) 
 def _quantize_rows(rows: Tensor, walk: _Walk, cfg: QuantConfig, block_size: int) -> Tensor:
     """The walk on rows whose dead columns are zeroed first, and kept at zero in the result.
 
-    (our choice) the result's dead columns are set to 0 whatever the grid: a symmetric grid cannot represent 0, and an
-    input that is always zero makes these weights irrelevant to the loss.
+    (our choice) the result's dead columns are set to 0 whatever the grid (an asymmetric grid need not hold 0 exactly):
+    an input that is always zero makes these weights irrelevant to the loss.
     """
     live = rows.clone()
     live[:, walk.dead] = 0
