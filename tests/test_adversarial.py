@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
 
+from aptq import analyses
 from aptq.cli import INTERRUPTED, main
 from aptq.store import Store
 from tests.tiny_models import tiny_config
@@ -79,7 +80,9 @@ def make_paths(tmp: Path, model: Path, gpt2: Path) -> Paths:
     corpus.write_text("\n\n".join(f"Sentence {i} of a small corpus about foxes and dogs." for i in range(300)))
     store = tmp / "store" / "aptq.duckdb"
     store.parent.mkdir()
-    Store(store).execute("INSERT INTO models (fingerprint, name) VALUES ('f', 'a model measured earlier')")
+    earlier = Store(store)
+    earlier.add_schema(analyses.SCHEMA)  # a store that already holds a result: the probes must leave it unchanged
+    earlier.execute("INSERT INTO models (fingerprint, name) VALUES ('f', 'a model measured earlier')")
 
     # Bad files of every kind the probes name.
     (tmp / "empty_dir").mkdir()
@@ -178,7 +181,7 @@ PROBES = [
     ("analyze", "--model {tmp}/missing_tensor", "lack 1 tensor"),
     ("analyze", "--model {tmp}/extra_tensor", "unexpected"),
     ("eval", "--model {tmp}/garbage_weights", "Could not load"),
-    ("analyze", "--model {tmp}/bloom", "not supported"),
+    ("analyze", "--model {tmp}/bloom", "lack"),  # llama weights under a BLOOM config: not its weights
     ("analyze", "--model {tmp}/bad_config", "no readable model config"),
     ("analyze", "--model {tmp}/missing.gguf", "does not exist"),
     ("analyze", "--model ''", "--model is empty"),

@@ -24,7 +24,7 @@ from aptq.capture import BlockWalk
 from aptq.errors import UserError
 from aptq.geometry import RotaryLayout, geometry_for, rotary_layout
 from aptq.hessian import CollectOptions, HessianCollector
-from aptq.models import Architecture, LinearLayer, architecture_of
+from aptq.models import Architecture, LinearLayer, Rows, architecture_of
 from tests.tiny_models import WINDOW, tiny_config
 
 N_SEGMENTS, LENGTH = 2, 20  # longer than the sliding window of the tiny configs
@@ -72,7 +72,7 @@ def local_architecture(model: torch.nn.Module) -> Architecture:
         if hasattr(attention, "qkv_proj"):
             bounds = [0, n_heads * d, (n_heads + n_kv) * d, (n_heads + 2 * n_kv) * d]
             layers += [LinearLayer(f"{prefix}.qkv_proj.{kind}", i, kind, f"{prefix}.qkv_proj",
-                                   rows=(bounds[j], bounds[j + 1]), fused=f"{prefix}.qkv_proj")
+                                   rows=Rows(bounds[j], bounds[j + 1] - bounds[j]), fused=f"{prefix}.qkv_proj")
                        for j, kind in enumerate("qkv")]
         else:
             layers += [LinearLayer(f"{prefix}.{kind}_proj", i, kind, f"{prefix}.{kind}_proj") for kind in "qkv"]
@@ -145,8 +145,9 @@ class AttentionProbe:
         found = {}
 
         def add(module, args, output):
-            rows = layer.rows or (0, output.shape[-1])
-            return torch.cat([output[..., :rows[0]], output[..., rows[0]:rows[1]] + delta, output[..., rows[1]:]], -1)
+            rows = layer.rows or Rows(0, output.shape[-1])
+            start, end = rows.start, rows.start + len(rows)  # contiguous slices only in these tests
+            return torch.cat([output[..., :start], output[..., start:end] + delta, output[..., end:]], -1)
 
         projection = self.attention.get_submodule(layer.module_path.split(f"{self.arch.attention_attr}.")[-1])
         out = self.attention.get_submodule(self.layers["o"].module_path.split(f"{self.arch.attention_attr}.")[-1])
@@ -170,7 +171,7 @@ class AttentionProbe:
     def width(self, kind: str) -> int:
         rows = self.layers[kind].rows
         heads = self.arch.n_heads if kind == "q" else self.arch.n_kv_heads
-        return heads * self.arch.head_dim if rows is None else rows[1] - rows[0]
+        return heads * self.arch.head_dim if rows is None else len(rows)
 
     def jacobian(self, segment: int, kind: str, output: int) -> torch.Tensor:
         zero = torch.zeros(LENGTH, self.width(kind))
@@ -339,9 +340,9 @@ def test_an_attention_the_recorder_cannot_see_is_refused():
     model = build("falcon")
     attention = model.transformer.h[0].self_attention
     d = attention.head_dim
-    layers = (LinearLayer("qkv.q", 0, "q", "transformer.h.0.self_attention.query_key_value", rows=(0, 4 * d)),
-              LinearLayer("qkv.k", 0, "k", "transformer.h.0.self_attention.query_key_value", rows=(4 * d, 5 * d)),
-              LinearLayer("qkv.v", 0, "v", "transformer.h.0.self_attention.query_key_value", rows=(5 * d, 6 * d)),
+    layers = (LinearLayer("qkv.q", 0, "q", "transformer.h.0.self_attention.query_key_value", rows=Rows(0, 4 * d)),
+              LinearLayer("qkv.k", 0, "k", "transformer.h.0.self_attention.query_key_value", rows=Rows(4 * d, d)),
+              LinearLayer("qkv.v", 0, "v", "transformer.h.0.self_attention.query_key_value", rows=Rows(5 * d, d)),
               LinearLayer("dense", 0, "o", "transformer.h.0.self_attention.dense"))
     arch = Architecture("falcon", 2, 64, 4, 1, d, True, "transformer.h", "self_attention", None, layers)
     with pytest.raises(UserError, match="probabilities cannot be recorded"):
