@@ -221,18 +221,20 @@ def swapped_weights(model: torch.nn.Module, arch: Architecture, weights: dict[st
     Each module gets a new parameter on the module's device (a layer that is a row slice of a fused module fills its
     rows in a copy of that module's weight); the original parameter is only set aside, never written to."""
     layers = [arch.layer(name) for name in weights]
-    originals: dict[str, torch.nn.Parameter] = {}
+    # (module path, parameter name) → the original parameter (experts share one 3-D parameter per module)
+    originals: dict[tuple[str, str], torch.nn.Parameter] = {}
     try:
         for layer in layers:
             module = get_module(model, layer.module_path)
-            if layer.module_path not in originals:
-                originals[layer.module_path] = module.weight
-                module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+            if (layer.module_path, layer.parameter) not in originals:
+                original = getattr(module, layer.parameter)
+                originals[(layer.module_path, layer.parameter)] = original
+                setattr(module, layer.parameter, torch.nn.Parameter(original.detach().clone(), requires_grad=False))
             set_weight(model, layer, weights[layer.name])
         yield
     finally:
-        for path, original in originals.items():
-            get_module(model, path).weight = original
+        for (path, parameter), original in originals.items():
+            setattr(get_module(model, path), parameter, original)
 
 
 @dataclass(frozen=True)
