@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import aptq.data as data
 import aptq.pipeline as pipeline
@@ -58,6 +59,9 @@ def command(name: str, common: list[str], store: Path) -> list[str]:
 
 def _child(argv: list[str], hook: tuple, pause_at: int, release: str, events) -> None:
     """In the forked child: count the hooked units (and pause after unit `pause_at`), then run the CLI."""
+    # The parent's OpenMP thread pool does not survive a fork (its threads are gone in the child): torch must stay on
+    # the calling thread here, or a matrix product in the child can crash.
+    torch.set_num_threads(1)
     module, name = hook
     original = getattr(module, name)
     calls = 0
