@@ -3,8 +3,6 @@ tests/test_store.py)."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -90,9 +88,7 @@ def test_repeat_is_a_cache_hit_and_a_changed_setting_is_a_miss(tiny_model_dir, c
 
     with monkeypatch.context() as patch:
         patch.setattr(sensitivity, "BlockWalk", no_model_work)
-        start = time.perf_counter()
         again, again_errors = analyze(loaded, corpus, SAMPLING, SETTINGS, store=store)
-        assert time.perf_counter() - start < 1.0
     assert again.attrs["cached"] is True
     pd.testing.assert_frame_equal(again, layers)
     pd.testing.assert_frame_equal(again_errors, errors)
