@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertLMHeadModel
 
 from aptq.errors import UserError
 from aptq.models import get_module, get_weight, load_model, set_weight
@@ -53,8 +53,9 @@ def test_embedded_model_loads_from_its_converted_cache():
 
 
 def test_unknown_architecture_loads_layer_wise_and_says_why(tmp_path):
-    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(str(tmp_path))
+    # A BERT decoder with its language-model head: complete weights for AutoModelForCausalLM.
+    BertLMHeadModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, is_decoder=True)).save_pretrained(str(tmp_path))
     loaded = load_model(str(tmp_path), device="cpu")
     arch = loaded.arch
     linears = [name for name, module in loaded.model.get_submodule(arch.blocks_path).named_modules()

@@ -62,11 +62,14 @@ def test_full_precision_layers_stay_exact_and_kl_grows_as_bits_shrink(tiny_model
         rows[bits] = run_plan(loaded, text_corpus, SAMPLING, plan, QuantizeSettings("gptq", 32), EVALUATION, store)
     assert rows[8]["kl"] < rows[4]["kl"] < rows[2]["kl"]
     assert rows[8]["avg_bits"] > 8  # the full-precision layer counts at 16 bits
-    # The model run_plan evaluates comes from quantize_model: the kept weight is bit for bit the original.
+    # The weights run_plan evaluates come from quantize_model: with them swapped in, the kept weight is bit for bit
+    # the original and every other one has changed.
     segments = calibration_segments(token_ids(loaded.tokenizer, text_corpus, "calibration"), SAMPLING)
     quantized, _ = pipeline.quantize_model(loaded, plan, QuantizeSettings("gptq", 32), segments, key="kept")
-    for layer in loaded.arch.layers:
-        assert torch.equal(get_weight(quantized, layer), get_weight(loaded.model, layer)) == (layer.name == kept)
+    originals = {layer.name: get_weight(loaded.model, layer).clone() for layer in loaded.arch.layers}
+    with quantized.applied(loaded.model) as model:
+        for layer in loaded.arch.layers:
+            assert torch.equal(get_weight(model, layer), originals[layer.name]) == (layer.name == kept)
 
 
 @pytest.mark.integration
