@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import zipfile
@@ -24,6 +23,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
+from aptq import validate
 from aptq.errors import UserError
 from aptq.models import Architecture, LinearLayer, get_weight
 from aptq.packing import WORD_BITS, pack_stream
@@ -108,20 +108,8 @@ def llmcompressor_recipe(arch: Architecture, plan: dict[str, int], group_size: i
     return f"# {RUNTIME_NOTE}\n" + yaml.safe_dump(recipe, sort_keys=False, width=120)
 
 
-def check_directory(target: Path, overwrite: bool) -> None:
-    """One sentence when the export directory exists (without overwrite) or cannot be created where it is asked."""
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists; choose another directory or pass --overwrite.")
-    parent = target.parent.resolve()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"Cannot write the export {target}: {parent} is not a writable directory; choose a "
-                        f"directory you can write to.")
-
-
 def _prepare(target: Path, overwrite: bool) -> Path:
-    check_directory(target, overwrite)
+    validate.export_target(target, overwrite)
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -389,7 +377,7 @@ def export_model(model: nn.Module, tokenizer, directory: Path, files: PlanFiles,
         raise ValueError("Packed formats need the PackedPlan.")
     if formats:
         check_formats(model, packed, formats)
-    check_directory(directory, overwrite)
+    validate.export_target(directory, overwrite)
     codes = layer_codes(model, packed) if set(formats) & set(PACKED_FORMATS) else {}
     staging = _prepare(directory, overwrite)
     try:
