@@ -29,8 +29,8 @@ Methods:
   random              seeded random widths, then lowered at random until the budget holds (for teaching)
 
 Constraints for every method: pins are kept and charged to the budget; per-kind bounds narrow the candidates of a
-layer; layers stored fused share one width, so each fused group is one item (summed n_params and errors, a pin on any
-member pins the group). The budget counts all layers of the `layers` table; a layer pinned to full precision (16)
+layer; layers stored fused share one width, so each fused set is one item (summed n_params and errors, a pin on any
+member pins the set). The budget counts all layers of the `layers` table; a layer pinned to full precision (16)
 counts at 16 bits (our choice: keeping a layer in fp16 costs memory like any other width).
 """
 
@@ -53,6 +53,10 @@ MAX_TABLE_CELLS = 1 << 24  # (our choice) DP back-pointer table cap: 16 MiB of i
 LAYER_COLUMNS = ("layer", "block", "kind", "fused", "n_params")
 ERROR_COLUMNS = ("layer", "bits", "err_layerwise", "err_attention")
 METRIC_TRACES = {"err_attention": "trace_attention", "err_layerwise": "trace_layerwise"}  # the metric's own Hessian
+# A plan's predicted total error under each metric: its key in summaries and its column in the runs table.
+PREDICTED_ERROR_ATTENTION = "predicted_error_attention"
+PREDICTED_ERROR_LAYERWISE = "predicted_error_layerwise"
+PREDICTED_ERRORS = {PREDICTED_ERROR_ATTENTION: "err_attention", PREDICTED_ERROR_LAYERWISE: "err_layerwise"}
 
 
 class AllocationError(UserError, ValueError):
@@ -81,15 +85,15 @@ class Plan:
 
 @dataclass(frozen=True)
 class _Problem:
-    """The request in solver form: one row per fused group, one column per width."""
+    """The request in solver form: one row per fused set, one column per width."""
 
     widths: np.ndarray  # (m,) sorted: the candidates plus any pinned quantized width
-    n: np.ndarray  # (G,) int64 parameters per free group
-    allowed: np.ndarray  # (G, m) bool: candidate within the group's kind bounds
-    err: np.ndarray  # (G, m) summed predicted error of the group at each width (metric of the method)
-    score: np.ndarray  # (G,) parameter-weighted mean score (aptq only)
-    capacity: int  # bit·params left for the free groups once pins are charged
-    pinned_cost: int  # bit·params of the pinned groups
+    n: np.ndarray  # (S,) int64 parameters per free set
+    allowed: np.ndarray  # (S, m) bool: candidate within the set's kind bounds
+    err: np.ndarray  # (S, m) summed predicted error of the set at each width (metric of the method)
+    score: np.ndarray  # (S,) parameter-weighted mean score (aptq only)
+    capacity: int  # bit·params left for the free sets once pins are charged
+    pinned_cost: int  # bit·params of the pinned sets
     total_params: int
 
 
@@ -97,13 +101,13 @@ def allocate(layers: pd.DataFrame, errors: pd.DataFrame, request: AllocationRequ
     """Turn `request.budget` into one width per layer with `request.method` (see the module docstring)."""
     _check_request(request)
     names = layers["layer"].astype(str).to_numpy()
-    group_of, group_names = pd.factorize(_fused_keys(layers), sort=False)
-    pinned = _group_pins(request.pins, names, group_of, len(group_names))
-    problem, free = _build_problem(layers, errors, request, names, group_of, pinned)
+    set_of_layer, set_names = pd.factorize(_fused_sets(layers), sort=False)
+    pinned = _fused_set_pins(request.pins, names, set_of_layer, len(set_names))
+    problem, free = _build_problem(layers, errors, request, names, set_of_layer, pinned)
     choice, notes = _solve(problem, request)
-    group_bits = pinned.copy()
-    group_bits[free] = problem.widths[choice]
-    return Plan({name: int(b) for name, b in zip(names, group_bits[group_of])}, request, tuple(notes))
+    set_bits = pinned.copy()
+    set_bits[free] = problem.widths[choice]
+    return Plan({name: int(b) for name, b in zip(names, set_bits[set_of_layer])}, request, tuple(notes))
 
 
 def summarize(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict:
@@ -130,8 +134,7 @@ def summarize(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict:
         **size,
         "fp16_size_mb": total * FULL_PRECISION / 8e6,
         "compression": total * FULL_PRECISION / 8e6 / size["size_mb"],
-        "predicted_error_attention": _predicted_error(plan, layers, errors, "err_attention"),
-        "predicted_error_layerwise": _predicted_error(plan, layers, errors, "err_layerwise"),
+        **{name: _predicted_error(plan, layers, errors, metric) for name, metric in PREDICTED_ERRORS.items()},
         "bits_by_kind": {str(k): float(row.nb / row.n) for k, row in by_kind.iterrows()},
         "layers_by_bits": {int(w): int(c) for w, c in zip(widths, counts)},
         "notes": list(plan.notes),
@@ -191,8 +194,9 @@ def _check_request(request: AllocationRequest) -> None:
                                   f"high; pick them from {tuple(sorted(request.candidates))}.")
 
 
-def _fused_keys(layers: pd.DataFrame) -> pd.Series:
-    """The `fused` column, with a layer's own name where it is empty (not fused)."""
+def _fused_sets(layers: pd.DataFrame) -> pd.Series:
+    """Each layer's fused set (the layers sharing one width): the `fused` column, or the layer's own name where it is
+    empty (not fused)."""
     missing = sorted(set(LAYER_COLUMNS) - set(layers.columns))
     if missing:
         raise AllocationError(f"The layers table lacks columns {missing}; pass the sensitivity analysis's table.")
@@ -205,59 +209,60 @@ def _fused_keys(layers: pd.DataFrame) -> pd.Series:
     return fused.where(fused.notna() & (fused.astype(str) != ""), layers["layer"]).astype(str)
 
 
-def _group_pins(pins: Mapping[str, int], names: np.ndarray, group_of: np.ndarray, n_groups: int) -> np.ndarray:
-    """Pinned width per fused group, 0 where free; a pin on one member applies to the whole group."""
+def _fused_set_pins(pins: Mapping[str, int], names: np.ndarray, set_of_layer: np.ndarray, n_sets: int) -> np.ndarray:
+    """Pinned width per fused set, 0 where free; a pin on one member applies to the whole set."""
     position = {name: i for i, name in enumerate(names)}
     unknown = [name for name in pins if name not in position]
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         raise AllocationError(f"Pins name {len(unknown)} unknown layer(s) ({shown}); pin layers of the layers table.")
-    pinned = np.zeros(n_groups, dtype=np.int64)
+    pinned = np.zeros(n_sets, dtype=np.int64)
     pinned_by: dict[int, str] = {}
     for name, width in pins.items():
         if int(width) not in (*QUANT_WIDTHS, FULL_PRECISION) or int(width) != width:
             raise AllocationError(f"{name} is pinned to {width} bits; pin widths must be 2–8 or 16 (full precision).")
-        group = group_of[position[name]]
-        if pinned[group] and pinned[group] != width:
-            raise AllocationError(f"{pinned_by[group]} and {name} are stored fused and share one width, but are pinned "
-                                  f"to {pinned[group]} and {width} bits; pin them to the same width.")
-        pinned[group], pinned_by[group] = int(width), name
+        fused_set = set_of_layer[position[name]]
+        if pinned[fused_set] and pinned[fused_set] != width:
+            raise AllocationError(f"{pinned_by[fused_set]} and {name} are stored fused and share one width, but are "
+                                  f"pinned to {pinned[fused_set]} and {width} bits; pin them to the same width.")
+        pinned[fused_set], pinned_by[fused_set] = int(width), name
     return pinned
 
 
 # ---- problem construction -----------------------------------------------------------------------------------------
 
 def _build_problem(layers: pd.DataFrame, errors: pd.DataFrame, request: AllocationRequest, names: np.ndarray,
-                   group_of: np.ndarray, pinned: np.ndarray) -> tuple[_Problem, np.ndarray]:
-    n_groups = len(pinned)
+                   set_of_layer: np.ndarray, pinned: np.ndarray) -> tuple[_Problem, np.ndarray]:
+    n_sets = len(pinned)
     pin_widths = {int(w) for w in pinned if 0 < w < FULL_PRECISION}
     widths = np.array(sorted(set(int(c) for c in request.candidates) | pin_widths), dtype=np.int64)
     n_layer = layers["n_params"].to_numpy(dtype=np.int64)
-    n_group = np.bincount(group_of, weights=n_layer, minlength=n_groups).round().astype(np.int64)
+    n_set = np.bincount(set_of_layer, weights=n_layer, minlength=n_sets).round().astype(np.int64)
     layer_allowed = _kind_allowed(layers, widths, request)
-    # A group may use a width only if every member may (members of a fused group can differ in kind).
-    group_allowed = np.stack([np.bincount(group_of, weights=~layer_allowed[:, j], minlength=n_groups) == 0
+    # A set may use a width only if every member may (members of a fused set can differ in kind).
+    set_allowed = np.stack([np.bincount(set_of_layer, weights=~layer_allowed[:, j], minlength=n_sets) == 0
                               for j in range(len(widths))], axis=1)
     free = pinned == 0
-    _check_bounds(group_allowed, free, layers, group_of)
+    _check_bounds(set_allowed, free, layers, set_of_layer)
     metric = "err_layerwise" if request.method == "knapsack-layerwise" else "err_attention"
     layer_err = _error_matrix(layers, errors, names, widths, metric, request.group_size)
-    _check_coverage(layer_err, group_allowed[group_of] & free[group_of, None], pinned[group_of], names, widths)
-    group_err = np.stack([np.bincount(group_of, weights=np.nan_to_num(layer_err[:, j]), minlength=n_groups)
+    _check_coverage(layer_err, set_allowed[set_of_layer] & free[set_of_layer, None], pinned[set_of_layer], names,
+                    widths)
+    set_err = np.stack([np.bincount(set_of_layer, weights=np.nan_to_num(layer_err[:, j]), minlength=n_sets)
                           for j in range(len(widths))], axis=1)
-    score = np.zeros(n_groups)
+    score = np.zeros(n_sets)
     if request.method == "aptq":
         if "score" not in layers.columns:
             raise AllocationError("The layers table has no score column; the aptq rule needs the sensitivity scores.")
         layer_score = layers["score"].to_numpy(dtype=float)
-        score = np.bincount(group_of, weights=layer_score * n_layer, minlength=n_groups) / n_group
+        score = np.bincount(set_of_layer, weights=layer_score * n_layer, minlength=n_sets) / n_set
         # Unfused layers keep their score exactly: rounding in the weighted mean must not reorder equal scores.
-        single = np.bincount(group_of, minlength=n_groups)[group_of] == 1
-        score[group_of[single]] = layer_score[single]
+        single = np.bincount(set_of_layer, minlength=n_sets)[set_of_layer] == 1
+        score[set_of_layer[single]] = layer_score[single]
     total = int(n_layer.sum())
-    pinned_cost = int((n_group * pinned).sum())
+    pinned_cost = int((n_set * pinned).sum())
     capacity = math.floor(Fraction(request.budget) * total) - pinned_cost  # exact: no float rounding at the budget
-    problem = _Problem(widths, n_group[free], group_allowed[free], group_err[free], score[free], capacity, pinned_cost,
+    problem = _Problem(widths, n_set[free], set_allowed[free], set_err[free], score[free], capacity, pinned_cost,
                        total)
     _check_feasible(problem, request)
     return problem, free
@@ -272,10 +277,10 @@ def _kind_allowed(layers: pd.DataFrame, widths: np.ndarray, request: AllocationR
     return candidate & (widths >= low[:, None]) & (widths <= high[:, None])
 
 
-def _check_bounds(group_allowed: np.ndarray, free: np.ndarray, layers: pd.DataFrame, group_of: np.ndarray) -> None:
-    empty = np.flatnonzero(free & ~group_allowed.any(axis=1))
+def _check_bounds(set_allowed: np.ndarray, free: np.ndarray, layers: pd.DataFrame, set_of_layer: np.ndarray) -> None:
+    empty = np.flatnonzero(free & ~set_allowed.any(axis=1))
     if len(empty):
-        member = np.flatnonzero(group_of == empty[0])[0]
+        member = np.flatnonzero(set_of_layer == empty[0])[0]
         raise AllocationError(f"No candidate width fits the per-kind bounds of {layers['layer'].iloc[member]} "
                               f"(kind {layers['kind'].iloc[member]}); widen min_bits/max_bits or add a candidate.")
 
@@ -366,7 +371,7 @@ def _largest_allowed(problem: _Problem) -> np.ndarray:
     return problem.allowed.shape[1] - 1 - problem.allowed[:, ::-1].argmax(axis=1)
 
 
-# ---- solvers: each returns one width column per free group ---------------------------------------------------------
+# ---- solvers: each returns one width column per free fused set -------------------------------------------------
 
 def _solve(problem: _Problem, request: AllocationRequest) -> tuple[np.ndarray, list[str]]:
     if not len(problem.n):
@@ -385,32 +390,33 @@ def _cost(problem: _Problem, choice: np.ndarray) -> int:
 
 
 def _nearest_allowed_below(problem: _Problem, width: int) -> np.ndarray:
-    """Per group: the widest allowed width ≤ `width`, else its narrowest allowed width."""
+    """Per set: the widest allowed width ≤ `width`, else its narrowest allowed width."""
     below = problem.allowed & (problem.widths <= width)
     widest_below = below.shape[1] - 1 - below[:, ::-1].argmax(axis=1)
     return np.where(below.any(axis=1), widest_below, _smallest_allowed(problem))
 
 
 def _nearest_allowed_above(problem: _Problem, width: int) -> np.ndarray:
-    """Per group: the narrowest allowed width ≥ `width`, else its widest allowed width."""
+    """Per set: the narrowest allowed width ≥ `width`, else its widest allowed width."""
     above = problem.allowed & (problem.widths >= width)
     return np.where(above.any(axis=1), above.argmax(axis=1), _largest_allowed(problem))
 
 
 def _uniform(problem: _Problem) -> tuple[np.ndarray, list[str]]:
-    """The widest candidate that fits; groups whose bounds exclude it take their nearest allowed width below."""
+    """The widest candidate that fits; sets whose bounds exclude it take their nearest allowed width below."""
     candidate_widths = problem.widths[problem.allowed.any(axis=0)]
     for width in sorted(candidate_widths, reverse=True):
         choice = _nearest_allowed_below(problem, width)
         if _cost(problem, choice) <= problem.capacity:
             clamped = int((problem.widths[choice] != width).sum())
-            note = f"uniform width {width} bits" + (f" ({clamped} group(s) held by per-kind bounds)" if clamped else "")
+            note = f"uniform width {width} bits" + (f" ({clamped} fused set(s) held by per-kind bounds)"
+                                                    if clamped else "")
             return choice, [note]
     raise AssertionError("unreachable: _check_feasible guarantees the narrowest widths fit")
 
 
 def _aptq(problem: _Problem, request: AllocationRequest) -> tuple[np.ndarray, list[str]]:
-    """Least sensitive groups (lowest score) take the low width, in order, until the budget holds (APTQ §3).
+    """Least sensitive sets (lowest score) take the low width, in order, until the budget holds (APTQ §3).
 
     Groups whose bounds exclude a width take the nearest allowed one (our choice).
     """
@@ -428,43 +434,43 @@ def _aptq(problem: _Problem, request: AllocationRequest) -> tuple[np.ndarray, li
                               f"choose a lower low width.")
     choice = high_pick.copy()
     choice[order[:n_low]] = low_pick[order[:n_low]]
-    return choice, [f"aptq: {n_low} of {len(order)} group(s) at the low width"]
+    return choice, [f"aptq: {n_low} of {len(order)} fused set(s) at the low width"]
 
 
 def _random(problem: _Problem, seed: int) -> np.ndarray:
-    """Uniformly random allowed widths, then random groups step down one allowed width until the budget holds."""
+    """Uniformly random allowed widths, then random sets step down one allowed width until the budget holds."""
     rng = np.random.default_rng(seed)
     choice = np.where(problem.allowed, rng.random(problem.allowed.shape), -1.0).argmax(axis=1)
     cost = _cost(problem, choice)
     while cost > problem.capacity:
         lowerable = np.flatnonzero(choice > _smallest_allowed(problem))
-        group = rng.choice(lowerable)
-        lower = np.flatnonzero(problem.allowed[group, :choice[group]])[-1]
-        cost -= int(problem.n[group] * (problem.widths[choice[group]] - problem.widths[lower]))
-        choice[group] = lower
+        item = rng.choice(lowerable)
+        lower = np.flatnonzero(problem.allowed[item, :choice[item]])[-1]
+        cost -= int(problem.n[item] * (problem.widths[choice[item]] - problem.widths[lower]))
+        choice[item] = lower
     return choice
 
 
 def _knapsack(problem: _Problem) -> tuple[np.ndarray, list[str]]:
     """Multiple-choice knapsack: min Σ err subject to Σ n·b ≤ capacity, by DP over the spare budget.
 
-    Each group starts at its narrowest allowed width; the DP spends the spare bit·params on widening. Costs are
+    Each set starts at its narrowest allowed width; the DP spends the spare bit·params on widening. Costs are
     integers in units of gcd(n_params) (real models share a large gcd, e.g. 110592 for SmolLM2-135M), which makes the
     DP exact. When that table would exceed MAX_TABLE_CELLS, the unit grows and each cost is rounded *up* to whole
     units: the plan then never exceeds the budget and is optimal up to that resolution (it may leave less than one
-    unit per group of the budget unused).
+    unit per set of the budget unused).
     """
     err = np.where(problem.allowed, problem.err, np.inf)
     base = _smallest_allowed(problem)
     extra = problem.n[:, None] * (problem.widths[None, :] - problem.widths[base][:, None])
     spare = problem.capacity - _cost(problem, base)
     if spare >= int(np.where(problem.allowed, extra, 0).max(axis=1).sum()):
-        return err.argmin(axis=1), ["knapsack: the budget covers every group's least-error width"]
+        return err.argmin(axis=1), ["knapsack: the budget covers every set's least-error width"]
     unit = int(np.gcd.reduce(problem.n))
-    groups = len(problem.n)
-    if groups * (spare // unit + 1) > MAX_TABLE_CELLS:
-        unit = -(-spare // (MAX_TABLE_CELLS // groups - 1))  # the smallest unit whose table fits
-        slack = groups * unit / problem.total_params  # rounding adds under one unit per group
+    n_sets = len(problem.n)
+    if n_sets * (spare // unit + 1) > MAX_TABLE_CELLS:
+        unit = -(-spare // (MAX_TABLE_CELLS // n_sets - 1))  # the smallest unit whose table fits
+        slack = n_sets * unit / problem.total_params  # rounding adds under one unit per set
         note = (f"knapsack: costs rounded up to units of {unit} weights: never over the budget, and at least as good "
                 f"as the exact optimum at {slack:.2g} bits per weight less")
     else:
@@ -474,43 +480,43 @@ def _knapsack(problem: _Problem) -> tuple[np.ndarray, list[str]]:
 
 
 def _knapsack_dp(costs: np.ndarray, err: np.ndarray, capacity: int) -> np.ndarray:
-    """best[k] = least error of the groups so far within k units; back-pointers keep each group's choice per k.
+    """best[k] = least error of the sets so far within k units; back-pointers keep each set's choice per k.
 
-    Each group's narrowest allowed width costs 0; wider widths replace it where they do better (running element-wise
-    minima keep every pass contiguous). Only a window of k is live for group g: below K − (what the later groups can
-    still spend) nothing is ever read again, and above what the groups so far can spend at most, best is flat.
+    Each set's narrowest allowed width costs 0; wider widths replace it where they do better (running element-wise
+    minima keep every pass contiguous). Only a window of k is live for set i: below K − (what the later sets can
+    still spend) nothing is ever read again, and above what the sets so far can spend at most, best is flat.
     """
-    groups = costs.shape[0]
+    n_sets = costs.shape[0]
     widest = costs.max(axis=1)
     capacity = min(capacity, int(widest.sum()))
     high = np.minimum(np.cumsum(widest), capacity)
     low = np.maximum(0, capacity - (widest.sum() - np.cumsum(widest)))
     best = np.zeros(capacity + 1)
-    picks = np.empty((groups, capacity + 1), dtype=np.int8)
+    picks = np.empty((n_sets, capacity + 1), dtype=np.int8)
     previous_high = 0
-    for g in range(groups):
-        lo, hi = int(low[g]), int(high[g])
-        best[previous_high + 1:hi + 1] = best[previous_high]  # flat beyond what the earlier groups can spend
-        options = np.flatnonzero(costs[g] >= 0)
-        new = best[lo:hi + 1] + err[g, options[0]]
-        picks[g, lo:hi + 1] = options[0]
+    for i in range(n_sets):
+        lo, hi = int(low[i]), int(high[i])
+        best[previous_high + 1:hi + 1] = best[previous_high]  # flat beyond what the earlier sets can spend
+        options = np.flatnonzero(costs[i] >= 0)
+        new = best[lo:hi + 1] + err[i, options[0]]
+        picks[i, lo:hi + 1] = options[0]
         for j in options[1:]:
-            c = int(costs[g, j])
+            c = int(costs[i, j])
             start = max(lo, c)
             if start > hi:
                 continue
-            candidate = best[start - c:hi + 1 - c] + err[g, j]
+            candidate = best[start - c:hi + 1 - c] + err[i, j]
             better = candidate < new[start - lo:]
             np.copyto(new[start - lo:], candidate, where=better)
-            np.copyto(picks[g, start:hi + 1], j, where=better)
+            np.copyto(picks[i, start:hi + 1], j, where=better)
         best[lo:hi + 1] = new
         previous_high = hi
-    choice = np.empty(groups, dtype=np.int64)
+    choice = np.empty(n_sets, dtype=np.int64)
     k = capacity
-    for g in range(groups - 1, -1, -1):
-        k = min(k, int(high[g]))  # above `high` the table is flat: the same choice is optimal
-        choice[g] = picks[g, k]
-        k -= costs[g, choice[g]]
+    for i in range(n_sets - 1, -1, -1):
+        k = min(k, int(high[i]))  # above `high` the table is flat: the same choice is optimal
+        choice[i] = picks[i, k]
+        k -= costs[i, choice[i]]
     return choice
 
 

@@ -10,6 +10,8 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE
+
 KIND_ORDER = ["q", "k", "v", "o", "gate", "up", "down"]
 METHOD_COLORS = {"fp": "#222222", "uniform": "#7f7f7f", "aptq": "#1f77b4", "knapsack": "#d62728",
                  "knapsack-layerwise": "#ff7f0e", "random": "#9467bd", "rtn": "#8c564b", "gptq": "#2ca02c",
@@ -129,8 +131,8 @@ AXIS_LABELS = {"avg_bits": "average bits per weight, whole model",
                "covered_avg_bits": "average bits per weight over the covered layers",
                "covered_effective_bits": "effective bits per weight (with scales) over the covered layers",
                "perplexity": "perplexity", "kl": "KL(full precision ‖ quantized), nats/token",
-               "top1": "top-1 agreement", "predicted_error_attention": "predicted Σ e (attention-aware)",
-               "predicted_error_layerwise": "predicted Σ e (layer-wise)"}
+               "top1": "top-1 agreement", PREDICTED_ERROR_ATTENTION: "predicted Σ e (attention-aware)",
+               PREDICTED_ERROR_LAYERWISE: "predicted Σ e (layer-wise)"}
 
 
 def tradeoff_curves(runs: pd.DataFrame, y: str = "perplexity", title: str = "", x: str = "covered_avg_bits",
@@ -175,14 +177,14 @@ def predicted_curves(curves: pd.DataFrame, current: dict | None = None) -> go.Fi
     quantized; `current` = {"x", "y", "label"} marks the current plan."""
     figure = go.Figure()
     for solver, group in curves.groupby("solver", sort=False):
-        figure.add_trace(go.Scatter(x=group["avg_bits"], y=group["predicted_error_attention"], mode="lines+markers",
+        figure.add_trace(go.Scatter(x=group["avg_bits"], y=group[PREDICTED_ERROR_ATTENTION], mode="lines+markers",
                                     name=str(solver), line={"color": METHOD_COLORS.get(str(solver))},
                                     hovertemplate="%{x:.3f} bits<br>predicted %{y:.4g}<extra>%{fullData.name}</extra>"))
     if current is not None:
         figure.add_trace(go.Scatter(x=[current["x"]], y=[current["y"]], mode="markers", name=current["label"],
                                     marker={"symbol": "star", "size": 16, "color": "#000"}))
     figure.update_layout(xaxis_title="average bits per weight over the analysed layers",
-                         yaxis_title=AXIS_LABELS["predicted_error_attention"], yaxis_type="log", height=400,
+                         yaxis_title=AXIS_LABELS[PREDICTED_ERROR_ATTENTION], yaxis_type="log", height=400,
                          title={"text": "predicted error against bits, every solver (from the analysis alone)",
                                 "y": 0.97, "yanchor": "top"}, margin={"t": 60}, legend={"title": "solver"})
     return figure
@@ -191,10 +193,10 @@ def predicted_curves(curves: pd.DataFrame, current: dict | None = None) -> go.Fi
 def predicted_vs_measured(runs: pd.DataFrame, measured: str = "kl", protocol: str = "") -> go.Figure:
     """Predicted total error (attention-aware) against a measured quantity, log–log; colour = allocation method,
     symbol = quantization method. Points on a rising line mean the predictions rank plans correctly."""
-    figure = px.scatter(runs, x="predicted_error_attention", y=measured, color="allocation", symbol="method",
+    figure = px.scatter(runs, x=PREDICTED_ERROR_ATTENTION, y=measured, color="allocation", symbol="method",
                         hover_name="plan_name", hover_data={"avg_bits": ":.3f"}, color_discrete_map=METHOD_COLORS,
                         symbol_map=QUANT_SYMBOLS, log_x=True, log_y=True,
-                        labels={k: v for k, v in AXIS_LABELS.items() if k in ("predicted_error_attention", measured)})
+                        labels={k: v for k, v in AXIS_LABELS.items() if k in (PREDICTED_ERROR_ATTENTION, measured)})
     figure.update_layout(height=420, title=f"predicted error vs measured {measured}"
                          + (f" — {protocol}" if protocol else ""))
     return figure

@@ -139,8 +139,8 @@ def check_calibration(args: argparse.Namespace) -> None:
     validate.seed(args.seed, "--seed")
     if args.batch_size is not None:
         validate.at_least(args.batch_size, 1, "--batch-size")
-    if args.group is not None:
-        validate.group_size(args.group)
+    if args.group_size is not None:
+        validate.group_size(args.group_size)
     check_sources(args)
 
 
@@ -155,10 +155,10 @@ def calibration_of(args: argparse.Namespace, loaded):
     return Sampling(samples if args.samples is None else args.samples, min(seqlen, loaded.max_length), args.seed)
 
 
-def group_of(args: argparse.Namespace, loaded) -> int:
+def group_size_of(args: argparse.Namespace, loaded) -> int:
     from aptq.sensitivity import default_group_size
 
-    return default_group_size(loaded.arch) if args.group is None else args.group
+    return default_group_size(loaded.arch) if args.group_size is None else args.group_size
 
 
 def say_attention_unavailable(loaded) -> None:
@@ -196,7 +196,7 @@ def add_analyze_parser(commands: argparse._SubParsersAction) -> None:
                                              "Results are cached in the DuckDB store; a repeat is instant.")
     add_model_arguments(parser)
     add_calibration_arguments(parser)
-    parser.add_argument("--group", type=int, default=None,
+    parser.add_argument("--group", dest="group_size", type=int, default=None,
                         help="quantization group size for the predicted errors, 0 = per channel "
                              "(default: 128 when the hidden size allows it, else 64)")
     parser.add_argument("--bits", type=_bit_list, default=(2, 3, 4, 8),
@@ -216,7 +216,7 @@ def analysis_for(args: argparse.Namespace, loaded, corpus, sampling, bits=(2, 3,
     from aptq.sensitivity import AnalysisSettings, analyze
     from aptq.store import Store
 
-    settings = AnalysisSettings(group_size=group_of(args, loaded), bits=bits,
+    settings = AnalysisSettings(group_size=group_size_of(args, loaded), bits=bits,
                                 probes=DEFAULT_PROBES if probes is None else probes, max_blocks=max_blocks,
                                 batch_size=args.batch_size)
     bar = LazyBar("analyzing blocks")
@@ -258,7 +258,7 @@ def run_analyze(args: argparse.Namespace) -> None:
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--group", type=int, default=None,
+    parser.add_argument("--group", dest="group_size", type=int, default=None,
                         help="columns per scale/zero group, 0 = per output channel "
                              "(default: 128 when the hidden size allows it, else 64)")
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid (default: asymmetric)")
@@ -271,7 +271,7 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
 def quantize_settings(args: argparse.Namespace, loaded, method: str):
     from aptq.pipeline import EvalSettings, QuantizeSettings
 
-    return (QuantizeSettings(method=method, group_size=group_of(args, loaded), symmetric=args.symmetric,
+    return (QuantizeSettings(method=method, group_size=group_size_of(args, loaded), symmetric=args.symmetric,
                              act_order=args.act_order, batch_size=args.batch_size, device=args.device),
             EvalSettings(args.eval_seqlen, args.tokens or None))
 
@@ -401,6 +401,7 @@ def run_sweep_command(args: argparse.Namespace) -> None:
         for seed in args.seeds:
             validate.seed(seed, "Each of --seeds")
 
+    from aptq.allocate import PREDICTED_ERROR_ATTENTION
     from aptq.data import load_corpus
     from aptq.models import load_model
     from aptq.store import Store
@@ -420,7 +421,7 @@ def run_sweep_command(args: argparse.Namespace) -> None:
     finally:
         bar.close()
     columns = [c for c in ("allocation", "budget", "seed", "avg_bits", "effective_bits", "perplexity", "kl", "top1",
-                           "predicted_error_attention", "quant_seconds", "cached", "skipped") if c in table]
+                           PREDICTED_ERROR_ATTENTION, "quant_seconds", "cached", "skipped") if c in table]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 

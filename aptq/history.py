@@ -9,7 +9,7 @@ runs    key PK (model + calibration + plan + quantization settings + evaluation 
         model → models, model_name, corpus, eval_seqlen, eval_tokens, calibration → calibrations (NULL for RTN),
         method (rtn | gptq | attention), group_size, settings (JSON), plan (JSON), plan_key, plan_name,
         allocation, budget, analysis (the analysis whose errors predicted this plan, if any), avg_bits,
-        effective_bits, size_mb, predicted_error_attention, predicted_error_layerwise, perplexity, kl, top1,
+        effective_bits, size_mb, the two predicted errors (aptq.allocate.PREDICTED_ERRORS), perplexity, kl, top1,
         fp_perplexity, quant_seconds, eval_seconds, device, notes (fallbacks and warnings),
         coverage (aptq.coverage: the layers the plan decides, e.g. "blocks 0–3 of 30"), covered_avg_bits,
         covered_effective_bits (over those layers; avg_bits/effective_bits are over the whole model),
@@ -28,10 +28,11 @@ import json
 import pandas as pd
 from scipy.stats import spearmanr
 
+from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE, PREDICTED_ERRORS
 from aptq.data import digest
 from aptq.store import Store
 
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS plans (
     key VARCHAR PRIMARY KEY, model VARCHAR, name VARCHAR, allocation VARCHAR, budget DOUBLE, group_size INTEGER,
     request JSON, plan JSON, summary JSON, created TIMESTAMP DEFAULT current_timestamp);
@@ -40,7 +41,7 @@ CREATE TABLE IF NOT EXISTS runs (
     corpus VARCHAR, eval_seqlen INTEGER, eval_tokens BIGINT, calibration VARCHAR, method VARCHAR,
     group_size INTEGER, settings JSON, plan JSON, plan_key VARCHAR, plan_name VARCHAR, allocation VARCHAR,
     budget DOUBLE, analysis VARCHAR, avg_bits DOUBLE, effective_bits DOUBLE, size_mb DOUBLE,
-    predicted_error_attention DOUBLE, predicted_error_layerwise DOUBLE, perplexity DOUBLE, kl DOUBLE, top1 DOUBLE,
+    {PREDICTED_ERROR_ATTENTION} DOUBLE, {PREDICTED_ERROR_LAYERWISE} DOUBLE, perplexity DOUBLE, kl DOUBLE, top1 DOUBLE,
     fp_perplexity DOUBLE, quant_seconds DOUBLE, eval_seconds DOUBLE, device VARCHAR, notes VARCHAR);
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS coverage VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS covered_avg_bits DOUBLE;
@@ -113,11 +114,11 @@ def set_prediction(store: Store | None, key: str, meta: dict) -> dict:
     """Give a stored run the name, allocation, analysis and predicted errors of `meta` (the latest prediction of its
     plan, e.g. from a newer analysis); return the row."""
     store = _ready(store)
+    predicted = ", ".join(f"{name} = ?" for name in PREDICTED_ERRORS)
     store.execute("UPDATE runs SET plan_name = coalesce(?, plan_name), allocation = coalesce(?, allocation), "
-                  "budget = coalesce(?, budget), analysis = ?, predicted_error_attention = ?, "
-                  "predicted_error_layerwise = ? WHERE key = ?",
+                  f"budget = coalesce(?, budget), analysis = ?, {predicted} WHERE key = ?",
                   [meta.get("name"), meta.get("allocation"), meta.get("budget"), meta.get("analysis"),
-                   meta.get("predicted_error_attention"), meta.get("predicted_error_layerwise"), key])
+                   *(meta.get(name) for name in PREDICTED_ERRORS), key])
     return find_run(store, key)
 
 
@@ -125,14 +126,14 @@ def trust(runs: pd.DataFrame) -> pd.DataFrame:
     """Per quantization method: Spearman rank correlation of the predicted total error with the measured KL and
     perplexity, over the runs that carry a prediction (one model and evaluation protocol at a time)."""
     rows = []
-    usable = runs.dropna(subset=["predicted_error_attention", "kl"])
+    usable = runs.dropna(subset=[PREDICTED_ERROR_ATTENTION, "kl"])
     for method, of_method in usable.groupby("method"):
         row = {"method": method, "runs": len(of_method)}
-        for predicted in ("predicted_error_attention", "predicted_error_layerwise"):
+        for predicted, metric in PREDICTED_ERRORS.items():
             for measured in ("kl", "perplexity"):
                 value = spearmanr(of_method[predicted], of_method[measured]).statistic if len(of_method) >= 3 \
                     else float("nan")
-                row[f"spearman_{predicted.removeprefix('predicted_error_')}_{measured}"] = value
+                row[f"spearman_{metric.removeprefix('err_')}_{measured}"] = value
         rows.append(row)
     return pd.DataFrame(rows)
 

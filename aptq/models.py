@@ -106,7 +106,8 @@ class LinearLayer:
     input_group: str = ""  # layers with the same input group read the same tensor and share one Hessian H
 
     @property
-    def group(self) -> str:
+    def fused_set(self) -> str:
+        """The layers that share one bit width: the fused tensor's name, or the layer's own name when not fused."""
         return self.fused or self.name
 
     @property

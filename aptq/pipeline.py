@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aptq import coverage, teaching, validate
-from aptq.allocate import weight_size
+from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERRORS, weight_size
 from aptq.capture import BlockStep, BlockWalk
 from aptq.choices import QUANTIZERS
 from aptq.data import (
@@ -377,7 +377,7 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
              export_formats: tuple[str, ...] = ()) -> dict:
     """Quantize with `plan`, evaluate against full precision, store and return the run row (`cached` True when the
     same run was stored before and no model work was done). `plan_meta` may carry name, allocation, budget,
-    analysis, predicted_error_attention and predicted_error_layerwise. With `export_dir`, the quantized model and its
+    analysis and the predicted errors (aptq.allocate.PREDICTED_ERRORS). With `export_dir`, the quantized model and its
     plan files are written there (refused if it exists, unless `overwrite`), and each of `export_formats` (aptq.export)
     beside them, after the evaluation. `rtn_memo`: see `quantize_model`. The layers `plan` names are its coverage
     (aptq.coverage), stored with the run."""
@@ -403,7 +403,7 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     eval_fp = digest(corpus.fingerprint, tokenizer_fp, str(evaluation.seqlen), str(evaluation.max_tokens))
     key = run_key(model_fp, calibration_fp, plan, settings, eval_fp)
     stored = history.find_run(store, key)
-    if stored is not None and meta.get("predicted_error_attention") is not None:
+    if stored is not None and meta.get(PREDICTED_ERROR_ATTENTION) is not None:
         stored = history.set_prediction(store, key, meta)  # the same plan predicted again (e.g. a newer analysis)
     if stored is not None and export_dir is None:
         progress(1, 1, "cached")
@@ -439,8 +439,7 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
            "plan": history.plan_json(plan), "plan_key": history.plan_key(model_fp, plan, settings.group_size),
            "plan_name": meta.get("name"), "allocation": meta.get("allocation", "manual"),
            "budget": meta.get("budget"), "analysis": meta.get("analysis"), **size,
-           "predicted_error_attention": meta.get("predicted_error_attention"),
-           "predicted_error_layerwise": meta.get("predicted_error_layerwise"),
+           **{name: meta.get(name) for name in PREDICTED_ERRORS},
            "perplexity": result.perplexity, "kl": result.kl_divergence, "top1": result.top1_agreement,
            "fp_perplexity": float(np.exp(reference.mean_nll)), "quant_seconds": quant_seconds,
            "eval_seconds": result.seconds, "device": device, "notes": " ".join(notes) or None,

@@ -136,7 +136,7 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
         module = "attention" if layer.kind in ATTENTION_KINDS else "mlp"
         # (our choice of normalization, HAWQ-style) scores are traces per parameter.
         layer_records.append({
-            "layer": layer.name, "block": layer.block, "kind": layer.kind, "fused": layer.group,
+            "layer": layer.name, "block": layer.block, "kind": layer.kind, "fused": layer.fused_set,
             "n_params": n_params, "d_out": d_out, "d_in": d_in, "trace_layerwise": trace_layerwise,
             "trace_attention": trace_attention, "trace_lm": trace_lm, "trace_lm_se": hessians.lm_trace_se[layer.name],
             "score_layerwise": trace_layerwise / n_params, "score_attention": trace_attention / n_params,

@@ -16,7 +16,7 @@ class SharedView:
     corpus: str | None = None
     samples: int | None = None
     seqlen: int | None = None
-    group: int | None = None
+    group: int | None = None  # the quantization group size (the link's key stays "group")
     blocks: int | None = None  # analysed blocks; None = all
     solver: str | None = None
     budget: float | None = None

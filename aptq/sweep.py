@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import pandas as pd
 
 from aptq import history
-from aptq.allocate import AllocationError, AllocationRequest, allocate, summarize
+from aptq.allocate import (
+    PREDICTED_ERROR_ATTENTION,
+    PREDICTED_ERRORS,
+    AllocationError,
+    AllocationRequest,
+    allocate,
+    summarize,
+)
 from aptq.data import Corpus, Sampling
 from aptq.models import LoadedModel, model_fingerprint
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan
@@ -58,8 +65,7 @@ def run_sweep(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: p
         summary = summarize(plan, layers, errors)
         meta = {"name": point.name, "allocation": point.allocation, "budget": point.budget,
                 "analysis": layers.attrs.get("analysis_key"), "group_size": settings.group_size,
-                "predicted_error_attention": summary["predicted_error_attention"],
-                "predicted_error_layerwise": summary["predicted_error_layerwise"]}
+                **{name: summary[name] for name in PREDICTED_ERRORS}}
         history.save_plan(store, model_fp, point.name, plan.bits, meta | {"request": request, "summary": summary})
 
         def report(done: int, total: int, message: str, index: int = index) -> None:
@@ -69,6 +75,6 @@ def run_sweep(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: p
                        rtn_memo=rtn_memo)
         rows.append(base | {key: run[key] for key in ("key", "avg_bits", "effective_bits", "size_mb", "perplexity",
                                                       "kl", "top1", "quant_seconds", "cached")}
-                    | {"predicted_error_attention": summary["predicted_error_attention"]})
+                    | {PREDICTED_ERROR_ATTENTION: summary[PREDICTED_ERROR_ATTENTION]})
         progress(index + 1, len(points), point.name)
     return pd.DataFrame(rows)

@@ -15,7 +15,14 @@ import numpy as np
 import pandas as pd
 
 from aptq import history
-from aptq.allocate import FULL_PRECISION, AllocationError, AllocationRequest, allocate, summarize
+from aptq.allocate import (
+    FULL_PRECISION,
+    PREDICTED_ERROR_ATTENTION,
+    AllocationError,
+    AllocationRequest,
+    allocate,
+    summarize,
+)
 from aptq.models import Architecture
 
 MIN_FIT_RUNS = 3  # (our choice) runs with predictions needed before an unmeasured plan gets an estimate
@@ -66,7 +73,7 @@ class Predicted:
 def newest_analysis(runs: pd.DataFrame) -> Predicted:
     """The runs that carry a prediction, restricted to the analysis of the newest one (predictions of different
     analyses are in different units)."""
-    predicted = runs.dropna(subset=["predicted_error_attention"])
+    predicted = runs.dropna(subset=[PREDICTED_ERROR_ATTENTION])
     if predicted.empty:
         return Predicted(predicted, None, 0)
     analysis = predicted["analysis"]
@@ -87,15 +94,15 @@ class Estimate:
 def estimate(runs: pd.DataFrame, predicted: float, analysis: str | None, measured: str) -> Estimate | None:
     """An unmeasured plan's `measured`, read off a log–log line fitted to the runs of the best-covered quantization
     method (our choice) among those predicted by the plan's own `analysis`; None with too few runs."""
-    usable = runs[runs["analysis"] == analysis].dropna(subset=["predicted_error_attention", measured])
-    usable = usable[(usable["predicted_error_attention"] > 0) & (usable[measured] > 0)]
+    usable = runs[runs["analysis"] == analysis].dropna(subset=[PREDICTED_ERROR_ATTENTION, measured])
+    usable = usable[(usable[PREDICTED_ERROR_ATTENTION] > 0) & (usable[measured] > 0)]
     if usable.empty or not math.isfinite(predicted) or predicted <= 0:
         return None
     method = str(usable["method"].value_counts().index[0])
     fit = usable[usable["method"] == method]
-    if len(fit) < MIN_FIT_RUNS or fit["predicted_error_attention"].nunique() < 2:
+    if len(fit) < MIN_FIT_RUNS or fit[PREDICTED_ERROR_ATTENTION].nunique() < 2:
         return None
-    x, y = np.log(fit["predicted_error_attention"].to_numpy()), np.log(fit[measured].to_numpy())
+    x, y = np.log(fit[PREDICTED_ERROR_ATTENTION].to_numpy()), np.log(fit[measured].to_numpy())
     slope, intercept = np.polyfit(x, y, 1)
     spread = float(np.std(y - (intercept + slope * x), ddof=2)) if len(fit) > 2 else 0.0
     center = intercept + slope * math.log(predicted)
@@ -123,7 +130,7 @@ def runs_of_plan(runs: pd.DataFrame, plan: dict[str, int], arch: Architecture) -
 def predicted_curves(layers: pd.DataFrame, errors: pd.DataFrame, solvers: tuple[str, ...], budgets: list[float],
                      candidates: tuple[int, ...], group_size: int) -> pd.DataFrame:
     """Predicted total error (attention-aware, in one unit) of every solver's plan at every budget, from the
-    analysis alone: solver, budget, avg_bits (over the analysed layers), predicted_error_attention. Budgets a solver
+    analysis alone: solver, budget, avg_bits (over the analysed layers), PREDICTED_ERROR_ATTENTION. Budgets a solver
     cannot meet are left out."""
     rows = []
     for solver in solvers:
@@ -134,5 +141,5 @@ def predicted_curves(layers: pd.DataFrame, errors: pd.DataFrame, solvers: tuple[
                 continue
             summary = summarize(plan, layers, errors)
             rows.append({"solver": solver, "budget": budget, "avg_bits": summary["avg_bits"],
-                         "predicted_error_attention": summary["predicted_error_attention"]})
-    return pd.DataFrame(rows, columns=["solver", "budget", "avg_bits", "predicted_error_attention"])
+                         PREDICTED_ERROR_ATTENTION: summary[PREDICTED_ERROR_ATTENTION]})
+    return pd.DataFrame(rows, columns=["solver", "budget", "avg_bits", PREDICTED_ERROR_ATTENTION])

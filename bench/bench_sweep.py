@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from aptq.allocate import PREDICTED_ERROR_ATTENTION
 from aptq.data import Sampling, load_corpus
 from aptq.history import stored_runs, trust
 from aptq.models import load_model, model_fingerprint
@@ -91,7 +92,7 @@ def main() -> None:
         f"evaluation split, windows of 512, first {args.tokens} tokens", "",
         "## Curves", "",
         *table(sweep[[c for c in ("allocation", "budget", "seed", "avg_bits", "effective_bits", "perplexity", "kl",
-                                  "top1", "predicted_error_attention", "skipped") if c in sweep]]), "",
+                                  "top1", PREDICTED_ERROR_ATTENTION, "skipped") if c in sweep]]), "",
         "## Comparisons", "",
         f"- 3.0 bits: knapsack (attention-aware errors) perplexity {knap.perplexity:.3f}, KL {knap.kl:.4f} at "
         f"{knap.avg_bits:.3f} bits; uniform 3-bit perplexity {uni.perplexity:.3f}, KL {uni.kl:.4f}",

@@ -12,6 +12,8 @@ from aptq import charts, coverage
 from aptq.allocate import (
     ALLOCATORS,
     FULL_PRECISION,
+    PREDICTED_ERROR_ATTENTION,
+    PREDICTED_ERROR_LAYERWISE,
     AllocationError,
     AllocationRequest,
     Plan,
@@ -96,7 +98,7 @@ def headline(summary: dict, whole: dict[str, float], analysis: Analysis) -> None
     cols[2].metric("Size (whole model)", f"{whole['size_mb']:.1f} MB",
                    help="every quantizable linear weight with scales; layers outside the analysis in FP16")
     cols[3].metric("Compression", f"{summary['compression']:.2f}×", help=f"FP16 size / plan size, {scope}")
-    cols[4].metric("Predicted error", f"{summary['predicted_error_attention']:.4g}",
+    cols[4].metric("Predicted error", f"{summary[PREDICTED_ERROR_ATTENTION]:.4g}",
                    help="Σ e(layer, b) with the attention-aware Hessians, each moved to its module's output "
                         "(× APTQ trace / trace of its Hessian) and divided by the median ‖h‖² of the residual stream "
                         "it is added to (our choice: the papers sum raw errors, which are not in one unit) — what the "
@@ -106,7 +108,7 @@ def headline(summary: dict, whole: dict[str, float], analysis: Analysis) -> None
                    f"keeps the others in FP16 — **{whole['avg_bits']:.3f} average bits over the whole model**. "
                    f"Runs of this plan are compared only with runs of the same coverage.")
     st.caption(f"FP16: {summary['fp16_size_mb']:.1f} MB over the {scope}. Predicted error with the layer-wise "
-               f"Hessians: {summary['predicted_error_layerwise']:.4g}. Layers per width: "
+               f"Hessians: {summary[PREDICTED_ERROR_LAYERWISE]:.4g}. Layers per width: "
                + ", ".join(f"{count} × {bits} bits" for bits, count in summary["layers_by_bits"].items()) + ".")
 
 

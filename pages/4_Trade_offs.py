@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from aptq import charts, coverage, history, tradeoffs
+from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE
 from aptq.choices import ALLOCATORS as SOLVERS
 from aptq.export import plan_files
 from aptq.models import Architecture, LoadedModel
@@ -50,7 +51,7 @@ def current_point(chosen: pd.DataFrame, current: PlanChoice, run_set: tradeoffs.
         run = done.iloc[0]
         return {"x": run[x], "y": run[measured], "low": run[measured], "high": run[measured],
                 "label": f"current plan ({current.name}): measured, {run['method']}"}
-    found = tradeoffs.estimate(chosen, current.summary.get("predicted_error_attention", np.nan),
+    found = tradeoffs.estimate(chosen, current.summary.get(PREDICTED_ERROR_ATTENTION, np.nan),
                                current.summary.get("analysis"), measured)
     if found is None:
         return {"x": bits, "y": None, "label": f"current plan ({current.name}): not measured yet"}
@@ -112,7 +113,7 @@ def predictions_section(loaded: LoadedModel, current: PlanChoice | None) -> None
     curves = cached_predictions(key, frames, request.group_size)
     star = None
     if current is not None and current.summary.get("analysis") == key:
-        star = {"x": current.summary["avg_bits"], "y": current.summary["predicted_error_attention"],
+        star = {"x": current.summary["avg_bits"], "y": current.summary[PREDICTED_ERROR_ATTENTION],
                 "label": f"current plan ({current.name})"}
     st.plotly_chart(charts.predicted_curves(curves, star), width="stretch")
     st.caption("Each solver's plan at budgets from the lowest width up, scored by the analysis alone (no "
@@ -132,8 +133,8 @@ def side_by_side(choices: dict[str, PlanChoice], arch: Architecture) -> None:
         cols[i].plotly_chart(charts.plan_heatmap(covered, f"{choices[key].name} — {scope.label}"), width="stretch",
                              key=f"trade_map_{i}")
     rows = {choices[k].name: {name: choices[k].summary.get(name) for name in
-                              ("avg_bits", "effective_bits", "size_mb", "predicted_error_attention",
-                               "predicted_error_layerwise")} for k in picked}
+                              ("avg_bits", "effective_bits", "size_mb", PREDICTED_ERROR_ATTENTION,
+                               PREDICTED_ERROR_LAYERWISE)} for k in picked}
     st.dataframe(pd.DataFrame(rows).T, width="content")
     diff = tables[0][["layer", "bits"]].merge(tables[1][["layer", "bits"]], on="layer", suffixes=(" A", " B"))
     diff = diff[diff["bits A"] != diff["bits B"]]

@@ -13,7 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aptq.allocate as allocate_module
-from aptq.allocate import ALLOCATORS, AllocationError, AllocationRequest, Plan, allocate, plan_frame, summarize
+from aptq.allocate import (
+    ALLOCATORS,
+    PREDICTED_ERROR_ATTENTION,
+    PREDICTED_ERROR_LAYERWISE,
+    AllocationError,
+    AllocationRequest,
+    Plan,
+    allocate,
+    plan_frame,
+    summarize,
+)
 from aptq.errors import UserError
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -50,7 +60,7 @@ def smol_tables(seed: int = 0, blocks: int = 30) -> tuple[pd.DataFrame, pd.DataF
 
 @st.composite
 def instances(draw, max_layers: int = 7):
-    """A small random problem: sizes, kinds, fused groups, errors, candidates (≤ 3 widths), pins, budget."""
+    """A small random problem: sizes, kinds, fused sets, errors, candidates (≤ 3 widths), pins, budget."""
     count = draw(st.integers(1, max_layers))
     widths = tuple(sorted(draw(st.sets(st.sampled_from([2, 3, 4, 8]), min_size=1, max_size=3))))
     sizes = [64 * s for s in draw(st.lists(st.sampled_from([1, 2, 3, 5, 9, 24]), min_size=count, max_size=count))]
@@ -75,7 +85,7 @@ def fused_keys(layers: pd.DataFrame) -> list[str]:
 
 def exhaustive_best(layers: pd.DataFrame, errors: pd.DataFrame, request: AllocationRequest,
                     metric: str = "err_attention") -> float | None:
-    """Least total error over every assignment of widths to fused groups, or None when none fits the budget."""
+    """Least total error over every assignment of widths to fused sets, or None when none fits the budget."""
     keys = fused_keys(layers)
     err = errors.set_index(["layer", "bits"])[metric]
     pinned = {layers.set_index("layer").at[name, "fused"]: width for name, width in request.pins.items()}
@@ -265,7 +275,7 @@ def test_full_precision_pins_cost_16_bits_and_no_error(smol):
     plan = allocate(layers, errors, AllocationRequest(3.0, "knapsack", pins={name: 16}, group_size=64))
     assert plan.bits[name] == 16 and within_budget(plan, layers)
     summary = summarize(plan, layers, errors)
-    assert summary["predicted_error_attention"] == pytest.approx(
+    assert summary[PREDICTED_ERROR_ATTENTION] == pytest.approx(
         plan_error(Plan({k: b for k, b in plan.bits.items() if b < 16}, plan.request), errors))
 
 
@@ -284,8 +294,8 @@ def test_summary_numbers():
     assert summary["effective_bits"] == pytest.approx(effective)
     assert summary["size_mb"] == pytest.approx(effective * n.sum() / 8e6)
     assert summary["compression"] == pytest.approx(16 / effective)
-    assert summary["predicted_error_attention"] == pytest.approx(8.0 + 2.0)
-    assert summary["predicted_error_layerwise"] == pytest.approx(2 * 1.0 + 2 * 4.0)
+    assert summary[PREDICTED_ERROR_ATTENTION] == pytest.approx(8.0 + 2.0)
+    assert summary[PREDICTED_ERROR_LAYERWISE] == pytest.approx(2 * 1.0 + 2 * 4.0)
     assert summary["bits_by_kind"] == pytest.approx({"q": 9.0, "down": 4.0})
     assert summary["layers_by_bits"] == {2: 1, 4: 1, 16: 1}
 
@@ -298,11 +308,11 @@ def test_errors_are_moved_to_the_module_output_and_made_relative_to_the_residual
     plan = allocate(layers, errors, AllocationRequest(3.0, "knapsack", (2, 4)))
     assert plan.bits == {"l0": 4, "l1": 2}
     summary = summarize(plan, layers, errors)
-    assert summary["predicted_error_attention"] == pytest.approx(5 * 1.0 + 0.5 * 8.0)
+    assert summary[PREDICTED_ERROR_ATTENTION] == pytest.approx(5 * 1.0 + 0.5 * 8.0)
     # err_layerwise is 2·err reversed: l0 at 4 bits 16, l1 at 2 bits 2; factors 10/5/1 = 2 and 4/4/8.
-    assert summary["predicted_error_layerwise"] == pytest.approx(2 * 16.0 + 0.125 * 2.0)
+    assert summary[PREDICTED_ERROR_LAYERWISE] == pytest.approx(2 * 16.0 + 0.125 * 2.0)
     as_given = allocate(layers.drop(columns="residual_ms"), errors, AllocationRequest(3.0, "knapsack", (2, 4)))
-    assert summarize(as_given, layers.drop(columns="residual_ms"), errors)["predicted_error_attention"] == 9.0
+    assert summarize(as_given, layers.drop(columns="residual_ms"), errors)[PREDICTED_ERROR_ATTENTION] == 9.0
 
 
 def test_summary_per_channel_and_without_d_in():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from aptq.allocate import PREDICTED_ERROR_ATTENTION
 from aptq.data import load_corpus
 from aptq.models import load_model
 from aptq.sensitivity import analyze
@@ -246,8 +247,8 @@ def test_a_partial_analysis_quantizes_and_compares_only_the_analysed_blocks(part
     assert "stay in FP16, so the whole model averages 9.500 bits" in texts(at.info)
     quantize(at, "rtn")  # the Bit budget page's knapsack plan at 3 bits
     runs = Store(os.environ["APTQ_STORE"]).query("SELECT coverage, covered_avg_bits, analysis, "
-                                                 "predicted_error_attention FROM runs")
-    assert set(runs["coverage"]) == {"block 0 of 2"} and runs["predicted_error_attention"].notna().all()
+                                                 f"{PREDICTED_ERROR_ATTENTION} FROM runs")
+    assert set(runs["coverage"]) == {"block 0 of 2"} and runs[PREDICTED_ERROR_ATTENTION].notna().all()
     assert runs["analysis"].nunique() == 1
     at.switch_page("pages/4_Trade_offs.py").run()
     no_problems(at)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from aptq import history
-from aptq.allocate import AllocationRequest, allocate, summarize
+from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE, AllocationRequest, allocate, summarize
 from aptq.data import load_corpus
 from aptq.models import load_model, model_fingerprint
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
@@ -37,7 +37,7 @@ def filled_store(tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
     history.save_plan(store, model_fingerprint(loaded.path), "knapsack-3.00", plan.bits,
                       {"allocation": "knapsack", "budget": 3.0, "group_size": 64, "summary": summary})
     evaluation = EvalSettings(seqlen=64, max_tokens=256)
-    predicted = {"predicted_error_attention": summary["predicted_error_attention"]}
+    predicted = {PREDICTED_ERROR_ATTENTION: summary[PREDICTED_ERROR_ATTENTION]}
     for bits, method, meta in ((plan.bits, "attention", {"name": "knapsack-3.00", "allocation": "knapsack",
                                                         "budget": 3.0} | predicted),
                                (uniform_plan(loaded.arch, 4), "rtn", {"name": "uniform-4", "allocation": "uniform"})):
@@ -176,8 +176,8 @@ def lecture_store(tmp_path_factory, tiny_model_dir) -> tuple[Path, str, str]:
         plan = allocate(layers, errors, AllocationRequest(budget, allocation, group_size=64))
         summary = summarize(plan, layers, errors)
         meta = {"name": f"{allocation}-{budget:.2f}", "allocation": allocation, "budget": budget,
-                "analysis": layers.attrs["analysis_key"], "predicted_error_attention":
-                summary["predicted_error_attention"], "predicted_error_layerwise": summary["predicted_error_layerwise"]}
+                "analysis": layers.attrs["analysis_key"], PREDICTED_ERROR_ATTENTION:
+                summary[PREDICTED_ERROR_ATTENTION], PREDICTED_ERROR_LAYERWISE: summary[PREDICTED_ERROR_LAYERWISE]}
         keys[meta["name"]] = run_plan(loaded, corpus, LECTURE.sampling, plan.bits, settings, evaluation, store=store,
                                       plan_meta=meta)["key"]
     run_plan(loaded, corpus, LECTURE.sampling, uniform_plan(loaded.arch, 4), settings,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import aptq.pipeline as pipeline
+from aptq.allocate import PREDICTED_ERROR_ATTENTION
 from aptq.cli import main
 from aptq.data import Sampling
 from aptq.errors import UserError
@@ -48,7 +49,7 @@ def test_sweep_quantizes_each_plan_once_and_resumes(tiny_model_dir, text_corpus,
     uniform = measured[measured["allocation"] == "uniform"]
     assert uniform["key"].nunique() == 2  # 2.5 → 2 bits, 3.0 and 3.5 → the same 3-bit plan, quantized once
     knapsack = measured[measured["allocation"] == "knapsack"].sort_values("budget")
-    assert knapsack["predicted_error_attention"].is_monotonic_decreasing
+    assert knapsack[PREDICTED_ERROR_ATTENTION].is_monotonic_decreasing
     runs = stored_runs(store, model_fingerprint(loaded.path))
     assert len(runs) == measured["key"].nunique()
     assert len(stored_plans(store)) == measured["key"].nunique()  # a plan is stored once, under its latest name
@@ -59,10 +60,9 @@ def test_sweep_quantizes_each_plan_once_and_resumes(tiny_model_dir, text_corpus,
     redo = run_sweep(*args[:4], doubled, *args[5:]).dropna(subset=["key"])
     assert redo["cached"].all()
     runs = stored_runs(store, model_fingerprint(loaded.path)).set_index("key")
-    for row in redo.itertuples():
-        assert runs.loc[row.key, "predicted_error_attention"] == pytest.approx(row.predicted_error_attention)
-        assert row.predicted_error_attention == pytest.approx(
-            2 * first.set_index("key").loc[[row.key], "predicted_error_attention"].iloc[0])
+    for key, predicted in zip(redo["key"], redo[PREDICTED_ERROR_ATTENTION]):
+        assert runs.loc[key, PREDICTED_ERROR_ATTENTION] == pytest.approx(predicted)
+        assert predicted == pytest.approx(2 * first.set_index("key").loc[[key], PREDICTED_ERROR_ATTENTION].iloc[0])
     runs = runs.reset_index()
     table = trust(runs)
     assert list(table["method"]) == ["rtn"] and table["runs"].iloc[0] == len(runs)

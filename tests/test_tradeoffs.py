@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from aptq import coverage, ranking, tradeoffs
+from aptq.allocate import PREDICTED_ERROR_ATTENTION
 from aptq.data import Sampling, load_corpus
 from aptq.models import load_model
 from aptq.pipeline import EvalSettings, QuantizeSettings, layer_table, run_plan
@@ -52,7 +53,7 @@ def test_a_uniform_plan_under_an_analysis_covers_exactly_the_analysed_layers():
     layers, errors = smol_tables(blocks=3)
     bits, summary = coverage.uniform_over(layers, errors, 3, 64)
     assert set(bits) == set(layers["layer"]) and set(bits.values()) == {3}
-    assert summary["avg_bits"] == 3.0 and summary["predicted_error_attention"] > 0
+    assert summary["avg_bits"] == 3.0 and summary[PREDICTED_ERROR_ATTENTION] > 0
     assert coverage.prediction_applies(bits, layers)
     assert not coverage.prediction_applies(bits | {"model.layers.9.q": 3}, layers)
 
@@ -72,18 +73,18 @@ def test_runs_of_different_coverage_or_protocol_fall_into_different_sets():
 
 
 def test_only_the_newest_analysis_predictions_are_ranked_together():
-    runs = runs_frame([{"analysis": "old", "predicted_error_attention": 1.0, "created": pd.Timestamp("2026-01-01")},
-                       {"analysis": "new", "predicted_error_attention": 2.0, "created": pd.Timestamp("2026-01-03")},
-                       {"analysis": "new", "predicted_error_attention": 3.0, "created": pd.Timestamp("2026-01-02")},
-                       {"analysis": "new", "predicted_error_attention": None}])
+    runs = runs_frame([{"analysis": "old", PREDICTED_ERROR_ATTENTION: 1.0, "created": pd.Timestamp("2026-01-01")},
+                       {"analysis": "new", PREDICTED_ERROR_ATTENTION: 2.0, "created": pd.Timestamp("2026-01-03")},
+                       {"analysis": "new", PREDICTED_ERROR_ATTENTION: 3.0, "created": pd.Timestamp("2026-01-02")},
+                       {"analysis": "new", PREDICTED_ERROR_ATTENTION: None}])
     chosen = tradeoffs.newest_analysis(runs)
     assert chosen.analysis == "new" and chosen.left_out == 1
-    assert sorted(chosen.runs["predicted_error_attention"]) == [2.0, 3.0]
+    assert sorted(chosen.runs[PREDICTED_ERROR_ATTENTION]) == [2.0, 3.0]
 
 
 def test_the_estimate_follows_an_exact_power_law_and_needs_enough_runs():
     predicted = np.array([1.0, 2.0, 4.0, 8.0])
-    runs = runs_frame([{"predicted_error_attention": p, "kl": 0.5 * p ** 0.7} for p in predicted])
+    runs = runs_frame([{PREDICTED_ERROR_ATTENTION: p, "kl": 0.5 * p ** 0.7} for p in predicted])
     found = tradeoffs.estimate(runs, 16.0, "a1", "kl")
     assert found.value == pytest.approx(0.5 * 16 ** 0.7) and found.method == "rtn" and found.runs == 4
     assert found.low == pytest.approx(found.value) == pytest.approx(found.high)  # no scatter around the line
@@ -111,7 +112,7 @@ def test_predicted_curves_give_every_solver_a_point_per_budget():
     curves = tradeoffs.predicted_curves(layers, errors, ("knapsack", "uniform", "aptq"), [2.5, 3.0, 4.0],
                                         (2, 3, 4, 8), 64)
     assert len(curves) == 9 and (curves["avg_bits"] <= curves["budget"] + 1e-9).all()
-    at = curves.set_index(["solver", "budget"])["predicted_error_attention"]
+    at = curves.set_index(["solver", "budget"])[PREDICTED_ERROR_ATTENTION]
     assert all(at["knapsack", b] <= min(at["uniform", b], at["aptq", b]) for b in (2.5, 3.0, 4.0))
     assert math.isclose(curves.query("solver == 'uniform' and budget == 2.5")["avg_bits"].item(), 2.0)
 

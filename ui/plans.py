@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from aptq import history
-from aptq.allocate import FULL_PRECISION
+from aptq.allocate import FULL_PRECISION, PREDICTED_ERRORS
 from aptq.models import Architecture
 from aptq.pipeline import layer_table
 from aptq.store import Store
@@ -30,8 +30,7 @@ class PlanChoice:
         """The plan_meta of aptq.pipeline.run_plan."""
         return {"name": self.name, "allocation": self.allocation, "budget": self.budget,
                 "analysis": self.summary.get("analysis"),
-                "predicted_error_attention": self.summary.get("predicted_error_attention"),
-                "predicted_error_layerwise": self.summary.get("predicted_error_layerwise")}
+                **{name: self.summary.get(name) for name in PREDICTED_ERRORS}}
 
 
 def current_plan() -> PlanChoice | None:
