@@ -11,10 +11,14 @@ import json
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from aptq import validate
 from aptq.choices import ALLOCATORS, EMBEDDED_MODEL, METHOD_LABELS, QUANTIZERS
 from aptq.errors import UserError
+
+if TYPE_CHECKING:
+    from aptq.history import RunRecord
 
 INTERRUPTED = "interrupted; finished work is kept in the store"
 INTERRUPTED_EARLY = "interrupted before any work started"
@@ -314,19 +318,20 @@ def read_plan(path: str) -> dict[str, int]:
     return layers
 
 
-def print_run(row: dict, as_json: bool) -> None:
+def print_run(run: RunRecord, as_json: bool) -> None:
+    """A run as two lines, or as JSON."""
     if as_json:
-        print(json.dumps(row, indent=2, default=str))
+        print(json.dumps(run.as_dict(), indent=2, default=str))
         return
-    origin = "stored run, no work done" if row["cached"] else f"quantized in {row['quant_seconds']:.1f} s"
-    print(f"{row['method']} · {row['avg_bits']:.3f} bits ({row['effective_bits']:.3f} effective, "
-          f"{row['size_mb']:.1f} MB of linear weights) · {origin}")
-    print(f"perplexity {row['perplexity']:.3f} (full precision {row['fp_perplexity']:.3f}) on {row['corpus']}, "
-          f"window {row['eval_seqlen']}, {row['eval_tokens']} tokens · KL {row['kl']:.5f} · top-1 {row['top1']:.4f}")
-    if row.get("notes"):
-        print(f"notes: {row['notes']}")
-    if row.get("export_dir"):
-        print(f"exported to {row['export_dir']}")
+    origin = "stored run, no work done" if run.cached else f"quantized in {run.quant_seconds:.1f} s"
+    print(f"{run.method} · {run.avg_bits:.3f} bits ({run.effective_bits:.3f} effective, "
+          f"{run.size_mb:.1f} MB of linear weights) · {origin}")
+    print(f"perplexity {run.perplexity:.3f} (full precision {run.fp_perplexity:.3f}) on {run.corpus}, "
+          f"window {run.eval_seqlen}, {run.eval_tokens} tokens · KL {run.kl:.5f} · top-1 {run.top1:.4f}")
+    if run.notes:
+        print(f"notes: {run.notes}")
+    if run.export_dir:
+        print(f"exported to {run.export_dir}")
 
 
 def run_quantize(args: argparse.Namespace) -> None:
@@ -355,11 +360,11 @@ def run_quantize(args: argparse.Namespace) -> None:
     work_starts()
     bar = LazyBar(f"{args.method}")
     try:
-        row = run_plan(loaded, corpus, sampling, plan, settings, evaluation, Store(args.store),
+        run = run_plan(loaded, corpus, sampling, plan, settings, evaluation, Store(args.store),
                        bar, meta, args.export, args.overwrite, export_formats=tuple(args.export_format))
     finally:
         bar.close()
-    print_run(row, args.json)
+    print_run(run, args.json)
 
 
 def add_sweep_parser(commands: argparse._SubParsersAction) -> None:

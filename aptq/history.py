@@ -18,12 +18,16 @@ baselines  (model, corpus, eval_seqlen, eval_tokens) PK, perplexity, tokens_per_
         perplexity measured on the Home page
 
 A run row is written once, in one statement, after the model has been quantized and evaluated: there is never a
-half-written row.
+half-written row. `RunRecord` is that row as a typed record (what aptq.pipeline.run_plan returns).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
 
 import pandas as pd
 from scipy.stats import spearmanr
@@ -54,6 +58,79 @@ CREATE TABLE IF NOT EXISTS baselines (
     tokens_per_second DOUBLE, created TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (model, corpus, eval_seqlen, eval_tokens));
 """
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One row of the runs table (the columns of SCHEMA), and how the call that returned it came by it."""
+
+    key: str
+    model: str  # model fingerprint
+    model_name: str
+    corpus: str
+    eval_seqlen: int
+    eval_tokens: int
+    calibration: str | None  # calibration fingerprint; None for RTN (no data)
+    method: str  # a quantizer of aptq.choices.QUANTIZERS
+    group_size: int
+    settings: str  # JSON: the quantization settings that make the key, and the calibration sampling
+    plan: str  # JSON: layer → bits (plan_json), complete
+    plan_key: str
+    plan_name: str | None
+    allocation: str
+    budget: float | None
+    analysis: str | None  # the analysis whose errors predicted this plan
+    avg_bits: float  # over the whole model
+    effective_bits: float
+    size_mb: float
+    predicted_error_attention: float | None  # aptq.allocate.PREDICTED_ERRORS, when the plan came with a prediction
+    predicted_error_layerwise: float | None
+    perplexity: float
+    kl: float
+    top1: float
+    fp_perplexity: float
+    quant_seconds: float
+    eval_seconds: float
+    device: str
+    notes: str | None  # fallbacks and warnings
+    # The layers the plan decides (aptq.coverage) and the bits over them; None in rows stored before coverage was
+    # recorded (aptq.coverage.fill_coverage derives them).
+    coverage: str | None
+    covered_avg_bits: float | None
+    covered_effective_bits: float | None
+    completions: str | None = None  # JSON: aptq.teaching samples
+    label: str | None = None  # a person's name for the run
+    tag: str | None = None
+    created: datetime | None = None  # set by the store
+    # Not stored: how this call came by the run.
+    cached: bool = False  # it was stored before: no quantization or evaluation was done
+    export_dir: str | None = None  # where this call exported it
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        """The runs table's columns."""
+        return tuple(f.name for f in fields(cls) if f.name not in ("cached", "export_dir"))
+
+    @classmethod
+    def from_row(cls, row: Mapping) -> RunRecord:
+        """The record of a row read from the store (missing values, NaN included, become None)."""
+        return cls(**{name: _plain(row[name]) for name in cls.columns() if name in row})
+
+    def row(self) -> dict:
+        """The stored columns (`created` left to the store)."""
+        return {name: getattr(self, name) for name in self.columns() if name != "created"}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _plain(value):
+    """A value read from a DataFrame as a plain Python value: None for missing, numpy scalars unwrapped."""
+    if value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.to_pydatetime()
+    return value.item() if hasattr(value, "item") else value
 
 
 def plan_json(plan: dict[str, int]) -> str:
@@ -98,19 +175,20 @@ def stored_runs(store: Store | None = None, model_fp: str | None = None) -> pd.D
     return store.query(f"SELECT * FROM runs {where} ORDER BY created DESC", params)
 
 
-def find_run(store: Store | None, key: str) -> dict | None:
+def find_run(store: Store | None, key: str) -> RunRecord | None:
     store = _ready(store)
     rows = store.query("SELECT * FROM runs WHERE key = ?", [key])
-    return None if rows.empty else rows.iloc[0].to_dict()
+    return None if rows.empty else RunRecord.from_row(rows.iloc[0].to_dict())
 
 
-def record_run(store: Store | None, row: dict) -> None:
-    """Write one finished run (one statement: all or nothing)."""
+def record_run(store: Store | None, record: RunRecord) -> RunRecord:
+    """Write one finished run (one statement: all or nothing); return it as stored."""
     store = _ready(store)
-    store.write_frame("runs", pd.DataFrame([row]))
+    store.write_frame("runs", pd.DataFrame([record.row()]))
+    return find_run(store, record.key)
 
 
-def set_prediction(store: Store | None, key: str, meta: dict) -> dict:
+def set_prediction(store: Store | None, key: str, meta: dict) -> RunRecord:
     """Give a stored run the name, allocation, analysis and predicted errors of `meta` (the latest prediction of its
     plan, e.g. from a newer analysis); return the row."""
     store = _ready(store)

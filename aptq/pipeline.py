@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +52,7 @@ from aptq.data import (
     tokenizer_fingerprint,
 )
 from aptq.errors import UserError
-from aptq.evaluate import ReferenceStats, check_window, evaluate, reference_stats
+from aptq.evaluate import Evaluation, ReferenceStats, check_window, evaluate, reference_stats
 from aptq.export import PackedPlan, Provenance, check_formats, export_model, plan_files
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
 from aptq.hessian import BlockHessians, CollectOptions, HessianCollector
@@ -63,6 +63,7 @@ from aptq.quantizer import QuantConfig, rtn
 from aptq.widths import FULL_PRECISION
 
 if TYPE_CHECKING:
+    from aptq.history import RunRecord
     from aptq.store import Store
 # (our choice) the store and the run history (DuckDB) are imported where a run is stored, so that quantizing alone
 # (bench/gpu_check.sh, on a machine without DuckDB) needs neither.
@@ -355,7 +356,7 @@ def _reference(loaded: LoadedModel, windows: torch.Tensor, eval_fp: str, model_f
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The whole run
+# The whole run, in steps: identify (checks, fingerprints, key), look up, reference, quantize, evaluate, record, export
 
 
 def run_key(model_fp: str, calibration_fp: str | None, plan: dict[str, int], settings: QuantizeSettings,
@@ -370,95 +371,171 @@ def _stage(progress: Progress, stage: str) -> Progress:
     return lambda done, total, message: progress(done, total, f"{stage}: {message}")
 
 
+@dataclass(frozen=True)
+class _RunTarget:
+    """A checked request and what identifies its run, known before any model work."""
+
+    plan: dict[str, int]  # complete: every layer, 16 where the request names none
+    decided: dict[str, int]  # the layers the request names (its coverage)
+    packed: PackedPlan
+    model_fp: str
+    calibration_fp: str | None  # None for RTN: no calibration data
+    eval_fp: str
+    key: str
+    export_dir: Path | None  # checked, not yet written
+
+
+@dataclass(frozen=True)
+class _Quantized:
+    """What the quantize step made."""
+
+    weights: QuantizedWeights
+    notes: list[str]  # fallbacks
+    seconds: float
+    device: str
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """What the evaluate step measured."""
+
+    evaluation: Evaluation
+    fp_perplexity: float
+    completions: list[teaching.Completion]
+
+
 def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict[str, int],
              settings: QuantizeSettings = QuantizeSettings(), evaluation: EvalSettings = EvalSettings(),
              store: Store | None = None, progress: Progress = no_progress, plan_meta: dict | None = None,
              export_dir: Path | str | None = None, overwrite: bool = False, rtn_memo: dict | None = None,
-             export_formats: tuple[str, ...] = ()) -> dict:
-    """Quantize with `plan`, evaluate against full precision, store and return the run row (`cached` True when the
-    same run was stored before and no model work was done). `plan_meta` may carry name, allocation, budget,
-    analysis and the predicted errors (aptq.allocate.PREDICTED_ERRORS). With `export_dir`, the quantized model and its
-    plan files are written there (refused if it exists, unless `overwrite`), and each of `export_formats` (aptq.export)
-    beside them, after the evaluation. `rtn_memo`: see `quantize_model`. The layers `plan` names are its coverage
+             export_formats: tuple[str, ...] = ()) -> RunRecord:
+    """Quantize with `plan`, evaluate against full precision, store and return the run (`cached` True when the same
+    run was stored before and no model work was done). `plan_meta` may carry name, allocation, budget, analysis and
+    the predicted errors (aptq.allocate.PREDICTED_ERRORS). With `export_dir`, the quantized model and its plan files
+    are written there (refused if it exists, unless `overwrite`), and each of `export_formats` (aptq.export) beside
+    them, after the evaluation. `rtn_memo`: see `quantize_model`. The layers `plan` names are its coverage
     (aptq.coverage), stored with the run."""
-    decided = dict(plan)
-    plan = check_plan(loaded.arch, plan, settings)
     from aptq import history
     from aptq.store import Store
 
     store = store or Store()
-    packed = PackedPlan(loaded.arch, plan, settings.group_size, settings.symmetric)
+    meta = dict(plan_meta or {})
+    target = _identify(loaded, corpus, sampling, plan, settings, evaluation, store.path, export_dir, overwrite,
+                       tuple(export_formats))
+    stored = _look_up(store, target.key, meta)
+    if stored is not None and target.export_dir is None:
+        progress(1, 1, "cached")
+        return replace(stored, cached=True)
+    cached = stored is not None  # then this call only exports: the stored metrics stand
+    reference = None if cached else _reference_step(loaded, corpus, evaluation, target, progress)
+    quantized = _quantize(loaded, corpus, sampling, settings, target, progress, rtn_memo)
+    if not cached:
+        measured = _evaluate(loaded, corpus, reference, evaluation, quantized, progress)
+        stored = history.record_run(store, _run_record(loaded, corpus.name, sampling, settings, target, meta,
+                                                       quantized, measured))
+    if target.export_dir is not None:
+        with quantized.weights.applied(loaded.model) as model:
+            _export(loaded, model, target.packed, settings, meta, stored, target.export_dir, overwrite,
+                    tuple(export_formats))
+        stored = replace(stored, export_dir=str(target.export_dir))
+    _Checkpoints(target.key).remove()
+    if cached:
+        progress(1, 1, "exported; metrics were already stored")
+    return replace(stored, cached=cached)
+
+
+def _identify(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict[str, int],
+              settings: QuantizeSettings, evaluation: EvalSettings, store_path: Path, export_dir: Path | str | None,
+              overwrite: bool, export_formats: tuple[str, ...]) -> _RunTarget:
+    """Every check of the request (one clear sentence before any work), then the run's fingerprints and key."""
+    complete = check_plan(loaded.arch, plan, settings)
+    packed = PackedPlan(loaded.arch, complete, settings.group_size, settings.symmetric)
     if export_formats and not export_dir:
         raise UserError("An export format needs an export directory (--export DIR).")
-    export_dir = validate.export_target(export_dir, overwrite, keep=(loaded.path, store.path)) if export_dir else None
-    if export_dir is not None:
-        check_formats(loaded.model, packed, tuple(export_formats))
+    target_dir = validate.export_target(export_dir, overwrite, keep=(loaded.path, store_path)) if export_dir else None
+    if target_dir is not None:
+        check_formats(loaded.model, packed, export_formats)
     check_window(loaded.model, evaluation.seqlen)
     if settings.method != "rtn":
         validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment")
-    meta = dict(plan_meta or {})
     model_fp = model_fingerprint(loaded.path)
     tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
     calibration_fp = None if settings.method == "rtn" else sampling.fingerprint(corpus, tokenizer_fp)
     eval_fp = digest(corpus.fingerprint, tokenizer_fp, str(evaluation.seqlen), str(evaluation.max_tokens))
-    key = run_key(model_fp, calibration_fp, plan, settings, eval_fp)
+    key = run_key(model_fp, calibration_fp, complete, settings, eval_fp)
+    return _RunTarget(complete, dict(plan), packed, model_fp, calibration_fp, eval_fp, key, target_dir)
+
+
+def _look_up(store: Store, key: str, meta: dict) -> RunRecord | None:
+    """The stored run of this key, if any, given the prediction `meta` carries (the same plan predicted again, e.g.
+    by a newer analysis)."""
+    from aptq import history
+
     stored = history.find_run(store, key)
     if stored is not None and meta.get(PREDICTED_ERROR_ATTENTION) is not None:
-        stored = history.set_prediction(store, key, meta)  # the same plan predicted again (e.g. a newer analysis)
-    if stored is not None and export_dir is None:
-        progress(1, 1, "cached")
-        return stored | {"cached": True}
+        return history.set_prediction(store, key, meta)
+    return stored
 
+
+def _reference_step(loaded: LoadedModel, corpus: Corpus, evaluation: EvalSettings, target: _RunTarget,
+                    progress: Progress) -> tuple[torch.Tensor, ReferenceStats]:
+    """The evaluation windows and the full-precision model's statistics on them."""
     windows = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), evaluation.seqlen,
                                  evaluation.max_tokens)
-    reference = _reference(loaded, windows, eval_fp, model_fp, _stage(progress, "reference"))
-    segments = None if calibration_fp is None else calibration_segments(
+    return windows, _reference(loaded, windows, target.eval_fp, target.model_fp, _stage(progress, "reference"))
+
+
+def _quantize(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: QuantizeSettings,
+              target: _RunTarget, progress: Progress, rtn_memo: dict | None) -> _Quantized:
+    segments = None if target.calibration_fp is None else calibration_segments(
         token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
     start = time.perf_counter()
-    device = settings.device or str(loaded.device)
-    quantized, notes = quantize_model(loaded, plan, settings, segments, key, _stage(progress, "quantizing"), rtn_memo)
-    quant_seconds = time.perf_counter() - start
-    if stored is not None:  # export only: the metrics were stored before
-        with quantized.applied(loaded.model) as model:
-            _export(loaded, model, packed, settings, meta, stored, export_dir, overwrite, tuple(export_formats))
-        _Checkpoints(key).remove()
-        progress(1, 1, "exported; metrics were already stored")
-        return stored | {"cached": True, "export_dir": str(export_dir)}
-    result = evaluate(loaded.model, windows, reference=reference, progress=_stage(progress, "evaluating"),
-                      device=device, weights=quantized)
-    completions = teaching.side_by_side(loaded.model, lambda: quantized.applied(loaded.model), loaded.tokenizer,
-                                        teaching.corpus_prompts(corpus, evaluation.prompts))
+    weights, notes = quantize_model(loaded, target.plan, settings, segments, target.key,
+                                    _stage(progress, "quantizing"), rtn_memo)
+    return _Quantized(weights, notes, time.perf_counter() - start, settings.device or str(loaded.device))
+
+
+def _evaluate(loaded: LoadedModel, corpus: Corpus, reference: tuple[torch.Tensor, ReferenceStats],
+              evaluation: EvalSettings, quantized: _Quantized, progress: Progress) -> _Measured:
+    """The quantized model against full precision on the evaluation windows, and the side-by-side completions."""
+    windows, stats = reference
+    result = evaluate(loaded.model, windows, reference=stats, progress=_stage(progress, "evaluating"),
+                      device=quantized.device, weights=quantized.weights)
+    completions = teaching.side_by_side(loaded.model, lambda: quantized.weights.applied(loaded.model),
+                                        loaded.tokenizer, teaching.corpus_prompts(corpus, evaluation.prompts))
+    return _Measured(result, float(np.exp(stats.mean_nll)), completions)
+
+
+def _run_record(loaded: LoadedModel, corpus_name: str, sampling: Sampling, settings: QuantizeSettings,
+                target: _RunTarget, meta: dict, quantized: _Quantized, measured: _Measured) -> RunRecord:
+    from aptq import history
+
     table = layer_table(loaded)
-    size = weight_size(table, np.array([plan[layer.name] for layer in loaded.arch.layers]), settings.group_size)
-    size |= coverage.run_fields(loaded.arch, table, decided, settings.group_size)
-    row = {"key": key, "model": model_fp, "model_name": loaded.display_name, "corpus": corpus.name,
-           "eval_seqlen": evaluation.seqlen, "eval_tokens": result.tokens, "calibration": calibration_fp,
-           "method": settings.method, "group_size": settings.group_size,
-           "settings": json.dumps(settings.key_fields() | {"samples": sampling.n_samples, "seqlen": sampling.seqlen,
-                                                           "seed": sampling.seed}),
-           "plan": history.plan_json(plan), "plan_key": history.plan_key(model_fp, plan, settings.group_size),
-           "plan_name": meta.get("name"), "allocation": meta.get("allocation", "manual"),
-           "budget": meta.get("budget"), "analysis": meta.get("analysis"), **size,
-           **{name: meta.get(name) for name in PREDICTED_ERRORS},
-           "perplexity": result.perplexity, "kl": result.kl_divergence, "top1": result.top1_agreement,
-           "fp_perplexity": float(np.exp(reference.mean_nll)), "quant_seconds": quant_seconds,
-           "eval_seconds": result.seconds, "device": device, "notes": " ".join(notes) or None,
-           "completions": json.dumps([asdict(c) for c in completions]) if completions else None}
-    history.record_run(store, row)
-    stored = history.find_run(store, key)
-    if export_dir is not None:
-        with quantized.applied(loaded.model) as model:
-            _export(loaded, model, packed, settings, meta, stored, export_dir, overwrite, tuple(export_formats))
-    _Checkpoints(key).remove()
-    return stored | {"cached": False} | ({"export_dir": str(export_dir)} if export_dir else {})
+    size = weight_size(table, np.array([target.plan[layer.name] for layer in loaded.arch.layers]),
+                       settings.group_size)
+    result = measured.evaluation
+    sampled = {"samples": sampling.n_samples, "seqlen": sampling.seqlen, "seed": sampling.seed}
+    return history.RunRecord(
+        key=target.key, model=target.model_fp, model_name=loaded.display_name, corpus=corpus_name,
+        eval_seqlen=result.seqlen, eval_tokens=result.tokens, calibration=target.calibration_fp,
+        method=settings.method, group_size=settings.group_size, settings=json.dumps(settings.key_fields() | sampled),
+        plan=history.plan_json(target.plan), plan_key=history.plan_key(target.model_fp, target.plan,
+                                                                        settings.group_size),
+        plan_name=meta.get("name"), allocation=meta.get("allocation", "manual"), budget=meta.get("budget"),
+        analysis=meta.get("analysis"), **size, **{name: meta.get(name) for name in PREDICTED_ERRORS},
+        perplexity=result.perplexity, kl=result.kl_divergence, top1=result.top1_agreement,
+        fp_perplexity=measured.fp_perplexity, quant_seconds=quantized.seconds, eval_seconds=result.seconds,
+        device=quantized.device, notes=" ".join(quantized.notes) or None,
+        **coverage.run_fields(loaded.arch, table, target.decided, settings.group_size),
+        completions=json.dumps([asdict(c) for c in measured.completions]) if measured.completions else None)
 
 
 def _export(loaded: LoadedModel, model: torch.nn.Module, packed: PackedPlan, settings: QuantizeSettings, meta: dict,
-            run: dict, directory: Path, overwrite: bool, formats: tuple[str, ...]) -> None:
+            run: RunRecord, directory: Path, overwrite: bool, formats: tuple[str, ...]) -> None:
     """The quantized model, its plan files and formats, with the provenance of the stored run it came from."""
     files = plan_files(loaded.arch, model, packed.plan, settings.group_size, settings.symmetric,
                        meta | {"method": settings.method, "model": loaded.display_name})
-    provenance = Provenance(loaded.display_name, settings.method, settings.key_fields(), run.get("analysis"),
-                            packed.plan, run["key"], run["perplexity"], run["kl"], run["top1"], run["fp_perplexity"],
-                            run["corpus"], run["eval_tokens"], run["eval_seqlen"])
+    provenance = Provenance(loaded.display_name, settings.method, settings.key_fields(), run.analysis, packed.plan,
+                            run.key, run.perplexity, run.kl, run.top1, run.fp_perplexity, run.corpus, run.eval_tokens,
+                            run.eval_seqlen)
     export_model(model, loaded.tokenizer, directory, files, overwrite, packed, formats, provenance)

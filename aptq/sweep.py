@@ -73,8 +73,8 @@ def run_sweep(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: p
 
         run = run_plan(loaded, corpus, sampling, plan.bits, settings, evaluation, store, report, meta,
                        rtn_memo=rtn_memo)
-        rows.append(base | {key: run[key] for key in ("key", "avg_bits", "effective_bits", "size_mb", "perplexity",
-                                                      "kl", "top1", "quant_seconds", "cached")}
+        rows.append(base | {key: getattr(run, key) for key in ("key", "avg_bits", "effective_bits", "size_mb",
+                                                               "perplexity", "kl", "top1", "quant_seconds", "cached")}
                     | {PREDICTED_ERROR_ATTENTION: summary[PREDICTED_ERROR_ATTENTION]})
         progress(index + 1, len(points), point.name)
     return pd.DataFrame(rows)

@@ -118,7 +118,7 @@ def export() -> None:
                        bar, {"name": name}, target, overwrite=True,
                        export_formats=("gptq", "compressed-tensors", "llama.cpp"))
         close()
-        print(name, {key: row[key] for key in ("perplexity", "kl", "fp_perplexity")},
+        print(name, {key: getattr(row, key) for key in ("perplexity", "kl", "fp_perplexity")},
               f"{time.perf_counter() - start:.0f} s")
 
 

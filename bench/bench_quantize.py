@@ -68,12 +68,12 @@ def main() -> None:
                     close()
                 if not lines:
                     header.insert(-2, f"- full precision ({loaded.baseline_label}): perplexity "
-                                      f"{row['fp_perplexity']:.3f} over {row['eval_tokens']} predicted tokens\n")
-                origin = " (stored run)" if row["cached"] else ""
+                                      f"{row.fp_perplexity:.3f} over {row.eval_tokens} predicted tokens\n")
+                origin = " (stored run)" if row.cached else ""
                 lines.append(f"| {METHOD_LABELS[method]} | {bits} | {group or 'per-channel'} | "
-                             f"{row['perplexity']:.3f} | {row['kl']:.4f} | {row['top1']:.4f} | "
-                             f"{row['quant_seconds']:.1f}{origin} | {row['eval_seconds']:.1f} | "
-                             f"{row['notes'] or ''} |")
+                             f"{row.perplexity:.3f} | {row.kl:.4f} | {row.top1:.4f} | "
+                             f"{row.quant_seconds:.1f}{origin} | {row.eval_seconds:.1f} | "
+                             f"{row.notes or ''} |")
                 args.output.write_text("\n".join(header + lines) + "\n")
                 print(lines[-1], flush=True)
 

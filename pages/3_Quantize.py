@@ -232,7 +232,7 @@ def start_run() -> None:
         return
     store = Store(default_path())
 
-    def work(progress: Progress) -> dict:
+    def work(progress: Progress) -> history.RunRecord:
         return run_plan(loaded, corpus, request.sampling, choice.bits, settings, evaluation, store=store,
                         progress=progress, plan_meta=meta, export_dir=export_dir.strip() or None,
                         overwrite=overwrite, export_formats=tuple(export_formats))
@@ -245,7 +245,7 @@ st.caption(time_estimate(runs, settings, str(loaded.device), choice, request.sam
 st.button("Quantize and evaluate", type="primary", on_click=start_run)
 last = jobs.find(st.session_state.get("last_run", ""))
 if last is not None and last.state == "finished":
-    row = coverage.fill_coverage(pd.DataFrame([last.result]), loaded.arch, model_layer_table(model_source()))
+    row = coverage.fill_coverage(pd.DataFrame([last.result.as_dict()]), loaded.arch, model_layer_table(model_source()))
     show_result(row.iloc[0].to_dict())
 else:
     jobs.show(last)

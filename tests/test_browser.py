@@ -179,7 +179,7 @@ def lecture_store(tmp_path_factory, tiny_model_dir) -> tuple[Path, str, str]:
                 "analysis": layers.attrs["analysis_key"], PREDICTED_ERROR_ATTENTION:
                 summary[PREDICTED_ERROR_ATTENTION], PREDICTED_ERROR_LAYERWISE: summary[PREDICTED_ERROR_LAYERWISE]}
         keys[meta["name"]] = run_plan(loaded, corpus, LECTURE.sampling, plan.bits, settings, evaluation, store=store,
-                                      plan_meta=meta)["key"]
+                                      plan_meta=meta).key
     run_plan(loaded, corpus, LECTURE.sampling, uniform_plan(loaded.arch, 4), settings,
              EvalSettings(seqlen=64, max_tokens=256), store=store, plan_meta={"name": "uniform-4 whole"})
     return store.path, model, keys["knapsack-3.00"]

@@ -82,11 +82,11 @@ def test_a_run_exports_packed_checkpoints_of_its_own_weights_with_its_measuremen
         run_plan(*arguments, export_formats=("gptq",))
     row = run_plan(*arguments, export_dir=tmp_path / "first", export_formats=("gptq", "llama.cpp"))
     again = run_plan(*arguments, export_dir=tmp_path / "again", export_formats=("gptq",))  # from the stored run
-    assert again["cached"] and not row["cached"]
+    assert again.cached and not row.cached
     for target in (tmp_path / "first", tmp_path / "again"):
         provenance = json.loads((target / "export.json").read_text())
         assert (provenance["perplexity"], provenance["kl"], provenance["run_key"]) == \
-            (row["perplexity"], row["kl"], row["key"])
+            (row.perplexity, row.kl, row.key)
         assert provenance["method"] == "rtn" and provenance["plan"] == uniform_plan(loaded.arch, 3)
         dequantized = AutoModelForCausalLM.from_pretrained(str(target))
         state = load_file(str(target / "gptq" / "model.safetensors"))

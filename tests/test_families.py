@@ -255,8 +255,8 @@ def test_end_to_end_analyze_quantize_export_reload(family, tiny_model_dir, bloom
                        export_dir=tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager").eval()
     windows = evaluation_windows(token_ids(loaded.tokenizer, text_corpus, "evaluation"), 32, 128)
-    assert evaluate(reloaded, windows).perplexity == pytest.approx(run["perplexity"], rel=1e-4)
-    assert run["perplexity"] != pytest.approx(run["fp_perplexity"], rel=1e-7)  # something was quantized
+    assert evaluate(reloaded, windows).perplexity == pytest.approx(run.perplexity, rel=1e-4)
+    assert run.perplexity != pytest.approx(run.fp_perplexity, rel=1e-7)  # something was quantized
 
 
 # ---------------------------------------------------------------------------------------------------------------

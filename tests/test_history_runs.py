@@ -3,23 +3,47 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import pandas as pd
 
 from aptq import history
+from aptq.history import RunRecord
 from aptq.store import Store
+
+
+def a_run(key: str, **fields) -> RunRecord:
+    """A complete run record (a 3-bit GPTQ run of model "m"), with `fields` replaced."""
+    run = RunRecord(key=key, model="m", model_name="tiny", corpus="brown", eval_seqlen=64, eval_tokens=252,
+                    calibration="c", method="gptq", group_size=64, settings="{}", plan='{"l0": 3}', plan_key="p",
+                    plan_name=None, allocation="manual", budget=None, analysis=None, avg_bits=3.0,
+                    effective_bits=3.5, size_mb=1.0, predicted_error_attention=None, predicted_error_layerwise=None,
+                    perplexity=12.0, kl=0.1, top1=0.9, fp_perplexity=11.0, quant_seconds=1.0, eval_seconds=1.0,
+                    device="cpu", notes=None, coverage="all 2 blocks", covered_avg_bits=3.0,
+                    covered_effective_bits=3.5)
+    return replace(run, **fields)
 
 
 def stored(tmp_path) -> Store:
     store = Store(tmp_path / "store.duckdb")
-    rows = [{"key": f"r{i}", "model": "m", "plan_name": name, "allocation": allocation, "method": method,
-             "coverage": "all 2 blocks", "plan": "{}", "perplexity": 10.0 + i}
-            for i, (name, allocation, method) in enumerate([("knapsack-3.00", "knapsack", "gptq"),
-                                                            ("uniform-4", "uniform", "rtn"),
-                                                            ("aptq-3.00", "aptq", "attention")])]
-    for row in rows:
-        history.record_run(store, row)
+    for i, (name, allocation, method) in enumerate([("knapsack-3.00", "knapsack", "gptq"),
+                                                    ("uniform-4", "uniform", "rtn"),
+                                                    ("aptq-3.00", "aptq", "attention")]):
+        history.record_run(store, a_run(f"r{i}", plan_name=name, allocation=allocation, method=method,
+                                        perplexity=10.0 + i))
     return store
+
+
+def test_a_run_record_is_one_row_of_the_runs_table_and_reads_back_equal(tmp_path):
+    store = stored(tmp_path)
+    assert set(RunRecord.columns()) == set(history.stored_runs(store).columns)
+    run = a_run("full", budget=3.0, analysis="a", predicted_error_attention=0.5, predicted_error_layerwise=0.7,
+                notes="a fallback", completions="[]", label="mine", tag="t")
+    back = history.record_run(store, run)
+    assert back == replace(run, created=back.created) and back.created is not None
+    assert type(back.eval_tokens) is int and back.calibration == "c"
+    assert history.find_run(store, "r0").budget is None  # NULL reads back as None, not NaN
+    assert history.find_run(store, "missing") is None
 
 
 def test_runs_get_a_name_and_a_tag_and_are_filtered_by_them(tmp_path):
@@ -69,7 +93,7 @@ def test_threads_of_one_process_share_the_store(tmp_path):
     def work(index: int) -> None:
         for i in range(40):
             try:
-                history.record_run(store, {"key": f"t{index}-{i}", "model": "m"})
+                history.record_run(store, a_run(f"t{index}-{i}"))
                 history.stored_runs(store, "m")
             except Exception as exc:  # collected: the assertion below names it
                 errors.append(repr(exc))

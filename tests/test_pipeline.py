@@ -42,14 +42,14 @@ def test_every_method_quantizes_evaluates_and_is_stored_once(tiny_model_dir, tex
     plan = uniform_plan(loaded.arch, 3)
     settings = QuantizeSettings(method=method, group_size=32)
     row = run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store)
-    assert not row["cached"] and row["method"] == method and row["avg_bits"] == 3
-    assert row["effective_bits"] == pytest.approx(3 + 32 / 32)
-    assert row["kl"] > 0 and 0 <= row["top1"] <= 1 and row["perplexity"] > 1 and row["fp_perplexity"] > 1
-    assert (row["calibration"] is None) == (method == "rtn")
+    assert not row.cached and row.method == method and row.avg_bits == 3
+    assert row.effective_bits == pytest.approx(3 + 32 / 32)
+    assert row.kl > 0 and 0 <= row.top1 <= 1 and row.perplexity > 1 and row.fp_perplexity > 1
+    assert (row.calibration is None) == (method == "rtn")
     for layer in loaded.arch.layers:  # the loaded model is untouched: the work happens on a copy
         assert torch.equal(get_weight(loaded.model, layer), before[layer.name])
     again = run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store)
-    assert again["cached"] and again["perplexity"] == row["perplexity"]
+    assert again.cached and again.perplexity == row.perplexity
     assert len(stored_runs(store)) == 1
 
 
@@ -60,8 +60,8 @@ def test_full_precision_layers_stay_exact_and_kl_grows_as_bits_shrink(tiny_model
     for bits in (8, 4, 2):
         plan = uniform_plan(loaded.arch, bits) | {kept: 16}
         rows[bits] = run_plan(loaded, text_corpus, SAMPLING, plan, QuantizeSettings("gptq", 32), EVALUATION, store)
-    assert rows[8]["kl"] < rows[4]["kl"] < rows[2]["kl"]
-    assert rows[8]["avg_bits"] > 8  # the full-precision layer counts at 16 bits
+    assert rows[8].kl < rows[4].kl < rows[2].kl
+    assert rows[8].avg_bits > 8  # the full-precision layer counts at 16 bits
     # The weights run_plan evaluates come from quantize_model: with them swapped in, the kept weight is bit for bit
     # the original and every other one has changed.
     segments = calibration_segments(token_ids(loaded.tokenizer, text_corpus, "calibration"), SAMPLING)
@@ -79,7 +79,7 @@ def test_gptq_beats_rtn_on_a_real_model_block(text_corpus, store):
     plan = {layer.name: 2 for layer in loaded.arch.layers if layer.block < 2}
     evaluation = EvalSettings(seqlen=64, max_tokens=512)
     kl = {method: run_plan(loaded, text_corpus, Sampling(8, 64), plan, QuantizeSettings(method, 64), evaluation,
-                           store)["kl"] for method in ("rtn", "gptq", "attention")}
+                           store).kl for method in ("rtn", "gptq", "attention")}
     assert kl["gptq"] < kl["rtn"] and kl["attention"] < kl["rtn"]
 
 
@@ -106,8 +106,8 @@ def test_an_interrupted_run_resumes_at_the_first_unfinished_block(tiny_model_dir
     store_fresh = Store(store.path.with_name("fresh.duckdb"))
     monkeypatch.setattr(pipeline, "RUN_CACHE", store.path.parent / "fresh-runs")
     fresh = run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store_fresh)
-    assert resumed["perplexity"] == pytest.approx(fresh["perplexity"], rel=1e-6)
-    assert not (pipeline.RUN_CACHE / resumed["key"]).exists()  # checkpoints go once the row is stored
+    assert resumed.perplexity == pytest.approx(fresh.perplexity, rel=1e-6)
+    assert not (pipeline.RUN_CACHE / resumed.key).exists()  # checkpoints go once the row is stored
 
 
 def test_export_reloads_with_transformers_and_reproduces_the_perplexity(tiny_model_dir, text_corpus, store,
@@ -119,7 +119,7 @@ def test_export_reloads_with_transformers_and_reproduces_the_perplexity(tiny_mod
     assert (target / "plan.json").is_file() and (target / "llmcompressor_recipe.yaml").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(str(target)).eval()
     windows = evaluation_windows(token_ids(loaded.tokenizer, text_corpus, "evaluation"), 32, 256)
-    assert evaluate(reloaded, windows).perplexity == pytest.approx(row["perplexity"], rel=1e-5)
+    assert evaluate(reloaded, windows).perplexity == pytest.approx(row.perplexity, rel=1e-5)
     with pytest.raises(UserError, match="already exists"):
         run_plan(loaded, text_corpus, SAMPLING, uniform_plan(loaded.arch, 4), QuantizeSettings("gptq", 32),
                  EVALUATION, store, export_dir=target)

@@ -38,7 +38,7 @@ def test_a_run_stores_both_completions_of_each_prompt(tmp_path, tiny_model_dir):
     row = run_plan(loaded, corpus, Sampling(2, 32), uniform_plan(loaded.arch, 2),
                    QuantizeSettings(method="rtn", group_size=0), EvalSettings(seqlen=32, max_tokens=64, prompts=2),
                    store=Store(tmp_path / "s.duckdb"))
-    stored = [teaching.Completion(**c) for c in json.loads(row["completions"])]
+    stored = [teaching.Completion(**c) for c in json.loads(row.completions)]
     assert [c.prompt for c in stored] == teaching.corpus_prompts(corpus, 2)
     assert stored[0].full_precision == teaching.greedy(loaded.model, loaded.tokenizer, stored[0].prompt)
     same = teaching.side_by_side(loaded.model, lambda: nullcontext(loaded.model), loaded.tokenizer,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -39,14 +40,14 @@ def test_a_partial_plan_run_records_its_coverage_and_bits_over_it(tmp_path, tiny
     plan = {layer.name: 3 for layer in loaded.arch.block_layers(0)}
     row = run_plan(loaded, corpus, Sampling(2, 32), plan, QuantizeSettings(method="rtn", group_size=0),
                    EvalSettings(seqlen=32, max_tokens=64), store=Store(tmp_path / "s.duckdb"))
-    assert row["coverage"] == "block 0 of 2"
-    assert row["covered_avg_bits"] == pytest.approx(3.0)
-    assert row["avg_bits"] == pytest.approx((3 + 16) / 2)  # two blocks of equal size, the second kept in FP16
+    assert row.coverage == "block 0 of 2"
+    assert row.covered_avg_bits == pytest.approx(3.0)
+    assert row.avg_bits == pytest.approx((3 + 16) / 2)  # two blocks of equal size, the second kept in FP16
     # A row stored before coverage was recorded gets the same answer from its plan.
-    old = pd.DataFrame([row | {"coverage": None, "covered_avg_bits": None, "covered_effective_bits": None}])
+    old = pd.DataFrame([replace(row, coverage=None, covered_avg_bits=None, covered_effective_bits=None).row()])
     filled = coverage.fill_coverage(old, loaded.arch, layer_table(loaded)).iloc[0]
     assert filled["coverage"] == "block 0 of 2" and filled["covered_avg_bits"] == pytest.approx(3.0)
-    assert filled["covered_effective_bits"] == pytest.approx(row["covered_effective_bits"])
+    assert filled["covered_effective_bits"] == pytest.approx(row.covered_effective_bits)
 
 
 def test_a_uniform_plan_under_an_analysis_covers_exactly_the_analysed_layers():
