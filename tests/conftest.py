@@ -4,8 +4,9 @@
 - `tiny_model_dir(family)`: the same kind of model saved as an HF directory with a tokenizer (for `load_model`),
   built once per test session and family.
 
-Markers (registered in pyproject.toml): tests/test_browser.py is `browser`; tests that load the embedded model carry
-`@pytest.mark.integration` themselves; every other test is `unit` (`make check` runs those).
+Markers (registered in pyproject.toml): tests/test_browser.py is `browser`; tests that load the embedded model, and
+slow ones (measured with `pytest --durations=0`), carry `@pytest.mark.integration` themselves; every other test is
+`unit` (`make check` runs those).
 """
 
 from __future__ import annotations

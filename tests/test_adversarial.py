@@ -315,6 +315,7 @@ def _interrupt(argv: list[str], store: Path, wait) -> tuple[int, str]:
     return code, log.read_text()
 
 
+@pytest.mark.integration
 def test_ctrl_c_at_any_moment_is_one_line_and_code_130(tmp_path):
     """SIGINT while the modules import (torch takes seconds), and in the middle of an analysis of the embedded model
     (long enough never to finish first): code 130, one last line, no traceback, the analysis marked interrupted."""
@@ -352,6 +353,7 @@ def _errors(at: AppTest) -> str:
     return " ".join(e.value for e in at.error)
 
 
+@pytest.mark.integration
 def test_home_refuses_a_directory_as_corpus_without_carrying_it_to_other_pages(dashboard, paths):
     at = dashboard()
     assert _errors(at) == ""

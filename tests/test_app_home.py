@@ -60,6 +60,7 @@ def run_until(at: AppTest, done, timeout: float = 60) -> AppTest:
     return at
 
 
+@pytest.mark.integration
 def test_every_page_explains_an_empty_store(store, tiny_model_dir):
     at = app(str(tiny_model_dir("llama")), REQUEST)
     for page in PAGES:

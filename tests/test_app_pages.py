@@ -146,6 +146,7 @@ def wait_for_run(at: AppTest, timeout: float = 120) -> AppTest:
     return at
 
 
+@pytest.mark.integration
 def test_save_quantize_and_compare_plans(at):
     at.switch_page("pages/2_Bit_budget.py").run()
     button(at, "Save plan").click().run()
@@ -234,6 +235,7 @@ def quantize(at: AppTest, method: str, plan: str = "current", bits: int | None =
     return wait_for_run(at)
 
 
+@pytest.mark.integration
 def test_a_partial_analysis_quantizes_and_compares_only_the_analysed_blocks(partial):
     at = partial
     at.switch_page("pages/2_Bit_budget.py").run()

@@ -228,7 +228,14 @@ def bloom_dir(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("family", FAMILIES + ("bloom",))
+# One family per path stays in the quick loop (plain, fused rows, experts, layer-wise); the others are integration
+# tests (about 13 s each here).
+QUICK_END_TO_END = ("llama", "phi3", "qwen3_moe", "bloom")
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(family, marks=() if family in QUICK_END_TO_END else pytest.mark.integration)
+    for family in FAMILIES + ("bloom",)])
 def test_end_to_end_analyze_quantize_export_reload(family, tiny_model_dir, bloom_dir, text_corpus, tmp_path):
     loaded = load_model(str(bloom_dir if family == "bloom" else tiny_model_dir(family)), device="cpu")
     arch = loaded.arch

@@ -142,6 +142,7 @@ def runs(store: Path) -> pd.DataFrame:
     return history.stored_runs(Store(store))[columns].sort_values("key", ignore_index=True)
 
 
+@pytest.mark.integration
 def test_analyze_survives_ctrl_c_and_kill_9_and_resumes_identically(setup):
     common, tmp = setup
     assert main(command("analyze", common, tmp / "clean.duckdb")) == 0
@@ -158,6 +159,7 @@ def test_analyze_survives_ctrl_c_and_kill_9_and_resumes_identically(setup):
     pd.testing.assert_frame_equal(resumed[1], clean[1], check_exact=True)
 
 
+@pytest.mark.integration
 def test_quantize_survives_ctrl_c_and_kill_9_and_resumes_identically(setup):
     common, tmp = setup
     assert main(command("quantize", common, tmp / "clean.duckdb")) == 0
@@ -171,6 +173,7 @@ def test_quantize_survives_ctrl_c_and_kill_9_and_resumes_identically(setup):
     assert not any((tmp / "runs").iterdir())  # checkpoints go once the run is stored
 
 
+@pytest.mark.integration
 def test_a_sweep_survives_ctrl_c_and_kill_9_and_resumes_identically(setup):
     common, tmp = setup
     assert main(command("sweep", common, tmp / "clean.duckdb")) == 0
@@ -185,6 +188,7 @@ def test_a_sweep_survives_ctrl_c_and_kill_9_and_resumes_identically(setup):
     pd.testing.assert_frame_equal(runs(faulty), runs(tmp / "clean.duckdb"), check_exact=True)
 
 
+@pytest.mark.integration
 def test_two_processes_compute_one_analysis_once(setup):
     common, tmp = setup
     argv = command("analyze", common, tmp / "shared.duckdb")

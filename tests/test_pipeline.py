@@ -34,7 +34,8 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "REFERENCE_CACHE", tmp_path / "reference")
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("opt", marks=pytest.mark.integration),
+                                    pytest.param("gpt2", marks=pytest.mark.integration)])
 @pytest.mark.parametrize("method", pipeline.QUANTIZERS)
 def test_every_method_quantizes_evaluates_and_is_stored_once(tiny_model_dir, text_corpus, store, family, method):
     loaded = load_model(str(tiny_model_dir(family)), device="cpu")
@@ -53,6 +54,7 @@ def test_every_method_quantizes_evaluates_and_is_stored_once(tiny_model_dir, tex
     assert len(stored_runs(store)) == 1
 
 
+@pytest.mark.integration
 def test_full_precision_layers_stay_exact_and_kl_grows_as_bits_shrink(tiny_model_dir, text_corpus, store):
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     kept = loaded.arch.layers[0].name
@@ -83,6 +85,7 @@ def test_gptq_beats_rtn_on_a_real_model_block(text_corpus, store):
     assert kl["gptq"] < kl["rtn"] and kl["attention"] < kl["rtn"]
 
 
+@pytest.mark.integration
 def test_an_interrupted_run_resumes_at_the_first_unfinished_block(tiny_model_dir, text_corpus, store, monkeypatch):
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     plan = uniform_plan(loaded.arch, 3)

@@ -78,6 +78,7 @@ def test_analysis_of_each_family_round_trips_through_the_store(tiny_model_dir, c
     pd.testing.assert_frame_equal(stored[1], errors)
 
 
+@pytest.mark.integration
 def test_repeat_is_a_cache_hit_and_a_changed_setting_is_a_miss(tiny_model_dir, corpus, store, monkeypatch):
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     layers, errors = analyze(loaded, corpus, SAMPLING, SETTINGS, store=store)
@@ -109,6 +110,7 @@ def test_repeat_is_a_cache_hit_and_a_changed_setting_is_a_miss(tiny_model_dir, c
     assert analyze(loaded, corpus, SAMPLING, faster, store=store)[0].attrs["cached"] is True
 
 
+@pytest.mark.integration
 def test_an_interrupted_analysis_resumes_at_the_first_missing_block(tiny_model_dir, corpus, tmp_path, monkeypatch):
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     full, full_errors = analyze(loaded, corpus, SAMPLING, SETTINGS, store=Store(tmp_path / "full.duckdb"))

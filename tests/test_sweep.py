@@ -32,6 +32,7 @@ def test_budget_ranges_and_lists():
         parse_budgets("4:3:0.5")
 
 
+@pytest.mark.integration
 def test_sweep_quantizes_each_plan_once_and_resumes(tiny_model_dir, text_corpus, tmp_path):
     store = Store(tmp_path / "sweep.duckdb")
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
