@@ -181,11 +181,10 @@ def find_run(store: Store | None, key: str) -> RunRecord | None:
     return None if rows.empty else RunRecord.from_row(rows.iloc[0].to_dict())
 
 
-def record_run(store: Store | None, record: RunRecord) -> RunRecord:
-    """Write one finished run (one statement: all or nothing); return it as stored."""
+def record_run(store: Store | None, record: RunRecord) -> None:
+    """Write one finished run (one statement: all or nothing)."""
     store = _ready(store)
     store.write_frame("runs", pd.DataFrame([record.row()]))
-    return find_run(store, record.key)
 
 
 def set_prediction(store: Store | None, key: str, meta: dict) -> RunRecord:

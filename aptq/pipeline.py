@@ -431,8 +431,9 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     quantized = _quantize(loaded, corpus, sampling, settings, target, progress, rtn_memo)
     if not cached:
         measured = _evaluate(loaded, corpus, reference, evaluation, quantized, progress)
-        stored = history.record_run(store, _run_record(loaded, corpus.name, sampling, settings, target, meta,
-                                                       quantized, measured))
+        history.record_run(store, _run_record(loaded, corpus.name, sampling, settings, target, meta, quantized,
+                                              measured))
+        stored = history.find_run(store, target.key)
     if target.export_dir is not None:
         with quantized.weights.applied(loaded.model) as model:
             _export(loaded, model, target.packed, settings, meta, stored, target.export_dir, overwrite,

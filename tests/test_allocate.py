@@ -125,6 +125,7 @@ def within_budget(plan: Plan, layers: pd.DataFrame) -> bool:
 
 # ---- properties ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 @PROPERTY_SETTINGS
 @given(instances())
 def test_knapsack_equals_exhaustive_search(instance):
@@ -140,6 +141,7 @@ def test_knapsack_equals_exhaustive_search(instance):
     assert plan_error(plan, errors) == pytest.approx(best, rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.integration
 @PROPERTY_SETTINGS
 @given(instances())
 def test_knapsack_layerwise_equals_exhaustive_search(instance):
@@ -151,9 +153,10 @@ def test_knapsack_layerwise_equals_exhaustive_search(instance):
         assert plan_error(plan, errors, "err_layerwise") == pytest.approx(best, rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.integration
 @PROPERTY_SETTINGS
 @given(instances(), st.sampled_from(ALLOCATORS), st.integers(0, 3))
-def test_every_method_keeps_the_budget_pins_bounds_and_fused_groups(instance, method, seed):
+def test_every_method_keeps_the_budget_pins_bounds_and_fused_sets(instance, method, seed):
     layers, errors, widths, pins, budget, min_bits = instance
     request = AllocationRequest(budget, method, widths, pins=pins, min_bits=min_bits, seed=seed,
                                 low_high=(widths[0], widths[-1]))
@@ -179,6 +182,7 @@ def test_every_method_keeps_the_budget_pins_bounds_and_fused_groups(instance, me
             assert plan.bits[row.layer] >= min_bits.get(row.kind, 0)
 
 
+@pytest.mark.integration
 @PROPERTY_SETTINGS
 @given(instances(), st.floats(0, 1))
 def test_a_larger_budget_never_raises_the_optimal_error(instance, step):

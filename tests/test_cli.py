@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.tiny_models import save_tiny_model
 
 
@@ -9,6 +11,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "aptq", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_eval_on_a_local_model_and_text_file(tmp_path):
     model = save_tiny_model("opt", tmp_path / "model")
     text = tmp_path / "corpus.txt"
@@ -20,6 +23,7 @@ def test_eval_on_a_local_model_and_text_file(tmp_path):
     assert record["windows"] == 4 and record["tokens"] == 4 * 31 and record["perplexity"] > 1
 
 
+@pytest.mark.integration
 def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path):
     done = run_cli("eval", "--model", str(tmp_path / "missing"))
     assert done.returncode == 2

@@ -6,6 +6,7 @@ import io
 from dataclasses import replace
 
 import pandas as pd
+import pytest
 
 from aptq import history
 from aptq.history import RunRecord
@@ -39,7 +40,8 @@ def test_a_run_record_is_one_row_of_the_runs_table_and_reads_back_equal(tmp_path
     assert set(RunRecord.columns()) == set(history.stored_runs(store).columns)
     run = a_run("full", budget=3.0, analysis="a", predicted_error_attention=0.5, predicted_error_layerwise=0.7,
                 notes="a fallback", completions="[]", label="mine", tag="t")
-    back = history.record_run(store, run)
+    history.record_run(store, run)
+    back = history.find_run(store, "full")
     assert back == replace(run, created=back.created) and back.created is not None
     assert type(back.eval_tokens) is int and back.calibration == "c"
     assert history.find_run(store, "r0").budget is None  # NULL reads back as None, not NaN
@@ -83,6 +85,7 @@ def test_a_baseline_is_stored_once_per_protocol(tmp_path):
     assert baselines.set_index("eval_seqlen").loc[64, "perplexity"] == 31.0
 
 
+@pytest.mark.integration
 def test_threads_of_one_process_share_the_store(tmp_path):
     """A background job writing runs while a page reads them (one process, as in the dashboard) sees no error."""
     import threading
