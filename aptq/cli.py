@@ -264,7 +264,7 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid (default: asymmetric)")
     parser.add_argument("--act-order", action="store_true", help="GPTQ columns in order of decreasing diag(H)")
     parser.add_argument("--aespa-iterations", type=int, default=None,
-                        help="aespa: rounding iterations per layer (default: 300 on a CPU, 10000 on a GPU)")
+                        help="aespa: rounding iterations per layer (default: 100 on a CPU, 10000 on a GPU)")
     parser.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=CPU_EVAL_TOKENS,
                         help="evaluate at most this many tokens, 0 = the whole split (default: %(default)s)")
