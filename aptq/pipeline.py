@@ -294,7 +294,7 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
     while True:
         try:
             hessians = _collect(step, loaded.arch, options, geometry_cache, parts)
-            weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings, out_weight=out_weight)
+            weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings, None, out_weight)
             return weights, notes + block_notes
         except torch.cuda.OutOfMemoryError:
             if step.device.type != "cuda":
