@@ -29,6 +29,8 @@ from aptq.quantizer import QuantConfig, fp16_ceil, recover_codes
 # AdaRound's rectified sigmoid h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1): it reaches 0 and 1 at finite V.
 ZETA, GAMMA = 1.1, -0.1
 STARTS = ("attention", "rtn")
+# (our choice) the hard rounding is evaluated this many times along the schedule and the best kept (one product each)
+HARD_CHECKS = 10
 INITIAL_H = 0.9  # h(V) at iteration 0 where the start took the upper code (1 − this for the lower)
 # (our choice, measured in bench/results/aespa.md) iterations per layer that fit a CPU session for the embedded model;
 # GPU_ITERATIONS is AdaRound's published setting (its reference implementation's default as well).
@@ -237,10 +239,11 @@ def optimise_rounding(W: Tensor, start: Tensor, objective: AttentionObjective, c
                       options: AespaOptions = AespaOptions()) -> AespaResult:
     """The rounding of `start` (on a grid of cfg) optimised under `objective` (module docstring), hard-rounded.
 
-    Minimises `L(ΔW) / L(ΔW_start) + λ · mean(1 − |2h − 1|^β)` with Adam, β annealed after a warm-up, then takes
-    each weight's nearer code (h ≥ ½). (our choice) the objective is normalised by the start's loss so that λ and
-    the learning rate mean the same on every layer. (our choice) if the hard-rounded result's loss is above the
-    start's, the start is kept: the optimiser never makes a layer worse under its own objective."""
+    Minimises `L(ΔW) / L(ΔW_start) + λ · mean(1 − |2h − 1|^β)` with Adam, β annealed (after the warm-up, if any),
+    then takes each weight's nearer code (h ≥ ½). (our choice) the objective is normalised by the start's loss so
+    that λ and the learning rate mean the same on every layer. (our choice) the hard rounding is taken every tenth
+    of the schedule and the best one kept, the start included: the optimiser never makes a layer worse under its own
+    objective, and a schedule whose last iterations drift does not lose what it found before."""
     start_loss = objective.loss(W, start)
     if options.iterations == 0 or start_loss <= 0:
         return AespaResult(start.to(W.dtype), start_loss, start_loss, True)
@@ -252,13 +255,16 @@ def optimise_rounding(W: Tensor, start: Tensor, objective: AttentionObjective, c
     log_factor = torch.zeros_like(relaxed.group_scale)
     parameters = [V, log_factor] if options.learn_scales else [V]
     optimiser = torch.optim.Adam(parameters, lr=options.learning_rate)
+    best = AespaResult(start.to(W.dtype), start_loss, start_loss, True)
+    checks = max(1, options.iterations // HARD_CHECKS)
     for iteration in range(options.iterations):
         V.grad, log_factor.grad = _gradients(V, log_factor, relaxed, fixed, free, weights, objective, start_loss,
                                              _beta(options, iteration), options)
         optimiser.step()
-    scale = fp16_ceil(relaxed.group_scale * log_factor.exp()) if options.learn_scales else relaxed.group_scale
-    hard = scale[:, relaxed.group] * relaxed.levels((V >= 0).float(), cfg)  # h(V) ≥ ½ exactly where V ≥ 0
-    loss = objective.loss(W, hard)
-    if loss > start_loss:
-        return AespaResult(start.to(W.dtype), start_loss, start_loss, True)
-    return AespaResult(hard.to(W.dtype), loss, start_loss, False)
+        if (iteration + 1) % checks == 0 or iteration + 1 == options.iterations:
+            scale = fp16_ceil(relaxed.group_scale * log_factor.exp()) if options.learn_scales else relaxed.group_scale
+            hard = scale[:, relaxed.group] * relaxed.levels((V >= 0).float(), cfg)  # h(V) ≥ ½ exactly where V ≥ 0
+            loss = objective.loss(W, hard)
+            if loss < best.loss:
+                best = AespaResult(hard.to(W.dtype), loss, start_loss, False)
+    return best
