@@ -179,6 +179,14 @@ def test_bad_options_are_refused_in_one_sentence():
         AespaOptions(start="gptq")
 
 
+def test_the_other_methods_keep_their_run_keys():
+    """aespa's options enter only aespa's run key, so runs stored before by the other methods are still found."""
+    for method in ("rtn", "gptq", "attention"):
+        assert set(QuantizeSettings(method).key_fields()) == {"method", "group_size", "symmetric", "act_order",
+                                                              "clip_search", "damp"}
+    assert QuantizeSettings("aespa").key_fields()["aespa"]["iterations"] == AespaOptions().iterations
+
+
 def test_aespa_on_a_tiny_llama_with_mixed_widths_from_the_command_line(tmp_path, tiny_model_dir, capsys):
     model = tiny_model_dir("llama")
     loaded = load_model(str(model), device="cpu")
