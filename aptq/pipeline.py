@@ -149,8 +149,8 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
     """The layer's dequantized weights under the settings' method, and a fallback message if GPTQ fell back.
     `out_weight`: the block's full-precision out projection (aespa's value objective)."""
     if settings.method == "aespa":
-        starting = replace(settings, method=settings.aespa.start)
-        start, fallback = quantize_layer(weight, layer, hessians, config, starting)
+        starting = replace(settings, method=settings.aespa.start)  # in float32: exactly on its grid (bf16 is not)
+        start, fallback = quantize_layer(weight.float(), layer, hessians, config, starting)
         objective = layer_objective(layer, weight, hessians, out_weight)
         return optimise_rounding(weight, start, objective, config, settings.aespa).weight, fallback
     if settings.method == "rtn":
