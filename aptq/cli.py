@@ -267,16 +267,20 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 128 when the hidden size allows it, else 64)")
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid (default: asymmetric)")
     parser.add_argument("--act-order", action="store_true", help="GPTQ columns in order of decreasing diag(H)")
+    parser.add_argument("--aespa-iterations", type=int, default=None,
+                        help="aespa: rounding iterations per layer (default: 100 on a CPU, 10000 on a GPU)")
     parser.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=CPU_EVAL_TOKENS,
                         help="evaluate at most this many tokens, 0 = the whole split (default: %(default)s)")
 
 
 def quantize_settings(args: argparse.Namespace, loaded, method: str):
+    from aptq.aespa import AespaOptions
     from aptq.pipeline import EvalSettings, QuantizeSettings
 
+    aespa = AespaOptions.for_device(args.device or str(loaded.device), args.aespa_iterations)
     return (QuantizeSettings(method=method, group_size=group_size_of(args, loaded), symmetric=args.symmetric,
-                             act_order=args.act_order, batch_size=args.batch_size, device=args.device),
+                             act_order=args.act_order, batch_size=args.batch_size, device=args.device, aespa=aespa),
             EvalSettings(args.eval_seqlen, args.tokens or None))
 
 

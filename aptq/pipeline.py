@@ -8,6 +8,8 @@ Methods:
   gptq       GPTQ on every layer with its layer-wise Hessian `H = 2/N Σ x xᵀ`
   attention  attention-aware GPTQ (aespa/BoA): value projection per KV head with `H_V`; query and key projections
              row by row with the row-Hessian compensation (`gptq_rows`); out projection and MLP with plain GPTQ
+  aespa      the attention-aware GPTQ (or RTN) solution's rounding optimised under each layer's attention-wise
+             objective (aptq.aespa)
 
 Quantization is true-sequential: the walk goes block by block (aptq.capture), each block's Hessians are collected on
 inputs that come from the already quantized blocks, the block is quantized, and its outputs are recomputed with the
@@ -39,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aptq import coverage, teaching, validate
+from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_projection
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERRORS, weight_size
 from aptq.capture import BlockStep, BlockWalk
 from aptq.choices import QUANTIZERS
@@ -83,10 +86,13 @@ class QuantizeSettings:
     damp: float = 0.01
     batch_size: int | None = None  # segments per forward pass: speed only, not part of the key
     device: str | None = None  # compute device (default: the model's): not part of the key
+    aespa: AespaOptions = AespaOptions()  # method "aespa" only: part of its key alone
 
     def key_fields(self) -> dict:
         fields = asdict(self)
         del fields["batch_size"], fields["device"]
+        if self.method != "aespa":
+            del fields["aespa"]
         return fields
 
 
@@ -105,7 +111,7 @@ def check_plan(arch: Architecture, plan: dict[str, int], settings: QuantizeSetti
     """The plan completed with 16 (full precision) for every layer it does not name; one clear error otherwise."""
     if settings.method not in QUANTIZERS:
         raise UserError(f"Unknown method {settings.method!r}; choose one of {', '.join(QUANTIZERS)}.")
-    if settings.method == "attention" and not arch.attention_aware:
+    if settings.method in ("attention", "aespa") and not arch.attention_aware:
         raise UserError(f"The attention-aware quantizer is unavailable for this model: "
                         f"{arch.attention_unavailable_reason}; use --method gptq (layer-wise GPTQ) or rtn.")
     if settings.group_size < 0:
@@ -139,8 +145,15 @@ def layer_table(loaded: LoadedModel) -> pd.DataFrame:
 
 
 def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians | None, config: QuantConfig,
-                   settings: QuantizeSettings) -> tuple[torch.Tensor, str | None]:
-    """The layer's dequantized weights under the settings' method, and a fallback message if GPTQ fell back."""
+                   settings: QuantizeSettings, out_weight: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, str | None]:
+    """The layer's dequantized weights under the settings' method, and a fallback message if GPTQ fell back.
+    `out_weight`: the block's full-precision out projection (aespa's value objective)."""
+    if settings.method == "aespa":
+        starting = replace(settings, method=settings.aespa.start)  # in float32: exactly on its grid (bf16 is not)
+        start, fallback = quantize_layer(weight.float(), layer, hessians, config, starting)
+        objective = layer_objective(layer, weight, hessians, out_weight)
+        return optimise_rounding(weight, start, objective, config, settings.aespa).weight, fallback
     if settings.method == "rtn":
         return rtn(weight, config), None
     options = dict(act_order=settings.act_order, damp=settings.damp, name=layer.name)
@@ -194,7 +207,7 @@ def _block_plan(arch: Architecture, block: int, plan: dict[str, int]) -> list[tu
 
 
 def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]], hessians: BlockHessians | None,
-                    settings: QuantizeSettings, rtn_memo: dict | None = None
+                    settings: QuantizeSettings, rtn_memo: dict | None = None, out_weight: torch.Tensor | None = None
                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The block's quantized weights (the model is not modified) and the fallback notes."""
     weights, notes = {}, []
@@ -207,7 +220,7 @@ def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]],
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are reported through the notes
                 quantized, fallback = quantize_layer(get_weight(model, layer).detach(), layer, hessians, config,
-                                                     settings)
+                                                     settings, out_weight)
             if rtn_memo is not None:
                 rtn_memo[memo_key] = quantized
         weights[layer.name] = quantized
@@ -276,12 +289,13 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
                    progress: Progress) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Hessians and quantization of one block. Out of device memory: the batches split in halves until single
     segments, then the block on the CPU (our choice of order: smaller batches keep the speed of the device)."""
-    options = CollectOptions(attention=settings.method == "attention", probes=0)
+    options = CollectOptions(attention=settings.method in ("attention", "aespa"), probes=0)
+    out_weight = out_projection(loaded.model, loaded.arch, step.index) if settings.method == "aespa" else None
     parts, notes = 1, []
     while True:
         try:
             hessians = _collect(step, loaded.arch, options, geometry_cache, parts)
-            weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings)
+            weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings, None, out_weight)
             return weights, notes + block_notes
         except torch.cuda.OutOfMemoryError:
             if step.device.type != "cuda":

@@ -1,0 +1,270 @@
+"""aespa's own quantizer: rounding optimised under the attention-wise objective (docs/algorithms.md §13).
+
+Per layer, the rounding of a starting solution (attention-aware GPTQ, or round-to-nearest) is relaxed AdaRound-style
+and optimised by gradient descent on the layer's Kronecker-factored objective — never a forward pass:
+
+- q, k: `tr(G ΔW H ΔWᵀ)`, G the row Hessian of each head (§2), H the layer-wise Hessian;
+- v: `Σ_g tr(G_O,g ΔW_g H_V,g ΔW_gᵀ)`, H_V,g per KV head g and the out projection's row factor
+  `G_O,g = Σ_{h ∈ group g} W_O,hᵀ W_O,h` (full-precision W_O);
+- o and the MLP: `tr(ΔW H ΔWᵀ)`.
+
+The objective's gradient is closed-form, `2 G ΔW H` (G, H symmetric): one product per head and iteration gives both
+the loss and its gradient. The grid (scales, zero points) is the starting solution's own; with `learn_scales` each
+row-group's scale gets a learned factor as well, rounded up to float16 at the end. The result lies on a grid of
+`QuantConfig` with float16 scales, so `recover_codes` reads its codes back and the packed formats reproduce it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from aptq.errors import UserError
+from aptq.hessian import BlockHessians
+from aptq.models import Architecture, LinearLayer, get_weight
+from aptq.quantizer import QuantConfig, fp16_ceil, recover_codes
+
+# AdaRound's rectified sigmoid h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1): it reaches 0 and 1 at finite V.
+ZETA, GAMMA = 1.1, -0.1
+STARTS = ("attention", "rtn")
+# (our choice) the hard rounding is evaluated this many times along the schedule and the best kept (one product each)
+HARD_CHECKS = 10
+INITIAL_H = 0.9  # h(V) at iteration 0 where the start took the upper code (1 − this for the lower)
+# (our choice, measured in bench/results/aespa.md) iterations per layer that fit a CPU session for the embedded model;
+# GPU_ITERATIONS is AdaRound's published setting (its reference implementation's default as well).
+CPU_ITERATIONS = 100
+GPU_ITERATIONS = 10_000
+
+
+@dataclass(frozen=True)
+class AespaOptions:
+    """The optimiser's settings; the defaults are the CPU setting (docs/algorithms.md §13 has the reasons)."""
+
+    iterations: int = CPU_ITERATIONS
+    start: str = "attention"  # the starting solution: attention-aware GPTQ ("attention") or round-to-nearest ("rtn")
+    learn_scales: bool = False  # also learn a factor on each row-group's scale
+    learning_rate: float = 0.03  # Adam, on the rounding variables V (and the scales' log-factors)
+    regulariser: float = 30.0  # λ of the rounding regulariser, against the start-normalised objective
+    warmup: float = 0.0  # fraction of the iterations without the regulariser (AdaRound's is 0.2)
+    beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed linearly (AdaRound's)
+
+    @staticmethod
+    def for_device(device: str, iterations: int | None = None) -> AespaOptions:
+        """The options for a compute device: `iterations`, or the CPU or GPU default."""
+        default = CPU_ITERATIONS if torch.device(device).type == "cpu" else GPU_ITERATIONS
+        return AespaOptions(iterations=default if iterations is None else iterations)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise UserError(f"The aespa iterations must be a whole number ≥ 0, got {self.iterations!r}.")
+        if self.start not in STARTS:
+            raise UserError(f"The aespa start must be one of {', '.join(STARTS)}, got {self.start!r}.")
+
+
+@dataclass(frozen=True)
+class AttentionObjective:
+    """`Σ_h tr(G_h ΔW_h C_h ΔW_hᵀ)` over the heads h of a layer whose rows are ordered head by head.
+
+    `column`: (1 or n_heads, d_in, d_in), one column Hessian shared by all rows or one per head; `row`:
+    (n_heads, d_h, d_h) row factors, or None for the identity (o, MLP). Both symmetric."""
+
+    column: Tensor
+    row: Tensor | None = None
+
+    @property
+    def n_heads(self) -> int:
+        return self.column.shape[0] if self.row is None else self.row.shape[0]
+
+    def loss_and_gradient(self, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss of ΔW (d_out × d_in) and its gradient `2 G ΔW C`, from one product per head."""
+        heads = delta.reshape(self.n_heads, -1, delta.shape[1])
+        product = heads @ self.column
+        if self.row is not None:
+            product = self.row @ product
+        return (heads * product).sum(), 2 * product.reshape(delta.shape)
+
+    def loss(self, W: Tensor, Wq: Tensor) -> float:
+        """The loss of a quantized weight, in float64."""
+        delta = Wq.double() - W.double()
+        objective = AttentionObjective(self.column.double(), None if self.row is None else self.row.double())
+        return float(objective.loss_and_gradient(delta)[0])
+
+
+@dataclass(frozen=True)
+class AespaResult:
+    """The dequantized weights, their loss, the starting solution's loss, and whether the start was kept."""
+
+    weight: Tensor
+    loss: float
+    start_loss: float
+    kept_start: bool
+
+
+def out_row_factor(out_weight: Tensor, n_kv_heads: int, head_dim: int) -> Tensor:
+    """`G_O,g = Σ_{h ∈ group g} W_O,hᵀ W_O,h` (n_kv × d_h × d_h), W_O,h the d_model × d_h columns reading head h.
+
+    (our choice) with GQA, the sum over the r query heads of the group: KV head g's values reach every one of them,
+    and each adds its own out-projection slice to the output, so the exact loss sums over them. The collector keeps
+    one `H_V,g` per KV head (the group's mean of `X A_hᵀ A_h Xᵀ`), so the sum of the row factors times that mean is
+    the Kronecker form that is exact when the group's heads attend alike. Cross terms between heads, which the
+    out projection adds together, are left out, as aespa treats each head's output on its own."""
+    n_heads = out_weight.shape[1] // head_dim
+    if out_weight.shape[1] != n_heads * head_dim or n_heads % n_kv_heads:
+        raise ValueError(f"The out projection's {out_weight.shape[1]} input columns do not split into query heads of "
+                         f"{head_dim} that the {n_kv_heads} KV heads share.")
+    weight = out_weight.to(torch.promote_types(out_weight.dtype, torch.float32))  # bf16/fp16 → float32
+    slices = weight.reshape(out_weight.shape[0], n_heads, head_dim).transpose(0, 1)  # h × d_model × d_h
+    per_head = slices.transpose(1, 2) @ slices
+    return per_head.reshape(n_kv_heads, n_heads // n_kv_heads, head_dim, head_dim).sum(dim=1)
+
+
+def layer_objective(layer: LinearLayer, weight: Tensor, hessians: BlockHessians,
+                    out_weight: Tensor | None) -> AttentionObjective:
+    """The layer's attention-wise objective from the block's Hessians, on the weight's device (module docstring)."""
+    device = weight.device
+    if layer.name in hessians.value:
+        if out_weight is None:
+            raise ValueError(f"The value projection {layer.name} needs the out projection's weight.")
+        value = hessians.value[layer.name].to(device)
+        head_dim = weight.shape[0] // value.shape[0]
+        return AttentionObjective(value, out_row_factor(out_weight.to(device), value.shape[0], head_dim))
+    column = hessians.layerwise[layer.name].to(device).unsqueeze(0)
+    if layer.name in hessians.row:
+        return AttentionObjective(column, hessians.row[layer.name].to(device))
+    return AttentionObjective(column)
+
+
+def out_projection(model: torch.nn.Module, arch: Architecture, block: int) -> Tensor:
+    """The block's out projection weight as loaded (full precision: the loaded model is never modified)."""
+    outs = [layer for layer in arch.block_layers(block) if layer.kind == "o"]
+    if len(outs) != 1:
+        raise ValueError(f"Block {block} has {len(outs)} out projections; aespa's value objective needs exactly one.")
+    return get_weight(model, outs[0]).detach()
+
+
+def _rectified_sigmoid(V: Tensor) -> Tensor:
+    return torch.clamp(torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def _inverse_rectified_sigmoid(h: Tensor) -> Tensor:
+    return torch.logit((h - GAMMA) / (ZETA - GAMMA))
+
+
+@dataclass(frozen=True)
+class _Relaxation:
+    """The start's grid per weight and, per weight, the two codes the rounding chooses between: `base` and
+    `base + 1`, with the starting choice `up`.
+
+    (our choice) the pair is the start's code and its neighbour toward the full-precision weight (on the grid's
+    scale, `t = w / s + z`): where the start rounded to nearest or to the other side of w, that is AdaRound's
+    floor/ceil pair; where GPTQ moved a code further, the choice is between it and the code one step back toward w."""
+
+    group_scale: Tensor  # d_out × n_groups, float16 values in float32
+    group: Tensor  # d_in: the group of each column
+    zero: Tensor  # d_out × d_in, each weight's row-group zero point
+    base: Tensor  # d_out × d_in, integer-valued
+    up: Tensor  # bool: the start took base + 1
+
+    @staticmethod
+    def of(W: Tensor, start: Tensor, cfg: QuantConfig) -> _Relaxation:
+        grid = recover_codes(start, cfg)
+        index = grid.group_index().long().to(W.device)
+        group_scale = grid.scales.float().to(W.device)
+        zero = grid.zeros.float().to(W.device)[:, index]
+        codes = grid.codes.float().to(W.device)
+        target = W.float() / group_scale[:, index] + zero
+        up = codes > target
+        base = codes - up.float()
+        return _Relaxation(group_scale, index, zero, base, up)
+
+    def initial_variables(self) -> Tensor:
+        """V with h(V) = 0.9 where the start took base + 1 and 0.1 where it took base: hard rounding at iteration 0
+        gives the start back exactly, and every h has a gradient (the rectified sigmoid is flat at 0 and 1).
+
+        (our choice) not AdaRound's init (h at w's own position between the codes, i.e. the soft weights equal w):
+        GPTQ's codes compensate each other, and on a 2-bit query layer of the embedded model that init starts 8×
+        above the start's loss and never comes back below it; starting next to the start's codes does."""
+        return _inverse_rectified_sigmoid(torch.where(self.up, INITIAL_H, 1 - INITIAL_H))
+
+    def levels(self, h: Tensor, cfg: QuantConfig) -> Tensor:
+        """`clamp(base + h, 0, 2^b − 1) − z`: soft for h in (0, 1), integers for h in {0, 1}. A weight whose pair
+        leaves the grid (base −1 or 2^b − 1) is clamped to its one code on the grid whatever h."""
+        free = (self.base >= 0) & (self.base < cfg.max_level)
+        return torch.clamp(self.base, 0, cfg.max_level) - self.zero + free * h
+
+    def scales(self, log_factor: Tensor) -> Tensor:
+        """Each weight's scale: its row-group's, times the learned factor."""
+        return (self.group_scale * log_factor.exp())[:, self.group]
+
+
+def _beta(options: AespaOptions, iteration: int) -> float | None:
+    """The regulariser's exponent at this iteration, None during the warm-up (AdaRound's linear decay)."""
+    warm = int(options.warmup * options.iterations)
+    if iteration < warm:
+        return None
+    progress = (iteration - warm) / max(1, options.iterations - warm)
+    start, end = options.beta
+    return end + (start - end) * (1 - progress)
+
+
+def _gradients(V: Tensor, log_factor: Tensor, relaxed: _Relaxation, fixed: Tensor, free: Tensor, weights: Tensor,
+               objective: AttentionObjective, start_loss: float, beta: float | None,
+               options: AespaOptions) -> tuple[Tensor, Tensor | None]:
+    """Gradients of `L(ΔW) / L_start + λ · mean(1 − |2h − 1|^β)` with respect to V and the scales' log-factors, by
+    the chain rule written out: ΔW = s · (fixed + free · h(V)) − W, ∇L from the closed form. (Half the elementwise
+    passes of autograd, which dominate the cost of the smaller layers on a CPU.)"""
+    sigmoid = torch.sigmoid(V)
+    stretched = sigmoid * (ZETA - GAMMA) + GAMMA
+    h = stretched.clamp(0, 1)
+    scale = relaxed.scales(log_factor)
+    levels = fixed + free * h
+    _, gradient = objective.loss_and_gradient(scale * levels - weights)
+    gradient /= start_loss
+    d_h = gradient * scale * free
+    if beta is not None:  # d/dh of λ · mean(1 − |u|^β), u = 2h − 1: −2λβ u |u|^(β−2) / n
+        u = 2 * h - 1
+        d_h -= (2 * options.regulariser * beta / u.numel()) * u * u.abs().pow(beta - 2)
+    inside = (stretched > 0) & (stretched < 1)
+    d_V = d_h * (ZETA - GAMMA) * sigmoid * (1 - sigmoid) * inside
+    if not options.learn_scales:
+        return d_V, None
+    per_weight = gradient * scale * levels  # ds/da = s
+    d_log = torch.zeros_like(log_factor).index_add_(1, relaxed.group, per_weight)
+    return d_V, d_log
+
+
+def optimise_rounding(W: Tensor, start: Tensor, objective: AttentionObjective, cfg: QuantConfig,
+                      options: AespaOptions = AespaOptions()) -> AespaResult:
+    """The rounding of `start` (on a grid of cfg) optimised under `objective` (module docstring), hard-rounded.
+
+    Minimises `L(ΔW) / L(ΔW_start) + λ · mean(1 − |2h − 1|^β)` with Adam, β annealed (after the warm-up, if any),
+    then takes each weight's nearer code (h ≥ ½). (our choice) the objective is normalised by the start's loss so
+    that λ and the learning rate mean the same on every layer. (our choice) the hard rounding is taken every tenth
+    of the schedule and the best one kept, the start included: the optimiser never makes a layer worse under its own
+    objective, and a schedule whose last iterations drift does not lose what it found before."""
+    start_loss = objective.loss(W, start)
+    if options.iterations == 0 or start_loss <= 0:
+        return AespaResult(start.to(W.dtype), start_loss, start_loss, True)
+    weights = W.float()
+    relaxed = _Relaxation.of(weights, start, cfg)
+    fixed = relaxed.levels(torch.zeros_like(weights), cfg)
+    free = relaxed.levels(torch.ones_like(weights), cfg) - fixed  # 1 where the two codes are both on the grid
+    V = relaxed.initial_variables()
+    log_factor = torch.zeros_like(relaxed.group_scale)
+    parameters = [V, log_factor] if options.learn_scales else [V]
+    optimiser = torch.optim.Adam(parameters, lr=options.learning_rate)
+    best = AespaResult(start.to(W.dtype), start_loss, start_loss, True)
+    checks = max(1, options.iterations // HARD_CHECKS)
+    for iteration in range(options.iterations):
+        V.grad, log_factor.grad = _gradients(V, log_factor, relaxed, fixed, free, weights, objective, start_loss,
+                                             _beta(options, iteration), options)
+        optimiser.step()
+        if (iteration + 1) % checks == 0 or iteration + 1 == options.iterations:
+            scale = fp16_ceil(relaxed.group_scale * log_factor.exp()) if options.learn_scales else relaxed.group_scale
+            hard = scale[:, relaxed.group] * relaxed.levels((V >= 0).float(), cfg)  # h(V) ≥ ½ exactly where V ≥ 0
+            loss = objective.loss(W, hard)
+            if loss < best.loss:
+                best = AespaResult(hard.to(W.dtype), loss, start_loss, False)
+    return best
