@@ -37,11 +37,18 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def _safetensors_tensors(path: Path) -> list[tuple[str, int]]:
-    """(dtype name, elements) of each tensor, from the file's header alone."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return [(entry["dtype"], math.prod(entry["shape"])) for name, entry in header.items() if name != "__metadata__"]
+    """(dtype name, elements) of each tensor, from the file's header alone; none for a file that is not safetensors
+    (the loader then says what is wrong with it)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > path.stat().st_size:
+                return []
+            header = json.loads(handle.read(length))
+        return [(entry["dtype"], math.prod(entry["shape"])) for name, entry in header.items()
+                if name != "__metadata__"]
+    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError):
+        return []
 
 
 def converted_bytes(directory: Path, dtype: torch.dtype) -> int:
