@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor
 
 # (our choice) 4 strips keep 62.5 % of the flops; the strips stay wide enough (≥ 128 rows or columns for the embedded
