@@ -19,11 +19,13 @@ Usage (the caller may inspect or modify each block before the walk computes its 
     # modified block's outputs, as true-sequential quantization wants), and the block goes back to its home device.
 
 Leaving the loop early (break, an exception, a `Cancelled` from a progress callback) puts the current block back too.
+`device_failures` around the loop turns a device that runs out of memory or fails mid-walk into one sentence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +173,7 @@ class BlockWalk:
         self.stop = arch.n_blocks if stop is None else min(stop, arch.n_blocks)
         self.storage = torch.device(storage)
         self.batch_starts = list(range(0, segments.shape[0], self.batch_size))
+        self.current: int | None = None  # the block being walked (None before the first)
 
     @property
     def n_batches(self) -> int:
@@ -234,6 +237,7 @@ class BlockWalk:
     def __iter__(self) -> Iterator[BlockStep]:
         inputs, calls = self._first_inputs()
         for index in range(self.stop):
+            self.current = index
             block = self.blocks[index]
             home = next(block.parameters()).device
             block.to(self.device)
@@ -244,3 +248,28 @@ class BlockWalk:
                     inputs = step.finish()
             finally:
                 block.to(home)
+
+
+# A CPU allocation failure is a plain RuntimeError; this is the text of PyTorch's CPU allocator.
+CPU_ALLOCATION_FAILURE = "can't allocate memory"
+
+
+@contextmanager
+def device_failures(walk: BlockWalk, work: str, finished: Callable[[], int]) -> Iterator[None]:
+    """Around the loop over `walk`: a device out of memory or failing (lost, a driver error) becomes one sentence
+    (UserError) that names the device and block, says how many finished blocks (`finished()`) are kept, and how to
+    continue; the caller's own cleanup (a stored status, the run directory) has already run as the error passed."""
+    try:
+        yield
+    except RuntimeError as exc:
+        out_of_memory = isinstance(exc, torch.OutOfMemoryError) or CPU_ALLOCATION_FAILURE in str(exc)
+        if not out_of_memory and not isinstance(exc, torch.AcceleratorError):
+            raise
+        where = f"the {work} of block {walk.current}" if walk.current is not None else f"the {work}"
+        kept = f"the {finished()} finished block(s) are kept"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if out_of_memory:
+            raise UserError(f"The device {walk.device} ran out of memory during {where} ({detail}); {kept}: run it "
+                            f"again with a smaller batch size or on the CPU to continue from there.") from exc
+        raise UserError(f"The device {walk.device} failed during {where} ({detail}); {kept}: run it again once the "
+                        f"device works (or on the CPU) to continue from there.") from exc

@@ -56,6 +56,7 @@ from aptq.geometry import (
     sandwiched_sum,
 )
 from aptq.models import Architecture, LinearLayer
+from aptq.products import add_gram_, causal_products, symmetrized
 
 RECORDING_ATTENTION = "aptq_recording"
 MODULE_INPUTS = ("q", "k", "v", "gate", "up")  # first linears of the attention and MLP modules
@@ -196,7 +197,8 @@ class HessianCollector:
         self.group_leaders = {}  # input group → first layer reading it
         for layer in self.layers:
             self.group_leaders.setdefault(layer.input_group, layer)
-        # Running sums: per input group Σ x xᵀ; "value": Σ_h Σ (A_h Xᵀ)ᵀ(A_h Xᵀ) per KV head (n_kv × d_in × d_in);
+        # Running sums: per input group Σ x xᵀ; "value": Σ_h Σ (A_h Xᵀ)ᵀ(A_h Xᵀ) per KV head (n_kv × d_in × d_in)
+        # (these two: upper triangles only, aptq.products);
         # "row_q"/"row_k": in half layout (`RotaryLayout`), either complex parts of the mapped second moments per KV
         # head (n_kv × 2 × d/2 × d/2, the table path) or real sums (n_heads resp. n_kv × d × d, the per-token path).
         self._sums: dict[str, torch.Tensor] = {}
@@ -275,13 +277,20 @@ class HessianCollector:
     def _add(self, name: str, value: torch.Tensor) -> None:
         self._sums[name] = value if name not in self._sums else self._sums[name] + value
 
+    def _gram_sum(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The running Σ xᵀx called `name` (zeros at first), added to in place; only its upper triangle is kept."""
+        if name not in self._sums:
+            self._sums[name] = like.new_zeros(shape)
+        return self._sums[name]
+
     def _accumulate_layerwise(self, inputs: dict[str, torch.Tensor]) -> None:
         for group, layer in self.group_leaders.items():
             x = inputs[layer.module_path].reshape(-1, inputs[layer.module_path].shape[-1])
             if not torch.isfinite(x).all():
                 raise UserError(f"The input of {layer.name} (block {self.step.index}) contains NaN or infinite "
                                 f"values; the model is numerically unstable on this calibration data.")
-            self._add(group, x.T @ x)
+            d_in = x.shape[-1]
+            add_gram_(self._gram_sum(group, (d_in, d_in), x), x)
 
     def _accumulate_attention(self, inputs: dict[str, torch.Tensor], length: int) -> None:
         call = self._attention
@@ -293,12 +302,12 @@ class HessianCollector:
         repeats = arch.n_heads // arch.n_kv_heads
         x_v = inputs[self.by_kind["v"].module_path]  # (n, L, d_in)
         probs = call.probs.detach().float()
-        value = []
+        d_in = x_v.shape[-1]
+        value = self._gram_sum("value", (arch.n_kv_heads, d_in, d_in), x_v)
         for g in range(arch.n_kv_heads):  # one KV group at a time bounds the memory of A_h Xᵀ
             heads = slice(g * repeats, (g + 1) * repeats)
-            y = (probs[:, heads] @ x_v[:, None]).reshape(-1, x_v.shape[-1])  # rows of A_h Xᵀ, all heads of g
-            value.append(y.T @ y)
-        self._add("value", torch.stack(value))
+            for y in causal_products(probs[:, heads], x_v):  # strips of the rows of A_h Xᵀ, all heads of g
+                add_gram_(value[g], y.reshape(-1, d_in))
         rope = self.step.call_kwargs.get("position_embeddings") if arch.rope else None
         geometry = geometry_for(call.mask, rope, arch.head_dim, self.geometry_cache)
         self._layout = geometry.layout
@@ -452,7 +461,7 @@ class HessianCollector:
         if self.tokens == 0:
             raise ValueError("no batch was processed")
         scale = 2.0 / self.tokens
-        shared = {group: (self._sums[group] * scale).cpu() for group in self.group_leaders}
+        shared = {group: (symmetrized(self._sums[group]) * scale).cpu() for group in self.group_leaders}
         hessians = BlockHessians(self.step.index, self.tokens,
                                  {layer.name: shared[layer.input_group] for layer in self.layers})
         if self.experts is not None:
@@ -461,7 +470,7 @@ class HessianCollector:
         hessians.residual = {module: torch.cat(norms).median().item() for module, norms in self._residual.items()}
         if self.options.attention:
             repeats = self.arch.n_heads // self.arch.n_kv_heads
-            hessians.value[self.by_kind["v"].name] = (self._sums["value"] * (scale / repeats)).cpu()
+            hessians.value[self.by_kind["v"].name] = (symmetrized(self._sums["value"]) * (scale / repeats)).cpu()
             row_q, row_k = self._sums["row_q"], self._sums["row_k"]
             if row_q.is_complex():  # the table path: one G_Q per KV head, shared by its query heads
                 row_q = complex_to_real(row_q).repeat_interleave(repeats, dim=0)

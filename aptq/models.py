@@ -522,7 +522,7 @@ def load_model(source: str = EMBEDDED_MODEL, device: torch.device | str | None =
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from aptq import validate
+    from aptq import resources, validate
 
     hf_logging.disable_progress_bar()  # our own progress reporting is enough
     start = time.perf_counter()
@@ -534,6 +534,7 @@ def load_model(source: str = EMBEDDED_MODEL, device: torch.device | str | None =
     arch = architecture_of(config)
     device = torch.device(validate.device(device)) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    resources.check_memory_for_loading(path, dtype)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report of missing tensors becomes our own error below
     try:

@@ -40,10 +40,10 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from aptq import coverage, teaching, validate
+from aptq import coverage, resources, teaching, validate
 from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_projection
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERRORS, weight_size
-from aptq.capture import BlockStep, BlockWalk
+from aptq.capture import BlockStep, BlockWalk, device_failures
 from aptq.choices import QUANTIZERS
 from aptq.data import (
     Corpus,
@@ -201,6 +201,16 @@ class _Checkpoints:
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    def finished(self) -> int:
+        return len(list(self.directory.glob("block-*.safetensors")))
+
+    def check_disk(self, model: torch.nn.Module, arch: Architecture, plan: dict[str, int]) -> None:
+        """Refused before any work when the disk cannot hold the blocks still to quantize (weights in their dtype)."""
+        needed = sum(get_weight(model, layer).numel() * get_weight(model, layer).element_size()
+                     for block in range(arch.n_blocks) if not self._path(block).is_file()
+                     for layer, _ in _block_plan(arch, block, plan))
+        resources.check_disk_for_run(self.directory, needed)
+
 
 def _block_plan(arch: Architecture, block: int, plan: dict[str, int]) -> list[tuple[LinearLayer, int]]:
     return [(layer, plan[layer.name]) for layer in arch.block_layers(block) if plan[layer.name] < FULL_PRECISION]
@@ -320,6 +330,7 @@ def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: Quantize
     once; RTN layers do not depend on each other, which makes this exact. Sweeps pass one."""
     arch = loaded.arch
     checkpoints = _Checkpoints(key)
+    checkpoints.check_disk(loaded.model, arch, plan)
     notes: list[str] = []
     n_blocks = arch.n_blocks
     if settings.method == "rtn":  # no data needed: layer by layer
@@ -334,18 +345,19 @@ def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: Quantize
     walk = BlockWalk(loaded.model, arch, segments, device=settings.device or loaded.device,
                      batch_size=settings.batch_size, stop=last + 1)  # blocks after the last quantized one: no work
     geometry_cache: dict = {}
-    for step in walk:
-        todo = _block_plan(arch, step.index, plan)
-        stored = checkpoints.load(step.index)
-        if stored is None and todo:
-            stored = _quantize_step(loaded, step, todo, settings, geometry_cache, progress)
-            checkpoints.save(step.index, *stored)
-        if stored is not None:
-            notes += stored[1]
-            if step.index < last:
-                with swapped_weights(loaded.model, arch, stored[0]):
-                    step.finish()  # true-sequential: the next block's inputs come from the quantized block
-        progress(step.index + 1, n_blocks, f"block {step.index + 1}/{n_blocks}")
+    with device_failures(walk, "quantization", checkpoints.finished):
+        for step in walk:
+            todo = _block_plan(arch, step.index, plan)
+            stored = checkpoints.load(step.index)
+            if stored is None and todo:
+                stored = _quantize_step(loaded, step, todo, settings, geometry_cache, progress)
+                checkpoints.save(step.index, *stored)
+            if stored is not None:
+                notes += stored[1]
+                if step.index < last:
+                    with swapped_weights(loaded.model, arch, stored[0]):
+                        step.finish()  # true-sequential: the next block's inputs come from the quantized block
+            progress(step.index + 1, n_blocks, f"block {step.index + 1}/{n_blocks}")
     return QuantizedWeights(arch, checkpoints), notes
 
 

@@ -35,11 +35,11 @@ CLIP_FACTORS = tuple(round(1.0 - 0.01 * k, 2) for k in range(80))
 # maps 0 to 0, and the scale stays a float16 value.
 MIN_SCALE = 2.0 ** -24
 MAX_SCALE = 65504.0  # the largest float16
-# (our choice) elements of one (factors × rows × columns) chunk of candidates in the clipping search. On a CPU, 2^20
-# (4 MiB in float32, two buffers) stays in the last-level cache and needs few enough operations that the threads'
-# synchronization costs little; on an accelerator the chunk is as large as before (few kernel launches).
-# bench/results/quantizer.md has the measurements.
-CLIP_SEARCH_ELEMENTS = 2 ** 20
+# (our choice) elements of one (factors × rows × columns) chunk of candidates in the clipping search. On a CPU, 2^18
+# (1 MiB in float32 per buffer, the size of a core's L2 cache here) keeps the nine passes over a chunk in cache: 12 %
+# less CPU time than 2^20 with the same grids (bench/results/analysis_speed.md); on an accelerator the chunk is
+# large (few kernel launches). bench/results/quantizer.md has the earlier measurements.
+CLIP_SEARCH_ELEMENTS = 2 ** 18
 CLIP_SEARCH_ELEMENTS_ACCELERATOR = 2 ** 25
 
 

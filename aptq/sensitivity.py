@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from aptq import validate
-from aptq.capture import BlockStep, BlockWalk
+from aptq.capture import BlockStep, BlockWalk, device_failures
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
 from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianCollector
@@ -246,16 +246,17 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
     final_status = "interrupted"
     try:  # from the claim on, the row ends 'complete' or 'interrupted', never 'running'
         progress(len(done), n_blocks, f"{len(done)} of {n_blocks} blocks already stored" if done else "starting")
-        for step in walk:
-            if step.index in done:
-                continue  # the walk still computes its outputs: the next block needs them
-            start = time.perf_counter()
-            hessians = collect_block(step, arch, options, geometry_cache)
-            layer_records, error_records = layer_rows(loaded.model, arch, hessians, settings)
-            analyses.write_block(store, ident.key, step.index, layer_records, error_records,
-                                 time.perf_counter() - start, position)
-            done.add(step.index)
-            progress(len(done), n_blocks, f"block {step.index + 1}/{n_blocks}")
+        with device_failures(walk, "analysis", lambda: len(done)):
+            for step in walk:
+                if step.index in done:
+                    continue  # the walk still computes its outputs: the next block needs them
+                start = time.perf_counter()
+                hessians = collect_block(step, arch, options, geometry_cache)
+                layer_records, error_records = layer_rows(loaded.model, arch, hessians, settings)
+                analyses.write_block(store, ident.key, step.index, layer_records, error_records,
+                                     time.perf_counter() - start, position)
+                done.add(step.index)
+                progress(len(done), n_blocks, f"block {step.index + 1}/{n_blocks}")
         final_status = "complete"
     finally:
         analyses.finish(store, ident.key, final_status)
