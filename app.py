@@ -13,6 +13,7 @@ from aptq.progress import Progress
 from aptq.sensitivity import CPU_CALIBRATION, GPU_CALIBRATION, analyze
 from aptq.store import Store, default_path
 from ui import jobs
+from ui.experts import separate_experts
 from ui.session import (
     CORPORA,
     AnalysisRequest,
@@ -146,7 +147,8 @@ jobs.show(job)
 frames = store_call(lambda: stored_analysis(key)) if complete else None
 if frames is not None:
     metric = st.selectbox("Heatmap metric", list(charts.METRIC_LABELS), format_func=charts.METRIC_LABELS.get)
-    st.plotly_chart(charts.sensitivity_heatmap(frames[0], metric), width="stretch")
+    st.plotly_chart(charts.sensitivity_heatmap(frames[0], metric, separate_experts=separate_experts(frames[0])),
+                    width="stretch")
     st.caption("Blocks × projections, log colour scale; hover for exact values. More on the Sensitivity page.")
 
 st.subheader("Full-precision perplexity")

@@ -5,6 +5,9 @@ Colours are fixed per method and per bit width, so a reader learns them once.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import plotly.express as px
@@ -30,70 +33,180 @@ def _kinds(frame: pd.DataFrame) -> list[str]:
     return [k for k in KIND_ORDER if k in present]
 
 
-def _grid(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str], list[int]]:
-    """`column` laid out as projection kinds × blocks (NaN where a cell is missing), with the row and column labels.
-    Plain numpy: pandas' pivot_table costs tens of ms, and these grids are rebuilt on every slider move."""
-    kinds = _kinds(frame)
-    blocks = np.unique(frame["block"].to_numpy())
-    values = frame[column].to_numpy()
-    grid = np.full((len(kinds), len(blocks)), np.nan, dtype=float if values.dtype.kind in "iuf" else object)
-    grid[pd.Index(kinds).get_indexer(frame["kind"]), np.searchsorted(blocks, frame["block"].to_numpy())] = values
-    return grid, kinds, blocks.tolist()
+# aptq.models names expert e's layers "<experts module>.<e>.gate_proj" (likewise up_proj, down_proj).
+EXPERT_LAYER = re.compile(r"\.(\d+)\.(?:gate|up|down)_proj$")
 
 
-def _grid_layout(title: str, blocks: list[int]) -> dict:
-    """Shared layout of the block × projection heatmaps: integer block ticks (no block 0.5), q at the top."""
+def expert_numbers(frame: pd.DataFrame) -> np.ndarray:
+    """Each layer's expert index (a mixture's gate/up/down) as floats, NaN for the other layers. A plain loop: pandas'
+    str.extract costs tens of ms here, on every slider move."""
+    found = (EXPERT_LAYER.search(name) for name in frame["layer"].tolist())
+    return np.array([float(match.group(1)) if match else np.nan for match in found])
+
+
+def heatmap_rows(frame: pd.DataFrame, separate_experts: bool = True) -> pd.Series:
+    """The heatmap row of each layer: its kind, or "gate·e3" for expert 3's gate when experts get rows of their own
+    (otherwise all experts of a kind share the kind's row, aggregated)."""
+    return _rows_of(frame, expert_numbers(frame), separate_experts)
+
+
+def _rows_of(frame: pd.DataFrame, experts: np.ndarray, separate_experts: bool) -> pd.Series:
+    kinds = frame["kind"].astype(str)
+    if not separate_experts or np.isnan(experts).all():
+        return kinds
+    return kinds + pd.Series(["" if np.isnan(e) else f"·e{int(e)}" for e in experts], index=frame.index)
+
+
+def _row_order(frame: pd.DataFrame, rows: pd.Series, experts: np.ndarray) -> list[str]:
+    """Rows by kind (q … down), each kind's experts in index order after its layer outside the experts (if any)."""
+    rank = {kind: i for i, kind in enumerate(KIND_ORDER)}
+    keys = {row: (rank.get(kind, len(rank)), -1 if np.isnan(e) else e)
+            for row, kind, e in zip(rows.tolist(), frame["kind"].tolist(), experts)}
+    return sorted(keys, key=keys.get)
+
+
+@dataclass(frozen=True)
+class Cells:
+    """The heatmap cells of a layer table, rows and blocks in display order. `layers`: the table with each layer's
+    "row"; `table`: one entry per cell with "row", "block", "count" (its layers) and the aggregated columns; `shared`:
+    some cell holds several layers (a mixture's experts sharing their kind's row)."""
+
+    layers: pd.DataFrame
+    table: pd.DataFrame
+    rows: list[str]
+    blocks: list[int]
+    shared: bool
+
+    def grid(self, column: str, fill=np.nan) -> np.ndarray:
+        """`column` of `table` laid out as rows × blocks (`fill` where a cell is missing)."""
+        values = self.table[column].to_numpy()
+        grid = np.full((len(self.rows), len(self.blocks)), fill,
+                       dtype=float if values.dtype.kind in "iuf" and fill is np.nan else object)
+        grid[pd.Index(self.rows).get_indexer(self.table["row"]), np.searchsorted(self.blocks, self.table["block"])] \
+            = values
+        return grid
+
+
+def _cells(frame: pd.DataFrame, separate_experts: bool, aggregations: dict[str, tuple[str, str]]) -> Cells:
+    """The cells of `frame`; where a cell holds several layers, `aggregations` (pandas named aggregations, built-in
+    reductions only) reduce them. Without shared cells the layers are the cells: no groupby, since these grids are
+    rebuilt on every slider move."""
+    experts = expert_numbers(frame)
+    layers = frame.assign(row=_rows_of(frame, experts, separate_experts))
+    rows = _kinds(frame) if np.isnan(experts).all() else _row_order(frame, layers["row"], experts)
+    blocks = sorted(set(frame["block"].tolist()))
+    shared = bool(layers.duplicated(["row", "block"]).any())
+    if shared:
+        table = layers.groupby(["row", "block"], sort=False).agg(**aggregations, count=("layer", "size"))
+        table = table.reset_index()
+    else:
+        # A cell of one layer: its value under every reduction, except a count of distinct values (1).
+        table = layers.assign(count=1, **{name: 1 if how == "nunique" else layers[column]
+                                          for name, (column, how) in aggregations.items()})
+    return Cells(layers, table, rows, blocks, shared)
+
+
+def _grid_layout(title: str, rows: list[str], blocks: list[int]) -> dict:
+    """Shared layout of the block × projection heatmaps: integer block ticks (no block 0.5), q at the top; with many
+    rows (one per expert) taller, thinner rows and a labelled subset (each kind's first row and every n-th expert)."""
     dtick = 1 if len(blocks) <= 16 else 2 if len(blocks) <= 40 else 5
-    return {"title": {"text": title, "y": 0.97, "yanchor": "top"}, "height": 330, "margin": {"t": 60, "b": 40},
-            "xaxis": {"title": "block", "tickmode": "linear", "dtick": dtick},
-            "yaxis": {"title": "projection", "autorange": "reversed"}}
+    yaxis = {"title": "projection", "autorange": "reversed", "type": "category"}
+    height = 330
+    if len(rows) > 10:
+        height = int(min(1400, 150 + len(rows) * max(3.0, min(16.0, 1200 / len(rows)))))
+        step = max(1, len(rows) // 40)
+        shown = [row for i, row in enumerate(rows) if "·e" not in row or row.endswith("·e0") or i % step == 0]
+        yaxis |= {"tickmode": "array", "tickvals": shown, "ticktext": shown}
+    return {"title": {"text": title, "y": 0.97, "yanchor": "top"}, "height": height, "margin": {"t": 60, "b": 40},
+            "xaxis": {"title": "block", "tickmode": "linear", "dtick": dtick}, "yaxis": yaxis}
 
 
-def sensitivity_heatmap(layers: pd.DataFrame, metric: str, title: str | None = None) -> go.Figure:
-    """Blocks × projection types, coloured by log10 of `metric`; hover shows the exact value and the layer name."""
-    values, kinds, blocks = _grid(layers, metric)
-    names, _, _ = _grid(layers, "layer")
+def sensitivity_heatmap(layers: pd.DataFrame, metric: str, title: str | None = None,
+                        separate_experts: bool = True) -> go.Figure:
+    """Blocks × projection types, coloured by log10 of `metric`; hover shows the exact value and the layer name.
+
+    A mixture's experts get a row each ("gate·e3"), or with `separate_experts` False share their kind's row, coloured
+    by the mean over the block's experts (our choice: per-expert values are comparable, a sum would grow with the
+    expert count), the hover giving their range."""
+    cells = _cells(layers, separate_experts, {"value": (metric, "mean"), "low": (metric, "min"),
+                                              "high": (metric, "max"), "layer": ("layer", "first")})
+    table = cells.table
+    if cells.shared:
+        table["layer"] = [name if count == 1 else f"mean of {count} experts (min {low:.4g}, max {high:.4g})"
+                          for name, count, low, high in zip(table["layer"], table["count"], table["low"],
+                                                             table["high"])]
+    values, names = cells.grid("value"), cells.grid("layer", fill="")
     with np.errstate(divide="ignore", invalid="ignore"):
         log_values = np.log10(values)
     log_values[~np.isfinite(log_values)] = np.nan
     return go.Figure(go.Heatmap(
-        z=log_values, x=blocks, y=kinds, customdata=np.dstack([values.astype(object), names]),
+        z=log_values, x=cells.blocks, y=cells.rows, customdata=np.dstack([values.astype(object), names]),
         colorscale="Viridis", colorbar={"title": "log₁₀"},
         hovertemplate="block %{x} · %{y}<br>%{customdata[1]}<br>value %{customdata[0]:.4g}<extra></extra>"),
-        _grid_layout(title or METRIC_LABELS.get(metric, metric), blocks))
+        _grid_layout(title or METRIC_LABELS.get(metric, metric), cells.rows, cells.blocks))
+
+
+def _width_of_most_experts(cells: Cells) -> None:
+    """For cells holding several experts: "bits" becomes the width most of them have (ties: the wider), "mix" their
+    widths for the hover ("(most experts) — 2 bit ×3, 4 bit ×5", or "(all 8 experts)")."""
+    counts = cells.layers.groupby(["row", "block", "bits"], sort=False).size().rename("n").reset_index()
+    mode = counts.sort_values(["n", "bits"]).drop_duplicates(["row", "block"], keep="last").set_index(["row", "block"])
+    mixes: dict[tuple, list[str]] = {}
+    for row, block, bits, n in counts.sort_values("bits").itertuples(index=False):
+        mixes.setdefault((row, block), []).append(f"{'FP16' if bits == 16 else f'{bits} bit'} ×{n}")
+    keys = list(zip(cells.table["row"], cells.table["block"]))
+    cells.table["bits"] = mode["bits"].reindex(keys).to_numpy()
+    cells.table["mix"] = ["" if count == 1 else f" (all {count} experts)" if len(mixes[key]) == 1
+                          else " (most experts) — " + ", ".join(mixes[key])
+                          for key, count in zip(keys, cells.table["count"])]
 
 
 def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer", selectable: bool = False,
-                 pinned: frozenset[str] = frozenset()) -> go.Figure:
+                 pinned: frozenset[str] = frozenset(), separate_experts: bool = True) -> go.Figure:
     """Blocks × projection types coloured by the plan's bit width (one fixed colour per width, BIT_COLORS).
 
     `pinned` layers carry a black ring, so a pinned cell never looks like one the solver chose. `selectable` overlays
     one invisible square marker per cell: plotly selects scatter points but not heatmap cells, so clicks and box
-    selections land on the markers (a selected cell shows a dark square; shift-click adds).
+    selections land on the markers (a selected cell shows a dark square; shift-click adds). A mixture's experts get a
+    row each, or with `separate_experts` False share their kind's row, coloured by the width most of them have, the
+    hover listing the widths, and a cross marking cells whose experts differ.
     """
-    bits, kinds, blocks = _grid(plan, "bits")
+    cells = _cells(plan, separate_experts, {"bits": ("bits", "max"), "widths": ("bits", "nunique")})
+    if cells.shared:
+        _width_of_most_experts(cells)
+    else:
+        cells.table["mix"] = ""
+    bits, mix, blocks, rows = cells.grid("bits"), cells.grid("mix", fill=""), cells.blocks, cells.rows
     widths = sorted({int(b) for b in plan["bits"]})
     steps = max(len(widths), 1)
     # Each width sits in the middle of its own colour band, so the scale is discrete and stable per width.
     band = np.searchsorted(widths, np.nan_to_num(bits, nan=-1)) + 0.5
     band[np.isnan(bits)] = np.nan
     scale = [[(i + edge) / steps, BIT_COLORS.get(w, "#cccccc")] for i, w in enumerate(widths) for edge in (0, 1)]
-    hover = "block %{x} · %{y}: %{customdata} bits<extra></extra>"
-    traces = [go.Heatmap(z=band, x=blocks, y=kinds, customdata=bits, zmin=0, zmax=steps, colorscale=scale or "Greys",
+    hover = "block %{x} · %{y}: %{customdata[0]} bits%{customdata[1]}<extra></extra>"
+    traces = [go.Heatmap(z=band, x=blocks, y=rows, customdata=np.dstack([bits.astype(object), mix]), zmin=0,
+                         zmax=steps, colorscale=scale or "Greys",
                          colorbar={"tickvals": [i + 0.5 for i in range(steps)],
                                    "ticktext": ["FP16" if w == 16 else f"{w} bit" for w in widths]},
                          hovertemplate=hover, hoverinfo="skip" if selectable else None, xgap=1, ygap=1)]
-    held = plan[plan["layer"].isin(pinned)]
+    mixed = cells.table[cells.table["widths"] > 1]
+    if not mixed.empty:
+        traces.append(go.Scatter(x=mixed["block"], y=mixed["row"], mode="markers", name="experts differ",
+                                 showlegend=True, hoverinfo="skip",
+                                 marker={"symbol": "x-thin-open", "size": 10, "color": "#333", "line": {"width": 1}}))
+    held = cells.layers[cells.layers["layer"].isin(pinned)]
     if not held.empty:
-        traces.append(go.Scatter(x=held["block"], y=held["kind"], mode="markers", name="pinned", showlegend=True,
+        traces.append(go.Scatter(x=held["block"], y=held["row"], mode="markers", name="pinned", showlegend=True,
                                  marker={"symbol": "circle-open", "size": 12, "color": "#000", "line": {"width": 2}},
                                  hoverinfo="skip"))
-    if selectable:  # hover and clicks go to the markers
+    if selectable:  # hover and clicks go to the markers, one per cell (aggregated experts share one)
+        table = cells.table
         traces.append(go.Scatter(
-            x=plan["block"], y=plan["kind"], customdata=plan["bits"], mode="markers", showlegend=False,
+            x=table["block"], y=table["row"], customdata=np.column_stack([table["bits"].astype(int), table["mix"]]),
+            mode="markers", showlegend=False,
             marker={"symbol": "square-open", "size": 18, "color": "#111", "opacity": 0, "line": {"width": 3}},
             selected={"marker": {"opacity": 1}}, unselected={"marker": {"opacity": 0}}, hovertemplate=hover))
-    layout = _grid_layout(title, blocks) | {"legend": {"orientation": "h", "y": -0.25}}
+    layout = _grid_layout(title, rows, blocks) | {"legend": {"orientation": "h", "y": -0.25}}
     return go.Figure(traces, layout)
 
 

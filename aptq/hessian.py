@@ -57,6 +57,7 @@ from aptq.geometry import (
 )
 from aptq.models import Architecture, LinearLayer
 from aptq.products import add_gram_, causal_products, symmetrized
+from aptq.routed_attention import routed_through_interface
 
 RECORDING_ATTENTION = "aptq_recording"
 MODULE_INPUTS = ("q", "k", "v", "gate", "up")  # first linears of the attention and MLP modules
@@ -123,7 +124,8 @@ def recording_attention(attention: nn.Module, recorder) -> Iterator[None]:
     config._attn_implementation = RECORDING_ATTENTION
     attention._aptq_recorder = recorder
     try:
-        yield
+        with routed_through_interface(attention):  # Falcon computes its attention inline otherwise
+            yield
     finally:
         config._attn_implementation = previous
         del attention._aptq_recorder
@@ -295,7 +297,7 @@ class HessianCollector:
     def _accumulate_attention(self, inputs: dict[str, torch.Tensor], length: int) -> None:
         call = self._attention
         arch = self.arch
-        if call is None:  # e.g. Falcon computes its eager attention inline
+        if call is None:  # an attention computed inline (e.g. Falcon with ALiBi)
             raise UserError(f"The attention of this {arch.family} model does not go through transformers' attention "
                             f"functions, so its probabilities cannot be recorded; the attention-aware Hessians are "
                             f"unavailable for it.")

@@ -41,14 +41,15 @@ MODEL_CACHE = CACHE_DIR / "models"
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt_neox",
                       "falcon", "olmo2", "stablelm", "starcoder2", "granite", "cohere", "mixtral", "qwen3_moe", "opt",
                       "gpt2")
-# The families whose attention-aware path (recording attention, H_V, G) is tested against brute force, and why the
-# others lack it; any other model is analysed and quantized layer-wise (what cannot be discovered from module names:
-# the attention maths).
-ATTENTION_UNAVAILABLE = {
-    "falcon": "Falcon computes its attention inline instead of through transformers' attention interface, which the "
-              "attention-aware Hessians record",
+# Every supported family has the attention-aware path (recording attention, H_V, G), tested against brute force;
+# any other model is analysed and quantized layer-wise (what cannot be discovered from module names: the attention
+# maths). Config options that take a supported family off that path: family → (config flag, why).
+ATTENTION_FAMILIES = frozenset(SUPPORTED_FAMILIES)
+ATTENTION_UNAVAILABLE_WITH = {
+    "falcon": ("alibi", "with ALiBi (alibi=True) transformers' eager Falcon attention adds the position bias twice "
+                        "(to the scores and again through the mask) where its SDPA path adds it once, so there is no "
+                        "one attention to record"),
 }
-ATTENTION_FAMILIES = frozenset(SUPPORTED_FAMILIES) - set(ATTENTION_UNAVAILABLE)
 
 # Module names by role, inside the attention module and inside the MLP (or on the block, as OPT's fc1/fc2).
 ATTENTION_ROLES = {"q_proj": "q", "query": "q", "wq": "q", "k_proj": "k", "key": "k", "wk": "k", "v_proj": "v",
@@ -298,10 +299,11 @@ def _block_layers(shape: _Shape, prefix: str, block: int, module: nn.Module) -> 
     return grouped
 
 
-def _attention_gap(shape: _Shape, blocks: list[list[LinearLayer]]) -> str:
+def _attention_gap(shape: _Shape, config, blocks: list[list[LinearLayer]]) -> str:
     """Why the attention-aware path does not apply, or "" when it does."""
-    if shape.family in ATTENTION_UNAVAILABLE:
-        return ATTENTION_UNAVAILABLE[shape.family]
+    flag, reason = ATTENTION_UNAVAILABLE_WITH.get(shape.family, ("", ""))
+    if flag and getattr(config, flag, False):
+        return reason
     if not shape.known:
         return (f"the attention of {shape.family!r} models is not among the tested families "
                 f"({', '.join(sorted(ATTENTION_FAMILIES))}); its geometry (rotary layout, normalisation, scaling) "
@@ -339,7 +341,7 @@ def architecture_of_model(model: nn.Module, name: str | None = None) -> Architec
     mlp_attr = next((child for child in ("mlp", "feed_forward", "ffn", "block_sparse_moe") if child in children),
                     None)
     rope = any(path.endswith("rotary_emb") for path, _ in model.named_modules())
-    gap = _attention_gap(shape, per_block) if attention_attr else "no attention module was found in the blocks"
+    gap = _attention_gap(shape, text, per_block) if attention_attr else "no attention module was found in the blocks"
     return Architecture(family, len(blocks), hidden, n_heads, n_kv, head_dim, rope, blocks_path, attention_attr,
                         mlp_attr, tuple(layer for layers in per_block for layer in layers), attention_aware=not gap,
                         attention_unavailable_reason=gap)

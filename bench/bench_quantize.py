@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from aptq.choices import METHOD_LABELS
+from aptq.choices import EMBEDDED_MODEL, METHOD_LABELS
 from aptq.data import Sampling, load_corpus
 from aptq.models import load_model
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
 from aptq.progress import tqdm_progress
+from aptq.sensitivity import default_group_size
 from aptq.store import Store
 
 RESULTS = Path(__file__).parent / "results" / "quantize.md"
@@ -35,9 +36,10 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (windows of 512)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="hub id, local directory or .gguf file")
     args = parser.parse_args()
 
-    loaded = load_model(device=os.environ.get("APTQ_DEVICE"))
+    loaded = load_model(args.model, device=os.environ.get("APTQ_DEVICE"))
     corpus = load_corpus("brown")
     sampling = Sampling(args.samples, args.seqlen, 0)
     evaluation = EvalSettings(512, args.tokens)
@@ -47,11 +49,13 @@ def main() -> None:
         f"- date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores, {platform.processor() or 'CPU'}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {loaded.device}",
         f"- command: `.venv/bin/python -m bench.bench_quantize --bits {args.bits} --groups {args.groups} "
-        f"--methods {args.methods} --samples {args.samples} --seqlen {args.seqlen} --tokens {args.tokens}`",
+        f"--methods {args.methods} --samples {args.samples} --seqlen {args.seqlen} --tokens {args.tokens}"
+        + (f" --model {args.model}`" if args.model != EMBEDDED_MODEL else "`"),
         f"- model: {loaded.display_name} (baseline {loaded.baseline_label}); calibration: Brown calibration split, "
         f"{args.samples} × {args.seqlen} tokens, seed 0; evaluation: Brown evaluation split, windows of 512, first "
         f"{args.tokens} tokens; asymmetric grid with the clipping search; GPTQ blocks of 128 columns, 1 % damping",
-        "- group 128 does not divide the hidden size 576, so the grouped rows use 64 (default_group_size)", "",
+        f"- hidden size {loaded.arch.hidden_size}; default group size {default_group_size(loaded.arch)} "
+        f"(default_group_size); group sizes measured: {args.groups} (0 = per channel)", "",
         "| method | bits | group | perplexity | KL (nats/token) | top-1 agreement | quantize s | evaluate s | notes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

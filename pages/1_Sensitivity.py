@@ -7,6 +7,7 @@ import streamlit as st
 
 from aptq import charts, ranking
 from aptq.allocate import comparable_errors
+from ui.experts import separate_experts
 from ui.session import current_analysis, page_header
 from ui.shell import presenting
 
@@ -38,7 +39,7 @@ if metric == "error":
     frame = layers.assign(error=layers["layer"].map(chosen))
     label = f"predicted error e(layer, {bits} bits), {hessian} Hessian" + (", in one unit" if comparable else "")
 
-st.plotly_chart(charts.sensitivity_heatmap(frame, metric, label), width="stretch")
+st.plotly_chart(charts.sensitivity_heatmap(frame, metric, label, separate_experts(frame)), width="stretch")
 st.caption("Log colour scale; hover a cell for the exact value. Values come from the cache: "
            f"{analysis.description}. Below: each block's share of the model's total (linear scale).")
 st.plotly_chart(charts.block_bars(frame, metric, label), width="stretch")

@@ -22,6 +22,7 @@ from aptq.allocate import (
     summarize,
 )
 from aptq.share import pins_from_text, pins_to_text
+from ui.experts import separate_experts
 from ui.plans import model_layer_table
 from ui.session import Analysis, current_analysis, model_source, page_header, save_current_plan
 from ui.shell import presenting
@@ -74,10 +75,10 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
 
 
 @st.cache_resource(max_entries=4)
-def sensitivity_figure(analysis_key: str, _layers: pd.DataFrame) -> go.Figure:
+def sensitivity_figure(analysis_key: str, _layers: pd.DataFrame, separate: bool) -> go.Figure:
     """Built once per analysis, not on every slider move: it does not depend on the plan."""
     return charts.sensitivity_heatmap(_layers, "score_attention",
-                                      "sensitivity (attention-aware trace per parameter), same layout")
+                                      "sensitivity (attention-aware trace per parameter), same layout", separate)
 
 
 def set_pins(pins: dict[str, int]) -> None:
@@ -129,14 +130,15 @@ def uniform_note(plan: Plan, summary: dict, available: list[int]) -> None:
             + " Other solvers mix widths to use the whole budget.")
 
 
-def pin_from_heatmap(plan: Plan, summary: dict, analysis: Analysis, available: list[int]) -> None:
+def pin_from_heatmap(plan: Plan, summary: dict, analysis: Analysis, available: list[int], separate: bool) -> None:
     frame = plan_frame(plan, analysis.layers)
     title = f"plan: {plan.request.method} at {plan.request.budget:.2f} bits"
     event = st.plotly_chart(charts.plan_heatmap(frame, title, selectable=True,
-                                                pinned=frozenset(st.session_state["pins"])),
+                                                pinned=frozenset(st.session_state["pins"]), separate_experts=separate),
                             width="stretch", on_select="rerun", selection_mode=("points", "box"), key="plan_map")
     cells = {(int(p["x"]), str(p["y"])) for p in event.selection.points}
-    chosen = [row.layer for row in frame.itertuples() if (row.block, row.kind) in cells]
+    rows = charts.heatmap_rows(frame, separate)  # a cell of aggregated experts selects all of them
+    chosen = [layer for layer, block, row in zip(frame["layer"], frame["block"], rows) if (block, row) in cells]
     left, mid, right = st.columns([2, 1, 1], vertical_alignment="bottom")
     left.write(f"**{len(chosen)} cell(s) selected.**" if chosen else "Click heatmap cells (shift-click adds) or use "
                "the box-select tool to pin them, or edit the table below. Pinned cells carry a black ring.")
@@ -198,9 +200,10 @@ if plan is not None:
     with view:
         headline(summary, whole, analysis)
         uniform_note(plan, summary, available)
-        pin_from_heatmap(plan, summary, analysis, available)
+        separate = separate_experts(analysis.layers)
+        pin_from_heatmap(plan, summary, analysis, available, separate)
         if not presenting():
-            st.plotly_chart(sensitivity_figure(analysis.key, analysis.layers), width="stretch")
+            st.plotly_chart(sensitivity_figure(analysis.key, analysis.layers, separate), width="stretch")
 
 st.subheader(f"Pins ({len(st.session_state['pins'])})")
 st.caption("Pins stay when the budget, the widths or the solver change, and when you visit other pages.")

@@ -15,6 +15,7 @@ from aptq.choices import ALLOCATORS as SOLVERS
 from aptq.export import plan_files
 from aptq.models import Architecture, LoadedModel
 from aptq.store import Store
+from ui.experts import separate_experts
 from ui.plans import PlanChoice, model_layer_table, plan_choices, plan_table
 from ui.session import (
     analysis_request,
@@ -127,10 +128,12 @@ def side_by_side(choices: dict[str, PlanChoice], arch: Architecture) -> None:
     picked = [cols[i].selectbox(f"Plan {'AB'[i]}", keys, index=min(i, len(keys) - 1), key=f"trade_plan_{i}",
                                 format_func=lambda k: choices[k].label) for i in range(2)]
     tables = [plan_table(arch, choices[k].bits) for k in picked]
+    separate = separate_experts(tables[0])
     for i, (key, table) in enumerate(zip(picked, tables)):
         covered = table[table["layer"].isin(set(choices[key].bits))]  # the blocks the plan decides, not FP16 filler
         scope = coverage.coverage_of(arch, choices[key].bits)
-        cols[i].plotly_chart(charts.plan_heatmap(covered, f"{choices[key].name} — {scope.label}"), width="stretch",
+        cols[i].plotly_chart(charts.plan_heatmap(covered, f"{choices[key].name} — {scope.label}",
+                                                 separate_experts=separate), width="stretch",
                              key=f"trade_map_{i}")
     rows = {choices[k].name: {name: choices[k].summary.get(name) for name in
                               ("avg_bits", "effective_bits", "size_mb", PREDICTED_ERROR_ATTENTION,

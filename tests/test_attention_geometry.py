@@ -16,14 +16,17 @@ of aptq.models' family table.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from aptq.capture import BlockWalk
 from aptq.errors import UserError
 from aptq.geometry import RotaryLayout, geometry_for, rotary_layout
-from aptq.hessian import CollectOptions, HessianCollector
+from aptq.hessian import CollectOptions, HessianCollector, recording_attention
 from aptq.models import Architecture, LinearLayer, Rows, architecture_of
 from tests.tiny_models import WINDOW, tiny_config
 
@@ -31,11 +34,15 @@ N_SEGMENTS, LENGTH = 2, 20  # longer than the sliding window of the tiny configs
 SCORES = "aptq_test_scores"
 ATTENTION_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo2",
                       "stablelm", "starcoder2", "granite", "cohere", "mixtral", "qwen3_moe", "opt", "gpt2", "mqa",
-                      "gemma2_tight_cap"]
-# Variants of a stock config: one KV head for all query heads (Falcon's layout, on a module the recorder sees); a
-# soft-cap small enough that the tiny model's scores (|s| < 0.1) reach its curved part (at 50 its slope is 1 − 1e-6).
+                      "gemma2_tight_cap", "falcon", "falcon_gqa", "falcon_mha"]
+# Variants of a stock config: one KV head for all query heads; a soft-cap small enough that the tiny model's scores
+# (|s| < 0.1) reach its curved part (at 50 its slope is 1 − 1e-6); Falcon's other two fused layouts besides the stock
+# multi-query one: the new decoder architecture (GQA, per-KV-head [q heads | k | v]) and per-head [q | k | v] (MHA).
 VARIANTS = {"mqa": ("llama", dict(num_key_value_heads=1)),
-            "gemma2_tight_cap": ("gemma2", dict(attn_logit_softcapping=0.05))}
+            "gemma2_tight_cap": ("gemma2", dict(attn_logit_softcapping=0.05)),
+            "falcon_gqa": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
+            "falcon_mha": ("falcon", dict(multi_query=False))}
+INLINE_ATTENTION = {"falcon"}  # families computing attention inline: the probe reads the softmax's input
 assert WINDOW < LENGTH
 
 
@@ -60,7 +67,7 @@ def build(family: str, **overrides) -> torch.nn.Module:
 def local_architecture(model: torch.nn.Module) -> Architecture:
     """q/k/v/o of each block for modules named like Llama's (Phi-3's fused qkv_proj as row slices [q | k | v])."""
     config = model.config
-    if config.model_type in ("opt", "gpt2"):
+    if config.model_type in ("opt", "gpt2", "falcon"):
         return architecture_of(config)
     attention = model.model.layers[0].self_attn
     n_heads = config.num_attention_heads
@@ -114,6 +121,20 @@ def _scoring_attention(module, query, key, value, attention_mask, scaling=None, 
 AttentionInterface.register(SCORES, _scoring_attention)
 
 
+class SoftmaxInput(TorchFunctionMode):
+    """Hands the input of every softmax to `found(scores)`: for an attention computed inline (Falcon) that input is
+    the scaled scores plus the mask (0 on visible pairs, so its derivative is the scores')."""
+
+    def __init__(self, found) -> None:
+        super().__init__()
+        self.found = found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.softmax:
+            self.found(args[0])
+        return func(*args, **(kwargs or {}))
+
+
 class AttentionProbe:
     """One block's attention module called on one segment with the block's real arguments, a perturbation δ added to
     one projection's output, returning the scores and the heads' outputs (the out projection's input)."""
@@ -145,9 +166,8 @@ class AttentionProbe:
         found = {}
 
         def add(module, args, output):
-            rows = layer.rows or Rows(0, output.shape[-1])
-            start, end = rows.start, rows.start + len(rows)  # contiguous slices only in these tests
-            return torch.cat([output[..., :start], output[..., start:end] + delta, output[..., end:]], -1)
+            rows = layer.rows or Rows(0, output.shape[-1])  # interleaved rows too (Falcon's fused layouts)
+            return output.index_add(-1, rows.index(output.device), delta.reshape(*output.shape[:-1], -1))
 
         projection = self.attention.get_submodule(layer.module_path.split(f"{self.arch.attention_attr}.")[-1])
         out = self.attention.get_submodule(self.layers["o"].module_path.split(f"{self.arch.attention_attr}.")[-1])
@@ -161,7 +181,11 @@ class AttentionProbe:
                    for k, v in self.kwargs.items()}
             args = [a[segment:segment + 1] if isinstance(a, torch.Tensor) and a.shape[0] == N_SEGMENTS else a
                     for a in self.args]
-            self.attention(*args, **one)
+            if self.arch.family in INLINE_ATTENTION:  # the module's own inline forward, untouched
+                with SoftmaxInput(lambda scores: found.update(scores=scores)):
+                    self.attention(*args, **one)
+            else:
+                self.attention(*args, **one)
         finally:
             config._attn_implementation = previous
             for handle in handles:
@@ -335,18 +359,33 @@ def test_a_query_path_the_geometry_does_not_know_is_refused(family, overrides, m
         collect(model, local_architecture(model), segments())
 
 
-def test_an_attention_the_recorder_cannot_see_is_refused():
-    """Falcon computes its eager attention inline: no probabilities are recorded, so the collector says so."""
-    model = build("falcon")
-    attention = model.transformer.h[0].self_attention
-    d = attention.head_dim
-    layers = (LinearLayer("qkv.q", 0, "q", "transformer.h.0.self_attention.query_key_value", rows=Rows(0, 4 * d)),
-              LinearLayer("qkv.k", 0, "k", "transformer.h.0.self_attention.query_key_value", rows=Rows(4 * d, d)),
-              LinearLayer("qkv.v", 0, "v", "transformer.h.0.self_attention.query_key_value", rows=Rows(5 * d, d)),
-              LinearLayer("dense", 0, "o", "transformer.h.0.self_attention.dense"))
-    arch = Architecture("falcon", 2, 64, 4, 1, d, True, "transformer.h", "self_attention", None, layers)
+def test_falcon_with_alibi_is_layer_wise_and_its_attention_is_not_recorded():
+    """With ALiBi transformers' eager and SDPA Falcon disagree (eager adds the bias twice): the adapter takes such a
+    model off the attention-aware path, and the collector, made to try, refuses instead of recording nothing."""
+    model = build("falcon", alibi=True)
+    arch = architecture_of(model.config)
+    assert not arch.attention_aware and "ALiBi" in arch.attention_unavailable_reason
     with pytest.raises(UserError, match="probabilities cannot be recorded"):
-        collect(model, arch, segments())
+        collect(model, replace(arch, attention_aware=True), segments())
+
+
+@pytest.mark.parametrize("family", ["falcon", "falcon_gqa", "falcon_mha"])
+def test_recorded_falcon_attention_is_the_modules_own(family):
+    """While recorded, Falcon's attention (routed through the attention interface) gives its inline forward's output
+    and probabilities in each fused layout, with one key per KV head; afterwards the module has its own forward."""
+    model = build(family)
+    attention = model.transformer.h[0].self_attention
+    seen, calls = {}, []
+    attention.register_forward_pre_hook(lambda m, a, k: seen.update(call=(a, k)), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=segments(), use_cache=False)
+        own = attention(*seen["call"][0], **seen["call"][1])
+        with recording_attention(attention, calls.append):
+            recorded = attention(*seen["call"][0], **seen["call"][1])
+    for mine, theirs in zip(recorded, own):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1 and calls[0].key.shape[1] == local_architecture(model).n_kv_heads
+    assert "forward" not in vars(attention)
 
 
 def test_full_attention_block_after_a_sliding_one_gets_its_own_mask():
