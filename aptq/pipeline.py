@@ -24,6 +24,7 @@ settings, evaluation and PIPELINE_VERSION, so the same plan is never quantized t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import warnings
@@ -348,7 +349,7 @@ def _reference(loaded: LoadedModel, windows: torch.Tensor, eval_fp: str, model_f
             path.unlink()  # torn by a crash: recompute
     stats = reference_stats(loaded.model, windows, progress=progress, device=loaded.device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+    partial = path.with_suffix(f".{os.getpid()}.partial")  # one per process: concurrent writers
     torch.save(asdict(stats), partial)
     partial.replace(path)
     return stats
@@ -370,69 +371,76 @@ def _stage(progress: Progress, stage: str) -> Progress:
     return lambda done, total, message: progress(done, total, f"{stage}: {message}")
 
 
-def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict[str, int],
-             settings: QuantizeSettings = QuantizeSettings(), evaluation: EvalSettings = EvalSettings(),
-             store: Store | None = None, progress: Progress = no_progress, plan_meta: dict | None = None,
-             export_dir: Path | str | None = None, overwrite: bool = False, rtn_memo: dict | None = None,
-             export_formats: tuple[str, ...] = ()) -> dict:
-    """Quantize with `plan`, evaluate against full precision, store and return the run row (`cached` True when the
-    same run was stored before and no model work was done). `plan_meta` may carry name, allocation, budget,
-    analysis, predicted_error_attention and predicted_error_layerwise. With `export_dir`, the quantized model and its
-    plan files are written there (refused if it exists, unless `overwrite`), and each of `export_formats` (aptq.export)
-    beside them, after the evaluation. `rtn_memo`: see `quantize_model`. The layers `plan` names are its coverage
-    (aptq.coverage), stored with the run."""
-    decided = dict(plan)
-    plan = check_plan(loaded.arch, plan, settings)
-    from aptq import history
-    from aptq.store import Store
+@dataclass(frozen=True)
+class RunIdentity:
+    """A checked plan and the fingerprints a run is measured from; `key` names the run in the store."""
 
-    store = store or Store()
-    packed = PackedPlan(loaded.arch, plan, settings.group_size, settings.symmetric)
-    if export_formats and not export_dir:
-        raise UserError("An export format needs an export directory (--export DIR).")
-    export_dir = validate.export_target(export_dir, overwrite, keep=(loaded.path, store.path)) if export_dir else None
-    if export_dir is not None:
-        check_formats(loaded.model, packed, tuple(export_formats))
+    decided: dict[str, int]  # the layers the plan names (its coverage)
+    plan: dict[str, int]  # complete: every layer, 16 = kept
+    model: str
+    tokenizer: str
+    calibration: str | None  # None for RTN (no calibration data)
+    evaluation: str
+    key: str
+
+
+def identify_run(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict[str, int],
+                 settings: QuantizeSettings, evaluation: EvalSettings) -> RunIdentity:
+    """The plan checked against the model and the run's key; one clear error on bad input, before any work."""
+    complete = check_plan(loaded.arch, plan, settings)
     check_window(loaded.model, evaluation.seqlen)
     if settings.method != "rtn":
         validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment")
-    meta = dict(plan_meta or {})
     model_fp = model_fingerprint(loaded.path)
     tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
     calibration_fp = None if settings.method == "rtn" else sampling.fingerprint(corpus, tokenizer_fp)
     eval_fp = digest(corpus.fingerprint, tokenizer_fp, str(evaluation.seqlen), str(evaluation.max_tokens))
-    key = run_key(model_fp, calibration_fp, plan, settings, eval_fp)
-    stored = history.find_run(store, key)
-    if stored is not None and meta.get("predicted_error_attention") is not None:
-        stored = history.set_prediction(store, key, meta)  # the same plan predicted again (e.g. a newer analysis)
-    if stored is not None and export_dir is None:
-        progress(1, 1, "cached")
-        return stored | {"cached": True}
+    return RunIdentity(dict(plan), complete, model_fp, tokenizer_fp, calibration_fp, eval_fp,
+                       run_key(model_fp, calibration_fp, complete, settings, eval_fp))
 
+
+def reference_for(loaded: LoadedModel, corpus: Corpus, evaluation: EvalSettings, identity: RunIdentity,
+                  progress: Progress = no_progress) -> tuple[torch.Tensor, ReferenceStats]:
+    """The evaluation windows and the full-precision statistics on them (cached on disk)."""
     windows = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), evaluation.seqlen,
                                  evaluation.max_tokens)
-    reference = _reference(loaded, windows, eval_fp, model_fp, _stage(progress, "reference"))
-    segments = None if calibration_fp is None else calibration_segments(
+    return windows, _reference(loaded, windows, identity.evaluation, identity.model, progress)
+
+
+def _quantize_run(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, identity: RunIdentity,
+                  settings: QuantizeSettings, progress: Progress, rtn_memo: dict | None
+                  ) -> tuple[QuantizedWeights, list[str], float]:
+    segments = None if identity.calibration is None else calibration_segments(
         token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
     start = time.perf_counter()
+    quantized, notes = quantize_model(loaded, identity.plan, settings, segments, identity.key,
+                                      _stage(progress, "quantizing"), rtn_memo)
+    return quantized, notes, time.perf_counter() - start
+
+
+def measure_run(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, identity: RunIdentity,
+                settings: QuantizeSettings = QuantizeSettings(), evaluation: EvalSettings = EvalSettings(),
+                progress: Progress = no_progress, plan_meta: dict | None = None, rtn_memo: dict | None = None
+                ) -> tuple[dict, QuantizedWeights]:
+    """Quantize and evaluate without touching the store: the run row (as `run_plan` stores it) and the quantized
+    weights (in the run directory, which the caller removes once the row is stored). A Ray sweep's workers call this;
+    only the driver writes the store (aptq.ray_sweep)."""
+    from aptq import history
+
+    meta = dict(plan_meta or {})
+    plan, model_fp = identity.plan, identity.model
+    windows, reference = reference_for(loaded, corpus, evaluation, identity, _stage(progress, "reference"))
+    quantized, notes, quant_seconds = _quantize_run(loaded, corpus, sampling, identity, settings, progress, rtn_memo)
     device = settings.device or str(loaded.device)
-    quantized, notes = quantize_model(loaded, plan, settings, segments, key, _stage(progress, "quantizing"), rtn_memo)
-    quant_seconds = time.perf_counter() - start
-    if stored is not None:  # export only: the metrics were stored before
-        with quantized.applied(loaded.model) as model:
-            _export(loaded, model, packed, settings, meta, stored, export_dir, overwrite, tuple(export_formats))
-        _Checkpoints(key).remove()
-        progress(1, 1, "exported; metrics were already stored")
-        return stored | {"cached": True, "export_dir": str(export_dir)}
     result = evaluate(loaded.model, windows, reference=reference, progress=_stage(progress, "evaluating"),
                       device=device, weights=quantized)
     completions = teaching.side_by_side(loaded.model, lambda: quantized.applied(loaded.model), loaded.tokenizer,
                                         teaching.corpus_prompts(corpus, evaluation.prompts))
     table = layer_table(loaded)
     size = weight_size(table, np.array([plan[layer.name] for layer in loaded.arch.layers]), settings.group_size)
-    size |= coverage.run_fields(loaded.arch, table, decided, settings.group_size)
-    row = {"key": key, "model": model_fp, "model_name": loaded.display_name, "corpus": corpus.name,
-           "eval_seqlen": evaluation.seqlen, "eval_tokens": result.tokens, "calibration": calibration_fp,
+    size |= coverage.run_fields(loaded.arch, table, identity.decided, settings.group_size)
+    row = {"key": identity.key, "model": model_fp, "model_name": loaded.display_name, "corpus": corpus.name,
+           "eval_seqlen": evaluation.seqlen, "eval_tokens": result.tokens, "calibration": identity.calibration,
            "method": settings.method, "group_size": settings.group_size,
            "settings": json.dumps(settings.key_fields() | {"samples": sampling.n_samples, "seqlen": sampling.seqlen,
                                                            "seed": sampling.seed}),
@@ -445,12 +453,68 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
            "fp_perplexity": float(np.exp(reference.mean_nll)), "quant_seconds": quant_seconds,
            "eval_seconds": result.seconds, "device": device, "notes": " ".join(notes) or None,
            "completions": json.dumps([asdict(c) for c in completions]) if completions else None}
+    return row, quantized
+
+
+def stored_run(store: Store, identity: RunIdentity, plan_meta: dict) -> dict | None:
+    """The run stored before under the identity's key, given the prediction in `plan_meta` (the same plan predicted
+    again, e.g. by a newer analysis), or None."""
+    from aptq import history
+
+    stored = history.find_run(store, identity.key)
+    if stored is not None and plan_meta.get("predicted_error_attention") is not None:
+        stored = history.set_prediction(store, identity.key, plan_meta)
+    return stored
+
+
+def remove_checkpoints(key: str) -> None:
+    """The run directory of a stored run (its finished blocks are no longer needed)."""
+    _Checkpoints(key).remove()
+
+
+def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict[str, int],
+             settings: QuantizeSettings = QuantizeSettings(), evaluation: EvalSettings = EvalSettings(),
+             store: Store | None = None, progress: Progress = no_progress, plan_meta: dict | None = None,
+             export_dir: Path | str | None = None, overwrite: bool = False, rtn_memo: dict | None = None,
+             export_formats: tuple[str, ...] = ()) -> dict:
+    """Quantize with `plan`, evaluate against full precision, store and return the run row (`cached` True when the
+    same run was stored before and no model work was done). `plan_meta` may carry name, allocation, budget,
+    analysis, predicted_error_attention and predicted_error_layerwise. With `export_dir`, the quantized model and its
+    plan files are written there (refused if it exists, unless `overwrite`), and each of `export_formats` (aptq.export)
+    beside them, after the evaluation. `rtn_memo`: see `quantize_model`. The layers `plan` names are its coverage
+    (aptq.coverage), stored with the run."""
+    identity = identify_run(loaded, corpus, sampling, plan, settings, evaluation)
+    from aptq import history
+    from aptq.store import Store
+
+    store = store or Store()
+    packed = PackedPlan(loaded.arch, identity.plan, settings.group_size, settings.symmetric)
+    if export_formats and not export_dir:
+        raise UserError("An export format needs an export directory (--export DIR).")
+    export_dir = validate.export_target(export_dir, overwrite, keep=(loaded.path, store.path)) if export_dir else None
+    if export_dir is not None:
+        check_formats(loaded.model, packed, tuple(export_formats))
+    meta = dict(plan_meta or {})
+    key = identity.key
+    stored = stored_run(store, identity, meta)
+    if stored is not None and export_dir is None:
+        progress(1, 1, "cached")
+        return stored | {"cached": True}
+
+    if stored is not None:  # export only: the metrics were stored before
+        quantized, _, _ = _quantize_run(loaded, corpus, sampling, identity, settings, progress, rtn_memo)
+        with quantized.applied(loaded.model) as model:
+            _export(loaded, model, packed, settings, meta, stored, export_dir, overwrite, tuple(export_formats))
+        remove_checkpoints(key)
+        progress(1, 1, "exported; metrics were already stored")
+        return stored | {"cached": True, "export_dir": str(export_dir)}
+    row, quantized = measure_run(loaded, corpus, sampling, identity, settings, evaluation, progress, meta, rtn_memo)
     history.record_run(store, row)
     stored = history.find_run(store, key)
     if export_dir is not None:
         with quantized.applied(loaded.model) as model:
             _export(loaded, model, packed, settings, meta, stored, export_dir, overwrite, tuple(export_formats))
-    _Checkpoints(key).remove()
+    remove_checkpoints(key)
     return stored | {"cached": False} | ({"export_dir": str(export_dir)} if export_dir else {})
 
 
