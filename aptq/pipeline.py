@@ -378,7 +378,6 @@ class RunIdentity:
     decided: dict[str, int]  # the layers the plan names (its coverage)
     plan: dict[str, int]  # complete: every layer, 16 = kept
     model: str
-    tokenizer: str
     calibration: str | None  # None for RTN (no calibration data)
     evaluation: str
     key: str
@@ -395,7 +394,7 @@ def identify_run(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: 
     tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
     calibration_fp = None if settings.method == "rtn" else sampling.fingerprint(corpus, tokenizer_fp)
     eval_fp = digest(corpus.fingerprint, tokenizer_fp, str(evaluation.seqlen), str(evaluation.max_tokens))
-    return RunIdentity(dict(plan), complete, model_fp, tokenizer_fp, calibration_fp, eval_fp,
+    return RunIdentity(dict(plan), complete, model_fp, calibration_fp, eval_fp,
                        run_key(model_fp, calibration_fp, complete, settings, eval_fp))
 
 

@@ -128,6 +128,7 @@ def _loaded(job: SweepJob) -> tuple[LoadedModel, dict]:
 
 def measure_task(job: SweepJob, key: str) -> dict:
     """One run in a Ray worker: quantized and evaluated, its row returned to the driver (the store is not opened)."""
+    # This worker process's pipeline keeps its run and reference files where the driver's does.
     pipeline.RUN_CACHE, pipeline.REFERENCE_CACHE = job.run_cache, job.reference_cache
     loaded, rtn_memo = _loaded(job)
     point_plan = job.plans[key]
@@ -147,12 +148,11 @@ def measure_task(job: SweepJob, key: str) -> dict:
 
 def failure_message(exc: Exception) -> str:
     """One line: the run's own error when it raised one, else what Ray says happened to its worker."""
-    cause = getattr(exc, "cause", None)
+    cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the run's own exception
     if isinstance(cause, UserError):
         return str(cause)
-    if cause is not None:
-        return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0] if text else '(no message)'}"
 
 
 @dataclass
@@ -193,7 +193,8 @@ def run_sweep_on_ray(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, la
     tally = _Tally(progress, len(first), done=len(stored))
     failures: dict[str, str] = {}
     if todo:
-        reference_for(loaded, corpus, evaluation, identities[first[next(iter(todo))]])  # computed once, here
+        reference_for(loaded, corpus, evaluation, identities[first[next(iter(todo))]],  # computed once, here
+                      lambda done, total, message: progress(tally.done, tally.total, f"reference: {message}"))
         with connected(options) as ray:
             _dispatch(ray, loaded, corpus, sampling, settings, evaluation, todo, options, store, stored, failures,
                       tally)

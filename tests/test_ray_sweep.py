@@ -7,10 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +27,8 @@ from aptq.sweep import run_sweep, sweep_points
 
 ray = pytest.importorskip("ray")
 from aptq.ray_sweep import RayOptions, run_sweep_on_ray  # noqa: E402 (only once ray is known to be there)
+from tests.ray_nodes import QUIET, alive_nodes, started_nodes  # noqa: E402
+from tests.test_app_pages import analyzed, at, button, no_problems, texts  # noqa: E402, F401 (the page's fixtures)
 
 SAMPLING = Sampling(6, 32, seed=0)
 SETTINGS = QuantizeSettings("rtn", 32)
@@ -39,7 +37,6 @@ CANDIDATES = (2, 3, 4)
 # 6 points, 5 distinct plans: uniform at 3 and 3.5 bits is one 3-bit plan, quantized once
 POINTS = sweep_points(["uniform", "knapsack"], [2.5, 3.0, 3.5], seeds=(0,))
 TIMES = ["created", "quant_seconds", "eval_seconds"]  # what may differ between two measurements of one run
-RAY_QUIET = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
 
 
 @dataclass(frozen=True)
@@ -101,7 +98,7 @@ def assert_as_sequential(table: pd.DataFrame, store: Store, inputs: Inputs, sequ
 
 @pytest.fixture(scope="module")
 def local_cluster(inputs):
-    ray.init(address="local", num_cpus=2, **RAY_QUIET)
+    ray.init(address="local", num_cpus=2, **QUIET)
     yield
     ray.shutdown()
 
@@ -121,6 +118,8 @@ def kill_a_running_task(killed: list[str]):
     sweep task and kills it with SIGKILL (as the OOM killer or a lost node would)."""
 
     def report(done: int, total: int, message: str) -> None:
+        if "on Ray" not in message:  # not yet dispatched
+            return
         deadline = time.monotonic() + 60
         while not killed and time.monotonic() < deadline:
             for process in psutil.Process().children(recursive=True):
@@ -178,57 +177,25 @@ def test_cli_sweep_on_ray_and_its_arguments(local_cluster, inputs, tiny_model_di
     assert sorted(runs["budget"]) == [2.0, 3.0] and set(runs["method"]) == {"rtn"}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A head and a worker node started by `ray start` (last: it ends the module's local cluster first)
+def test_trade_offs_page_measures_a_sweep_on_ray(local_cluster, at):  # noqa: F811 (the page fixture `at`)
+    """The page's choice: Run on Ray with an empty address uses the Ray this process is connected to."""
+    at.switch_page("pages/4_Trade_offs.py").run()
+    at.text_input(key="sweep_budgets").set_value("3,4")
+    at.checkbox(key="sweep_on_ray").check().run()
+    button(at, "Measure the sweep").click().run()
+    deadline = time.monotonic() + 120
+    while "points measured" not in texts(at.success) and time.monotonic() < deadline:
+        time.sleep(1)
+        at.run()
+    no_problems(at)
+    assert "sweep of 4 plans on Ray: 4 points measured or found stored" in texts(at.success)
+    runs = stored_runs(Store(os.environ["APTQ_STORE"]))
+    assert sorted(runs["budget"]) == [3.0, 4.0, 4.0] and set(runs["method"]) == {"rtn"}  # uniform 3 and 4, knapsack 3
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def started_cluster():
-    """`ray start --block` for a head and a worker node (1 CPU each); ended by SIGTERM, which makes each `ray start`
-    stop the processes it started; any left are killed by their ids."""
-    ray.shutdown()  # the module's local cluster
-    port = free_port()
-    ray_command = str(Path(sys.executable).parent / "ray")
-    temp_dir = tempfile.mkdtemp(prefix="aptq-ray-")  # short: Ray's socket paths inside must stay under 108 bytes
-    common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    nodes = [subprocess.Popen([ray_command, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                               f"--temp-dir={temp_dir}", *common], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)]
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                ray.init(address=address, **RAY_QUIET)
-                break
-            except (ConnectionError, RuntimeError):
-                assert time.monotonic() < deadline, "the head node did not start"
-                time.sleep(1)
-        nodes.append(subprocess.Popen([ray_command, "start", f"--address={address}", *common],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        while len([node for node in ray.nodes() if node["Alive"]]) < 2:
-            assert time.monotonic() < deadline, "the worker node did not join"
-            time.sleep(0.5)
-        yield address
-    finally:
-        ray.shutdown()
-        descendants = [child for node in nodes for child in psutil.Process(node.pid).children(recursive=True)]
-        for node in reversed(nodes):
-            node.send_signal(signal.SIGTERM)
-            node.wait(60)
-        for process in psutil.wait_procs(descendants, timeout=30)[1]:
-            os.kill(process.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def test_sweep_on_a_head_and_a_worker_started_by_ray_start(inputs, sequential, started_cluster, tmp_path):
-    assert len([node for node in ray.nodes() if node["Alive"]]) == 2
-    store = inputs.fresh_store(tmp_path)
-    table = run_sweep_on_ray(*inputs.sweep_args(), store, options=RayOptions(address=started_cluster))
+def test_sweep_on_a_head_and_a_worker_started_by_ray_start(inputs, sequential, tmp_path):
+    with started_nodes((1, 1)) as address:  # ends the module's local cluster first: this test comes last
+        store = inputs.fresh_store(tmp_path)
+        table = run_sweep_on_ray(*inputs.sweep_args(), store, options=RayOptions(address=address))
+        assert alive_nodes() == 2
     assert_as_sequential(table, store, inputs, sequential)
