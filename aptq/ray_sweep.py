@@ -251,5 +251,5 @@ def _dispatch(ray, loaded: LoadedModel, corpus: Corpus, sampling: Sampling, sett
                 tally.done += 1
             tally.report(len(pending))
     finally:
-        for ref in pending:  # left only when interrupted: Ctrl-C or Cancel
+        for ref in pending if ray.is_initialized() else ():  # left only when interrupted: Ctrl-C or Cancel
             ray.cancel(ref, force=True)

@@ -41,7 +41,7 @@ from tests.ray_nodes import QUIET, started_nodes
 RESULTS = Path(__file__).parent / "results" / "ray_sweep.md"
 WORK = Path("/tmp/aptq-ray-bench")
 SAMPLING = Sampling(8, 256, 0)
-CANDIDATES = (2, 3, 4, 8)
+CANDIDATES = (3, 4)  # two widths: each worker rounds every layer once per width (its own RTN memo)
 GROUP = 64
 TIMES = ["created", "quant_seconds", "eval_seconds"]
 
@@ -90,9 +90,10 @@ def report(args: argparse.Namespace, loaded, layers, model_fp: str) -> None:
              f"{args.methods} --budgets {args.budgets} --tokens {args.tokens}`), each stage under `flock "
              "/tmp/heavy.lock`",
              f"- {loaded.display_name}; analysis {layers.attrs['analysis_key']} (Brown, {SAMPLING.n_samples} × "
-             f"{SAMPLING.seqlen} calibration tokens: only the plans come from it), {len(baseline)} RTN plans (group "
-             f"{GROUP}), each evaluated on the first {args.tokens} Brown evaluation tokens in windows of 512; the "
-             f"reference was computed before the clocks started; each sweep starts from an empty run directory",
+             f"{SAMPLING.seqlen} calibration tokens: only the plans come from it), {len(baseline)} RTN plans (widths "
+             f"{' and '.join(map(str, CANDIDATES))}, group {GROUP}), each evaluated on the first {args.tokens} "
+             "Brown evaluation tokens in windows of 512; the reference was computed before the clocks started; each "
+             "sweep starts from an empty run directory",
              "", "## Wall time", "",
              "| how | cluster start (s) | sweep (s) | load average (1, 5, 15 min) before → after | stored rows |",
              "|---|---|---|---|---|"]
@@ -116,8 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["analysis", *MODES, "report"], required=True)
     parser.add_argument("--methods", default="knapsack,knapsack-layerwise")
-    parser.add_argument("--budgets", default="2.5,3,3.5")
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--budgets", default="3.25,3.5,3.75")
+    parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 

@@ -41,6 +41,7 @@ def sweep_section(loaded: LoadedModel, corpus: Corpus) -> None:
                                      help="start:stop:step or a comma list")
     method = cols[2].selectbox("Quantizer", QUANTIZERS, index=QUANTIZERS.index("rtn"), format_func=METHOD_LABELS.get,
                                key="sweep_quantizer")
+    tokens = cols[2].number_input("Evaluation tokens", min_value=16, value=16384, step=512, key="sweep_tokens")
     ray_cols = st.columns([1, 2])
     on_ray = ray_cols[0].checkbox("Run on Ray", key="sweep_on_ray",
                                   help="each plan a Ray task (1 CPU each); this process alone writes the store")
@@ -48,7 +49,7 @@ def sweep_section(loaded: LoadedModel, corpus: Corpus) -> None:
                                      placeholder="host:port, auto or local; empty: $RAY_ADDRESS, a `ray start` "
                                                  "here, else a new local Ray")
     settings = QuantizeSettings(method=method, group_size=request.group_size)
-    evaluation = EvalSettings(seqlen=min(512, loaded.max_length), max_tokens=16384)
+    evaluation = EvalSettings(seqlen=min(512, loaded.max_length), max_tokens=int(tokens))
 
     def start() -> None:
         budgets: list[float] = []
