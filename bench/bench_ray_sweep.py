@@ -98,6 +98,9 @@ def report(args: argparse.Namespace, loaded, layers, model_fp: str) -> None:
              "| how | cluster start (s) | sweep (s) | load average (1, 5, 15 min) before → after | stored rows |",
              "|---|---|---|---|---|"]
     for mode, name in MODES.items():
+        if not (WORK / f"{mode}.json").is_file():
+            lines.append(f"| {name} | not measured: the session ended first | | | |")
+            continue
         timing = json.loads((WORK / f"{mode}.json").read_text())
         same = stored(Store(WORK / f"{mode}.duckdb"), model_fp)
         verdict = "identical to the sequential sweep" if same.equals(baseline) else "DIFFERENT"
