@@ -391,10 +391,44 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
                         help="seeds of the random allocation (default: 0,1,2)")
     parser.add_argument("--quantizer", choices=list(QUANTIZERS), default="gptq",
                         help="how each plan is quantized (default: %(default)s)")
+    ray = parser.add_argument_group("Ray", "run the plans in parallel as Ray tasks (needs the ray package); only "
+                                           "this process writes the store")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="a Ray cluster's address (host:port, auto, local); without one: $RAY_ADDRESS, else the "
+                          "cluster `ray start` started on this machine, else a new local one")
+    ray.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs each run asks for (default: %(default)s)")
+    ray.add_argument("--ray-gpus", type=float, default=None,
+                     help="GPUs each run asks for (default: 1 when this machine has CUDA, else 0)")
+    ray.add_argument("--ray-memory", type=float, default=None,
+                     help="memory each run asks for, in GiB (default: three times the model's float32 weights)")
+    ray.add_argument("--ray-retries", type=int, default=3,
+                     help="retries of a run whose worker died (default: %(default)s)")
     parser.set_defaults(handler=run_sweep_command)
 
 
-def run_sweep_command(args: argparse.Namespace) -> None:
+def ray_options(args: argparse.Namespace):
+    """The Ray options the arguments ask for (checked before anything is loaded), or None without --ray."""
+    if args.ray is None:
+        return None
+    if not args.ray_cpus > 0:
+        raise UserError(f"--ray-cpus must be positive, got {args.ray_cpus}.")
+    if args.ray_gpus is not None and not args.ray_gpus >= 0:
+        raise UserError(f"--ray-gpus must be 0 or more, got {args.ray_gpus}.")
+    if args.ray_memory is not None and not args.ray_memory > 0:
+        raise UserError(f"--ray-memory must be positive (GiB), got {args.ray_memory}.")
+    validate.at_least(args.ray_retries, 0, "--ray-retries")
+    from aptq.ray_sweep import GIB, RayOptions, import_ray
+
+    import_ray()  # missing: one sentence now, not after the analysis
+    if args.ray_gpus is None:
+        import torch
+
+        args.ray_gpus = 1.0 if torch.cuda.is_available() else 0.0
+    return RayOptions(args.ray or None, args.ray_cpus, args.ray_gpus,
+                      None if args.ray_memory is None else int(args.ray_memory * GIB), args.ray_retries)
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
     allocations = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in allocations if m not in ALLOCATORS]
     if unknown or not allocations:
@@ -409,12 +443,13 @@ def run_sweep_command(args: argparse.Namespace) -> None:
             raise UserError("--seeds is empty; the random allocation needs at least one seed.")
         for seed in args.seeds:
             validate.seed(seed, "Each of --seeds")
+    ray = ray_options(args)
 
     from aptq.allocate import PREDICTED_ERROR_ATTENTION
     from aptq.data import load_corpus
     from aptq.models import load_model
     from aptq.store import Store
-    from aptq.sweep import run_sweep, sweep_points
+    from aptq.sweep import SweepPoint, run_sweep, sweep_points
 
     points = sweep_points(allocations, budgets, args.seeds)
     loaded = load_model(args.model, device=args.device)
@@ -423,15 +458,26 @@ def run_sweep_command(args: argparse.Namespace) -> None:
     work_starts()
     layers, errors = analysis_for(args, loaded, corpus, sampling, bits=candidates)
     settings, evaluation = quantize_settings(args, loaded, args.quantizer)
-    bar = LazyBar("sweep")
+    bar = LazyBar("sweep" if ray is None else "sweep on Ray")
     try:
-        table = run_sweep(loaded, corpus, sampling, layers, errors, points, candidates, settings, evaluation,
-                          Store(args.store), bar)
+        if ray is None:
+            table = run_sweep(loaded, corpus, sampling, layers, errors, points, candidates, settings, evaluation,
+                              Store(args.store), bar)
+        else:
+            from aptq.ray_sweep import run_sweep_on_ray
+
+            table = run_sweep_on_ray(loaded, corpus, sampling, layers, errors, points, candidates, settings,
+                                     evaluation, Store(args.store), bar, ray)
     finally:
         bar.close()
     columns = [c for c in ("allocation", "budget", "seed", "avg_bits", "effective_bits", "perplexity", "kl", "top1",
-                           PREDICTED_ERROR_ATTENTION, "quant_seconds", "cached", "skipped") if c in table]
+                           PREDICTED_ERROR_ATTENTION, "quant_seconds", "cached", "skipped", "failed") if c in table]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    failed = table[table["failed"].notna()] if "failed" in table else table.iloc[:0]
+    for row in failed.itertuples():
+        point = SweepPoint(row.allocation, row.budget, row.seed)
+        print(f"error: the run of plan {point.name!r} (saved in the store) failed: {row.failed}", file=sys.stderr)
+    return 1 if len(failed) else 0
 
 
 class Parser(argparse.ArgumentParser):
@@ -455,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGINT, _leave_at_once)
     try:
         args = build_parser().parse_args(argv)
-        args.handler(args)
+        status = args.handler(args)  # None, or 1 when some of the work failed (a sweep's runs)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -468,4 +514,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
-    return 0
+    return status or 0

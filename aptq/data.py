@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def token_ids(tokenizer, corpus: Corpus, split: str) -> torch.Tensor:
         ids.extend(tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"])
     tensor = torch.tensor(ids, dtype=torch.long)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_suffix(".partial")
+    partial = cache.with_suffix(f".{os.getpid()}.partial")  # one per process: concurrent writers
     torch.save(tensor, partial)
     partial.replace(cache)
     return tensor

@@ -26,6 +26,7 @@ settings, evaluation and PIPELINE_VERSION, so the same plan is never quantized t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import warnings
@@ -375,7 +376,7 @@ def _reference(loaded: LoadedModel, windows: torch.Tensor, eval_fp: str, model_f
             path.unlink()  # torn by a crash: recompute
     stats = reference_stats(loaded.model, windows, progress=progress, device=loaded.device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+    partial = path.with_suffix(f".{os.getpid()}.partial")  # one per process: concurrent writers
     torch.save(asdict(stats), partial)
     partial.replace(path)
     return stats
@@ -398,17 +399,16 @@ def _stage(progress: Progress, stage: str) -> Progress:
 
 
 @dataclass(frozen=True)
-class _RunTarget:
-    """A checked request and what identifies its run, known before any model work."""
+class RunIdentity:
+    """A checked plan and the fingerprints a run is measured from, known before any model work; `key` names the run
+    in the store."""
 
-    plan: dict[str, int]  # complete: every layer, 16 where the request names none
     decided: dict[str, int]  # the layers the request names (its coverage)
-    packed: PackedPlan
-    model_fp: str
-    calibration_fp: str | None  # None for RTN: no calibration data
-    eval_fp: str
+    plan: dict[str, int]  # complete: every layer, 16 where the request names none
+    model: str
+    calibration: str | None  # None for RTN: no calibration data
+    evaluation: str
     key: str
-    export_dir: Path | None  # checked, not yet written
 
 
 @dataclass(frozen=True)
@@ -446,42 +446,35 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
 
     store = store or Store()
     meta = dict(plan_meta or {})
-    target = _identify(loaded, corpus, sampling, plan, settings, evaluation, store.path, export_dir, overwrite,
-                       tuple(export_formats))
-    stored = _look_up(store, target.key, meta)
-    if stored is not None and target.export_dir is None:
+    identity = identify_run(loaded, corpus, sampling, plan, settings, evaluation)
+    packed = PackedPlan(loaded.arch, identity.plan, settings.group_size, settings.symmetric)
+    target_dir = _export_target(loaded, packed, store.path, export_dir, overwrite, tuple(export_formats))
+    stored = stored_run(store, identity, meta)
+    if stored is not None and target_dir is None:
         progress(1, 1, "cached")
         return replace(stored, cached=True)
     cached = stored is not None  # then this call only exports: the stored metrics stand
-    reference = None if cached else _reference_step(loaded, corpus, evaluation, target, progress)
-    quantized = _quantize(loaded, corpus, sampling, settings, target, progress, rtn_memo)
-    if not cached:
-        measured = _evaluate(loaded, corpus, reference, evaluation, quantized, progress)
-        history.record_run(store, _run_record(loaded, corpus.name, sampling, settings, target, meta, quantized,
-                                              measured))
-        stored = history.find_run(store, target.key)
-    if target.export_dir is not None:
+    if cached:
+        quantized = _quantize(loaded, corpus, sampling, settings, identity, progress, rtn_memo)
+    else:
+        stored, quantized = measure_run(loaded, corpus, sampling, identity, settings, evaluation, progress, meta,
+                                        rtn_memo)
+        history.record_run(store, stored)
+        stored = history.find_run(store, identity.key)
+    if target_dir is not None:
         with quantized.weights.applied(loaded.model) as model:
-            _export(loaded, model, target.packed, settings, meta, stored, target.export_dir, overwrite,
-                    tuple(export_formats))
-        stored = replace(stored, export_dir=str(target.export_dir))
-    _Checkpoints(target.key).remove()
+            _export(loaded, model, packed, settings, meta, stored, target_dir, overwrite, tuple(export_formats))
+        stored = replace(stored, export_dir=str(target_dir))
+    remove_checkpoints(identity.key)
     if cached:
         progress(1, 1, "exported; metrics were already stored")
     return replace(stored, cached=cached)
 
 
-def _identify(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict[str, int],
-              settings: QuantizeSettings, evaluation: EvalSettings, store_path: Path, export_dir: Path | str | None,
-              overwrite: bool, export_formats: tuple[str, ...]) -> _RunTarget:
-    """Every check of the request (one clear sentence before any work), then the run's fingerprints and key."""
+def identify_run(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict[str, int],
+                 settings: QuantizeSettings, evaluation: EvalSettings) -> RunIdentity:
+    """The plan checked against the model (one clear sentence before any work), then the run's fingerprints and key."""
     complete = check_plan(loaded.arch, plan, settings)
-    packed = PackedPlan(loaded.arch, complete, settings.group_size, settings.symmetric)
-    if export_formats and not export_dir:
-        raise UserError("An export format needs an export directory (--export DIR).")
-    target_dir = validate.export_target(export_dir, overwrite, keep=(loaded.path, store_path)) if export_dir else None
-    if target_dir is not None:
-        check_formats(loaded.model, packed, export_formats)
     check_window(loaded.model, evaluation.seqlen)
     if settings.method != "rtn":
         validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment")
@@ -489,35 +482,66 @@ def _identify(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dic
     tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
     calibration_fp = None if settings.method == "rtn" else sampling.fingerprint(corpus, tokenizer_fp)
     eval_fp = digest(corpus.fingerprint, tokenizer_fp, str(evaluation.seqlen), str(evaluation.max_tokens))
-    key = run_key(model_fp, calibration_fp, complete, settings, eval_fp)
-    return _RunTarget(complete, dict(plan), packed, model_fp, calibration_fp, eval_fp, key, target_dir)
+    return RunIdentity(dict(plan), complete, model_fp, calibration_fp, eval_fp,
+                       run_key(model_fp, calibration_fp, complete, settings, eval_fp))
 
 
-def _look_up(store: Store, key: str, meta: dict) -> RunRecord | None:
-    """The stored run of this key, if any, given the prediction `meta` carries (the same plan predicted again, e.g.
-    by a newer analysis)."""
+def _export_target(loaded: LoadedModel, packed: PackedPlan, store_path: Path, export_dir: Path | str | None,
+                   overwrite: bool, export_formats: tuple[str, ...]) -> Path | None:
+    """The checked export directory (not yet written), or None without one."""
+    if export_formats and not export_dir:
+        raise UserError("An export format needs an export directory (--export DIR).")
+    if not export_dir:
+        return None
+    target_dir = validate.export_target(export_dir, overwrite, keep=(loaded.path, store_path))
+    check_formats(loaded.model, packed, export_formats)
+    return target_dir
+
+
+def stored_run(store: Store, identity: RunIdentity, meta: dict) -> RunRecord | None:
+    """The stored run of this identity, if any, given the prediction `meta` carries (the same plan predicted again,
+    e.g. by a newer analysis)."""
     from aptq import history
 
-    stored = history.find_run(store, key)
+    stored = history.find_run(store, identity.key)
     if stored is not None and meta.get(PREDICTED_ERROR_ATTENTION) is not None:
-        return history.set_prediction(store, key, meta)
+        return history.set_prediction(store, identity.key, meta)
     return stored
 
 
-def _reference_step(loaded: LoadedModel, corpus: Corpus, evaluation: EvalSettings, target: _RunTarget,
-                    progress: Progress) -> tuple[torch.Tensor, ReferenceStats]:
-    """The evaluation windows and the full-precision model's statistics on them."""
+def remove_checkpoints(key: str) -> None:
+    """The run directory of a stored run (its finished blocks are no longer needed)."""
+    _Checkpoints(key).remove()
+
+
+def reference_for(loaded: LoadedModel, corpus: Corpus, evaluation: EvalSettings, identity: RunIdentity,
+                  progress: Progress = no_progress) -> tuple[torch.Tensor, ReferenceStats]:
+    """The evaluation windows and the full-precision model's statistics on them (cached on disk)."""
     windows = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), evaluation.seqlen,
                                  evaluation.max_tokens)
-    return windows, _reference(loaded, windows, target.eval_fp, target.model_fp, _stage(progress, "reference"))
+    return windows, _reference(loaded, windows, identity.evaluation, identity.model, progress)
+
+
+def measure_run(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, identity: RunIdentity,
+                settings: QuantizeSettings = QuantizeSettings(), evaluation: EvalSettings = EvalSettings(),
+                progress: Progress = no_progress, plan_meta: dict | None = None, rtn_memo: dict | None = None
+                ) -> tuple[RunRecord, _Quantized]:
+    """Quantize and evaluate without touching the store: the run's record (as `run_plan` stores it) and the quantized
+    weights (in the run directory, which the caller removes once the record is stored). A Ray sweep's workers call
+    this; only the driver writes the store (aptq.ray_sweep)."""
+    reference = reference_for(loaded, corpus, evaluation, identity, _stage(progress, "reference"))
+    quantized = _quantize(loaded, corpus, sampling, settings, identity, progress, rtn_memo)
+    measured = _evaluate(loaded, corpus, reference, evaluation, quantized, progress)
+    return _run_record(loaded, corpus.name, sampling, settings, identity, dict(plan_meta or {}), quantized,
+                       measured), quantized
 
 
 def _quantize(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: QuantizeSettings,
-              target: _RunTarget, progress: Progress, rtn_memo: dict | None) -> _Quantized:
-    segments = None if target.calibration_fp is None else calibration_segments(
+              identity: RunIdentity, progress: Progress, rtn_memo: dict | None) -> _Quantized:
+    segments = None if identity.calibration is None else calibration_segments(
         token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
     start = time.perf_counter()
-    weights, notes = quantize_model(loaded, target.plan, settings, segments, target.key,
+    weights, notes = quantize_model(loaded, identity.plan, settings, segments, identity.key,
                                     _stage(progress, "quantizing"), rtn_memo)
     return _Quantized(weights, notes, time.perf_counter() - start, settings.device or str(loaded.device))
 
@@ -534,26 +558,26 @@ def _evaluate(loaded: LoadedModel, corpus: Corpus, reference: tuple[torch.Tensor
 
 
 def _run_record(loaded: LoadedModel, corpus_name: str, sampling: Sampling, settings: QuantizeSettings,
-                target: _RunTarget, meta: dict, quantized: _Quantized, measured: _Measured) -> RunRecord:
+                identity: RunIdentity, meta: dict, quantized: _Quantized, measured: _Measured) -> RunRecord:
     from aptq import history
 
     table = layer_table(loaded)
-    size = weight_size(table, np.array([target.plan[layer.name] for layer in loaded.arch.layers]),
+    size = weight_size(table, np.array([identity.plan[layer.name] for layer in loaded.arch.layers]),
                        settings.group_size)
     result = measured.evaluation
     sampled = {"samples": sampling.n_samples, "seqlen": sampling.seqlen, "seed": sampling.seed}
     return history.RunRecord(
-        key=target.key, model=target.model_fp, model_name=loaded.display_name, corpus=corpus_name,
-        eval_seqlen=result.seqlen, eval_tokens=result.tokens, calibration=target.calibration_fp,
+        key=identity.key, model=identity.model, model_name=loaded.display_name, corpus=corpus_name,
+        eval_seqlen=result.seqlen, eval_tokens=result.tokens, calibration=identity.calibration,
         method=settings.method, group_size=settings.group_size, settings=json.dumps(settings.key_fields() | sampled),
-        plan=history.plan_json(target.plan), plan_key=history.plan_key(target.model_fp, target.plan,
-                                                                        settings.group_size),
+        plan=history.plan_json(identity.plan), plan_key=history.plan_key(identity.model, identity.plan,
+                                                                          settings.group_size),
         plan_name=meta.get("name"), allocation=meta.get("allocation", "manual"), budget=meta.get("budget"),
         analysis=meta.get("analysis"), **size, **{name: meta.get(name) for name in PREDICTED_ERRORS},
         perplexity=result.perplexity, kl=result.kl_divergence, top1=result.top1_agreement,
         fp_perplexity=measured.fp_perplexity, quant_seconds=quantized.seconds, eval_seconds=result.seconds,
         device=quantized.device, notes=" ".join(quantized.notes) or None,
-        **coverage.run_fields(loaded.arch, table, target.decided, settings.group_size),
+        **coverage.run_fields(loaded.arch, table, identity.decided, settings.group_size),
         completions=json.dumps([asdict(c) for c in measured.completions]) if measured.completions else None)
 
 

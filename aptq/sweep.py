@@ -2,12 +2,13 @@
 
 Each point reuses a stored run when the same plan was quantized before with the same settings (e.g. `uniform` at 3.25
 and 3.5 bits is the same 3-bit plan), so an interrupted sweep resumes where it stopped, and a partly quantized point
-resumes at its first unfinished block (aptq.pipeline).
+resumes at its first unfinished block (aptq.pipeline). `run_sweep` quantizes the points one after the other in this
+process; aptq.ray_sweep spreads the same plans over a Ray cluster.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -21,11 +22,15 @@ from aptq.allocate import (
     summarize,
 )
 from aptq.data import Corpus, Sampling
+from aptq.history import RunRecord
 from aptq.models import LoadedModel, model_fingerprint
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan
 from aptq.progress import Progress, no_progress
 from aptq.store import Store
 from aptq.validate import parse_budgets  # noqa: F401 (its home before; callers import it from here)
+
+# The measured run's columns a sweep's table shows for each point.
+RUN_COLUMNS = ("key", "avg_bits", "effective_bits", "size_mb", "perplexity", "kl", "top1", "quant_seconds", "cached")
 
 
 @dataclass(frozen=True)
@@ -40,9 +45,51 @@ class SweepPoint:
                                                                 else "")
 
 
+@dataclass(frozen=True)
+class PointPlan:
+    """A sweep point turned into a plan (saved in the store), or the reason the point was skipped."""
+
+    point: SweepPoint
+    bits: dict[str, int] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # the plan_meta of aptq.pipeline.run_plan
+    skipped: str | None = None
+
+    def row(self, run: RunRecord | None = None, failed: str | None = None) -> dict:
+        """The point's line in the sweep's table: its measured run, why it was skipped, or why its run failed."""
+        base = {"allocation": self.point.allocation, "budget": self.point.budget, "seed": self.point.seed}
+        if self.skipped is not None:
+            return base | {"skipped": self.skipped}
+        if run is None:
+            return base | {"failed": failed}
+        return (base | {key: getattr(run, key) for key in RUN_COLUMNS}
+                | {PREDICTED_ERROR_ATTENTION: self.meta[PREDICTED_ERROR_ATTENTION]})
+
+
 def sweep_points(allocations: list[str], budgets: list[float], seeds: tuple[int, ...]) -> list[SweepPoint]:
     return [SweepPoint(allocation, budget, seed) for allocation in allocations for budget in budgets
             for seed in (seeds if allocation == "random" else (0,))]
+
+
+def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPoint], candidates: tuple[int, ...],
+                group_size: int, model_fp: str, store: Store) -> list[PointPlan]:
+    """Every point's plan from the analysis, saved in the store in the points' order (a plan reached again keeps the
+    latest point's name)."""
+    plans = []
+    for point in points:
+        request = AllocationRequest(point.budget, point.allocation, candidates, seed=point.seed,
+                                    group_size=group_size)
+        try:
+            plan = allocate(layers, errors, request)
+        except AllocationError as exc:
+            plans.append(PointPlan(point, skipped=str(exc)))
+            continue
+        summary = summarize(plan, layers, errors)
+        meta = {"name": point.name, "allocation": point.allocation, "budget": point.budget,
+                "analysis": layers.attrs.get("analysis_key"), "group_size": group_size,
+                **{name: summary[name] for name in PREDICTED_ERRORS}}
+        history.save_plan(store, model_fp, point.name, plan.bits, meta | {"request": request, "summary": summary})
+        plans.append(PointPlan(point, plan.bits, meta))
+    return plans
 
 
 def run_sweep(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: pd.DataFrame, errors: pd.DataFrame,
@@ -50,31 +97,21 @@ def run_sweep(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: p
               evaluation: EvalSettings, store: Store | None = None, progress: Progress = no_progress) -> pd.DataFrame:
     """One row per point: its plan's summary and the measured run (or why the point was skipped)."""
     store = store or Store()
-    model_fp = model_fingerprint(loaded.path)
+    planned = plan_points(layers, errors, points, candidates, settings.group_size, model_fingerprint(loaded.path),
+                          store)
     rtn_memo: dict = {}  # RTN rounds each (layer, width) once for the whole sweep
     rows = []
-    for index, point in enumerate(points):
-        request = AllocationRequest(point.budget, point.allocation, candidates, seed=point.seed,
-                                    group_size=settings.group_size)
-        base = {"allocation": point.allocation, "budget": point.budget, "seed": point.seed}
-        try:
-            plan = allocate(layers, errors, request)
-        except AllocationError as exc:
-            rows.append(base | {"skipped": str(exc)})
+    for index, point_plan in enumerate(planned):
+        name = point_plan.point.name
+        if point_plan.skipped is not None:
+            rows.append(point_plan.row())
             continue
-        summary = summarize(plan, layers, errors)
-        meta = {"name": point.name, "allocation": point.allocation, "budget": point.budget,
-                "analysis": layers.attrs.get("analysis_key"), "group_size": settings.group_size,
-                **{name: summary[name] for name in PREDICTED_ERRORS}}
-        history.save_plan(store, model_fp, point.name, plan.bits, meta | {"request": request, "summary": summary})
 
-        def report(done: int, total: int, message: str, index: int = index) -> None:
-            progress(index, len(points), f"{point.name}: {message}")
+        def report(done: int, total: int, message: str, index: int = index, name: str = name) -> None:
+            progress(index, len(points), f"{name}: {message}")
 
-        run = run_plan(loaded, corpus, sampling, plan.bits, settings, evaluation, store, report, meta,
-                       rtn_memo=rtn_memo)
-        rows.append(base | {key: getattr(run, key) for key in ("key", "avg_bits", "effective_bits", "size_mb",
-                                                               "perplexity", "kl", "top1", "quant_seconds", "cached")}
-                    | {PREDICTED_ERROR_ATTENTION: summary[PREDICTED_ERROR_ATTENTION]})
-        progress(index + 1, len(points), point.name)
+        run = run_plan(loaded, corpus, sampling, point_plan.bits, settings, evaluation, store, report,
+                       point_plan.meta, rtn_memo=rtn_memo)
+        rows.append(point_plan.row(run))
+        progress(index + 1, len(points), name)
     return pd.DataFrame(rows)

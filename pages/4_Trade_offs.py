@@ -29,6 +29,7 @@ from ui.session import (
     store_call,
     stored_analysis,
 )
+from ui.sweep import sweep_section
 
 MEASURES = {"perplexity": "perplexity", "kl": "KL divergence", "top1": "top-1 agreement"}
 X_AXES = {"covered_avg_bits": "average, covered layers", "covered_effective_bits": "effective, covered layers",
@@ -182,6 +183,9 @@ if runs is None or runs.empty:
             "them.")
 else:
     quality_section(runs, choices.get("current"), loaded)
+
+st.subheader("Measure a sweep")
+sweep_section(loaded, corpus)
 
 st.subheader("Two plans side by side")
 if not choices:

@@ -1,0 +1,96 @@
+"""The Trade-offs page's sweep: the Home page's analysis turned into plans at many budgets, each quantized and
+evaluated in the background, in this process or as Ray tasks on a cluster (aptq.sweep, aptq.ray_sweep)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from aptq import validate
+from aptq.choices import ALLOCATORS, METHOD_LABELS, QUANTIZERS
+from aptq.data import Corpus, digest
+from aptq.models import LoadedModel
+from aptq.pipeline import EvalSettings, QuantizeSettings
+from aptq.progress import Progress
+from aptq.store import Store, default_path
+from aptq.sweep import run_sweep, sweep_points
+from ui import jobs
+from ui.session import (
+    analysis_request,
+    cached_analysis_key,
+    checked,
+    corpus_spec,
+    model_source,
+    store_call,
+    stored_analysis,
+)
+
+
+def sweep_section(loaded: LoadedModel, corpus: Corpus) -> None:
+    """Solvers, budgets, quantizer and where to run; the running sweep's progress; failed runs when it ends."""
+    request = analysis_request(loaded, corpus)
+    key = cached_analysis_key(model_source(), corpus_spec(), request)
+    frames = store_call(lambda: stored_analysis(key))
+    if frames is None:
+        st.info("A sweep makes its plans from the Home page's analysis: start it there first.")
+        return
+    candidates = tuple(sorted(int(bits) for bits in frames[1]["bits"].unique()))
+    cols = st.columns(3)
+    methods = cols[0].multiselect("Solvers", ALLOCATORS, default=["uniform", "knapsack"], key="sweep_methods")
+    budget_text = cols[1].text_input("Budgets (bits)", "2.5:4.5:0.5", key="sweep_budgets",
+                                     help="start:stop:step or a comma list")
+    method = cols[2].selectbox("Quantizer", QUANTIZERS, index=QUANTIZERS.index("rtn"), format_func=METHOD_LABELS.get,
+                               key="sweep_quantizer")
+    tokens = cols[2].number_input("Evaluation tokens", min_value=16, value=16384, step=512, key="sweep_tokens")
+    ray_cols = st.columns([1, 2])
+    on_ray = ray_cols[0].checkbox("Run on Ray", key="sweep_on_ray",
+                                  help="each plan a Ray task (1 CPU each); this process alone writes the store")
+    address = ray_cols[1].text_input("Ray address", key="sweep_ray_address", disabled=not on_ray,
+                                     placeholder="host:port, auto or local; empty: $RAY_ADDRESS, a `ray start` "
+                                                 "here, else a new local Ray")
+    settings = QuantizeSettings(method=method, group_size=request.group_size)
+    evaluation = EvalSettings(seqlen=min(512, loaded.max_length), max_tokens=int(tokens))
+
+    def start() -> None:
+        budgets: list[float] = []
+        if not methods:
+            st.error("Choose at least one solver.")
+            return
+        if not checked(lambda: budgets.extend(validate.budgets(validate.parse_budgets(budget_text), candidates))):
+            return
+        if on_ray:
+            from aptq.ray_sweep import RayOptions, import_ray
+
+            if not checked(import_ray):
+                return
+        points = sweep_points(list(methods), budgets, (0,))
+        store = Store(default_path())
+
+        def work(progress: Progress) -> pd.DataFrame:
+            layers, errors = frames
+            if not on_ray:
+                return run_sweep(loaded, corpus, request.sampling, layers, errors, points, candidates, settings,
+                                 evaluation, store, progress)
+            from aptq.ray_sweep import run_sweep_on_ray
+
+            return run_sweep_on_ray(loaded, corpus, request.sampling, layers, errors, points, candidates, settings,
+                                    evaluation, store, progress, RayOptions(address.strip() or None))
+
+        job_key = "sweep:" + digest(model_source(), corpus_spec(), key, repr(points), repr(settings),
+                                    repr(evaluation), str(on_ray), address.strip())
+        where = f"on Ray {address.strip()}".rstrip() if on_ray else "here"
+        jobs.start(job_key, f"sweep of {len(points)} plans {where}", model_source(), work)
+        st.session_state["last_sweep"] = job_key
+
+    st.button("Measure the sweep", on_click=start)
+    job = jobs.find(st.session_state.get("last_sweep", ""))
+    if job is None or job.state != "finished":
+        jobs.show(job)
+        return
+    table: pd.DataFrame = job.result
+    failed = table[table["failed"].notna()] if "failed" in table else table.iloc[:0]
+    measured = int(table["key"].notna().sum()) if "key" in table else 0
+    st.success(f"{job.label}: {measured} points measured or found stored; the charts above include them.")
+    if not failed.empty:
+        st.error(f"{len(failed)} point(s) failed; their plans are saved, and measuring the sweep again retries them.")
+        st.dataframe(failed[["allocation", "budget", "failed"]], hide_index=True)
