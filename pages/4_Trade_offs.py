@@ -29,6 +29,10 @@ from ui.session import (
 )
 
 MEASURES = {"perplexity": "perplexity", "kl": "KL divergence", "top1": "top-1 agreement"}
+# The plans' summaries side by side, in words (aptq.allocate.summarize over the layers each plan decides).
+SUMMARY_COLUMNS = {"avg_bits": "average bits", "effective_bits": "effective bits", "size_mb": "size (MB)",
+                   "predicted_error_attention": "predicted error (attention-aware)",
+                   "predicted_error_layerwise": "predicted error (layer-wise)"}
 X_AXES = {"covered_avg_bits": "average, covered layers", "covered_effective_bits": "effective, covered layers",
           "avg_bits": "average, whole model", "effective_bits": "effective, whole model"}
 
@@ -87,11 +91,17 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
                    f"{predicted.left_out} from other analyses left out): predictions from different analyses are "
                    f"not comparable.")
     left, right = st.columns([3, 2])
-    left.plotly_chart(charts.predicted_vs_measured(predicted.runs, "kl" if measured == "top1" else measured,
-                                                   run_set.protocol), width="stretch")
-    right.write("Spearman rank correlation of the predicted total error with the measured quantity, per quantizer "
-                "(1 = the predictions order plans exactly as the measurements do; needs 3 runs):")
-    right.dataframe(history.trust(predicted.runs), hide_index=True)
+    correlated = "kl" if measured == "top1" else measured
+    left.plotly_chart(charts.predicted_vs_measured(predicted.runs, correlated, run_set.protocol), width="stretch")
+    right.write(f"Spearman rank correlation of the predicted total error with the measured {MEASURES[correlated]}, "
+                f"per quantizer (1 = the predictions order plans exactly as the measurements do; needs 3 runs):")
+    # The chosen measure's columns only, named in words: the table fits its column.
+    right.dataframe(history.trust(predicted.runs)[["method", "runs", f"spearman_attention_{correlated}",
+                                                   f"spearman_layerwise_{correlated}"]], hide_index=True,
+                    column_config={"method": "quantizer", f"spearman_attention_{correlated}": st.column_config.
+                                   NumberColumn("ρ, attention-aware errors", format="%.3f"),
+                                   f"spearman_layerwise_{correlated}": st.column_config.
+                                   NumberColumn("ρ, layer-wise errors", format="%.3f")})
 
 
 @st.cache_data(show_spinner="Predicting every solver's error…", max_entries=8)
@@ -131,9 +141,8 @@ def side_by_side(choices: dict[str, PlanChoice], arch: Architecture) -> None:
         scope = coverage.coverage_of(arch, choices[key].bits)
         cols[i].plotly_chart(charts.plan_heatmap(covered, f"{choices[key].name} — {scope.label}"), width="stretch",
                              key=f"trade_map_{i}")
-    rows = {choices[k].name: {name: choices[k].summary.get(name) for name in
-                              ("avg_bits", "effective_bits", "size_mb", "predicted_error_attention",
-                               "predicted_error_layerwise")} for k in picked}
+    rows = {choices[k].name: {label: choices[k].summary.get(name) for name, label in SUMMARY_COLUMNS.items()}
+            for k in picked}
     st.dataframe(pd.DataFrame(rows).T, width="content")
     diff = tables[0][["layer", "bits"]].merge(tables[1][["layer", "bits"]], on="layer", suffixes=(" A", " B"))
     diff = diff[diff["bits A"] != diff["bits B"]]
