@@ -132,6 +132,9 @@ def predictions_section(loaded: LoadedModel, current: PlanChoice | None) -> None
 
 def side_by_side(choices: dict[str, PlanChoice], arch: Architecture) -> None:
     keys = list(choices)
+    if len(keys) < 2:  # a plan beside itself would read "0 layers differ"
+        st.info("Only one plan so far: save another on the Bit budget page to compare two side by side.")
+        return
     cols = st.columns(2)
     picked = [cols[i].selectbox(f"Plan {'AB'[i]}", keys, index=min(i, len(keys) - 1), key=f"trade_plan_{i}",
                                 format_func=lambda k: choices[k].label) for i in range(2)]

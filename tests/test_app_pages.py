@@ -119,6 +119,14 @@ def test_the_slider_changes_the_plan(at):
     assert at.session_state["plan"]["method"] == "aptq" and set(at.session_state["plan"]["bits"].values()) <= {2, 4}
 
 
+def test_a_single_plan_is_not_compared_with_itself(at):
+    at.switch_page("pages/2_Bit_budget.py").run()  # the current plan, nothing saved
+    at.switch_page("pages/4_Trade_offs.py").run()
+    no_problems(at)
+    assert "Only one plan so far" in texts(at.info)
+    assert "layers differ" not in texts(at.markdown)
+
+
 def test_a_pin_survives_budget_changes_and_page_switches(at):
     at.switch_page("pages/2_Bit_budget.py").run()
     layer = at.data_editor[0].value["layer"].iloc[0]

@@ -85,10 +85,17 @@ def test_every_page_renders_without_errors(filled_store):
         body = open_page(driver, "Bit budget", "Pins (0)")
         wait_for_charts(driver, 2)
         before = average_bits(body)
-        thumb = driver.find_element(By.CSS_SELECTOR, "[data-testid=stSlider] input[type=range]")
-        driver.execute_script("arguments[0].focus()", thumb)  # the range input is visually hidden behind the thumb
-        ActionChains(driver).send_keys(*[Keys.ARROW_RIGHT] * 10).perform()
-        body = wait_for(driver, lambda body: average_bits(body) != before, "a new plan after the slider moved")
+        for attempt in range(3):  # keys that land while the page re-renders are lost on a loaded machine: again
+            thumb = driver.find_element(By.CSS_SELECTOR, "[data-testid=stSlider] input[type=range]")
+            driver.execute_script("arguments[0].focus()", thumb)  # the range input is hidden behind the thumb
+            ActionChains(driver).send_keys(*[Keys.ARROW_RIGHT] * 10).perform()
+            try:
+                body = wait_for(driver, lambda body: average_bits(body) != before, "a new plan after the slider moved",
+                                timeout=40)
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
         assert float(average_bits(body)) > float(before)
         wait_for_charts(driver, 2)
         cells = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .nsewdrag")[0]  # the plan heatmap
