@@ -65,7 +65,7 @@ BROWSER_PAGES = (BrowserPage("Home", "Analysis stored", 1, "home.png"),
                  BrowserPage("Sensitivity", "Layer-wise versus attention-aware ranking", 3, "sensitivity.png"),
                  BrowserPage("Bit budget", "Save this plan", 2, "bit_budget.png"),
                  BrowserPage("Quantize", "Runs of this model", 0, "quantize.png"),
-                 BrowserPage("Trade-offs", "Two plans side by side", 5, "trade_offs.png"))
+                 BrowserPage("Trade-offs", "Two plans side by side", 2, "trade_offs.png"))
 
 
 def median_ms(action, calls: int) -> float:
@@ -192,9 +192,9 @@ def browser_timings(link: str, repeats: int) -> dict[str, float]:
     return timings
 
 
-def screenshots(link: str, folder: Path, tokens: int | None) -> None:
-    """The README walkthrough from a shared `link` (solver, budget, pins): every page, that plan quantized with RTN
-    and evaluated on `tokens` (None: the page's default)."""
+def screenshots(link: str, folder: Path, tokens: int | None, quantize: bool = True) -> None:
+    """The README walkthrough from a shared `link` (solver, budget, pins): every page, with `quantize` that plan
+    quantized with RTN and evaluated on `tokens` (None: the page's default)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -209,17 +209,18 @@ def screenshots(link: str, folder: Path, tokens: int | None) -> None:
             full_page_screenshot(driver, folder / page.screenshot)
         body = open_page(driver, "Quantize", "Runs of this model")
         assert "No current plan" not in body, body[:2000]
-        if tokens is not None:  # the sweep's protocol, so that this run joins its curves
+        if quantize and tokens is not None:  # the sweep's protocol, so that this run joins its curves
             field = driver.find_element(By.CSS_SELECTOR, "input[aria-label='Evaluation tokens']")
             field.send_keys(Keys.CONTROL, "a")
             field.send_keys(str(tokens), Keys.ENTER)
             wait_for(driver, lambda _: field.get_attribute("value") == str(tokens), "the token count")
             time.sleep(2)  # the rerun with the new count has drawn the button whose action runs
-        next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Quantize and evaluate").click()
-        wait_for_text(driver, "The same prompts, continued greedily", timeout=1800)
+        if quantize:
+            next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Quantize and evaluate").click()
+            wait_for_text(driver, "The same prompts, continued greedily", timeout=1800)
         full_page_screenshot(driver, folder / "quantize.png")
         open_page(driver, "Trade-offs", "Two plans side by side")
-        wait_for(driver, lambda _: drawn_charts(driver) >= 5, "Trade-offs charts", timeout=120)
+        wait_for(driver, lambda _: drawn_charts(driver) >= 2, "Trade-offs charts", timeout=120)
         full_page_screenshot(driver, folder / "trade_offs.png")
 
 
@@ -236,6 +237,8 @@ def main() -> None:
     parser.add_argument("--screenshots", type=Path, help="capture the README walkthrough into this folder")
     parser.add_argument("--pins", default="0.v=8", help="pins of the Bit budget screenshot (block.kind=bits,…)")
     parser.add_argument("--tokens", type=int, help="evaluation tokens of the screenshot's run (default: the page's)")
+    parser.add_argument("--no-quantize", action="store_true", help="screenshots without the Quantize page's run")
+    parser.add_argument("--screenshots-only", action="store_true", help="no timings (bench/results/ui.md unchanged)")
     args = parser.parse_args()
     store = Store()
     os.environ["APTQ_STORE"] = str(store.path)  # the AppTest sessions and the dashboard server read the same file
@@ -244,6 +247,11 @@ def main() -> None:
         sys.exit(f"No complete analysis of every block of the embedded model in {store.path}: run "
                  f"`python -m aptq analyze` first.")
     layers, errors = analyses.load(store, keys[0])
+    link_view = f"/?solver=knapsack&budget=3.0&pins={args.pins}"
+    if args.screenshots_only:
+        with dashboard({"APTQ_STORE": str(store.path)}, timeout=300) as url:
+            screenshots(url + link_view, args.screenshots, args.tokens, not args.no_quantize)
+        return
     loads = {"start": load()}
     steps = slider_move(layers, errors, args.calls)
     pages = page_runs(args.renders)
@@ -252,7 +260,7 @@ def main() -> None:
         browser = browser_timings(url, args.repeats)
         loads["after the browser"] = load()
         if args.screenshots:
-            screenshots(f"{url}/?solver=knapsack&budget=3.0&pins={args.pins}", args.screenshots, args.tokens)
+            screenshots(url + link_view, args.screenshots, args.tokens, not args.no_quantize)
     total = steps["total (one slider move)"]
     lines = ["# Dashboard responsiveness", "",
              f"- date: {datetime.date.today().isoformat()}; machine: {machine()}, shared with other engineers' jobs "
