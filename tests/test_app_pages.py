@@ -90,12 +90,12 @@ def test_sensitivity_page_shows_every_view(at):
 
 
 def test_the_rank_table_names_layers_by_block_and_projection(at, analyzed):
-    """The table beside the ranking chart fits its narrow column: block and projection instead of the module path,
-    so its last column (the move) is in view; its rows are the biggest moves of ranking.rank_shifts."""
+    """The table beside the ranking chart keeps the move in view: block and projection instead of the module path,
+    then the move, then the two ranks; its rows are the biggest moves of ranking.rank_shifts."""
     at.switch_page("pages/1_Sensitivity.py").run()
     no_problems(at)
     shown = next(d.value for d in at.dataframe if "shift" in d.value.columns)
-    assert list(shown.columns) == ["block", "kind", "rank_x", "rank_y", "shift"]
+    assert list(shown.columns) == ["block", "kind", "shift", "rank_x", "rank_y"]
     store = Store(analyzed[0])
     layers, _ = analyses.load(store, analyses.whole_model_keys(store, model_fingerprint(Path(analyzed[1])))[0])
     expected = ranking.rank_shifts(layers, "score_layerwise", "score_attention").merge(
