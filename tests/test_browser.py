@@ -61,6 +61,7 @@ def filled_store(tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
 
 
 def test_every_page_renders_without_errors(filled_store):
+    from selenium.common.exceptions import ElementNotInteractableException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -98,10 +99,17 @@ def test_every_page_renders_without_errors(filled_store):
                     raise
         assert float(average_bits(body)) > float(before)
         wait_for_charts(driver, 2)
-        cells = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .nsewdrag")[0]  # the plan heatmap
-        size = cells.rect
-        ActionChains(driver).move_to_element_with_offset(cells, -size["width"] / 4, -size["height"] * 3 / 7) \
-            .pause(0.5).click().perform()  # block 0, query projection
+        for attempt in range(3):  # plotly may be redrawing the heatmap (no size yet) on a loaded machine: again
+            cells = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .nsewdrag")[0]  # the plan heatmap
+            size = cells.rect
+            try:
+                ActionChains(driver).move_to_element_with_offset(cells, -size["width"] / 4, -size["height"] * 3 / 7) \
+                    .pause(0.5).click().perform()  # block 0, query projection
+                break
+            except ElementNotInteractableException:
+                if attempt == 2:
+                    raise
+                time.sleep(2)
         wait_for_text(driver, "1 cell(s) selected")
         next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Pin selected").click()
         wait_for_text(driver, "Pins (1)")
