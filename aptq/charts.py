@@ -282,7 +282,20 @@ def tradeoff_curves(runs: pd.DataFrame, y: str = "perplexity", title: str = "", 
                          yaxis_type="linear" if y == "top1" else "log", height=460,
                          title={"text": title or f"{y} vs bits", "y": 0.97, "yanchor": "top"},
                          margin={"t": 60}, legend={"title": "allocation · quantization"})
+    if y != "top1":
+        figure.update_yaxes(range=_log_range([runs[y], [baseline], [(current or {}).get(k) for k in ("low", "high")]]))
     return figure
+
+
+def _log_range(parts: list) -> list[float] | None:
+    """log10 axis range over the positive finite values, padded by 5 % of a decade or more. Set explicitly because
+    plotly's own log autorange, with the unmeasured plan's vertical line drawn, ran the axis up to 1e28."""
+    values = np.array([v for part in parts for v in part if v is not None], dtype=float)
+    values = np.log10(values[np.isfinite(values) & (values > 0)])
+    if values.size == 0:
+        return None
+    pad = max(0.05, 0.05 * (values.max() - values.min()))
+    return [float(values.min() - pad), float(values.max() + pad)]
 
 
 def predicted_curves(curves: pd.DataFrame, current: dict | None = None) -> go.Figure:

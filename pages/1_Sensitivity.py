@@ -23,6 +23,7 @@ TABLE_COLUMNS = {"layer": "layer", "block": "block", "kind": "projection", "n_pa
                  "score_layerwise": "layer-wise score", "trace_lm": "APTQ trace", "trace_lm_se": "± (std. error)",
                  "trace_attention": "attention-aware trace", "trace_layerwise": "layer-wise trace",
                  "residual_ms": "residual ‖h‖²"}
+RANK_NAMES = {"score_attention": "attention-aware", "score": "APTQ"}  # the metrics the ranking compares with
 left, mid, right = st.columns([2, 1, 1])
 metric = left.selectbox("Metric", list(METRICS), format_func=METRICS.get, key="sens_metric", persist_state="session")
 frame, label = layers, METRICS[metric]
@@ -45,18 +46,21 @@ st.caption("Log colour scale; hover a cell for the exact value. Values come from
 st.plotly_chart(charts.block_bars(frame, metric, label), width="stretch")
 
 st.subheader("Layer-wise versus attention-aware ranking")
-rank_left, rank_right = st.columns([3, 2])
+rank_left, rank_right = st.columns(2)  # room for the table's five columns
 x_metric = "score_layerwise"
-y_metric = rank_right.selectbox("Compare with", ["score_attention", "score"], format_func=METRICS.get, key="sens_rank",
+y_metric = rank_right.selectbox("Compare with", list(RANK_NAMES), format_func=METRICS.get, key="sens_rank",
                                 persist_state="session")
 rank_left.plotly_chart(charts.rank_comparison(layers, x_metric, y_metric), width="stretch")
 rank_right.metric("Spearman rank correlation", f"{ranking.spearman(layers, x_metric, y_metric):.3f}")
 rank_right.write("Layers whose rank moves the most (positive: more sensitive than the layer-wise view says):")
-rank_right.dataframe(ranking.rank_shifts(layers, x_metric, y_metric), hide_index=True, column_config={
-    "layer": st.column_config.TextColumn("layer", width="medium"),
+# Block and projection instead of the module path, the move before the ranks: the move stays in view.
+shifts = ranking.rank_shifts(layers, x_metric, y_metric).merge(layers[["layer", "block", "kind"]], on="layer")
+rank_right.dataframe(shifts[["block", "kind", "shift", "rank_x", "rank_y"]], hide_index=True, column_config={
+    "block": st.column_config.NumberColumn("block", format="%d", width="small"),
+    "kind": st.column_config.TextColumn("projection", width="small"),
     "rank_x": st.column_config.NumberColumn("layer-wise rank", format="%d"),
-    "rank_y": st.column_config.NumberColumn("other rank", format="%d"),
-    "shift": st.column_config.NumberColumn("moves up by", format="%+d")})
+    "rank_y": st.column_config.NumberColumn(f"{RANK_NAMES[y_metric]} rank", format="%d"),
+    "shift": st.column_config.NumberColumn("move", format="%+d", width="small")})
 
 with st.expander("What these numbers are", expanded=not presenting()):
     st.markdown("Notation: `X` is a layer's input (`d_in × N`, one column per calibration token), `W` its weight, "

@@ -67,7 +67,7 @@ def uniform_choice(loaded: LoadedModel, corpus: Corpus, bits: int) -> PlanChoice
 
 
 def show_result(row: dict) -> None:
-    cols = st.columns(6)
+    cols = [column for _ in range(2) for column in st.columns(3)]  # two rows: long values and labels fit
     cols[0].metric("Perplexity", f"{row['perplexity']:.3f}", f"{row['perplexity'] - row['fp_perplexity']:+.3f} vs "
                    f"full precision {row['fp_perplexity']:.3f}", delta_color="inverse")
     cols[1].metric("KL divergence", f"{row['kl']:.4f}", help="KL(full precision ‖ quantized), nats per token")
@@ -102,11 +102,11 @@ def show_completions(stored: str | None) -> None:
         return
     samples = [Completion(**c) for c in json.loads(stored)]
     st.markdown("**The same prompts, continued greedily** (from the evaluation split):")
-    st.dataframe(pd.DataFrame({"prompt": [c.prompt + " …" for c in samples],
-                               "full precision": [c.full_precision for c in samples],
-                               "quantized": [c.quantized for c in samples],
-                               "same?": ["same" if c.same else "differs" for c in samples]}),
-                 hide_index=True, width="stretch")
+    # A static table wraps its text, so both continuations are read in full side by side (a data grid cuts them).
+    st.table(pd.DataFrame({"prompt": [c.prompt + " …" for c in samples],
+                           "full precision": [c.full_precision for c in samples],
+                           "quantized": [c.quantized for c in samples],
+                           "same?": ["same" if c.same else "differs" for c in samples]}).set_index("prompt"))
 
 
 def time_estimate(runs: pd.DataFrame | None, settings: QuantizeSettings, device: str, choice: PlanChoice,

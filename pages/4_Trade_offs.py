@@ -32,6 +32,10 @@ from ui.session import (
 from ui.sweep import sweep_section
 
 MEASURES = {"perplexity": "perplexity", "kl": "KL divergence", "top1": "top-1 agreement"}
+# The plans' summaries side by side, in words (aptq.allocate.summarize over the layers each plan decides).
+SUMMARY_COLUMNS = {"avg_bits": "average bits", "effective_bits": "effective bits", "size_mb": "size (MB)",
+                   PREDICTED_ERROR_ATTENTION: "predicted error (attention-aware)",
+                   PREDICTED_ERROR_LAYERWISE: "predicted error (layer-wise)"}
 X_AXES = {"covered_avg_bits": "average, covered layers", "covered_effective_bits": "effective, covered layers",
           "avg_bits": "average, whole model", "effective_bits": "effective, whole model"}
 
@@ -90,11 +94,17 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
                    f"{predicted.left_out} from other analyses left out): predictions from different analyses are "
                    f"not comparable.")
     left, right = st.columns([3, 2])
-    left.plotly_chart(charts.predicted_vs_measured(predicted.runs, "kl" if measured == "top1" else measured,
-                                                   run_set.protocol), width="stretch")
-    right.write("Spearman rank correlation of the predicted total error with the measured quantity, per quantizer "
-                "(1 = the predictions order plans exactly as the measurements do; needs 3 runs):")
-    right.dataframe(history.trust(predicted.runs), hide_index=True)
+    correlated = "kl" if measured == "top1" else measured
+    left.plotly_chart(charts.predicted_vs_measured(predicted.runs, correlated, run_set.protocol), width="stretch")
+    right.write(f"Spearman rank correlation of the predicted total error with the measured {MEASURES[correlated]}, "
+                f"per quantizer (1 = the predictions order plans exactly as the measurements do; needs 3 runs):")
+    # The chosen measure's columns only, named in words: the table fits its column.
+    right.dataframe(history.trust(predicted.runs)[["method", "runs", f"spearman_attention_{correlated}",
+                                                   f"spearman_layerwise_{correlated}"]], hide_index=True,
+                    column_config={"method": "quantizer", f"spearman_attention_{correlated}": st.column_config.
+                                   NumberColumn("ρ, attention-aware errors", format="%.3f"),
+                                   f"spearman_layerwise_{correlated}": st.column_config.
+                                   NumberColumn("ρ, layer-wise errors", format="%.3f")})
 
 
 @st.cache_data(show_spinner="Predicting every solver's error…", max_entries=8)
@@ -125,6 +135,9 @@ def predictions_section(loaded: LoadedModel, current: PlanChoice | None) -> None
 
 def side_by_side(choices: dict[str, PlanChoice], arch: Architecture) -> None:
     keys = list(choices)
+    if len(keys) < 2:  # a plan beside itself would read "0 layers differ"
+        st.info("Only one plan so far: save another on the Bit budget page to compare two side by side.")
+        return
     cols = st.columns(2)
     picked = [cols[i].selectbox(f"Plan {'AB'[i]}", keys, index=min(i, len(keys) - 1), key=f"trade_plan_{i}",
                                 format_func=lambda k: choices[k].label) for i in range(2)]
@@ -136,9 +149,8 @@ def side_by_side(choices: dict[str, PlanChoice], arch: Architecture) -> None:
         cols[i].plotly_chart(charts.plan_heatmap(covered, f"{choices[key].name} — {scope.label}",
                                                  separate_experts=separate), width="stretch",
                              key=f"trade_map_{i}")
-    rows = {choices[k].name: {name: choices[k].summary.get(name) for name in
-                              ("avg_bits", "effective_bits", "size_mb", PREDICTED_ERROR_ATTENTION,
-                               PREDICTED_ERROR_LAYERWISE)} for k in picked}
+    rows = {choices[k].name: {label: choices[k].summary.get(name) for name, label in SUMMARY_COLUMNS.items()}
+            for k in picked}
     st.dataframe(pd.DataFrame(rows).T, width="content")
     diff = tables[0][["layer", "bits"]].merge(tables[1][["layer", "bits"]], on="layer", suffixes=(" A", " B"))
     diff = diff[diff["bits A"] != diff["bits B"]]

@@ -77,3 +77,92 @@ def chromium():
             yield driver
         finally:
             driver.quit()
+
+
+def body_text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def wait_for(driver, condition, what: str, timeout: float = 120, poll: float = 0.5):
+    """Poll until `condition(body text)` holds and the script has finished (no status widget); fail on error text.
+    The benchmark polls faster (`poll`) to time what a person waits for."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while True:
+        body = body_text(driver)
+        found = [marker for marker in ERROR_MARKERS if marker in body]
+        assert not found, f"{what}: the page shows {found}:\n{body[:3000]}"
+        if condition(body) and not driver.find_elements(By.CSS_SELECTOR, "[data-testid=stStatusWidget]"):
+            return body
+        assert time.monotonic() < deadline, f"{what} did not appear; the page shows:\n{body[:2000]}"
+        time.sleep(poll)
+
+
+def wait_for_text(driver, text: str, timeout: float = 120, poll: float = 0.5) -> str:
+    return wait_for(driver, lambda body: text in body, repr(text), timeout, poll)
+
+
+def wait_for_charts(driver, count: int, timeout: float = 60, poll: float = 0.5, settle: float = 1.0) -> None:
+    """Wait until `count` plotly charts are drawn, then `settle` seconds so that plotly finishes before a screenshot."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while len(driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .main-svg")) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} charts rendered"
+        time.sleep(poll)
+    time.sleep(settle)
+
+
+def open_page(driver, label: str, text: str, attempts: int = 3, poll: float = 0.5) -> str:
+    """Click the sidebar link (same session, so the chosen model and the plan stay). A click that lands while the
+    previous page is still re-rendering can be lost on a loaded machine: then click again."""
+    from selenium.webdriver.common.by import By
+
+    for attempt in range(attempts):
+        link = next(a for a in driver.find_elements(By.CSS_SELECTOR, "[data-testid=stSidebarNav] a")
+                    if a.text.strip().endswith(label))  # after the page's icon
+        link.click()
+        try:
+            return wait_for_text(driver, text, timeout=60, poll=poll)
+        except AssertionError:
+            if attempt == attempts - 1:
+                raise
+
+
+def metric_value(body: str, label: str) -> str:
+    """The value shown under the first metric whose label starts with `label`."""
+    lines = body.splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.startswith(label)) + 1]
+
+
+def average_bits(body: str) -> str:
+    return metric_value(body, "Average bits")
+
+
+def cut_metric_labels(driver) -> list[str]:
+    """Metric labels shown only in part (cut off, e.g. with "…"): an element of the label wider than its box."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('[data-testid=stMetricLabel]')).filter(label => "
+        "[label, ...label.querySelectorAll('*')].some(e => e.scrollWidth > e.clientWidth + 1 || "
+        "e.scrollHeight > e.clientHeight + 1)).map(label => label.textContent)")
+
+
+def plotly_traces(driver) -> list[list[dict]]:
+    """name, x, y of every trace of every plotly chart on the page, read from the charts as drawn (`_fullData` holds
+    the arrays decoded from plotly's binary JSON)."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('.js-plotly-plot')).map(g => (g._fullData || []).map(t => "
+        "({name: t.name || '', x: Array.from(t.x || []), y: Array.from(t.y || [])})))")
+
+
+def full_page_screenshot(driver, path: Path, width: int = 1400) -> None:
+    """The whole page in one image: the window is made as tall as Streamlit's scrolling main area, then restored."""
+    height = driver.execute_script("return document.querySelector('[data-testid=stMain]').scrollHeight")
+    before = driver.get_window_size()
+    driver.set_window_size(width, int(height) + 40)
+    time.sleep(1.5)  # plotly redraws to the new width
+    driver.save_screenshot(str(path))
+    driver.set_window_size(before["width"], before["height"])

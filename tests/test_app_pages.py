@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from aptq import analyses, ranking
 from aptq.allocate import PREDICTED_ERROR_ATTENTION
 from aptq.data import load_corpus
-from aptq.models import load_model
+from aptq.models import load_model, model_fingerprint
 from aptq.sensitivity import analyze
 from aptq.store import Store
 from ui.session import AnalysisRequest
@@ -89,6 +90,20 @@ def test_sensitivity_page_shows_every_view(at):
     no_problems(at)
 
 
+def test_the_rank_table_names_layers_by_block_and_projection(at, analyzed):
+    """The table beside the ranking chart keeps the move in view: block and projection instead of the module path,
+    then the move, then the two ranks; its rows are the biggest moves of ranking.rank_shifts."""
+    at.switch_page("pages/1_Sensitivity.py").run()
+    no_problems(at)
+    shown = next(d.value for d in at.dataframe if "shift" in d.value.columns)
+    assert list(shown.columns) == ["block", "kind", "shift", "rank_x", "rank_y"]
+    store = Store(analyzed[0])
+    layers, _ = analyses.load(store, analyses.whole_model_keys(store, model_fingerprint(Path(analyzed[1])))[0])
+    expected = ranking.rank_shifts(layers, "score_layerwise", "score_attention").merge(
+        layers[["layer", "block", "kind"]], on="layer")
+    assert shown.reset_index(drop=True).equals(expected[list(shown.columns)].reset_index(drop=True))
+
+
 def test_the_slider_changes_the_plan(at):
     at.switch_page("pages/2_Bit_budget.py").run()
     no_problems(at)
@@ -103,6 +118,14 @@ def test_the_slider_changes_the_plan(at):
     at.selectbox(key="method").set_value("aptq").run()
     no_problems(at)
     assert at.session_state["plan"]["method"] == "aptq" and set(at.session_state["plan"]["bits"].values()) <= {2, 4}
+
+
+def test_a_single_plan_is_not_compared_with_itself(at):
+    at.switch_page("pages/2_Bit_budget.py").run()  # the current plan, nothing saved
+    at.switch_page("pages/4_Trade_offs.py").run()
+    no_problems(at)
+    assert "Only one plan so far" in texts(at.info)
+    assert "layers differ" not in texts(at.markdown)
 
 
 def test_a_pin_survives_budget_changes_and_page_switches(at):
@@ -173,8 +196,14 @@ def test_save_quantize_and_compare_plans(at):
     assert "2 run(s) covering all 2 blocks under this protocol" in texts(at.caption)
     assert [b.label for b in at.download_button] == ["Plan JSON", "GPTQModel quantize config", "llm-compressor recipe"]
     assert "layers differ" in texts(at.markdown)
+    summary = next(d.value for d in at.dataframe if "average bits" in d.value.columns)
+    assert not [c for c in summary.columns if "_" in c]  # the plans' numbers named in words
+    trust = next(d.value for d in at.dataframe if "runs" in d.value.columns and "method" in d.value.columns)
+    assert list(trust.columns) == ["method", "runs", "spearman_attention_perplexity", "spearman_layerwise_perplexity"]
     at.radio(key="trade_y").set_value("kl").run()
     no_problems(at)
+    trust = next(d.value for d in at.dataframe if "runs" in d.value.columns and "method" in d.value.columns)
+    assert list(trust.columns)[2:] == ["spearman_attention_kl", "spearman_layerwise_kl"]  # the measure on the chart
 
 
 def test_the_number_box_drives_the_slider_and_uniform_says_it_rounds(at):

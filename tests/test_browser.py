@@ -6,6 +6,7 @@ every page has content; the browser switches to that model on the Home page like
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -18,7 +19,20 @@ from aptq.models import load_model, model_fingerprint
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
 from aptq.sensitivity import analyze
 from aptq.store import Store
-from tests.browser import ARTIFACTS, ERROR_MARKERS, browser_available, chromium, dashboard
+from tests.browser import (
+    ARTIFACTS,
+    average_bits,
+    browser_available,
+    chromium,
+    cut_metric_labels,
+    dashboard,
+    metric_value,
+    open_page,
+    plotly_traces,
+    wait_for,
+    wait_for_charts,
+    wait_for_text,
+)
 from ui.session import AnalysisRequest
 
 pytestmark = pytest.mark.skipif(not browser_available(), reason="needs Debian's chromium and chromium-driver")
@@ -46,68 +60,8 @@ def filled_store(tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
     return store.path, model
 
 
-def body_text(driver) -> str:
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.TAG_NAME, "body").text
-
-
-def wait_for(driver, condition, what: str, timeout: float = 120):
-    """Poll until `condition(body text)` holds and the script has finished (no status widget); fail on error text."""
-    from selenium.webdriver.common.by import By
-
-    deadline = time.monotonic() + timeout
-    while True:
-        body = body_text(driver)
-        found = [marker for marker in ERROR_MARKERS if marker in body]
-        assert not found, f"{what}: the page shows {found}:\n{body[:3000]}"
-        if condition(body) and not driver.find_elements(By.CSS_SELECTOR, "[data-testid=stStatusWidget]"):
-            return body
-        assert time.monotonic() < deadline, f"{what} did not appear; the page shows:\n{body[:2000]}"
-        time.sleep(0.5)
-
-
-def wait_for_text(driver, text: str, timeout: float = 120) -> str:
-    return wait_for(driver, lambda body: text in body, repr(text), timeout)
-
-
-def wait_for_charts(driver, count: int, timeout: float = 60) -> None:
-    from selenium.webdriver.common.by import By
-
-    deadline = time.monotonic() + timeout
-    while len(driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .main-svg")) < count:
-        assert time.monotonic() < deadline, f"fewer than {count} charts rendered"
-        time.sleep(0.5)
-    time.sleep(1)  # let plotly finish drawing before a screenshot
-
-
-def open_page(driver, label: str, text: str, attempts: int = 3) -> str:
-    """Click the sidebar link (same session, so the chosen model and the plan stay). A click that lands while the
-    previous page is still re-rendering can be lost on a loaded machine: then click again."""
-    from selenium.webdriver.common.by import By
-
-    for attempt in range(attempts):
-        link = next(a for a in driver.find_elements(By.CSS_SELECTOR, "[data-testid=stSidebarNav] a")
-                    if a.text.strip().endswith(label))  # after the page's icon
-        link.click()
-        try:
-            return wait_for_text(driver, text, timeout=60)
-        except AssertionError:
-            if attempt == attempts - 1:
-                raise
-
-
-def metric_value(body: str, label: str) -> str:
-    """The value shown under the first metric whose label starts with `label`."""
-    lines = body.splitlines()
-    return lines[next(i for i, line in enumerate(lines) if line.startswith(label)) + 1]
-
-
-def average_bits(body: str) -> str:
-    return metric_value(body, "Average bits")
-
-
 def test_every_page_renders_without_errors(filled_store):
+    from selenium.common.exceptions import ElementNotInteractableException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -132,16 +86,30 @@ def test_every_page_renders_without_errors(filled_store):
         body = open_page(driver, "Bit budget", "Pins (0)")
         wait_for_charts(driver, 2)
         before = average_bits(body)
-        thumb = driver.find_element(By.CSS_SELECTOR, "[data-testid=stSlider] input[type=range]")
-        driver.execute_script("arguments[0].focus()", thumb)  # the range input is visually hidden behind the thumb
-        ActionChains(driver).send_keys(*[Keys.ARROW_RIGHT] * 10).perform()
-        body = wait_for(driver, lambda body: average_bits(body) != before, "a new plan after the slider moved")
+        for attempt in range(3):  # keys that land while the page re-renders are lost on a loaded machine: again
+            thumb = driver.find_element(By.CSS_SELECTOR, "[data-testid=stSlider] input[type=range]")
+            driver.execute_script("arguments[0].focus()", thumb)  # the range input is hidden behind the thumb
+            ActionChains(driver).send_keys(*[Keys.ARROW_RIGHT] * 10).perform()
+            try:
+                body = wait_for(driver, lambda body: average_bits(body) != before, "a new plan after the slider moved",
+                                timeout=40)
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
         assert float(average_bits(body)) > float(before)
         wait_for_charts(driver, 2)
-        cells = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .nsewdrag")[0]  # the plan heatmap
-        size = cells.rect
-        ActionChains(driver).move_to_element_with_offset(cells, -size["width"] / 4, -size["height"] * 3 / 7) \
-            .pause(0.5).click().perform()  # block 0, query projection
+        for attempt in range(3):  # plotly may be redrawing the heatmap (no size yet) on a loaded machine: again
+            cells = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .nsewdrag")[0]  # the plan heatmap
+            size = cells.rect
+            try:
+                ActionChains(driver).move_to_element_with_offset(cells, -size["width"] / 4, -size["height"] * 3 / 7) \
+                    .pause(0.5).click().perform()  # block 0, query projection
+                break
+            except ElementNotInteractableException:
+                if attempt == 2:
+                    raise
+                time.sleep(2)
         wait_for_text(driver, "1 cell(s) selected")
         next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Pin selected").click()
         wait_for_text(driver, "Pins (1)")
@@ -185,14 +153,6 @@ def lecture_store(tmp_path_factory, tiny_model_dir) -> tuple[Path, str, str]:
     return store.path, model, keys["knapsack-3.00"]
 
 
-def plotly_traces(driver) -> list[list[dict]]:
-    """name, x, y of every trace of every plotly chart on the page, read from the charts as drawn (`_fullData` holds
-    the arrays decoded from plotly's binary JSON)."""
-    return driver.execute_script(
-        "return Array.from(document.querySelectorAll('.js-plotly-plot')).map(g => (g._fullData || []).map(t => "
-        "({name: t.name || '', x: Array.from(t.x || []), y: Array.from(t.y || [])})))")
-
-
 def test_a_lecturer_path_shows_numbers_that_agree_with_each_other_and_the_store(lecture_store):
     """From a shared link to the trade-offs: plan bits, run bits and the current plan's point read off the screen
     agree with each other and with the store, and the curves hold only runs of one coverage and protocol."""
@@ -209,6 +169,7 @@ def test_a_lecturer_path_shows_numbers_that_agree_with_each_other_and_the_store(
         assert "first 1 of 2 blocks" in body  # the link chose the partial analysis, nobody typed anything
 
         body = open_page(driver, "Bit budget", "Pins (0)")
+        assert not cut_metric_labels(driver)  # each number's scope is read in full
         plan_bits = float(metric_value(body, "Average bits (analysed layers)"))
         assert plan_bits == pytest.approx(runs.loc[plan_run, "covered_avg_bits"], abs=5e-4)
         whole = f"{runs.loc[plan_run, 'avg_bits']:.3f} average bits over the whole model"
@@ -224,11 +185,16 @@ def test_a_lecturer_path_shows_numbers_that_agree_with_each_other_and_the_store(
         wait_for(driver, lambda _: field.get_attribute("value") == str(LECTURE_TOKENS), "the token count")
         next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Quantize and evaluate").click()
         body = wait_for_text(driver, "Stored earlier: no model work was done")
+        assert not cut_metric_labels(driver)
         assert float(metric_value(body, "Average bits (block 0 of 2)")) == pytest.approx(plan_bits, abs=5e-4)
         assert float(metric_value(body, "Average bits (whole model)")) == pytest.approx(
             runs.loc[plan_run, "avg_bits"], abs=5e-4)
         assert float(metric_value(body, "Perplexity")) == pytest.approx(runs.loc[plan_run, "perplexity"], abs=5e-4)
         assert "The same prompts, continued greedily" in body
+        words = " ".join(body.split())  # both continuations of every stored prompt are on screen, not scrolled away
+        for completion in json.loads(runs.loc[plan_run, "completions"]):
+            assert " ".join(completion["full_precision"].split()) in words
+            assert " ".join(completion["quantized"].split()) in words
         driver.save_screenshot(str(ARTIFACTS / "lecture_quantize.png"))
 
         body = open_page(driver, "Trade-offs", "under this protocol")

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aptq import coverage, ranking, tradeoffs
+from aptq import charts, coverage, ranking, tradeoffs
 from aptq.allocate import PREDICTED_ERROR_ATTENTION
 from aptq.data import Sampling, load_corpus
 from aptq.models import load_model
@@ -171,3 +171,13 @@ def test_run_time_scales_the_measured_rates_of_the_same_method_and_device():
     assert found.quant_seconds == pytest.approx(32.0) and found.eval_seconds == pytest.approx(10.0)
     assert found.runs == 2 and found.total == pytest.approx(42.0)
     assert expected_run_time(runs, "attention", "cpu", {"l0": 4}, 8, 64, 10) is None
+
+
+def test_the_quality_chart_spans_its_runs_and_baseline_on_its_log_axis():
+    """With the current plan unmeasured (a vertical line), the log axis still spans the data, not up to 1e28."""
+    runs = pd.DataFrame({"allocation": ["uniform"] * 3, "method": ["rtn"] * 3, "plan_name": ["u2", "u3", "u4"],
+                         "covered_avg_bits": [2.0, 3.0, 4.0], "perplexity": [29015.5, 83.06, 38.29]})
+    figure = charts.tradeoff_curves(runs, "perplexity", x="covered_avg_bits", baseline=29.0,
+                                    current={"x": 3.0, "y": None, "label": "current plan: not measured yet"})
+    low, high = figure.layout.yaxis.range
+    assert 29.0 / 2 < 10 ** low <= 29.0 and 29015.5 <= 10 ** high < 29015.5 * 2

@@ -11,6 +11,11 @@ from ui.session import AnalysisRequest
 PAGES = (("app.py", "Home", "🏠"), ("pages/1_Sensitivity.py", "Sensitivity", "🔍"),
          ("pages/2_Bit_budget.py", "Bit budget", "🎚️"), ("pages/3_Quantize.py", "Quantize", "⚙️"),
          ("pages/4_Trade_offs.py", "Trade-offs", "📈"))
+# Metric labels carry the scope of their number ("Average bits (whole model)"): they wrap rather than end in "…".
+READABLE_CSS = """<style>
+[data-testid="stMetricLabel"], [data-testid="stMetricLabel"] * { white-space: normal !important;
+  overflow: visible !important; text-overflow: clip !important; height: auto !important; }
+</style>"""
 PRESENTATION_CSS = """<style>
 html, .stApp { font-size: 22px; }
 .stApp h1 { font-size: 2.6rem; } .stApp h2, .stApp h3 { font-size: 1.9rem; }
@@ -24,6 +29,7 @@ def navigate() -> bool:
     page = st.navigation([st.Page(path, title=title, icon=icon, default=path == "app.py")
                           for path, title, icon in PAGES])
     restore_from_url()
+    st.html(READABLE_CSS)
     presentation_toggle()
     if page.url_path:
         try:
