@@ -171,6 +171,9 @@ LLAMA_CPP_NOTE = ("These overrides carry over the plan's widths only: llama-quan
                   "Q2_K ≈ 2.6 bits per weight). Tensors whose rows are not a multiple of 256 cannot hold a k-quant, "
                   "and llama-quantize falls back to another type for them (it prints which; listed under "
                   "'k_quant_fallback').")
+GPTQMODEL_DTYPE_NOTE = ("GPTQModel picks bfloat16 on the CPU unless told otherwise, which rounds these float16 scales "
+                        "to 8 significant bits and computes in bfloat16 (+0.5 % perplexity on a 4-bit SmolLM2-135M); "
+                        "load with dtype=torch.float16 to keep the scales as stored (bench/results/export.md).")
 VLLM_NOTE = ("vLLM fuses q/k/v and gate/up into one matrix each and needs one width per fused matrix; blocks listed "
              "under 'unfusable' mix widths there and load in GPTQModel and transformers but not in vLLM.")
 
@@ -318,6 +321,8 @@ def _write_packed(directory: Path, model: nn.Module, tokenizer, packed: PackedPl
         (directory / "quantize_config.json").write_text(json.dumps(quantization, indent=2))
     tokenizer.save_pretrained(str(directory))
     notes = {"note": VLLM_NOTE, "unfusable": unfusable_blocks(packed)}
+    if fmt == GPTQ:
+        notes["gptqmodel_dtype"] = GPTQMODEL_DTYPE_NOTE
     if fmt == GPTQ and version == 2:
         notes["checkpoint_format"] = ("gptq_v2 (asymmetric grid: zero points stored as they are; GPTQ v1 stores "
                                       "zero − 1, which cannot hold 0). GPTQModel loads v2; for runtimes that read "

@@ -151,6 +151,8 @@ def test_a_mixed_plan_exports_every_format_that_unpacks_to_the_run(quantized_lla
     kept = [layer for layer in loaded.arch.layers if plan[layer.name] == 16][0]
     assert config["dynamic"]["-:" + kept.module_path.replace(".", r"\.") + "$"] == {}
     assert config["checkpoint_format"] == "gptq_v2"  # asymmetric: zero points as they are
+    notes = json.loads((gptq_dir / "aptq_notes.json").read_text())
+    assert "dtype=torch.float16" in notes["gptqmodel_dtype"]  # GPTQModel's CPU default, bfloat16, rounds the scales
     v1 = False
     state = load_file(str(gptq_dir / "model.safetensors"))
     for layer in loaded.arch.layers:
