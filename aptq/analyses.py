@@ -17,9 +17,11 @@ layer_metrics      (analysis, layer) PK, position (order in the model), block, k
                    trace_layerwise, trace_attention, trace_lm, trace_lm_se, score_layerwise, score_attention, score,
                    residual_ms, tokens (calibration tokens its H came from: fewer for experts), pooled_hessian (an
                    expert that fell back to the block's pooled MLP Hessian)
-predicted_errors   (analysis, layer, bits, group_size) PK, err_layerwise, err_attention
+predicted_errors   (analysis, layer, bits, group_size) PK, err_layerwise, err_attention (round-to-nearest),
+                   err_gptq_layerwise, err_gptq_attention, err_aware_layerwise, err_aware_attention (GPTQ and the
+                   attention-aware quantizer; NULL unless the analysis setting quantizer_errors was on)
 
-Columns added after the first release (residual_ms, owner, tokens, pooled_hessian) come in by
+Columns added after the first release (residual_ms, owner, tokens, pooled_hessian, the quantizer errors) come in by
 `ALTER TABLE … ADD COLUMN IF NOT EXISTS`, so older files keep working.
 
 One computation per analysis (our choice: a claim in the analysis row rather than a lock file, so that there is
@@ -73,6 +75,10 @@ ALTER TABLE layer_metrics ADD COLUMN IF NOT EXISTS pooled_hessian BOOLEAN;
 CREATE TABLE IF NOT EXISTS predicted_errors (
     analysis VARCHAR, layer VARCHAR, bits INTEGER, group_size INTEGER, err_layerwise DOUBLE, err_attention DOUBLE,
     PRIMARY KEY (analysis, layer, bits, group_size));
+ALTER TABLE predicted_errors ADD COLUMN IF NOT EXISTS err_gptq_layerwise DOUBLE;
+ALTER TABLE predicted_errors ADD COLUMN IF NOT EXISTS err_gptq_attention DOUBLE;
+ALTER TABLE predicted_errors ADD COLUMN IF NOT EXISTS err_aware_layerwise DOUBLE;
+ALTER TABLE predicted_errors ADD COLUMN IF NOT EXISTS err_aware_attention DOUBLE;
 """
 TABLES = ("analysis_blocks", "layer_metrics", "predicted_errors")  # rows keyed by `analysis`
 REMOTE_STALE = timedelta(hours=6)
