@@ -10,8 +10,8 @@ import torch
 
 import aptq.sensitivity as sensitivity
 from aptq import analyses
-from aptq.cli import main
 from aptq.capture import BlockWalk
+from aptq.cli import main
 from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
 from aptq.errors import UserError
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
@@ -162,6 +162,7 @@ def test_cli_analyze_prints_where_the_results_are_and_caches(tiny_model_dir, cor
     assert str(tmp_path / "cli.duckdb") in out and "Most sensitive" in out and "Least sensitive" in out
     assert "(computed)" in out
     assert main(common) == 0 and "(cache hit)" in capsys.readouterr().out
+    assert main([*common, "--quantizer-errors"]) == 0 and "GPTQ and attention-aware GPTQ" in capsys.readouterr().out
     assert main([*common, "--samples", "100000"]) == 2  # the last value wins
     err = capsys.readouterr().err
     assert err.startswith("error: The calibration text has") and err.count("\n") == 1
