@@ -20,6 +20,8 @@ that width: the regime the plans live in, large enough to stand above float roun
 (our choice) The validation part: the last `holdout` share of the analysis's calibration segments (never the
 evaluation split). The Hessians of the analysis saw these segments too; the rates themselves are measured only here.
 The standard error of `r_l` is that of its mean over the validation segments (one rate per segment).
+(our choice) A negative fitted rate (a KL below float resolution: the true KL is ≥ 0) is set to 0, the constrained
+least-squares estimate, with a warning naming the layers; its standard error is kept.
 KL is measured as everywhere else in the tool: against the reference's top-k log-probabilities (aptq.evaluate).
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -108,7 +111,7 @@ def _segment_kls(loaded: LoadedModel, windows: torch.Tensor, reference: Referenc
     kls = []
     for i in range(windows.shape[0]):
         stats = ReferenceStats(reference.log_probs[i:i + 1], reference.token_ids[i:i + 1])
-        kls.append(evaluate(loaded.model, windows[i:i + 1], reference=stats).kl)
+        kls.append(evaluate(loaded.model, windows[i:i + 1], reference=stats).kl_divergence)
     return np.array(kls)
 
 
@@ -132,8 +135,11 @@ def measure_layer(loaded: LoadedModel, name: str, levels: np.ndarray, windows: t
         raise UserError(f"Noise in {name} leaves every validation token's prediction unchanged (no validation token "
                         f"reaches it); hold out more calibration segments so that it gets tokens.")
     rates = (kl * levels[:, None]).sum(axis=0) / (levels ** 2).sum()  # least squares through the origin, per segment
+    if rates.mean() < 0:
+        warnings.warn(f"The KL of noise in {name} is below float resolution (fitted rate {rates.mean():.3g}); its "
+                      f"rate is set to 0.", RuntimeWarning, stacklevel=2)
     return LayerUnit(name, tuple(float(v) for v in levels), tuple(float(v) for v in kl.mean(axis=1)),
-                     float(rates.mean()), float(rates.std(ddof=1) / math.sqrt(len(rates))),
+                     max(float(rates.mean()), 0.0), float(rates.std(ddof=1) / math.sqrt(len(rates))),
                      time.perf_counter() - start)
 
 

@@ -50,7 +50,8 @@ def measure_plan(loaded, bits: dict[str, int], windows: dict[str, torch.Tensor],
             originals[name] = get_weight(loaded.model, layer).detach().clone()
             quantized, _ = quantize_layer(originals[name].float(), layer, None, QuantConfig(width, GROUP), settings)
             set_weight(loaded.model, layer, quantized)
-        return {label: evaluate(loaded.model, w, reference=references[label]).kl for label, w in windows.items()}
+        return {label: evaluate(loaded.model, w, reference=references[label]).kl_divergence
+                for label, w in windows.items()}
     finally:
         for name, weight in originals.items():
             set_weight(loaded.model, loaded.arch.layer(name), weight)
@@ -132,7 +133,8 @@ def write_report(args, table: pd.DataFrame, layers, errors, measured, units, ana
              f"of the calibration segments, noise of each layer's 3-bit RTN error size, {unit_seconds:.0f} s this "
              f"run, {units['seconds'].sum():.0f} s measured in all ({units['seconds'].mean():.1f} s per layer)",
              f"- plans: the analysed layers only (the other blocks stay in full precision), quantized with the "
-             f"pipeline's RTN (group {GROUP}); KL on the 4 validation segments and on the evaluation split's first "
+             f"pipeline's RTN (group {GROUP}); KL on the {args.samples // 4} validation segments and on the evaluation "
+             f"split's first "
              f"{args.tokens} tokens (windows of {args.seqlen})", "",
              "## Predicted errors per source (Σ over the analysed layers, raw units)", "",
              "| bits | RTN layer-wise | GPTQ layer-wise | aware layer-wise | RTN attention | GPTQ attention | "
@@ -167,7 +169,10 @@ def write_report(args, table: pd.DataFrame, layers, errors, measured, units, ana
               f"{r.kl_validation:.4f} | {r.kl_evaluation:.4f} | {r.heuristic_attention:.4g} ± "
               f"{r.heuristic_attention_se:.2g} | {r.calibrated_attention:.4f} ± {r.calibrated_attention_se:.2g} |"
               for r in table.itertuples()]
-    lines += ["", f"Spearman over the {len(distinct)} distinct plans:", "",
+    ratio_kl = distinct["kl_validation"] / distinct["calibrated_attention"]
+    lines += ["", f"Measured KL (validation) / KL predicted in the calibrated unit: median {ratio_kl.median():.3g}, "
+              f"range {ratio_kl.min():.3g} … {ratio_kl.max():.3g}.", "",
+              f"Spearman over the {len(distinct)} distinct plans:", "",
               "| predicted by | KL validation | KL evaluation |", "|---|---|---|"]
     for scoring in ("heuristic", "calibrated"):
         for label in ("attention", "layerwise"):

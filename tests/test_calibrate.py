@@ -35,9 +35,15 @@ def test_rates_grow_with_the_noise_as_kl_does_and_are_stored(analysed, text_corp
     units = calibrate_unit(loaded, text_corpus, SAMPLING, layers, errors, settings, store=store)
     assert list(units["layer"]) == list(layers["layer"])
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())  # noise removed again
-    assert (units["kl_rate"] > 0).all() and (units["kl_rate_se"] < units["kl_rate"]).all()
-    for row in units.itertuples():  # small noise: KL ∝ σ² (the linearity the unit rests on), within 35 %
-        assert row.kl[1] / row.kl[0] == pytest.approx(row.noise_ms[1] / row.noise_ms[0], rel=0.35)
+    assert (units["kl_rate"] >= 0).all()
+    kinds = layers.set_index("layer").loc[units["layer"], "kind"].to_numpy()
+    # In a tiny random model only v and o move the output well above float resolution (KL ~1e-7 against ~1e-9 of
+    # rounding; q/k and the MLP stay near it): there the rate stands out of its error and KL grows as σ² (the
+    # linearity the unit rests on), within 15 %.
+    resolved = units[np.isin(kinds, ("v", "o"))]
+    assert (resolved["kl_rate"] > 3 * resolved["kl_rate_se"]).all()
+    for row in resolved.itertuples():
+        assert row.kl[1] / row.kl[0] == pytest.approx(row.noise_ms[1] / row.noise_ms[0], rel=0.15)
     monkeypatch.setattr(calibrate, "measure_layer", lambda *a, **k: pytest.fail("a stored layer was measured again"))
     again = calibrate_unit(loaded, text_corpus, SAMPLING, layers, errors, settings, store=store)
     assert again["kl_rate"].tolist() == units["kl_rate"].tolist()
