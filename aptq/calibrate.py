@@ -85,7 +85,12 @@ def validation_segments(segments: torch.Tensor, holdout: float) -> torch.Tensor:
 
 
 def noise_levels(layers: pd.DataFrame, errors: pd.DataFrame, noise_bits: tuple[int, ...]) -> pd.DataFrame:
-    """(layers × levels) σ² per layer: err_layerwise(l, b) / trace_layerwise(l) (see the module docstring)."""
+    """(layers × levels) σ² per layer: err_layerwise(l, b) / trace_layerwise(l) (see the module docstring).
+
+    (our choice) With errors for several group sizes the largest number's are used: the noise only needs a size.
+    """
+    if "group_size" in errors.columns:
+        errors = errors[errors["group_size"] == errors["group_size"].max()]
     missing = sorted(set(noise_bits) - set(errors["bits"]))
     if missing:
         raise UserError(f"The analysis has no predicted errors at {missing} bits for the noise levels; choose noise "

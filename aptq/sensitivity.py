@@ -19,7 +19,7 @@ layers   layer, block, kind, fused (the name of the stored tensor a layer shares
          pooled_hessian    an expert with too few routed tokens, given the pooled Hessian (aptq.experts)
 Models without the attention-aware path (`arch.attention_unavailable_reason`): the attention columns repeat the
 layer-wise ones (our choice: every solver keeps working; the CLI and the pages say the metric is unavailable).
-errors   layer, bits, group_size,
+errors   layer, bits, group_size (the setting's, then each of `extra_group_sizes`),
          err_layerwise     tr(ΔW H ΔWᵀ) with the round-to-nearest error ΔW
          err_attention     v: Σ_g tr(ΔW_g H_V,g ΔW_gᵀ); q/k: tr(G ΔW H ΔWᵀ); o and MLP: = err_layerwise
          err_gptq_layerwise, err_gptq_attention     the same two measures of the ΔW that GPTQ leaves
@@ -33,6 +33,7 @@ errors   layer, bits, group_size,
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import warnings
@@ -80,6 +81,7 @@ class AnalysisSettings:
     clip_search: bool = True
     max_blocks: int | None = None  # analyze only the first blocks (quick looks, tests)
     quantizer_errors: bool = False  # also the predicted errors of GPTQ and the attention-aware quantizer (costly)
+    extra_group_sizes: tuple[int, ...] = ()  # more group sizes to predict errors for: (bits, group) candidates
     batch_size: int | None = None  # segments per forward pass; speed only, not part of the cache key
     device: str | None = None  # compute device (default: the model's); not part of the cache key
 
@@ -87,9 +89,16 @@ class AnalysisSettings:
         fields = asdict(self)
         del fields["batch_size"], fields["device"]
         fields["bits"] = sorted(set(self.bits))
-        if not self.quantizer_errors:  # (our choice) absent when off: analyses stored before it keep their keys
-            del fields["quantizer_errors"]
+        fields["extra_group_sizes"] = sorted(set(self.extra_group_sizes) - {self.group_size})
+        for name in ("quantizer_errors", "extra_group_sizes"):  # (our choice) absent when off: analyses stored
+            if not fields[name]:  # before these settings existed keep their keys
+                del fields[name]
         return fields
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Every group size the predicted errors are computed for, the main one first."""
+        return [self.group_size, *sorted(set(self.extra_group_sizes) - {self.group_size})]
 
 
 @dataclass(frozen=True)
@@ -155,16 +164,15 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
             "score": trace_lm / n_params, "residual_ms": hessians.residual[module],
             "tokens": hessians.layer_tokens.get(layer.name, hessians.tokens),
             "pooled_hessian": layer.name in hessians.pooled})
-        for bits in sorted(set(settings.bits)):
-            config = QuantConfig(bits, settings.group_size, symmetric=settings.symmetric,
-                                 clip_search=settings.clip_search)
+        for bits, group_size in itertools.product(sorted(set(settings.bits)), settings.group_sizes):
+            config = QuantConfig(bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search)
             # (our choice) one RTN ΔW per (layer, bits), its clipping searched with the layer-wise H, scored under
             # both Hessians: the two error columns then differ only by the Hessian.
             quantized = {"": rtn(weight, config, h)}
             if settings.quantizer_errors:
                 quantized |= {f"{infix}_": _quantized_by(weight, layer, hessians, config, quantizer)
                               for infix, quantizer in QUANTIZER_SOURCES.items()}
-            record = {"layer": layer.name, "bits": bits, "group_size": settings.group_size}
+            record = {"layer": layer.name, "bits": bits, "group_size": group_size}
             for prefix, q in quantized.items():
                 record[f"err_{prefix}layerwise"] = float(layer_error(weight, q, h))
                 record[f"err_{prefix}attention"] = _attention_error(weight, q, layer.name, hessians, arch, h,
@@ -251,8 +259,8 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
     if settings.probes < 1:
         raise UserError("The APTQ traces need at least 1 Hutchinson probe per segment.")
     try:
-        for bits in settings.bits:
-            QuantConfig(bits, settings.group_size)
+        for bits, group_size in itertools.product(settings.bits, settings.group_sizes):
+            QuantConfig(bits, group_size)
     except ValueError as exc:
         raise UserError(f"Bad quantization setting: {exc}") from exc
     validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment")

@@ -10,6 +10,7 @@ import torch
 
 import aptq.sensitivity as sensitivity
 from aptq import analyses
+from aptq.allocate import AllocationRequest, allocate, summarize
 from aptq.capture import BlockWalk
 from aptq.cli import main
 from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
@@ -195,6 +196,21 @@ def test_quantizer_errors_are_the_objectives_of_the_quantizers_that_run(tiny_mod
                 assert row["err_aware_layerwise"] == row["err_gptq_layerwise"]
             assert row["err_aware_attention"] == pytest.approx(aware, rel=1e-5)
     assert (errors["err_gptq_layerwise"] < errors["err_layerwise"]).mean() > 0.5  # GPTQ beats RTN on its objective
+
+
+def test_extra_group_sizes_give_pair_candidates_their_errors(tiny_model_dir, corpus, store):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    settings = AnalysisSettings(group_size=32, bits=(2, 4), max_blocks=1, extra_group_sizes=(0, 32))
+    assert AnalysisSettings(group_size=32).key_fields() == AnalysisSettings(group_size=32,
+                                                                            extra_group_sizes=(32,)).key_fields()
+    layers, errors = analyze(loaded, corpus, SAMPLING, settings, store=store)
+    assert sorted(set(errors["group_size"])) == [0, 32] and len(errors) == 2 * 2 * len(layers)
+    by_group = errors.groupby("group_size")["err_layerwise"].sum()
+    assert by_group[0] > by_group[32]  # finer grids, less error
+    plan = allocate(layers, errors, AllocationRequest(3.0, "knapsack", ((2, 32), (4, 0), (4, 32))))
+    summary = summarize(plan, layers, errors)
+    assert summary["effective_bits"] <= 3.0 and set(plan.group_sizes.values()) <= {0, 32}
+    assert np.isfinite(summary["predicted_error_attention"])
 
 
 @pytest.mark.integration
