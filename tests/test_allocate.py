@@ -427,7 +427,8 @@ def test_predicted_totals_carry_the_propagated_standard_error():
     # heuristic factors 10/2/1 = 5, 4/1/8 = 0.5, 6/3/2 = 1, their errors 1/2 = 0.5, 0.5/8, 0; raw errors 1, 8, 4
     assert summary["predicted_error_attention"] == pytest.approx(5 * 1 + 0.5 * 8 + 1 * 4)
     assert summary["predicted_error_attention_se"] == pytest.approx(np.hypot(0.5 * 1, 0.0625 * 8))
-    calibrated = summarize(Plan(plan.bits, AllocationRequest(3.0, candidates=(2, 4), unit="calibrated")), layers, errors)
+    in_kl = Plan(plan.bits, AllocationRequest(3.0, candidates=(2, 4), unit="calibrated"))
+    calibrated = summarize(in_kl, layers, errors)
     # calibrated factors kl_rate / trace_attention: 0.1, 0.1, 0.2 (errors 0.01, 0, 0.02)
     assert calibrated["predicted_error_attention"] == pytest.approx(0.1 * 1 + 0.1 * 8 + 0.2 * 4)
     assert calibrated["predicted_error_attention_se"] == pytest.approx(np.hypot(0.01 * 1, 0.02 * 4))
