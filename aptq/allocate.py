@@ -1,13 +1,18 @@
 """Bit budget → mixed-precision plan, from the cached sensitivity tables alone (docs/algorithms.md §10).
 
-Reads `layers[layer, block, kind, fused, n_params, score (, d_in, trace_lm, trace_attention, trace_layerwise,
-residual_ms)]` and `errors[layer, bits, err_layerwise, err_attention (, group_size)]` as written by aptq.sensitivity;
-never touches the model, so a plan takes milliseconds.
+Reads `layers[layer, block, kind, fused, n_params, score (, d_in, trace_lm, trace_lm_se, trace_attention,
+trace_layerwise, residual_ms, kl_rate, kl_rate_se)]` and `errors[layer, bits, err_layerwise, err_attention (,
+group_size, err_gptq_*, err_aware_*)]` as written by aptq.sensitivity (kl_rate: aptq.calibrate.with_unit); never
+touches the model, so a plan takes milliseconds.
+
+Error source (`AllocationRequest.quantizer`): the solvers use the predicted errors of the quantizer that will run —
+round-to-nearest (err_layerwise, err_attention), GPTQ (err_gptq_*) or the attention-aware GPTQ (err_aware_*); each
+source has a layer-wise and an attention-aware measure of its ΔW (see aptq.sensitivity).
 
 Predicted errors in one unit (our choice; the papers sum raw errors): each Hessian measures a layer's error where
 that Hessian lives — the value projection's before the out projection, q/k's in the attention scores, gate/up's in
 their own outputs — and blocks further down work on a residual stream hundreds of times larger than the first ones,
-so raw errors of different layers cannot be summed. Every error is multiplied by
+so raw errors of different layers cannot be summed. With the "heuristic" unit every error is multiplied by
 
     tr(H_LM) / tr(H_metric) / residual_ms
 
@@ -16,8 +21,12 @@ moves the error to the module output (o and down: factor 1 up to Hutchinson's no
 ‖h‖² of the residual stream that output is added to: pre-norm blocks read the stream through a normalization, so a
 later block sees an error relative to the stream's size. Measured on the embedded model (bench/results/sweep.md): at
 3.0 bits with RTN the raw sum gave perplexity 722, the module-output sum 3393, this relative sum 113 (uniform 3-bit:
-124). The knapsacks minimize and the summaries report these converted sums. A layers table without the trace and
-residual columns (synthetic tables) is used as given.
+124). With the "calibrated" unit the factor is measured instead: kl_rate / tr(H_metric), the KL per unit of the
+layer's error (aptq.calibrate), so that the converted sum predicts the KL itself. The knapsacks minimize and the
+summaries report these converted sums, with a standard error: the factors' standard errors (Hutchinson's trace_lm_se
+for the heuristic unit, kl_rate_se for the calibrated one) propagated as a sum of per-layer variances. A layers table
+without the trace and residual columns (synthetic tables), or with them empty (analyses stored before they
+existed), is used as given; a factor missing for some layers only is refused (never a silent mix of units).
 
 Methods:
   uniform             every free layer at the widest candidate that fits the budget once pins are charged
@@ -32,6 +41,11 @@ Constraints for every method: pins are kept and charged to the budget; per-kind 
 layer; layers stored fused share one width, so each fused set is one item (summed n_params and errors, a pin on any
 member pins the set). The budget counts all layers of the `layers` table; a layer pinned to full precision (16)
 counts at 16 bits (our choice: keeping a layer in fp16 costs memory like any other width).
+
+Candidates are widths (at `group_size`) or (bits, group size) pairs, e.g. (3, 64) against (4, 0): with any pair, a
+layer's option costs its effective bits (scale/zero overhead included, see summarize) and the budget is read in
+effective bits per weight; pairs are for the knapsack methods, and every pair's group size must divide every layer's
+d_in.
 """
 
 from __future__ import annotations
@@ -51,12 +65,17 @@ from aptq.widths import FULL_PRECISION, QUANT_WIDTHS, SCALE_ZERO_BITS
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 MAX_TABLE_CELLS = 1 << 24  # (our choice) DP back-pointer table cap: 16 MiB of int8
 LAYER_COLUMNS = ("layer", "block", "kind", "fused", "n_params")
-ERROR_COLUMNS = ("layer", "bits", "err_layerwise", "err_attention")
-METRIC_TRACES = {"err_attention": "trace_attention", "err_layerwise": "trace_layerwise"}  # the metric's own Hessian
 # A plan's predicted total error under each metric: its key in summaries and its column in the runs table.
 PREDICTED_ERROR_ATTENTION = "predicted_error_attention"
 PREDICTED_ERROR_LAYERWISE = "predicted_error_layerwise"
 PREDICTED_ERRORS = {PREDICTED_ERROR_ATTENTION: "err_attention", PREDICTED_ERROR_LAYERWISE: "err_layerwise"}
+# quantizer that will run → its predicted-error columns (layer-wise measure, attention-aware measure)
+ERROR_SOURCES = {"rtn": ("err_layerwise", "err_attention"), "gptq": ("err_gptq_layerwise", "err_gptq_attention"),
+                 "attention": ("err_aware_layerwise", "err_aware_attention")}
+METRIC_TRACES = {column: trace for columns in ERROR_SOURCES.values()  # each error column's own Hessian trace
+                 for column, trace in zip(columns, ("trace_layerwise", "trace_attention"))}
+UNIT_COLUMNS = {"heuristic": ("trace_lm", "trace_lm_se", "residual_ms"), "calibrated": ("kl_rate", "kl_rate_se")}
+Candidate = int | tuple[int, int]  # a width at the request's group size, or (bits, group size)
 
 
 class AllocationError(UserError, ValueError):
@@ -67,13 +86,15 @@ class AllocationError(UserError, ValueError):
 class AllocationRequest:
     budget: float  # average bits per weight over all layers of the layers table
     method: str = "knapsack"
-    candidates: tuple[int, ...] = (2, 3, 4, 8)
+    candidates: tuple[Candidate, ...] = (2, 3, 4, 8)
     pins: Mapping[str, int] = field(default_factory=dict)  # layer → bits (2–8, or 16 = full precision)
     min_bits: Mapping[str, int] = field(default_factory=dict)  # kind → lowest allowed width
     max_bits: Mapping[str, int] = field(default_factory=dict)  # kind → highest allowed width
     low_high: tuple[int, int] = (2, 4)  # the aptq rule's two widths
     seed: int = 0  # for method "random"
     group_size: int = 128  # columns per scale/zero group (0 = per output channel): selects errors, effective bits
+    quantizer: str = "rtn"  # whose predicted errors the solvers use (ERROR_SOURCES): the quantizer that will run
+    unit: str = "heuristic"  # how errors of different layers are made comparable (UNIT_COLUMNS; module docstring)
 
 
 @dataclass(frozen=True)
@@ -81,14 +102,22 @@ class Plan:
     bits: dict[str, int]  # every layer of the layers table → its width
     request: AllocationRequest
     notes: tuple[str, ...] = ()  # what the solver did, e.g. the uniform width used or the knapsack resolution
+    group_sizes: dict[str, int] = field(default_factory=dict)  # per layer, when the candidates were (bits, group)
+    # pairs; empty: every layer at request.group_size
+
+    def group_size_of(self, layers: pd.DataFrame) -> np.ndarray:
+        """The group size of each layer of `layers` in this plan."""
+        return layers["layer"].map(self.group_sizes).fillna(self.request.group_size).to_numpy(dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class _Problem:
-    """The request in solver form: one row per fused set, one column per width."""
+    """The request in solver form: one row per fused set, one column per option."""
 
-    widths: np.ndarray  # (m,) sorted: the candidates plus any pinned quantized width
+    widths: np.ndarray  # (m,) bits of each option, sorted: the candidates plus any pinned quantized width
+    groups: np.ndarray  # (m,) group size of each option
     n: np.ndarray  # (S,) int64 parameters per free set
+    cost: np.ndarray  # (S, m) int64 bit·params of each set at each option (effective bits with pair candidates)
     allowed: np.ndarray  # (S, m) bool: candidate within the set's kind bounds
     err: np.ndarray  # (S, m) summed predicted error of the set at each width (metric of the method)
     score: np.ndarray  # (S,) parameter-weighted mean score (aptq only)
@@ -107,7 +136,10 @@ def allocate(layers: pd.DataFrame, errors: pd.DataFrame, request: AllocationRequ
     choice, notes = _solve(problem, request)
     set_bits = pinned.copy()
     set_bits[free] = problem.widths[choice]
-    return Plan({name: int(b) for name, b in zip(names, set_bits[set_of_layer])}, request, tuple(notes))
+    sizes = np.full(len(pinned), request.group_size)
+    sizes[free] = problem.groups[choice]
+    chosen_sizes = {name: int(g) for name, g in zip(names, sizes[set_of_layer])} if _has_pairs(request) else {}
+    return Plan({name: int(b) for name, b in zip(names, set_bits[set_of_layer])}, request, tuple(notes), chosen_sizes)
 
 
 def summarize(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict:
@@ -121,7 +153,7 @@ def summarize(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict:
     bits = layers["layer"].map(plan.bits).to_numpy(dtype=np.int64)
     n = layers["n_params"].to_numpy(dtype=np.int64)
     total = int(n.sum())
-    size = weight_size(layers, bits, plan.request.group_size)
+    size = weight_size(layers, bits, plan.group_size_of(layers))
     per_kind = pd.DataFrame({"kind": layers["kind"].to_numpy(), "nb": n * bits, "n": n})
     by_kind = per_kind.groupby("kind", sort=False).sum()
     widths, counts = np.unique(bits, return_counts=True)
@@ -134,16 +166,18 @@ def summarize(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict:
         **size,
         "fp16_size_mb": total * FULL_PRECISION / 8e6,
         "compression": total * FULL_PRECISION / 8e6 / size["size_mb"],
-        **{name: _predicted_error(plan, layers, errors, metric) for name, metric in PREDICTED_ERRORS.items()},
+        "error_source": plan.request.quantizer,
+        "error_unit": plan.request.unit,
+        **_predicted_errors(plan, layers, errors),
         "bits_by_kind": {str(k): float(row.nb / row.n) for k, row in by_kind.iterrows()},
         "layers_by_bits": {int(w): int(c) for w, c in zip(widths, counts)},
         "notes": list(plan.notes),
     }
 
 
-def weight_size(layers: pd.DataFrame, bits: np.ndarray, group_size: int) -> dict[str, float]:
+def weight_size(layers: pd.DataFrame, bits: np.ndarray, group_size: int | np.ndarray) -> dict[str, float]:
     """avg_bits, effective_bits (with scale/zero overhead) and size_mb of the layers' weights at `bits` each
-    (16 = kept in fp16, no overhead); see summarize."""
+    (16 = kept in fp16, no overhead) and `group_size` (one for all, or one per layer); see summarize."""
     n = layers["n_params"].to_numpy(dtype=np.int64)
     stored = bits + _overhead_bits(layers, group_size) * (bits < FULL_PRECISION)
     return {"avg_bits": float((n * bits).sum() / n.sum()), "effective_bits": float((n * stored).sum() / n.sum()),
@@ -171,17 +205,43 @@ def _fmt_down(value: float) -> str:
     return _fmt(math.floor(round(value * 1000, 6)) / 1000)
 
 
+def _has_pairs(request: AllocationRequest) -> bool:
+    return any(not isinstance(c, int | np.integer) for c in request.candidates)
+
+
+def _options(request: AllocationRequest) -> list[tuple[int, int]]:
+    """The candidates as (bits, group size) pairs, plain widths at the request's group size."""
+    options = []
+    for candidate in request.candidates:
+        pair = (candidate, request.group_size) if isinstance(candidate, int | np.integer) else tuple(candidate)
+        if len(pair) != 2 or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in pair) \
+                or pair[1] < 0:
+            raise AllocationError(f"The candidate {candidate!r} is neither a width nor a (bits, group size) pair of "
+                                  f"integers with a group size of 0 (per channel) or more; write e.g. 3 or (3, 64).")
+        options.append((int(pair[0]), int(pair[1])))
+    return options
+
+
 def _check_request(request: AllocationRequest) -> None:
     if request.method not in ALLOCATORS:
         raise AllocationError(f"Unknown method {request.method!r}; use one of {', '.join(ALLOCATORS)}.")
+    if request.quantizer not in ERROR_SOURCES:
+        raise AllocationError(f"Unknown error source {request.quantizer!r}; use the quantizer that will run, one of "
+                              f"{', '.join(ERROR_SOURCES)}.")
+    if request.unit not in UNIT_COLUMNS:
+        raise AllocationError(f"Unknown unit {request.unit!r}; use one of {', '.join(UNIT_COLUMNS)}.")
     if not request.candidates:
         raise AllocationError("The candidate set is empty; pick at least one width between 2 and 8 bits.")
-    outside = sorted({int(c) for c in request.candidates} - set(QUANT_WIDTHS))
+    if _has_pairs(request) and request.method not in ("knapsack", "knapsack-layerwise"):
+        raise AllocationError(f"Candidates with group sizes are for the knapsack methods; give {request.method} "
+                              f"plain widths and set group_size.")
+    widths = [bits for bits, _ in _options(request)]
+    outside = sorted(set(widths) - set(QUANT_WIDTHS))
     if outside:
         raise AllocationError(f"Candidate widths must be between 2 and 8 bits; remove {outside}.")
-    if not math.isfinite(request.budget) or request.budget < min(request.candidates):
+    if not math.isfinite(request.budget) or request.budget < min(widths):
         raise AllocationError(f"The budget {_fmt(request.budget)} bits per weight is below the smallest candidate "
-                              f"width ({min(request.candidates)} bits); raise it to at least {min(request.candidates)} "
+                              f"width ({min(widths)} bits); raise it to at least {min(widths)} "
                               f"or add a narrower candidate.")
     for bounds, label in ((request.min_bits, "min_bits"), (request.max_bits, "max_bits")):
         unknown = sorted(set(bounds) - set(KINDS))
@@ -189,14 +249,28 @@ def _check_request(request: AllocationRequest) -> None:
             raise AllocationError(f"{label} names unknown layer kinds {unknown}; use any of {', '.join(KINDS)}.")
     if request.method == "aptq":
         low, high = request.low_high
-        if not low < high or {low, high} - set(request.candidates):
+        if not low < high or {low, high} - set(widths):
             raise AllocationError(f"The aptq widths {tuple(request.low_high)} must be two candidate widths, low below "
-                                  f"high; pick them from {tuple(sorted(request.candidates))}.")
+                                  f"high; pick them from {tuple(sorted(widths))}.")
+
+
+def _check_group_sizes(layers: pd.DataFrame, options: list[tuple[int, int]]) -> None:
+    """Every group size of a pair candidate splits every layer's input columns into whole groups."""
+    if "d_in" not in layers.columns:
+        raise AllocationError("Candidates with group sizes need the layers' d_in column; pass the sensitivity "
+                              "analysis's layers table.")
+    d_in = layers["d_in"].to_numpy(dtype=np.int64)
+    for group in sorted({g for _, g in options if g > 0}):
+        bad = np.flatnonzero(d_in % group)
+        if len(bad):
+            common = int(np.gcd.reduce(d_in))
+            raise AllocationError(f"The group size {group} does not divide the {d_in[bad[0]]} input columns of "
+                                  f"{layers['layer'].iloc[bad[0]]}; use a divisor of {common} (every layer's d_in "
+                                  f"is a multiple of it) or 0 (per channel).")
 
 
 def _fused_sets(layers: pd.DataFrame) -> pd.Series:
-    """Each layer's fused set (the layers sharing one width): the `fused` column, or the layer's own name where it is
-    empty (not fused)."""
+    """The `fused` column, with a layer's own name where it is empty (not fused)."""
     missing = sorted(set(LAYER_COLUMNS) - set(layers.columns))
     if missing:
         raise AllocationError(f"The layers table lacks columns {missing}; pass the sensitivity analysis's table.")
@@ -234,22 +308,31 @@ def _fused_set_pins(pins: Mapping[str, int], names: np.ndarray, set_of_layer: np
 def _build_problem(layers: pd.DataFrame, errors: pd.DataFrame, request: AllocationRequest, names: np.ndarray,
                    set_of_layer: np.ndarray, pinned: np.ndarray) -> tuple[_Problem, np.ndarray]:
     n_sets = len(pinned)
-    pin_widths = {int(w) for w in pinned if 0 < w < FULL_PRECISION}
-    widths = np.array(sorted(set(int(c) for c in request.candidates) | pin_widths), dtype=np.int64)
+    candidates = _options(request)
+    effective = _has_pairs(request)
+    if effective:
+        _check_group_sizes(layers, candidates)
+    pin_options = {(int(w), request.group_size) for w in pinned if 0 < w < FULL_PRECISION}
+    options = sorted(set(candidates) | pin_options)
+    widths = np.array([bits for bits, _ in options], dtype=np.int64)
+    groups = np.array([group for _, group in options], dtype=np.int64)
     n_layer = layers["n_params"].to_numpy(dtype=np.int64)
     n_set = np.bincount(set_of_layer, weights=n_layer, minlength=n_sets).round().astype(np.int64)
-    layer_allowed = _kind_allowed(layers, widths, request)
+    layer_allowed = _kind_allowed(layers, options, set(candidates), request)
     # A set may use a width only if every member may (members of a fused set can differ in kind).
     set_allowed = np.stack([np.bincount(set_of_layer, weights=~layer_allowed[:, j], minlength=n_sets) == 0
                               for j in range(len(widths))], axis=1)
     free = pinned == 0
     _check_bounds(set_allowed, free, layers, set_of_layer)
-    metric = "err_layerwise" if request.method == "knapsack-layerwise" else "err_attention"
-    layer_err = _error_matrix(layers, errors, names, widths, metric, request.group_size)
+    metric = error_column(request)
+    layer_err = _error_matrix(layers, errors, names, options, metric, request.unit)
     _check_coverage(layer_err, set_allowed[set_of_layer] & free[set_of_layer, None], pinned[set_of_layer], names,
-                    widths)
+                    options, request.group_size)
     set_err = np.stack([np.bincount(set_of_layer, weights=np.nan_to_num(layer_err[:, j]), minlength=n_sets)
                           for j in range(len(widths))], axis=1)
+    layer_cost = _layer_costs(layers, widths, groups, effective)
+    group_cost = np.stack([np.bincount(set_of_layer, weights=layer_cost[:, j], minlength=n_sets)
+                           for j in range(len(widths))], axis=1).round().astype(np.int64)
     score = np.zeros(n_sets)
     if request.method == "aptq":
         if "score" not in layers.columns:
@@ -260,20 +343,42 @@ def _build_problem(layers: pd.DataFrame, errors: pd.DataFrame, request: Allocati
         single = np.bincount(set_of_layer, minlength=n_sets)[set_of_layer] == 1
         score[set_of_layer[single]] = layer_score[single]
     total = int(n_layer.sum())
-    pinned_cost = int((n_set * pinned).sum())
+    layer_pins = pinned[set_of_layer]
+    pinned_cost = int(_layer_costs(layers, layer_pins[:, None], np.full(1, request.group_size), effective)[
+        layer_pins > 0].sum())
     capacity = math.floor(Fraction(request.budget) * total) - pinned_cost  # exact: no float rounding at the budget
-    problem = _Problem(widths, n_set[free], set_allowed[free], set_err[free], score[free], capacity, pinned_cost,
-                       total)
+    problem = _Problem(widths, groups, n_set[free], group_cost[free], set_allowed[free], set_err[free],
+                       score[free], capacity, pinned_cost, total)
     _check_feasible(problem, request)
     return problem, free
 
 
-def _kind_allowed(layers: pd.DataFrame, widths: np.ndarray, request: AllocationRequest) -> np.ndarray:
-    """(L, m): the width is a candidate and within the layer kind's bounds."""
+def error_column(request: AllocationRequest) -> str:
+    """The predicted-error column the request's method minimizes, from its quantizer's source."""
+    layerwise, attention = ERROR_SOURCES[request.quantizer]
+    return layerwise if request.method == "knapsack-layerwise" else attention
+
+
+def _layer_costs(layers: pd.DataFrame, widths: np.ndarray, groups: np.ndarray, effective: bool) -> np.ndarray:
+    """(L, m) bit·params of each layer at each option: n·b, plus with `effective` the fp16 scale and zero of every
+    group of every row (none at 16 bits, kept in fp16)."""
+    n = layers["n_params"].to_numpy(dtype=np.int64)[:, None]
+    nominal = n * widths
+    if not effective:
+        return nominal
+    d_in = layers["d_in"].to_numpy(dtype=np.int64)[:, None]
+    groups_per_row = np.where(groups > 0, -(-d_in // np.maximum(groups, 1)), 1)
+    return nominal + (widths < FULL_PRECISION) * (n // d_in) * SCALE_ZERO_BITS * groups_per_row
+
+
+def _kind_allowed(layers: pd.DataFrame, options: list[tuple[int, int]], candidates: set[tuple[int, int]],
+                  request: AllocationRequest) -> np.ndarray:
+    """(L, m): the option is a candidate and its width within the layer kind's bounds."""
     kinds = layers["kind"].astype(str)
     low = kinds.map(request.min_bits).fillna(0).to_numpy(dtype=float)
     high = kinds.map(request.max_bits).fillna(FULL_PRECISION).to_numpy(dtype=float)
-    candidate = np.isin(widths, np.array(request.candidates))
+    widths = np.array([bits for bits, _ in options])
+    candidate = np.array([option in candidates for option in options])
     return candidate & (widths >= low[:, None]) & (widths <= high[:, None])
 
 
@@ -285,22 +390,25 @@ def _check_bounds(set_allowed: np.ndarray, free: np.ndarray, layers: pd.DataFram
                               f"(kind {layers['kind'].iloc[member]}); widen min_bits/max_bits or add a candidate.")
 
 
-def _error_matrix(layers: pd.DataFrame, errors: pd.DataFrame, names: np.ndarray, widths: np.ndarray,
-                  metric: str, group_size: int) -> np.ndarray:
-    """(L, m) predicted error of each layer at each width, in one unit; NaN where the table has no row."""
-    missing = sorted(set(ERROR_COLUMNS) - set(errors.columns))
-    if missing:
-        raise AllocationError(f"The errors table lacks columns {missing}; pass the sensitivity analysis's table.")
-    errors = comparable_errors(layers, _errors_for_group(errors, group_size), metric)
-    row = pd.Index(names).get_indexer(errors["layer"])
-    bits = errors["bits"].to_numpy(dtype=np.int64)
-    col = np.minimum(np.searchsorted(widths, bits), len(widths) - 1)
-    keep = (row >= 0) & (widths[col] == bits)
-    row, col = row[keep], col[keep]
-    if len(np.unique(row * len(widths) + col)) < len(row):
-        raise AllocationError("The errors table has several rows for one (layer, bits); keep one group size.")
-    matrix = np.full((len(names), len(widths)), np.nan)
-    matrix[row, col] = errors[metric].to_numpy(dtype=float)[keep]
+def _error_matrix(layers: pd.DataFrame, errors: pd.DataFrame, names: np.ndarray, options: list[tuple[int, int]],
+                  metric: str, unit: str) -> np.ndarray:
+    """(L, m) predicted error of each layer at each option, in one unit; NaN where the table has no row."""
+    missing = sorted({"layer", "bits", metric} - set(errors.columns))
+    if missing or errors[metric].isna().all():
+        source = next(q for q, columns in ERROR_SOURCES.items() if metric in columns)
+        fix = ("rerun the analysis with quantizer errors on (aptq analyze --quantizer-errors)" if source != "rtn"
+               else "pass the sensitivity analysis's table")
+        raise AllocationError(f"The errors table has no {metric} values (the predicted errors of {source}); {fix}, or "
+                              f"choose another error source.")
+    matrix = np.full((len(names), len(options)), np.nan)
+    for group in sorted({g for _, g in options}):
+        table = comparable_errors(layers, _errors_for_group(errors, group), metric, unit)
+        if table.duplicated(["layer", "bits"]).any():
+            raise AllocationError("The errors table has several rows for one (layer, bits); keep one group size.")
+        values = table.set_index(["layer", "bits"])[metric]
+        for j, (bits, option_group) in enumerate(options):
+            if option_group == group:
+                matrix[:, j] = values.reindex(pd.MultiIndex.from_arrays([names, np.full(len(names), bits)])).to_numpy()
     return matrix
 
 
@@ -317,30 +425,58 @@ def _errors_for_group(errors: pd.DataFrame, group_size: int) -> pd.DataFrame:
     return errors[errors["group_size"] == group_size]
 
 
-def comparable_errors(layers: pd.DataFrame, errors: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """`errors` with `metric` × tr(H_LM) / tr(H_metric) / residual_ms per layer: the unit in which the solvers sum
-    them (see the module docstring)."""
+def unit_factors(layers: pd.DataFrame, metric: str, unit: str = "heuristic") -> tuple[np.ndarray, np.ndarray] | None:
+    """Per layer of `layers`: the factor that puts `metric` into the unit, and its standard error; None when the
+    table has no such columns (synthetic tables, or an analysis stored before them: used as given).
+
+    heuristic: tr(H_LM) / tr(H_metric) / residual_ms, error from trace_lm_se; calibrated: kl_rate / tr(H_metric),
+    error from kl_rate_se. A layer with tr(H_metric) = 0 (inputs all zero) has zero error and factor 1.
+    """
     trace = METRIC_TRACES[metric]
-    if not {"trace_lm", trace, "residual_ms"} <= set(layers.columns):
-        return errors
-    # A zero trace (inputs all zero) means zero error anyway; a missing value leaves the error as it is.
+    value, spread, *divisors = UNIT_COLUMNS[unit]
+    needed = {value, trace, *divisors}
+    if not needed <= set(layers.columns) or layers[[value, *divisors]].isna().all().any():
+        if unit == "calibrated":
+            raise AllocationError("The calibrated unit needs the layers' measured kl_rate; run the unit calibration "
+                                  "(aptq.calibrate) first or choose the heuristic unit.")
+        return None
     own = layers[trace].to_numpy(dtype=float)
+    scale = layers[divisors].to_numpy(dtype=float).prod(axis=1) if divisors else np.ones(len(layers))
     with np.errstate(divide="ignore", invalid="ignore"):
-        factor = layers["trace_lm"].to_numpy(dtype=float) / own / layers["residual_ms"].to_numpy(dtype=float)
-    factor = np.append(np.where((own > 0) & np.isfinite(factor), factor, 1.0), 1.0)  # last: layers not in the table
+        factor = layers[value].to_numpy(dtype=float) / own / scale
+        se = (layers[spread].to_numpy(dtype=float) if spread in layers.columns else np.nan) / own / scale
+    broken = np.flatnonzero(~np.isfinite(factor) & ~(own <= 0))
+    if len(broken):
+        raise AllocationError(f"The {unit} unit has no factor for {layers['layer'].iloc[broken[0]]} ({len(broken)} "
+                              f"layer(s); {', '.join(sorted(needed))} must be numbers): rerun the analysis"
+                              f"{' and the unit calibration' if unit == 'calibrated' else ''} rather than mix units.")
+    zero = own <= 0
+    return np.where(zero, 1.0, factor), np.where(zero, 0.0, se)
+
+
+def comparable_errors(layers: pd.DataFrame, errors: pd.DataFrame, metric: str,
+                      unit: str = "heuristic") -> pd.DataFrame:
+    """`errors` with `metric` × the layer's unit factor (unit_factors): the unit in which the solvers sum them (see
+    the module docstring)."""
+    factors = unit_factors(layers, metric, unit)
+    if factors is None:
+        return errors
+    factor = np.append(factors[0], 1.0)  # last: layers not in the table
     row = pd.Index(layers["layer"]).get_indexer(errors["layer"])  # −1 → the appended 1.0
     return errors.assign(**{metric: errors[metric].to_numpy(dtype=float) * factor[row]})
 
 
 def _check_coverage(layer_err: np.ndarray, needed: np.ndarray, layer_pins: np.ndarray, names: np.ndarray,
-                    widths: np.ndarray) -> None:
-    """Every width a layer may get (its candidates, or its pin below 16) needs a predicted error."""
-    needed = needed | (widths[None, :] == layer_pins[:, None])
+                    options: list[tuple[int, int]], group_size: int) -> None:
+    """Every option a layer may get (its candidates, or its pin below 16) needs a predicted error."""
+    needed = needed | np.array([[option == (pin, group_size) for option in options] for pin in layer_pins])
     gaps = np.argwhere(needed & ~np.isfinite(layer_err))
     if len(gaps):
         layer, col = gaps[0]
-        raise AllocationError(f"The errors table has no predicted error for {names[layer]} at {widths[col]} bits; "
-                              f"rerun the analysis with that width or remove it from the candidates and pins.")
+        bits, group = options[col]
+        raise AllocationError(f"The errors table has no predicted error for {names[layer]} at {bits} bits"
+                              f"{f' (group size {group})' if group != group_size else ''}; rerun the analysis with "
+                              f"that width or remove it from the candidates and pins.")
 
 
 def _check_feasible(problem: _Problem, request: AllocationRequest) -> None:
@@ -356,22 +492,26 @@ def _check_feasible(problem: _Problem, request: AllocationRequest) -> None:
                               f"over the quantized weights{pins_part}; the budget is {_fmt(request.budget)} — lower "
                               f"the pins or bounds, or raise the budget to at least {_fmt_up(least)}.")
     most = (problem.pinned_cost + _cost(problem, _largest_allowed(problem))) / total
-    limit = max(max(request.candidates), most)
+    widest = int(problem.widths.max())
+    limit = max(widest, most)
     if request.budget > limit:
         raise AllocationError(f"The budget {_fmt(request.budget)} bits per weight is above the largest candidate width "
-                              f"({max(request.candidates)} bits); lower it to at most {_fmt_down(limit)} or add a "
+                              f"({widest} bits); lower it to at most {_fmt_down(limit)} or add a "
                               f"wider candidate.")
 
 
 def _smallest_allowed(problem: _Problem) -> np.ndarray:
-    return problem.allowed.argmax(axis=1)
+    """Per set: its cheapest allowed option (with plain widths, the narrowest)."""
+    return np.where(problem.allowed, problem.cost, np.iinfo(np.int64).max).argmin(axis=1)
 
 
 def _largest_allowed(problem: _Problem) -> np.ndarray:
-    return problem.allowed.shape[1] - 1 - problem.allowed[:, ::-1].argmax(axis=1)
+    """Per set: its dearest allowed option (the last of equals, as the column order is by width)."""
+    dearest = np.where(problem.allowed, problem.cost, -1)[:, ::-1]
+    return problem.allowed.shape[1] - 1 - dearest.argmax(axis=1)
 
 
-# ---- solvers: each returns one width column per free fused set -------------------------------------------------
+# ---- solvers: each returns one option column per free fused set ---------------------------------------------
 
 def _solve(problem: _Problem, request: AllocationRequest) -> tuple[np.ndarray, list[str]]:
     if not len(problem.n):
@@ -386,7 +526,7 @@ def _solve(problem: _Problem, request: AllocationRequest) -> tuple[np.ndarray, l
 
 
 def _cost(problem: _Problem, choice: np.ndarray) -> int:
-    return int((problem.n * problem.widths[choice]).sum())
+    return int(problem.cost[np.arange(len(choice)), choice].sum())
 
 
 def _nearest_allowed_below(problem: _Problem, width: int) -> np.ndarray:
@@ -446,7 +586,7 @@ def _random(problem: _Problem, seed: int) -> np.ndarray:
         lowerable = np.flatnonzero(choice > _smallest_allowed(problem))
         item = rng.choice(lowerable)
         lower = np.flatnonzero(problem.allowed[item, :choice[item]])[-1]
-        cost -= int(problem.n[item] * (problem.widths[choice[item]] - problem.widths[lower]))
+        cost -= int(problem.cost[item, choice[item]] - problem.cost[item, lower])
         choice[item] = lower
     return choice
 
@@ -458,88 +598,111 @@ def _knapsack(problem: _Problem) -> tuple[np.ndarray, list[str]]:
     integers in units of gcd(n_params) (real models share a large gcd, e.g. 110592 for SmolLM2-135M), which makes the
     DP exact. When that table would exceed MAX_TABLE_CELLS, the unit grows and each cost is rounded *up* to whole
     units: the plan then never exceeds the budget and is optimal up to that resolution (it may leave less than one
-    unit per set of the budget unused).
+    unit per group of the budget unused).
     """
     err = np.where(problem.allowed, problem.err, np.inf)
     base = _smallest_allowed(problem)
-    extra = problem.n[:, None] * (problem.widths[None, :] - problem.widths[base][:, None])
+    extra = problem.cost - problem.cost[np.arange(len(base)), base][:, None]
     spare = problem.capacity - _cost(problem, base)
     if spare >= int(np.where(problem.allowed, extra, 0).max(axis=1).sum()):
-        return err.argmin(axis=1), ["knapsack: the budget covers every set's least-error width"]
-    unit = int(np.gcd.reduce(problem.n))
-    n_sets = len(problem.n)
-    if n_sets * (spare // unit + 1) > MAX_TABLE_CELLS:
-        unit = -(-spare // (MAX_TABLE_CELLS // n_sets - 1))  # the smallest unit whose table fits
-        slack = n_sets * unit / problem.total_params  # rounding adds under one unit per set
+        return err.argmin(axis=1), ["knapsack: the budget covers every group's least-error width"]
+    unit = int(np.gcd.reduce(np.append(problem.n, extra[problem.allowed])))  # = gcd(n) with plain widths
+    groups = len(problem.n)
+    if groups * (spare // unit + 1) > MAX_TABLE_CELLS:
+        unit = -(-spare // (MAX_TABLE_CELLS // groups - 1))  # the smallest unit whose table fits
+        slack = groups * unit / problem.total_params  # rounding adds under one unit per group
         note = (f"knapsack: costs rounded up to units of {unit} weights: never over the budget, and at least as good "
                 f"as the exact optimum at {slack:.2g} bits per weight less")
     else:
-        note = f"knapsack: exact (costs in units of gcd(n_params) = {unit} weights)"
+        note = f"knapsack: exact (costs in units of {unit} weights, the gcd of the sizes and costs)"
     costs = np.where(problem.allowed, -(-extra // unit), -1)
     return _knapsack_dp(costs, err, spare // unit), [note]
 
 
 def _knapsack_dp(costs: np.ndarray, err: np.ndarray, capacity: int) -> np.ndarray:
-    """best[k] = least error of the sets so far within k units; back-pointers keep each set's choice per k.
+    """best[k] = least error of the groups so far within k units; back-pointers keep each group's choice per k.
 
-    Each set's narrowest allowed width costs 0; wider widths replace it where they do better (running element-wise
-    minima keep every pass contiguous). Only a window of k is live for set i: below K − (what the later sets can
-    still spend) nothing is ever read again, and above what the sets so far can spend at most, best is flat.
+    Each group's cheapest allowed option costs 0; dearer ones replace it where they do better (running element-wise
+    minima keep every pass contiguous). Only a window of k is live for group g: below K − (what the later groups can
+    still spend) nothing is ever read again, and above what the groups so far can spend at most, best is flat.
     """
-    n_sets = costs.shape[0]
+    groups = costs.shape[0]
     widest = costs.max(axis=1)
     capacity = min(capacity, int(widest.sum()))
     high = np.minimum(np.cumsum(widest), capacity)
     low = np.maximum(0, capacity - (widest.sum() - np.cumsum(widest)))
     best = np.zeros(capacity + 1)
-    picks = np.empty((n_sets, capacity + 1), dtype=np.int8)
+    picks = np.empty((groups, capacity + 1), dtype=np.int8)
     previous_high = 0
-    for i in range(n_sets):
-        lo, hi = int(low[i]), int(high[i])
-        best[previous_high + 1:hi + 1] = best[previous_high]  # flat beyond what the earlier sets can spend
-        options = np.flatnonzero(costs[i] >= 0)
-        new = best[lo:hi + 1] + err[i, options[0]]
-        picks[i, lo:hi + 1] = options[0]
+    for g in range(groups):
+        lo, hi = int(low[g]), int(high[g])
+        best[previous_high + 1:hi + 1] = best[previous_high]  # flat beyond what the earlier groups can spend
+        options = np.flatnonzero(costs[g] >= 0)
+        options = options[np.argsort(costs[g, options], kind="stable")]  # the cheapest (cost 0) first
+        new = best[lo:hi + 1] + err[g, options[0]]
+        picks[g, lo:hi + 1] = options[0]
         for j in options[1:]:
-            c = int(costs[i, j])
+            c = int(costs[g, j])
             start = max(lo, c)
             if start > hi:
                 continue
-            candidate = best[start - c:hi + 1 - c] + err[i, j]
+            candidate = best[start - c:hi + 1 - c] + err[g, j]
             better = candidate < new[start - lo:]
             np.copyto(new[start - lo:], candidate, where=better)
-            np.copyto(picks[i, start:hi + 1], j, where=better)
+            np.copyto(picks[g, start:hi + 1], j, where=better)
         best[lo:hi + 1] = new
         previous_high = hi
-    choice = np.empty(n_sets, dtype=np.int64)
+    choice = np.empty(groups, dtype=np.int64)
     k = capacity
-    for i in range(n_sets - 1, -1, -1):
-        k = min(k, int(high[i]))  # above `high` the table is flat: the same choice is optimal
-        choice[i] = picks[i, k]
-        k -= costs[i, choice[i]]
+    for g in range(groups - 1, -1, -1):
+        k = min(k, int(high[g]))  # above `high` the table is flat: the same choice is optimal
+        choice[g] = picks[g, k]
+        k -= costs[g, choice[g]]
     return choice
 
 
 # ---- summary helpers ----------------------------------------------------------------------------------------------
 
-def _overhead_bits(layers: pd.DataFrame, group_size: int) -> np.ndarray:
-    """Scale/zero bits per weight of each layer when quantized (see summarize)."""
-    if "d_in" in layers.columns:
-        d_in = layers["d_in"].to_numpy(dtype=float)
-    else:
-        d_in = np.sqrt(layers["n_params"].to_numpy(dtype=float))
-        if group_size > 0:
-            return np.full(len(layers), SCALE_ZERO_BITS / group_size)
-    groups_per_row = np.ceil(d_in / group_size) if group_size > 0 else np.ones_like(d_in)
-    return SCALE_ZERO_BITS * groups_per_row / d_in
+def _overhead_bits(layers: pd.DataFrame, group_size: int | np.ndarray) -> np.ndarray:
+    """Scale/zero bits per weight of each layer when quantized at its group size (see summarize)."""
+    group = np.broadcast_to(np.asarray(group_size, dtype=float), (len(layers),))
+    grouped = group > 0
+    size = np.where(grouped, group, 1.0)
+    if "d_in" not in layers.columns:
+        per_channel = SCALE_ZERO_BITS / np.sqrt(layers["n_params"].to_numpy(dtype=float))
+        return np.where(grouped, SCALE_ZERO_BITS / size, per_channel)
+    d_in = layers["d_in"].to_numpy(dtype=float)
+    return SCALE_ZERO_BITS * np.where(grouped, np.ceil(d_in / size), 1.0) / d_in
 
 
-def _predicted_error(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame, metric: str) -> float:
-    """Σ over layers of the predicted error (in one unit) at the plan's width; full-precision layers add 0; NaN if any
-    is missing."""
-    chosen = pd.DataFrame({"layer": list(plan.bits), "bits": list(plan.bits.values())})
-    quantized = chosen[chosen["bits"] < FULL_PRECISION]
-    table = comparable_errors(layers, _errors_for_group(errors, plan.request.group_size), metric)
-    table = table[["layer", "bits", metric]]
-    merged = quantized.merge(table, on=["layer", "bits"], how="left")
-    return float(merged[metric].sum()) if merged[metric].notna().all() else math.nan
+def _chosen_errors(chosen: pd.DataFrame, errors: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """`chosen` (layer, bits, group, row) with the raw `metric` of each layer at its width and group size."""
+    if chosen.empty:
+        return chosen.assign(**{metric: 0.0})
+    return pd.concat([part.merge(_errors_for_group(errors, int(group))[["layer", "bits", metric]],
+                                 on=["layer", "bits"], how="left") for group, part in chosen.groupby("group")])
+
+
+def _predicted_errors(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict[str, float]:
+    """The PREDICTED_ERRORS and their _se: Σ over quantized layers of the request's source's error at
+    the plan's width (and group size), in the request's unit; the standard error from the unit factors' (a sum of
+    per-layer variances). NaN where an error is missing, and the standard error NaN for tables used as given."""
+    bits = layers["layer"].map(plan.bits).to_numpy(dtype=np.int64)
+    chosen = pd.DataFrame({"layer": layers["layer"].to_numpy(), "bits": bits, "group": plan.group_size_of(layers),
+                           "row": np.arange(len(layers))})[bits < FULL_PRECISION]
+    totals = {}
+    names = (PREDICTED_ERROR_LAYERWISE, PREDICTED_ERROR_ATTENTION)
+    for name, metric in zip(names, ERROR_SOURCES[plan.request.quantizer]):
+        total = se = math.nan
+        if metric in errors.columns:
+            factors = unit_factors(layers, metric, plan.request.unit)
+            factor, factor_se = factors if factors is not None else (np.ones(len(layers)), np.full(len(layers), np.nan))
+            raw = _chosen_errors(chosen, errors, metric)
+            if raw[metric].notna().all():
+                values = raw[metric].to_numpy(dtype=float)
+                rows = raw["row"].to_numpy()
+                total = float((values * factor[rows]).sum())
+                se = float(np.sqrt(((values * factor_se[rows]) ** 2).sum()))
+        totals |= {name: total, f"{name}_se": se}
+    return {key: totals[key] for key in (PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE,
+                                         f"{PREDICTED_ERROR_ATTENTION}_se", f"{PREDICTED_ERROR_LAYERWISE}_se")}

@@ -17,9 +17,13 @@ layer_metrics      (analysis, layer) PK, position (order in the model), block, k
                    trace_layerwise, trace_attention, trace_lm, trace_lm_se, score_layerwise, score_attention, score,
                    residual_ms, tokens (calibration tokens its H came from: fewer for experts), pooled_hessian (an
                    expert that fell back to the block's pooled MLP Hessian)
-predicted_errors   (analysis, layer, bits, group_size) PK, err_layerwise, err_attention
+predicted_errors   (analysis, layer, bits, group_size) PK, err_layerwise, err_attention (round-to-nearest),
+                   err_gptq_layerwise, err_gptq_attention, err_aware_layerwise, err_aware_attention (GPTQ and the
+                   attention-aware quantizer; NULL unless the analysis setting quantizer_errors was on)
+unit_calibrations  (unit, layer) PK, noise_ms[], kl[] (per noise level), kl_rate, kl_rate_se, seconds — the measured
+                   cross-layer unit (aptq.calibrate); `unit` digests the analysis key and the calibration settings
 
-Columns added after the first release (residual_ms, owner, tokens, pooled_hessian) come in by
+Columns added after the first release (residual_ms, owner, tokens, pooled_hessian, the quantizer errors) come in by
 `ALTER TABLE … ADD COLUMN IF NOT EXISTS`, so older files keep working.
 
 One computation per analysis (our choice: a claim in the analysis row rather than a lock file, so that there is
@@ -39,13 +43,17 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from aptq.progress import Progress
 from aptq.store import Store
+
+if TYPE_CHECKING:
+    from aptq.calibrate import LayerUnit
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -73,6 +81,13 @@ ALTER TABLE layer_metrics ADD COLUMN IF NOT EXISTS pooled_hessian BOOLEAN;
 CREATE TABLE IF NOT EXISTS predicted_errors (
     analysis VARCHAR, layer VARCHAR, bits INTEGER, group_size INTEGER, err_layerwise DOUBLE, err_attention DOUBLE,
     PRIMARY KEY (analysis, layer, bits, group_size));
+ALTER TABLE predicted_errors ADD COLUMN IF NOT EXISTS err_gptq_layerwise DOUBLE;
+ALTER TABLE predicted_errors ADD COLUMN IF NOT EXISTS err_gptq_attention DOUBLE;
+ALTER TABLE predicted_errors ADD COLUMN IF NOT EXISTS err_aware_layerwise DOUBLE;
+ALTER TABLE predicted_errors ADD COLUMN IF NOT EXISTS err_aware_attention DOUBLE;
+CREATE TABLE IF NOT EXISTS unit_calibrations (
+    unit VARCHAR, layer VARCHAR, noise_ms DOUBLE[], kl DOUBLE[], kl_rate DOUBLE, kl_rate_se DOUBLE, seconds DOUBLE,
+    PRIMARY KEY (unit, layer));
 """
 TABLES = ("analysis_blocks", "layer_metrics", "predicted_errors")  # rows keyed by `analysis`
 REMOTE_STALE = timedelta(hours=6)
@@ -286,6 +301,18 @@ def write_block(store: Store | None, key: str, block: int, layer_records: list[d
                     [key, block, seconds])
         con.execute("UPDATE analyses SET blocks_done = (SELECT count(*) FROM analysis_blocks WHERE analysis = ?), "
                     "seconds = seconds + ?, updated = now() WHERE key = ?", [key, seconds, key])
+
+
+def write_unit(store: Store | None, unit_key: str, unit: LayerUnit) -> None:
+    """One layer's measured unit (aptq.calibrate), stored as soon as it is measured."""
+    row = pd.DataFrame([{"unit": unit_key, **asdict(unit)}]).assign(
+        noise_ms=[list(unit.noise_ms)], kl=[list(unit.kl)])
+    _ready(store).write_frame("unit_calibrations", row)
+
+
+def load_units(store: Store | None, unit_key: str) -> pd.DataFrame:
+    """layer, noise_ms, kl, kl_rate, kl_rate_se, seconds of every layer measured under `unit_key`."""
+    return _ready(store).query("SELECT * EXCLUDE (unit) FROM unit_calibrations WHERE unit = ?", [unit_key])
 
 
 def finish(store: Store | None, key: str, final_status: str) -> None:

@@ -208,6 +208,9 @@ def add_analyze_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--probes", type=int, default=None,
                         help="Hutchinson probes per segment for the APTQ trace (default: 1)")
     parser.add_argument("--max-blocks", type=int, default=None, help="analyze only the first N blocks")
+    parser.add_argument("--quantizer-errors", action="store_true",
+                        help="also predict the errors of GPTQ and the attention-aware quantizer (one GPTQ run per "
+                             "layer and width), so that plans can use the errors of the quantizer that will run")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the blocks an interrupted run already stored (default: on)")
     parser.set_defaults(handler=run_analyze)
@@ -222,7 +225,7 @@ def analysis_for(args: argparse.Namespace, loaded, corpus, sampling, bits=(2, 3,
 
     settings = AnalysisSettings(group_size=group_size_of(args, loaded), bits=bits,
                                 probes=DEFAULT_PROBES if probes is None else probes, max_blocks=max_blocks,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, quantizer_errors=getattr(args, "quantizer_errors", False))
     bar = LazyBar("analyzing blocks")
     try:
         return analyze(loaded, corpus, sampling, settings, store=Store(args.store), progress=bar, resume=resume)
@@ -253,7 +256,8 @@ def run_analyze(args: argparse.Namespace) -> None:
     origin = "cache hit" if layers.attrs["cached"] else "computed"
     print(f"{loaded.display_name} on {corpus.name}: {len(layers)} layers, {sampling.n_samples} × {sampling.seqlen} "
           f"calibration tokens ({origin}); results in {Store(args.store).path}, analysis "
-          f"{layers.attrs['analysis_key']} (tables layer_metrics, predicted_errors)")
+          f"{layers.attrs['analysis_key']} (tables layer_metrics, predicted_errors: errors of RTN"
+          f"{', GPTQ and attention-aware GPTQ' if args.quantizer_errors else ''})")
     most, least = ranked(layers, "score", 10)
     columns = ["layer", "kind", "score", "score_attention", "score_layerwise"]
     for title, frame in (("Most sensitive (APTQ trace per parameter)", most), ("Least sensitive", least)):

@@ -19,15 +19,24 @@ layers   layer, block, kind, fused (the name of the stored tensor a layer shares
          pooled_hessian    an expert with too few routed tokens, given the pooled Hessian (aptq.experts)
 Models without the attention-aware path (`arch.attention_unavailable_reason`): the attention columns repeat the
 layer-wise ones (our choice: every solver keeps working; the CLI and the pages say the metric is unavailable).
-errors   layer, bits, group_size,
+errors   layer, bits, group_size (the setting's, then each of `extra_group_sizes`),
          err_layerwise     tr(ΔW H ΔWᵀ) with the round-to-nearest error ΔW
          err_attention     v: Σ_g tr(ΔW_g H_V,g ΔW_gᵀ); q/k: tr(G ΔW H ΔWᵀ); o and MLP: = err_layerwise
+         err_gptq_layerwise, err_gptq_attention     the same two measures of the ΔW that GPTQ leaves
+         err_aware_layerwise, err_aware_attention   … and of the ΔW of the attention-aware quantizer (gptq_per_head
+                           with H_V for v, gptq_rows with G for q/k, GPTQ for o and the MLP)
+         The four quantizer columns are filled with `AnalysisSettings.quantizer_errors` (one GPTQ run per layer and
+         width, twice for q/k/v), NaN otherwise. Every ΔW comes from the layer's full-precision weights and the
+         Hessians of its full-precision inputs (our choice, as ExLlamaV2 measures its candidates: the analysis walks
+         the unquantized model, so the errors of earlier layers do not enter).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -39,13 +48,14 @@ from aptq.capture import BlockStep, BlockWalk, device_failures
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
 from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianCollector
-from aptq.models import Architecture, LoadedModel, get_weight, model_fingerprint
+from aptq.models import Architecture, LinearLayer, LoadedModel, get_weight, model_fingerprint
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, layer_error, rtn
 
 if TYPE_CHECKING:  # (our choice) imported where results are stored: the per-block metrics run without DuckDB
     from aptq.store import Store
 
+QUANTIZER_SOURCES = {"gptq": "gptq", "aware": "attention"}  # error-column infix → the quantizer that leaves it
 METHOD_VERSION = 3  # 3: float16 scales, symmetric zero 2^(b−1); bump when any formula changes: old entries miss
 DEFAULT_BITS = (2, 3, 4, 8)
 ATTENTION_KINDS = ("q", "k", "v", "o")
@@ -70,6 +80,8 @@ class AnalysisSettings:
     symmetric: bool = False
     clip_search: bool = True
     max_blocks: int | None = None  # analyze only the first blocks (quick looks, tests)
+    quantizer_errors: bool = False  # also the predicted errors of GPTQ and the attention-aware quantizer (costly)
+    extra_group_sizes: tuple[int, ...] = ()  # more group sizes to predict errors for: (bits, group) candidates
     batch_size: int | None = None  # segments per forward pass; speed only, not part of the cache key
     device: str | None = None  # compute device (default: the model's); not part of the cache key
 
@@ -77,7 +89,16 @@ class AnalysisSettings:
         fields = asdict(self)
         del fields["batch_size"], fields["device"]
         fields["bits"] = sorted(set(self.bits))
+        fields["extra_group_sizes"] = sorted(set(self.extra_group_sizes) - {self.group_size})
+        for name in ("quantizer_errors", "extra_group_sizes"):  # (our choice) absent when off: analyses stored
+            if not fields[name]:  # before these settings existed keep their keys
+                del fields[name]
         return fields
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Every group size the predicted errors are computed for, the main one first."""
+        return [self.group_size, *sorted(set(self.extra_group_sizes) - {self.group_size})]
 
 
 @dataclass(frozen=True)
@@ -143,24 +164,47 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
             "score": trace_lm / n_params, "residual_ms": hessians.residual[module],
             "tokens": hessians.layer_tokens.get(layer.name, hessians.tokens),
             "pooled_hessian": layer.name in hessians.pooled})
-        for bits in sorted(set(settings.bits)):
-            config = QuantConfig(bits, settings.group_size, symmetric=settings.symmetric,
-                                 clip_search=settings.clip_search)
+        for bits, group_size in itertools.product(sorted(set(settings.bits)), settings.group_sizes):
+            config = QuantConfig(bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search)
             # (our choice) one RTN ΔW per (layer, bits), its clipping searched with the layer-wise H, scored under
             # both Hessians: the two error columns then differ only by the Hessian.
-            quantized = rtn(weight, config, h)
-            err_layerwise = layer_error(weight, quantized, h)
-            if layer.name in hessians.value:
-                rows = arch.head_dim
-                err_attention = sum(layer_error(weight[g * rows:(g + 1) * rows], quantized[g * rows:(g + 1) * rows],
-                                                h_v[g]) for g in range(h_v.shape[0]))
-            elif layer.name in hessians.row:
-                err_attention = layer_error(weight, quantized, h, g)
-            else:
-                err_attention = err_layerwise
-            error_records.append({"layer": layer.name, "bits": bits, "group_size": settings.group_size,
-                                  "err_layerwise": float(err_layerwise), "err_attention": float(err_attention)})
+            quantized = {"": rtn(weight, config, h)}
+            if settings.quantizer_errors:
+                quantized |= {f"{infix}_": _quantized_by(weight, layer, hessians, config, quantizer)
+                              for infix, quantizer in QUANTIZER_SOURCES.items()}
+            record = {"layer": layer.name, "bits": bits, "group_size": group_size}
+            for prefix, q in quantized.items():
+                record[f"err_{prefix}layerwise"] = float(layer_error(weight, q, h))
+                record[f"err_{prefix}attention"] = _attention_error(weight, q, layer.name, hessians, arch, h,
+                                                                    record[f"err_{prefix}layerwise"])
+            error_records.append(record)
     return layer_records, error_records
+
+
+def _attention_error(weight: torch.Tensor, quantized: torch.Tensor, name: str, hessians: BlockHessians,
+                     arch: Architecture, h: torch.Tensor, layerwise: float) -> float:
+    """v: Σ_g tr(ΔW_g H_V,g ΔW_gᵀ) over KV heads; q/k: tr(G ΔW H ΔWᵀ); any other layer: its `layerwise` error."""
+    if name in hessians.value:
+        h_v = hessians.value[name].to(weight.device)
+        rows = arch.head_dim
+        return float(sum(layer_error(weight[g * rows:(g + 1) * rows], quantized[g * rows:(g + 1) * rows], h_v[g])
+                         for g in range(h_v.shape[0])))
+    if name in hessians.row:
+        return float(layer_error(weight, quantized, h, hessians.row[name].to(weight.device)))
+    return layerwise
+
+
+def _quantized_by(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians, config: QuantConfig,
+                  quantizer: str) -> torch.Tensor:
+    """The layer's weights as `aptq quantize --method quantizer` leaves them, from these Hessians (the pipeline's own
+    quantize_layer with its default damping and column order)."""
+    from aptq.pipeline import QuantizeSettings, quantize_layer  # (our choice) here: the pipeline imports the store
+
+    settings = QuantizeSettings(method=quantizer, group_size=config.group_size, symmetric=config.symmetric,
+                                clip_search=config.clip_search)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a fallback to RTN is what that run would do too
+        return quantize_layer(weight, layer, hessians, config, settings)[0]
 
 
 def collect_block(step: BlockStep, arch: Architecture, options: CollectOptions,
@@ -215,8 +259,8 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
     if settings.probes < 1:
         raise UserError("The APTQ traces need at least 1 Hutchinson probe per segment.")
     try:
-        for bits in settings.bits:
-            QuantConfig(bits, settings.group_size)
+        for bits, group_size in itertools.product(settings.bits, settings.group_sizes):
+            QuantConfig(bits, group_size)
     except ValueError as exc:
         raise UserError(f"Bad quantization setting: {exc}") from exc
     validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment")

@@ -11,6 +11,7 @@ import streamlit as st
 from aptq import charts, coverage
 from aptq.allocate import (
     ALLOCATORS,
+    ERROR_SOURCES,
     FULL_PRECISION,
     PREDICTED_ERROR_ATTENTION,
     PREDICTED_ERROR_LAYERWISE,
@@ -21,6 +22,7 @@ from aptq.allocate import (
     plan_frame,
     summarize,
 )
+from aptq.choices import METHOD_LABELS
 from aptq.share import pins_from_text, pins_to_text
 from ui.experts import separate_experts
 from ui.plans import model_layer_table
@@ -68,10 +70,16 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
         high = st.selectbox("High width", pair, index=pair.index(4) if 4 in pair else len(pair) - 1, key="aptq_high",
                             help="The paper mixes 2 and 4 bits.")
         low_high = (int(low), int(high))
+    sources = [q for q, columns in ERROR_SOURCES.items() if set(columns) <= set(analysis.errors.columns)
+               and analysis.errors[list(columns)].notna().all().all()]
+    quantizer = st.selectbox("Error source", sources, format_func=METHOD_LABELS.get, key="error_source",
+                             persist_state="session", help="whose predicted errors the solver sums: pick the "
+                             "quantizer you will run (GPTQ and attention-aware errors need an analysis with "
+                             "quantizer errors)")
     st.caption(f"Group size {analysis.group_size or 'per-channel'} (set by the analysis).")
     return AllocationRequest(budget=budget, method=method, candidates=tuple(int(c) for c in candidates),
                              pins=dict(st.session_state["pins"]), min_bits=min_bits, low_high=low_high,
-                             seed=int(seed), group_size=analysis.group_size)
+                             seed=int(seed), group_size=analysis.group_size, quantizer=quantizer)
 
 
 @st.cache_resource(max_entries=4)
@@ -99,8 +107,11 @@ def headline(summary: dict, whole: dict[str, float], analysis: Analysis) -> None
     cols[2].metric("Size (whole model)", f"{whole['size_mb']:.1f} MB",
                    help="every quantizable linear weight with scales; layers outside the analysis in FP16")
     cols[3].metric("Compression", f"{summary['compression']:.2f}×", help=f"FP16 size / plan size, {scope}")
-    cols[4].metric("Predicted error", f"{summary[PREDICTED_ERROR_ATTENTION]:.4g}",
-                   help="Σ e(layer, b) with the attention-aware Hessians, each moved to its module's output "
+    cols[4].metric("Predicted error", f"{summary[PREDICTED_ERROR_ATTENTION]:.4g} "
+                   f"± {summary[PREDICTED_ERROR_ATTENTION + '_se']:.2g}",
+                   help=f"errors of {METHOD_LABELS[summary['error_source']]}; ± one standard error from the "
+                        f"Hutchinson traces. Σ e(layer, b) with the attention-aware Hessians, each moved to its "
+                        "module's output "
                         "(× APTQ trace / trace of its Hessian) and divided by the median ‖h‖² of the residual stream "
                         "it is added to (our choice: the papers sum raw errors, which are not in one unit) — what the "
                         "knapsack minimizes")

@@ -390,3 +390,166 @@ def test_conflicting_pins_in_a_fused_group():
 
 def test_allocation_error_is_a_user_error_and_a_value_error():
     assert issubclass(AllocationError, UserError) and issubclass(AllocationError, ValueError)
+
+
+# ---- error sources, units, uncertainty (issue 17) -----------------------------------------------------------------
+
+def with_sources(layers: pd.DataFrame, errors: pd.DataFrame) -> pd.DataFrame:
+    """The errors table with GPTQ and attention-aware columns that rank the widths differently from RTN's."""
+    reversed_err = errors.groupby("layer")["err_attention"].transform(lambda v: v.to_numpy()[::-1])
+    return errors.assign(err_gptq_attention=reversed_err, err_gptq_layerwise=reversed_err,
+                         err_aware_attention=errors["err_attention"] * 0.5, err_aware_layerwise=errors["err_layerwise"])
+
+
+@pytest.mark.parametrize("quantizer, column", [("rtn", "err_attention"), ("gptq", "err_gptq_attention"),
+                                               ("attention", "err_aware_attention")])
+def test_the_knapsack_minimizes_the_errors_of_the_quantizer_that_will_run(quantizer, column):
+    rng = np.random.default_rng(3)
+    layers, errors = tables([64 * s for s in (1, 2, 3, 5)], ["q", "k", "v", "down"], ["l0", "l1", "l2", "l3"],
+                            rng.uniform(1, 9, (4, 3)), (2, 3, 4))
+    errors = with_sources(layers, errors)
+    request = AllocationRequest(3.0, "knapsack", (2, 3, 4), quantizer=quantizer)
+    plan = allocate(layers, errors, request)
+    assert plan_error(plan, errors, column) == pytest.approx(exhaustive_best(layers, errors, request, column))
+    summary = summarize(plan, layers, errors)
+    assert summary["error_source"] == quantizer and summary["predicted_error_attention"] == pytest.approx(
+        plan_error(plan, errors, column))
+
+
+def test_a_source_the_analysis_did_not_compute_is_refused_with_the_fix():
+    layers, errors = small_tables()
+    with pytest.raises(AllocationError, match=r"^The errors table has no err_gptq_attention values \(the predicted "
+                                              r"errors of gptq\); rerun the analysis with quantizer errors on"):
+        allocate(layers, errors.assign(err_gptq_attention=np.nan), AllocationRequest(3.0, quantizer="gptq",
+                                                                                      candidates=(2, 3, 4)))
+    with pytest.raises(AllocationError, match="Unknown error source 'awq'"):
+        allocate(layers, errors, AllocationRequest(3.0, quantizer="awq", candidates=(2, 3, 4)))
+
+
+def unit_layers() -> tuple[pd.DataFrame, pd.DataFrame]:
+    layers, errors = tables([4096, 4096, 4096], ["v", "o", "down"], ["l0", "l1", "l2"],
+                            np.array([[8.0, 1.0], [8.0, 1.0], [4.0, 2.0]]), (2, 4))
+    return layers.assign(trace_lm=[10.0, 4.0, 6.0], trace_lm_se=[1.0, 0.5, 0.0], trace_attention=[2.0, 1.0, 3.0],
+                         trace_layerwise=[5.0, 4.0, 3.0], residual_ms=[1.0, 8.0, 2.0],
+                         kl_rate=[0.2, 0.1, 0.6], kl_rate_se=[0.02, 0.0, 0.06]), errors
+
+
+def test_predicted_totals_carry_the_propagated_standard_error():
+    layers, errors = unit_layers()
+    plan = Plan({"l0": 4, "l1": 2, "l2": 2}, AllocationRequest(3.0, candidates=(2, 4)))
+    summary = summarize(plan, layers, errors)
+    # heuristic factors 10/2/1 = 5, 4/1/8 = 0.5, 6/3/2 = 1, their errors 1/2 = 0.5, 0.5/8, 0; raw errors 1, 8, 4
+    assert summary["predicted_error_attention"] == pytest.approx(5 * 1 + 0.5 * 8 + 1 * 4)
+    assert summary["predicted_error_attention_se"] == pytest.approx(np.hypot(0.5 * 1, 0.0625 * 8))
+    in_kl = Plan(plan.bits, AllocationRequest(3.0, candidates=(2, 4), unit="calibrated"))
+    calibrated = summarize(in_kl, layers, errors)
+    # calibrated factors kl_rate / trace_attention: 0.1, 0.1, 0.2 (errors 0.01, 0, 0.02)
+    assert calibrated["predicted_error_attention"] == pytest.approx(0.1 * 1 + 0.1 * 8 + 0.2 * 4)
+    assert calibrated["predicted_error_attention_se"] == pytest.approx(np.hypot(0.01 * 1, 0.02 * 4))
+    assert np.isnan(summarize(plan, layers[["layer", "block", "kind", "fused", "n_params"]], errors)[
+        "predicted_error_attention_se"])  # a table used as given has no known uncertainty
+
+
+def test_the_calibrated_unit_changes_the_plan_and_needs_its_measurement():
+    layers, errors = unit_layers()
+    errors = errors[errors["layer"] != "l2"]
+    layers = layers[layers["layer"] != "l2"]
+    heuristic = allocate(layers, errors, AllocationRequest(3.0, "knapsack", (2, 4)))
+    calibrated = allocate(layers.assign(kl_rate=[0.1, 0.4]), errors, AllocationRequest(3.0, "knapsack", (2, 4),
+                                                                                      unit="calibrated"))
+    assert heuristic.bits == {"l0": 4, "l1": 2} and calibrated.bits == {"l0": 2, "l1": 4}
+    with pytest.raises(AllocationError, match="calibrated unit needs the layers' measured kl_rate"):
+        allocate(layers.drop(columns=["kl_rate", "kl_rate_se"]), errors, AllocationRequest(3.0, candidates=(2, 4),
+                                                                                          unit="calibrated"))
+
+
+@pytest.mark.parametrize("column, unit", [("residual_ms", "heuristic"), ("trace_lm", "heuristic"),
+                                          ("kl_rate", "calibrated")])
+def test_a_missing_factor_is_refused_instead_of_leaving_a_layer_in_raw_units(column, unit):
+    layers, errors = unit_layers()
+    broken = layers.assign(**{column: [layers[column].iloc[0], np.nan, layers[column].iloc[2]]})
+    with pytest.raises(AllocationError, match=rf"^The {unit} unit has no factor for l1 \(1 layer\(s\);"):
+        allocate(broken, errors, AllocationRequest(3.0, candidates=(2, 4), unit=unit))
+    if unit == "heuristic":  # a column empty for every layer (an older analysis): the table is used as given
+        as_given = allocate(layers.assign(**{column: np.nan}), errors, AllocationRequest(3.0, candidates=(2, 4)))
+        assert as_given.bits == allocate(layers[["layer", "block", "kind", "fused", "n_params"]], errors,
+                                         AllocationRequest(3.0, candidates=(2, 4))).bits
+
+
+# ---- (bits, group size) candidates ---------------------------------------------------------------------------------
+
+PAIR_GROUPS = (0, 32, 64)
+
+
+def pair_tables(d_outs: list[int], d_ins: list[int], kinds: list[str], fused: list[str], seed: int):
+    """Layers with d_in; errors at every (bits, group) of (2, 3, 4) × PAIR_GROUPS, smaller groups less error."""
+    rng = np.random.default_rng(seed)
+    names = [f"l{i}" for i in range(len(d_outs))]
+    layers = pd.DataFrame({"layer": names, "block": range(len(names)), "kind": kinds, "fused": fused,
+                           "n_params": [o * i for o, i in zip(d_outs, d_ins)], "d_in": d_ins, "score": 1.0})
+    rows = []
+    for name in names:
+        scale = rng.uniform(0.5, 4)
+        for bits in (2, 3, 4):
+            for group in PAIR_GROUPS:
+                error = scale * 4.0 ** -bits * (1 + (group or 128) / 64) * rng.uniform(0.8, 1.2)
+                rows.append({"layer": name, "bits": bits, "group_size": group, "err_attention": error,
+                             "err_layerwise": error})
+    return layers, pd.DataFrame(rows)
+
+
+def exhaustive_pairs(layers: pd.DataFrame, errors: pd.DataFrame, candidates,
+                     budget: float) -> tuple[float | None, float]:
+    """Least error over every (bits, group) per fused group whose effective bits fit the budget (brute force), and
+    the largest effective average any choice reaches."""
+    err = errors.set_index(["layer", "bits", "group_size"])["err_attention"]
+    keys = fused_keys(layers)
+    best, dearest = None, 0.0
+    for combo in itertools.product(candidates, repeat=len(keys)):
+        choice = dict(zip(keys, combo))
+        cost = 0
+        total = 0.0
+        for row in layers.itertuples():
+            bits, group = choice[row.fused]
+            groups_per_row = -(-row.d_in // group) if group else 1
+            cost += row.n_params * bits + (row.n_params // row.d_in) * 32 * groups_per_row
+            total += err[(row.layer, bits, group)]
+        dearest = max(dearest, cost / int(layers["n_params"].sum()))
+        if cost <= Fraction(budget) * int(layers["n_params"].sum()):
+            best = total if best is None else min(best, total)
+    return best, dearest
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pair_candidates_charged_by_effective_bits_agree_with_exhaustive_search(seed):
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(2, 5))
+    d_ins = [int(d) for d in rng.choice([64, 128, 192], count)]
+    d_outs = [int(d) for d in rng.choice([16, 32, 48], count)]
+    fused = [f"l{i}" for i in range(count)]
+    if count > 2 and rng.random() < 0.5:
+        fused[1] = "l0"  # a fused pair shares one option
+    layers, errors = pair_tables(d_outs, d_ins, ["q"] * count, fused, seed)
+    candidates = tuple((int(b), int(g)) for b, g in rng.permutation(
+        [(b, g) for b in (2, 3, 4) for g in PAIR_GROUPS])[:4])
+    budget = float(rng.uniform(min(b for b, _ in candidates) + 0.5, 5.0))
+    best, dearest = exhaustive_pairs(layers, errors, candidates, budget)
+    if best is None or budget > max(dearest, max(b for b, _ in candidates)):  # refused: below or above every plan
+        with pytest.raises(AllocationError):
+            allocate(layers, errors, AllocationRequest(budget, "knapsack", candidates))
+        return
+    plan = allocate(layers, errors, AllocationRequest(budget, "knapsack", candidates))
+    err = errors.set_index(["layer", "bits", "group_size"])["err_attention"]
+    assert sum(err[(n, plan.bits[n], plan.group_sizes[n])] for n in plan.bits) == pytest.approx(best, rel=1e-9)
+    summary = summarize(plan, layers, errors)
+    assert summary["effective_bits"] <= budget + 1e-12
+    assert summary["predicted_error_attention"] == pytest.approx(best, rel=1e-9)
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_refused():
+    layers, errors = pair_tables([16, 16], [64, 96], ["q", "k"], ["l0", "l1"], 0)
+    with pytest.raises(AllocationError, match=r"^The group size 64 does not divide the 96 input columns of l1; use a "
+                                              r"divisor of 32 \(every layer's d_in is a multiple of it\) or 0"):
+        allocate(layers, errors, AllocationRequest(3.0, "knapsack", ((3, 64), (4, 0))))
+    with pytest.raises(AllocationError, match="Candidates with group sizes are for the knapsack methods"):
+        allocate(layers, errors, AllocationRequest(3.0, "uniform", ((3, 32), (4, 0))))

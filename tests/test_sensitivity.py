@@ -10,11 +10,16 @@ import torch
 
 import aptq.sensitivity as sensitivity
 from aptq import analyses
+from aptq.allocate import AllocationRequest, allocate, summarize
+from aptq.capture import BlockWalk
 from aptq.cli import main
-from aptq.data import Sampling, load_corpus
+from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
 from aptq.errors import UserError
+from aptq.gptq import gptq, gptq_per_head, gptq_rows
+from aptq.hessian import CollectOptions
 from aptq.models import get_weight, load_model
 from aptq.progress import Cancelled
+from aptq.quantizer import QuantConfig
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store
 
@@ -23,7 +28,8 @@ SETTINGS = AnalysisSettings(group_size=32, bits=(2, 4, 8))
 LAYER_COLUMNS = ["layer", "block", "kind", "fused", "n_params", "d_out", "d_in", "trace_layerwise", "trace_attention",
                  "trace_lm", "trace_lm_se", "score_layerwise", "score_attention", "score", "residual_ms",
                  "tokens", "pooled_hessian"]
-ERROR_COLUMNS = ["layer", "bits", "group_size", "err_layerwise", "err_attention"]
+ERROR_COLUMNS = ["layer", "bits", "group_size", "err_layerwise", "err_attention", "err_gptq_layerwise",
+                 "err_gptq_attention", "err_aware_layerwise", "err_aware_attention"]
 
 
 @pytest.fixture
@@ -159,9 +165,54 @@ def test_cli_analyze_prints_where_the_results_are_and_caches(tiny_model_dir, cor
     assert str(tmp_path / "cli.duckdb") in out and "Most sensitive" in out and "Least sensitive" in out
     assert "(computed)" in out
     assert main(common) == 0 and "(cache hit)" in capsys.readouterr().out
+    assert main([*common, "--quantizer-errors"]) == 0 and "GPTQ and attention-aware GPTQ" in capsys.readouterr().out
     assert main([*common, "--samples", "100000"]) == 2  # the last value wins
     err = capsys.readouterr().err
     assert err.startswith("error: The calibration text has") and err.count("\n") == 1
+
+
+def test_quantizer_errors_are_the_objectives_of_the_quantizers_that_run(tiny_model_dir, corpus, store):
+    """err_gptq_* and err_aware_* equal the losses gptq / gptq_per_head / gptq_rows report on the block's Hessians;
+    the key of an analysis without them is unchanged."""
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    settings = AnalysisSettings(group_size=32, bits=(2, 4), max_blocks=1, quantizer_errors=True)
+    layers, errors = analyze(loaded, corpus, SAMPLING, settings, store=store)
+    plain = AnalysisSettings(group_size=32, bits=(2, 4), max_blocks=1)
+    assert "quantizer_errors" not in plain.key_fields() and layers.attrs["analysis_key"] != analyze(
+        loaded, corpus, SAMPLING, plain, store=store)[0].attrs["analysis_key"]
+    segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), SAMPLING)
+    step = next(iter(BlockWalk(loaded.model, loaded.arch, segments, stop=1)))
+    hessians = sensitivity.collect_block(step, loaded.arch, CollectOptions(probes=1), {})
+    by_key = errors.set_index(["layer", "bits"])
+    for layer in loaded.arch.block_layers(0):
+        weight, h = get_weight(loaded.model, layer).detach().float(), hessians.layerwise[layer.name]
+        for bits in (2, 4):
+            row, config = by_key.loc[(layer.name, bits)], QuantConfig(bits, 32)
+            assert row["err_gptq_layerwise"] == pytest.approx(gptq(weight, h, config).loss, rel=1e-5)
+            if layer.kind == "v":
+                aware = gptq_per_head(weight, hessians.value[layer.name], config).loss
+            elif layer.kind in ("q", "k"):
+                aware = gptq_rows(weight, h, hessians.row[layer.name], config).loss
+            else:
+                aware = row["err_gptq_layerwise"]
+                assert row["err_aware_layerwise"] == row["err_gptq_layerwise"]
+            assert row["err_aware_attention"] == pytest.approx(aware, rel=1e-5)
+    assert (errors["err_gptq_layerwise"] < errors["err_layerwise"]).mean() > 0.5  # GPTQ beats RTN on its objective
+
+
+def test_extra_group_sizes_give_pair_candidates_their_errors(tiny_model_dir, corpus, store):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    settings = AnalysisSettings(group_size=32, bits=(2, 4), max_blocks=1, extra_group_sizes=(0, 32))
+    assert AnalysisSettings(group_size=32).key_fields() == AnalysisSettings(group_size=32,
+                                                                            extra_group_sizes=(32,)).key_fields()
+    layers, errors = analyze(loaded, corpus, SAMPLING, settings, store=store)
+    assert sorted(set(errors["group_size"])) == [0, 32] and len(errors) == 2 * 2 * len(layers)
+    by_group = errors.groupby("group_size")["err_layerwise"].sum()
+    assert by_group[0] > by_group[32]  # finer grids, less error
+    plan = allocate(layers, errors, AllocationRequest(3.0, "knapsack", ((2, 32), (4, 0), (4, 32))))
+    summary = summarize(plan, layers, errors)
+    assert summary["effective_bits"] <= 3.0 and set(plan.group_sizes.values()) <= {0, 32}
+    assert np.isfinite(summary["predicted_error_attention"])
 
 
 @pytest.mark.integration

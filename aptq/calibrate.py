@@ -1,0 +1,186 @@
+"""A cross-layer unit measured on data: how much KL one unit of each layer's predicted error causes (docs/algorithms.md
+§5, "the calibrated unit").
+
+Noise `ΔW = σ_l Z` (Z standard normal, d_out × d_in) injected into layer l alone has the expected Hessian-weighted
+size `E tr(ΔW H ΔWᵀ) = σ_l² · trace_layerwise(l)`, and under the attention-aware metric `σ_l² · trace_attention(l)`
+(iid noise: every diagonal entry of each Hessian counts once per row). The KL divergence it causes on held-out
+calibration segments gives the layer's rate `r_l = KL_l / σ_l²`, fitted through the origin over the noise levels:
+
+    r_l = Σ_k KL_l,k σ_l,k² / Σ_k σ_l,k⁴,        KL ≈ Σ_l c_l · e(l, b_l)  with  c_l = r_l / trace_metric(l)
+
+(the linearity argument of HIGGS: to second order the KL is a quadratic form in the weight errors, additive over layers
+while they are small). aptq.allocate reads `kl_rate` and `kl_rate_se` (merged into the layers table by `with_unit`)
+for its "calibrated" unit. What it assumes: an error of a given Hessian-weighted size reaches the output the same way
+whatever its direction within the layer; quantization errors are not isotropic, so this is checked against measured
+KL (bench/results/allocation.md).
+
+(our choice) The noise levels: σ_l² = err_layerwise(l, b) / trace_layerwise(l) for each width b of
+`UnitSettings.noise_bits`, i.e. noise of the same Hessian-weighted size as the layer's own round-to-nearest error at
+that width: the regime the plans live in, large enough to stand above float rounding.
+(our choice) The validation part: the last `holdout` share of the analysis's calibration segments (never the
+evaluation split). The Hessians of the analysis saw these segments too; the rates themselves are measured only here.
+The standard error of `r_l` is that of its mean over the validation segments (one rate per segment).
+(our choice) A negative fitted rate (a KL below float resolution: the true KL is ≥ 0) is set to 0, the constrained
+least-squares estimate, with a warning naming the layers; its standard error is kept.
+KL is measured as everywhere else in the tool: against the reference's top-k log-probabilities (aptq.evaluate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from aptq import analyses
+from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids
+from aptq.errors import UserError
+from aptq.evaluate import ReferenceStats, evaluate, reference_stats
+from aptq.models import LoadedModel, get_weight, set_weight
+from aptq.progress import Progress, no_progress
+from aptq.store import Store
+
+MIN_VALIDATION_SEGMENTS = 2  # the standard error of a mean needs two
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    holdout: float = 0.25  # share of the calibration segments (the last ones) held out for the KL measurements
+    noise_bits: tuple[int, ...] = (3,)  # noise as large as the layer's RTN error at these widths
+    seed: int = 0
+
+    def key(self, analysis_key: str) -> str:
+        fields = asdict(self) | {"noise_bits": sorted(set(self.noise_bits))}
+        return digest(analysis_key, json.dumps(fields, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class LayerUnit:
+    """One layer's measurement: noise power per level, KL per level (mean over segments) and the fitted rate."""
+
+    layer: str
+    noise_ms: tuple[float, ...]  # σ² per noise level
+    kl: tuple[float, ...]  # mean KL per noise level
+    kl_rate: float  # r_l = fitted KL per unit σ²
+    kl_rate_se: float  # its standard error over the validation segments
+    seconds: float
+
+
+def validation_segments(segments: torch.Tensor, holdout: float) -> torch.Tensor:
+    """The last `holdout` share of the calibration segments; one sentence when there are too few to split."""
+    if not 0 < holdout < 1:
+        raise UserError(f"The validation share must lie strictly between 0 and 1, got {holdout}.")
+    held = math.floor(segments.shape[0] * holdout)
+    if held < MIN_VALIDATION_SEGMENTS:
+        needed = math.ceil(MIN_VALIDATION_SEGMENTS / holdout)
+        raise UserError(f"The calibration has {segments.shape[0]} segment(s), too few to hold out a validation part "
+                        f"of {MIN_VALIDATION_SEGMENTS} segments at {holdout:.0%}; use at least {needed} calibration "
+                        f"segments or a larger validation share.")
+    return segments[segments.shape[0] - held:]
+
+
+def noise_levels(layers: pd.DataFrame, errors: pd.DataFrame, noise_bits: tuple[int, ...]) -> pd.DataFrame:
+    """(layers × levels) σ² per layer: err_layerwise(l, b) / trace_layerwise(l) (see the module docstring).
+
+    (our choice) With errors for several group sizes the largest number's are used: the noise only needs a size.
+    """
+    if "group_size" in errors.columns:
+        errors = errors[errors["group_size"] == errors["group_size"].max()]
+    missing = sorted(set(noise_bits) - set(errors["bits"]))
+    if missing:
+        raise UserError(f"The analysis has no predicted errors at {missing} bits for the noise levels; choose noise "
+                        f"widths among {sorted(set(errors['bits']))}.")
+    by_bits = errors.pivot_table(index="layer", columns="bits", values="err_layerwise")
+    trace = layers.set_index("layer")["trace_layerwise"]
+    return by_bits[list(noise_bits)].div(trace, axis=0).loc[layers["layer"]]
+
+
+def _check_tokens(layers: pd.DataFrame) -> None:
+    """A layer that saw no calibration token (an expert nobody routed to) cannot be measured by its noise."""
+    if "tokens" not in layers.columns:
+        return
+    empty = layers.loc[layers["tokens"].fillna(0) <= 0, "layer"]
+    if len(empty):
+        raise UserError(f"No calibration token reaches {empty.iloc[0]} ({len(empty)} layer(s) in all), so noise in it "
+                        f"changes nothing measurable; calibrate on more or longer segments so that every layer gets "
+                        f"tokens.")
+
+
+def _segment_kls(loaded: LoadedModel, windows: torch.Tensor, reference: ReferenceStats) -> np.ndarray:
+    """Mean KL(reference ‖ model) of each validation segment."""
+    kls = []
+    for i in range(windows.shape[0]):
+        stats = ReferenceStats(reference.log_probs[i:i + 1], reference.token_ids[i:i + 1])
+        kls.append(evaluate(loaded.model, windows[i:i + 1], reference=stats).kl_divergence)
+    return np.array(kls)
+
+
+def measure_layer(loaded: LoadedModel, name: str, levels: np.ndarray, windows: torch.Tensor,
+                  reference: ReferenceStats, seed: int) -> LayerUnit:
+    """KL of noise at each σ² in `levels` injected into layer `name` alone; the weights are restored afterwards."""
+    start = time.perf_counter()
+    layer = loaded.arch.layer(name)
+    original = get_weight(loaded.model, layer).detach().clone()
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(original.shape, generator=generator, dtype=torch.float32)  # one draw for every level
+    per_segment = []
+    try:
+        for noise_ms in levels:
+            set_weight(loaded.model, layer, original.float() + math.sqrt(noise_ms) * direction.to(original.device))
+            per_segment.append(_segment_kls(loaded, windows, reference))
+    finally:
+        set_weight(loaded.model, layer, original)
+    kl = np.stack(per_segment)  # levels × segments
+    if not kl.any():
+        raise UserError(f"Noise in {name} leaves every validation token's prediction unchanged (no validation token "
+                        f"reaches it); hold out more calibration segments so that it gets tokens.")
+    rates = (kl * levels[:, None]).sum(axis=0) / (levels ** 2).sum()  # least squares through the origin, per segment
+    if rates.mean() < 0:
+        warnings.warn(f"The KL of noise in {name} is below float resolution (fitted rate {rates.mean():.3g}); its "
+                      f"rate is set to 0.", RuntimeWarning, stacklevel=2)
+    return LayerUnit(name, tuple(float(v) for v in levels), tuple(float(v) for v in kl.mean(axis=1)),
+                     max(float(rates.mean()), 0.0), float(rates.std(ddof=1) / math.sqrt(len(rates))),
+                     time.perf_counter() - start)
+
+
+def calibrate_unit(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: pd.DataFrame,
+                   errors: pd.DataFrame, settings: UnitSettings = UnitSettings(), store: Store | None = None,
+                   progress: Progress = no_progress) -> pd.DataFrame:
+    """Per layer of the analysis: noise_ms (per level), kl, kl_rate, kl_rate_se, seconds (see the module docstring).
+
+    `layers`/`errors` are the analysis of `loaded` on `sampling`'s calibration segments (`layers.attrs` carries its
+    key). Each measured layer is stored at once, so a repeat or an interrupted run (`Cancelled` from `progress`)
+    continues where it stopped.
+    """
+    _check_tokens(layers)
+    levels = noise_levels(layers, errors, settings.noise_bits)
+    windows = validation_segments(calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling),
+                                  settings.holdout)
+    store = store or Store()
+    unit_key = settings.key(layers.attrs["analysis_key"])
+    done = set(analyses.load_units(store, unit_key)["layer"])
+    todo = [name for name in layers["layer"] if name not in done]
+    if todo:
+        progress(0, len(todo), "reference log-probabilities on the validation segments")
+        with torch.inference_mode():
+            reference = reference_stats(loaded.model, windows)
+    for index, name in enumerate(todo):
+        position = int(np.flatnonzero(layers["layer"].to_numpy() == name)[0])
+        unit = measure_layer(loaded, name, levels.loc[name].to_numpy(dtype=float), windows, reference,
+                             settings.seed + position)
+        analyses.write_unit(store, unit_key, unit)
+        progress(index + 1, len(todo), f"{name}: KL per unit noise {unit.kl_rate:.4g}")
+    return analyses.load_units(store, unit_key).set_index("layer").loc[layers["layer"]].reset_index()
+
+
+def with_unit(layers: pd.DataFrame, units: pd.DataFrame) -> pd.DataFrame:
+    """The layers table with the measured `kl_rate` and `kl_rate_se` columns that the calibrated unit reads."""
+    measured = units.set_index("layer")[["kl_rate", "kl_rate_se"]]
+    merged = layers.drop(columns=["kl_rate", "kl_rate_se"], errors="ignore").join(measured, on="layer")
+    merged.attrs = layers.attrs
+    return merged

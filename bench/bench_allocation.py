@@ -1,0 +1,188 @@
+"""Allocation that predicts what it measures (issue 17), on the embedded model's first blocks.
+
+One run (resumable: the analysis and the unit are cached in --store, each plan's KL in --plans-cache):
+1. the analysis with the quantizer errors (RTN, GPTQ, attention-aware GPTQ) of the first --max-blocks blocks;
+2. the measured unit (aptq.calibrate) on the last 25 % of the calibration segments;
+3. RTN plans of the analysed layers (uniform, knapsack in both units, aptq, random), each quantized by the pipeline's
+   RTN and measured: KL on the validation segments (where the unit is chosen) and on the evaluation split's first
+   --tokens tokens (reported only);
+4. writes --output: predicted errors per source, unit factors, Spearman of predicted totals against measured KL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+from aptq.allocate import AllocationRequest, Plan, allocate, summarize, unit_factors
+from aptq.calibrate import UnitSettings, calibrate_unit, validation_segments, with_unit
+from aptq.data import Sampling, calibration_segments, digest, evaluation_windows, load_corpus, token_ids
+from aptq.evaluate import evaluate, reference_stats
+from aptq.models import get_weight, load_model, set_weight
+from aptq.pipeline import QuantizeSettings, quantize_layer
+from aptq.quantizer import QuantConfig
+from aptq.sensitivity import AnalysisSettings, analyze
+from aptq.store import Store
+
+GROUP = 64
+CANDIDATES = (2, 3, 4, 8)
+PLANS = ([("uniform", b, "heuristic", 0) for b in (2.0, 3.0, 4.0)]
+         + [("knapsack", b, unit, 0) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")]
+         + [("knapsack-layerwise", 3.0, "heuristic", 0), ("aptq", 3.0, "heuristic", 0)]
+         + [("random", 3.0, "heuristic", seed) for seed in (0, 1, 2)])
+
+
+def measure_plan(loaded, bits: dict[str, int], windows: dict[str, torch.Tensor], references: dict) -> dict[str, float]:
+    """KL of the model with the plan's layers quantized by the pipeline's RTN, on each set of windows."""
+    settings = QuantizeSettings(method="rtn", group_size=GROUP)
+    originals = {}
+    try:
+        for name, width in bits.items():
+            layer = loaded.arch.layer(name)
+            originals[name] = get_weight(loaded.model, layer).detach().clone()
+            quantized, _ = quantize_layer(originals[name].float(), layer, None, QuantConfig(width, GROUP), settings)
+            set_weight(loaded.model, layer, quantized)
+        return {label: evaluate(loaded.model, w, reference=references[label]).kl_divergence
+                for label, w in windows.items()}
+    finally:
+        for name, weight in originals.items():
+            set_weight(loaded.model, loaded.arch.layer(name), weight)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default="/tmp/allocation/store.duckdb")
+    parser.add_argument("--plans-cache", default="/tmp/allocation/plans.json")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--max-blocks", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=2048, help="evaluation-split tokens for the reported KL")
+    parser.add_argument("--output", default="bench/results/allocation.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    loaded = load_model(device="cpu")
+    corpus = load_corpus("brown")
+    store = Store(args.store)
+    sampling = Sampling(args.samples, args.seqlen, seed=0)
+    settings = AnalysisSettings(group_size=GROUP, bits=CANDIDATES, max_blocks=args.max_blocks, quantizer_errors=True)
+    start = time.perf_counter()
+    layers, errors = analyze(loaded, corpus, sampling, settings, store=store)
+    analysis_seconds = time.perf_counter() - start
+    print(f"analysis {layers.attrs['analysis_key']}: {analysis_seconds:.0f} s", flush=True)
+    start = time.perf_counter()
+    units = calibrate_unit(loaded, corpus, sampling, layers, errors, UnitSettings(), store=store,
+                           progress=lambda d, t, m: print(f"unit {d}/{t} {m}", flush=True))
+    unit_seconds = time.perf_counter() - start
+    measured = with_unit(layers, units)
+
+    windows = {"validation": validation_segments(calibration_segments(
+                   token_ids(loaded.tokenizer, corpus, "calibration"), sampling), 0.25),
+               "evaluation": evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), args.seqlen,
+                                                args.tokens)}
+    cache_path = Path(args.plans_cache)
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    references = None
+    rows = []
+    for method, budget, unit, seed in PLANS:
+        request = AllocationRequest(budget, method, CANDIDATES, seed=seed, group_size=GROUP, unit=unit,
+                                    low_high=(2, 4))
+        plan = allocate(measured, errors, request)
+        key = digest(json.dumps(plan.bits, sort_keys=True), str(args.tokens))
+        if key not in cache:
+            references = references or {label: reference_stats(loaded.model, w) for label, w in windows.items()}
+            cache[key] = measure_plan(loaded, plan.bits, windows, references)
+            cache_path.write_text(json.dumps(cache))
+            print(f"plan {method} {budget} {unit} {seed}: {cache[key]}", flush=True)
+        row = {"method": method, "budget": budget, "unit": unit, "seed": seed, "plan": key[:8],
+               **{f"kl_{label}": value for label, value in cache[key].items()}}
+        for scoring in ("heuristic", "calibrated"):
+            scored = Plan(plan.bits, AllocationRequest(budget, method, CANDIDATES, group_size=GROUP, unit=scoring))
+            summary = summarize(scored, measured, errors)
+            row["avg_bits"] = summary["avg_bits"]
+            for label in ("attention", "layerwise"):
+                row[f"{scoring}_{label}"] = summary[f"predicted_error_{label}"]
+                row[f"{scoring}_{label}_se"] = summary[f"predicted_error_{label}_se"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    write_report(args, table, layers, errors, measured, units, analysis_seconds, unit_seconds, load_before)
+
+
+def write_report(args, table: pd.DataFrame, layers, errors, measured, units, analysis_seconds: float,
+                 unit_seconds: float, load_before: list[str]) -> None:
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    distinct = table.drop_duplicates("plan")
+    lines = ["# Allocation benchmark (issue 17): predicted errors of the quantizer that runs, a measured unit", "",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.machine()}, "
+             f"2 shared cores, torch {torch.__version__}, one thread; load average before {' '.join(load_before)}, "
+             f"after {' '.join(load_after)} (other helpers' jobs and tests ran next to it)",
+             f"- command: `OMP_NUM_THREADS=1 PYTHONPATH=. flock /tmp/heavy.lock .venv/bin/python "
+             f"bench/bench_allocation.py --samples {args.samples} --seqlen {args.seqlen} --max-blocks "
+             f"{args.max_blocks} --tokens {args.tokens}`",
+             f"- SmolLM2-135M-Instruct (embedded), Brown; analysis of the first {args.max_blocks} blocks "
+             f"({len(layers)} layers), calibration {args.samples} × {args.seqlen}, group {GROUP}, widths "
+             f"{CANDIDATES}, with the quantizer errors: {analysis_seconds:.0f} s (0 when cached); the unit: last 25 % "
+             f"of the calibration segments, noise of each layer's 3-bit RTN error size, {unit_seconds:.0f} s this "
+             f"run, {units['seconds'].sum():.0f} s measured in all ({units['seconds'].mean():.1f} s per layer)",
+             f"- plans: the analysed layers only (the other blocks stay in full precision), quantized with the "
+             f"pipeline's RTN (group {GROUP}); KL on the {args.samples // 4} validation segments and on the evaluation "
+             f"split's first "
+             f"{args.tokens} tokens (windows of {args.seqlen})", "",
+             "## Predicted errors per source (Σ over the analysed layers, raw units)", "",
+             "| bits | RTN layer-wise | GPTQ layer-wise | aware layer-wise | RTN attention | GPTQ attention | "
+             "aware attention |", "|---|---|---|---|---|---|---|"]
+    columns = ["err_layerwise", "err_gptq_layerwise", "err_aware_layerwise", "err_attention", "err_gptq_attention",
+               "err_aware_attention"]
+    sums = errors.groupby("bits")[columns].sum()
+    lines += [f"| {bits} | " + " | ".join(f"{row[c]:.4g}" for c in columns) + " |" for bits, row in sums.iterrows()]
+    by_kind = errors.merge(layers[["layer", "kind"]], on="layer")
+    at3 = by_kind[by_kind["bits"] == 3].groupby("kind")[["err_attention", "err_gptq_attention",
+                                                        "err_aware_attention"]].sum()
+    lines += ["", "At 3 bits per kind (attention-aware measure): RTN / GPTQ / aware = "
+              + "; ".join(f"{kind} {r.err_attention:.3g} / {r.err_gptq_attention:.3g} / {r.err_aware_attention:.3g}"
+                          for kind, r in at3.iterrows()), "",
+              "## The unit: heuristic factor against the measured one (per layer, attention-aware metric)", ""]
+    heuristic = unit_factors(measured, "err_attention", "heuristic")[0]
+    calibrated, calibrated_se = unit_factors(measured, "err_attention", "calibrated")
+    rho = spearmanr(heuristic, calibrated).statistic
+    ratio = calibrated / heuristic
+    lines += [f"- Spearman(heuristic factor, measured factor) over {len(layers)} layers: {rho:.3f}; measured / "
+              f"heuristic spans {ratio.min():.3g} … {ratio.max():.3g} (median {np.median(ratio):.3g})",
+              f"- relative standard error of the measured rates: median {np.median(calibrated_se / calibrated):.2%}; "
+              f"of the Hutchinson traces: median "
+              f"{np.median(measured['trace_lm_se'] / measured['trace_lm']):.2%}", "",
+              "| layer | trace_lm/tr/residual | kl_rate/tr | ratio |", "|---|---|---|---|"]
+    lines += [f"| {name} | {h:.3g} | {c:.3g} | {c / h:.3g} |"
+              for name, h, c in zip(measured["layer"], heuristic, calibrated)]
+    lines += ["", "## Plans: predicted totals against measured KL", "",
+              "| method | budget | unit | seed | plan | avg bits | KL validation | KL evaluation | predicted "
+              "(heuristic) | predicted KL (calibrated) ± se |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.method} | {r.budget:g} | {r.unit} | {r.seed} | {r.plan} | {r.avg_bits:.3f} | "
+              f"{r.kl_validation:.4f} | {r.kl_evaluation:.4f} | {r.heuristic_attention:.4g} ± "
+              f"{r.heuristic_attention_se:.2g} | {r.calibrated_attention:.4f} ± {r.calibrated_attention_se:.2g} |"
+              for r in table.itertuples()]
+    ratio_kl = distinct["kl_validation"] / distinct["calibrated_attention"]
+    lines += ["", f"Measured KL (validation) / KL predicted in the calibrated unit: median {ratio_kl.median():.3g}, "
+              f"range {ratio_kl.min():.3g} … {ratio_kl.max():.3g}.", "",
+              f"Spearman over the {len(distinct)} distinct plans:", "",
+              "| predicted by | KL validation | KL evaluation |", "|---|---|---|"]
+    for scoring in ("heuristic", "calibrated"):
+        for label in ("attention", "layerwise"):
+            column = f"{scoring}_{label}"
+            lines.append(f"| {scoring} unit, {label} errors | "
+                         f"{spearmanr(distinct[column], distinct['kl_validation']).statistic:.3f} | "
+                         f"{spearmanr(distinct[column], distinct['kl_evaluation']).statistic:.3f} |")
+    Path(args.output).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

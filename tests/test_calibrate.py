@@ -1,0 +1,99 @@
+"""The measured cross-layer unit (aptq.calibrate) on a tiny llama: rates from injected noise, the store, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aptq import calibrate
+from aptq.allocate import AllocationRequest, allocate, summarize
+from aptq.calibrate import UnitSettings, calibrate_unit, with_unit
+from aptq.data import Sampling
+from aptq.errors import UserError
+from aptq.models import load_model
+from aptq.progress import Cancelled
+from aptq.sensitivity import AnalysisSettings, analyze
+from aptq.store import Store
+
+SAMPLING = Sampling(8, 24, seed=0)
+ANALYSIS = AnalysisSettings(group_size=32, bits=(2, 3, 4), max_blocks=1)
+
+
+@pytest.fixture
+def analysed(tiny_model_dir, text_corpus, tmp_path):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    store = Store(tmp_path / "unit.duckdb")
+    layers, errors = analyze(loaded, text_corpus, SAMPLING, ANALYSIS, store=store)
+    return loaded, store, layers, errors
+
+
+def test_rates_grow_with_the_noise_as_kl_does_and_are_stored(analysed, text_corpus, monkeypatch):
+    loaded, store, layers, errors = analysed
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    settings = UnitSettings(noise_bits=(3, 2))
+    units = calibrate_unit(loaded, text_corpus, SAMPLING, layers, errors, settings, store=store)
+    assert list(units["layer"]) == list(layers["layer"])
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())  # noise removed again
+    assert (units["kl_rate"] >= 0).all()
+    kinds = layers.set_index("layer").loc[units["layer"], "kind"].to_numpy()
+    # In a tiny random model only v and o move the output well above float resolution (KL ~1e-7 against ~1e-9 of
+    # rounding; q/k and the MLP stay near it): there the rate stands out of its error and KL grows as σ² (the
+    # linearity the unit rests on), within 15 %.
+    resolved = units[np.isin(kinds, ("v", "o"))]
+    assert (resolved["kl_rate"] > 3 * resolved["kl_rate_se"]).all()
+    for row in resolved.itertuples():
+        assert row.kl[1] / row.kl[0] == pytest.approx(row.noise_ms[1] / row.noise_ms[0], rel=0.15)
+    monkeypatch.setattr(calibrate, "measure_layer", lambda *a, **k: pytest.fail("a stored layer was measured again"))
+    again = calibrate_unit(loaded, text_corpus, SAMPLING, layers, errors, settings, store=store)
+    assert again["kl_rate"].tolist() == units["kl_rate"].tolist()
+
+
+def test_calibrated_unit_feeds_the_knapsack_with_an_uncertainty(analysed, text_corpus):
+    loaded, store, layers, errors = analysed
+    units = calibrate_unit(loaded, text_corpus, SAMPLING, layers, errors, store=store)
+    measured = with_unit(layers, units)
+    request = AllocationRequest(3.0, "knapsack", (2, 3, 4), group_size=32, unit="calibrated")
+    summary = summarize(allocate(measured, errors, request), measured, errors)
+    factor = (measured["kl_rate"] / measured["trace_attention"]).to_numpy()
+    chosen = errors.set_index(["layer", "bits"])["err_attention"]
+    plan = allocate(measured, errors, request)
+    expected = sum(f * chosen[(name, plan.bits[name])] for name, f in zip(measured["layer"], factor))
+    assert summary["predicted_error_attention"] == pytest.approx(expected)
+    assert 0 < summary["predicted_error_attention_se"] < summary["predicted_error_attention"]
+    assert summary["error_unit"] == "calibrated"
+
+
+def test_an_interrupted_calibration_keeps_what_it_measured(analysed, text_corpus):
+    loaded, store, layers, errors = analysed
+    seen = []
+
+    def stop_after_two(done: int, total: int, message: str) -> None:
+        seen.append(done)
+        if done == 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        calibrate_unit(loaded, text_corpus, SAMPLING, layers, errors, store=store, progress=stop_after_two)
+    key = UnitSettings().key(layers.attrs["analysis_key"])
+    from aptq import analyses
+    assert len(analyses.load_units(store, key)) == 2
+
+
+def test_calibration_too_short_for_a_validation_part_is_refused(tiny_model_dir, text_corpus, tmp_path):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    short = Sampling(4, 24, seed=0)
+    layers, errors = analyze(loaded, text_corpus, short, ANALYSIS, store=Store(tmp_path / "s.duckdb"))
+    with pytest.raises(UserError, match=r"^The calibration has 4 segment\(s\), too few to hold out a validation part "
+                                        r"of 2 segments at 25%; use at least 8 calibration segments"):
+        calibrate_unit(loaded, text_corpus, short, layers, errors, store=Store(tmp_path / "s.duckdb"))
+
+
+def test_a_layer_without_tokens_is_refused_before_any_work(analysed, text_corpus, monkeypatch):
+    loaded, store, layers, errors = analysed
+    monkeypatch.setattr(calibrate, "reference_stats", lambda *a, **k: pytest.fail("work started"))
+    starved = layers.assign(tokens=np.where(layers["layer"] == layers["layer"].iloc[3], 0, layers["tokens"]))
+    with pytest.raises(UserError, match=rf"^No calibration token reaches {layers['layer'].iloc[3]} \(1 layer"):
+        calibrate_unit(loaded, text_corpus, SAMPLING, starved, errors, store=store)
+    with pytest.raises(UserError, match=r"^The analysis has no predicted errors at \[8\] bits"):
+        calibrate_unit(loaded, text_corpus, SAMPLING, layers, errors, UnitSettings(noise_bits=(8,)), store=store)
