@@ -85,19 +85,19 @@ def test_every_page_renders_without_errors(filled_store):
 
         body = open_page(driver, "Bit budget", "Pins (0)")
         wait_for_charts(driver, 2)
-        before = average_bits(body)
+        before = shown_bits(body)  # a number: the page may print the same value as 3.00 or 3.000
         for attempt in range(3):  # keys that land while the page re-renders are lost on a loaded machine: again
             thumb = driver.find_element(By.CSS_SELECTOR, "[data-testid=stSlider] input[type=range]")
             driver.execute_script("arguments[0].focus()", thumb)  # the range input is hidden behind the thumb
             ActionChains(driver).send_keys(*[Keys.ARROW_RIGHT] * 10).perform()
             try:
-                body = wait_for(driver, lambda body: average_bits(body) != before, "a new plan after the slider moved",
+                body = wait_for(driver, lambda body: shown_bits(body) > before, "a new plan after the slider moved",
                                 timeout=40)
                 break
             except AssertionError:
                 if attempt == 2:
                     raise
-        assert float(average_bits(body)) > float(before)
+        assert shown_bits(body) > before
         wait_for_charts(driver, 2)
         for attempt in range(3):  # plotly may be redrawing the heatmap (no size yet) on a loaded machine: again
             cells = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .nsewdrag")[0]  # the plan heatmap
@@ -211,3 +211,11 @@ def test_a_lecturer_path_shows_numbers_that_agree_with_each_other_and_the_store(
         assert star["x"][0] == pytest.approx(runs.loc[plan_run, "covered_avg_bits"])
         assert star["y"][0] == pytest.approx(runs.loc[plan_run, "perplexity"])
         driver.save_screenshot(str(ARTIFACTS / "lecture_trade_offs.png"))
+
+
+def shown_bits(body: str) -> float:
+    """The average bits on screen as a number; NaN while a re-render shows something else there."""
+    try:
+        return float(average_bits(body))
+    except ValueError:
+        return float("nan")
