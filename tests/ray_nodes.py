@@ -44,10 +44,6 @@ def started_nodes(cpus: tuple[int, ...] = (1, 1)) -> Iterator[str]:
     to them; yields the head's address. Each node is a `ray start --block`, which stops the processes it started
     when it gets SIGTERM; any left after that are killed by their ids, and the temporary directory goes."""
     ray.shutdown()  # a connection made before (e.g. a local cluster of this process)
-    # Ray 2.60 enables token authentication when a driver starts a local cluster, by setting RAY_AUTH_MODE in that
-    # process only; nodes started from a process that never did so rejected its driver ("InvalidAuthToken"). The
-    # nodes inherit the mode from here, so driver and nodes agree either way.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     port = free_port()
     address = f"127.0.0.1:{port}"
     command = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
