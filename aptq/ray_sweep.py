@@ -22,7 +22,6 @@ for.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -82,17 +81,8 @@ class SweepJob:
     reference_cache: Path
 
 
-RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
-
-
 def import_ray():
     """The ray module, or one sentence saying how to get it."""
-    # Ray 2.60 turns token authentication on for a cluster it starts (`ray start`, or a local `ray.init`) when a
-    # token exists, but a driver that connects to a running cluster reads the mode once, at import, from
-    # RAY_AUTH_MODE only: without it the cluster rejected our driver ("InvalidAuthToken"). Decided as Ray decides
-    # for the clusters it starts, before the import (an explicit RAY_AUTH_MODE is kept).
-    if RAY_TOKEN_FILE.is_file():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         import ray
     except ImportError as exc:

@@ -15,10 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-
-from aptq.ray_sweep import import_ray
-
-ray = import_ray()  # with the authentication mode the nodes started here will use
+import ray
 
 QUIET = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
 START_SECONDS = 180  # a node start takes 30–50 s on two busy cores
