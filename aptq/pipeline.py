@@ -207,9 +207,9 @@ class _Checkpoints:
 
     def check_disk(self, model: torch.nn.Module, arch: Architecture, plan: dict[str, int]) -> None:
         """Refused before any work when the disk cannot hold the blocks still to quantize (weights in their dtype)."""
-        needed = sum(get_weight(model, layer).numel() * get_weight(model, layer).element_size()
-                     for block in range(arch.n_blocks) if not self._path(block).is_file()
-                     for layer, _ in _block_plan(arch, block, plan))
+        weights = (get_weight(model, layer) for block in range(arch.n_blocks) if not self._path(block).is_file()
+                   for layer, _ in _block_plan(arch, block, plan))
+        needed = sum(weight.numel() * weight.element_size() for weight in weights)
         resources.check_disk_for_run(self.directory, needed)
 
 

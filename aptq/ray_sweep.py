@@ -223,7 +223,7 @@ def _with_prediction(store: Store, row: RunRecord, identity: RunIdentity, point_
 
 def _dispatch(ray, loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: QuantizeSettings,
               evaluation: EvalSettings, todo: dict[str, PointPlan], options: RayOptions, store: Store,
-              stored: dict[str, dict], failures: dict[str, str], tally: _Tally) -> None:
+              stored: dict[str, RunRecord], failures: dict[str, str], tally: _Tally) -> None:
     """One task per run key; each row is stored as it lands. Ctrl-C or Cancel: the tasks still out are cancelled."""
     job = SweepJob(str(loaded.path), {"source": loaded.source, "display_name": loaded.display_name,
                                       "baseline_label": loaded.baseline_label},

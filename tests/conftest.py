@@ -3,6 +3,7 @@
 - `tiny_model(family, **config_overrides)`: an in-memory model in eval mode with eager attention, and its adapter.
 - `tiny_model_dir(family)`: the same kind of model saved as an HF directory with a tokenizer (for `load_model`),
   built once per test session and family.
+- `at`: a fresh dashboard session (Streamlit's AppTest) on the requesting module's `analyzed` fixture.
 
 Markers (registered in pyproject.toml): tests/test_browser.py is `browser`; tests that load the embedded model, and
 slow ones (measured with `pytest --durations=0`), carry `@pytest.mark.integration` themselves; every other test is
@@ -11,6 +12,7 @@ slow ones (measured with `pytest --durations=0`), carry `@pytest.mark.integratio
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from transformers import AutoModelForCausalLM
 
 from aptq.models import Architecture, architecture_of
 from tests.tiny_models import save_tiny_model, tiny_config
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -68,3 +72,17 @@ def text_corpus(tmp_path_factory):
     rng = np.random.default_rng(0)
     path.write_text("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(200)))
     return load_corpus(str(path))
+
+
+@pytest.fixture
+def at(analyzed, tmp_path, monkeypatch):
+    """A fresh dashboard session on the model of the module's `analyzed` fixture — (store path, model directory) —
+    over a private copy of that store (no analysis_request: a new session opens on the stored analysis)."""
+    from streamlit.testing.v1 import AppTest
+
+    source, model = analyzed
+    shutil.copy(source, tmp_path / "store.duckdb")
+    monkeypatch.setenv("APTQ_STORE", str(tmp_path / "store.duckdb"))
+    session = AppTest.from_file(str(APP), default_timeout=60)
+    session.session_state["model_source"] = model
+    return session

@@ -4,7 +4,6 @@ the plan, pins survive budget changes and page switches, plans are saved, quanti
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -31,17 +30,6 @@ def analyzed(tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
     analyze(load_model(model, device="cpu"), load_corpus("brown"), REQUEST.sampling, REQUEST.settings,
             store=Store(path))
     return path, model
-
-
-@pytest.fixture
-def at(analyzed, tmp_path, monkeypatch) -> AppTest:
-    """A fresh session on the tiny model over a private copy of the analyzed store."""
-    source, model = analyzed
-    shutil.copy(source, tmp_path / "store.duckdb")
-    monkeypatch.setenv("APTQ_STORE", str(tmp_path / "store.duckdb"))
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.session_state["model_source"] = model  # no analysis_request: a new session opens on the stored analysis
-    return at
 
 
 def texts(elements) -> str:

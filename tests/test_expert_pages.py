@@ -4,7 +4,6 @@ experts per block): one heatmap row per expert by default, the experts of a kind
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from aptq.sensitivity import analyze
 from aptq.store import Store
 from ui.session import AnalysisRequest
 
-APP = Path(__file__).resolve().parent.parent / "app.py"
 REQUEST = AnalysisRequest(samples=4, seqlen=64, group_size=32)  # 32 divides the experts' width 96
 EXPERT_ROWS = ["q", "k", "v", "o"] + [f"{kind}·e{e}" for kind in ("gate", "up", "down") for e in range(4)]
 KIND_ROWS = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -32,16 +30,6 @@ def analyzed(tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
         analyze(load_model(model, device="cpu"), load_corpus("brown"), REQUEST.sampling, REQUEST.settings,
                 store=Store(path))
     return path, model
-
-
-@pytest.fixture
-def at(analyzed, tmp_path, monkeypatch) -> AppTest:
-    source, model = analyzed
-    shutil.copy(source, tmp_path / "store.duckdb")
-    monkeypatch.setenv("APTQ_STORE", str(tmp_path / "store.duckdb"))
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.session_state["model_source"] = model
-    return at
 
 
 def heatmap_rows(at: AppTest) -> list[list[str]]:

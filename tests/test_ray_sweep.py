@@ -29,7 +29,7 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.integration  # slow for `make check`: each Ray start takes tens of seconds on two cores
 from aptq.ray_sweep import RayOptions, run_sweep_on_ray  # noqa: E402 (only once ray is known to be there)
 from tests.ray_nodes import QUIET, alive_nodes, started_nodes  # noqa: E402
-from tests.test_app_pages import analyzed, at, button, no_problems, texts  # noqa: E402, F401 (the page's fixtures)
+from tests.test_app_pages import analyzed, button, no_problems, texts  # noqa: E402, F401 (the page's fixture)
 
 SAMPLING = Sampling(6, 32, seed=0)
 SETTINGS = QuantizeSettings("rtn", 32)
@@ -178,7 +178,7 @@ def test_cli_sweep_on_ray_and_its_arguments(local_cluster, inputs, tiny_model_di
     assert sorted(runs["budget"]) == [2.0, 3.0] and set(runs["method"]) == {"rtn"}
 
 
-def test_trade_offs_page_measures_a_sweep_on_ray(local_cluster, at):  # noqa: F811 (the page fixture `at`)
+def test_trade_offs_page_measures_a_sweep_on_ray(local_cluster, at):
     """The page's choice: Run on Ray with an empty address uses the Ray this process is connected to."""
     at.switch_page("pages/4_Trade_offs.py").run()
     at.text_input(key="sweep_budgets").set_value("3,4")
