@@ -18,10 +18,18 @@ other runs still land. Ctrl-C (or Cancel on the page) cancels the tasks not yet 
 Every node needs this project at the driver's working directory (Ray puts that on the workers' import path), the
 same Python environment, and the model at the path the driver loaded it from. Ray is imported only here, when asked
 for.
+
+Authentication: Ray 2.60 reads its mode (RAY_AUTH_MODE) once, when it is imported. `ray start --head` turns token
+authentication on when the variable is unset and a token is available, but a driver given an address does not, and
+such a cluster rejects it ("InvalidAuthToken"). So the first import here decides the mode as `ray start --head` does in
+this environment (`cluster_auth_mode`); a ray imported before is left as it is, and if it cannot join, the error says
+which mode to set.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -81,8 +89,38 @@ class SweepJob:
     reference_cache: Path
 
 
+AUTH_MODE = "RAY_AUTH_MODE"
+
+
+def ray_token_available() -> bool:
+    """Whether Ray would find an authentication token, looking where and in the order its token loader does (Ray
+    2.60): RAY_AUTH_TOKEN, else the first line of the file RAY_AUTH_TOKEN_PATH names, else of ~/.ray/auth_token."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if token:
+        return bool(token.strip())
+    home = os.environ.get("HOME") or "."
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(home, ".ray", "auth_token")
+    try:
+        with open(path) as file:
+            return bool(file.readline().strip())
+    except OSError:
+        return False
+
+
+def cluster_auth_mode() -> str:
+    """The authentication mode of a cluster `ray start --head` starts in this environment: RAY_AUTH_MODE when set,
+    else "token" when a token is available, else "disabled" (Ray 2.60's maybe_enable_token_auth_if_token_available)."""
+    explicit = os.environ.get(AUTH_MODE)
+    if explicit is not None:
+        return explicit.lower()
+    return "token" if ray_token_available() else "disabled"
+
+
 def import_ray():
-    """The ray module, or one sentence saying how to get it."""
+    """The ray module, or one sentence saying how to get it. Imported first here, it takes the authentication mode of
+    the clusters `ray start` starts in this environment; a ray imported before keeps its mode."""
+    if "ray" not in sys.modules and cluster_auth_mode() == "token":
+        os.environ[AUTH_MODE] = "token"  # read by ray at its import; inherited by the nodes this process starts
     try:
         import ray
     except ImportError as exc:
@@ -101,13 +139,27 @@ def connected(options: RayOptions) -> Iterator[object]:
     try:
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
                  logging_level="WARNING")
-    except (ConnectionError, ValueError, RuntimeError) as exc:
+    except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as exc:
         where = f"at {options.address}" if options.address else "(RAY_ADDRESS, a local `ray start`, or a new one)"
-        raise UserError(f"Could not connect to a Ray cluster {where}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"Could not connect to a Ray cluster {where}: {str(exc).splitlines()[0]} "
+                        f"({auth_mode_advice()})") from exc
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def auth_mode_advice() -> str:
+    """What this process's Ray authentication mode is, and what to set when it is not the one of a cluster started in
+    this environment (ray was imported before import_ray could choose)."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    mode = "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
+    expected = cluster_auth_mode()
+    if mode != expected:
+        return (f"ray was imported before aptq with authentication mode '{mode}', but a cluster started here uses "
+                f"'{expected}': set {AUTH_MODE}={expected} before starting Python")
+    return f"this process uses Ray authentication mode '{mode}'; {AUTH_MODE} must match the cluster's"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import ray
 import torch
 
 from aptq import pipeline
@@ -32,11 +31,13 @@ from aptq.history import stored_runs
 from aptq.models import load_model, model_fingerprint
 from aptq.pipeline import EvalSettings, QuantizeSettings, identify_run, reference_for, uniform_plan
 from aptq.progress import tqdm_progress
-from aptq.ray_sweep import RayOptions, run_sweep_on_ray
+from aptq.ray_sweep import RayOptions, import_ray, run_sweep_on_ray
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store
 from aptq.sweep import run_sweep, sweep_points
 from tests.ray_nodes import QUIET, started_nodes
+
+ray = import_ray()  # (tests.ray_nodes imported it first, choosing the authentication mode of the nodes it starts)
 
 RESULTS = Path(__file__).parent / "results" / "ray_sweep.md"
 WORK = Path("/tmp/aptq-ray-bench")

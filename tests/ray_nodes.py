@@ -15,7 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-import ray
+
+from aptq.ray_sweep import import_ray
+
+ray = import_ray()  # if first: in the authentication mode of a `ray start` here, which the nodes below inherit
 
 QUIET = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
 START_SECONDS = 180  # a node start takes 30–50 s on two busy cores

@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,16 +21,20 @@ import pytest
 import aptq.pipeline as pipeline
 from aptq.cli import main
 from aptq.data import Corpus, Sampling
+from aptq.errors import UserError
 from aptq.history import stored_plans, stored_runs
 from aptq.models import LoadedModel, load_model, model_fingerprint
 from aptq.pipeline import EvalSettings, QuantizeSettings
+from aptq.ray_sweep import AUTH_MODE, RayOptions, import_ray, ray_token_available, run_sweep_on_ray
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store
 from aptq.sweep import run_sweep, sweep_points
 
-ray = pytest.importorskip("ray")
+try:
+    ray = import_ray()  # this process's first import: in the authentication mode of the nodes started below
+except UserError:
+    pytest.skip("ray is not installed", allow_module_level=True)
 pytestmark = pytest.mark.integration  # slow for `make check`: each Ray start takes tens of seconds on two cores
-from aptq.ray_sweep import RayOptions, run_sweep_on_ray  # noqa: E402 (only once ray is known to be there)
 from tests.ray_nodes import QUIET, alive_nodes, started_nodes  # noqa: E402
 from tests.test_app_pages import analyzed, button, no_problems, texts  # noqa: E402, F401 (the page's fixture)
 
@@ -97,6 +104,40 @@ def assert_as_sequential(table: pd.DataFrame, store: Store, inputs: Inputs, sequ
     assert not any(pipeline.RUN_CACHE.glob("*/*"))  # every run directory went once its row was stored
 
 
+def test_token_lookup_agrees_with_rays_loader(tmp_path):
+    """aptq.ray_sweep.ray_token_available looks where Ray's token loader looks, in its order. Runs before the module's
+    clusters: Ray's loader caches the token this process authenticates with, and is reset to the real one after."""
+    token_file, blank, home = tmp_path / "token", tmp_path / "blank", tmp_path / "home"
+    token_file.write_text("secret\n")
+    blank.write_text(" \nsecret\n")  # Ray reads the first line only
+    (home / ".ray").mkdir(parents=True)
+    cases = [{}, {"RAY_AUTH_TOKEN": "secret"}, {"RAY_AUTH_TOKEN": " "}, {"RAY_AUTH_TOKEN_PATH": str(token_file)},
+             {"RAY_AUTH_TOKEN_PATH": str(blank)}, {"RAY_AUTH_TOKEN": "secret", "RAY_AUTH_TOKEN_PATH": str(blank)}]
+    loader = ray._raylet.AuthenticationTokenLoader.instance()
+    found = {}
+    try:
+        for number, case in enumerate(cases):
+            for default_token in ("", "secret"):
+                (home / ".ray" / "auth_token").write_text(default_token)
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setenv("HOME", str(home))
+                    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+                        patch.delenv(name, raising=False)
+                    for name, value in case.items():
+                        patch.setenv(name, value)
+                    loader.reset_cache()
+                    try:
+                        expected = loader.has_token(ignore_auth_mode=True)
+                    except ray.exceptions.AuthenticationError:  # a token path without a token: Ray stops
+                        expected = False
+                    assert ray_token_available() == expected, (case, default_token)
+                    found[number, default_token] = expected
+    finally:
+        loader.reset_cache()
+    assert found[0, ""] is False and found[0, "secret"] is True  # ~/.ray/auth_token alone decides
+    assert found[4, "secret"] is False and found[5, ""] is True  # the order: RAY_AUTH_TOKEN, its path, the default
+
+
 @pytest.fixture(scope="module")
 def local_cluster(inputs):
     ray.init(address="local", num_cpus=2, **QUIET)
@@ -161,21 +202,30 @@ def test_a_run_that_fails_for_good_is_reported_while_the_others_land(local_clust
     assert_as_sequential(rerun, store, inputs, (sequential[0].assign(cached=rerun["cached"]), *sequential[1:]))
 
 
+def cli_sweep(inputs: Inputs, model_dir: Path, text_corpus: Corpus, directory: Path) -> tuple[Store, list[str]]:
+    """A store holding the analysis, and the CLI arguments of a sweep of two uniform RTN plans on it."""
+    store = inputs.fresh_store(directory)
+    corpus_file = directory / "corpus.txt"
+    corpus_file.write_text(text_corpus.calibration + "\n\n" + text_corpus.evaluation)
+    return store, ["sweep", "--model", str(model_dir), "--corpus", str(corpus_file), "--store", str(store.path),
+                   "--device", "cpu", "--samples", "6", "--seqlen", "32", "--group", "32", "--candidates", "2,3,4",
+                   "--methods", "uniform", "--budgets", "2,3", "--quantizer", "rtn", "--eval-seqlen", "32",
+                   "--tokens", "256"]
+
+
+def assert_cli_sweep_stored(store: Store, inputs: Inputs) -> None:
+    runs = stored_runs(store, model_fingerprint(inputs.loaded.path))
+    assert sorted(runs["budget"]) == [2.0, 3.0] and set(runs["method"]) == {"rtn"}
+
+
 def test_cli_sweep_on_ray_and_its_arguments(local_cluster, inputs, tiny_model_dir, text_corpus, tmp_path, capsys):
     assert main(["sweep", "--ray", "--ray-cpus", "0"]) == 2
     assert "--ray-cpus must be positive" in capsys.readouterr().err
-    store = inputs.fresh_store(tmp_path)
-    corpus_file = tmp_path / "corpus.txt"
-    corpus_file.write_text(text_corpus.calibration + "\n\n" + text_corpus.evaluation)
-    arguments = ["sweep", "--model", str(tiny_model_dir("llama")), "--corpus", str(corpus_file), "--store",
-                 str(store.path), "--device", "cpu", "--samples", "6", "--seqlen", "32", "--group", "32",
-                 "--candidates", "2,3,4", "--methods", "uniform", "--budgets", "2,3", "--quantizer", "rtn",
-                 "--eval-seqlen", "32", "--tokens", "256"]
+    store, arguments = cli_sweep(inputs, tiny_model_dir("llama"), text_corpus, tmp_path)
     assert main([*arguments, "--ray"]) == 0  # uses the module's cluster (a connection made before is kept)
     output = capsys.readouterr().out
     assert "uniform" in output and "perplexity" in output
-    runs = stored_runs(store, model_fingerprint(inputs.loaded.path))
-    assert sorted(runs["budget"]) == [2.0, 3.0] and set(runs["method"]) == {"rtn"}
+    assert_cli_sweep_stored(store, inputs)
 
 
 def test_trade_offs_page_measures_a_sweep_on_ray(local_cluster, at):
@@ -195,9 +245,30 @@ def test_trade_offs_page_measures_a_sweep_on_ray(local_cluster, at):
     assert sorted(runs["budget"]) == [3.0, 3.0, 4.0, 4.0] and set(runs["method"]) == {"rtn"}
 
 
-def test_sweep_on_a_head_and_a_worker_started_by_ray_start(inputs, sequential, tmp_path):
-    with started_nodes((1, 1)) as address:  # ends the module's local cluster first: this test comes last
-        store = inputs.fresh_store(tmp_path)
-        table = run_sweep_on_ray(*inputs.sweep_args(), store, options=RayOptions(address=address))
-        assert alive_nodes() == 2
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[str]:
+    """A head and a worker node started by `ray start`, this process connected to them; their address. It ends the
+    module's local cluster first: the tests using it come last."""
+    with started_nodes((1, 1)) as address:
+        yield address
+
+
+def test_sweep_on_a_head_and_a_worker_started_by_ray_start(nodes, inputs, sequential, tmp_path):
+    store = inputs.fresh_store(tmp_path)
+    table = run_sweep_on_ray(*inputs.sweep_args(), store, options=RayOptions(address=nodes))
+    assert alive_nodes() == 2
     assert_as_sequential(table, store, inputs, sequential)
+
+
+def test_a_fresh_cli_process_joins_nodes_started_by_ray_start(nodes, inputs, tiny_model_dir, text_corpus, tmp_path):
+    """`python -m aptq sweep --ray ADDRESS` started from a shell without RAY_AUTH_MODE: where a token exists (here
+    ~/.ray/auth_token) the nodes use token authentication, and a driver that did not choose it was rejected (issue
+    18)."""
+    store, arguments = cli_sweep(inputs, tiny_model_dir("llama"), text_corpus, tmp_path)
+    shell = {name: value for name, value in os.environ.items() if name != AUTH_MODE}
+    shell["APTQ_CACHE_DIR"] = str(tmp_path / "cache")  # its run and reference directories
+    finished = subprocess.run([sys.executable, "-m", "aptq", *arguments, "--ray", nodes], env=shell,
+                              cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "perplexity" in finished.stdout
+    assert_cli_sweep_stored(store, inputs)
