@@ -260,15 +260,31 @@ def test_sweep_on_a_head_and_a_worker_started_by_ray_start(nodes, inputs, sequen
     assert_as_sequential(table, store, inputs, sequential)
 
 
-def test_a_fresh_cli_process_joins_nodes_started_by_ray_start(nodes, inputs, tiny_model_dir, text_corpus, tmp_path):
-    """`python -m aptq sweep --ray ADDRESS` started from a shell without RAY_AUTH_MODE: where a token exists (here
-    ~/.ray/auth_token) the nodes use token authentication, and a driver that did not choose it was rejected (issue
-    18)."""
-    store, arguments = cli_sweep(inputs, tiny_model_dir("llama"), text_corpus, tmp_path)
+def from_a_shell(command: list[str], directory: Path) -> subprocess.CompletedProcess:
+    """The command run in a fresh process, from a shell without RAY_AUTH_MODE (this process set it at ray's import)."""
     shell = {name: value for name, value in os.environ.items() if name != AUTH_MODE}
-    shell["APTQ_CACHE_DIR"] = str(tmp_path / "cache")  # its run and reference directories
-    finished = subprocess.run([sys.executable, "-m", "aptq", *arguments, "--ray", nodes], env=shell,
-                              cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=900)
+    shell["APTQ_CACHE_DIR"] = str(directory / "cache")  # its run and reference directories
+    return subprocess.run(command, env=shell, cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_a_fresh_cli_process_joins_nodes_started_by_ray_start(nodes, inputs, tiny_model_dir, text_corpus, tmp_path):
+    """`python -m aptq sweep --ray ADDRESS`: where a token exists (here ~/.ray/auth_token) the nodes use token
+    authentication, and a driver that did not choose it too was rejected (issue 18)."""
+    store, arguments = cli_sweep(inputs, tiny_model_dir("llama"), text_corpus, tmp_path)
+    finished = from_a_shell([sys.executable, "-m", "aptq", *arguments, "--ray", nodes], tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "perplexity" in finished.stdout
     assert_cli_sweep_stored(store, inputs)
+
+
+def test_a_driver_that_imported_ray_first_is_told_which_mode_to_set(nodes, inputs, tiny_model_dir, text_corpus,
+                                                                    tmp_path):
+    if not ray_token_available():
+        pytest.skip("no Ray token here: the nodes run without authentication, any driver joins")
+    _, arguments = cli_sweep(inputs, tiny_model_dir("llama"), text_corpus, tmp_path)
+    script = f"import sys, ray; from aptq.cli import main; sys.exit(main({[*arguments, '--ray', nodes]!r}))"
+    finished = from_a_shell([sys.executable, "-c", script], tmp_path)
+    assert finished.returncode == 2, finished.stderr[-3000:]  # a UserError, after Ray's own connection attempts
+    assert "ray was imported before aptq with authentication mode 'disabled'" in finished.stderr
+    assert f"set {AUTH_MODE}=token before starting Python" in finished.stderr
