@@ -405,11 +405,20 @@ def _error_matrix(layers: pd.DataFrame, errors: pd.DataFrame, names: np.ndarray,
         table = comparable_errors(layers, _errors_for_group(errors, group), metric, unit)
         if table.duplicated(["layer", "bits"]).any():
             raise AllocationError("The errors table has several rows for one (layer, bits); keep one group size.")
-        values = table.set_index(["layer", "bits"])[metric]
-        for j, (bits, option_group) in enumerate(options):
-            if option_group == group:
-                matrix[:, j] = values.reindex(pd.MultiIndex.from_arrays([names, np.full(len(names), bits)])).to_numpy()
+        columns = [j for j, (_, option_group) in enumerate(options) if option_group == group]
+        matrix[:, columns] = _error_lookup(names, table, metric, np.array([options[j][0] for j in columns]))
     return matrix
+
+
+def _error_lookup(names: np.ndarray, table: pd.DataFrame, metric: str, widths: np.ndarray) -> np.ndarray:
+    """(len(names), len(widths)) `metric` of each named layer at each width from `table`'s (layer, bits) rows; NaN
+    where it has none. Positions are matched once, in numpy: this runs on every budget slider move."""
+    row = pd.Index(names).get_indexer(table["layer"])
+    column = pd.Index(widths).get_indexer(table["bits"])
+    known = (row >= 0) & (column >= 0)
+    lookup = np.full((len(names), len(widths)), np.nan)
+    lookup[row[known], column[known]] = table[metric].to_numpy(dtype=float)[known]
+    return lookup
 
 
 def _errors_for_group(errors: pd.DataFrame, group_size: int) -> pd.DataFrame:
@@ -675,12 +684,19 @@ def _overhead_bits(layers: pd.DataFrame, group_size: int | np.ndarray) -> np.nda
     return SCALE_ZERO_BITS * np.where(grouped, np.ceil(d_in / size), 1.0) / d_in
 
 
-def _chosen_errors(chosen: pd.DataFrame, errors: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """`chosen` (layer, bits, group, row) with the raw `metric` of each layer at its width and group size."""
-    if chosen.empty:
-        return chosen.assign(**{metric: 0.0})
-    return pd.concat([part.merge(_errors_for_group(errors, int(group))[["layer", "bits", metric]],
-                                 on=["layer", "bits"], how="left") for group, part in chosen.groupby("group")])
+def _chosen_errors(layers: pd.DataFrame, bits: np.ndarray, groups: np.ndarray, errors: pd.DataFrame,
+                   metric: str) -> np.ndarray:
+    """Per layer of `layers`: the raw `metric` at its width and group size (NaN for layers kept in full precision
+    or missing from `errors`)."""
+    names = layers["layer"].to_numpy()
+    values = np.full(len(layers), np.nan)
+    quantized = bits < FULL_PRECISION
+    for group in np.unique(groups[quantized]):
+        rows = np.flatnonzero(quantized & (groups == group))
+        widths = np.unique(bits[rows])
+        lookup = _error_lookup(names, _errors_for_group(errors, int(group)), metric, widths)
+        values[rows] = lookup[rows, np.searchsorted(widths, bits[rows])]
+    return values
 
 
 def _predicted_errors(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict[str, float]:
@@ -688,8 +704,8 @@ def _predicted_errors(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) ->
     the plan's width (and group size), in the request's unit; the standard error from the unit factors' (a sum of
     per-layer variances). NaN where an error is missing, and the standard error NaN for tables used as given."""
     bits = layers["layer"].map(plan.bits).to_numpy(dtype=np.int64)
-    chosen = pd.DataFrame({"layer": layers["layer"].to_numpy(), "bits": bits, "group": plan.group_size_of(layers),
-                           "row": np.arange(len(layers))})[bits < FULL_PRECISION]
+    groups = plan.group_size_of(layers)
+    quantized = bits < FULL_PRECISION
     totals = {}
     names = (PREDICTED_ERROR_LAYERWISE, PREDICTED_ERROR_ATTENTION)
     for name, metric in zip(names, ERROR_SOURCES[plan.request.quantizer]):
@@ -697,12 +713,10 @@ def _predicted_errors(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) ->
         if metric in errors.columns:
             factors = unit_factors(layers, metric, plan.request.unit)
             factor, factor_se = factors if factors is not None else (np.ones(len(layers)), np.full(len(layers), np.nan))
-            raw = _chosen_errors(chosen, errors, metric)
-            if raw[metric].notna().all():
-                values = raw[metric].to_numpy(dtype=float)
-                rows = raw["row"].to_numpy()
-                total = float((values * factor[rows]).sum())
-                se = float(np.sqrt(((values * factor_se[rows]) ** 2).sum()))
+            values = _chosen_errors(layers, bits, groups, errors, metric)[quantized]
+            if not np.isnan(values).any():
+                total = float((values * factor[quantized]).sum())
+                se = float(np.sqrt(((values * factor_se[quantized]) ** 2).sum()))
         totals |= {name: total, f"{name}_se": se}
     return {key: totals[key] for key in (PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE,
                                          f"{PREDICTED_ERROR_ATTENTION}_se", f"{PREDICTED_ERROR_LAYERWISE}_se")}
