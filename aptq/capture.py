@@ -19,7 +19,8 @@ Usage (the caller may inspect or modify each block before the walk computes its 
     # modified block's outputs, as true-sequential quantization wants), and the block goes back to its home device.
 
 Leaving the loop early (break, an exception, a `Cancelled` from a progress callback) puts the current block back too.
-`device_failures` around the loop turns a device that runs out of memory or fails mid-walk into one sentence.
+`device_failures` around the loop (or around other work on a device, such as an evaluation) turns a device that runs
+out of memory or fails mid-walk into one sentence.
 """
 
 from __future__ import annotations
@@ -255,21 +256,26 @@ CPU_ALLOCATION_FAILURE = "can't allocate memory"
 
 
 @contextmanager
-def device_failures(walk: BlockWalk, work: str, finished: Callable[[], int]) -> Iterator[None]:
-    """Around the loop over `walk`: a device out of memory or failing (lost, a driver error) becomes one sentence
-    (UserError) that names the device and block, says how many finished blocks (`finished()`) are kept, and how to
-    continue; the caller's own cleanup (a stored status, the run directory) has already run as the error passed."""
+def device_failures(where: BlockWalk | torch.device | str, work: str, finished: Callable[[], int],
+                    remedy: str = "with a smaller batch size or on the CPU") -> Iterator[None]:
+    """Around work on a device: a device out of memory or failing (lost, a driver error) becomes one sentence
+    (UserError) that names the device and the work (`where` a walk: also the block it was at), says how many finished
+    blocks (`finished()`) are kept, and how to continue (`remedy`, out of memory); the caller's own cleanup (a stored
+    status, the run directory) has already run as the error passed."""
     try:
         yield
     except RuntimeError as exc:
         out_of_memory = isinstance(exc, torch.OutOfMemoryError) or CPU_ALLOCATION_FAILURE in str(exc)
         if not out_of_memory and not isinstance(exc, torch.AcceleratorError):
             raise
-        where = f"the {work} of block {walk.current}" if walk.current is not None else f"the {work}"
+        walk = where if isinstance(where, BlockWalk) else None
+        device = walk.device if walk is not None else torch.device(where)
+        block = walk.current if walk is not None else None
+        during = f"the {work} of block {block}" if block is not None else f"the {work}"
         kept = f"the {finished()} finished block(s) are kept"
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if out_of_memory:
-            raise UserError(f"The device {walk.device} ran out of memory during {where} ({detail}); {kept}: run it "
-                            f"again with a smaller batch size or on the CPU to continue from there.") from exc
-        raise UserError(f"The device {walk.device} failed during {where} ({detail}); {kept}: run it again once the "
+            raise UserError(f"The device {device} ran out of memory during {during} ({detail}); {kept}: run it "
+                            f"again {remedy} to continue from there.") from exc
+        raise UserError(f"The device {device} failed during {during} ({detail}); {kept}: run it again once the "
                         f"device works (or on the CPU) to continue from there.") from exc

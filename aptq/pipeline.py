@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -528,10 +529,16 @@ def measure_run(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, identit
                 ) -> tuple[RunRecord, _Quantized]:
     """Quantize and evaluate without touching the store: the run's record (as `run_plan` stores it) and the quantized
     weights (in the run directory, which the caller removes once the record is stored). A Ray sweep's workers call
-    this; only the driver writes the store (aptq.ray_sweep)."""
-    reference = reference_for(loaded, corpus, evaluation, identity, _stage(progress, "reference"))
+    this; only the driver writes the store (aptq.ray_sweep). A device out of memory or lost while evaluating is one
+    sentence; nothing is stored and the quantized blocks stay, so running it again evaluates without quantizing."""
+    # The evaluation already runs one window at a time, so only another device or more free memory can help.
+    failures = partial(device_failures, finished=_Checkpoints(identity.key).finished,
+                       remedy="on the CPU (or with more free device memory)")
+    with failures(loaded.device, "evaluation of the full-precision reference"):
+        reference = reference_for(loaded, corpus, evaluation, identity, _stage(progress, "reference"))
     quantized = _quantize(loaded, corpus, sampling, settings, identity, progress, rtn_memo)
-    measured = _evaluate(loaded, corpus, reference, evaluation, quantized, progress)
+    with failures(quantized.device, "evaluation of the quantized model"):
+        measured = _evaluate(loaded, corpus, reference, evaluation, quantized, progress)
     return _run_record(loaded, corpus.name, sampling, settings, identity, dict(plan_meta or {}), quantized,
                        measured), quantized
 
