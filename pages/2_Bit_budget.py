@@ -107,8 +107,9 @@ def headline(summary: dict, whole: dict[str, float], analysis: Analysis) -> None
     cols[2].metric("Size (whole model)", f"{whole['size_mb']:.1f} MB",
                    help="every quantizable linear weight with scales; layers outside the analysis in FP16")
     cols[3].metric("Compression", f"{summary['compression']:.2f}×", help=f"FP16 size / plan size, {scope}")
-    cols[4].metric("Predicted error", f"{summary[PREDICTED_ERROR_ATTENTION]:.4g} "
-                   f"± {summary[PREDICTED_ERROR_ATTENTION + '_se']:.2g}",
+    # The standard error under the value (as a delta without arrow or colour): both on one line ended in "…".
+    cols[4].metric("Predicted error", f"{summary[PREDICTED_ERROR_ATTENTION]:.4g}",
+                   f"± {summary[PREDICTED_ERROR_ATTENTION + '_se']:.2g}", delta_color="off", delta_arrow="off",
                    help=f"errors of {METHOD_LABELS[summary['error_source']]}; ± one standard error from the "
                         f"Hutchinson traces. Σ e(layer, b) with the attention-aware Hessians, each moved to its "
                         "module's output "
