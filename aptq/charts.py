@@ -28,6 +28,12 @@ METRIC_LABELS = {"score": "APTQ trace per parameter", "score_attention": "attent
                  "trace_attention": "attention-aware trace", "trace_layerwise": "layer-wise trace tr(I⊗H)"}
 
 
+def chart_title(text: str) -> dict:
+    """A title just above the plot, below the chart's toolbar (a top margin of 70 px holds both): placed at the top
+    of the figure, a title in half the page's width ran under the toolbar."""
+    return {"text": text, "yref": "paper", "y": 1, "yanchor": "bottom", "pad": {"b": 10}}
+
+
 def _kinds(frame: pd.DataFrame) -> list[str]:
     present = set(frame["kind"])
     return [k for k in KIND_ORDER if k in present]
@@ -110,15 +116,19 @@ def _grid_layout(title: str, rows: list[str], blocks: list[int]) -> dict:
     """Shared layout of the block × projection heatmaps: integer block ticks (no block 0.5), q at the top; with many
     rows (one per expert) taller, thinner rows and a labelled subset (each kind's first row and every n-th expert)."""
     dtick = 1 if len(blocks) <= 16 else 2 if len(blocks) <= 40 else 5
-    yaxis = {"title": "projection", "autorange": "reversed", "type": "category"}
+    yaxis = {"title": "projection", "type": "category"}
     height = 330
     if len(rows) > 10:
         height = int(min(1400, 150 + len(rows) * max(3.0, min(16.0, 1200 / len(rows)))))
         step = max(1, len(rows) // 40)
         shown = [row for i, row in enumerate(rows) if "·e" not in row or row.endswith("·e0") or i % step == 0]
         yaxis |= {"tickmode": "array", "tickvals": shown, "ticktext": shown}
-    return {"title": {"text": title, "y": 0.97, "yanchor": "top"}, "height": height, "margin": {"t": 60, "b": 40},
-            "xaxis": {"title": "block", "tickmode": "linear", "dtick": dtick}, "yaxis": yaxis}
+    # Both ranges fixed to the cells: plotly pads its autorange for the plan heatmap's clickable markers, which ran
+    # the block axis from -2.
+    yaxis |= {"autorange": False, "range": [len(rows) - 0.5, -0.5]}
+    return {"title": chart_title(title), "height": height, "margin": {"t": 70, "b": 40},
+            "xaxis": {"title": "block", "tickmode": "linear", "tick0": blocks[0] if blocks else 0, "dtick": dtick,
+                      "range": [blocks[0] - 0.5, blocks[-1] + 0.5] if blocks else None}, "yaxis": yaxis}
 
 
 def sensitivity_heatmap(layers: pd.DataFrame, metric: str, title: str | None = None,
@@ -218,9 +228,8 @@ def block_bars(layers: pd.DataFrame, metric: str, label: str | None = None) -> g
     figure = px.bar(totals, x="block", y="share", color="kind", category_orders={"kind": _kinds(layers)},
                     hover_data={metric: ":.4g"},
                     labels={"share": "share of the total (%)", metric: label or METRIC_LABELS.get(metric, metric)})
-    figure.update_layout(height=340, margin={"t": 60, "b": 40},
-                         title={"text": f"share per block — {label or METRIC_LABELS.get(metric, metric)}", "y": 0.97,
-                                "yanchor": "top"})
+    figure.update_layout(height=340, margin={"t": 70, "b": 40},
+                         title=chart_title(f"share per block — {label or METRIC_LABELS.get(metric, metric)}"))
     return figure
 
 
@@ -280,10 +289,10 @@ def tradeoff_curves(runs: pd.DataFrame, y: str = "perplexity", title: str = "", 
         figure.add_vline(x=current["x"], line={"dash": "dot", "color": "#000"}, annotation_text=current["label"])
     figure.update_layout(xaxis_title=AXIS_LABELS.get(x, x), yaxis_title=AXIS_LABELS.get(y, y),
                          yaxis_type="linear" if y == "top1" else "log", height=460,
-                         title={"text": title or f"{y} vs bits", "y": 0.97, "yanchor": "top"},
-                         margin={"t": 60}, legend={"title": "allocation · quantization"})
+                         title=chart_title(title or f"{y} vs bits"),
+                         margin={"t": 70}, legend={"title": "allocation · quantization"})
     if y != "top1":
-        figure.update_yaxes(range=_log_range([runs[y], [baseline], [(current or {}).get(k) for k in ("low", "high")]]))
+        figure.update_yaxes(log_axis([runs[y], [baseline], [(current or {}).get(k) for k in ("low", "high")]]))
     return figure
 
 
@@ -298,6 +307,28 @@ def _log_range(parts: list) -> list[float] | None:
     return [float(values.min() - pad), float(values.max() + pad)]
 
 
+def log_axis(parts: list, most_labels: int = 8) -> dict:
+    """A log axis over the values of `parts` (_log_range) labelled with whole numbers: 1, 2, 5 × 10^k over up to two
+    and a half decades, 1, 3 × 10^k up to three and a half, else powers of ten (every n-th, at most `most_labels`).
+    Plotly's own labels between decades are bare digits ("2 3 4 … 9", meaning 0.2 … 0.9 or 20 … 90), crowded and
+    ambiguous on a projector. A range holding fewer than two such values keeps plotly's labels."""
+    span = _log_range(parts)
+    if span is None:
+        return {"type": "log"}
+    low, high = span
+    decades = range(int(np.floor(low)), int(np.ceil(high)) + 1)
+    if high - low <= 3.5:
+        ticks = [m * 10.0 ** e for e in decades for m in ((1, 2, 5) if high - low <= 2.5 else (1, 3))]
+    else:
+        stride = int(np.ceil((high - low) / (most_labels - 1)))
+        ticks = [10.0 ** e for e in decades if e % stride == 0]
+    ticks = [t for t in ticks if low <= np.log10(t) <= high]
+    if len(ticks) < 2:
+        return {"type": "log", "range": span}
+    return {"type": "log", "range": span, "tickmode": "array", "tickvals": ticks,
+            "ticktext": [f"{t:,.0f}" if t >= 1 else f"{t:g}" for t in ticks]}
+
+
 def predicted_curves(curves: pd.DataFrame, current: dict | None = None) -> go.Figure:
     """Predicted total error against bits for every solver (aptq.tradeoffs.predicted_curves), before anything is
     quantized; `current` = {"x", "y", "label"} marks the current plan."""
@@ -310,9 +341,10 @@ def predicted_curves(curves: pd.DataFrame, current: dict | None = None) -> go.Fi
         figure.add_trace(go.Scatter(x=[current["x"]], y=[current["y"]], mode="markers", name=current["label"],
                                     marker={"symbol": "star", "size": 16, "color": "#000"}))
     figure.update_layout(xaxis_title="average bits per weight over the analysed layers",
-                         yaxis_title=AXIS_LABELS[PREDICTED_ERROR_ATTENTION], yaxis_type="log", height=400,
-                         title={"text": "predicted error against bits, every solver (from the analysis alone)",
-                                "y": 0.97, "yanchor": "top"}, margin={"t": 60}, legend={"title": "solver"})
+                         yaxis=log_axis([curves[PREDICTED_ERROR_ATTENTION], [(current or {}).get("y")]])
+                         | {"title": AXIS_LABELS[PREDICTED_ERROR_ATTENTION]}, height=400,
+                         title=chart_title("predicted error against bits, every solver (from the analysis alone)"),
+                         margin={"t": 70}, legend={"title": "solver"})
     return figure
 
 
@@ -323,6 +355,8 @@ def predicted_vs_measured(runs: pd.DataFrame, measured: str = "kl", protocol: st
                         hover_name="plan_name", hover_data={"avg_bits": ":.3f"}, color_discrete_map=METHOD_COLORS,
                         symbol_map=QUANT_SYMBOLS, log_x=True, log_y=True,
                         labels={k: v for k, v in AXIS_LABELS.items() if k in (PREDICTED_ERROR_ATTENTION, measured)})
-    figure.update_layout(height=420, title=f"predicted error vs measured {measured}"
-                         + (f" — {protocol}" if protocol else ""))
+    figure.update_xaxes(log_axis([runs[PREDICTED_ERROR_ATTENTION]]))
+    figure.update_yaxes(log_axis([runs[measured]]))
+    figure.update_layout(height=440, margin={"t": 110}, title=chart_title(
+        f"predicted error vs measured {measured}" + (f"<br><sup>{protocol}</sup>" if protocol else "")))
     return figure

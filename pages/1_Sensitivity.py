@@ -46,7 +46,9 @@ st.caption("Log colour scale; hover a cell for the exact value. Values come from
 st.plotly_chart(charts.block_bars(frame, metric, label), width="stretch")
 
 st.subheader("Layer-wise versus attention-aware ranking")
-rank_left, rank_right = st.columns(2)  # room for the table's five columns
+# Room for the table's five columns without a horizontal scroll; with presentation mode's larger type, one above the
+# other.
+rank_left, rank_right = (st.container(), st.container()) if presenting() else st.columns([5, 6])
 x_metric = "score_layerwise"
 y_metric = rank_right.selectbox("Compare with", list(RANK_NAMES), format_func=METRICS.get, key="sens_rank",
                                 persist_state="session")

@@ -99,16 +99,18 @@ def set_pins(pins: dict[str, int]) -> None:
 def headline(summary: dict, whole: dict[str, float], analysis: Analysis) -> None:
     partial = analysis.request.max_blocks is not None
     scope = "analysed layers" if partial else "whole model"
-    cols = st.columns(5)
+    # Four columns, the compression and the standard error under their numbers (deltas without arrow or colour):
+    # in five, or on one line, the numbers ended in "…".
+    cols = st.columns(4)
     cols[0].metric(f"Average bits ({scope})", f"{summary['avg_bits']:.3f}",
                    help="parameter-weighted mean width of the layers the plan decides")
     cols[1].metric(f"Effective bits ({scope})", f"{summary['effective_bits']:.3f}",
                    help="with an fp16 scale and zero per group")
     cols[2].metric("Size (whole model)", f"{whole['size_mb']:.1f} MB",
+                   f"{16 / whole['effective_bits']:.2f}× smaller than FP16", delta_color="off", delta_arrow="off",
                    help="every quantizable linear weight with scales; layers outside the analysis in FP16")
-    cols[3].metric("Compression", f"{summary['compression']:.2f}×", help=f"FP16 size / plan size, {scope}")
-    cols[4].metric("Predicted error", f"{summary[PREDICTED_ERROR_ATTENTION]:.4g} "
-                   f"± {summary[PREDICTED_ERROR_ATTENTION + '_se']:.2g}",
+    cols[3].metric("Predicted error", f"{summary[PREDICTED_ERROR_ATTENTION]:.4g}",
+                   f"± {summary[PREDICTED_ERROR_ATTENTION + '_se']:.2g}", delta_color="off", delta_arrow="off",
                    help=f"errors of {METHOD_LABELS[summary['error_source']]}; ± one standard error from the "
                         f"Hutchinson traces. Σ e(layer, b) with the attention-aware Hessians, each moved to its "
                         "module's output "

@@ -29,6 +29,7 @@ from ui.session import (
     store_call,
     stored_analysis,
 )
+from ui.shell import presenting
 from ui.sweep import sweep_section
 
 MEASURES = {"perplexity": "perplexity", "kl": "KL divergence", "top1": "top-1 agreement"}
@@ -67,13 +68,14 @@ def current_point(chosen: pd.DataFrame, current: PlanChoice, run_set: tradeoffs.
 
 def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: LoadedModel) -> None:
     sets = tradeoffs.run_sets(runs)
-    cols = st.columns([3, 2, 2])
-    index = cols[0].selectbox("Runs compared", range(len(sets)), format_func=lambda i: sets[i].label,
-                              key="trade_set", help="only runs that cover the same layers and were measured under the "
-                                                    "same protocol share a chart")
+    # The whole width: a run set's name (coverage, protocol, count) ended in "…" in a third of it.
+    index = st.selectbox("Runs compared", range(len(sets)), format_func=lambda i: sets[i].label, key="trade_set",
+                         help="only runs that cover the same layers and were measured under the same protocol share "
+                              "a chart")
     run_set = sets[index]
-    measured = cols[1].radio("Measure", list(MEASURES), format_func=MEASURES.get, horizontal=True, key="trade_y")
-    x = cols[2].radio("Bits", list(X_AXES), format_func=X_AXES.get, horizontal=True, key="trade_x")
+    cols = st.columns(2)
+    measured = cols[0].radio("Measure", list(MEASURES), format_func=MEASURES.get, horizontal=True, key="trade_y")
+    x = cols[1].radio("Bits", list(X_AXES), format_func=X_AXES.get, horizontal=True, key="trade_x")
     chosen = tradeoffs.select(runs, run_set)
     point = current_point(chosen, current, run_set, loaded, measured, x) if current and current.summary else None
     baseline = {"perplexity": chosen["fp_perplexity"].dropna().median(), "top1": 1.0}.get(measured)
@@ -93,7 +95,8 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
         st.caption(f"Runs predicted by analysis {predicted.analysis or '(unnamed)'} only ({len(predicted.runs)}; "
                    f"{predicted.left_out} from other analyses left out): predictions from different analyses are "
                    f"not comparable.")
-    left, right = st.columns([3, 2])
+    # Room for the table's four columns; with presentation mode's larger type, one above the other.
+    left, right = (st.container(), st.container()) if presenting() else st.columns(2)
     correlated = "kl" if measured == "top1" else measured
     left.plotly_chart(charts.predicted_vs_measured(predicted.runs, correlated, run_set.protocol), width="stretch")
     right.write(f"Spearman rank correlation of the predicted total error with the measured {MEASURES[correlated]}, "
@@ -101,7 +104,9 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
     # The chosen measure's columns only, named in words: the table fits its column.
     right.dataframe(history.trust(predicted.runs)[["method", "runs", f"spearman_attention_{correlated}",
                                                    f"spearman_layerwise_{correlated}"]], hide_index=True,
-                    column_config={"method": "quantizer", f"spearman_attention_{correlated}": st.column_config.
+                    column_config={"method": st.column_config.TextColumn("quantizer", width="small"),
+                                   "runs": st.column_config.NumberColumn(width="small"),
+                                   f"spearman_attention_{correlated}": st.column_config.
                                    NumberColumn("ρ, attention-aware errors", format="%.3f"),
                                    f"spearman_layerwise_{correlated}": st.column_config.
                                    NumberColumn("ρ, layer-wise errors", format="%.3f")})

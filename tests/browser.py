@@ -142,12 +142,31 @@ def average_bits(body: str) -> str:
     return metric_value(body, "Average bits")
 
 
-def cut_metric_labels(driver) -> list[str]:
-    """Metric labels shown only in part (cut off, e.g. with "…"): an element of the label wider than its box."""
+def cut_texts(driver) -> list[str]:
+    """Metric labels and values, and chosen options of select boxes, shown only in part (cut off, e.g. with "…"):
+    an element of the text wider than its box."""
     return driver.execute_script(
-        "return Array.from(document.querySelectorAll('[data-testid=stMetricLabel]')).filter(label => "
-        "[label, ...label.querySelectorAll('*')].some(e => e.scrollWidth > e.clientWidth + 1 || "
-        "e.scrollHeight > e.clientHeight + 1)).map(label => label.textContent)")
+        "return Array.from(document.querySelectorAll('[data-testid=stMetricLabel], [data-testid=stMetricValue], "
+        "[data-testid=stSelectbox] input')).filter(text => [text, ...text.querySelectorAll('*')].some(e => "
+        "e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1))"
+        ".map(text => text.value || text.textContent)")
+
+
+def scrolling_tables(driver) -> list[str]:
+    """Data tables wider than their box, so that a column hides behind a horizontal scroll: their column names."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('[data-testid=stDataFrame]')).filter(table => "
+        "Array.from(table.querySelectorAll('.dvn-scroller')).some(e => e.scrollWidth > e.clientWidth + 1))"
+        ".map(table => Array.from(table.querySelectorAll('th')).map(th => th.textContent).join(' | '))")
+
+
+def titles_under_toolbars(driver) -> list[str]:
+    """Chart titles that the chart's toolbar covers in part."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('.js-plotly-plot')).filter(g => { "
+        "const title = g.querySelector('.gtitle'), bar = g.querySelector('.modebar'); if (!title || !bar) return false;"
+        " const a = title.getBoundingClientRect(), b = bar.getBoundingClientRect(); return a.right > b.left && "
+        "b.right > a.left && a.bottom > b.top && b.bottom > a.top; }).map(g => g.querySelector('.gtitle').textContent)")
 
 
 def plotly_traces(driver) -> list[list[dict]]:

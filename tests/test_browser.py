@@ -10,9 +10,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from aptq import history
+from aptq import charts, history
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE, AllocationRequest, allocate, summarize
 from aptq.data import load_corpus
 from aptq.models import load_model, model_fingerprint
@@ -24,11 +26,13 @@ from tests.browser import (
     average_bits,
     browser_available,
     chromium,
-    cut_metric_labels,
+    cut_texts,
     dashboard,
     metric_value,
     open_page,
     plotly_traces,
+    scrolling_tables,
+    titles_under_toolbars,
     wait_for,
     wait_for_charts,
     wait_for_text,
@@ -37,6 +41,7 @@ from ui.session import AnalysisRequest
 
 pytestmark = pytest.mark.skipif(not browser_available(), reason="needs Debian's chromium and chromium-driver")
 REQUEST = AnalysisRequest(samples=4, seqlen=64, group_size=64)
+TABLE_DRAWN = "[data-testid=stDataFrame] .dvn-scroller"  # a data table's grid, drawn
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +86,8 @@ def test_every_page_renders_without_errors(filled_store):
 
         open_page(driver, "Sensitivity", "Layer-wise versus attention-aware ranking")
         wait_for_charts(driver, 3)
+        wait_for(driver, lambda _: driver.find_elements(By.CSS_SELECTOR, TABLE_DRAWN), "the rank table")
+        assert not scrolling_tables(driver)  # the rank table's five columns in view
         driver.save_screenshot(str(ARTIFACTS / "sensitivity.png"))
 
         body = open_page(driver, "Bit budget", "Pins (0)")
@@ -120,7 +127,18 @@ def test_every_page_renders_without_errors(filled_store):
 
         open_page(driver, "Trade-offs", "2 run(s) covering all 2 blocks under this protocol")
         wait_for_charts(driver, 4)
+        wait_for(driver, lambda _: driver.find_elements(By.CSS_SELECTOR, TABLE_DRAWN), "the trust table")
+        assert not scrolling_tables(driver)  # the trust table's ρ columns in view
+        assert not titles_under_toolbars(driver)  # half-width charts: trust, two plans side by side
         driver.save_screenshot(str(ARTIFACTS / "trade_offs.png"))
+
+        next(e for e in driver.find_elements(By.CSS_SELECTOR, "[data-testid=stSidebar] label")
+             if "Presentation mode" in e.text).click()
+        body = open_page(driver, "Bit budget", "Pins (1)")
+        assert "Candidate widths" not in body  # presentation mode: the fine controls are left out
+        wait_for_charts(driver, 1)
+        assert not cut_texts(driver)  # the larger type still shows every number of the plan in full
+        driver.save_screenshot(str(ARTIFACTS / "bit_budget_presentation.png"))
 
 
 LECTURE = AnalysisRequest(samples=4, seqlen=64, group_size=64, max_blocks=1)  # block 0 of the tiny llama's 2
@@ -169,7 +187,7 @@ def test_a_lecturer_path_shows_numbers_that_agree_with_each_other_and_the_store(
         assert "first 1 of 2 blocks" in body  # the link chose the partial analysis, nobody typed anything
 
         body = open_page(driver, "Bit budget", "Pins (0)")
-        assert not cut_metric_labels(driver)  # each number's scope is read in full
+        assert not cut_texts(driver)  # each number and its scope are read in full
         plan_bits = float(metric_value(body, "Average bits (analysed layers)"))
         assert plan_bits == pytest.approx(runs.loc[plan_run, "covered_avg_bits"], abs=5e-4)
         whole = f"{runs.loc[plan_run, 'avg_bits']:.3f} average bits over the whole model"
@@ -185,7 +203,7 @@ def test_a_lecturer_path_shows_numbers_that_agree_with_each_other_and_the_store(
         wait_for(driver, lambda _: field.get_attribute("value") == str(LECTURE_TOKENS), "the token count")
         next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Quantize and evaluate").click()
         body = wait_for_text(driver, "Stored earlier: no model work was done")
-        assert not cut_metric_labels(driver)
+        assert not cut_texts(driver)
         assert float(metric_value(body, "Average bits (block 0 of 2)")) == pytest.approx(plan_bits, abs=5e-4)
         assert float(metric_value(body, "Average bits (whole model)")) == pytest.approx(
             runs.loc[plan_run, "avg_bits"], abs=5e-4)
@@ -201,6 +219,8 @@ def test_a_lecturer_path_shows_numbers_that_agree_with_each_other_and_the_store(
         same = runs[(runs["coverage"] == "block 0 of 2") & (runs["eval_tokens"] == runs.loc[plan_run, "eval_tokens"])]
         assert f"{len(same)} run(s) covering block 0 of 2 under this protocol" in body
         wait_for_charts(driver, 3)
+        assert not cut_texts(driver)  # the run set's name (coverage and protocol) is read in full
+        assert not titles_under_toolbars(driver)
         traces = [t for chart in plotly_traces(driver) for t in chart]
         curves = [t for t in traces if " · " in t["name"]]  # allocation · quantizer lines
         points = {(round(x, 6), round(y, 6)) for t in curves for x, y in zip(t["x"], t["y"])}
@@ -211,6 +231,51 @@ def test_a_lecturer_path_shows_numbers_that_agree_with_each_other_and_the_store(
         assert star["x"][0] == pytest.approx(runs.loc[plan_run, "covered_avg_bits"])
         assert star["y"][0] == pytest.approx(runs.loc[plan_run, "perplexity"])
         driver.save_screenshot(str(ARTIFACTS / "lecture_trade_offs.png"))
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """draw(figure) → its axes as Chromium drew them: {"x"/"y": {"range", "labels"}} (plotly.js from the plotly
+    package, written beside the page: no server, no network)."""
+    folder = tmp_path_factory.mktemp("charts")
+    with chromium() as driver:
+        def draw(figure) -> dict:
+            page = folder / f"chart{len(list(folder.glob('*.html')))}.html"
+            figure.write_html(page, include_plotlyjs="directory", default_width=900)
+            driver.get(page.as_uri())
+            wait_for(driver, lambda _: driver.execute_script(
+                "const g = document.querySelector('.js-plotly-plot'); return !!(g && g._fullLayout)"),
+                "the chart", timeout=30)
+            return driver.execute_script(
+                "const g = document.querySelector('.js-plotly-plot'); return Object.fromEntries(['x', 'y'].map(a => "
+                "[a, {range: g._fullLayout[a + 'axis'].range, labels: Array.from(g.querySelectorAll("
+                "'.' + a + 'tick text')).map(t => t.textContent)}]))")
+        yield draw
+
+
+def test_the_plan_heatmap_block_axis_starts_at_its_first_block(drawn):
+    """With the embedded model's 30 blocks, the pin markers and the clickable squares over the cells made plotly
+    pad the block axis to −2 (and the projection axis by most of a row)."""
+    plan = pd.DataFrame([{"layer": f"model.layers.{b}.{kind}", "block": b, "kind": kind, "bits": 2 + (b % 3)}
+                         for b in range(30) for kind in ("q", "k", "v", "o")])
+    axes = drawn(charts.plan_heatmap(plan, selectable=True, pinned=frozenset({"model.layers.0.v"})))
+    assert axes["x"]["range"] == pytest.approx([-0.5, 29.5])
+    assert axes["x"]["labels"] == [str(b) for b in range(0, 30, 2)]
+    assert axes["y"]["range"] == pytest.approx([3.5, -0.5])  # one row per projection, q at the top
+
+
+def test_the_predicted_curves_label_their_log_axis_with_whole_values(drawn):
+    """Over two decades plotly labelled every minor tick with a bare digit ("5 6 7 8 9 0.1 2 3 … 9 1 2 3"): the
+    labels must be few, distinct, and each the value at its tick."""
+    budgets = np.arange(2.0, 5.01, 0.25)
+    curves = pd.DataFrame({"solver": "knapsack", "avg_bits": budgets,
+                           PREDICTED_ERROR_ATTENTION: 2.4 * np.exp(-1.3 * (budgets - 2.0))})
+    axes = drawn(charts.predicted_curves(curves, {"x": 3.0, "y": 0.46, "label": "current plan"}))
+    labels = [label.replace(",", "") for label in axes["y"]["labels"]]
+    low, high = (10 ** end for end in axes["y"]["range"])
+    assert 2 <= len(labels) <= 8 and len(set(labels)) == len(labels), labels
+    assert all(low <= float(label) <= high for label in labels), (labels, low, high)
+    assert labels == sorted(labels, key=float)
 
 
 def shown_bits(body: str) -> float:

@@ -37,7 +37,7 @@ def current_plan() -> PlanChoice | None:
     plan = st.session_state.get("plan")
     if plan is None:
         return None
-    return PlanChoice(f"current plan (Bit budget page): {plan['method']} at {plan['budget']:.2f} bits",
+    return PlanChoice(f"current plan: {plan['method']} at {plan['budget']:.2f} bits",
                       f"{plan['method']}-{plan['budget']:.2f}", plan["bits"], plan["method"], plan["budget"],
                       plan["group_size"], plan["summary"] | {"analysis": plan["analysis"]})
 
@@ -49,7 +49,7 @@ def plan_choices(model_fp: str) -> dict[str, PlanChoice]:
     saved = store_call(lambda: history.stored_plans(Store(), model_fp))
     for row in saved.itertuples() if saved is not None else ():
         summary = json.loads(row.summary or "{}")
-        choices[row.key] = PlanChoice(f"saved plan {row.name!r} ({row.allocation}, "
+        choices[row.key] = PlanChoice(f"saved {row.name!r} ({row.allocation}, "
                                       f"{summary.get('avg_bits', row.budget or 0):.2f} bits)", row.name,
                                       json.loads(row.plan), row.allocation, row.budget, int(row.group_size), summary)
     return choices

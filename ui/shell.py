@@ -16,10 +16,12 @@ READABLE_CSS = """<style>
 [data-testid="stMetricLabel"], [data-testid="stMetricLabel"] * { white-space: normal !important;
   overflow: visible !important; text-overflow: clip !important; height: auto !important; }
 </style>"""
+# Larger type needs the whole width: in the centred column the numbers of a row of metrics ended in "…".
 PRESENTATION_CSS = """<style>
 html, .stApp { font-size: 22px; }
+[data-testid="stMainBlockContainer"] { max-width: none; padding-left: 3rem; padding-right: 3rem; }
 .stApp h1 { font-size: 2.6rem; } .stApp h2, .stApp h3 { font-size: 1.9rem; }
-[data-testid="stMetricValue"] { font-size: 2.6rem; }
+[data-testid="stMetricValue"] { font-size: 1.7rem; }
 [data-testid="stCaptionContainer"] { font-size: 1.05rem; }
 </style>"""
 
