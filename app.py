@@ -25,6 +25,7 @@ from ui.session import (
     current_corpus,
     current_model,
     describe,
+    expected_analysis_time,
     model_source,
     page_header,
     store_call,
@@ -139,6 +140,14 @@ elif status is not None and not (job is not None and job.state == "failed"):
                f"Start / resume continues with the next block.")
 elif status is None:
     st.info(f"Not analyzed yet: {describe(loaded, corpus, request)}.")
+if not complete and not running:
+    expected = store_call(lambda: expected_analysis_time(loaded, request, status["blocks_done"] if status else 0))
+    measured = f"{expected.blocks_measured} block{'s' if expected.blocks_measured != 1 else ''}" if expected else ""
+    st.caption(f"Expected: about {jobs.format_seconds(expected.seconds)} on {loaded.device}, at the median speed of "
+               f"{measured} of this model analysed here before (proportional to the calibration tokens; our "
+               f"estimate)." if expected else
+               "No block of this model has been analysed on this device yet: the first one measures its speed, and "
+               "the progress bar shows the time left from then on.")
 if not complete:
     st.button("Start / resume analysis", type="primary", disabled=running, on_click=start_analysis,
               help="Runs in the background; the first block also measures this machine's speed for the ETA.")

@@ -244,6 +244,15 @@ def total_block_seconds(store: Store | None) -> float:
     return float(_ready(store).query("SELECT coalesce(sum(seconds), 0) AS s FROM analysis_blocks")["s"][0])
 
 
+def block_seconds_per_token(store: Store | None, model_fp: str, device: str) -> list[float]:
+    """Seconds per calibration token of every finished block of this model's analyses on `device`."""
+    rows = _ready(store).query(
+        "SELECT b.seconds / (c.n_samples * c.seqlen) AS rate FROM analysis_blocks b "
+        "JOIN analyses a ON b.analysis = a.key JOIN calibrations c ON a.calibration = c.fingerprint "
+        "WHERE a.model = ? AND a.device = ? AND b.seconds > 0", [model_fp, device])
+    return rows["rate"].tolist()
+
+
 def whole_model_keys(store: Store | None, model_fp: str) -> list[str]:
     """Keys of this model's complete analyses of every block (no `max_blocks`), newest first."""
     rows = _ready(store).query("SELECT key FROM analyses WHERE model = ? AND status = 'complete' "

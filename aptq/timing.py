@@ -1,8 +1,11 @@
-"""How long a quantization run will take, from the speed measured by earlier runs on this machine.
+"""How long a quantization run or an analysis will take, from the speed measured by earlier ones on this machine.
 
 (our choice) Quantization time is taken as proportional to the number of quantized layers and, for GPTQ and the
 attention-aware method, to the calibration tokens (the Hessians are collected over them); evaluation time as
 proportional to the evaluated tokens. Each rate is the median over the stored runs of the same method and device.
+An analysis block's time is taken as proportional to the calibration tokens (N × L), at the median rate of the
+blocks of this model analysed before on the same device, whatever their settings (our choice: quantizer errors or
+more widths make a block slower, and the estimate does not model that).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from aptq.allocate import FULL_PRECISION
@@ -48,3 +52,17 @@ def expected_run_time(runs: pd.DataFrame, method: str, device: str, plan: dict[s
     eval_rate = (timed["eval_seconds"] / timed["eval_tokens"]).median() if not timed.empty else 0.0
     mine = _work(json.dumps(plan), json.dumps({"samples": samples, "seqlen": seqlen}), method)
     return RunTime(float(rate * mine), float(eval_rate * eval_tokens), len(same))
+
+
+@dataclass(frozen=True)
+class AnalysisTime:
+    seconds: float
+    blocks_measured: int  # how many stored blocks the rate comes from
+
+
+def expected_analysis_time(rates: list[float], blocks: int, samples: int, seqlen: int) -> AnalysisTime | None:
+    """The expected seconds of analysing `blocks` blocks over samples × seqlen calibration tokens, from the
+    seconds per token of blocks analysed before (analyses.block_seconds_per_token); None without any."""
+    if not rates:
+        return None
+    return AnalysisTime(float(np.median(rates)) * blocks * samples * seqlen, len(rates))

@@ -82,6 +82,7 @@ def test_a_bad_model_shows_an_error_not_a_traceback(store, page):
 
 def test_analysis_starts_from_home_and_shows_the_heatmap(store, tiny_model_dir):
     at = app(str(tiny_model_dir("llama")), REQUEST).run()
+    assert "the first one measures its speed" in texts(at.caption)  # nothing analysed here yet: no estimate
     start = next(b for b in at.button if b.label == "Start / resume analysis")
     start.click().run()
     run_until(at, lambda at: "Analysis stored" in texts(at.success))
@@ -103,6 +104,9 @@ def test_an_interrupted_analysis_resumes_from_home(store, tiny_model_dir):
                 progress=stop_after_first_block)
     at = app(str(tiny_model_dir("llama")), REQUEST).run()
     assert "interrupted after 1 of 2 blocks" in texts(at.warning)
+    # The block left is expected to take what the stored one took (same tokens, same device).
+    (first,) = Store(store).query("SELECT seconds FROM analysis_blocks")["seconds"]
+    assert f"Expected: about {jobs.format_seconds(first)} on cpu, at the median speed of 1 block " in texts(at.caption)
     next(b for b in at.button if b.label == "Start / resume analysis").click().run()
     run_until(at, lambda at: "Analysis stored" in texts(at.success))
     assert not at.error and not at.exception

@@ -181,3 +181,11 @@ def test_the_quality_chart_spans_its_runs_and_baseline_on_its_log_axis():
                                     current={"x": 3.0, "y": None, "label": "current plan: not measured yet"})
     low, high = figure.layout.yaxis.range
     assert 29.0 / 2 < 10 ** low <= 29.0 and 29015.5 <= 10 ** high < 29015.5 * 2
+
+
+def test_expected_analysis_time_is_the_median_rate_times_blocks_and_tokens():
+    from aptq.timing import expected_analysis_time
+
+    found = expected_analysis_time([1e-4, 3e-4, 2e-3], blocks=5, samples=8, seqlen=64)
+    assert found.seconds == pytest.approx(3e-4 * 5 * 8 * 64) and found.blocks_measured == 3
+    assert expected_analysis_time([], blocks=5, samples=8, seqlen=64) is None

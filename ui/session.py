@@ -12,12 +12,13 @@ import duckdb
 import pandas as pd
 import streamlit as st
 
-from aptq import analyses, history
+from aptq import analyses, history, timing
 from aptq.data import EMBEDDED_CORPUS, Corpus, Sampling, load_corpus
 from aptq.errors import UserError
 from aptq.models import EMBEDDED_MODEL, LoadedModel, load_model, model_fingerprint
 from aptq.sensitivity import AnalysisSettings, analysis_key, default_calibration, default_group_size
 from aptq.store import Store, default_path
+from aptq.timing import AnalysisTime
 
 CORPORA = {"brown": "Brown (embedded)", "wikitext2": "WikiText-2 (datasets)", "c4": "C4 (datasets)",
            "file": "a local text file…"}
@@ -200,6 +201,13 @@ def analysis_status(key: str) -> dict | None:
     """The analysis row (status, blocks_done, n_blocks, seconds, device), read fresh from the store."""
     record = analyses.status(Store(), key)
     return None if record is None else asdict(record)
+
+
+def expected_analysis_time(loaded: LoadedModel, request: AnalysisRequest, blocks_done: int) -> AnalysisTime | None:
+    """What the blocks still to analyse should take on this device, from the blocks of this model analysed before."""
+    rates = analyses.block_seconds_per_token(Store(), cached_model_fingerprint(model_source()), str(loaded.device))
+    blocks = min(request.max_blocks or loaded.arch.n_blocks, loaded.arch.n_blocks) - blocks_done
+    return timing.expected_analysis_time(rates, blocks, request.samples, request.seqlen)
 
 
 def describe(loaded: LoadedModel, corpus: Corpus, request: AnalysisRequest) -> str:
