@@ -5,7 +5,8 @@ error over the columns not yet quantized with the upper Cholesky factor U of the
 updates. Three entry points use it:
 
 - `gptq`: all rows of a layer under one Hessian H;
-- `gptq_per_head`: the value projection, each KV head's rows under its own Hessian `H_V,h`;
+- `gptq_per_head`: the value projection, each KV head's rows under its own Hessian `H_V,g`, and with row factors (the
+  out projection's `R_g`) BoA's row compensation within the head, as `gptq_rows` does;
 - `gptq_rows`: the query/key projections (BoA): row i of every head at once under the shared H, then the row's error is
   compensated in the later rows of its head with the upper Cholesky factor of the damped `G_h⁻¹`.
 
@@ -185,12 +186,15 @@ def _quantize_rows(rows: Tensor, walk: _Walk, cfg: QuantConfig, block_size: int)
 
 
 def _gptq_or_rtn(rows: Tensor, H: Tensor, cfg: QuantConfig, block_size: int, act_order: bool, damp: float,
-                 label: str) -> tuple[Tensor, str | None]:
-    """GPTQ of float32 rows under H; round-to-nearest (and a warning) when H cannot be factored."""
+                 label: str, G_heads: Tensor | None = None) -> tuple[Tensor, str | None]:
+    """GPTQ of float32 rows under H, with BoA's row compensation through `G_heads` if given (`_boa_rows`);
+    round-to-nearest (and a warning) when H cannot be factored."""
     walk = _prepare_walk(H.to(rows.device), act_order, damp)
     if walk is None:
         return _fall_back(rows, cfg, label, damp, stacklevel=4)
-    return _quantize_rows(rows, walk, cfg, block_size), None
+    if G_heads is None:
+        return _quantize_rows(rows, walk, cfg, block_size), None
+    return _boa_rows(rows, walk, G_heads.to(rows.device), cfg, damp, label)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,10 +221,13 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, block_size: int = 128, act_orde
 
 
 def gptq_per_head(W: Tensor, H_heads: Tensor, cfg: QuantConfig, block_size: int = 128, act_order: bool = False,
-                  damp: float = 0.01, name: str = "this layer") -> GPTQResult:
-    """Value projection: the rows of KV head h (rows ordered head by head) under its own Hessian H_heads[h].
+                  damp: float = 0.01, name: str = "this layer", row_factors: Tensor | None = None) -> GPTQResult:
+    """Value projection: the rows of KV head g (rows ordered head by head) under its own Hessian H_heads[g].
 
-    Loss `Σ_h tr(ΔW_h H_h ΔW_hᵀ)`; a head whose Hessian cannot be factored falls back to round-to-nearest alone.
+    With `row_factors` R (n_kv_heads, d_h, d_h), each head's rows also get BoA's row compensation through R_g, as
+    `gptq_rows` does with G (for v, R_g is the out projection's `Σ_{h∈g} W_O,hᵀ W_O,h`: aptq.aespa.out_row_factor).
+    Loss `Σ_g tr(R_g ΔW_g H_g ΔW_gᵀ)` (R_g = I without row factors) on the undamped H and R; a head whose Hessian
+    cannot be factored falls back to round-to-nearest alone.
     """
     _check_inputs(W, H_heads, block_size)
     if H_heads.dim() != 3 or W.shape[0] % H_heads.shape[0]:
@@ -228,16 +235,19 @@ def gptq_per_head(W: Tensor, H_heads: Tensor, cfg: QuantConfig, block_size: int 
                          f"got {tuple(H_heads.shape)}.")
     n_heads = H_heads.shape[0]
     head_dim = W.shape[0] // n_heads
-    heads, messages = [], []
-    for h in range(n_heads):
-        rows = W[h * head_dim:(h + 1) * head_dim].float()
-        quantized, message = _gptq_or_rtn(rows, H_heads[h], cfg, block_size, act_order, damp, f"{name} (head {h})")
-        heads.append(quantized)
+    if row_factors is not None and row_factors.shape != (n_heads, head_dim, head_dim):
+        raise ValueError(f"row_factors must be ({n_heads}, {head_dim}, {head_dim}), one d_h × d_h factor per KV head, "
+                         f"got {tuple(row_factors.shape)}.")
+    heads, messages, loss = [], [], 0.0
+    for g in range(n_heads):
+        rows = slice(g * head_dim, (g + 1) * head_dim)
+        row_factor = None if row_factors is None else row_factors[g:g + 1].to(W.device)
+        quantized, message = _gptq_or_rtn(W[rows].float(), H_heads[g], cfg, block_size, act_order, damp,
+                                          f"{name} (head {g})", row_factor)
+        heads.append(quantized.to(W.dtype))
         messages += [message] if message else []
-    weight = torch.cat(heads).to(W.dtype)
-    loss = sum(layer_error(W[h * head_dim:(h + 1) * head_dim], weight[h * head_dim:(h + 1) * head_dim],
-                           H_heads[h].to(W.device)) for h in range(n_heads))
-    return GPTQResult(weight, float(loss), " ".join(messages) or None)
+        loss += layer_error(W[rows], heads[-1], H_heads[g].to(W.device), row_factor)
+    return GPTQResult(torch.cat(heads), loss, " ".join(messages) or None)
 
 
 def _row_compensation(G_heads: Tensor, damp: float, name: str) -> tuple[Tensor, str | None]:
@@ -259,7 +269,7 @@ def _row_compensation(G_heads: Tensor, damp: float, name: str) -> tuple[Tensor, 
         return coefficients, None
     message = (f"BoA row compensation skipped for {name}, heads {failed}: their row Hessians could not be factored "
                f"even with damping {damp * 10 ** (DAMP_RETRIES - 1):g}.")
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    warnings.warn(message, RuntimeWarning, stacklevel=5)  # _boa_rows, _gptq_or_rtn, the entry point, its caller
     return coefficients, message
 
 
@@ -275,7 +285,7 @@ def _tile_params(inputs: Tensor, current: Tensor, walk: _Walk, cfg: QuantConfig,
     return GridParams(params.scale.expand(-1, end - start), params.zero.expand(-1, end - start))
 
 
-def _boa_rows(W: Tensor, walk: _Walk, G_heads: Tensor, cfg: QuantConfig, block_size: int, damp: float,
+def _boa_rows(W: Tensor, walk: _Walk, G_heads: Tensor, cfg: QuantConfig, damp: float,
               name: str) -> tuple[Tensor, str | None]:
     """Row r of every head by the column walk, its error compensated in rows r+1… of its head; run as a wavefront.
 
@@ -284,8 +294,8 @@ def _boa_rows(W: Tensor, walk: _Walk, G_heads: Tensor, cfg: QuantConfig, block_s
     compensated in row r, which also decides group g's grid), so the tiles of one anti-diagonal r + g = t are
     independent and run as one batch: d_h + n_groups − 1 steps of a group's width instead of d_h walks over all
     columns. The same arithmetic as row after row, up to float rounding order. With act-order (static grids from the
-    whole row) or one group per row, a row is one tile and the rows go one after another. `block_size` is not
-    needed: the lazy updates come in groups."""
+    whole row) or one group per row, a row is one tile and the rows go one after another. No block size: the lazy
+    updates come in groups."""
     coefficients, message = _row_compensation(G_heads, damp, name)
     n_heads, head_dim, n_cols = G_heads.shape[0], G_heads.shape[1], W.shape[1]
     order = walk.order if walk.order is not None else torch.arange(n_cols, device=W.device)
@@ -348,10 +358,6 @@ def gptq_rows(W: Tensor, H: Tensor, G_heads: Tensor, cfg: QuantConfig, block_siz
     if G_heads.dim() != 3 or G_heads.shape[1] != G_heads.shape[2] or G_heads.shape[0] * G_heads.shape[1] != W.shape[0]:
         raise ValueError(f"G_heads must be (n_heads, d_h, d_h) with n_heads · d_h = d_out = {W.shape[0]}, "
                          f"got {tuple(G_heads.shape)}.")
-    walk = _prepare_walk(H.to(W.device), act_order, damp)
-    if walk is None:
-        quantized, message = _fall_back(W.float(), cfg, name, damp, stacklevel=3)
-    else:
-        quantized, message = _boa_rows(W.float(), walk, G_heads.to(W.device), cfg, block_size, damp, name)
+    quantized, message = _gptq_or_rtn(W.float(), H, cfg, block_size, act_order, damp, name, G_heads)
     weight = quantized.to(W.dtype)
     return GPTQResult(weight, layer_error(W, weight, H.to(W.device), G_heads.to(W.device)), message)

@@ -6,8 +6,9 @@
 Methods:
   rtn        round-to-nearest with the clipping search (no calibration data)
   gptq       GPTQ on every layer with its layer-wise Hessian `H = 2/N Σ x xᵀ`
-  attention  attention-aware GPTQ (aespa/BoA): value projection per KV head with `H_V`; query and key projections
-             row by row with the row-Hessian compensation (`gptq_rows`); out projection and MLP with plain GPTQ
+  attention  attention-aware GPTQ (aespa/BoA): value projection per KV head with `H_V`, row by row with the out
+             projection's row factor (`gptq_per_head` with `row_factors`); query and key projections row by row with
+             the row-Hessian compensation (`gptq_rows`); out projection and MLP with plain GPTQ
   aespa      the attention-aware GPTQ (or RTN) solution's rounding optimised under each layer's attention-wise
              objective (aptq.aespa)
 
@@ -42,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aptq import coverage, resources, teaching, validate
-from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_projection
+from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_projection, out_row_factor
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERRORS, weight_size
 from aptq.capture import BlockStep, BlockWalk, device_failures
 from aptq.choices import QUANTIZERS
@@ -88,12 +89,16 @@ class QuantizeSettings:
     batch_size: int | None = None  # segments per forward pass: speed only, not part of the key
     device: str | None = None  # compute device (default: the model's): not part of the key
     aespa: AespaOptions = AespaOptions()  # method "aespa" only: part of its key alone
+    # attention-aware methods only (part of their keys alone): BoA's row compensation for v through the out projection
+    value_rows: bool = True
 
     def key_fields(self) -> dict:
         fields = asdict(self)
         del fields["batch_size"], fields["device"]
         if self.method != "aespa":
             del fields["aespa"]
+        if self.method not in ("attention", "aespa"):
+            del fields["value_rows"]
         return fields
 
 
@@ -149,10 +154,10 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
                    settings: QuantizeSettings, out_weight: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, str | None]:
     """The layer's dequantized weights under the settings' method, and a fallback message if GPTQ fell back.
-    `out_weight`: the block's full-precision out projection (aespa's value objective)."""
+    `out_weight`: the block's full-precision out projection (the value projection's row factors)."""
     if settings.method == "aespa":
         starting = replace(settings, method=settings.aespa.start)  # in float32: exactly on its grid (bf16 is not)
-        start, fallback = quantize_layer(weight.float(), layer, hessians, config, starting)
+        start, fallback = quantize_layer(weight.float(), layer, hessians, config, starting, out_weight)
         objective = layer_objective(layer, weight, hessians, out_weight)
         return optimise_rounding(weight, start, objective, config, settings.aespa).weight, fallback
     if settings.method == "rtn":
@@ -160,12 +165,22 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
     options = dict(act_order=settings.act_order, damp=settings.damp, name=layer.name)
     h = hessians.layerwise[layer.name].to(weight.device)
     if settings.method == "attention" and layer.name in hessians.value:
-        result = gptq_per_head(weight, hessians.value[layer.name].to(weight.device), config, **options)
+        value = hessians.value[layer.name].to(weight.device)
+        rows = _value_row_factors(layer, value, weight, out_weight) if settings.value_rows else None
+        result = gptq_per_head(weight, value, config, row_factors=rows, **options)
     elif settings.method == "attention" and layer.name in hessians.row:
         result = gptq_rows(weight, h, hessians.row[layer.name].to(weight.device), config, **options)
     else:
         result = gptq(weight, h, config, **options)
     return result.weight, result.fallback
+
+
+def _value_row_factors(layer: LinearLayer, value: torch.Tensor, weight: torch.Tensor,
+                       out_weight: torch.Tensor | None) -> torch.Tensor:
+    """The value projection's row factors `Σ_{h∈g} W_O,hᵀ W_O,h` per KV head (aptq.aespa.out_row_factor)."""
+    if out_weight is None:
+        raise ValueError(f"The value projection {layer.name} needs the out projection's weight for its row factors.")
+    return out_row_factor(out_weight.to(weight.device), value.shape[0], weight.shape[0] // value.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,7 +316,7 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
     """Hessians and quantization of one block. Out of device memory: the batches split in halves until single
     segments, then the block on the CPU (our choice of order: smaller batches keep the speed of the device)."""
     options = CollectOptions(attention=settings.method in ("attention", "aespa"), probes=0)
-    out_weight = out_projection(loaded.model, loaded.arch, step.index) if settings.method == "aespa" else None
+    out_weight = out_projection(loaded.model, loaded.arch, step.index) if options.attention else None
     parts, notes = 1, []
     while True:
         try:
