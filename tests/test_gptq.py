@@ -281,16 +281,17 @@ def test_equal_head_hessians_give_plain_gptq():
     torch.testing.assert_close(per_head.weight, gptq(weight, hessian, cfg, block_size=32).weight)
 
 
-def test_only_the_head_whose_hessian_cannot_be_factored_falls_back():
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_only_the_head_whose_hessian_cannot_be_factored_falls_back(with_rows):
     weight, cfg = random_weight(26), QuantConfig(3)
-    heads = head_hessians(27)
+    heads, rows = head_hessians(27), row_hessians(28) if with_rows else None
     heads[1] = indefinite_hessian(D_IN)
     with pytest.warns(RuntimeWarning, match=r"round-to-nearest for v_proj \(head 1\)"):
-        result = gptq_per_head(weight, heads, cfg, name="v_proj")
-    rows = slice(HEAD_DIM, 2 * HEAD_DIM)
-    torch.testing.assert_close(result.weight[rows], rtn(weight[rows], cfg))
+        result = gptq_per_head(weight, heads, cfg, name="v_proj", row_factors=rows)
+    second = slice(HEAD_DIM, 2 * HEAD_DIM)
+    torch.testing.assert_close(result.weight[second], rtn(weight[second], cfg))
     assert "head 1" in result.fallback and "head 0" not in result.fallback
-    head_0 = gptq(weight[:HEAD_DIM], heads[0], cfg)
+    head_0 = gptq_per_head(weight[:HEAD_DIM], heads[:1], cfg, row_factors=None if rows is None else rows[:1])
     torch.testing.assert_close(result.weight[:HEAD_DIM], head_0.weight)
 
 
