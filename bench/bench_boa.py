@@ -5,9 +5,9 @@
 
 The calibration segments are split as the unit calibration does (aptq.calibrate.validation_segments): the first part
 fits (its Hessians quantize), the last `--holdout` share validates (never the evaluation split). Per block
-(full-precision inputs), bit width and the four settings {v per head, v with row factors} × {act-order off, on} of the
-attention-aware method, every layer of the block is quantized with `aptq.pipeline.quantize_layer` from the fit part's
-Hessians; the table gives
+(full-precision inputs), bit width and setting of the attention-aware method in `SETTINGS` (v per head or with row
+factors; act-order off or on), every layer of the block is quantized with `aptq.pipeline.quantize_layer` from the fit
+part's Hessians; the table gives
 
 - each layer's attention-wise objective (aptq.aespa.layer_objective: v `Σ_g tr(R_g ΔW_g H_V,g ΔW_gᵀ)`, q/k
   `tr(G ΔW H ΔWᵀ)`, o and MLP `tr(ΔW H ΔWᵀ)`) on the validation part's Hessians;
@@ -41,7 +41,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "quantizer.md"
 SETTINGS = {  # label → (value_rows, act_order)
     "v per head": (False, False),
     "v rows": (True, False),
-    "v per head, act-order": (False, True),
     "v rows, act-order": (True, True),
 }
 
@@ -91,7 +90,7 @@ def relative_output_error(loaded: LoadedModel, step: BlockStep, weights: dict[st
 
 def measure_block(loaded: LoadedModel, fit: BlockHessians, held: BlockHessians, held_step: BlockStep, bits: int,
                   group: int) -> dict[str, Measured]:
-    """The four settings; the layers other than v are quantized once per act-order setting (v alone differs)."""
+    """Every setting; the layers other than v are quantized once per act-order setting (v alone differs)."""
     out_weight = out_projection(loaded.model, loaded.arch, held_step.index)
     config = QuantConfig(bits, group)
     layers = loaded.arch.block_layers(held_step.index)
@@ -106,7 +105,7 @@ def measure_block(loaded: LoadedModel, fit: BlockHessians, held: BlockHessians, 
     values = [name for name in originals if kind_of(name) == "v"]
     others = [name for name in originals if kind_of(name) != "v"]
     shared = {act_order: quantized(others, QuantizeSettings("attention", group, act_order=act_order))
-              for act_order in (False, True)}
+              for act_order in {act_order for _, act_order in SETTINGS.values()}}
     results = {}
     for label, (value_rows, act_order) in SETTINGS.items():
         value, value_seconds = quantized(values, QuantizeSettings("attention", group, act_order=act_order,
