@@ -132,9 +132,11 @@ def test_gptq_returns_the_dtype_of_w_and_scores_what_it_returns(dtype):
     assert result.loss == pytest.approx(layer_error(weight, result.weight, hessian))
 
 
+@pytest.mark.parametrize("with_rows", [False, True])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_dead_columns_are_zeroed(symmetric, act_order):
+def test_dead_columns_are_zeroed(symmetric, act_order, with_rows):
+    """Plain GPTQ, and BoA on v's heads (each head's walk with its own dead columns)."""
     g = generator(6)
     inputs = torch.randn(D_IN, N_TOKENS, generator=g)
     dead = [3, 10, 40]
@@ -142,10 +144,16 @@ def test_dead_columns_are_zeroed(symmetric, act_order):
     hessian = 2 / N_TOKENS * inputs @ inputs.T
     weight = random_weight(7)
     cfg = QuantConfig(3, 16, symmetric=symmetric)
-    result = gptq(weight, hessian, cfg, act_order=act_order)
+    heads = torch.stack([hessian * (1 + h) for h in range(N_HEADS)])
+    rows = row_hessians(8) if with_rows else torch.eye(HEAD_DIM).expand(N_HEADS, HEAD_DIM, HEAD_DIM)
+    if with_rows:
+        result = gptq_per_head(weight, heads, cfg, act_order=act_order, row_factors=rows)
+    else:
+        result = gptq(weight, hessian, cfg, act_order=act_order)
     assert result.fallback is None and torch.isfinite(result.weight).all()
     assert (result.weight[:, dead] == 0).all()
-    assert result.loss < layer_error(weight, rtn(weight, cfg, hessian), hessian)
+    assert result.loss < per_head_loss(weight, rtn(weight, cfg, hessian), heads if with_rows else
+                                       hessian.expand(N_HEADS, D_IN, D_IN), rows)
 
 
 def test_a_hessian_that_needs_more_damping_is_damped_more_without_falling_back():
