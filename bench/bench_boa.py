@@ -31,6 +31,7 @@ from aptq.aespa import layer_objective, out_projection
 from aptq.calibrate import validation_segments
 from aptq.capture import Batch, BlockStep, BlockWalk
 from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
+from aptq.gptq import gptq_per_head
 from aptq.hessian import BlockHessians, CollectOptions
 from aptq.models import LoadedModel, get_weight, load_model
 from aptq.pipeline import QuantizeSettings, quantize_layer, swapped_weights
@@ -38,9 +39,10 @@ from aptq.quantizer import QuantConfig
 from aptq.sensitivity import collect_block
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quantizer.md"
-SETTINGS = {  # label → (value_rows, act_order)
+SETTINGS = {  # label → (value_rows, act_order); "summed": the row factor of the group's summed out slices
     "v per head": (False, False),
     "v rows": (True, False),
+    "v rows of summed slices": ("summed", False),
     "v rows, act-order": (True, True),
 }
 
@@ -88,6 +90,15 @@ def relative_output_error(loaded: LoadedModel, step: BlockStep, weights: dict[st
     return error / total
 
 
+def summed_row_factor(out_weight: torch.Tensor, n_kv: int, head_dim: int) -> torch.Tensor:
+    """`(Σ_{h∈g} W_O,h)ᵀ (Σ_{h∈g} W_O,h)` per KV head: the exact row factor of the attention output (o_proj adds
+    the heads) when a group's heads attend alike, cross terms within the group included (a candidate to
+    `out_row_factor`'s sum of per-head Gram matrices, which leaves them out)."""
+    slices = out_weight.float().reshape(out_weight.shape[0], -1, head_dim).transpose(0, 1)  # h × d_model × d_h
+    summed = slices.reshape(n_kv, -1, out_weight.shape[0], head_dim).sum(dim=1)
+    return summed.transpose(1, 2) @ summed
+
+
 def measure_block(loaded: LoadedModel, fit: BlockHessians, held: BlockHessians, held_step: BlockStep, bits: int,
                   group: int) -> dict[str, Measured]:
     """Every setting; the layers other than v are quantized once per act-order setting (v alone differs)."""
@@ -108,8 +119,16 @@ def measure_block(loaded: LoadedModel, fit: BlockHessians, held: BlockHessians, 
               for act_order in {act_order for _, act_order in SETTINGS.values()}}
     results = {}
     for label, (value_rows, act_order) in SETTINGS.items():
-        value, value_seconds = quantized(values, QuantizeSettings("attention", group, act_order=act_order,
-                                                                  value_rows=value_rows))
+        if value_rows == "summed":
+            start = time.perf_counter()
+            value = {name: gptq_per_head(originals[name], fit.value[name], config, act_order=act_order,
+                                         row_factors=summed_row_factor(out_weight, fit.value[name].shape[0],
+                                                                       loaded.arch.head_dim)).weight
+                     for name in values}
+            value_seconds = time.perf_counter() - start
+        else:
+            value, value_seconds = quantized(values, QuantizeSettings("attention", group, act_order=act_order,
+                                                                      value_rows=value_rows))
         weights = shared[act_order][0] | value
         objective = {kind_of(layer.name): layer_objective(layer, originals[layer.name], held, out_weight).loss(
             originals[layer.name], weights[layer.name]) for layer in layers}
