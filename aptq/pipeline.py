@@ -6,9 +6,10 @@
 Methods:
   rtn        round-to-nearest with the clipping search (no calibration data)
   gptq       GPTQ on every layer with its layer-wise Hessian `H = 2/N Σ x xᵀ`
-  attention  attention-aware GPTQ (aespa/BoA): value projection per KV head with `H_V`, row by row with the out
-             projection's row factor (`gptq_per_head` with `row_factors`); query and key projections row by row with
-             the row-Hessian compensation (`gptq_rows`); out projection and MLP with plain GPTQ
+  attention  attention-aware GPTQ (aespa/BoA): value projection per KV head with `H_V` (with `value_rows`, also row
+             by row with the out projection's row factor: `gptq_per_head` with `row_factors`); query and key
+             projections row by row with the row-Hessian compensation (`gptq_rows`); out projection and MLP with plain
+             GPTQ
   aespa      the attention-aware GPTQ (or RTN) solution's rounding optimised under each layer's attention-wise
              objective (aptq.aespa)
 
@@ -89,15 +90,17 @@ class QuantizeSettings:
     batch_size: int | None = None  # segments per forward pass: speed only, not part of the key
     device: str | None = None  # compute device (default: the model's): not part of the key
     aespa: AespaOptions = AespaOptions()  # method "aespa" only: part of its key alone
-    # attention-aware methods only (part of their keys alone): BoA's row compensation for v through the out projection
-    value_rows: bool = True
+    # BoA's row compensation for v through the out projection (docs/algorithms.md §8; off by default, measured in
+    # bench/results/quantizer.md): in the key of the attention-aware methods only, and only when on, so that the runs
+    # stored before it existed keep their keys
+    value_rows: bool = False
 
     def key_fields(self) -> dict:
         fields = asdict(self)
         del fields["batch_size"], fields["device"]
         if self.method != "aespa":
             del fields["aespa"]
-        if self.method not in ("attention", "aespa"):
+        if self.method not in ("attention", "aespa") or not self.value_rows:
             del fields["value_rows"]
         return fields
 

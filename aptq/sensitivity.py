@@ -44,7 +44,6 @@ import pandas as pd
 import torch
 
 from aptq import validate
-from aptq.aespa import out_projection
 from aptq.capture import BlockStep, BlockWalk, device_failures
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
@@ -139,8 +138,6 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
                settings: AnalysisSettings) -> tuple[list[dict], list[dict]]:
     """The block's rows of `layers` and `errors` from its Hessians and current weights."""
     layer_records, error_records = [], []
-    # the attention-aware quantizer's v needs the block's out projection (its row factors, aptq.pipeline)
-    out_weight = out_projection(model, arch, hessians.block) if settings.quantizer_errors and hessians.value else None
     for layer in arch.block_layers(hessians.block):
         weight = get_weight(model, layer).detach().float()
         device = weight.device
@@ -173,7 +170,7 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
             # both Hessians: the two error columns then differ only by the Hessian.
             quantized = {"": rtn(weight, config, h)}
             if settings.quantizer_errors:
-                quantized |= {f"{infix}_": _quantized_by(weight, layer, hessians, config, quantizer, out_weight)
+                quantized |= {f"{infix}_": _quantized_by(weight, layer, hessians, config, quantizer)
                               for infix, quantizer in QUANTIZER_SOURCES.items()}
             record = {"layer": layer.name, "bits": bits, "group_size": group_size}
             for prefix, q in quantized.items():
@@ -198,7 +195,7 @@ def _attention_error(weight: torch.Tensor, quantized: torch.Tensor, name: str, h
 
 
 def _quantized_by(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians, config: QuantConfig,
-                  quantizer: str, out_weight: torch.Tensor | None) -> torch.Tensor:
+                  quantizer: str) -> torch.Tensor:
     """The layer's weights as `aptq quantize --method quantizer` leaves them, from these Hessians (the pipeline's own
     quantize_layer with its default damping and column order)."""
     from aptq.pipeline import QuantizeSettings, quantize_layer  # (our choice) here: the pipeline imports the store
@@ -207,7 +204,7 @@ def _quantized_by(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessi
                                 clip_search=config.clip_search)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a fallback to RTN is what that run would do too
-        return quantize_layer(weight, layer, hessians, config, settings, out_weight)[0]
+        return quantize_layer(weight, layer, hessians, config, settings)[0]
 
 
 def collect_block(step: BlockStep, arch: Architecture, options: CollectOptions,

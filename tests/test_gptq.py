@@ -412,19 +412,22 @@ def test_the_attention_method_quantizes_v_with_the_out_projections_row_factors(t
     value = torch.stack([correlated_hessian(34 + g, weight.shape[1]) for g in range(n_kv)])
     hessians = BlockHessians(0, N_TOKENS, {layers["v"].name: value.mean(dim=0)}, {layers["v"].name: value})
     cfg = QuantConfig(3, 16)
-    with_rows = quantize_layer(weight, layers["v"], hessians, cfg, QuantizeSettings("attention"), out_weight)[0]
+    settings = QuantizeSettings("attention", value_rows=True)
+    with_rows = quantize_layer(weight, layers["v"], hessians, cfg, settings, out_weight)[0]
     expected = gptq_per_head(weight, value, cfg, row_factors=out_row_factor(out_weight, n_kv, head_dim)).weight
     torch.testing.assert_close(with_rows, expected, rtol=0, atol=0)
-    per_head = quantize_layer(weight, layers["v"], hessians, cfg, QuantizeSettings("attention", value_rows=False))[0]
+    per_head = quantize_layer(weight, layers["v"], hessians, cfg, QuantizeSettings("attention"))[0]  # the default
     torch.testing.assert_close(per_head, gptq_per_head(weight, value, cfg).weight, rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs the out projection's weight"):
-        quantize_layer(weight, layers["v"], hessians, cfg, QuantizeSettings("attention"))
+        quantize_layer(weight, layers["v"], hessians, cfg, settings)
 
 
-def test_the_value_row_setting_enters_only_the_attention_aware_run_keys():
-    """Runs stored before the row factors existed (v per head) are not taken for the new default; the keys of the
-    methods it does not touch stay as they were."""
-    for method in ("attention", "aespa"):
-        assert QuantizeSettings(method).key_fields()["value_rows"] is True
-    for method in ("rtn", "gptq"):
+def test_the_value_row_setting_enters_only_the_attention_aware_run_keys_and_only_when_on():
+    """Off (the default), every key is what it was before the setting existed; on, the attention-aware methods' runs
+    are not taken for those stored without it; the methods it does not touch ignore it."""
+    for method in ("rtn", "gptq", "attention", "aespa"):
         assert "value_rows" not in QuantizeSettings(method).key_fields()
+    for method in ("attention", "aespa"):
+        assert QuantizeSettings(method, value_rows=True).key_fields()["value_rows"] is True
+    for method in ("rtn", "gptq"):
+        assert QuantizeSettings(method, value_rows=True).key_fields() == QuantizeSettings(method).key_fields()
