@@ -5,7 +5,8 @@ error over the columns not yet quantized with the upper Cholesky factor U of the
 updates. Three entry points use it:
 
 - `gptq`: all rows of a layer under one Hessian H;
-- `gptq_per_head`: the value projection, each KV head's rows under its own Hessian `H_V,h`;
+- `gptq_per_head`: the value projection, each KV head's rows under its own Hessian `H_V,g`, and with row factors (the
+  out projection's `R_g`) BoA's row compensation within the head, as `gptq_rows` does;
 - `gptq_rows`: the query/key projections (BoA): row i of every head at once under the shared H, then the row's error is
   compensated in the later rows of its head with the upper Cholesky factor of the damped `G_h⁻¹`.
 
@@ -55,6 +56,33 @@ class _Walk:
     upper: Tensor  # upper Cholesky factor of the damped H⁻¹, in walk order, float32
     order: Tensor | None  # walk order of the columns (act-order), None for left to right
     dead: Tensor  # columns whose input is always zero
+
+
+@dataclass(frozen=True)
+class _HeadWalks:
+    """BoA's column walks: one shared by every head (q/k: one H) or one per head (v: H_V,g)."""
+
+    walks: list[_Walk]
+    dead: Tensor  # (1 or n_heads) × d_in, walk order: broadcasts over the heads
+
+    @staticmethod
+    def of(walks: list[_Walk]) -> _HeadWalks:
+        return _HeadWalks(walks, torch.stack([walk.dead if walk.order is None else walk.dead[walk.order]
+                                              for walk in walks]))
+
+    @property
+    def act_order(self) -> bool:
+        return self.walks[0].order is not None
+
+    def by_walk(self) -> list[tuple[slice, _Walk]]:
+        """The heads each walk serves, as a slice of the head axis."""
+        if len(self.walks) == 1:
+            return [(slice(None), self.walks[0])]
+        return [(slice(h, h + 1), walk) for h, walk in enumerate(self.walks)]
+
+    def diagonal_block(self, start: int, end: int) -> Tensor:
+        """(1 or n_heads) × width × width: the walks' upper factors on these columns."""
+        return torch.stack([walk.upper[start:end, start:end] for walk in self.walks])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,12 +213,15 @@ def _quantize_rows(rows: Tensor, walk: _Walk, cfg: QuantConfig, block_size: int)
 
 
 def _gptq_or_rtn(rows: Tensor, H: Tensor, cfg: QuantConfig, block_size: int, act_order: bool, damp: float,
-                 label: str) -> tuple[Tensor, str | None]:
-    """GPTQ of float32 rows under H; round-to-nearest (and a warning) when H cannot be factored."""
+                 label: str, G_heads: Tensor | None = None) -> tuple[Tensor, str | None]:
+    """GPTQ of float32 rows under H, with BoA's row compensation through `G_heads` if given (`_boa_rows`);
+    round-to-nearest (and a warning) when H cannot be factored."""
     walk = _prepare_walk(H.to(rows.device), act_order, damp)
     if walk is None:
         return _fall_back(rows, cfg, label, damp, stacklevel=4)
-    return _quantize_rows(rows, walk, cfg, block_size), None
+    if G_heads is None:
+        return _quantize_rows(rows, walk, cfg, block_size), None
+    return _boa_rows(rows, [walk], G_heads.to(rows.device), cfg, damp, label)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,10 +248,13 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, block_size: int = 128, act_orde
 
 
 def gptq_per_head(W: Tensor, H_heads: Tensor, cfg: QuantConfig, block_size: int = 128, act_order: bool = False,
-                  damp: float = 0.01, name: str = "this layer") -> GPTQResult:
-    """Value projection: the rows of KV head h (rows ordered head by head) under its own Hessian H_heads[h].
+                  damp: float = 0.01, name: str = "this layer", row_factors: Tensor | None = None) -> GPTQResult:
+    """Value projection: the rows of KV head g (rows ordered head by head) under its own Hessian H_heads[g].
 
-    Loss `Σ_h tr(ΔW_h H_h ΔW_hᵀ)`; a head whose Hessian cannot be factored falls back to round-to-nearest alone.
+    With `row_factors` R (n_kv_heads, d_h, d_h), each head's rows also get BoA's row compensation through R_g, as
+    `gptq_rows` does with G (for v, R_g is the out projection's `Σ_{h∈g} W_O,hᵀ W_O,h`: aptq.aespa.out_row_factor);
+    the heads run as one batch, each with its own column walk. Loss `Σ_g tr(R_g ΔW_g H_g ΔW_gᵀ)` (R_g = I without
+    row factors) on the undamped H and R; a head whose Hessian cannot be factored falls back to round-to-nearest alone.
     """
     _check_inputs(W, H_heads, block_size)
     if H_heads.dim() != 3 or W.shape[0] % H_heads.shape[0]:
@@ -228,16 +262,51 @@ def gptq_per_head(W: Tensor, H_heads: Tensor, cfg: QuantConfig, block_size: int 
                          f"got {tuple(H_heads.shape)}.")
     n_heads = H_heads.shape[0]
     head_dim = W.shape[0] // n_heads
-    heads, messages = [], []
-    for h in range(n_heads):
-        rows = W[h * head_dim:(h + 1) * head_dim].float()
-        quantized, message = _gptq_or_rtn(rows, H_heads[h], cfg, block_size, act_order, damp, f"{name} (head {h})")
-        heads.append(quantized)
-        messages += [message] if message else []
-    weight = torch.cat(heads).to(W.dtype)
-    loss = sum(layer_error(W[h * head_dim:(h + 1) * head_dim], weight[h * head_dim:(h + 1) * head_dim],
-                           H_heads[h].to(W.device)) for h in range(n_heads))
+    if row_factors is not None and row_factors.shape != (n_heads, head_dim, head_dim):
+        raise ValueError(f"row_factors must be ({n_heads}, {head_dim}, {head_dim}), one d_h × d_h factor per KV head, "
+                         f"got {tuple(row_factors.shape)}.")
+    if row_factors is None:  # §7 on each head, one at a time (one Hessian's copies alive at once)
+        heads, messages = [], []
+        for g, rows in enumerate(_head_rows(n_heads, head_dim)):
+            quantized, message = _gptq_or_rtn(W[rows].float(), H_heads[g], cfg, block_size, act_order, damp,
+                                              f"{name} (head {g})")
+            heads.append(quantized)
+            messages += [message] if message else []
+        quantized = torch.cat(heads)
+    else:
+        quantized, messages = _per_head_boa(W, H_heads, row_factors.to(W.device), cfg, act_order, damp, name)
+    weight = quantized.to(W.dtype)
+    loss = sum(layer_error(W[rows], weight[rows], H_heads[g].to(W.device),
+                           None if row_factors is None else row_factors[g:g + 1].to(W.device))
+               for g, rows in enumerate(_head_rows(n_heads, head_dim)))
     return GPTQResult(weight, float(loss), " ".join(messages) or None)
+
+
+def _head_rows(n_heads: int, head_dim: int) -> list[slice]:
+    return [slice(g * head_dim, (g + 1) * head_dim) for g in range(n_heads)]
+
+
+def _per_head_boa(W: Tensor, H_heads: Tensor, row_factors: Tensor, cfg: QuantConfig, act_order: bool, damp: float,
+                  name: str) -> tuple[Tensor, list[str]]:
+    """BoA on every head whose Hessian factors, as one batch with a walk per head; the others round to nearest.
+
+    (our choice) every head's walk is alive at once (two d_in × d_in float32 matrices each) so that the heads share
+    the wavefront's steps: n_kv times the memory of one walk, for about 1/n_kv of the time."""
+    n_heads, head_dim = row_factors.shape[:2]
+    quantized = torch.empty(W.shape, dtype=torch.float32, device=W.device)
+    walks, messages = [], []
+    for g, rows in enumerate(_head_rows(n_heads, head_dim)):
+        walks.append(_prepare_walk(H_heads[g].to(W.device), act_order, damp))
+        if walks[-1] is None:
+            quantized[rows], message = _fall_back(W[rows].float(), cfg, f"{name} (head {g})", damp, stacklevel=4)
+            messages.append(message)
+    factored = [g for g, walk in enumerate(walks) if walk is not None]
+    if factored:
+        heads = W.float().view(n_heads, head_dim, -1)[factored].reshape(-1, W.shape[1])
+        result, message = _boa_rows(heads, [walks[g] for g in factored], row_factors[factored], cfg, damp, name)
+        quantized.view(n_heads, head_dim, -1)[factored] = result.view(len(factored), head_dim, -1)
+        messages += [message] if message else []
+    return quantized, messages
 
 
 def _row_compensation(G_heads: Tensor, damp: float, name: str) -> tuple[Tensor, str | None]:
@@ -259,80 +328,92 @@ def _row_compensation(G_heads: Tensor, damp: float, name: str) -> tuple[Tensor, 
         return coefficients, None
     message = (f"BoA row compensation skipped for {name}, heads {failed}: their row Hessians could not be factored "
                f"even with damping {damp * 10 ** (DAMP_RETRIES - 1):g}.")
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    warnings.warn(message, RuntimeWarning, stacklevel=5)  # _boa_rows, _gptq_or_rtn, the entry point, its caller
     return coefficients, message
 
 
-def _tile_params(inputs: Tensor, current: Tensor, walk: _Walk, cfg: QuantConfig, span: tuple[int, int]) -> GridParams:
+def _tile_params(inputs: Tensor, current: Tensor, heads: _HeadWalks, cfg: QuantConfig,
+                 span: tuple[int, int]) -> GridParams:
     """Per-column grids (n_heads × width) of one tile: act-order's static grids from the whole row as it enters its
     walk, else the group's grid from the tile's current columns (what the column walk computes at the group's
-    first column)."""
+    first column); each head's from its own walk's Hessian."""
     start, end = span
-    if walk.order is not None:  # one tile spans the row: the static grids need the row in the original order
-        params = _static_params(inputs[:, torch.argsort(walk.order)], walk, cfg)
-        return GridParams(params.scale[:, start:end], params.zero[:, start:end])
-    params = grid_params(current, cfg, walk.hessian[start:end, start:end])
-    return GridParams(params.scale.expand(-1, end - start), params.zero.expand(-1, end - start))
+    scales, zeros = [], []
+    for rows, walk in heads.by_walk():
+        if walk.order is not None:  # one tile spans the row: the static grids need the row in the original order
+            params = _static_params(inputs[rows][:, torch.argsort(walk.order)], walk, cfg)
+            scales.append(params.scale[:, start:end])
+            zeros.append(params.zero[:, start:end])
+        else:
+            params = grid_params(current[rows], cfg, walk.hessian[start:end, start:end])
+            scales.append(params.scale.expand(-1, end - start))
+            zeros.append(params.zero.expand(-1, end - start))
+    return GridParams(torch.cat(scales), torch.cat(zeros))
 
 
-def _boa_rows(W: Tensor, walk: _Walk, G_heads: Tensor, cfg: QuantConfig, block_size: int, damp: float,
+def _boa_rows(W: Tensor, walks: list[_Walk], G_heads: Tensor, cfg: QuantConfig, damp: float,
               name: str) -> tuple[Tensor, str | None]:
     """Row r of every head by the column walk, its error compensated in rows r+1… of its head; run as a wavefront.
 
-    Tile (r, g) is row r of every head over column group g. It needs the tile on its left (the column walk of row r
-    reaches group g with the lazy update of groups < g) and the one above (row r−1's error on these columns,
-    compensated in row r, which also decides group g's grid), so the tiles of one anti-diagonal r + g = t are
-    independent and run as one batch: d_h + n_groups − 1 steps of a group's width instead of d_h walks over all
-    columns. The same arithmetic as row after row, up to float rounding order. With act-order (static grids from the
-    whole row) or one group per row, a row is one tile and the rows go one after another. `block_size` is not
-    needed: the lazy updates come in groups."""
+    `walks`: one column walk shared by every head (q/k), or one per head (v). Tile (r, g) is row r of every head over
+    column group g. It needs the tile on its left (the column walk of row r reaches group g with the lazy update of
+    groups < g) and the one above (row r−1's error on these columns, compensated in row r, which also decides group
+    g's grid), so the tiles of one anti-diagonal r + g = t are independent and run as one batch: d_h + n_groups − 1
+    steps of a group's width instead of d_h walks over all columns. The same arithmetic as row after row, up to float
+    rounding order. With act-order (static grids from the whole row) or one group per row, a row is one tile and the
+    rows go one after another. No block size: the lazy updates come in groups."""
     coefficients, message = _row_compensation(G_heads, damp, name)
     n_heads, head_dim, n_cols = G_heads.shape[0], G_heads.shape[1], W.shape[1]
-    order = walk.order if walk.order is not None else torch.arange(n_cols, device=W.device)
-    pending = W.reshape(n_heads, head_dim, n_cols)[..., order].clone()  # rows as compensated so far, walk order
-    dead = walk.dead[order]
-    spans = [(0, n_cols)] if walk.order is not None else group_spans(n_cols, cfg)
+    heads = _HeadWalks.of(walks)
+    by_head = W.reshape(n_heads, head_dim, n_cols)
+    pending = torch.empty_like(by_head)  # rows as compensated so far, in walk order
+    for rows, walk in heads.by_walk():
+        pending[rows] = by_head[rows] if walk.order is None else by_head[rows][..., walk.order]
+    spans = [(0, n_cols)] if heads.act_order else group_spans(n_cols, cfg)
     quantized = torch.empty_like(pending)
     scaled_errors = torch.empty_like(pending)  # (w − q) / U_jj of the column walks: what later columns compensate
     for t in range(head_dim + len(spans) - 1):
         tiles = [(t - g, spans[g]) for g in range(len(spans)) if 0 <= t - g < head_dim]
         for width in sorted({end - start for _, (start, end) in tiles}):  # the last group may be narrower
             _walk_tiles([tile for tile in tiles if tile[1][1] - tile[1][0] == width], pending, quantized,
-                        scaled_errors, dead, walk, cfg)
+                        scaled_errors, heads, cfg)
         for r, (start, end) in tiles:  # row compensation: rows r+1… of each head, these columns
             row_error = pending[:, r, start:end] - quantized[:, r, start:end]
             pending[:, r + 1:, start:end] -= coefficients[:, r, r + 1:].unsqueeze(-1) * row_error.unsqueeze(1)
-    inverse = torch.argsort(order)
-    return quantized[..., inverse].reshape(W.shape), message
+    for rows, walk in heads.by_walk():  # back to the original column order
+        if walk.order is not None:
+            quantized[rows] = quantized[rows][..., torch.argsort(walk.order)]
+    return quantized.reshape(W.shape), message
 
 
 def _walk_tiles(tiles: list[tuple[int, tuple[int, int]]], pending: Tensor, quantized: Tensor,
-                scaled_errors: Tensor, dead: Tensor, walk: _Walk, cfg: QuantConfig) -> None:
+                scaled_errors: Tensor, heads: _HeadWalks, cfg: QuantConfig) -> None:
     """The column walk over tiles of equal width at once (see `_boa_rows`), writing their quantized values and
     scaled errors. Dead columns enter as 0 and leave as 0, as in `_quantize_rows`."""
     currents, scales, zeros, diagonal_blocks = [], [], [], []
     for r, (start, end) in tiles:
-        inputs = pending[:, r].clone()
-        inputs[:, dead] = 0
-        current = inputs[:, start:end] - scaled_errors[:, r, :start] @ walk.upper[:start, start:end]
-        params = _tile_params(inputs, current, walk, cfg, (start, end))
+        inputs = pending[:, r].masked_fill(heads.dead, 0)
+        current = torch.empty_like(inputs[:, start:end])
+        for rows, walk in heads.by_walk():  # the lazy update of the groups on the left
+            current[rows] = inputs[rows, start:end] - scaled_errors[rows, r, :start] @ walk.upper[:start, start:end]
+        params = _tile_params(inputs, current, heads, cfg, (start, end))
         currents.append(current)
         scales.append(params.scale)
         zeros.append(params.zero)
-        diagonal_blocks.append(walk.upper[start:end, start:end])
+        diagonal_blocks.append(heads.diagonal_block(start, end))
     current, scale, zero = torch.stack(currents), torch.stack(scales), torch.stack(zeros)  # tiles × heads × width
-    upper = torch.stack(diagonal_blocks)  # tiles × width × width
+    upper = torch.stack(diagonal_blocks)  # tiles × (1 or heads) × width × width
     values = torch.empty_like(current)
     errors = torch.empty_like(current)
     for i in range(current.shape[-1]):
         column = current[:, :, i]
         q = quantize_dequantize(column, GridParams(scale[:, :, i], zero[:, :, i]), cfg)
         values[:, :, i] = q
-        error = (column - q) / upper[:, i, i].unsqueeze(1)
-        current[:, :, i:] -= error.unsqueeze(-1) * upper[:, i, i:].unsqueeze(1)
+        error = (column - q) / upper[:, :, i, i]
+        current[:, :, i:] -= error.unsqueeze(-1) * upper[:, :, i, i:]
         errors[:, :, i] = error
     for index, (r, (start, end)) in enumerate(tiles):
-        quantized[:, r, start:end] = values[index].masked_fill(dead[start:end], 0)
+        quantized[:, r, start:end] = values[index].masked_fill(heads.dead[:, start:end], 0)
         scaled_errors[:, r, start:end] = errors[index]
 
 
@@ -348,10 +429,6 @@ def gptq_rows(W: Tensor, H: Tensor, G_heads: Tensor, cfg: QuantConfig, block_siz
     if G_heads.dim() != 3 or G_heads.shape[1] != G_heads.shape[2] or G_heads.shape[0] * G_heads.shape[1] != W.shape[0]:
         raise ValueError(f"G_heads must be (n_heads, d_h, d_h) with n_heads · d_h = d_out = {W.shape[0]}, "
                          f"got {tuple(G_heads.shape)}.")
-    walk = _prepare_walk(H.to(W.device), act_order, damp)
-    if walk is None:
-        quantized, message = _fall_back(W.float(), cfg, name, damp, stacklevel=3)
-    else:
-        quantized, message = _boa_rows(W.float(), walk, G_heads.to(W.device), cfg, block_size, damp, name)
+    quantized, message = _gptq_or_rtn(W.float(), H, cfg, block_size, act_order, damp, name, G_heads)
     weight = quantized.to(W.dtype)
     return GPTQResult(weight, layer_error(W, weight, H.to(W.device), G_heads.to(W.device)), message)

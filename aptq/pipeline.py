@@ -6,8 +6,10 @@
 Methods:
   rtn        round-to-nearest with the clipping search (no calibration data)
   gptq       GPTQ on every layer with its layer-wise Hessian `H = 2/N Σ x xᵀ`
-  attention  attention-aware GPTQ (aespa/BoA): value projection per KV head with `H_V`; query and key projections
-             row by row with the row-Hessian compensation (`gptq_rows`); out projection and MLP with plain GPTQ
+  attention  attention-aware GPTQ (aespa/BoA): value projection per KV head with `H_V` (with `value_rows`, also row
+             by row with the out projection's row factor: `gptq_per_head` with `row_factors`); query and key
+             projections row by row with the row-Hessian compensation (`gptq_rows`); out projection and MLP with plain
+             GPTQ
   aespa      the attention-aware GPTQ (or RTN) solution's rounding optimised under each layer's attention-wise
              objective (aptq.aespa)
 
@@ -43,7 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aptq import coverage, resources, teaching, validate
-from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_projection
+from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_projection, out_row_factor
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERRORS, weight_size
 from aptq.capture import BlockStep, BlockWalk, device_failures
 from aptq.choices import QUANTIZERS
@@ -89,12 +91,18 @@ class QuantizeSettings:
     batch_size: int | None = None  # segments per forward pass: speed only, not part of the key
     device: str | None = None  # compute device (default: the model's): not part of the key
     aespa: AespaOptions = AespaOptions()  # method "aespa" only: part of its key alone
+    # BoA's row compensation for v through the out projection (docs/algorithms.md §8; off by default, measured in
+    # bench/results/quantizer.md): in the key of the attention-aware methods only, and only when on, so that the runs
+    # stored before it existed keep their keys
+    value_rows: bool = False
 
     def key_fields(self) -> dict:
         fields = asdict(self)
         del fields["batch_size"], fields["device"]
         if self.method != "aespa":
             del fields["aespa"]
+        if self.method not in ("attention", "aespa") or not self.value_rows:
+            del fields["value_rows"]
         return fields
 
 
@@ -150,10 +158,10 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
                    settings: QuantizeSettings, out_weight: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, str | None]:
     """The layer's dequantized weights under the settings' method, and a fallback message if GPTQ fell back.
-    `out_weight`: the block's full-precision out projection (aespa's value objective)."""
+    `out_weight`: the block's full-precision out projection (the value projection's row factors)."""
     if settings.method == "aespa":
         starting = replace(settings, method=settings.aespa.start)  # in float32: exactly on its grid (bf16 is not)
-        start, fallback = quantize_layer(weight.float(), layer, hessians, config, starting)
+        start, fallback = quantize_layer(weight.float(), layer, hessians, config, starting, out_weight)
         objective = layer_objective(layer, weight, hessians, out_weight)
         return optimise_rounding(weight, start, objective, config, settings.aespa).weight, fallback
     if settings.method == "rtn":
@@ -161,12 +169,22 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
     options = dict(act_order=settings.act_order, damp=settings.damp, name=layer.name)
     h = hessians.layerwise[layer.name].to(weight.device)
     if settings.method == "attention" and layer.name in hessians.value:
-        result = gptq_per_head(weight, hessians.value[layer.name].to(weight.device), config, **options)
+        value = hessians.value[layer.name].to(weight.device)
+        rows = _value_row_factors(layer, value, weight, out_weight) if settings.value_rows else None
+        result = gptq_per_head(weight, value, config, row_factors=rows, **options)
     elif settings.method == "attention" and layer.name in hessians.row:
         result = gptq_rows(weight, h, hessians.row[layer.name].to(weight.device), config, **options)
     else:
         result = gptq(weight, h, config, **options)
     return result.weight, result.fallback
+
+
+def _value_row_factors(layer: LinearLayer, value: torch.Tensor, weight: torch.Tensor,
+                       out_weight: torch.Tensor | None) -> torch.Tensor:
+    """The value projection's row factors `Σ_{h∈g} W_O,hᵀ W_O,h` per KV head (aptq.aespa.out_row_factor)."""
+    if out_weight is None:
+        raise ValueError(f"The value projection {layer.name} needs the out projection's weight for its row factors.")
+    return out_row_factor(out_weight.to(weight.device), value.shape[0], weight.shape[0] // value.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,7 +320,7 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
     """Hessians and quantization of one block. Out of device memory: the batches split in halves until single
     segments, then the block on the CPU (our choice of order: smaller batches keep the speed of the device)."""
     options = CollectOptions(attention=settings.method in ("attention", "aespa"), probes=0)
-    out_weight = out_projection(loaded.model, loaded.arch, step.index) if settings.method == "aespa" else None
+    out_weight = out_projection(loaded.model, loaded.arch, step.index) if options.attention else None
     parts, notes = 1, []
     while True:
         try:

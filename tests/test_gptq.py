@@ -7,7 +7,11 @@ import warnings
 import pytest
 import torch
 
+from aptq.aespa import out_row_factor
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
+from aptq.hessian import BlockHessians
+from aptq.models import get_weight
+from aptq.pipeline import QuantizeSettings, quantize_layer
 from aptq.quantizer import (
     GridParams,
     QuantConfig,
@@ -16,6 +20,7 @@ from aptq.quantizer import (
     group_width,
     layer_error,
     quantize_dequantize,
+    recover_codes,
     rtn,
 )
 
@@ -127,9 +132,11 @@ def test_gptq_returns_the_dtype_of_w_and_scores_what_it_returns(dtype):
     assert result.loss == pytest.approx(layer_error(weight, result.weight, hessian))
 
 
+@pytest.mark.parametrize("with_rows", [False, True])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_dead_columns_are_zeroed(symmetric, act_order):
+def test_dead_columns_are_zeroed(symmetric, act_order, with_rows):
+    """Plain GPTQ, and BoA on v's heads (each head's walk with its own dead columns)."""
     g = generator(6)
     inputs = torch.randn(D_IN, N_TOKENS, generator=g)
     dead = [3, 10, 40]
@@ -137,10 +144,16 @@ def test_dead_columns_are_zeroed(symmetric, act_order):
     hessian = 2 / N_TOKENS * inputs @ inputs.T
     weight = random_weight(7)
     cfg = QuantConfig(3, 16, symmetric=symmetric)
-    result = gptq(weight, hessian, cfg, act_order=act_order)
+    heads = torch.stack([hessian * (1 + h) for h in range(N_HEADS)])
+    rows = row_hessians(8) if with_rows else torch.eye(HEAD_DIM).expand(N_HEADS, HEAD_DIM, HEAD_DIM)
+    if with_rows:
+        result = gptq_per_head(weight, heads, cfg, act_order=act_order, row_factors=rows)
+    else:
+        result = gptq(weight, hessian, cfg, act_order=act_order)
     assert result.fallback is None and torch.isfinite(result.weight).all()
     assert (result.weight[:, dead] == 0).all()
-    assert result.loss < layer_error(weight, rtn(weight, cfg, hessian), hessian)
+    assert result.loss < per_head_loss(weight, rtn(weight, cfg, hessian), heads if with_rows else
+                                       hessian.expand(N_HEADS, D_IN, D_IN), rows)
 
 
 def test_a_hessian_that_needs_more_damping_is_damped_more_without_falling_back():
@@ -189,21 +202,44 @@ def row_hessians(seed: int) -> torch.Tensor:
     return torch.stack([random_spd(seed + h, HEAD_DIM) for h in range(N_HEADS)])
 
 
-def per_head_loss(W: torch.Tensor, Wq: torch.Tensor, H_heads: torch.Tensor) -> float:
-    return sum(layer_error(W[h * HEAD_DIM:(h + 1) * HEAD_DIM], Wq[h * HEAD_DIM:(h + 1) * HEAD_DIM], H_heads[h])
-               for h in range(N_HEADS))
+def per_head_loss(W: torch.Tensor, Wq: torch.Tensor, H_heads: torch.Tensor, rows: torch.Tensor | None = None,
+                  head_dim: int = HEAD_DIM) -> float:
+    """`Σ_h tr(R_h ΔW_h H_h ΔW_hᵀ)` (R_h = I without `rows`)."""
+    return sum(layer_error(W[h * head_dim:(h + 1) * head_dim], Wq[h * head_dim:(h + 1) * head_dim], H_heads[h],
+                           None if rows is None else rows[h]) for h in range(H_heads.shape[0]))
 
 
+@pytest.mark.parametrize("kind", ["q/k", "v"])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits, group_size", [(2, 0), (3, 16), (4, 0)])
-def test_row_compensation_lowers_the_kronecker_objective(bits, group_size, act_order):
-    weight, hessian, rows = random_weight(12), correlated_hessian(13), row_hessians(14)
-    cfg = QuantConfig(bits, group_size)
-    boa = gptq_rows(weight, hessian, rows, cfg, block_size=32, act_order=act_order)
-    plain = gptq(weight, hessian, cfg, block_size=32, act_order=act_order)
+def test_row_compensation_lowers_the_kronecker_objective(bits, group_size, act_order, kind):
+    """Against the column-only GPTQ on the same inputs: q/k share one H (G per head); v has H_V and R per KV head."""
+    weight, rows = random_weight(12), row_hessians(14)
+    cfg, options = QuantConfig(bits, group_size), dict(block_size=32, act_order=act_order)
+    if kind == "q/k":
+        columns = correlated_hessian(13).expand(N_HEADS, D_IN, D_IN)
+        boa = gptq_rows(weight, columns[0], rows, cfg, **options)
+        plain = gptq(weight, columns[0], cfg, **options)
+    else:
+        columns = head_hessians(13)
+        boa = gptq_per_head(weight, columns, cfg, row_factors=rows, **options)
+        plain = gptq_per_head(weight, columns, cfg, **options)
     assert boa.fallback is None
-    assert boa.loss == pytest.approx(layer_error(weight, boa.weight, hessian, rows))
-    assert boa.loss < 0.95 * layer_error(weight, plain.weight, hessian, rows)
+    assert boa.loss == pytest.approx(per_head_loss(weight, boa.weight, columns, rows))
+    assert boa.loss < 0.95 * per_head_loss(weight, plain.weight, columns, rows)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("kind", ["q/k", "v"])
+def test_act_order_with_row_compensation_stays_on_one_grid_per_row_group(kind, symmetric):
+    """Static groups: however the walk visits the columns and rows are compensated, every row-group of the result is
+    one grid of the configuration (its codes read back and dequantized give the weights exactly)."""
+    weight, rows, cfg = random_weight(30), row_hessians(31), QuantConfig(3, 16, symmetric=symmetric)
+    if kind == "q/k":
+        result = gptq_rows(weight, correlated_hessian(32), rows, cfg, act_order=True)
+    else:
+        result = gptq_per_head(weight, head_hessians(32), cfg, act_order=True, row_factors=rows)
+    torch.testing.assert_close(recover_codes(result.weight, cfg).dequantize(), result.weight, rtol=0, atol=0)
 
 
 def test_row_compensation_with_identity_row_hessians_is_plain_gptq():
@@ -253,60 +289,145 @@ def test_equal_head_hessians_give_plain_gptq():
     torch.testing.assert_close(per_head.weight, gptq(weight, hessian, cfg, block_size=32).weight)
 
 
-def test_only_the_head_whose_hessian_cannot_be_factored_falls_back():
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_only_the_head_whose_hessian_cannot_be_factored_falls_back(with_rows):
     weight, cfg = random_weight(26), QuantConfig(3)
-    heads = head_hessians(27)
+    heads, rows = head_hessians(27), row_hessians(28) if with_rows else None
     heads[1] = indefinite_hessian(D_IN)
     with pytest.warns(RuntimeWarning, match=r"round-to-nearest for v_proj \(head 1\)"):
-        result = gptq_per_head(weight, heads, cfg, name="v_proj")
-    rows = slice(HEAD_DIM, 2 * HEAD_DIM)
-    torch.testing.assert_close(result.weight[rows], rtn(weight[rows], cfg))
+        result = gptq_per_head(weight, heads, cfg, name="v_proj", row_factors=rows)
+    second = slice(HEAD_DIM, 2 * HEAD_DIM)
+    torch.testing.assert_close(result.weight[second], rtn(weight[second], cfg))
     assert "head 1" in result.fallback and "head 0" not in result.fallback
-    head_0 = gptq(weight[:HEAD_DIM], heads[0], cfg)
+    head_0 = gptq_per_head(weight[:HEAD_DIM], heads[:1], cfg, row_factors=None if rows is None else rows[:1])
     torch.testing.assert_close(result.weight[:HEAD_DIM], head_0.weight)
 
 
-def kronecker_obs(W: torch.Tensor, H: torch.Tensor, G_heads: torch.Tensor, cfg: QuantConfig,
-                  damp: float = 0.01) -> torch.Tensor:
-    """Element-wise OBS on the full Hessian `K = G ⊗ H` of `tr(G ΔW H ΔWᵀ)` (G block-diagonal over heads), in float64:
-    weights one at a time in BoA's order (row r of every head, columns left to right), each error spread over all
-    weights not yet quantized with the inverse of K restricted to them, `w_R −= (w_p − q_p) / [K_R⁻¹]_pp · [K_R⁻¹]_:p`.
-    Grids per row and group at the group's first column, on the weights as updated so far (as aptq/gptq.py)."""
+def kronecker_obs(W: torch.Tensor, H: torch.Tensor, G_heads: torch.Tensor, cfg: QuantConfig, damp: float = 0.01,
+                  act_order: bool = False) -> torch.Tensor:
+    """Element-wise OBS on the full Hessian `K` of `Σ_h tr(G_h ΔW_h H_h ΔW_hᵀ)` (block-diagonal over heads, each block
+    `G_h ⊗ H_h`; H one matrix shared by all heads or one per head), in float64: weights one at a time in BoA's order
+    (row r of every head, its columns left to right, or by decreasing diag H_h with act-order), each error spread over
+    all weights not yet quantized with the inverse of K restricted to them,
+    `w_R −= (w_p − q_p) / [K_R⁻¹]_pp · [K_R⁻¹]_:p`. Grids per row and group as aptq/gptq.py: at the group's first
+    column in the walk, on the weights as updated so far; with act-order (static groups) every group of the original
+    column order at the row's first weight."""
     def damped(M: torch.Tensor) -> torch.Tensor:
         M = M.double()
         return M + damp * M.diagonal().mean() * torch.eye(M.shape[0], dtype=torch.float64)
 
     n_heads, head_dim, _ = G_heads.shape
     d_in = W.shape[1]
-    damped_h = damped(H).float()
-    kronecker = torch.kron(torch.block_diag(*[damped(G) for G in G_heads]), damped(H))  # vec: row-major
+    column_hessians = H.expand(n_heads, d_in, d_in)
+    damped_h = [damped(H_h).float() for H_h in column_hessians]  # the clipping search's weights, in float32
+    kronecker = torch.block_diag(*[torch.kron(damped(G), damped(H_h)) for G, H_h in zip(G_heads, column_hessians)])
+    orders = [torch.argsort(H_h.diagonal(), descending=True).tolist() if act_order else list(range(d_in))
+              for H_h in column_hessians]
     weights = W.double().reshape(-1).clone()
-    order = [(h * head_dim + r) * d_in + j for r in range(head_dim) for h in range(n_heads) for j in range(d_in)]
+    order = [(h * head_dim + r) * d_in + j for r in range(head_dim) for h in range(n_heads) for j in orders[h]]
     quantized = torch.empty_like(weights)
     width = group_width(d_in, cfg)
     grids = {}
     for step, index in enumerate(order):
         row, column = divmod(index, d_in)
-        if column % width == 0:
-            columns = slice(column, column + width)  # the clipping search is weighted by the damped H, in float32
-            found = grid_params(weights.view(-1, d_in)[row:row + 1, columns].float(), cfg, damped_h[columns, columns])
-            grids[row] = GridParams(found.scale.double(), found.zero.double())
-        quantized[index] = quantize_dequantize(weights[index].view(1, 1), grids[row], cfg)
+        head = row // head_dim
+        spans = group_spans(d_in, cfg) if act_order and column == orders[head][0] else (
+            [(column, min(column + width, d_in))] if not act_order and column % width == 0 else [])
+        for start, end in spans:
+            found = grid_params(weights.view(-1, d_in)[row:row + 1, start:end].float(), cfg,
+                                damped_h[head][start:end, start:end])
+            grids[row, start // width] = GridParams(found.scale.double(), found.zero.double())
+        quantized[index] = quantize_dequantize(weights[index].view(1, 1), grids[row, column // width], cfg)
         remaining = order[step:]  # this weight first
         inverse = torch.linalg.inv(kronecker[remaining][:, remaining])
         weights[remaining] -= (weights[index] - quantized[index]) / inverse[0, 0] * inverse[:, 0]
     return quantized.view(W.shape)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("clip_search", [False, True])
 @pytest.mark.parametrize("bits, group_size", [(2, 0), (3, 8), (4, 0)])
-def test_row_compensation_is_element_wise_obs_on_the_kronecker_hessian(bits, group_size, clip_search):
+def test_row_compensation_is_element_wise_obs_on_the_kronecker_hessian(bits, group_size, clip_search, act_order):
     n_heads, head_dim, d_in = 2, 3, 16
     weight = random_weight(22, n_heads * head_dim, d_in)
     hessian = correlated_hessian(23, d_in, 64)
     rows = torch.stack([random_spd(24 + h, head_dim) for h in range(n_heads)])
     cfg = QuantConfig(bits, group_size, clip_search=clip_search)
-    boa = gptq_rows(weight, hessian, rows, cfg, block_size=4)  # blocks and lazy updates: still the same algebra
-    expected = kronecker_obs(weight, hessian, rows, cfg)
+    boa = gptq_rows(weight, hessian, rows, cfg, block_size=4, act_order=act_order)  # blocks, lazy updates: same algebra
+    expected = kronecker_obs(weight, hessian, rows, cfg, act_order=act_order)
     torch.testing.assert_close(boa.weight.double(), expected, rtol=0, atol=1e-5)
-    assert not torch.equal(boa.weight, gptq(weight, hessian, cfg, block_size=4).weight)  # G does change the result
+    plain = gptq(weight, hessian, cfg, block_size=4, act_order=act_order)
+    assert not torch.equal(boa.weight, plain.weight)  # G does change the result
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits, group_size", [(2, 0), (3, 8)])
+def test_value_row_compensation_is_element_wise_obs_on_each_heads_kronecker_hessian(bits, group_size, act_order):
+    """v: KV head g under `R_g ⊗ H_V,g`, each head with its own column Hessian (and its own act-order)."""
+    n_heads, head_dim, d_in = 2, 3, 16
+    weight = random_weight(25, n_heads * head_dim, d_in)
+    heads = torch.stack([correlated_hessian(26 + h, d_in, 64) for h in range(n_heads)])
+    rows = torch.stack([random_spd(28 + h, head_dim) for h in range(n_heads)])
+    cfg = QuantConfig(bits, group_size)
+    boa = gptq_per_head(weight, heads, cfg, block_size=4, act_order=act_order, row_factors=rows)
+    expected = kronecker_obs(weight, heads, rows, cfg, act_order=act_order)
+    torch.testing.assert_close(boa.weight.double(), expected, rtol=0, atol=1e-5)
+    assert boa.loss == pytest.approx(per_head_loss(weight, boa.weight, heads, rows, head_dim))
+
+
+def test_value_row_factors_of_a_gqa_layer_are_the_hessian_of_its_attention_output_through_o_proj():
+    """GQA (2 KV heads of 2 query heads each; a group's heads attend alike, where the Kronecker form is exact): the
+    explicit objective `(2/N) Σ_h ‖W_O,h ΔW_g(h) X A_gᵀ‖²` (query head h reads KV head g(h) = h // 2 and is read by
+    its own columns of o_proj) has, by autograd, the Hessian `2 · blockdiag_g(R_g ⊗ H_V,g)` with R from
+    `out_row_factor`; and BoA-v's reported loss is that objective at its result."""
+    n_kv, repeats, head_dim, d_in, tokens, d_model = 2, 2, 3, 8, 12, 10
+    g = generator(33)
+    X = torch.randn(d_in, tokens, generator=g, dtype=torch.float64)
+    attention = torch.softmax(torch.randn(n_kv, tokens, tokens, generator=g, dtype=torch.float64), dim=-1)
+    W_O = torch.randn(d_model, n_kv * repeats * head_dim, generator=g, dtype=torch.float64)
+    weight = torch.randn(n_kv * head_dim, d_in, generator=g)
+
+    def explicit(delta: torch.Tensor) -> torch.Tensor:
+        heads = delta.view(n_kv, head_dim, d_in)
+        return 2 / tokens * sum((W_O[:, h * head_dim:(h + 1) * head_dim] @ heads[h // repeats] @ X
+                                 @ attention[h // repeats].T).square().sum() for h in range(n_kv * repeats))
+
+    hessian = torch.autograd.functional.hessian(explicit, torch.zeros(weight.numel(), dtype=torch.float64))
+    H_V = torch.stack([2 / tokens * X @ attention[k].T @ attention[k] @ X.T for k in range(n_kv)])
+    rows = out_row_factor(W_O, n_kv, head_dim)
+    torch.testing.assert_close(hessian, 2 * torch.block_diag(*[torch.kron(rows[k], H_V[k]) for k in range(n_kv)]))
+    result = gptq_per_head(weight, H_V.float(), QuantConfig(2), row_factors=rows.float())
+    assert result.loss == pytest.approx(explicit((result.weight - weight).double().reshape(-1)).item(), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline's choice for the value projection
+
+
+def test_the_attention_method_quantizes_v_with_the_out_projections_row_factors(tiny_model):
+    model, arch = tiny_model("llama")
+    layers = {layer.kind: layer for layer in arch.block_layers(0)}
+    weight, out_weight = (get_weight(model, layers[kind]).detach() for kind in ("v", "o"))
+    n_kv, head_dim = arch.n_kv_heads, weight.shape[0] // arch.n_kv_heads
+    value = torch.stack([correlated_hessian(34 + g, weight.shape[1]) for g in range(n_kv)])
+    hessians = BlockHessians(0, N_TOKENS, {layers["v"].name: value.mean(dim=0)}, {layers["v"].name: value})
+    cfg = QuantConfig(3, 16)
+    settings = QuantizeSettings("attention", value_rows=True)
+    with_rows = quantize_layer(weight, layers["v"], hessians, cfg, settings, out_weight)[0]
+    expected = gptq_per_head(weight, value, cfg, row_factors=out_row_factor(out_weight, n_kv, head_dim)).weight
+    torch.testing.assert_close(with_rows, expected, rtol=0, atol=0)
+    per_head = quantize_layer(weight, layers["v"], hessians, cfg, QuantizeSettings("attention"))[0]  # the default
+    torch.testing.assert_close(per_head, gptq_per_head(weight, value, cfg).weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs the out projection's weight"):
+        quantize_layer(weight, layers["v"], hessians, cfg, settings)
+
+
+def test_the_value_row_setting_enters_only_the_attention_aware_run_keys_and_only_when_on():
+    """Off (the default), every key is what it was before the setting existed; on, the attention-aware methods' runs
+    are not taken for those stored without it; the methods it does not touch ignore it."""
+    for method in ("rtn", "gptq", "attention", "aespa"):
+        assert "value_rows" not in QuantizeSettings(method).key_fields()
+    for method in ("attention", "aespa"):
+        assert QuantizeSettings(method, value_rows=True).key_fields()["value_rows"] is True
+    for method in ("rtn", "gptq"):
+        assert QuantizeSettings(method, value_rows=True).key_fields() == QuantizeSettings(method).key_fields()
