@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
+import pandas as pd
 import pytest
 
 import aptq.pipeline as pipeline
@@ -9,12 +13,12 @@ from aptq.allocate import PREDICTED_ERROR_ATTENTION
 from aptq.cli import main
 from aptq.data import Sampling
 from aptq.errors import UserError
-from aptq.history import stored_plans, stored_runs, trust
+from aptq.history import plan_key, stored_plans, stored_runs, trust
 from aptq.models import load_model, model_fingerprint
 from aptq.pipeline import EvalSettings, QuantizeSettings
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store
-from aptq.sweep import parse_budgets, run_sweep, sweep_points
+from aptq.sweep import parse_budgets, plan_points, run_sweep, sweep_points
 
 SAMPLING = Sampling(6, 32, seed=0)
 
@@ -73,3 +77,40 @@ def test_sweep_quantizes_each_plan_once_and_resumes(tiny_model_dir, text_corpus,
 def test_cli_sweep_rejects_unknown_methods(capsys):
     assert main(["sweep", "--methods", "uniform,greedy"]) == 2
     assert "Unknown allocation method greedy" in capsys.readouterr().err
+
+
+def two_source_analysis() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Four equal layers whose RTN errors make l0 the sensitive one and whose GPTQ and attention-aware errors make it
+    l3 (the attention-aware ones at half GPTQ's)."""
+    names = ["l0", "l1", "l2", "l3"]
+    layers = pd.DataFrame({"layer": names, "block": 0, "kind": ["q", "k", "v", "down"], "fused": names,
+                           "n_params": 4096, "score": 1.0})
+    rtn_weight, gptq_weight = np.array([8.0, 1, 1, 1]), np.array([1.0, 1, 1, 8])
+    rows = []
+    for i, name in enumerate(names):
+        for bits in (2, 3, 4):
+            rtn, gptq = rtn_weight[i] * 4.0 ** -bits, gptq_weight[i] * 4.0 ** -bits
+            rows.append({"layer": name, "bits": bits, "err_layerwise": rtn, "err_attention": rtn,
+                         "err_gptq_layerwise": gptq, "err_gptq_attention": gptq,
+                         "err_aware_layerwise": gptq / 2, "err_aware_attention": gptq / 2})
+    return layers, pd.DataFrame(rows)
+
+
+def test_sweep_plans_use_the_errors_of_the_quantizer_that_runs(tmp_path):
+    """The sweep's plans (sequential, Ray and the Trade-offs page all plan through plan_points) minimize the
+    predicted errors of the quantizer that will run; without them, RTN's (the Bit budget page's fallback)."""
+    layers, errors = two_source_analysis()
+    store = Store(tmp_path / "plans.duckdb")
+    points = sweep_points(["knapsack"], [3.0], (0,))
+    expected = {"rtn": ("rtn", "l0"), "gptq": ("gptq", "l3"), "attention": ("attention", "l3"),
+                "aespa": ("attention", "l3")}
+    for method, (source, widest) in expected.items():
+        (planned,) = plan_points(layers, errors, points, (2, 3, 4), QuantizeSettings(method, 64), "model", store)
+        assert planned.meta["error_source"] == source
+        assert max(planned.bits, key=planned.bits.get) == widest and planned.bits[widest] == 4
+    summary = json.loads(stored_plans(store).set_index("key").loc[plan_key("model", planned.bits, 64), "summary"])
+    assert summary["error_source"] == "attention"
+    assert planned.meta[PREDICTED_ERROR_ATTENTION] == pytest.approx(summary[PREDICTED_ERROR_ATTENTION])
+    rtn_only = errors.drop(columns=[c for c in errors if c.startswith(("err_gptq", "err_aware"))])
+    (fallback,) = plan_points(layers, rtn_only, points, (2, 3, 4), QuantizeSettings("gptq", 64), "model", store)
+    assert fallback.meta["error_source"] == "rtn" and fallback.bits["l0"] == 4
