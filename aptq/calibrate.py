@@ -185,8 +185,9 @@ def calibrate_unit(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, laye
 
 
 def with_unit(layers: pd.DataFrame, units: pd.DataFrame) -> pd.DataFrame:
-    """The layers table with the measured `kl_rate` and `kl_rate_se` columns that the calibrated unit reads."""
+    """The layers table with the measured `kl_rate` and `kl_rate_se` columns that the calibrated unit reads; its
+    attrs say unit "calibrated", the unit sweeps then plan in (aptq.sweep.plan_points)."""
     measured = units.set_index("layer")[["kl_rate", "kl_rate_se"]]
     merged = layers.drop(columns=["kl_rate", "kl_rate_se"], errors="ignore").join(measured, on="layer")
-    merged.attrs = layers.attrs
+    merged.attrs = layers.attrs | {"unit": "calibrated"}
     return merged

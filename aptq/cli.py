@@ -279,7 +279,7 @@ def run_analyze(args: argparse.Namespace) -> None:
     say_attention_unavailable(loaded)
     corpus = load_corpus(args.corpus)
     sampling = calibration_of(args, loaded)
-    unit_settings = unit_settings_for(args, sampling) if args.calibrate_unit else None
+    unit_settings = unit_settings_for(sampling, args.bits, args.seed) if args.calibrate_unit else None
     work_starts()
     layers, errors = analysis_for(args, loaded, corpus, sampling, args.bits, args.probes, args.max_blocks,
                                   args.resume)
@@ -297,21 +297,21 @@ def run_analyze(args: argparse.Namespace) -> None:
         calibrate_unit_for(args, loaded, corpus, sampling, layers, errors, unit_settings)
 
 
-def unit_settings_for(args: argparse.Namespace, sampling):
-    """The unit calibration's settings, checked against the calibration and --bits before any work."""
+def unit_settings_for(sampling, bits: tuple[int, ...], seed: int):
+    """The unit calibration's settings, checked against the calibration and the analysis's widths before any work."""
     from aptq.calibrate import UnitSettings, validation_count
 
-    settings = UnitSettings(seed=args.seed)
+    settings = UnitSettings(seed=seed)
     validation_count(sampling.n_samples, settings.holdout)
-    missing = sorted(set(settings.noise_bits) - set(args.bits))
+    missing = sorted(set(settings.noise_bits) - set(bits))
     if missing:
         raise UserError(f"The unit calibration sizes its noise like each layer's RTN error at {missing} bits; add "
-                        f"them to --bits.")
+                        f"them to the widths (--bits, or the sweep's --candidates).")
     return settings
 
 
-def calibrate_unit_for(args: argparse.Namespace, loaded, corpus, sampling, layers, errors, settings) -> None:
-    """The calibrated unit of the analysis (stored, so a repeat is a cache hit), and one line about it."""
+def calibrate_unit_for(args: argparse.Namespace, loaded, corpus, sampling, layers, errors, settings):
+    """The calibrated unit of the analysis (stored, so a repeat is a cache hit), after one line about it."""
     from aptq.calibrate import calibrate_unit, validation_count
     from aptq.store import Store
 
@@ -325,7 +325,8 @@ def calibrate_unit_for(args: argparse.Namespace, loaded, corpus, sampling, layer
           f"{','.join(map(str, settings.noise_bits))}-bit RTN error on the last "
           f"{validation_count(sampling.n_samples, settings.holdout)} of {sampling.n_samples} calibration segments "
           f"(median relative standard error {relative:.0%}); stored in table unit_calibrations, used by plans with "
-          f"unit \"calibrated\".")
+          f"unit \"calibrated\" (sweep --unit calibrated).")
+    return units
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
@@ -460,6 +461,10 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
                         help="how each plan is quantized (default: %(default)s); the plans use its predicted errors "
                              "when the analysis has them (--quantizer-errors), else RTN's")
     add_analysis_arguments(parser)
+    parser.add_argument("--unit", choices=("heuristic", "calibrated"), default="heuristic",
+                        help="how errors of different layers are made comparable: the heuristic factor, or the "
+                             "calibrated unit (measured first as analyze --calibrate-unit does; stored) "
+                             "(default: %(default)s)")
     ray = parser.add_argument_group("Ray", "run the plans in parallel as Ray tasks (needs the ray package); only "
                                            "this process writes the store")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -525,8 +530,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device)
     corpus = load_corpus(args.corpus)
     sampling = calibration_of(args, loaded)
+    unit_settings = unit_settings_for(sampling, candidates, args.seed) if args.unit == "calibrated" else None
     work_starts()
     layers, errors = analysis_for(args, loaded, corpus, sampling, bits=candidates)
+    if unit_settings is not None:
+        from aptq.calibrate import with_unit
+
+        layers = with_unit(layers, calibrate_unit_for(args, loaded, corpus, sampling, layers, errors, unit_settings))
     settings, evaluation = quantize_settings(args, loaded, args.quantizer)
     if note := error_source_for(errors, settings.method).note:
         print(note, file=sys.stderr)

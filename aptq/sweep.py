@@ -75,12 +75,14 @@ def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPo
                 settings: QuantizeSettings, model_fp: str, store: Store) -> list[PointPlan]:
     """Every point's plan from the analysis, saved in the store in the points' order (a plan reached again keeps the
     latest point's name). The plans use the predicted errors of the quantizer that will run (`settings.method`),
-    or RTN's where the analysis has none of its (aptq.allocate.error_source_for)."""
+    or RTN's where the analysis has none of its (aptq.allocate.error_source_for), in the unit `layers.attrs` names
+    (the calibrated unit after aptq.calibrate.with_unit, else the heuristic one)."""
     source = error_source_for(errors, settings.method).source
+    unit = layers.attrs.get("unit", "heuristic")
     plans = []
     for point in points:
         request = AllocationRequest(point.budget, point.allocation, candidates, seed=point.seed,
-                                    group_size=settings.group_size, quantizer=source)
+                                    group_size=settings.group_size, quantizer=source, unit=unit)
         try:
             plan = allocate(layers, errors, request)
         except AllocationError as exc:

@@ -97,7 +97,7 @@ def test_analyze_calibrates_the_unit_and_refuses_a_calibration_too_short(tmp_pat
     for bad, message in ((["--samples", "4"], "The calibration has 4 segment(s), too few to hold out a validation "
                                               "part of 2 segments at 25%; use at least 8 calibration segments"),
                          (["--samples", "8", "--bits", "2,4"], "The unit calibration sizes its noise like each "
-                                                               "layer's RTN error at [3] bits; add them to --bits.")):
+                                                               "layer's RTN error at [3] bits; add them to the")):
         assert main([*common, *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and err.count("\n") == 1
@@ -125,3 +125,24 @@ def test_sweep_plans_with_the_quantizers_errors_or_says_it_uses_rtns(tmp_path, t
     assert main([*common, "--quantizer-errors"]) == 0
     captured = capsys.readouterr()
     assert "no predicted errors" not in captured.err and " gptq " in captured.out
+
+
+@pytest.mark.integration
+def test_sweep_plans_in_the_calibrated_unit(tmp_path, tiny_model_dir, text_file, capsys):
+    from aptq.cli import main
+    from aptq.history import stored_plans
+    from aptq.store import Store
+
+    store = tmp_path / "store.duckdb"
+    common = ["sweep", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
+              "--store", str(store), "--seqlen", "24", "--group", "32", "--quantizer", "rtn", "--methods", "knapsack",
+              "--budgets", "3", "--candidates", "2,3,4", "--eval-seqlen", "32", "--tokens", "64", "--unit",
+              "calibrated"]
+    capsys.readouterr()
+    assert main([*common, "--samples", "4"]) == 2
+    assert capsys.readouterr().err.startswith("error: The calibration has 4 segment(s), too few to hold out")
+    assert not store.exists()
+    assert main([*common, "--samples", "8"]) == 0
+    assert "Calibrated unit: KL per unit of error of 14 layers" in capsys.readouterr().out
+    (summary,) = stored_plans(Store(store))["summary"]
+    assert json.loads(summary)["error_unit"] == "calibrated"

@@ -10,6 +10,7 @@ import pytest
 
 import aptq.pipeline as pipeline
 from aptq.allocate import PREDICTED_ERROR_ATTENTION
+from aptq.calibrate import with_unit
 from aptq.cli import main
 from aptq.data import Sampling
 from aptq.errors import UserError
@@ -114,3 +115,20 @@ def test_sweep_plans_use_the_errors_of_the_quantizer_that_runs(tmp_path):
     rtn_only = errors.drop(columns=[c for c in errors if c.startswith(("err_gptq", "err_aware"))])
     (fallback,) = plan_points(layers, rtn_only, points, (2, 3, 4), QuantizeSettings("gptq", 64), "model", store)
     assert fallback.meta["error_source"] == "rtn" and fallback.bits["l0"] == 4
+
+
+def test_sweep_plans_in_the_unit_the_layers_table_carries(tmp_path):
+    """After aptq.calibrate.with_unit the plans sum errors × kl_rate / trace: a layer measured to move the KL most
+    gets the widest width, and the prediction is in KL."""
+    layers, errors = two_source_analysis()
+    layers = layers.assign(trace_layerwise=1.0, trace_attention=1.0, trace_lm=1.0, trace_lm_se=0.0, residual_ms=1.0)
+    rates = pd.DataFrame({"layer": layers["layer"], "kl_rate": [1.0, 100.0, 1.0, 1.0], "kl_rate_se": 0.1})
+    measured = with_unit(layers, rates)
+    points = sweep_points(["knapsack"], [3.0], (0,))
+    store = Store(tmp_path / "plans.duckdb")
+    (heuristic,) = plan_points(layers, errors, points, (2, 3, 4), QuantizeSettings("rtn", 64), "model", store)
+    (calibrated,) = plan_points(measured, errors, points, (2, 3, 4), QuantizeSettings("rtn", 64), "model", store)
+    assert heuristic.bits["l0"] == 4 and calibrated.bits["l1"] == 4
+    rtn = errors.set_index(["layer", "bits"])["err_attention"]
+    expected = sum(rate * rtn[(name, calibrated.bits[name])] for name, rate in zip(rates["layer"], rates["kl_rate"]))
+    assert calibrated.meta[PREDICTED_ERROR_ATTENTION] == pytest.approx(expected)
