@@ -50,7 +50,7 @@ from aptq.errors import UserError
 from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianCollector
 from aptq.models import Architecture, LinearLayer, LoadedModel, get_weight, model_fingerprint
 from aptq.progress import Progress, no_progress
-from aptq.quantizer import QuantConfig, layer_error, rtn
+from aptq.quantizer import QuantConfig, layer_error
 
 if TYPE_CHECKING:  # (our choice) imported where results are stored: the per-block metrics run without DuckDB
     from aptq.store import Store
@@ -168,9 +168,9 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
             "pooled_hessian": layer.name in hessians.pooled})
         for bits, group_size in itertools.product(sorted(set(settings.bits)), settings.group_sizes):
             config = QuantConfig(bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search)
-            # One RTN ΔW per (layer, bits), scored under both Hessians: exactly what `--method rtn` leaves (its
-            # clipping on the plain squared error, no Hessian), so the prediction is the error of the run.
-            quantized = {"": rtn(weight, config)}
+            # One RTN ΔW per (layer, bits), scored under both Hessians: the pipeline's own RTN, as `--method rtn`
+            # runs it (clipping on the plain squared error, no Hessian), so the prediction is the error of the run.
+            quantized = {"": _quantized_by(weight, layer, hessians, config, "rtn")}
             if settings.quantizer_errors:
                 quantized |= {f"{infix}_": _quantized_by(weight, layer, hessians, config, quantizer)
                               for infix, quantizer in QUANTIZER_SOURCES.items()}
