@@ -7,7 +7,8 @@ touches the model, so a plan takes milliseconds.
 
 Error source (`AllocationRequest.quantizer`): the solvers use the predicted errors of the quantizer that will run —
 round-to-nearest (err_layerwise, err_attention), GPTQ (err_gptq_*) or the attention-aware GPTQ (err_aware_*); each
-source has a layer-wise and an attention-aware measure of its ΔW (see aptq.sensitivity).
+source has a layer-wise and an attention-aware measure of its ΔW (see aptq.sensitivity). `error_source_for` picks
+the source for the quantizer a sweep runs: its own, or RTN's with a sentence when the analysis lacks it.
 
 Predicted errors in one unit (our choice; the papers sum raw errors): each Hessian measures a layer's error where
 that Hessian lives — the value projection's before the out projection, q/k's in the attention scores, gate/up's in
@@ -58,7 +59,7 @@ from fractions import Fraction
 import numpy as np
 import pandas as pd
 
-from aptq.choices import ALLOCATORS
+from aptq.choices import ALLOCATORS, METHOD_LABELS
 from aptq.errors import UserError
 from aptq.widths import FULL_PRECISION, QUANT_WIDTHS, SCALE_ZERO_BITS
 
@@ -72,6 +73,10 @@ PREDICTED_ERRORS = {PREDICTED_ERROR_ATTENTION: "err_attention", PREDICTED_ERROR_
 # quantizer that will run → its predicted-error columns (layer-wise measure, attention-aware measure)
 ERROR_SOURCES = {"rtn": ("err_layerwise", "err_attention"), "gptq": ("err_gptq_layerwise", "err_gptq_attention"),
                  "attention": ("err_aware_layerwise", "err_aware_attention")}
+# The quantizer that runs → the error source that predicts it. (our choice) aespa: the attention-aware quantizer's,
+# whose result aespa starts from and keeps unless its own attention-wise loss drops (aptq.aespa), so it bounds aespa's.
+SOURCE_OF_QUANTIZER = {"rtn": "rtn", "gptq": "gptq", "attention": "attention", "aespa": "attention"}
+QUANTIZER_ERRORS_FIX = "rerun the analysis with quantizer errors on (aptq analyze --quantizer-errors)"
 METRIC_TRACES = {column: trace for columns in ERROR_SOURCES.values()  # each error column's own Hessian trace
                  for column, trace in zip(columns, ("trace_layerwise", "trace_attention"))}
 UNIT_COLUMNS = {"heuristic": ("trace_lm", "trace_lm_se", "residual_ms"), "calibrated": ("kl_rate", "kl_rate_se")}
@@ -124,6 +129,33 @@ class _Problem:
     capacity: int  # bit·params left for the free sets once pins are charged
     pinned_cost: int  # bit·params of the pinned sets
     total_params: int
+
+
+@dataclass(frozen=True)
+class ErrorSourceChoice:
+    """The error source plans for a quantizer use, and why, when it is not the quantizer's own."""
+
+    source: str  # a key of ERROR_SOURCES
+    note: str | None = None
+
+
+def available_error_sources(errors: pd.DataFrame) -> list[str]:
+    """The error sources (ERROR_SOURCES order, RTN first) whose two columns the errors table fills in every row."""
+    return [source for source, columns in ERROR_SOURCES.items()
+            if set(columns) <= set(errors.columns) and errors[list(columns)].notna().all().all()]
+
+
+def error_source_for(errors: pd.DataFrame, quantizer: str) -> ErrorSourceChoice:
+    """The error source of plans that `quantizer` (a QUANTIZERS name) will quantize: its own predicted errors when
+    the analysis has them, else RTN's (the Bit budget page's default) with the sentence that says so."""
+    if quantizer not in SOURCE_OF_QUANTIZER:
+        raise AllocationError(f"Unknown quantizer {quantizer!r}; use one of {', '.join(SOURCE_OF_QUANTIZER)}.")
+    own = SOURCE_OF_QUANTIZER[quantizer]
+    if own == "rtn" or own in available_error_sources(errors):
+        return ErrorSourceChoice(own)
+    label = METHOD_LABELS[own]
+    return ErrorSourceChoice("rtn", f"The analysis has no predicted errors of {label}, so the plans use RTN's; "
+                                    f"{QUANTIZER_ERRORS_FIX} to plan with {label}'s.")
 
 
 def allocate(layers: pd.DataFrame, errors: pd.DataFrame, request: AllocationRequest) -> Plan:
@@ -396,8 +428,7 @@ def _error_matrix(layers: pd.DataFrame, errors: pd.DataFrame, names: np.ndarray,
     missing = sorted({"layer", "bits", metric} - set(errors.columns))
     if missing or errors[metric].isna().all():
         source = next(q for q, columns in ERROR_SOURCES.items() if metric in columns)
-        fix = ("rerun the analysis with quantizer errors on (aptq analyze --quantizer-errors)" if source != "rtn"
-               else "pass the sensitivity analysis's table")
+        fix = QUANTIZER_ERRORS_FIX if source != "rtn" else "pass the sensitivity analysis's table"
         raise AllocationError(f"The errors table has no {metric} values (the predicted errors of {source}); {fix}, or "
                               f"choose another error source.")
     matrix = np.full((len(names), len(options)), np.nan)

@@ -71,17 +71,23 @@ class LayerUnit:
     seconds: float
 
 
-def validation_segments(segments: torch.Tensor, holdout: float) -> torch.Tensor:
-    """The last `holdout` share of the calibration segments; one sentence when there are too few to split."""
+def validation_count(n_segments: int, holdout: float) -> int:
+    """How many of `n_segments` calibration segments are held out; one sentence when there are too few to split (a
+    check that needs no data: callers make it before any work)."""
     if not 0 < holdout < 1:
         raise UserError(f"The validation share must lie strictly between 0 and 1, got {holdout}.")
-    held = math.floor(segments.shape[0] * holdout)
+    held = math.floor(n_segments * holdout)
     if held < MIN_VALIDATION_SEGMENTS:
         needed = math.ceil(MIN_VALIDATION_SEGMENTS / holdout)
-        raise UserError(f"The calibration has {segments.shape[0]} segment(s), too few to hold out a validation part "
+        raise UserError(f"The calibration has {n_segments} segment(s), too few to hold out a validation part "
                         f"of {MIN_VALIDATION_SEGMENTS} segments at {holdout:.0%}; use at least {needed} calibration "
                         f"segments or a larger validation share.")
-    return segments[segments.shape[0] - held:]
+    return held
+
+
+def validation_segments(segments: torch.Tensor, holdout: float) -> torch.Tensor:
+    """The last `holdout` share of the calibration segments (validation_count of them)."""
+    return segments[segments.shape[0] - validation_count(segments.shape[0], holdout):]
 
 
 def noise_levels(layers: pd.DataFrame, errors: pd.DataFrame, noise_bits: tuple[int, ...]) -> pd.DataFrame:
@@ -179,8 +185,9 @@ def calibrate_unit(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, laye
 
 
 def with_unit(layers: pd.DataFrame, units: pd.DataFrame) -> pd.DataFrame:
-    """The layers table with the measured `kl_rate` and `kl_rate_se` columns that the calibrated unit reads."""
+    """The layers table with the measured `kl_rate` and `kl_rate_se` columns that the calibrated unit reads; its
+    attrs say unit "calibrated", the unit sweeps then plan in (aptq.sweep.plan_points)."""
     measured = units.set_index("layer")[["kl_rate", "kl_rate_se"]]
     merged = layers.drop(columns=["kl_rate", "kl_rate_se"], errors="ignore").join(measured, on="layer")
-    merged.attrs = layers.attrs
+    merged.attrs = layers.attrs | {"unit": "calibrated"}
     return merged

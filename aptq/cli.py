@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aptq import validate
@@ -117,11 +118,19 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"KL to reference {result.kl_divergence:.5f} nats/token, top-1 agreement {result.top1_agreement:.4f}")
 
 
-def _bit_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bit widths must be integers separated by commas, got {text!r}") from exc
+def integer_list(what: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: comma-separated integers, named `what` in the one-sentence error."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{what} must be integers separated by commas, got {text!r}") from exc
+
+    return parse
+
+
+_bit_list = integer_list("bit widths")
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,12 +217,30 @@ def add_analyze_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--probes", type=int, default=None,
                         help="Hutchinson probes per segment for the APTQ trace (default: 1)")
     parser.add_argument("--max-blocks", type=int, default=None, help="analyze only the first N blocks")
-    parser.add_argument("--quantizer-errors", action="store_true",
-                        help="also predict the errors of GPTQ and the attention-aware quantizer (one GPTQ run per "
-                             "layer and width), so that plans can use the errors of the quantizer that will run")
+    add_analysis_arguments(parser)
+    parser.add_argument("--calibrate-unit", action="store_true",
+                        help="then measure the calibrated cross-layer unit: KL of noise injected into one layer at a "
+                             "time, on the last quarter of the calibration segments (needs at least 8): forward "
+                             "passes over them per layer, ≈ 1 min per layer of the embedded model at 16 × 512 on a "
+                             "CPU; stored as measured, so an interrupted run resumes")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the blocks an interrupted run already stored (default: on)")
     parser.set_defaults(handler=run_analyze)
+
+
+def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
+    """Analysis settings that key the stored analysis: `sweep` takes them too, to plan from the same analysis."""
+    parser.add_argument("--quantizer-errors", action="store_true",
+                        help="also predict the errors of GPTQ and the attention-aware quantizer (one GPTQ run per "
+                             "layer and width), so that plans can use the errors of the quantizer that will run")
+    parser.add_argument("--extra-group-sizes", type=integer_list("group sizes"), default=(),
+                        help="also predict the errors at these group sizes, comma separated, 0 = per channel (e.g. "
+                             "32,128): errors for (bits, group size) candidates")
+
+
+def check_analysis_arguments(args: argparse.Namespace) -> None:
+    for size in args.extra_group_sizes:
+        validate.group_size(size)
 
 
 def analysis_for(args: argparse.Namespace, loaded, corpus, sampling, bits=(2, 3, 4, 8), probes=None,
@@ -225,7 +252,8 @@ def analysis_for(args: argparse.Namespace, loaded, corpus, sampling, bits=(2, 3,
 
     settings = AnalysisSettings(group_size=group_size_of(args, loaded), bits=bits,
                                 probes=DEFAULT_PROBES if probes is None else probes, max_blocks=max_blocks,
-                                batch_size=args.batch_size, quantizer_errors=getattr(args, "quantizer_errors", False))
+                                batch_size=args.batch_size, quantizer_errors=args.quantizer_errors,
+                                extra_group_sizes=args.extra_group_sizes)
     bar = LazyBar("analyzing blocks")
     try:
         return analyze(loaded, corpus, sampling, settings, store=Store(args.store), progress=bar, resume=resume)
@@ -235,6 +263,7 @@ def analysis_for(args: argparse.Namespace, loaded, corpus, sampling, bits=(2, 3,
 
 def run_analyze(args: argparse.Namespace) -> None:
     check_calibration(args)
+    check_analysis_arguments(args)
     validate.bit_widths(args.bits, "--bits")
     if args.probes is not None:
         validate.at_least(args.probes, 1, "--probes")
@@ -251,8 +280,10 @@ def run_analyze(args: argparse.Namespace) -> None:
     say_attention_unavailable(loaded)
     corpus = load_corpus(args.corpus)
     sampling = calibration_of(args, loaded)
+    unit_settings = unit_settings_for(sampling, args.bits, args.seed) if args.calibrate_unit else None
     work_starts()
-    layers, _ = analysis_for(args, loaded, corpus, sampling, args.bits, args.probes, args.max_blocks, args.resume)
+    layers, errors = analysis_for(args, loaded, corpus, sampling, args.bits, args.probes, args.max_blocks,
+                                  args.resume)
     origin = "cache hit" if layers.attrs["cached"] else "computed"
     print(f"{loaded.display_name} on {corpus.name}: {len(layers)} layers, {sampling.n_samples} × {sampling.seqlen} "
           f"calibration tokens ({origin}); results in {Store(args.store).path}, analysis "
@@ -263,6 +294,40 @@ def run_analyze(args: argparse.Namespace) -> None:
     for title, frame in (("Most sensitive (APTQ trace per parameter)", most), ("Least sensitive", least)):
         print(f"\n{title}:")
         print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if unit_settings is not None:
+        calibrate_unit_for(args, loaded, corpus, sampling, layers, errors, unit_settings)
+
+
+def unit_settings_for(sampling, bits: tuple[int, ...], seed: int):
+    """The unit calibration's settings, checked against the calibration and the analysis's widths before any work."""
+    from aptq.calibrate import UnitSettings, validation_count
+
+    settings = UnitSettings(seed=seed)
+    validation_count(sampling.n_samples, settings.holdout)
+    missing = sorted(set(settings.noise_bits) - set(bits))
+    if missing:
+        raise UserError(f"The unit calibration sizes its noise like each layer's RTN error at {missing} bits; add "
+                        f"them to the widths (--bits, or the sweep's --candidates).")
+    return settings
+
+
+def calibrate_unit_for(args: argparse.Namespace, loaded, corpus, sampling, layers, errors, settings):
+    """The calibrated unit of the analysis (stored, so a repeat is a cache hit), after one line about it."""
+    from aptq.calibrate import calibrate_unit, validation_count
+    from aptq.store import Store
+
+    bar = LazyBar("calibrating the unit")
+    try:
+        units = calibrate_unit(loaded, corpus, sampling, layers, errors, settings, Store(args.store), bar)
+    finally:
+        bar.close()
+    relative = (units["kl_rate_se"] / units["kl_rate"]).median()
+    print(f"\nCalibrated unit: KL per unit of error of {len(units)} layers, from noise as large as their "
+          f"{','.join(map(str, settings.noise_bits))}-bit RTN error on the last "
+          f"{validation_count(sampling.n_samples, settings.holdout)} of {sampling.n_samples} calibration segments "
+          f"(median relative standard error {relative:.0%}); stored in table unit_calibrations, used by plans with "
+          f"unit \"calibrated\" (sweep --unit calibrated).")
+    return units
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
@@ -394,7 +459,13 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=_bit_list, default=(0, 1, 2),
                         help="seeds of the random allocation (default: 0,1,2)")
     parser.add_argument("--quantizer", choices=list(QUANTIZERS), default="gptq",
-                        help="how each plan is quantized (default: %(default)s)")
+                        help="how each plan is quantized (default: %(default)s); the plans use its predicted errors "
+                             "when the analysis has them (--quantizer-errors), else RTN's")
+    add_analysis_arguments(parser)
+    parser.add_argument("--unit", choices=("heuristic", "calibrated"), default="heuristic",
+                        help="how errors of different layers are made comparable: the heuristic factor, or the "
+                             "calibrated unit (measured first as analyze --calibrate-unit does; stored) "
+                             "(default: %(default)s)")
     ray = parser.add_argument_group("Ray", "run the plans in parallel as Ray tasks (needs the ray package); only "
                                            "this process writes the store")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -439,6 +510,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         raise UserError(f"Unknown allocation method {unknown[0] if unknown else '(none)'}; choose from "
                         f"{', '.join(ALLOCATORS)}.")
     check_calibration(args)
+    check_analysis_arguments(args)
     check_evaluation(args.eval_seqlen, args.tokens)
     candidates = validate.bit_widths(args.candidates, "--candidates")
     budgets = validate.budgets(validate.parse_budgets(args.budgets), candidates)
@@ -449,7 +521,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             validate.seed(seed, "Each of --seeds")
     ray = ray_options(args)
 
-    from aptq.allocate import PREDICTED_ERROR_ATTENTION
+    from aptq.allocate import PREDICTED_ERROR_ATTENTION, error_source_for
     from aptq.data import load_corpus
     from aptq.models import load_model
     from aptq.store import Store
@@ -459,9 +531,16 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device)
     corpus = load_corpus(args.corpus)
     sampling = calibration_of(args, loaded)
+    unit_settings = unit_settings_for(sampling, candidates, args.seed) if args.unit == "calibrated" else None
     work_starts()
     layers, errors = analysis_for(args, loaded, corpus, sampling, bits=candidates)
+    if unit_settings is not None:
+        from aptq.calibrate import with_unit
+
+        layers = with_unit(layers, calibrate_unit_for(args, loaded, corpus, sampling, layers, errors, unit_settings))
     settings, evaluation = quantize_settings(args, loaded, args.quantizer)
+    if note := error_source_for(errors, settings.method).note:
+        print(note, file=sys.stderr)
     bar = LazyBar("sweep" if ray is None else "sweep on Ray")
     try:
         if ray is None:
@@ -475,7 +554,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     columns = [c for c in ("allocation", "budget", "seed", "avg_bits", "effective_bits", "perplexity", "kl", "top1",
-                           PREDICTED_ERROR_ATTENTION, "quant_seconds", "cached", "skipped", "failed") if c in table]
+                           PREDICTED_ERROR_ATTENTION, "error_source", "quant_seconds", "cached", "skipped", "failed")
+               if c in table]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     failed = table[table["failed"].notna()] if "failed" in table else table.iloc[:0]
     for row in failed.itertuples():

@@ -229,8 +229,7 @@ def run_sweep_on_ray(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, la
     """The table of aptq.sweep.run_sweep, with a `failed` column naming the error of each run that failed for good;
     the runs are measured by Ray tasks and stored here."""
     store = store or Store()
-    planned = plan_points(layers, errors, points, candidates, settings.group_size, model_fingerprint(loaded.path),
-                          store)
+    planned = plan_points(layers, errors, points, candidates, settings, model_fingerprint(loaded.path), store)
     identities = {index: identify_run(loaded, corpus, sampling, point_plan.bits, settings, evaluation)
                   for index, point_plan in enumerate(planned) if point_plan.skipped is None}
     stored: dict[str, RunRecord] = {}  # run key → its stored run

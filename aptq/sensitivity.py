@@ -20,7 +20,7 @@ layers   layer, block, kind, fused (the name of the stored tensor a layer shares
 Models without the attention-aware path (`arch.attention_unavailable_reason`): the attention columns repeat the
 layer-wise ones (our choice: every solver keeps working; the CLI and the pages say the metric is unavailable).
 errors   layer, bits, group_size (the setting's, then each of `extra_group_sizes`),
-         err_layerwise     tr(ΔW H ΔWᵀ) with the round-to-nearest error ΔW
+         err_layerwise     tr(ΔW H ΔWᵀ) with the error ΔW of round-to-nearest as `--method rtn` runs it
          err_attention     v: Σ_g tr(ΔW_g H_V,g ΔW_gᵀ); q/k: tr(G ΔW H ΔWᵀ); o and MLP: = err_layerwise
          err_gptq_layerwise, err_gptq_attention     the same two measures of the ΔW that GPTQ leaves
          err_aware_layerwise, err_aware_attention   … and of the ΔW of the attention-aware quantizer (gptq_per_head
@@ -50,13 +50,15 @@ from aptq.errors import UserError
 from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianCollector
 from aptq.models import Architecture, LinearLayer, LoadedModel, get_weight, model_fingerprint
 from aptq.progress import Progress, no_progress
-from aptq.quantizer import QuantConfig, layer_error, rtn
+from aptq.quantizer import QuantConfig, layer_error
 
 if TYPE_CHECKING:  # (our choice) imported where results are stored: the per-block metrics run without DuckDB
     from aptq.store import Store
 
 QUANTIZER_SOURCES = {"gptq": "gptq", "aware": "attention"}  # error-column infix → the quantizer that leaves it
-METHOD_VERSION = 3  # 3: float16 scales, symmetric zero 2^(b−1); bump when any formula changes: old entries miss
+# bump when any formula changes: old entries miss. 3: float16 scales, symmetric zero 2^(b−1); 4: the RTN errors are
+# those of the RTN that runs (clipping on the squared error, no longer searched under H)
+METHOD_VERSION = 4
 DEFAULT_BITS = (2, 3, 4, 8)
 ATTENTION_KINDS = ("q", "k", "v", "o")
 CPU_CALIBRATION = (64, 512)  # (our choice) segments × tokens that keep an analysis within minutes on a CPU
@@ -166,9 +168,9 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
             "pooled_hessian": layer.name in hessians.pooled})
         for bits, group_size in itertools.product(sorted(set(settings.bits)), settings.group_sizes):
             config = QuantConfig(bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search)
-            # (our choice) one RTN ΔW per (layer, bits), its clipping searched with the layer-wise H, scored under
-            # both Hessians: the two error columns then differ only by the Hessian.
-            quantized = {"": rtn(weight, config, h)}
+            # One RTN ΔW per (layer, bits), scored under both Hessians: the pipeline's own RTN, as `--method rtn`
+            # runs it (clipping on the plain squared error, no Hessian), so the prediction is the error of the run.
+            quantized = {"": _quantized_by(weight, layer, hessians, config, "rtn")}
             if settings.quantizer_errors:
                 quantized |= {f"{infix}_": _quantized_by(weight, layer, hessians, config, quantizer)
                               for infix, quantizer in QUANTIZER_SOURCES.items()}

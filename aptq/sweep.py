@@ -19,6 +19,7 @@ from aptq.allocate import (
     AllocationError,
     AllocationRequest,
     allocate,
+    error_source_for,
     summarize,
 )
 from aptq.data import Corpus, Sampling
@@ -62,7 +63,7 @@ class PointPlan:
         if run is None:
             return base | {"failed": failed}
         return (base | {key: getattr(run, key) for key in RUN_COLUMNS}
-                | {PREDICTED_ERROR_ATTENTION: self.meta[PREDICTED_ERROR_ATTENTION]})
+                | {name: self.meta[name] for name in (PREDICTED_ERROR_ATTENTION, "error_source")})
 
 
 def sweep_points(allocations: list[str], budgets: list[float], seeds: tuple[int, ...]) -> list[SweepPoint]:
@@ -71,13 +72,17 @@ def sweep_points(allocations: list[str], budgets: list[float], seeds: tuple[int,
 
 
 def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPoint], candidates: tuple[int, ...],
-                group_size: int, model_fp: str, store: Store) -> list[PointPlan]:
+                settings: QuantizeSettings, model_fp: str, store: Store) -> list[PointPlan]:
     """Every point's plan from the analysis, saved in the store in the points' order (a plan reached again keeps the
-    latest point's name)."""
+    latest point's name). The plans use the predicted errors of the quantizer that will run (`settings.method`),
+    or RTN's where the analysis has none of its (aptq.allocate.error_source_for), in the unit `layers.attrs` names
+    (the calibrated unit after aptq.calibrate.with_unit, else the heuristic one)."""
+    source = error_source_for(errors, settings.method).source
+    unit = layers.attrs.get("unit", "heuristic")
     plans = []
     for point in points:
         request = AllocationRequest(point.budget, point.allocation, candidates, seed=point.seed,
-                                    group_size=group_size)
+                                    group_size=settings.group_size, quantizer=source, unit=unit)
         try:
             plan = allocate(layers, errors, request)
         except AllocationError as exc:
@@ -85,8 +90,8 @@ def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPo
             continue
         summary = summarize(plan, layers, errors)
         meta = {"name": point.name, "allocation": point.allocation, "budget": point.budget,
-                "analysis": layers.attrs.get("analysis_key"), "group_size": group_size,
-                **{name: summary[name] for name in PREDICTED_ERRORS}}
+                "analysis": layers.attrs.get("analysis_key"), "group_size": settings.group_size,
+                "error_source": source, **{name: summary[name] for name in PREDICTED_ERRORS}}
         history.save_plan(store, model_fp, point.name, plan.bits, meta | {"request": request, "summary": summary})
         plans.append(PointPlan(point, plan.bits, meta))
     return plans
@@ -97,8 +102,7 @@ def run_sweep(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: p
               evaluation: EvalSettings, store: Store | None = None, progress: Progress = no_progress) -> pd.DataFrame:
     """One row per point: its plan's summary and the measured run (or why the point was skipped)."""
     store = store or Store()
-    planned = plan_points(layers, errors, points, candidates, settings.group_size, model_fingerprint(loaded.path),
-                          store)
+    planned = plan_points(layers, errors, points, candidates, settings, model_fingerprint(loaded.path), store)
     rtn_memo: dict = {}  # RTN rounds each (layer, width) once for the whole sweep
     rows = []
     for index, point_plan in enumerate(planned):

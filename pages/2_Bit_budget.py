@@ -11,7 +11,6 @@ import streamlit as st
 from aptq import charts, coverage
 from aptq.allocate import (
     ALLOCATORS,
-    ERROR_SOURCES,
     FULL_PRECISION,
     PREDICTED_ERROR_ATTENTION,
     PREDICTED_ERROR_LAYERWISE,
@@ -19,6 +18,7 @@ from aptq.allocate import (
     AllocationRequest,
     Plan,
     allocate,
+    available_error_sources,
     plan_frame,
     summarize,
 )
@@ -70,8 +70,7 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
         high = st.selectbox("High width", pair, index=pair.index(4) if 4 in pair else len(pair) - 1, key="aptq_high",
                             help="The paper mixes 2 and 4 bits.")
         low_high = (int(low), int(high))
-    sources = [q for q, columns in ERROR_SOURCES.items() if set(columns) <= set(analysis.errors.columns)
-               and analysis.errors[list(columns)].notna().all().all()]
+    sources = available_error_sources(analysis.errors)
     quantizer = st.selectbox("Error source", sources, format_func=METHOD_LABELS.get, key="error_source",
                              persist_state="session", help="whose predicted errors the solver sums: pick the "
                              "quantizer you will run (GPTQ and attention-aware errors need an analysis with "

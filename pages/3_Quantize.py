@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from aptq import coverage, history, validate
+from aptq.aespa import AespaOptions
 from aptq.choices import METHOD_LABELS, QUANTIZERS
 from aptq.data import Corpus, digest
 from aptq.export import EXPORT_FORMATS, export_parts
@@ -209,7 +210,8 @@ with st.expander("Export the quantized model (optional)"):
                                          "GPTQModel, vLLM and transformers load; llama.cpp: the plan as "
                                          "llama-quantize tensor-type overrides")
 
-settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order=act_order)
+settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order=act_order,
+                            aespa=AespaOptions.for_device(str(loaded.device)))
 evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens), prompts=COMPLETION_PROMPTS)
 meta = choice.run_meta()
 if group != choice.group_size:  # the predictions were made for another group size: they would mislead

@@ -19,8 +19,11 @@ from aptq.allocate import (
     PREDICTED_ERROR_LAYERWISE,
     AllocationError,
     AllocationRequest,
+    ErrorSourceChoice,
     Plan,
     allocate,
+    available_error_sources,
+    error_source_for,
     plan_frame,
     summarize,
 )
@@ -424,6 +427,26 @@ def test_a_source_the_analysis_did_not_compute_is_refused_with_the_fix():
                                                                                       candidates=(2, 3, 4)))
     with pytest.raises(AllocationError, match="Unknown error source 'awq'"):
         allocate(layers, errors, AllocationRequest(3.0, quantizer="awq", candidates=(2, 3, 4)))
+
+
+def test_plans_for_a_quantizer_use_its_errors_or_say_why_they_use_rtns():
+    """The sweeps' source for each quantizer (aespa: the attention-aware quantizer's, its start); an analysis without
+    quantizer errors gives RTN's and the sentence that names the fix, as the Bit budget page offers RTN's alone."""
+    layers, errors = small_tables()
+    full = with_sources(layers, errors)
+    assert available_error_sources(full) == ["rtn", "gptq", "attention"]
+    assert [error_source_for(full, q) for q in ("rtn", "gptq", "attention", "aespa")] == [
+        ErrorSourceChoice("rtn"), ErrorSourceChoice("gptq"), ErrorSourceChoice("attention"),
+        ErrorSourceChoice("attention")]
+    partial = full.assign(err_gptq_attention=np.where(full["layer"] == "l2", np.nan, full["err_gptq_attention"]))
+    assert available_error_sources(partial) == ["rtn", "attention"] and available_error_sources(errors) == ["rtn"]
+    fallback = error_source_for(partial, "gptq")
+    assert fallback.source == "rtn"
+    assert fallback.note == ("The analysis has no predicted errors of GPTQ, so the plans use RTN's; rerun the analysis "
+                             "with quantizer errors on (aptq analyze --quantizer-errors) to plan with GPTQ's.")
+    assert error_source_for(errors, "aespa").note.startswith("The analysis has no predicted errors of attention-aware")
+    with pytest.raises(AllocationError, match="^Unknown quantizer 'awq'; use one of rtn, gptq, attention, aespa."):
+        error_source_for(errors, "awq")
 
 
 def unit_layers() -> tuple[pd.DataFrame, pd.DataFrame]:

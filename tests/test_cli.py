@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -44,3 +45,104 @@ def test_the_default_calibration_length_is_cut_to_a_short_context(tmp_path, tiny
                  "--eval-seqlen", "32", "--tokens", "128", "--json"])
     assert code == 0
     assert json.loads(json.loads(capsys.readouterr().out)["settings"])["seqlen"] == 256
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(f"This is sentence {i} of a small test corpus." for i in range(400)))
+    return path
+
+
+def analysis_key_in(out: str) -> str:
+    return re.search(r"analysis (\w+) \(tables", out).group(1)
+
+
+@pytest.mark.integration
+def test_analyze_predicts_errors_at_extra_group_sizes(tmp_path, tiny_model_dir, text_file, capsys):
+    from aptq import analyses
+    from aptq.cli import main
+    from aptq.store import Store
+
+    store = tmp_path / "store.duckdb"
+    common = ["analyze", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
+              "--store", str(store), "--samples", "4", "--seqlen", "24", "--group", "32", "--bits", "2,3",
+              "--max-blocks", "1"]
+    capsys.readouterr()  # the tiny model's writing, when this test made it
+    for bad, message in ((["--extra-group-sizes", "16,x"], "Argument --extra-group-sizes: group sizes must be integers "
+                                                          "separated by commas, got '16,x'; see"),
+                         (["--extra-group-sizes=16,-8"], "The group size must be 0 (per output channel) or a positive "
+                                                         "number of columns, got -8.")):
+        assert main([*common, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not store.exists()  # refused before any work
+    assert main([*common, "--extra-group-sizes", "0,16"]) == 0
+    _, errors = analyses.load(Store(store), analysis_key_in(capsys.readouterr().out))
+    assert sorted(set(errors["group_size"])) == [0, 16, 32] and errors["err_layerwise"].notna().all()
+
+
+@pytest.mark.integration
+def test_analyze_calibrates_the_unit_and_refuses_a_calibration_too_short(tmp_path, tiny_model_dir, text_file,
+                                                                         capsys):
+    from aptq import analyses
+    from aptq.calibrate import UnitSettings
+    from aptq.cli import main
+    from aptq.store import Store
+
+    store = tmp_path / "store.duckdb"
+    common = ["analyze", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
+              "--store", str(store), "--seqlen", "24", "--group", "32", "--max-blocks", "1", "--calibrate-unit"]
+    capsys.readouterr()
+    for bad, message in ((["--samples", "4"], "The calibration has 4 segment(s), too few to hold out a validation "
+                                              "part of 2 segments at 25%; use at least 8 calibration segments"),
+                         (["--samples", "8", "--bits", "2,4"], "The unit calibration sizes its noise like each "
+                                                               "layer's RTN error at [3] bits; add them to the")):
+        assert main([*common, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not store.exists()  # refused before the analysis
+    assert main([*common, "--samples", "8", "--bits", "2,3"]) == 0
+    out = capsys.readouterr().out
+    assert "Calibrated unit: KL per unit of error of 7 layers" in out and "last 2 of 8 calibration segments" in out
+    units = analyses.load_units(Store(store), UnitSettings().key(analysis_key_in(out)))
+    assert len(units) == 7 and (units["kl_rate"] >= 0).all() and units["kl_rate_se"].notna().all()
+
+
+@pytest.mark.integration
+def test_sweep_plans_with_the_quantizers_errors_or_says_it_uses_rtns(tmp_path, tiny_model_dir, text_file, capsys):
+    from aptq.cli import main
+
+    common = ["sweep", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
+              "--store", str(tmp_path / "store.duckdb"), "--samples", "4", "--seqlen", "24", "--group", "32",
+              "--quantizer", "gptq", "--methods", "knapsack", "--budgets", "3", "--candidates", "2,4",
+              "--eval-seqlen", "32", "--tokens", "64"]
+    assert main(common) == 0
+    captured = capsys.readouterr()
+    assert "The analysis has no predicted errors of GPTQ, so the plans use RTN's; rerun the analysis with quantizer " \
+           "errors on (aptq analyze --quantizer-errors) to plan with GPTQ's." in captured.err
+    assert "error_source" in captured.out and " rtn " in captured.out
+    assert main([*common, "--quantizer-errors"]) == 0
+    captured = capsys.readouterr()
+    assert "no predicted errors" not in captured.err and " gptq " in captured.out
+
+
+@pytest.mark.integration
+def test_sweep_plans_in_the_calibrated_unit(tmp_path, tiny_model_dir, text_file, capsys):
+    from aptq.cli import main
+    from aptq.history import stored_plans
+    from aptq.store import Store
+
+    store = tmp_path / "store.duckdb"
+    common = ["sweep", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
+              "--store", str(store), "--seqlen", "24", "--group", "32", "--quantizer", "rtn", "--methods", "knapsack",
+              "--budgets", "3", "--candidates", "2,3,4", "--eval-seqlen", "32", "--tokens", "64", "--unit",
+              "calibrated"]
+    capsys.readouterr()
+    assert main([*common, "--samples", "4"]) == 2
+    assert capsys.readouterr().err.startswith("error: The calibration has 4 segment(s), too few to hold out")
+    assert not store.exists()
+    assert main([*common, "--samples", "8"]) == 0
+    assert "Calibrated unit: KL per unit of error of 14 layers" in capsys.readouterr().out
+    (summary,) = stored_plans(Store(store))["summary"]
+    assert json.loads(summary)["error_unit"] == "calibrated"

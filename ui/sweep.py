@@ -7,6 +7,8 @@ import pandas as pd
 import streamlit as st
 
 from aptq import validate
+from aptq.aespa import AespaOptions
+from aptq.allocate import error_source_for
 from aptq.choices import ALLOCATORS, METHOD_LABELS, QUANTIZERS
 from aptq.data import Corpus, digest
 from aptq.models import LoadedModel
@@ -48,7 +50,10 @@ def sweep_section(loaded: LoadedModel, corpus: Corpus) -> None:
     address = ray_cols[1].text_input("Ray address", key="sweep_ray_address", disabled=not on_ray,
                                      placeholder="host:port, auto or local; empty: $RAY_ADDRESS, a `ray start` "
                                                  "here, else a new local Ray")
-    settings = QuantizeSettings(method=method, group_size=request.group_size)
+    settings = QuantizeSettings(method=method, group_size=request.group_size,
+                                aespa=AespaOptions.for_device(str(loaded.device)))
+    if note := error_source_for(frames[1], settings.method).note:
+        st.info(note)
     evaluation = EvalSettings(seqlen=min(512, loaded.max_length), max_tokens=int(tokens))
 
     def start() -> None:
