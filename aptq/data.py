@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,10 +150,18 @@ def load_corpus(spec: str = EMBEDDED_CORPUS) -> Corpus:
 # Tokens
 
 
+_TOKENIZER_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    content = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return digest(type(tokenizer).__name__, content)
+    """A hash of the whole tokenizer, remembered per tokenizer object (serialising a 49k-token vocabulary takes about
+    50 ms, and every run and split asks; nothing here changes a tokenizer once it is loaded)."""
+    known = _TOKENIZER_FINGERPRINTS.get(tokenizer)
+    if known is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        content = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+        known = _TOKENIZER_FINGERPRINTS[tokenizer] = digest(type(tokenizer).__name__, content)
+    return known
 
 
 def token_ids(tokenizer, corpus: Corpus, split: str) -> torch.Tensor:

@@ -476,8 +476,8 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     if cached:
         quantized = _quantize(loaded, corpus, sampling, settings, identity, progress, rtn_memo)
     else:
-        stored, quantized = measure_run(loaded, corpus, sampling, identity, settings, evaluation, progress, meta,
-                                        rtn_memo)
+        stored, quantized = _measure(loaded, corpus, sampling, identity, settings, evaluation, progress, meta,
+                                     rtn_memo)
         history.record_run(store, stored)
         stored = history.find_run(store, identity.key)
     if target_dir is not None:
@@ -544,11 +544,18 @@ def reference_for(loaded: LoadedModel, corpus: Corpus, evaluation: EvalSettings,
 def measure_run(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, identity: RunIdentity,
                 settings: QuantizeSettings = QuantizeSettings(), evaluation: EvalSettings = EvalSettings(),
                 progress: Progress = no_progress, plan_meta: dict | None = None, rtn_memo: dict | None = None
-                ) -> tuple[RunRecord, _Quantized]:
-    """Quantize and evaluate without touching the store: the run's record (as `run_plan` stores it) and the quantized
-    weights (in the run directory, which the caller removes once the record is stored). A Ray sweep's workers call
+                ) -> RunRecord:
+    """Quantize and evaluate without touching the store: the run's record, as `run_plan` stores it (its finished
+    blocks stay in the run directory, which the caller removes once the record is stored). A Ray sweep's workers call
     this; only the driver writes the store (aptq.ray_sweep). A device out of memory or lost while evaluating is one
     sentence; nothing is stored and the quantized blocks stay, so running it again evaluates without quantizing."""
+    return _measure(loaded, corpus, sampling, identity, settings, evaluation, progress, plan_meta, rtn_memo)[0]
+
+
+def _measure(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, identity: RunIdentity,
+             settings: QuantizeSettings, evaluation: EvalSettings, progress: Progress, plan_meta: dict | None,
+             rtn_memo: dict | None) -> tuple[RunRecord, _Quantized]:
+    """`measure_run`, with the quantized weights `run_plan` may export."""
     # The evaluation already runs one window at a time, so only another device or more free memory can help.
     failures = partial(device_failures, finished=_Checkpoints(identity.key).finished,
                        remedy="on the CPU (or with more free device memory)")

@@ -189,8 +189,8 @@ def measure_task(job: SweepJob, key: str) -> RunRecord:
     if identity.key != key:
         raise UserError(f"The model at {job.model_path} on this node is not the driver's (other weights or "
                         f"tokenizer): the run's key differs.")
-    row, _ = measure_run(loaded, job.corpus, job.sampling, identity, job.settings, job.evaluation,
-                         plan_meta=point_plan.meta, rtn_memo=rtn_memo)
+    row = measure_run(loaded, job.corpus, job.sampling, identity, job.settings, job.evaluation,
+                      plan_meta=point_plan.meta, rtn_memo=rtn_memo)
     remove_checkpoints(key)  # (our choice) the row is safe with the driver now; a lost row means one run again
     return row
 

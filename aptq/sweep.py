@@ -28,7 +28,6 @@ from aptq.models import LoadedModel, model_fingerprint
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan
 from aptq.progress import Progress, no_progress
 from aptq.store import Store
-from aptq.validate import parse_budgets  # noqa: F401 (its home before; callers import it from here)
 
 # The measured run's columns a sweep's table shows for each point.
 RUN_COLUMNS = ("key", "avg_bits", "effective_bits", "size_mb", "perplexity", "kl", "top1", "quant_seconds", "cached")

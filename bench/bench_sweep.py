@@ -27,7 +27,8 @@ from aptq.pipeline import EvalSettings, QuantizeSettings
 from aptq.progress import tqdm_progress
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store
-from aptq.sweep import SweepPoint, parse_budgets, run_sweep, sweep_points
+from aptq.sweep import SweepPoint, run_sweep, sweep_points
+from aptq.validate import parse_budgets
 
 RESULTS = Path(__file__).parent / "results" / "sweep.md"
 CANDIDATES = (2, 3, 4, 8)

@@ -22,19 +22,16 @@ from aptq.store import Store, default_path
 from aptq.teaching import Completion
 from aptq.timing import expected_run_time
 from ui import jobs
-from ui.plans import PlanChoice, model_layer_table, plan_choices
+from ui.plans import PlanChoice, measured_runs, model_layer_table, plan_choices
 from ui.session import (
     analysis_request,
-    cached_analysis_key,
-    cached_model_fingerprint,
     checked,
     corpus_spec,
-    current_corpus,
-    current_model,
+    model_and_corpus_or_stop,
     model_source,
     page_header,
+    requested_analysis,
     store_call,
-    stored_analysis,
 )
 from ui.shell import presenting
 
@@ -54,9 +51,7 @@ RUN_COLUMNS = {"created": st.column_config.DatetimeColumn("when", format="YYYY-M
 
 def uniform_choice(loaded: LoadedModel, corpus: Corpus, bits: int) -> PlanChoice:
     """Every analysed layer at `bits` (the whole model without a stored analysis, then without a prediction)."""
-    request = analysis_request(loaded, corpus)
-    key = cached_analysis_key(model_source(), corpus_spec(), request)
-    frames = store_call(lambda: stored_analysis(key))
+    request, key, frames = requested_analysis(loaded, corpus)
     if frames is None or bits not in set(frames[1]["bits"]):
         return PlanChoice(f"uniform {bits} bits, whole model (no stored analysis: no prediction)", f"uniform-{bits}",
                           uniform_plan(loaded.arch, bits), "uniform", float(bits), request.group_size, {})
@@ -162,10 +157,7 @@ def manage_runs(runs: pd.DataFrame) -> None:
 
 
 page_header("Quantize")
-loaded, corpus = current_model(), current_corpus()
-if loaded is None or corpus is None:
-    st.stop()
-model_fp = cached_model_fingerprint(model_source())
+loaded, corpus, model_fp = model_and_corpus_or_stop()
 choices = plan_choices(model_fp)
 
 left, right = st.columns(2)
@@ -220,9 +212,7 @@ if group != choice.group_size:  # the predictions were made for another group si
 job_key = "run:" + digest(model_source(), corpus_spec(), history.plan_json(choice.bits), repr(settings),
                           repr(evaluation), repr(request.sampling), export_dir.strip(), str(overwrite),
                           repr(export_formats))
-runs = store_call(lambda: history.stored_runs(Store(), model_fp))
-if runs is not None:
-    runs = coverage.fill_coverage(runs, loaded.arch, model_layer_table(model_source()))
+runs = measured_runs(loaded, model_fp)
 
 
 def start_run() -> None:

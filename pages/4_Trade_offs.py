@@ -14,20 +14,14 @@ from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE
 from aptq.choices import ALLOCATORS as SOLVERS
 from aptq.export import plan_files
 from aptq.models import Architecture, LoadedModel
-from aptq.store import Store
 from ui.experts import separate_experts
-from ui.plans import PlanChoice, model_layer_table, plan_choices, plan_table
+from ui.plans import PlanChoice, measured_runs, model_layer_table, plan_choices, plan_table
 from ui.session import (
-    analysis_request,
-    cached_analysis_key,
-    cached_model_fingerprint,
-    corpus_spec,
     current_corpus,
-    current_model,
+    model_and_corpus_or_stop,
     model_source,
     page_header,
-    store_call,
-    stored_analysis,
+    requested_analysis,
 )
 from ui.shell import presenting
 from ui.sweep import sweep_section
@@ -121,9 +115,7 @@ def cached_predictions(key: str, _frames: tuple[pd.DataFrame, pd.DataFrame], gro
 
 
 def predictions_section(loaded: LoadedModel, current: PlanChoice | None) -> None:
-    request = analysis_request(loaded, current_corpus())
-    key = cached_analysis_key(model_source(), corpus_spec(), request)
-    frames = store_call(lambda: stored_analysis(key))
+    request, key, frames = requested_analysis(loaded, current_corpus())
     if frames is None:
         st.info("No stored analysis for the Home page's settings: the predictions need one.")
         return
@@ -182,14 +174,9 @@ def downloads(choices: dict[str, PlanChoice], loaded: LoadedModel) -> None:
 
 
 page_header("Trade-offs")
-loaded, corpus = current_model(), current_corpus()
-if loaded is None or corpus is None:
-    st.stop()
-model_fp = cached_model_fingerprint(model_source())
+loaded, corpus, model_fp = model_and_corpus_or_stop()
 choices = plan_choices(model_fp)
-runs = store_call(lambda: history.stored_runs(Store(), model_fp))
-if runs is not None:
-    runs = coverage.fill_coverage(runs, loaded.arch, model_layer_table(model_source()))
+runs = measured_runs(loaded, model_fp)
 
 st.subheader("Predicted error before quantizing")
 predictions_section(loaded, choices.get("current"))

@@ -4,6 +4,9 @@
 - `tiny_model_dir(family)`: the same kind of model saved as an HF directory with a tokenizer (for `load_model`),
   built once per test session and family.
 - `at`: a fresh dashboard session (Streamlit's AppTest) on the requesting module's `analyzed` fixture.
+- Every tiny model carries the embedded model's tokenizer (a 3.5 MB tokenizer.json, ~0.25 s of CPU a read), and the
+  tests call `load_model` hundreds of times: each directory's tokenizer is read once per session (see
+  `tokenizers_read_once`); a directory whose files change is read again.
 
 Markers (registered in pyproject.toml): tests/test_browser.py is `browser`; tests that load the embedded model, and
 slow ones (measured with `pytest --durations=0`), carry `@pytest.mark.integration` themselves; every other test is
@@ -32,6 +35,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.browser)
         elif item.get_closest_marker("integration") is None:
             item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenizers_read_once():
+    """`AutoTokenizer.from_pretrained(directory)` answered from a session cache keyed by the directory and its files'
+    names, sizes and modification times (nothing in aptq or the tests changes a loaded tokenizer)."""
+    from transformers import AutoTokenizer
+
+    read = AutoTokenizer.from_pretrained.__func__
+    cache: dict[tuple, object] = {}
+
+    def from_pretrained(cls, name, *args, **kwargs):
+        path = Path(name)
+        if args or kwargs or not path.is_dir():
+            return read(cls, name, *args, **kwargs)
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()) if p.is_file())
+        key = (str(path.resolve()), stamp)
+        if key not in cache:
+            cache[key] = read(cls, name)
+        return cache[key]
+
+    AutoTokenizer.from_pretrained = classmethod(from_pretrained)
+    yield
+    AutoTokenizer.from_pretrained = classmethod(read)
 
 
 def build_tiny_model(family: str, seed: int = 0, **overrides) -> tuple[torch.nn.Module, Architecture]:

@@ -332,6 +332,10 @@ def test_ctrl_c_at_any_moment_is_one_line_and_code_130(tmp_path):
 
 # ---- the dashboard ------------------------------------------------------------------------------------------------
 
+SAME_PATH_AS_SENSITIVITY = pytest.param("pages/2_Bit_budget.py", marks=pytest.mark.integration)
+SAME_PATH_AS_QUANTIZE = pytest.param("pages/4_Trade_offs.py", marks=pytest.mark.integration)
+
+
 @pytest.fixture
 def dashboard(paths, tmp_path, monkeypatch):
     """A new session on the tiny model and the probes' corpus, over an empty store of its own."""
@@ -370,18 +374,22 @@ def test_home_refuses_a_directory_as_corpus_without_carrying_it_to_other_pages(d
         assert _errors(at.switch_page(page).run()) == "", page
 
 
-@pytest.mark.parametrize("page", ["app.py", "pages/1_Sensitivity.py", "pages/2_Bit_budget.py", "pages/3_Quantize.py",
-                                  "pages/4_Trade_offs.py"])
+# The unit set keeps one page of each path (Home; ui.session.current_analysis; model_and_corpus_or_stop).
+@pytest.mark.parametrize("page", ["app.py", "pages/1_Sensitivity.py", SAME_PATH_AS_SENSITIVITY, "pages/3_Quantize.py",
+                                  SAME_PATH_AS_QUANTIZE])
 def test_every_page_explains_an_unusable_corpus_in_one_error(dashboard, paths, page):
     """A session whose corpus became unusable (here a directory; e.g. a file replaced since it was chosen)."""
     at = dashboard(None if page == "app.py" else page, corpus_spec=str(paths.tmp / "empty_dir"))
     assert len(at.error) == 1 and "not a dataset" in _errors(at)
 
 
-@pytest.mark.parametrize("target, overwrite, expected", [("{tmp}/file.txt", True, "is a file"),
-                                                         (".", True, "current directory"),
-                                                         ("{tmp}/exists", False, "already exists"),
-                                                         ("{model}", True, "which this run reads")])
+# The unit set keeps the targets that depend on the page's inputs (the overwrite box, the model it reads); the
+# others are aptq.validate's own checks, each also a CLI probe above.
+@pytest.mark.parametrize("target, overwrite, expected", [
+    pytest.param("{tmp}/file.txt", True, "is a file", marks=pytest.mark.integration),
+    pytest.param(".", True, "current directory", marks=pytest.mark.integration),
+    ("{tmp}/exists", False, "already exists"),
+    ("{model}", True, "which this run reads")])
 def test_the_quantize_page_checks_the_export_directory_before_starting(dashboard, paths, target, overwrite, expected):
     at = dashboard("pages/3_Quantize.py")
     assert _errors(at) == ""

@@ -223,5 +223,6 @@ def test_aespa_reports_progress_and_cancels_like_the_other_quantizers(tiny_model
     assert "quantizing: block 1/2" in seen and stored_runs(store).empty
     row = run_plan(loaded, text_corpus, sampling, plan, settings, evaluation, store)
     assert row.method == "aespa" and not row.cached
-    gptq_row = run_plan(loaded, text_corpus, sampling, plan, QuantizeSettings("attention", 32), evaluation, store)
-    assert gptq_row.key != row.key
+    gptq_identity = pipeline.identify_run(loaded, text_corpus, sampling, plan, QuantizeSettings("attention", 32),
+                                          evaluation)
+    assert gptq_identity.key != row.key

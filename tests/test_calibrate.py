@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -20,12 +22,21 @@ SAMPLING = Sampling(8, 24, seed=0)
 ANALYSIS = AnalysisSettings(group_size=32, bits=(2, 3, 4), max_blocks=1)
 
 
-@pytest.fixture
-def analysed(tiny_model_dir, text_corpus, tmp_path):
+@pytest.fixture(scope="module")
+def analysed_once(tiny_model_dir, text_corpus, tmp_path_factory):
+    """One analysis for the module (the tests leave the model's weights as they found them, and check it)."""
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
-    store = Store(tmp_path / "unit.duckdb")
-    layers, errors = analyze(loaded, text_corpus, SAMPLING, ANALYSIS, store=store)
-    return loaded, store, layers, errors
+    path = tmp_path_factory.mktemp("calibrate") / "unit.duckdb"
+    layers, errors = analyze(loaded, text_corpus, SAMPLING, ANALYSIS, store=Store(path))
+    return loaded, path, layers, errors
+
+
+@pytest.fixture
+def analysed(analysed_once, tmp_path):
+    """The module's analysis in a private copy of its store: each test measures its own unit calibrations."""
+    loaded, source, layers, errors = analysed_once
+    shutil.copy(source, tmp_path / "unit.duckdb")
+    return loaded, Store(tmp_path / "unit.duckdb"), layers.copy(), errors.copy()
 
 
 def test_rates_grow_with_the_noise_as_kl_does_and_are_stored(analysed, text_corpus, monkeypatch):

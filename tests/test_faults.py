@@ -159,33 +159,32 @@ def test_analyze_survives_ctrl_c_and_kill_9_and_resumes_identically(setup):
     pd.testing.assert_frame_equal(resumed[1], clean[1], check_exact=True)
 
 
-@pytest.mark.integration
-def test_quantize_survives_ctrl_c_and_kill_9_and_resumes_identically(setup):
+def drill_on_runs(name: str, setup, first_pause: int, stored_between: int) -> int:
+    """`fault_then_resume` on a command that stores runs, `stored_between` of them stored after each fault; the
+    resumed store's runs equal a clean store's. Returns the number of units the resume computed."""
     common, tmp = setup
-    assert main(command("quantize", common, tmp / "clean.duckdb")) == 0
+    assert main(command(name, common, tmp / "clean.duckdb")) == 0
     faulty = tmp / "faulty.duckdb"
 
-    def nothing_stored_yet() -> None:
-        assert history.stored_runs(Store(faulty)).empty
+    def stored_so_far() -> None:
+        assert len(history.stored_runs(Store(faulty))) == stored_between
 
-    assert fault_then_resume("quantize", command("quantize", common, faulty), 2, nothing_stored_yet) == 1
+    resumed_units = fault_then_resume(name, command(name, common, faulty), first_pause, stored_so_far)
     pd.testing.assert_frame_equal(runs(faulty), runs(tmp / "clean.duckdb"), check_exact=True)
-    assert not any((tmp / "runs").iterdir())  # checkpoints go once the run is stored
+    return resumed_units
+
+
+@pytest.mark.integration
+def test_quantize_survives_ctrl_c_and_kill_9_and_resumes_identically(setup):
+    assert drill_on_runs("quantize", setup, first_pause=2, stored_between=0) == 1
+    assert not any((setup[1] / "runs").iterdir())  # checkpoints go once the run is stored
 
 
 @pytest.mark.integration
 def test_a_sweep_survives_ctrl_c_and_kill_9_and_resumes_identically(setup):
-    common, tmp = setup
-    assert main(command("sweep", common, tmp / "clean.duckdb")) == 0
-    faulty = tmp / "faulty.duckdb"
-
-    def first_point_only() -> None:
-        assert len(history.stored_runs(Store(faulty))) == 1
-
     # Units: the two blocks of the first point, then of the second: Ctrl-C inside the second point.
-    assert fault_then_resume("sweep", command("sweep", common, faulty), 3, first_point_only) == 2  # the 2nd point
-    assert len(runs(faulty)) == 2
-    pd.testing.assert_frame_equal(runs(faulty), runs(tmp / "clean.duckdb"), check_exact=True)
+    assert drill_on_runs("sweep", setup, first_pause=3, stored_between=1) == 2  # the 2nd point
+    assert len(runs(setup[1] / "faulty.duckdb")) == 2
 
 
 @pytest.mark.integration

@@ -7,22 +7,13 @@ import warnings
 import pytest
 import torch
 
+from aptq import quantizer
 from aptq.aespa import out_row_factor
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
 from aptq.hessian import BlockHessians
 from aptq.models import get_weight
 from aptq.pipeline import QuantizeSettings, quantize_layer
-from aptq.quantizer import (
-    GridParams,
-    QuantConfig,
-    grid_params,
-    group_spans,
-    group_width,
-    layer_error,
-    quantize_dequantize,
-    recover_codes,
-    rtn,
-)
+from aptq.quantizer import GridParams, QuantConfig, layer_error, recover_codes, rtn
 
 D_OUT, D_IN, N_TOKENS = 24, 64, 512
 
@@ -71,13 +62,13 @@ def textbook_gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, act_order:
     weights = W.double()[:, order].clone()
     inverse = torch.linalg.inv(H[order][:, order])
     quantized = torch.empty_like(weights)
-    width = group_width(n_cols, cfg)
+    width = quantizer.group_width(n_cols, cfg)
     for j in range(n_cols):
         if static is not None:
             params = static[order[j].item()]
         elif j % width == 0:
-            params = grid_params(weights[:, j:j + width], cfg)
-        quantized[:, j:j + 1] = quantize_dequantize(weights[:, j:j + 1], params, cfg)
+            params = quantizer.grid_params(weights[:, j:j + width], cfg)
+        quantized[:, j:j + 1] = quantizer.quantize_dequantize(weights[:, j:j + 1], params, cfg)
         error = (weights[:, j] - quantized[:, j]) / inverse[j, j]
         weights[:, j + 1:] -= torch.outer(error, inverse[j, j + 1:])
         inverse = inverse - torch.outer(inverse[:, j], inverse[j, :]) / inverse[j, j]
@@ -86,8 +77,8 @@ def textbook_gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, act_order:
 
 def _static_grids(W: torch.Tensor, cfg: QuantConfig) -> dict[int, GridParams]:
     grids = {}
-    for start, end in group_spans(W.shape[1], cfg):
-        params = grid_params(W[:, start:end], cfg)
+    for start, end in quantizer.group_spans(W.shape[1], cfg):
+        params = quantizer.grid_params(W[:, start:end], cfg)
         grids.update({column: params for column in range(start, end)})
     return grids
 
@@ -326,18 +317,18 @@ def kronecker_obs(W: torch.Tensor, H: torch.Tensor, G_heads: torch.Tensor, cfg: 
     weights = W.double().reshape(-1).clone()
     order = [(h * head_dim + r) * d_in + j for r in range(head_dim) for h in range(n_heads) for j in orders[h]]
     quantized = torch.empty_like(weights)
-    width = group_width(d_in, cfg)
+    width = quantizer.group_width(d_in, cfg)
     grids = {}
     for step, index in enumerate(order):
         row, column = divmod(index, d_in)
         head = row // head_dim
-        spans = group_spans(d_in, cfg) if act_order and column == orders[head][0] else (
+        spans = quantizer.group_spans(d_in, cfg) if act_order and column == orders[head][0] else (
             [(column, min(column + width, d_in))] if not act_order and column % width == 0 else [])
         for start, end in spans:
-            found = grid_params(weights.view(-1, d_in)[row:row + 1, start:end].float(), cfg,
-                                damped_h[head][start:end, start:end])
+            found = quantizer.grid_params(weights.view(-1, d_in)[row:row + 1, start:end].float(), cfg,
+                                          damped_h[head][start:end, start:end])
             grids[row, start // width] = GridParams(found.scale.double(), found.zero.double())
-        quantized[index] = quantize_dequantize(weights[index].view(1, 1), grids[row, column // width], cfg)
+        quantized[index] = quantizer.quantize_dequantize(weights[index].view(1, 1), grids[row, column // width], cfg)
         remaining = order[step:]  # this weight first
         inverse = torch.linalg.inv(kronecker[remaining][:, remaining])
         weights[remaining] -= (weights[index] - quantized[index]) / inverse[0, 0] * inverse[:, 0]

@@ -19,7 +19,8 @@ from aptq.models import load_model, model_fingerprint
 from aptq.pipeline import EvalSettings, QuantizeSettings
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store
-from aptq.sweep import parse_budgets, plan_points, run_sweep, sweep_points
+from aptq.sweep import plan_points, run_sweep, sweep_points
+from aptq.validate import parse_budgets
 
 SAMPLING = Sampling(6, 32, seed=0)
 

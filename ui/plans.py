@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import pandas as pd
 import streamlit as st
 
-from aptq import history
+from aptq import coverage, history
 from aptq.allocate import FULL_PRECISION, PREDICTED_ERRORS
-from aptq.models import Architecture
+from aptq.models import Architecture, LoadedModel
 from aptq.pipeline import layer_table
 from aptq.store import Store
-from ui.session import cached_model, store_call
+from ui.session import cached_model, model_source, store_call
 
 
 @dataclass(frozen=True)
@@ -65,3 +65,9 @@ def plan_table(arch: Architecture, bits: dict[str, int]) -> pd.DataFrame:
 def model_layer_table(source: str) -> pd.DataFrame:
     """Every quantizable layer of the model (name, kind, size): bits over the whole model, analysed or not."""
     return layer_table(cached_model(source))
+
+
+def measured_runs(loaded: LoadedModel, model_fp: str) -> pd.DataFrame | None:
+    """The model's stored runs with the layers each covers (aptq.coverage); None after st.error on a store failure."""
+    runs = store_call(lambda: history.stored_runs(Store(), model_fp))
+    return None if runs is None else coverage.fill_coverage(runs, loaded.arch, model_layer_table(model_source()))

@@ -43,21 +43,29 @@ def corpus_spec() -> str:
     return st.session_state.get("corpus_spec", EMBEDDED_CORPUS)
 
 
-def current_model() -> LoadedModel | None:
-    """The chosen model, or None after showing the reason with st.error."""
+def _chosen(load: Callable[[str], T], spec: str, what: str) -> T | None:
+    """The chosen model or corpus, or None after showing the reason with st.error."""
     try:
-        return cached_model(model_source())
+        return load(spec)
     except UserError as exc:
-        st.error(f"{exc} Choose another model on the Home page.")
+        st.error(f"{exc} Choose another {what} on the Home page.")
         return None
+
+
+def current_model() -> LoadedModel | None:
+    return _chosen(cached_model, model_source(), "model")
 
 
 def current_corpus() -> Corpus | None:
-    try:
-        return cached_corpus(corpus_spec())
-    except UserError as exc:
-        st.error(f"{exc} Choose another corpus on the Home page.")
-        return None
+    return _chosen(cached_corpus, corpus_spec(), "corpus")
+
+
+def model_and_corpus_or_stop() -> tuple[LoadedModel, Corpus, str]:
+    """The chosen model, corpus and model fingerprint; the page stops (st.error has said why) when either fails."""
+    loaded, corpus = current_model(), current_corpus()
+    if loaded is None or corpus is None:
+        st.stop()
+    return loaded, corpus, cached_model_fingerprint(model_source())
 
 
 def checked(check: Callable[[], object]) -> bool:
@@ -195,6 +203,15 @@ def stored_analysis(key: str) -> tuple[pd.DataFrame, pd.DataFrame] | None:
         return _stored_frames(str(default_path()), key)
     except _NotStored:
         return None
+
+
+def requested_analysis(loaded: LoadedModel, corpus: Corpus
+                       ) -> tuple[AnalysisRequest, str, tuple[pd.DataFrame, pd.DataFrame] | None]:
+    """This session's analysis settings, their key, and the stored analysis they select (None when there is none, or
+    after st.error on a store failure)."""
+    request = analysis_request(loaded, corpus)
+    key = cached_analysis_key(model_source(), corpus_spec(), request)
+    return request, key, store_call(lambda: stored_analysis(key))
 
 
 def analysis_status(key: str) -> dict | None:

@@ -17,22 +17,12 @@ from aptq.progress import Progress
 from aptq.store import Store, default_path
 from aptq.sweep import run_sweep, sweep_points
 from ui import jobs
-from ui.session import (
-    analysis_request,
-    cached_analysis_key,
-    checked,
-    corpus_spec,
-    model_source,
-    store_call,
-    stored_analysis,
-)
+from ui.session import checked, corpus_spec, model_source, requested_analysis
 
 
 def sweep_section(loaded: LoadedModel, corpus: Corpus) -> None:
     """Solvers, budgets, quantizer and where to run; the running sweep's progress; failed runs when it ends."""
-    request = analysis_request(loaded, corpus)
-    key = cached_analysis_key(model_source(), corpus_spec(), request)
-    frames = store_call(lambda: stored_analysis(key))
+    request, key, frames = requested_analysis(loaded, corpus)
     if frames is None:
         st.info("A sweep makes its plans from the Home page's analysis: start it there first.")
         return
