@@ -176,9 +176,8 @@ def group_size_of(args: argparse.Namespace, loaded) -> int:
 
 def say_attention_unavailable(loaded) -> None:
     """One line (on stderr, so that --json output stays clean) when the attention-aware path does not apply."""
-    if not loaded.arch.attention_aware:
-        print(f"Attention-aware metrics and quantizer unavailable for {loaded.display_name}: "
-              f"{loaded.arch.attention_unavailable_reason}; layer-wise Hessians, RTN and GPTQ apply.", file=sys.stderr)
+    if loaded.attention_unavailable:
+        print(loaded.attention_unavailable, file=sys.stderr)
 
 
 class LazyBar:

@@ -411,6 +411,14 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
     @property
+    def attention_unavailable(self) -> str | None:
+        """One sentence when the attention-aware path does not apply to this model (the CLI and every page say it)."""
+        if self.arch.attention_aware:
+            return None
+        return (f"Attention-aware metrics and quantizer unavailable for {self.display_name}: "
+                f"{self.arch.attention_unavailable_reason}; layer-wise Hessians, RTN and GPTQ apply.")
+
+    @property
     def max_length(self) -> int:
         config = self.model.config
         return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))

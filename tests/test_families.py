@@ -321,3 +321,17 @@ def test_cli_says_why_the_attention_path_is_unavailable_and_refuses_it(bloom_dir
     assert stderr[1].startswith("error: The attention-aware quantizer is unavailable for this model: the attention "
                                 "of 'bloom' models is not among the tested families")
     assert not (tmp_path / "store.duckdb").exists()  # refused before anything was stored
+
+
+@pytest.mark.parametrize("page", ("app.py", "pages/1_Sensitivity.py", "pages/2_Bit_budget.py", "pages/3_Quantize.py",
+                                  "pages/4_Trade_offs.py"))
+def test_every_page_says_why_the_attention_path_is_unavailable(page, bloom_dir, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("APTQ_STORE", str(tmp_path / "store.duckdb"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+    at.session_state["model_source"] = str(bloom_dir)
+    at.switch_page(page).run()
+    said = [info.value for info in at.info if info.value.startswith("Attention-aware metrics and quantizer unavail")]
+    assert not at.exception and len(said) == 1, page
+    assert "the attention of 'bloom' models is not among the tested families" in said[0]

@@ -53,7 +53,11 @@ def _chosen(load: Callable[[str], T], spec: str, what: str) -> T | None:
 
 
 def current_model() -> LoadedModel | None:
-    return _chosen(cached_model, model_source(), "model")
+    """The chosen model, and st.info when the attention-aware path does not apply to it (each page asks once)."""
+    loaded = _chosen(cached_model, model_source(), "model")
+    if loaded is not None and loaded.attention_unavailable:
+        st.info(loaded.attention_unavailable)
+    return loaded
 
 
 def current_corpus() -> Corpus | None:
