@@ -16,20 +16,16 @@ from aptq.data import load_corpus
 from aptq.models import load_model, model_fingerprint
 from aptq.sensitivity import analyze
 from aptq.store import Store
+from tests.analyzed import analyzed_tiny_llama
 from ui.session import AnalysisRequest
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
-REQUEST = AnalysisRequest(samples=4, seqlen=64, group_size=64)
 
 
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
     """A store with a complete analysis of the tiny llama (made once), and the model's directory."""
-    model = str(tiny_model_dir("llama"))
-    path = tmp_path_factory.mktemp("analyzed") / "store.duckdb"
-    analyze(load_model(model, device="cpu"), load_corpus("brown"), REQUEST.sampling, REQUEST.settings,
-            store=Store(path))
-    return path, model
+    return analyzed_tiny_llama(tmp_path_factory, tiny_model_dir)
 
 
 def texts(elements) -> str:

@@ -11,23 +11,14 @@ import pytest
 
 import aptq.aespa as aespa
 from aptq import history
-from aptq.data import load_corpus
-from aptq.models import load_model
-from aptq.sensitivity import analyze
 from aptq.store import Store, default_path
-from ui.session import AnalysisRequest
-
-REQUEST = AnalysisRequest(samples=4, seqlen=64, group_size=64)
+from tests.analyzed import analyzed_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
     """A store with an analysis of the tiny llama without quantizer errors, and the model's directory."""
-    model = str(tiny_model_dir("llama"))
-    path = tmp_path_factory.mktemp("analyzed") / "store.duckdb"
-    analyze(load_model(model, device="cpu"), load_corpus("brown"), REQUEST.sampling, REQUEST.settings,
-            store=Store(path))
-    return path, model
+    return analyzed_tiny_llama(tmp_path_factory, tiny_model_dir)
 
 
 def test_the_trade_offs_sweep_says_when_its_plans_use_rtns_errors(at):
