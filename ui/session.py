@@ -18,7 +18,6 @@ from aptq.errors import UserError
 from aptq.models import EMBEDDED_MODEL, LoadedModel, load_model, model_fingerprint
 from aptq.sensitivity import AnalysisSettings, analysis_key, default_calibration, default_group_size
 from aptq.store import Store, default_path
-from aptq.timing import AnalysisTime
 
 CORPORA = {"brown": "Brown (embedded)", "wikitext2": "WikiText-2 (datasets)", "c4": "C4 (datasets)",
            "file": "a local text file…"}
@@ -224,7 +223,8 @@ def analysis_status(key: str) -> dict | None:
     return None if record is None else asdict(record)
 
 
-def expected_analysis_time(loaded: LoadedModel, request: AnalysisRequest, blocks_done: int) -> AnalysisTime | None:
+def expected_analysis_time(loaded: LoadedModel, request: AnalysisRequest,
+                           blocks_done: int) -> timing.AnalysisTime | None:
     """What the blocks still to analyse should take on this device, from the blocks of this model analysed before."""
     rates = analyses.block_seconds_per_token(Store(), cached_model_fingerprint(model_source()), str(loaded.device))
     blocks = min(request.max_blocks or loaded.arch.n_blocks, loaded.arch.n_blocks) - blocks_done
