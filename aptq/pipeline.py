@@ -320,7 +320,9 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
     """Hessians and quantization of one block. Out of device memory: the batches split in halves until single
     segments, then the block on the CPU (our choice of order: smaller batches keep the speed of the device)."""
     options = CollectOptions(attention=settings.method in ("attention", "aespa"), probes=0)
-    out_weight = out_projection(loaded.model, loaded.arch, step.index) if options.attention else None
+    # The out projection serves aespa's value objective and v's row factors only (docs/algorithms.md §8, §13).
+    needs_out = settings.method == "aespa" or (options.attention and settings.value_rows)
+    out_weight = out_projection(loaded.model, loaded.arch, step.index) if needs_out else None
     parts, notes = 1, []
     while True:
         try:
