@@ -97,13 +97,16 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
                 f"per quantizer (1 = the predictions order plans exactly as the measurements do; needs 3 runs):")
     # The chosen measure's columns only, named in words: the table fits its column.
     right.dataframe(history.trust(predicted.runs)[["method", "runs", f"spearman_attention_{correlated}",
-                                                   f"spearman_layerwise_{correlated}"]], hide_index=True,
+                                                   f"spearman_layerwise_{correlated}", "made_with"]], hide_index=True,
                     column_config={"method": st.column_config.TextColumn("quantizer", width="small"),
                                    "runs": st.column_config.NumberColumn(width="small"),
                                    f"spearman_attention_{correlated}": st.column_config.
                                    NumberColumn("ρ, attention-aware errors", format="%.3f"),
                                    f"spearman_layerwise_{correlated}": st.column_config.
-                                   NumberColumn("ρ, layer-wise errors", format="%.3f")})
+                                   NumberColumn("ρ, layer-wise errors", format="%.3f"),
+                                   "made_with": st.column_config.TextColumn(
+                                       "plans made with", help="the predicted errors and unit the knapsack plans "
+                                       "were made with; other solvers use neither")})
 
 
 @st.cache_data(show_spinner="Predicting every solver's error…", max_entries=8)
