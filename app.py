@@ -127,12 +127,12 @@ def analysis_controls(loaded: LoadedModel, corpus: Corpus) -> AnalysisRequest:
                                   help="Fewer than all: a quick look at the first blocks (a different analysis).")
     cols = st.columns(3)
     quantizer_errors = cols[0].checkbox("Quantizer errors", key="quantizer_errors", help=QUANTIZER_ERRORS_HELP)
-    extra = cols[1].multiselect("Extra group sizes", sorted({*GROUP_SIZES, *request.extra_group_sizes} - {group}),
+    extra = cols[1].multiselect("Extra group sizes", sorted({*GROUP_SIZES, *request.extra_group_sizes}),
                                 key="extra_group_sizes", help=EXTRA_GROUPS_HELP,
                                 format_func=lambda g: f"{g} columns" if g else "per output channel")
     calibrate = cols[2].checkbox("Calibrate the unit", key="calibrate_unit", help=CALIBRATE_HELP)
     request = AnalysisRequest(int(samples), int(seqlen), int(group), None if blocks >= n_blocks else int(blocks),
-                              quantizer_errors=quantizer_errors, extra_group_sizes=tuple(sorted(extra)),
+                              quantizer_errors=quantizer_errors, extra_group_sizes=tuple(sorted(set(extra) - {group})),
                               calibrate_unit=calibrate)
     st.session_state["analysis_request"] = request
     return request
