@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from aptq import charts, history
+from aptq.calibrate import calibrate_unit
 from aptq.data import Corpus, evaluation_windows, token_ids
 from aptq.evaluate import Evaluation, evaluate
 from aptq.models import EMBEDDED_MODEL, SUPPORTED_FAMILIES, LoadedModel
@@ -21,6 +22,7 @@ from ui.session import (
     analysis_status,
     cached_analysis_key,
     cached_model_fingerprint,
+    checked,
     corpus_spec,
     current_corpus,
     current_model,
@@ -30,6 +32,7 @@ from ui.session import (
     page_header,
     store_call,
     stored_analysis,
+    stored_unit,
     usable_choice,
 )
 from ui.shell import navigate, write_url
@@ -39,8 +42,21 @@ if not navigate():  # another page was chosen and has run
 
 # Session keys that belong to one model: forgotten when the model or corpus changes.
 PER_MODEL_KEYS = ("analysis_request", "calib_samples", "calib_seqlen", "group_size", "max_blocks", "pins", "plan",
-                  "pins_text", "url_pins")
+                  "pins_text", "url_pins", "quantizer_errors", "extra_group_sizes", "calibrate_unit")
 GROUP_SIZES = (0, 32, 64, 128)
+NOT_TIMED = "The expected time below does not count it (it times blocks alike, whatever their options)."
+QUANTIZER_ERRORS_HELP = ("Also predict the errors that GPTQ and the attention-aware GPTQ leave (`aptq analyze "
+                         "--quantizer-errors`), so that Bit budget and sweeps plan with the quantizer that will run. "
+                         "Costs one GPTQ run per layer, width and group size (two for q, k and v) on top of the "
+                         f"analysis. {NOT_TIMED}")
+EXTRA_GROUPS_HELP = ("Also predict the errors at these group sizes (`--extra-group-sizes`), so that the knapsack "
+                     "can choose (bits, group size) pairs, charged by their effective bits. Each size must divide "
+                     "every layer's input columns, and repeats the error computations of every layer and width. "
+                     f"{NOT_TIMED}")
+CALIBRATE_HELP = ("Then measure the calibrated cross-layer unit (`--calibrate-unit`): KL of noise injected into one "
+                  "layer at a time on the last quarter of the calibration segments (needs at least 8): forward "
+                  "passes over them per layer, about 1 min per layer of the embedded model at 16 × 512 on a CPU. "
+                  "Plans may then use the unit \"calibrated\". " + NOT_TIMED)
 
 page_header("Mixed-precision quantization studio")
 st.markdown("See how sensitive every layer is, drag a bit budget, quantize, watch perplexity move — "
@@ -85,11 +101,15 @@ st.write(f"**Corpus:** {corpus.description}.")
 
 
 def analysis_controls(loaded: LoadedModel, corpus: Corpus) -> AnalysisRequest:
-    """Calibration size, group size and blocks; the request they make is kept for the other pages."""
+    """Calibration size, group size, blocks and the options of `aptq analyze`; the request they make is kept for the
+    other pages."""
     request = analysis_request(loaded, corpus)
     n_blocks = loaded.arch.n_blocks
     for key, value in (("calib_samples", request.samples), ("calib_seqlen", request.seqlen),
-                       ("group_size", request.group_size), ("max_blocks", request.max_blocks or n_blocks)):
+                       ("group_size", request.group_size), ("max_blocks", request.max_blocks or n_blocks),
+                       ("quantizer_errors", request.quantizer_errors),
+                       ("extra_group_sizes", list(request.extra_group_sizes)),
+                       ("calibrate_unit", request.calibrate_unit)):
         st.session_state.setdefault(key, value)
     cols = st.columns(4)
     samples = cols[0].number_input("Calibration segments", min_value=1, max_value=4096, key="calib_samples",
@@ -105,7 +125,15 @@ def analysis_controls(loaded: LoadedModel, corpus: Corpus) -> AnalysisRequest:
                                    "uses 64, and its Q4_1 origin makes 32 too easy.")
     blocks = cols[3].number_input("Blocks to analyze", min_value=1, max_value=n_blocks, key="max_blocks",
                                   help="Fewer than all: a quick look at the first blocks (a different analysis).")
-    request = AnalysisRequest(int(samples), int(seqlen), int(group), None if blocks >= n_blocks else int(blocks))
+    cols = st.columns(3)
+    quantizer_errors = cols[0].checkbox("Quantizer errors", key="quantizer_errors", help=QUANTIZER_ERRORS_HELP)
+    extra = cols[1].multiselect("Extra group sizes", sorted({*GROUP_SIZES, *request.extra_group_sizes}),
+                                key="extra_group_sizes", help=EXTRA_GROUPS_HELP,
+                                format_func=lambda g: f"{g} columns" if g else "per output channel")
+    calibrate = cols[2].checkbox("Calibrate the unit", key="calibrate_unit", help=CALIBRATE_HELP)
+    request = AnalysisRequest(int(samples), int(seqlen), int(group), None if blocks >= n_blocks else int(blocks),
+                              quantizer_errors=quantizer_errors, extra_group_sizes=tuple(sorted(set(extra) - {group})),
+                              calibrate_unit=calibrate)
     st.session_state["analysis_request"] = request
     return request
 
@@ -113,15 +141,20 @@ def analysis_controls(loaded: LoadedModel, corpus: Corpus) -> AnalysisRequest:
 st.subheader("Sensitivity analysis")
 request = analysis_controls(loaded, corpus)
 key = cached_analysis_key(model_source(), corpus_spec(), request)
+# The checks `aptq analyze` makes of the options, before anything starts: a refused one is one st.error, and no Start.
+acceptable = checked(lambda: request.check(loaded))
 
 
 def start_analysis() -> None:
     """A button callback: the job exists before the page is drawn, so this very run already shows it running."""
     store = Store(default_path())
+    unit_settings = request.check(loaded)
 
     def work(progress: Progress) -> None:
-        # The frames land in the store block by block; the pages read them from there.
-        analyze(loaded, corpus, request.sampling, request.settings, store=store, progress=progress)
+        # The frames land in the store block by block, the unit layer by layer; the pages read them from there.
+        layers, errors = analyze(loaded, corpus, request.sampling, request.settings, store=store, progress=progress)
+        if unit_settings is not None:
+            calibrate_unit(loaded, corpus, request.sampling, layers, errors, unit_settings, store, progress)
 
     jobs.start(key, "Sensitivity analysis", model_source(), work)
 
@@ -130,7 +163,15 @@ job = jobs.find(key)
 running = job is not None and job.active
 status = store_call(lambda: analysis_status(key))
 complete = status is not None and status["status"] == "complete"
-if complete:
+frames = store_call(lambda: stored_analysis(key)) if complete else None
+unit_missing = request.calibrate_unit and frames is not None and \
+    store_call(lambda: stored_unit(key, request, frames[0])) is None
+if complete and unit_missing:
+    st.info(f"Analysis stored: {describe(loaded, corpus, request)}. "
+            + ("Measuring its calibrated unit, layer by layer." if running else
+               "Its calibrated unit is not measured yet (or was interrupted): Start / resume measures it, keeping "
+               "the layers already measured."))
+elif complete:
     st.success(f"Analysis stored: {describe(loaded, corpus, request)}; {status['seconds']:.0f} s of model work on "
                f"{status['device']}. Open **Sensitivity** or **Bit budget** in the sidebar.")
 elif running:
@@ -145,15 +186,15 @@ if not complete and not running:
     measured = f"{expected.blocks_measured} block{'s' if expected.blocks_measured != 1 else ''}" if expected else ""
     st.caption(f"Expected: about {jobs.format_seconds(expected.seconds)} on {loaded.device}, at the median speed of "
                f"{measured} of this model analysed here before (proportional to the calibration tokens; our "
-               f"estimate)." if expected else
+               f"estimate{'; the options chosen above add time it does not count' if request.costs_extra else ''})."
+               if expected else
                "No block of this model has been analysed on this device yet: the first one measures its speed, and "
                "the progress bar shows the time left from then on.")
-if not complete:
-    st.button("Start / resume analysis", type="primary", disabled=running, on_click=start_analysis,
+if not complete or unit_missing:
+    st.button("Start / resume analysis", type="primary", disabled=running or not acceptable, on_click=start_analysis,
               help="Runs in the background; the first block also measures this machine's speed for the ETA.")
 jobs.show(job)
 
-frames = store_call(lambda: stored_analysis(key)) if complete else None
 if frames is not None:
     metric = st.selectbox("Heatmap metric", list(charts.METRIC_LABELS), format_func=charts.METRIC_LABELS.get)
     st.plotly_chart(charts.sensitivity_heatmap(frames[0], metric, separate_experts=separate_experts(frames[0])),

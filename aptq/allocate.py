@@ -52,7 +52,7 @@ d_in.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -80,6 +80,7 @@ QUANTIZER_ERRORS_FIX = "rerun the analysis with quantizer errors on (aptq analyz
 METRIC_TRACES = {column: trace for columns in ERROR_SOURCES.values()  # each error column's own Hessian trace
                  for column, trace in zip(columns, ("trace_layerwise", "trace_attention"))}
 UNIT_COLUMNS = {"heuristic": ("trace_lm", "trace_lm_se", "residual_ms"), "calibrated": ("kl_rate", "kl_rate_se")}
+ERROR_SOLVERS = ("knapsack", "knapsack-layerwise")  # the solvers whose plans the predicted errors (source, unit) make
 Candidate = int | tuple[int, int]  # a width at the request's group size, or (bits, group size)
 
 
@@ -264,7 +265,7 @@ def _check_request(request: AllocationRequest) -> None:
         raise AllocationError(f"Unknown unit {request.unit!r}; use one of {', '.join(UNIT_COLUMNS)}.")
     if not request.candidates:
         raise AllocationError("The candidate set is empty; pick at least one width between 2 and 8 bits.")
-    if _has_pairs(request) and request.method not in ("knapsack", "knapsack-layerwise"):
+    if _has_pairs(request) and request.method not in ERROR_SOLVERS:
         raise AllocationError(f"Candidates with group sizes are for the knapsack methods; give {request.method} "
                               f"plain widths and set group_size.")
     widths = [bits for bits, _ in _options(request)]
@@ -286,13 +287,14 @@ def _check_request(request: AllocationRequest) -> None:
                                   f"high; pick them from {tuple(sorted(widths))}.")
 
 
-def _check_group_sizes(layers: pd.DataFrame, options: list[tuple[int, int]]) -> None:
-    """Every group size of a pair candidate splits every layer's input columns into whole groups."""
+def check_group_sizes(layers: pd.DataFrame, groups: Iterable[int]) -> None:
+    """Every group size of a pair candidate (`groups`; 0 = per channel) splits every layer's input columns (`layers`:
+    layer, d_in) into whole groups; the analysis checks its extra group sizes with it too (aptq.sensitivity)."""
     if "d_in" not in layers.columns:
         raise AllocationError("Candidates with group sizes need the layers' d_in column; pass the sensitivity "
                               "analysis's layers table.")
     d_in = layers["d_in"].to_numpy(dtype=np.int64)
-    for group in sorted({g for _, g in options if g > 0}):
+    for group in sorted({g for g in groups if g > 0}):
         bad = np.flatnonzero(d_in % group)
         if len(bad):
             common = int(np.gcd.reduce(d_in))
@@ -343,7 +345,7 @@ def _build_problem(layers: pd.DataFrame, errors: pd.DataFrame, request: Allocati
     candidates = _options(request)
     effective = _has_pairs(request)
     if effective:
-        _check_group_sizes(layers, candidates)
+        check_group_sizes(layers, (group for _, group in candidates))
     pin_options = {(int(w), request.group_size) for w in pinned if 0 < w < FULL_PRECISION}
     options = sorted(set(candidates) | pin_options)
     widths = np.array([bits for bits, _ in options], dtype=np.int64)

@@ -85,6 +85,18 @@ def validation_count(n_segments: int, holdout: float) -> int:
     return held
 
 
+def unit_settings_for(n_segments: int, bits: tuple[int, ...], seed: int) -> UnitSettings:
+    """The unit calibration's settings, checked against the calibration size and the analysis's widths before any
+    work (the command line and the Home page ask the same)."""
+    settings = UnitSettings(seed=seed)
+    validation_count(n_segments, settings.holdout)
+    missing = sorted(set(settings.noise_bits) - set(bits))
+    if missing:
+        raise UserError(f"The unit calibration sizes its noise like each layer's RTN error at {missing} bits; add "
+                        f"them to the widths (--bits, or the sweep's --candidates).")
+    return settings
+
+
 def validation_segments(segments: torch.Tensor, holdout: float) -> torch.Tensor:
     """The last `holdout` share of the calibration segments (validation_count of them)."""
     return segments[segments.shape[0] - validation_count(segments.shape[0], holdout):]

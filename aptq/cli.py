@@ -269,6 +269,7 @@ def run_analyze(args: argparse.Namespace) -> None:
     if args.max_blocks is not None:
         validate.at_least(args.max_blocks, 1, "--max-blocks")
 
+    from aptq.calibrate import unit_settings_for
     from aptq.data import load_corpus
     from aptq.models import load_model
     from aptq.sensitivity import ranked
@@ -279,7 +280,7 @@ def run_analyze(args: argparse.Namespace) -> None:
     say_attention_unavailable(loaded)
     corpus = load_corpus(args.corpus)
     sampling = calibration_of(args, loaded)
-    unit_settings = unit_settings_for(sampling, args.bits, args.seed) if args.calibrate_unit else None
+    unit_settings = unit_settings_for(sampling.n_samples, args.bits, args.seed) if args.calibrate_unit else None
     work_starts()
     layers, errors = analysis_for(args, loaded, corpus, sampling, args.bits, args.probes, args.max_blocks,
                                   args.resume)
@@ -295,19 +296,6 @@ def run_analyze(args: argparse.Namespace) -> None:
         print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if unit_settings is not None:
         calibrate_unit_for(args, loaded, corpus, sampling, layers, errors, unit_settings)
-
-
-def unit_settings_for(sampling, bits: tuple[int, ...], seed: int):
-    """The unit calibration's settings, checked against the calibration and the analysis's widths before any work."""
-    from aptq.calibrate import UnitSettings, validation_count
-
-    settings = UnitSettings(seed=seed)
-    validation_count(sampling.n_samples, settings.holdout)
-    missing = sorted(set(settings.noise_bits) - set(bits))
-    if missing:
-        raise UserError(f"The unit calibration sizes its noise like each layer's RTN error at {missing} bits; add "
-                        f"them to the widths (--bits, or the sweep's --candidates).")
-    return settings
 
 
 def calibrate_unit_for(args: argparse.Namespace, loaded, corpus, sampling, layers, errors, settings):
@@ -525,6 +513,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     ray = ray_options(args)
 
     from aptq.allocate import PREDICTED_ERROR_ATTENTION, error_source_for
+    from aptq.calibrate import unit_settings_for
     from aptq.data import load_corpus
     from aptq.models import load_model
     from aptq.store import Store
@@ -534,7 +523,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device)
     corpus = load_corpus(args.corpus)
     sampling = calibration_of(args, loaded)
-    unit_settings = unit_settings_for(sampling, candidates, args.seed) if args.unit == "calibrated" else None
+    unit_settings = unit_settings_for(sampling.n_samples, candidates, args.seed) if args.unit == "calibrated" else None
     work_starts()
     layers, errors = analysis_for(args, loaded, corpus, sampling, bits=candidates)
     if unit_settings is not None:

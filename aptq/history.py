@@ -13,7 +13,10 @@ runs    key PK (model + calibration + plan + quantization settings + evaluation 
         fp_perplexity, quant_seconds, eval_seconds, device, notes (fallbacks and warnings),
         coverage (aptq.coverage: the layers the plan decides, e.g. "blocks 0–3 of 30"), covered_avg_bits,
         covered_effective_bits (over those layers; avg_bits/effective_bits are over the whole model),
-        label and tag (a person's name and tag for the run), completions (JSON: aptq.teaching samples)
+        label and tag (a person's name and tag for the run), completions (JSON: aptq.teaching samples),
+        error_source (rtn | gptq | attention) and error_unit (heuristic | calibrated): the predicted errors and the
+        unit that made the plan (aptq.allocate.ERROR_SOLVERS); NULL for plans no predicted error made (uniform,
+        aptq, random, a plan file) and in rows stored before these columns existed
 baselines  (model, corpus, eval_seqlen, eval_tokens) PK, perplexity, tokens_per_second, created: full-precision
         perplexity measured on the Home page
 
@@ -32,7 +35,7 @@ from datetime import datetime
 import pandas as pd
 from scipy.stats import spearmanr
 
-from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE, PREDICTED_ERRORS
+from aptq.allocate import ERROR_SOLVERS, PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE, PREDICTED_ERRORS
 from aptq.data import digest
 from aptq.store import Store
 
@@ -53,6 +56,8 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS covered_effective_bits DOUBLE;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS label VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS tag VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS completions JSON;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS error_source VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS error_unit VARCHAR;
 CREATE TABLE IF NOT EXISTS baselines (
     model VARCHAR, corpus VARCHAR, eval_seqlen INTEGER, eval_tokens BIGINT, perplexity DOUBLE,
     tokens_per_second DOUBLE, created TIMESTAMP DEFAULT current_timestamp,
@@ -101,6 +106,8 @@ class RunRecord:
     completions: str | None = None  # JSON: aptq.teaching samples
     label: str | None = None  # a person's name for the run
     tag: str | None = None
+    error_source: str | None = None  # made_with: the predicted errors that made the plan, None for other solvers
+    error_unit: str | None = None  # … and their unit
     created: datetime | None = None  # set by the store
     # Not stored: how this call came by the run.
     cached: bool = False  # it was stored before: no quantization or evaluation was done
@@ -187,25 +194,40 @@ def record_run(store: Store | None, record: RunRecord) -> None:
     store.write_frame("runs", pd.DataFrame([record.row()]))
 
 
+def made_with(meta: Mapping) -> dict[str, str | None]:
+    """The runs table's error_source and error_unit for a plan's `meta` (allocation, error_source, error_unit): what
+    made the plan when its solver minimized the predicted errors, None for any other plan."""
+    made = meta.get("allocation") in ERROR_SOLVERS
+    return {name: meta.get(name) if made else None for name in ("error_source", "error_unit")}
+
+
 def set_prediction(store: Store | None, key: str, meta: dict) -> RunRecord:
-    """Give a stored run the name, allocation, analysis and predicted errors of `meta` (the latest prediction of its
-    plan, e.g. from a newer analysis); return the row."""
+    """Give a stored run the name, allocation, analysis, predicted errors and error source and unit (made_with) of
+    `meta` (the latest prediction of its plan, e.g. from a newer analysis); return the row."""
     store = _ready(store)
-    predicted = ", ".join(f"{name} = ?" for name in PREDICTED_ERRORS)
+    predicted = ", ".join(f"{name} = ?" for name in (*PREDICTED_ERRORS, "error_source", "error_unit"))
     store.execute("UPDATE runs SET plan_name = coalesce(?, plan_name), allocation = coalesce(?, allocation), "
                   f"budget = coalesce(?, budget), analysis = ?, {predicted} WHERE key = ?",
                   [meta.get("name"), meta.get("allocation"), meta.get("budget"), meta.get("analysis"),
-                   *(meta.get(name) for name in PREDICTED_ERRORS), key])
+                   *(meta.get(name) for name in PREDICTED_ERRORS), *made_with(meta).values(), key])
     return find_run(store, key)
+
+
+def made_with_counts(runs: pd.DataFrame) -> str:
+    """What made the runs' plans, e.g. "attention errors, calibrated unit: 4; other solvers: 3" (made_with)."""
+    made = runs.reindex(columns=["error_source", "error_unit"]).astype("string")
+    labels = (made["error_source"] + " errors, " + made["error_unit"] + " unit").fillna("other solvers")
+    return "; ".join(f"{label}: {count}" for label, count in labels.value_counts().sort_index().items())
 
 
 def trust(runs: pd.DataFrame) -> pd.DataFrame:
     """Per quantization method: Spearman rank correlation of the predicted total error with the measured KL and
-    perplexity, over the runs that carry a prediction (one model and evaluation protocol at a time)."""
+    perplexity, over the runs that carry a prediction (one model and evaluation protocol at a time), and what made
+    their plans (made_with_counts)."""
     rows = []
     usable = runs.dropna(subset=[PREDICTED_ERROR_ATTENTION, "kl"])
     for method, of_method in usable.groupby("method"):
-        row = {"method": method, "runs": len(of_method)}
+        row = {"method": method, "runs": len(of_method), "made_with": made_with_counts(of_method)}
         for predicted, metric in PREDICTED_ERRORS.items():
             for measured in ("kl", "perplexity"):
                 value = spearmanr(of_method[predicted], of_method[measured]).statistic if len(of_method) >= 3 \

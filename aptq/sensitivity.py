@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 
 from aptq import validate
+from aptq.allocate import check_group_sizes
 from aptq.capture import BlockStep, BlockWalk, device_failures
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
@@ -265,6 +266,7 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
             QuantConfig(bits, group_size)
     except ValueError as exc:
         raise UserError(f"Bad quantization setting: {exc}") from exc
+    check_extra_group_sizes(loaded, settings)
     validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment")
     from aptq import analyses
     from aptq.store import Store
@@ -307,6 +309,16 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
     finally:
         analyses.finish(store, ident.key, final_status)
     return _tagged(analyses.load(store, ident.key), ident.key, False)
+
+
+def check_extra_group_sizes(loaded: LoadedModel, settings: AnalysisSettings) -> None:
+    """Extra group sizes exist for (bits, group size) candidates, which the allocation takes only where they split
+    every layer's input columns: one that does not is refused before any work, with the allocation's own sentence
+    (our choice: checked over every layer of the model, analysed or not)."""
+    if settings.extra_group_sizes:
+        from aptq.pipeline import layer_table  # as in _quantized_by: imported where it is needed
+
+        check_group_sizes(layer_table(loaded), settings.extra_group_sizes)
 
 
 def _tagged(frames: tuple[pd.DataFrame, pd.DataFrame], key: str, cached: bool) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -90,7 +90,7 @@ def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPo
         summary = summarize(plan, layers, errors)
         meta = {"name": point.name, "allocation": point.allocation, "budget": point.budget,
                 "analysis": layers.attrs.get("analysis_key"), "group_size": settings.group_size,
-                "error_source": source, **{name: summary[name] for name in PREDICTED_ERRORS}}
+                "error_source": source, "error_unit": unit, **{name: summary[name] for name in PREDICTED_ERRORS}}
         history.save_plan(store, model_fp, point.name, plan.bits, meta | {"request": request, "summary": summary})
         plans.append(PointPlan(point, plan.bits, meta))
     return plans

@@ -33,6 +33,9 @@ SOLVER_HELP = ("knapsack: least total predicted error (attention-aware Hessians,
                "module's output and made relative to the residual stream — our choice) within the budget; "
                "knapsack-layerwise: the same with layer-wise errors; aptq: the paper's rule (least sensitive layers "
                "take the low width); uniform; random (seeded, for comparison).")
+UNIT_HELP = ("how the errors of different layers are made comparable: heuristic — each moved to its module's output "
+             "and divided by the residual stream's size (our choice); calibrated — the KL per unit of error measured "
+             "by injecting noise into one layer at a time (needs an analysis with Home's *Calibrate the unit*)")
 
 
 def budget_row(available: list[int]) -> float:
@@ -74,11 +77,12 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
     quantizer = st.selectbox("Error source", sources, format_func=METHOD_LABELS.get, key="error_source",
                              persist_state="session", help="whose predicted errors the solver sums: pick the "
                              "quantizer you will run (GPTQ and attention-aware errors need an analysis with "
-                             "quantizer errors)")
+                             "quantizer errors: Home's *Quantizer errors*)")
+    unit = st.selectbox("Unit", analysis.units_offered, key="error_unit", persist_state="session", help=UNIT_HELP)
     st.caption(f"Group size {analysis.group_size or 'per-channel'} (set by the analysis).")
     return AllocationRequest(budget=budget, method=method, candidates=tuple(int(c) for c in candidates),
                              pins=dict(st.session_state["pins"]), min_bits=min_bits, low_high=low_high,
-                             seed=int(seed), group_size=analysis.group_size, quantizer=quantizer)
+                             seed=int(seed), group_size=analysis.group_size, quantizer=quantizer, unit=unit)
 
 
 @st.cache_resource(max_entries=4)
@@ -110,12 +114,13 @@ def headline(summary: dict, whole: dict[str, float], analysis: Analysis) -> None
                    help="every quantizable linear weight with scales; layers outside the analysis in FP16")
     cols[3].metric("Predicted error", f"{summary[PREDICTED_ERROR_ATTENTION]:.4g}",
                    f"± {summary[PREDICTED_ERROR_ATTENTION + '_se']:.2g}", delta_color="off", delta_arrow="off",
-                   help=f"errors of {METHOD_LABELS[summary['error_source']]}; ± one standard error from the "
-                        f"Hutchinson traces. Σ e(layer, b) with the attention-aware Hessians, each moved to its "
+                   help=f"errors of {METHOD_LABELS[summary['error_source']]} in the {summary['error_unit']} "
+                        "unit; ± one standard error from the Hutchinson traces (heuristic) or the KL measurements "
+                        "(calibrated). Σ e(layer, b) with the attention-aware Hessians, each moved to its "
                         "module's output "
                         "(× APTQ trace / trace of its Hessian) and divided by the median ‖h‖² of the residual stream "
-                        "it is added to (our choice: the papers sum raw errors, which are not in one unit) — what the "
-                        "knapsack minimizes")
+                        "it is added to (heuristic; our choice: the papers sum raw errors, which are not in one unit) "
+                        "or × its measured KL per unit of error (calibrated) — what the knapsack minimizes")
     if partial:
         st.warning(f"The analysis covers {coverage_label(analysis)} only: the plan decides those layers, and a run "
                    f"keeps the others in FP16 — **{whole['avg_bits']:.3f} average bits over the whole model**. "
@@ -196,15 +201,16 @@ budget = budget_row(available)
 left, view = st.columns([1, 3])
 with left:
     request = controls(analysis, available, budget)
+layers = analysis.layers_in(request.unit)
 try:
-    plan = allocate(analysis.layers, analysis.errors, request)
+    plan = allocate(layers, analysis.errors, request)
 except AllocationError as exc:
     plan = None
     view.error(str(exc))
 st.session_state["pins_text"] = pins_to_text(st.session_state["pins"], analysis.layers)
 
 if plan is not None:
-    summary = summarize(plan, analysis.layers, analysis.errors)
+    summary = summarize(plan, layers, analysis.errors)
     whole = coverage.whole_model_size(model_layer_table(model_source()), plan.bits, analysis.group_size)
     st.session_state["plan"] = {"bits": dict(plan.bits), "method": request.method, "budget": request.budget,
                                 "group_size": analysis.group_size, "summary": summary,

@@ -96,14 +96,18 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
     right.write(f"Spearman rank correlation of the predicted total error with the measured {MEASURES[correlated]}, "
                 f"per quantizer (1 = the predictions order plans exactly as the measurements do; needs 3 runs):")
     # The chosen measure's columns only, named in words: the table fits its column.
-    right.dataframe(history.trust(predicted.runs)[["method", "runs", f"spearman_attention_{correlated}",
-                                                   f"spearman_layerwise_{correlated}"]], hide_index=True,
+    trust = history.trust(predicted.runs)
+    right.dataframe(trust[["method", "runs", f"spearman_attention_{correlated}", f"spearman_layerwise_{correlated}"]],
+                    hide_index=True,
                     column_config={"method": st.column_config.TextColumn("quantizer", width="small"),
                                    "runs": st.column_config.NumberColumn(width="small"),
                                    f"spearman_attention_{correlated}": st.column_config.
                                    NumberColumn("ρ, attention-aware errors", format="%.3f"),
                                    f"spearman_layerwise_{correlated}": st.column_config.
                                    NumberColumn("ρ, layer-wise errors", format="%.3f")})
+    # Below the table, not as a fifth column: its four fit its half of the page without scrolling.
+    right.caption("Plans made with (the knapsack's predicted errors and unit; other solvers use neither): "
+                  + " · ".join(f"{row.method}: {row.made_with}" for row in trust.itertuples()) + ".")
 
 
 @st.cache_data(show_spinner="Predicting every solver's error…", max_entries=8)

@@ -30,7 +30,7 @@ class PlanChoice:
         """The plan_meta of aptq.pipeline.run_plan."""
         return {"name": self.name, "allocation": self.allocation, "budget": self.budget,
                 "analysis": self.summary.get("analysis"),
-                **{name: self.summary.get(name) for name in PREDICTED_ERRORS}}
+                **{name: self.summary.get(name) for name in (*PREDICTED_ERRORS, "error_source", "error_unit")}}
 
 
 def current_plan() -> PlanChoice | None:

@@ -13,10 +13,17 @@ import pandas as pd
 import streamlit as st
 
 from aptq import analyses, history, timing
+from aptq.calibrate import UnitSettings, unit_settings_for, with_unit
 from aptq.data import EMBEDDED_CORPUS, Corpus, Sampling, load_corpus
 from aptq.errors import UserError
 from aptq.models import EMBEDDED_MODEL, LoadedModel, load_model, model_fingerprint
-from aptq.sensitivity import AnalysisSettings, analysis_key, default_calibration, default_group_size
+from aptq.sensitivity import (
+    AnalysisSettings,
+    analysis_key,
+    check_extra_group_sizes,
+    default_calibration,
+    default_group_size,
+)
 from aptq.store import Store, default_path
 
 CORPORA = {"brown": "Brown (embedded)", "wikitext2": "WikiText-2 (datasets)", "c4": "C4 (datasets)",
@@ -119,13 +126,17 @@ def store_call(action: Callable[[], T]) -> T | None:
 
 @dataclass(frozen=True)
 class AnalysisRequest:
-    """What the Home page's analysis controls choose; together with model and corpus it selects one analysis."""
+    """What the Home page's analysis controls choose; together with model and corpus it selects one analysis (and the
+    options of `aptq analyze`: --quantizer-errors, --extra-group-sizes, --calibrate-unit)."""
 
     samples: int
     seqlen: int
     group_size: int
     max_blocks: int | None = None  # None: every block
     seed: int = 0
+    quantizer_errors: bool = False
+    extra_group_sizes: tuple[int, ...] = ()
+    calibrate_unit: bool = False  # then measure the calibrated unit; stored beside the analysis, not in its key
 
     @property
     def sampling(self) -> Sampling:
@@ -133,7 +144,19 @@ class AnalysisRequest:
 
     @property
     def settings(self) -> AnalysisSettings:
-        return AnalysisSettings(group_size=self.group_size, max_blocks=self.max_blocks)
+        return AnalysisSettings(group_size=self.group_size, max_blocks=self.max_blocks,
+                                quantizer_errors=self.quantizer_errors, extra_group_sizes=self.extra_group_sizes)
+
+    @property
+    def costs_extra(self) -> bool:
+        """Options whose time the analysis ETA does not count (aptq.timing)."""
+        return self.quantizer_errors or bool(self.extra_group_sizes) or self.calibrate_unit
+
+    def check(self, loaded: LoadedModel) -> UnitSettings | None:
+        """The checks `aptq analyze` makes of these options (the Home page offers no negative group size), before any
+        work; the unit calibration's settings when it is asked for."""
+        check_extra_group_sizes(loaded, self.settings)
+        return unit_settings_for(self.samples, self.settings.bits, self.seed) if self.calibrate_unit else None
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -153,7 +176,9 @@ def _latest_stored_request(loaded: LoadedModel, corpus: Corpus) -> AnalysisReque
     if stored is None:
         return None
     request = AnalysisRequest(stored.n_samples, stored.seqlen, int(stored.settings["group_size"]),
-                              stored.settings["max_blocks"], stored.seed)
+                              stored.settings["max_blocks"], stored.seed,
+                              bool(stored.settings.get("quantizer_errors")),
+                              tuple(stored.settings.get("extra_group_sizes", ())))
     # Analyses made with settings the dashboard does not offer (e.g. other widths from the CLI) cannot be selected.
     offered = request.settings.key_fields() | {"dtype": stored.settings["dtype"]}
     return request if offered == stored.settings else None
@@ -187,6 +212,17 @@ class Analysis:
     description: str
     model_fp: str
     request: AnalysisRequest
+    units: pd.DataFrame | None = None  # its calibrated unit (stored_unit), when measured
+
+    @property
+    def units_offered(self) -> list[str]:
+        """The units the allocation can plan in with this analysis: the heuristic one, and the calibrated one once
+        measured (Home's "Calibrate the unit", or aptq analyze --calibrate-unit)."""
+        return ["heuristic"] + (["calibrated"] if self.units is not None else [])
+
+    def layers_in(self, unit: str) -> pd.DataFrame:
+        """The layers table the allocation reads for `unit` (with the measured rates for the calibrated one)."""
+        return with_unit(self.layers, self.units) if unit == "calibrated" else self.layers
 
 
 class _NotStored(LookupError):
@@ -204,6 +240,23 @@ def _stored_frames(store_path: str, key: str) -> tuple[pd.DataFrame, pd.DataFram
 def stored_analysis(key: str) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     try:
         return _stored_frames(str(default_path()), key)
+    except _NotStored:
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _stored_units(store_path: str, unit_key: str, n_layers: int) -> pd.DataFrame:
+    units = analyses.load_units(Store(store_path), unit_key)
+    if len(units) < n_layers:  # measured in part (interrupted, or still running): not cached
+        raise _NotStored(unit_key)
+    return units
+
+
+def stored_unit(key: str, request: AnalysisRequest, layers: pd.DataFrame) -> pd.DataFrame | None:
+    """The calibrated unit of analysis `key` (aptq.calibrate, with the settings `aptq analyze --calibrate-unit` uses
+    for the request's seed) when every layer of `layers` has been measured, else None."""
+    try:
+        return _stored_units(str(default_path()), UnitSettings(seed=request.seed).key(key), len(layers))
     except _NotStored:
         return None
 
@@ -235,8 +288,12 @@ def describe(loaded: LoadedModel, corpus: Corpus, request: AnalysisRequest) -> s
     blocks = "all blocks" if request.max_blocks is None else \
         f"first {min(request.max_blocks, loaded.arch.n_blocks)} of {loaded.arch.n_blocks} blocks"
     group = f"group {request.group_size}" if request.group_size else "per-channel"
+    options = [*(["errors of GPTQ and attention-aware GPTQ"] if request.quantizer_errors else []),
+               *([f"errors also at groups {', '.join(map(str, request.extra_group_sizes))}"]
+                 if request.extra_group_sizes else []),
+               *(["calibrated unit"] if request.calibrate_unit else [])]
     return (f"{loaded.display_name} on {corpus.name}, {request.samples} × {request.seqlen} calibration tokens "
-            f"(seed {request.seed}), {group}, {blocks}")
+            f"(seed {request.seed}), {group}, {blocks}" + "".join(f", {option}" for option in options))
 
 
 def current_analysis() -> Analysis | None:
@@ -263,8 +320,9 @@ def current_analysis() -> Analysis | None:
         st.page_link("app.py", label="Go to the Home page", icon="🏠")
         return None
     layers, errors = frames
+    units = store_call(lambda: stored_unit(key, request, layers))
     return Analysis(key, layers, errors, request.group_size, describe(loaded, corpus, request),
-                    cached_model_fingerprint(model_source()), request)
+                    cached_model_fingerprint(model_source()), request, units)
 
 
 def save_current_plan(name: str, plan: dict, analysis: Analysis) -> str | None:

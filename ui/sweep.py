@@ -9,6 +9,7 @@ import streamlit as st
 from aptq import validate
 from aptq.aespa import AespaOptions
 from aptq.allocate import error_source_for
+from aptq.calibrate import with_unit
 from aptq.choices import ALLOCATORS, METHOD_LABELS, QUANTIZERS
 from aptq.data import Corpus, digest
 from aptq.models import LoadedModel
@@ -17,7 +18,7 @@ from aptq.progress import Progress
 from aptq.store import Store, default_path
 from aptq.sweep import run_sweep, sweep_points
 from ui import jobs
-from ui.session import checked, corpus_spec, model_source, requested_analysis
+from ui.session import checked, corpus_spec, model_source, requested_analysis, store_call, stored_unit
 
 
 def sweep_section(loaded: LoadedModel, corpus: Corpus) -> None:
@@ -34,6 +35,15 @@ def sweep_section(loaded: LoadedModel, corpus: Corpus) -> None:
     method = cols[2].selectbox("Quantizer", QUANTIZERS, index=QUANTIZERS.index("rtn"), format_func=METHOD_LABELS.get,
                                key="sweep_quantizer")
     tokens = cols[2].number_input("Evaluation tokens", min_value=16, value=16384, step=512, key="sweep_tokens")
+    units = store_call(lambda: stored_unit(key, request, frames[0]))
+    unit = cols[1].selectbox("Unit", ["heuristic"] + (["calibrated"] if units is not None else []), key="sweep_unit",
+                             help="how the plans make errors of different layers comparable (as `aptq sweep "
+                                  "--unit`): the heuristic factor, or the calibrated unit once the analysis has it "
+                                  "(Home's *Calibrate the unit*)")
+    layers = frames[0].copy()  # the plans' meta names the analysis that predicted them (aptq.sweep.plan_points)
+    layers.attrs["analysis_key"] = key
+    if unit == "calibrated":
+        layers = with_unit(layers, units)
     ray_cols = st.columns([1, 2])
     on_ray = ray_cols[0].checkbox("Run on Ray", key="sweep_on_ray",
                                   help="each plan a Ray task (1 CPU each); this process alone writes the store")
@@ -62,7 +72,7 @@ def sweep_section(loaded: LoadedModel, corpus: Corpus) -> None:
         store = Store(default_path())
 
         def work(progress: Progress) -> pd.DataFrame:
-            layers, errors = frames
+            errors = frames[1]
             if not on_ray:
                 return run_sweep(loaded, corpus, request.sampling, layers, errors, points, candidates, settings,
                                  evaluation, store, progress)
@@ -71,7 +81,7 @@ def sweep_section(loaded: LoadedModel, corpus: Corpus) -> None:
             return run_sweep_on_ray(loaded, corpus, request.sampling, layers, errors, points, candidates, settings,
                                     evaluation, store, progress, RayOptions(address.strip() or None))
 
-        job_key = "sweep:" + digest(model_source(), corpus_spec(), key, repr(points), repr(settings),
+        job_key = "sweep:" + digest(model_source(), corpus_spec(), key, unit, repr(points), repr(settings),
                                     repr(evaluation), str(on_ray), address.strip())
         where = f"on Ray {address.strip()}".rstrip() if on_ray else "here"
         jobs.start(job_key, f"sweep of {len(points)} plans {where}", model_source(), work)
