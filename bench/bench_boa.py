@@ -1,7 +1,7 @@
 """BoA's row compensation for the value projection, for gate/up and act-order, measured on held-out calibration
 data (issue 19).
 
-    flock /tmp/heavy.lock env OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_boa.py \
+    flock /tmp/heavy.lock nice -n 10 env OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_boa.py \
         [--blocks 0,10] [--bits 2,3,4] [--group 64] [--samples 32] [--seqlen 512] [--holdout 0.25] \
         [--settings "v per head,mlp rows"]
 
@@ -205,9 +205,9 @@ def main() -> None:
     unknown = [label for label in labels if label not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
-    command = (f"flock /tmp/heavy.lock env OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_boa.py "
-               f"--blocks {args.blocks} --bits {args.bits} --group {args.group} --samples {args.samples} "
-               f"--seqlen {args.seqlen} --holdout {args.holdout} --settings '{args.settings}'")
+    command = (f"flock /tmp/heavy.lock nice -n 10 env OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python "
+               f"bench/bench_boa.py --blocks {args.blocks} --bits {args.bits} --group {args.group} "
+               f"--samples {args.samples} --seqlen {args.seqlen} --holdout {args.holdout} --settings '{args.settings}'")
     load_before, started = load_average(), time.perf_counter()
     loaded = load_model(device="cpu")
     segments = calibration_segments(token_ids(loaded.tokenizer, load_corpus("brown"), "calibration"),
