@@ -199,11 +199,11 @@ def _value_row_factors(layer: LinearLayer, value: torch.Tensor, weight: torch.Te
 
 
 def mlp_row_factor(down_weight: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
-    """Gate's or up's row factor `R = W_downᵀ W_down ⊙ E[d dᵀ]` (float32 or wider, d_out × d_out): with the layer-wise H, the
-    Kronecker approximation `R ⊗ H` of the Hessian `(2/N) Σ_t (W_downᵀ W_down ⊙ d_t d_tᵀ) ⊗ x_t x_tᵀ` of the MLP
-    output's error, linearised at the calibration point (d_t: aptq.hessian, `mlp_rows`). (our choice) the token
-    average of d dᵀ and of x xᵀ taken apart, exact when d is the same for every token: the papers cover attention
-    only; bench/results/quantizer.md measures it."""
+    """Gate's or up's row factor `R = W_downᵀ W_down ⊙ E[d dᵀ]` (d_out × d_out, float32 or wider): with the
+    layer-wise H, the Kronecker approximation `R ⊗ H` of the Hessian `(2/N) Σ_t (W_downᵀ W_down ⊙ d_t d_tᵀ) ⊗ x_t x_tᵀ`
+    of the MLP output's error, linearised at the calibration point (d_t: aptq.hessian, `mlp_rows`). (our choice) the
+    token averages of d dᵀ and of x xᵀ taken apart, exact when d is the same for every token: the papers cover
+    attention only; bench/results/quantizer.md measures it."""
     down = down_weight.to(torch.promote_types(down_weight.dtype, torch.float32))
     return (down.T @ down) * moments.to(down.dtype)
 
