@@ -172,9 +172,9 @@ def test_the_attention_method_with_mlp_rows_is_element_wise_obs_on_the_kronecker
 def test_the_exact_mlp_objective_on_the_fit_data_is_no_worse_than_gptqs(tiny_model, family):
     """The non-Kronecker objective `Σ_t ‖W_down diag(d_t) ΔW x_t‖²` (d_t by autograd) of gate and up quantized with
     their row factors, against plain GPTQ on the same Hessians: lower in sum over the layers and 3 and 2 bits. (A
-    single layer may lose a little, ≤ 1.4 % in the seeds tried: R ⊗ H averages d dᵀ and x xᵀ apart, so BoA minimises
-    an approximation of this objective, not the objective itself.)"""
-    model, arch = tiny_model(family)
+    single layer may lose a little, up to 2 % in the cases tried: R ⊗ H averages d dᵀ and x xᵀ apart, so BoA
+    minimises an approximation of this objective, not the objective itself.)"""
+    model, arch = tiny_model(family, **{name: 32 for name in FAMILIES[family]})  # 32 rows: a few seconds
     ids = segments(8, 32)
     hessians = collect(model, arch, ids)
     derivatives, x = autograd_derivatives(model, arch, ids)
