@@ -326,6 +326,9 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--value-rows", action="store_true",
                         help="attention/aespa: BoA row compensation for v through the out projection (off by default: "
                              "measured in bench/results/quantizer.md)")
+    parser.add_argument("--mlp-rows", action="store_true",
+                        help="attention/aespa: BoA row compensation for gate and up through the down projection (off "
+                             "by default: measured in bench/results/quantizer.md)")
     parser.add_argument("--aespa-iterations", type=int, default=None,
                         help="aespa: rounding iterations per layer (default: 100 on a CPU, 10000 on a GPU)")
     parser.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window (default: %(default)s)")
@@ -339,8 +342,8 @@ def quantize_settings(args: argparse.Namespace, loaded, method: str):
 
     aespa = AespaOptions.for_device(args.device or str(loaded.device), args.aespa_iterations)
     return (QuantizeSettings(method=method, group_size=group_size_of(args, loaded), symmetric=args.symmetric,
-                             act_order=args.act_order, value_rows=args.value_rows, batch_size=args.batch_size,
-                             device=args.device, aespa=aespa),
+                             act_order=args.act_order, value_rows=args.value_rows, mlp_rows=args.mlp_rows,
+                             batch_size=args.batch_size, device=args.device, aespa=aespa),
             EvalSettings(args.eval_seqlen, args.tokens or None))
 
 

@@ -13,6 +13,9 @@ Per block, from hooks on its linear layers and on its attention function:
   differentiate the MLP output, so they are measured after the down projection as q/k/v are after the out projection.)
 - mixtures of experts (aptq.experts): each expert's H from the tokens routed to it, its traces from its own slice;
 - models without the attention-aware path: only H, and traces of the block output (no cut between modules);
+- with `mlp_rows`, for the MLP's up (and gate) projection `E[d dᵀ]` of the derivative of the down projection's input
+  w.r.t. that projection's output, d = σ(g) for up and σ'(g) ⊙ u for gate (gated MLPs), σ'(u) for up (plain ones),
+  with σ the MLP's own activation function: the MLP row factors' activation part (docs/algorithms.md §14);
 - the size of the residual stream each module writes into: the median over calibration tokens of ‖h‖² just after the
   attention output and just after the MLP output are added (the median, because a few "attention sink" tokens carry
   activations orders of magnitude above the rest). The allocator uses it to compare errors across blocks.
@@ -60,6 +63,7 @@ from aptq.products import add_gram_, causal_products, symmetrized
 from aptq.routed_attention import routed_through_interface
 
 RECORDING_ATTENTION = "aptq_recording"
+MLP_ACTIVATIONS = ("act_fn", "activation_fn", "act")  # where the families' MLPs (or OPT's blocks) keep σ
 MODULE_INPUTS = ("q", "k", "v", "gate", "up")  # first linears of the attention and MLP modules
 DEFAULT_PROBES = 1  # (our choice) Hutchinson probes per segment: keeps the traces near one extra forward+backward
 
@@ -144,6 +148,7 @@ class BlockHessians:
     layerwise: dict[str, torch.Tensor]  # H (d_in × d_in); layers with the same input share one tensor
     value: dict[str, torch.Tensor] = field(default_factory=dict)  # v layers: H_V (n_kv × d_in × d_in)
     row: dict[str, torch.Tensor] = field(default_factory=dict)  # q layers: G_Q (n_heads × d_h × d_h); k: G_K (n_kv …)
+    mlp: dict[str, torch.Tensor] = field(default_factory=dict)  # gate/up layers: E[d dᵀ] (d_out × d_out), see above
     lm_trace: dict[str, float] = field(default_factory=dict)  # APTQ tr(H_LM) per layer
     lm_trace_se: dict[str, float] = field(default_factory=dict)  # its standard error
     # "attention" / "mlp": median over tokens of ‖h‖² of the residual stream just after that module's output is added
@@ -157,6 +162,7 @@ class BlockHessians:
 @dataclass(frozen=True)
 class CollectOptions:
     attention: bool = True  # value and row Hessians
+    mlp_rows: bool = False  # E[d dᵀ] of the MLP's gate and up projections
     probes: int = DEFAULT_PROBES  # Hutchinson probes per segment; 0 = no LM traces
     seed: int = 0
 
@@ -212,6 +218,7 @@ class HessianCollector:
         self._score_factors: tuple[float, float] | None = None  # d_h λ² α² for G_Q and G_K, from the first batch
         self._layout: RotaryLayout | None = None
         self._residual: dict[str, list[torch.Tensor]] = {"attention": [], "mlp": []}  # per-token ‖h‖²
+        self._mlp_activation = None  # σ of the MLP, with `mlp_rows` on a model whose MLP has one up and one down
         self._stack = None
 
     # -- hooks -------------------------------------------------------------------------------------------------
@@ -248,7 +255,24 @@ class HessianCollector:
             attention = self.step.block.get_submodule(self.arch.attention_attr)
             self._stack.enter_context(recording_attention(attention, self._record_attention))
             self._norms = {kind: RmsNorm.of(module) for kind, module in qk_norm_modules(attention).items()}
+        if self.options.mlp_rows:
+            self._mlp_activation = self._find_mlp_activation()
         return self
+
+    def _find_mlp_activation(self):
+        """The MLP's activation function, or None where the block's MLP is not one up (and one gate) projection
+        read by one down projection (mixtures of experts: their layers keep the layer-wise objective)."""
+        kinds = [layer.kind for layer in self.layers]
+        if self.experts is not None or kinds.count("up") != 1 or kinds.count("down") != 1 or kinds.count("gate") > 1:
+            return None
+        holder = self.step.block if self.arch.mlp_attr is None else self.step.block.get_submodule(self.arch.mlp_attr)
+        activation = next((getattr(holder, name) for name in MLP_ACTIVATIONS if callable(getattr(holder, name, None))),
+                          None)
+        if activation is None:
+            raise UserError(f"The MLP of this {self.arch.family} model keeps its activation function under none of "
+                            f"the names {', '.join(MLP_ACTIVATIONS)}; the MLP row factors (--mlp-rows) are unavailable "
+                            f"for it.")
+        return activation
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
@@ -268,6 +292,8 @@ class HessianCollector:
             self._accumulate_layerwise(inputs)
             if self.options.attention:
                 self._accumulate_attention(inputs, length)
+            if self._mlp_activation is not None:
+                self._accumulate_mlp(inputs)
             self._accumulate_residual(batch, output)
         if self.options.probes > 0:
             self._accumulate_traces(batch, inputs, n, length, output)
@@ -408,6 +434,29 @@ class HessianCollector:
             factors.append(self.arch.head_dim * scaling ** 2 * alpha ** 2)
         return factors[0], factors[1]
 
+    def _accumulate_mlp(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Σ d dᵀ for the up (and gate) projection, d the derivative of the down projection's input w.r.t. that
+        projection's output: σ(g) for up and σ'(g) ⊙ u for gate, σ'(u) for a plain MLP's up (σ' by forward-mode
+        differentiation of the model's own σ). The down projection's recorded input is checked to be σ(g) ⊙ u (σ(u))
+        first, so that no row factor is built from a wrong model of the MLP."""
+        activation = self._mlp_activation
+        up = self._projection_output("up").flatten(0, -2)  # tokens × d_out (OPT's MLP reads a flattened batch)
+        gate = self._projection_output("gate").flatten(0, -2) if "gate" in self.by_kind else None
+        pre_activation = up if gate is None else gate
+        activated, slope = torch.func.jvp(activation, (pre_activation,), (torch.ones_like(pre_activation),))
+        expected = activated if gate is None else activated * up
+        derivatives = {"up": slope} if gate is None else {"up": activated, "gate": slope * up}
+        down_input = inputs[self.by_kind["down"].module_path].flatten(0, -2)
+        error = ((down_input - expected).norm() / down_input.norm()).item()
+        tolerance = max(1e-3, 16 * torch.finfo(self._outputs[self.by_kind["up"].module_path].dtype).eps)
+        if not error <= tolerance:
+            raise UserError(f"The MLP of block {self.step.index} of this {self.arch.family} model does not feed its "
+                            f"down projection {'σ(gate) ⊙ up' if gate is not None else 'σ(up)'} (relative mismatch "
+                            f"{error:.2g}); the MLP row factors (--mlp-rows) cannot be computed for it.")
+        for kind, derivative in derivatives.items():
+            width = derivative.shape[-1]
+            add_gram_(self._gram_sum(f"mlp_{kind}", (width, width), derivative), derivative)
+
     def _accumulate_residual(self, batch: Batch, output: torch.Tensor) -> None:
         """Per-token ‖h‖² of the residual stream after the attention add (block input + attention output) and after
         the MLP add (the block output), as pre-norm blocks sum them."""
@@ -470,6 +519,9 @@ class HessianCollector:
             expert_hessians, hessians.layer_tokens, hessians.pooled = self.experts.hessians(self.step.index)
             hessians.layerwise.update(expert_hessians)
         hessians.residual = {module: torch.cat(norms).median().item() for module, norms in self._residual.items()}
+        for kind in ("gate", "up"):
+            if f"mlp_{kind}" in self._sums:
+                hessians.mlp[self.by_kind[kind].name] = (symmetrized(self._sums[f"mlp_{kind}"]) / self.tokens).cpu()
         if self.options.attention:
             repeats = self.arch.n_heads // self.arch.n_kv_heads
             hessians.value[self.by_kind["v"].name] = (symmetrized(self._sums["value"]) * (scale / repeats)).cpu()

@@ -8,8 +8,9 @@ Methods:
   gptq       GPTQ on every layer with its layer-wise Hessian `H = 2/N Σ x xᵀ`
   attention  attention-aware GPTQ (aespa/BoA): value projection per KV head with `H_V` (with `value_rows`, also row
              by row with the out projection's row factor: `gptq_per_head` with `row_factors`); query and key
-             projections row by row with the row-Hessian compensation (`gptq_rows`); out projection and MLP with plain
-             GPTQ
+             projections row by row with the row-Hessian compensation (`gptq_rows`); with `mlp_rows`, gate and up
+             too, through the down projection's row factor (`mlp_row_factor`); out projection, down projection (and
+             without `mlp_rows` gate and up) with plain GPTQ
   aespa      the attention-aware GPTQ (or RTN) solution's rounding optimised under each layer's attention-wise
              objective (aptq.aespa)
 
@@ -95,14 +96,18 @@ class QuantizeSettings:
     # bench/results/quantizer.md): in the key of the attention-aware methods only, and only when on, so that the runs
     # stored before it existed keep their keys
     value_rows: bool = False
+    # BoA's row compensation for gate and up through the down projection (docs/algorithms.md §14; off by default,
+    # measured in bench/results/quantizer.md): in the key as value_rows is
+    mlp_rows: bool = False
 
     def key_fields(self) -> dict:
         fields = asdict(self)
         del fields["batch_size"], fields["device"]
         if self.method != "aespa":
             del fields["aespa"]
-        if self.method not in ("attention", "aespa") or not self.value_rows:
-            del fields["value_rows"]
+        for name in ("value_rows", "mlp_rows"):
+            if self.method not in ("attention", "aespa") or not fields[name]:
+                del fields[name]
         return fields
 
 
@@ -155,13 +160,14 @@ def layer_table(loaded: LoadedModel) -> pd.DataFrame:
 
 
 def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians | None, config: QuantConfig,
-                   settings: QuantizeSettings, out_weight: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, str | None]:
+                   settings: QuantizeSettings, out_weight: torch.Tensor | None = None,
+                   down_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, str | None]:
     """The layer's dequantized weights under the settings' method, and a fallback message if GPTQ fell back.
-    `out_weight`: the block's full-precision out projection (the value projection's row factors)."""
+    `out_weight`: the block's full-precision out projection (the value projection's row factors); `down_weight`: its
+    down projection (gate's and up's row factors, with `mlp_rows`)."""
     if settings.method == "aespa":
         starting = replace(settings, method=settings.aespa.start)  # in float32: exactly on its grid (bf16 is not)
-        start, fallback = quantize_layer(weight.float(), layer, hessians, config, starting, out_weight)
+        start, fallback = quantize_layer(weight.float(), layer, hessians, config, starting, out_weight, down_weight)
         objective = layer_objective(layer, weight, hessians, out_weight)
         return optimise_rounding(weight, start, objective, config, settings.aespa).weight, fallback
     if settings.method == "rtn":
@@ -174,6 +180,11 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
         result = gptq_per_head(weight, value, config, row_factors=rows, **options)
     elif settings.method == "attention" and layer.name in hessians.row:
         result = gptq_rows(weight, h, hessians.row[layer.name].to(weight.device), config, **options)
+    elif settings.method == "attention" and settings.mlp_rows and layer.name in hessians.mlp:
+        if down_weight is None:
+            raise ValueError(f"{layer.name} needs the down projection's weight for its row factor.")
+        rows = mlp_row_factor(down_weight.to(weight.device), hessians.mlp[layer.name].to(weight.device))
+        result = gptq_rows(weight, h, rows.unsqueeze(0), config, **options)  # one "head": all rows
     else:
         result = gptq(weight, h, config, **options)
     return result.weight, result.fallback
@@ -185,6 +196,22 @@ def _value_row_factors(layer: LinearLayer, value: torch.Tensor, weight: torch.Te
     if out_weight is None:
         raise ValueError(f"The value projection {layer.name} needs the out projection's weight for its row factors.")
     return out_row_factor(out_weight.to(weight.device), value.shape[0], weight.shape[0] // value.shape[0])
+
+
+def mlp_row_factor(down_weight: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    """Gate's or up's row factor `R = W_downᵀ W_down ⊙ E[d dᵀ]` (d_out × d_out, float32 or wider): with the
+    layer-wise H, the Kronecker approximation `R ⊗ H` of the Hessian `(2/N) Σ_t (W_downᵀ W_down ⊙ d_t d_tᵀ) ⊗ x_t x_tᵀ`
+    of the MLP output's error, linearised at the calibration point (d_t: aptq.hessian, `mlp_rows`). (our choice) the
+    token averages of d dᵀ and of x xᵀ taken apart, exact when d is the same for every token: the papers cover
+    attention only; bench/results/quantizer.md measures it."""
+    down = down_weight.to(torch.promote_types(down_weight.dtype, torch.float32))
+    return (down.T @ down) * moments.to(down.dtype)
+
+
+def down_projection(model: torch.nn.Module, arch: Architecture, block: int) -> torch.Tensor | None:
+    """The block's down projection weight as loaded, or None where its MLP has not exactly one (experts)."""
+    downs = [layer for layer in arch.block_layers(block) if layer.kind == "down" and layer.expert is None]
+    return get_weight(model, downs[0]).detach() if len(downs) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,8 +264,8 @@ def _block_plan(arch: Architecture, block: int, plan: dict[str, int]) -> list[tu
 
 
 def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]], hessians: BlockHessians | None,
-                    settings: QuantizeSettings, rtn_memo: dict | None = None, out_weight: torch.Tensor | None = None
-                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+                    settings: QuantizeSettings, rtn_memo: dict | None = None, out_weight: torch.Tensor | None = None,
+                    down_weight: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The block's quantized weights (the model is not modified) and the fallback notes."""
     weights, notes = {}, []
     for layer, bits in todo:
@@ -250,7 +277,7 @@ def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]],
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are reported through the notes
                 quantized, fallback = quantize_layer(get_weight(model, layer).detach(), layer, hessians, config,
-                                                     settings, out_weight)
+                                                     settings, out_weight, down_weight)
             if rtn_memo is not None:
                 rtn_memo[memo_key] = quantized
         weights[layer.name] = quantized
@@ -319,15 +346,18 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
                    progress: Progress) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Hessians and quantization of one block. Out of device memory: the batches split in halves until single
     segments, then the block on the CPU (our choice of order: smaller batches keep the speed of the device)."""
-    options = CollectOptions(attention=settings.method in ("attention", "aespa"), probes=0)
+    attention = settings.method in ("attention", "aespa")
+    options = CollectOptions(attention=attention, probes=0, mlp_rows=attention and settings.mlp_rows)
     # The out projection serves aespa's value objective and v's row factors only (docs/algorithms.md §8, §13).
     needs_out = settings.method == "aespa" or (options.attention and settings.value_rows)
     out_weight = out_projection(loaded.model, loaded.arch, step.index) if needs_out else None
+    down_weight = down_projection(loaded.model, loaded.arch, step.index) if options.mlp_rows else None
     parts, notes = 1, []
     while True:
         try:
             hessians = _collect(step, loaded.arch, options, geometry_cache, parts)
-            weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings, None, out_weight)
+            weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings, None, out_weight,
+                                                   down_weight)
             return weights, notes + block_notes
         except torch.cuda.OutOfMemoryError:
             if step.device.type != "cuda":

@@ -1,18 +1,21 @@
-"""BoA's row compensation for the value projection and act-order, measured on held-out calibration data (issue 19).
+"""BoA's row compensation for the value projection, for gate/up and act-order, measured on held-out calibration
+data (issue 19).
 
-    flock /tmp/heavy.lock env OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_boa.py \
-        [--blocks 0,10] [--bits 2,3,4] [--group 64] [--samples 32] [--seqlen 512] [--holdout 0.25]
+    flock /tmp/heavy.lock nice -n 10 env OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_boa.py \
+        [--blocks 0,10] [--bits 2,3,4] [--group 64] [--samples 32] [--seqlen 512] [--holdout 0.25] \
+        [--settings "v per head,mlp rows"]
 
 The calibration segments are split as the unit calibration does (aptq.calibrate.validation_segments): the first part
 fits (its Hessians quantize), the last `--holdout` share validates (never the evaluation split). Per block
 (full-precision inputs), bit width and setting of the attention-aware method in `SETTINGS` (v per head or with row
-factors; act-order off or on), every layer of the block is quantized with `aptq.pipeline.quantize_layer` from the fit
-part's Hessians; the table gives
+factors; gate/up with or without the down projection's row factors; act-order off or on), every layer of the block is
+quantized with `aptq.pipeline.quantize_layer` from the fit part's Hessians; the table gives
 
 - each layer's attention-wise objective (aptq.aespa.layer_objective: v `Σ_g tr(R_g ΔW_g H_V,g ΔW_gᵀ)`, q/k
-  `tr(G ΔW H ΔWᵀ)`, o and MLP `tr(ΔW H ΔWᵀ)`) on the validation part's Hessians;
+  `tr(G ΔW H ΔWᵀ)`, o and MLP `tr(ΔW H ΔWᵀ)`) on the validation part's Hessians, and gate's and up's Kronecker
+  objective `tr(R ΔW H ΔWᵀ)` with the down projection's row factor R (aptq.pipeline.mlp_row_factor, "R obj.");
 - the relative error of the attention module's output (after the out projection) on the validation segments with only
-  v quantized, `Σ ‖ΔY‖² / Σ ‖Y‖²`;
+  v quantized, `Σ ‖ΔY‖² / Σ ‖Y‖²`, and of the MLP's output (after the down projection) with only gate and up quantized;
 - the relative error of the block's output on the validation segments with the whole block quantized.
 
 Appends the run to bench/results/quantizer.md and prints it.
@@ -33,26 +36,43 @@ from aptq.capture import Batch, BlockStep, BlockWalk
 from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
 from aptq.gptq import gptq_per_head
 from aptq.hessian import BlockHessians, CollectOptions
-from aptq.models import LoadedModel, get_weight, load_model
-from aptq.pipeline import QuantizeSettings, quantize_layer, swapped_weights
-from aptq.quantizer import QuantConfig
+from aptq.models import LinearLayer, LoadedModel, get_weight, load_model
+from aptq.pipeline import QuantizeSettings, down_projection, mlp_row_factor, quantize_layer, swapped_weights
+from aptq.quantizer import QuantConfig, layer_error
 from aptq.sensitivity import collect_block
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quantizer.md"
-SETTINGS = {  # label → (value_rows, act_order); "summed": the row factor of the group's summed out slices
-    "v per head": (False, False),
-    "v rows": (True, False),
-    "v rows of summed slices": ("summed", False),
-    "v rows, act-order": (True, True),
+
+
+@dataclass(frozen=True)
+class Setting:
+    value_rows: bool | str = False  # "summed": the row factor of the group's summed out slices
+    act_order: bool = False
+    mlp_rows: bool = False
+
+    def for_layer(self, kind: str) -> tuple:
+        """What a layer of this kind's quantization depends on: layers with equal keys are quantized once."""
+        return (self.act_order, self.value_rows if kind == "v" else None,
+                self.mlp_rows if kind in ("gate", "up") else None)
+
+
+SETTINGS = {
+    "v per head": Setting(),  # the method's default
+    "v rows": Setting(value_rows=True),
+    "v rows of summed slices": Setting(value_rows="summed"),
+    "v rows, act-order": Setting(value_rows=True, act_order=True),
+    "mlp rows": Setting(mlp_rows=True),
 }
 
 
 @dataclass(frozen=True)
 class Measured:
-    objective: dict[str, float]  # layer kind → validation objective
+    objective: dict[str, float]  # layer kind (and "gate R", "up R") → validation objective
     attention_error: float  # relative, only v quantized
+    mlp_error: float  # relative, only gate and up quantized
     block_error: float  # relative, the whole block quantized
     value_seconds: float  # quantizing v
+    mlp_seconds: float  # quantizing gate and up
     seconds: float  # quantizing the block
 
 
@@ -60,22 +80,20 @@ def load_average() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
-def kind_of(name: str) -> str:
-    return name.rsplit(".", 1)[1].removesuffix("_proj")
-
-
 @torch.no_grad()
 def relative_output_error(loaded: LoadedModel, step: BlockStep, weights: dict[str, torch.Tensor],
-                          attention_only: bool) -> float:
-    """`Σ ‖Y_q − Y‖² / Σ ‖Y‖²` over the step's batches: the attention module's output or the block's."""
-    attention = step.block.get_submodule(loaded.arch.attention_attr)
+                          module: str | None) -> float:
+    """`Σ ‖Y_q − Y‖² / Σ ‖Y‖²` over the step's batches: the output of the block's `module` (its attention or MLP
+    attribute), or the block's (None)."""
+    hooked = step.block.get_submodule(module or loaded.arch.attention_attr)
     captured: list[torch.Tensor] = []
-    handle = attention.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    handle = hooked.register_forward_hook(
+        lambda _, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
 
     def output_of(batch: Batch) -> torch.Tensor:
         captured.clear()
         block_output = step.forward(batch)
-        return captured[0] if attention_only else block_output
+        return block_output if module is None else captured[0]
 
     try:
         error = total = 0.0
@@ -100,59 +118,75 @@ def summed_row_factor(out_weight: torch.Tensor, n_kv: int, head_dim: int) -> tor
 
 
 def measure_block(loaded: LoadedModel, fit: BlockHessians, held: BlockHessians, held_step: BlockStep, bits: int,
-                  group: int) -> dict[str, Measured]:
-    """Every setting; the layers other than v are quantized once per act-order setting (v alone differs)."""
+                  group: int, labels: list[str]) -> dict[str, Measured]:
+    """The settings named; a layer is quantized once per distinct key of what its quantization depends on."""
     out_weight = out_projection(loaded.model, loaded.arch, held_step.index)
+    down_weight = down_projection(loaded.model, loaded.arch, held_step.index)
     config = QuantConfig(bits, group)
     layers = loaded.arch.block_layers(held_step.index)
     originals = {layer.name: get_weight(loaded.model, layer).detach() for layer in layers}
+    done: dict[tuple, tuple[torch.Tensor, float]] = {}  # (layer, key) → quantized weight, seconds
 
-    def quantized(names: list[str], settings: QuantizeSettings) -> tuple[dict[str, torch.Tensor], float]:
-        start = time.perf_counter()
-        weights = {layer.name: quantize_layer(originals[layer.name], layer, fit, config, settings, out_weight)[0]
-                   for layer in layers if layer.name in names}
-        return weights, time.perf_counter() - start
-
-    values = [name for name in originals if kind_of(name) == "v"]
-    others = [name for name in originals if kind_of(name) != "v"]
-    shared = {act_order: quantized(others, QuantizeSettings("attention", group, act_order=act_order))
-              for act_order in {act_order for _, act_order in SETTINGS.values()}}
-    results = {}
-    for label, (value_rows, act_order) in SETTINGS.items():
-        if value_rows == "summed":
+    def quantized(layer: LinearLayer, setting: Setting) -> tuple[torch.Tensor, float]:
+        key = (layer.name, setting.for_layer(layer.kind))
+        if key not in done:
             start = time.perf_counter()
-            value = {name: gptq_per_head(originals[name], fit.value[name], config, act_order=act_order,
-                                         row_factors=summed_row_factor(out_weight, fit.value[name].shape[0],
-                                                                       loaded.arch.head_dim)).weight
-                     for name in values}
-            value_seconds = time.perf_counter() - start
-        else:
-            value, value_seconds = quantized(values, QuantizeSettings("attention", group, act_order=act_order,
-                                                                      value_rows=value_rows))
-        weights = shared[act_order][0] | value
-        objective = {kind_of(layer.name): layer_objective(layer, originals[layer.name], held, out_weight).loss(
+            weight = originals[layer.name]
+            if layer.kind == "v" and setting.value_rows == "summed":
+                rows = summed_row_factor(out_weight, fit.value[layer.name].shape[0], loaded.arch.head_dim)
+                result = gptq_per_head(weight, fit.value[layer.name], config, act_order=setting.act_order,
+                                       row_factors=rows).weight
+            else:
+                settings = QuantizeSettings("attention", group, act_order=setting.act_order,
+                                            value_rows=bool(setting.value_rows), mlp_rows=setting.mlp_rows)
+                result = quantize_layer(weight, layer, fit, config, settings, out_weight, down_weight)[0]
+            done[key] = result, time.perf_counter() - start
+        return done[key]
+
+    def objectives(weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        found = {layer.kind: layer_objective(layer, originals[layer.name], held, out_weight).loss(
             originals[layer.name], weights[layer.name]) for layer in layers}
-        results[label] = Measured(objective, relative_output_error(loaded, held_step, value, attention_only=True),
-                                  relative_output_error(loaded, held_step, weights, attention_only=False),
-                                  value_seconds, shared[act_order][1] + value_seconds)
+        for layer in layers:  # gate's and up's Kronecker objective through the down projection
+            if layer.name in held.mlp:
+                rows = mlp_row_factor(down_weight, held.mlp[layer.name]).unsqueeze(0)
+                found[f"{layer.kind} R"] = layer_error(originals[layer.name], weights[layer.name],
+                                                       held.layerwise[layer.name], rows)
+        return found
+
+    results = {}
+    for label in labels:
+        timed = {layer: quantized(layer, SETTINGS[label]) for layer in layers}
+        weights = {layer.name: weight for layer, (weight, _) in timed.items()}
+        seconds = {kind: sum(s for layer, (_, s) in timed.items() if layer.kind in kind) for kind in
+                   (("v",), ("gate", "up"))}
+        only = {kind: {layer.name: weights[layer.name] for layer in layers if layer.kind in kind}
+                for kind in (("v",), ("gate", "up"))}
+        results[label] = Measured(objectives(weights),
+                                  relative_output_error(loaded, held_step, only[("v",)], loaded.arch.attention_attr),
+                                  relative_output_error(loaded, held_step, only[("gate", "up")], loaded.arch.mlp_attr),
+                                  relative_output_error(loaded, held_step, weights, None),
+                                  seconds[("v",)], seconds[("gate", "up")], sum(s for _, s in timed.values()))
     return results
 
 
+def ratio(value: float, base: float, first: bool) -> str:
+    return f"{value:.4g}" + ("" if first else f" ({value / base:.3f})")
+
+
 def section(block: int, bits: int, results: dict[str, Measured]) -> list[str]:
-    base = results["v per head"]
+    base = next(iter(results.values()))
     kinds = list(base.objective)
     lines = [f"#### Block {block}, {bits} bits", "",
              "| setting | " + " | ".join(f"{kind} obj." for kind in kinds)
-             + " | attention out (v only) | block out (all) | v s | block s |",
-             "|---" * (len(kinds) + 5) + "|"]
+             + " | attention out (v only) | MLP out (gate, up) | block out (all) | v s | gate+up s | block s |",
+             "|---" * (len(kinds) + 7) + "|"]
     for label, measured in results.items():
-        cells = [f"{measured.objective[kind]:.4g}" + ("" if measured is base else
-                                                       f" ({measured.objective[kind] / base.objective[kind]:.3f})")
-                 for kind in kinds]
-        lines.append(f"| {label} | " + " | ".join(cells)
-                     + f" | {measured.attention_error:.4e} ({measured.attention_error / base.attention_error:.3f})"
-                     f" | {measured.block_error:.4e} ({measured.block_error / base.block_error:.3f})"
-                     f" | {measured.value_seconds:.1f} | {measured.seconds:.0f} |")
+        first = measured is base
+        cells = [ratio(measured.objective[kind], base.objective[kind], first) for kind in kinds]
+        cells += [ratio(getattr(measured, name), getattr(base, name), first)
+                  for name in ("attention_error", "mlp_error", "block_error")]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {measured.value_seconds:.1f} | "
+                     f"{measured.mlp_seconds:.1f} | {measured.seconds:.0f} |")
     return lines + [""]
 
 
@@ -164,18 +198,23 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--holdout", type=float, default=0.25)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"labels, the first the base: {list(SETTINGS)}")
     args = parser.parse_args()
     blocks = sorted(int(b) for b in args.blocks.split(","))
-    command = (f"flock /tmp/heavy.lock env OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_boa.py "
-               f"--blocks {args.blocks} --bits {args.bits} --group {args.group} --samples {args.samples} "
-               f"--seqlen {args.seqlen} --holdout {args.holdout}")
+    labels = args.settings.split(",")
+    unknown = [label for label in labels if label not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    command = (f"flock /tmp/heavy.lock nice -n 10 env OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python "
+               f"bench/bench_boa.py --blocks {args.blocks} --bits {args.bits} --group {args.group} "
+               f"--samples {args.samples} --seqlen {args.seqlen} --holdout {args.holdout} --settings '{args.settings}'")
     load_before, started = load_average(), time.perf_counter()
     loaded = load_model(device="cpu")
     segments = calibration_segments(token_ids(loaded.tokenizer, load_corpus("brown"), "calibration"),
                                     Sampling(args.samples, args.seqlen, seed=0))
     held_segments = validation_segments(segments, args.holdout)
     fit_segments = segments[:segments.shape[0] - held_segments.shape[0]]
-    options = CollectOptions(attention=True, probes=0)
+    options = CollectOptions(attention=True, probes=0, mlp_rows=True)
     walks = [BlockWalk(loaded.model, loaded.arch, part, device="cpu", stop=blocks[-1] + 1)
              for part in (fit_segments, held_segments)]
     lines = [f"### Run of {time.strftime('%Y-%m-%d %H:%M')} UTC", "", f"- command: `{command}`",
@@ -187,11 +226,13 @@ def main() -> None:
         fit = collect_block(fit_step, loaded.arch, options, {})
         held = collect_block(held_step, loaded.arch, options, {})
         for bits in (int(b) for b in args.bits.split(",")):
-            lines += section(fit_step.index, bits, measure_block(loaded, fit, held, held_step, bits, args.group))
-            print("\n".join(lines[-8:]), flush=True)
+            measured = section(fit_step.index, bits, measure_block(loaded, fit, held, held_step, bits, args.group,
+                                                                   labels))
+            lines += measured
+            print("\n".join(measured), flush=True)
     lines.insert(4, f"- load average {load_before} before, {load_average()} after; "
                     f"{time.perf_counter() - started:.0f} s in all; objectives on the validation Hessians, in "
-                    f"parentheses relative to `v per head` (act-order off, the current default)")
+                    f"parentheses relative to `{labels[0]}`")
     RESULTS.write_text(RESULTS.read_text() + "\n".join(lines) + "\n")
 
 
