@@ -34,9 +34,13 @@ class FamilyRow:
 
 
 def family_rows() -> list[FamilyRow]:
-    """The rows of the table under "## Supported models" (header and separator left out)."""
+    """The rows of the first table under "## Supported models" (header and separator left out; the tables after it
+    hold measurements)."""
     section = README.read_text().split("\n## Supported models\n", 1)[1].split("\n## ", 1)[0]
-    table = [line for line in section.splitlines() if line.startswith("|")][2:]
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    table = lines[start + 2:end]
     rows = []
     for line in table:
         first, attention, quantizers, notes = (cell.strip() for cell in line.strip().strip("|").split("|", 3))
