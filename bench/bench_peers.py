@@ -2,7 +2,7 @@
 
 The peers pin their own transformers, so they run in a separate environment and this script works in steps:
 
-    .venv/bin/python -m bench.bench_peers dump --samples 32 --seqlen 512 --tokens 8192
+    .venv/bin/python -m bench.bench_peers dump --samples 8 --seqlen 512 --tokens 4096
     python3 -m venv /work/venv-peers
     /work/venv-peers/bin/pip install torch==2.13.0
     /work/venv-peers/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
@@ -10,6 +10,7 @@ The peers pin their own transformers, so they run in a separate environment and 
     /work/venv-peers/bin/pip install torch==2.13.0 gptqmodel==7.6.0
     /work/venv-peers/bin/python -m bench.bench_peers quantize --peer llmcompressor --bits 3 --group 64
     /work/venv-peers/bin/python -m bench.bench_peers quantize --peer autoround-light --bits 3 --group 64
+    taskset -c 1 /work/venv-peers/bin/python -m bench.bench_peers quantize --peer gptqmodel --bits 3 --group 64
     .venv/bin/python -m bench.bench_peers ours --method gptq --bits 3 --group 64
     .venv/bin/python -m bench.bench_peers evaluate
 
@@ -249,7 +250,8 @@ def ours(method: str, bits: int, group: int, command: str) -> None:
     finally:
         close()
     record = Quantized(method, bits, group, run.quant_seconds, None if run.cached else peak_rss_gib(),
-                       load_average(), command, "stored run: time as stored" if run.cached else "")
+                       load_average(), command,
+                       "stored run: time as stored" if run.cached else "process peak RSS: run_plan, evaluation in it")
     save_record(record)
     print(record, run.perplexity)
 
