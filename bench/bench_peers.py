@@ -134,8 +134,11 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor | None:
     if isinstance(module, torch.nn.Linear):
         return module.weight.detach().float().cpu().clone()
     if hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):
+        # post_init builds the unpacking buffers (GPTQModel runs it when it loads a checkpoint); the class's own
+        # method, not the torch.compile wrapper post_init puts on the instance
+        module.post_init()
         with torch.no_grad():
-            return module.dequantize_weight().float().cpu().T.contiguous()
+            return type(module).dequantize_weight(module).float().cpu().T.contiguous()
     return None
 
 
@@ -186,8 +189,11 @@ def run_gptqmodel(model_dir: str, calibration: torch.Tensor, bits: int, group: i
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    config = QuantizeConfig(bits=bits, group_size=group, sym=False, desc_act=False, damp_percent=0.01)
-    model = GPTQModel.load(model_dir, config, device="cpu")
+    # Kept in memory (its default offloads finished layers to disk and leaves meta tensors) and in float32 like the
+    # other methods (its CPU default is bfloat16).
+    config = QuantizeConfig(bits=bits, group_size=group, sym=False, desc_act=False, damp_percent=0.01,
+                            offload_to_disk=False)
+    model = GPTQModel.load(model_dir, config, device="cpu", dtype=torch.float32)
     rows = [{"input_ids": ids.tolist(), "attention_mask": [1] * len(ids)} for ids in calibration]
     start = time.perf_counter()
     model.quantize(rows, batch_size=1)
@@ -332,8 +338,9 @@ def write_results(inputs: Inputs, rows: list[Row], fp_perplexity: float) -> None
     lines = [
         "# The peers on the project's own tokens", "",
         f"- date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores, {platform.processor() or 'CPU'}, "
-        f"torch {torch.__version__}, every job with OMP_NUM_THREADS=1 under `nice -n 10`, one at a time in its lane, "
-        f"beside the lead's Gemma 3 benchmark (2 threads) and another helper's jobs: load averages per row below",
+        f"torch {torch.__version__}, every job with OMP_NUM_THREADS=1 under `nice -n 10`, up to four of this "
+        f"benchmark's jobs at once beside the lead's Gemma 3 benchmark (nice 0, 2 threads) and other helpers' jobs: "
+        f"load averages per row below; times are not speed figures (see the reading)",
         "- commands: the docstring of bench/bench_peers.py; each row's own command is in the list under the table",
         f"- protocol: SmolLM2-135M-Instruct (embedded, {Path(inputs.model_dir).name}); calibration: Brown "
         f"calibration split, {inputs.samples} × {inputs.seqlen} tokens drawn by aptq.data.calibration_segments, "
