@@ -1,0 +1,392 @@
+"""The peer quantizers on exactly the project's token tensors, side by side with ours (issues 19 and 20).
+
+The peers pin their own transformers, so they run in a separate environment and this script works in steps:
+
+    .venv/bin/python -m bench.bench_peers dump --samples 8 --seqlen 512 --tokens 4096
+    python3 -m venv /work/venv-peers
+    /work/venv-peers/bin/pip install torch==2.13.0
+    /work/venv-peers/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
+    /work/venv-peers/bin/pip install torch==2.13.0 auto-round==0.16.1
+    /work/venv-peers/bin/pip install torch==2.13.0 gptqmodel==7.6.0
+    /work/venv-peers/bin/python -m bench.bench_peers quantize --peer llmcompressor --bits 3 --group 64
+    /work/venv-peers/bin/python -m bench.bench_peers quantize --peer autoround-light --bits 3 --group 64
+    taskset -c 1 /work/venv-peers/bin/python -m bench.bench_peers quantize --peer gptqmodel --bits 3 --group 64
+    .venv/bin/python -m bench.bench_peers ours --method gptq --bits 3 --group 64
+    .venv/bin/python -m bench.bench_peers evaluate
+
+(pip warns that llmcompressor 0.14.0.1 asks for auto-round ≤ 0.15.1; its GPTQ path does not use auto-round, so the
+newest auto-round stays. GPTQModel 7.7.0 needs torch ≥ 2.14.1, so its 7.6.0 is the newest that installs beside the
+pinned CPU torch; it downgrades numpy to 2.2.6.)
+
+`dump` (project environment) saves the embedded model's calibration segments exactly as our pipeline draws them
+(aptq.data.calibration_segments on Brown, seed 0), the evaluation token ids and the converted model's directory.
+`quantize` (reference environment, imports no aptq module) runs one peer on that directory with exactly those segments
+(no dataset download), asymmetric, the given width and group, and saves the dequantized weight Ŵ of every quantized
+linear with the wall time and peak RSS of the quantization. `ours` (project environment) runs our method through
+aptq.pipeline.run_plan (so the store holds it and a rerun reuses it) on the same segments and evaluation tokens, in its
+own process so that its peak RSS is its own. `evaluate` (project environment) puts each peer's Ŵ into the model loaded
+with aptq.models.load_model and measures it with aptq.evaluate against the pipeline's cached full-precision
+reference on the dumped evaluation windows, then writes bench/results/peers.md with our rows beside the peers'.
+Text below the table of that file (the reading, written by hand) is kept when it is rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+WORK = Path(os.environ.get("APTQ_CACHE_DIR", Path(__file__).resolve().parent.parent / "data")) / "cache" / "peers"
+INPUTS = WORK / "inputs.pt"
+RESULTS = Path(__file__).parent / "results" / "peers.md"
+WINDOW = 512
+# auto-round's recipes (auto_round.cli.main.RECIPES): default 200 iterations, light 50 at lr 5e-3; both with batches
+# of 8 segments. nsamples/seqlen are ours (the dumped segments), not the recipes' 128 × 2048.
+AUTOROUND_ITERATIONS = {"autoround": 200, "autoround-light": 50}
+PEERS = {
+    "llmcompressor": "llm-compressor 0.14.0.1 GPTQ (oneshot, GPTQModifier)",
+    "autoround": "auto-round 0.16.1 default (200 iterations)",
+    "autoround-light": "auto-round 0.16.1 light (50 iterations, lr 5e-3)",
+    "gptqmodel": "GPTQModel 7.6.0 GPTQ",
+}
+OURS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "attention": "attention-aware GPTQ (ours)", "aespa": "aespa (ours)"}
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What `dump` saves: the tensors every method sees."""
+
+    model_dir: str
+    calibration: torch.Tensor  # n_samples × seqlen token ids
+    evaluation: torch.Tensor  # n_windows × WINDOW token ids
+    samples: int
+    seqlen: int
+    tokens: int  # evaluation tokens asked for
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """One quantization by one method: its measured cost (and, for a peer, the file of its Ŵ)."""
+
+    method: str
+    bits: int
+    group: int
+    seconds: float
+    peak_rss_gib: float | None  # None: a stored run reused, not measured in this process
+    load: str  # `uptime`'s load averages when it finished
+    command: str
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-w{self.bits}-g{self.group}"
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kilobytes on Linux
+
+
+def save_record(record: Quantized) -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / f"{record.name}.record.json").write_text(json.dumps(asdict(record), indent=1))
+
+
+def load_inputs() -> Inputs:
+    return Inputs(**torch.load(INPUTS))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dump (project environment)
+
+
+def dump(samples: int, seqlen: int, tokens: int) -> None:
+    from aptq.data import Sampling, calibration_segments, evaluation_windows, load_corpus, token_ids
+    from aptq.models import load_model
+
+    loaded = load_model(device="cpu")
+    corpus = load_corpus("brown")
+    calibration = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), Sampling(samples, seqlen))
+    evaluation = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), WINDOW, tokens)
+    WORK.mkdir(parents=True, exist_ok=True)
+    torch.save(asdict(Inputs(str(loaded.path), calibration, evaluation, samples, seqlen, tokens)), INPUTS)
+    print(f"saved {tuple(calibration.shape)} calibration and {tuple(evaluation.shape)} evaluation ids of "
+          f"{loaded.path} to {INPUTS}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantize (reference environment: torch, transformers and the peers; no aptq import)
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """Ŵ (out × in) of a linear left dequantized in place (llm-compressor, auto-round), or of a GPTQModel packed
+    linear through its own `dequantize_weight` (in × out); None for any other module."""
+    if isinstance(module, torch.nn.Linear):
+        return module.weight.detach().float().cpu().clone()
+    if hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):
+        # post_init builds the unpacking buffers (GPTQModel runs it when it loads a checkpoint); the class's own
+        # method, not the torch.compile wrapper post_init puts on the instance
+        module.post_init()
+        with torch.no_grad():
+            return type(module).dequantize_weight(module).float().cpu().T.contiguous()
+    return None
+
+
+def dequantized_linears(model: torch.nn.Module, bits: int, group: int) -> dict[str, torch.Tensor]:
+    """Ŵ of every decoder linear, each checked to lie on a grid of at most 2^bits values per group of columns."""
+    weights = {}
+    for name, module in model.named_modules():
+        weight = dequantized_weight(module)
+        if weight is not None and not name.endswith("lm_head"):
+            ordered = weight.reshape(-1, group).sort(-1).values
+            levels = int((ordered.diff(dim=-1) != 0).sum(-1).max()) + 1
+            if levels > 2 ** bits:
+                raise RuntimeError(f"{name}: {levels} distinct values in a group of {group}, not a {bits}-bit grid; "
+                                   f"the peer left this layer unquantized or in a packed form")
+            weights[name] = weight
+    return weights
+
+
+def run_llmcompressor(model: torch.nn.Module, calibration: torch.Tensor, bits: int, group: int) -> None:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from torch.utils.data import DataLoader
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=group)
+    recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                          ignore=["lm_head"], block_size=128, dampening_frac=0.01)
+    rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in calibration]
+    oneshot(model=model, dataset=DataLoader(rows, batch_size=1), recipe=recipe,
+            num_calibration_samples=len(rows), max_seq_length=calibration.shape[1])
+
+
+def run_autoround(model: torch.nn.Module, tokenizer, calibration: torch.Tensor, bits: int, group: int,
+                  iterations: int) -> None:
+    from auto_round import AutoRound
+
+    # A list of 1 × seqlen id tensors is auto-round's own "already tokenized" input (auto_round.calibration.llm).
+    rounder = AutoRound(model, tokenizer=tokenizer, bits=bits, group_size=group, sym=False,
+                        dataset=[ids[None] for ids in calibration], nsamples=calibration.shape[0],
+                        seqlen=calibration.shape[1], iters=iterations, lr=5e-3, batch_size=8, device_map="cpu")
+    rounder.quantize()
+
+
+def run_gptqmodel(model_dir: str, calibration: torch.Tensor, bits: int, group: int) -> tuple[torch.nn.Module, float]:
+    """GPTQModel loads the model itself; the time counts its quantize() alone."""
+    # Its thread pool asks for 2 model-loader workers, more than its CPU default grants on a 2-core machine; the
+    # benchmark pins the process to one core (taskset) so the extra worker takes no second core.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    # Kept in memory (its default offloads finished layers to disk and leaves meta tensors) and in float32 like the
+    # other methods (its CPU default is bfloat16).
+    config = QuantizeConfig(bits=bits, group_size=group, sym=False, desc_act=False, damp_percent=0.01,
+                            offload_to_disk=False)
+    model = GPTQModel.load(model_dir, config, device="cpu", dtype=torch.float32)
+    rows = [{"input_ids": ids.tolist(), "attention_mask": [1] * len(ids)} for ids in calibration]
+    start = time.perf_counter()
+    model.quantize(rows, batch_size=1)
+    return model.model, time.perf_counter() - start
+
+
+def quantize(peer: str, bits: int, group: int, command: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    inputs = load_inputs()
+    if peer == "gptqmodel":
+        rss_before = peak_rss_gib()  # before its own load: GPTQModel loads inside
+        model, seconds = run_gptqmodel(inputs.model_dir, inputs.calibration, bits, group)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(inputs.model_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir)
+        rss_before = peak_rss_gib()
+        start = time.perf_counter()
+        if peer == "llmcompressor":
+            run_llmcompressor(model, inputs.calibration, bits, group)
+        else:
+            run_autoround(model, tokenizer, inputs.calibration, bits, group, AUTOROUND_ITERATIONS[peer])
+        seconds = time.perf_counter() - start
+    record = Quantized(peer, bits, group, seconds, peak_rss_gib(), load_average(), command,
+                       f"process peak RSS (model loaded: {rss_before:.2f} GiB)")
+    torch.save(dequantized_linears(model, bits, group), WORK / f"{record.name}.pt")
+    save_record(record)
+    print(record)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ours and evaluate (project environment)
+
+
+def protocol(inputs: Inputs):
+    from aptq.data import Sampling
+    from aptq.pipeline import EvalSettings
+
+    return Sampling(inputs.samples, inputs.seqlen, 0), EvalSettings(WINDOW, inputs.tokens)
+
+
+def ours(method: str, bits: int, group: int, command: str) -> None:
+    from aptq.data import calibration_segments, load_corpus, token_ids
+    from aptq.models import load_model
+    from aptq.pipeline import QuantizeSettings, run_plan, uniform_plan
+    from aptq.progress import tqdm_progress
+
+    inputs = load_inputs()
+    loaded = load_model(device="cpu")
+    sampling, evaluation = protocol(inputs)
+    corpus = load_corpus("brown")
+    if not torch.equal(calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling),
+                       inputs.calibration):
+        raise RuntimeError("The pipeline would draw other calibration segments than the dumped ones.")
+    progress, close = tqdm_progress(f"{method} {bits}-bit g{group}")
+    try:
+        run = run_plan(loaded, corpus, sampling, uniform_plan(loaded.arch, bits),
+                       QuantizeSettings(method, group), evaluation, progress=progress,
+                       plan_meta={"allocation": "uniform", "budget": bits})
+    finally:
+        close()
+    record = Quantized(method, bits, group, run.quant_seconds, None if run.cached else peak_rss_gib(),
+                       load_average(), command,
+                       "stored run: time as stored" if run.cached else "process peak RSS: run_plan, evaluation in it")
+    save_record(record)
+    print(record, run.perplexity)
+
+
+@dataclass(frozen=True)
+class Row:
+    record: Quantized
+    perplexity: float
+    kl: float
+    top1: float
+
+
+def measure_peer(loaded, windows: torch.Tensor, reference, record: Quantized) -> Row:
+    """The peer's Ŵ evaluated; kept beside its weights so that the next `evaluate` reads it instead."""
+    from aptq.evaluate import evaluate
+    from aptq.pipeline import swapped_weights
+
+    measured = WORK / f"{record.name}.evaluation.json"
+    if measured.is_file() and measured.stat().st_mtime > (WORK / f"{record.name}.pt").stat().st_mtime:
+        return Row(record, **json.loads(measured.read_text()))
+    weights = torch.load(WORK / f"{record.name}.pt")
+    by_module = {layer.module_path: layer.name for layer in loaded.arch.layers}
+    if set(weights) != set(by_module):
+        raise RuntimeError(f"{record.name}: the peer's layers differ from the model's: "
+                           f"{sorted(set(weights) ^ set(by_module))[:4]}")
+    with swapped_weights(loaded.model, loaded.arch, {by_module[path]: w for path, w in weights.items()}):
+        result = evaluate(loaded.model, windows, reference=reference)
+    row = Row(record, result.perplexity, result.kl_divergence, result.top1_agreement)
+    measured.write_text(json.dumps({"perplexity": row.perplexity, "kl": row.kl, "top1": row.top1}))
+    return row
+
+
+def stored_ours(loaded, inputs: Inputs, record: Quantized) -> Row:
+    from aptq.data import load_corpus
+    from aptq.history import find_run
+    from aptq.pipeline import QuantizeSettings, identify_run, uniform_plan
+    from aptq.store import Store
+
+    sampling, evaluation = protocol(inputs)
+    identity = identify_run(loaded, load_corpus("brown"), sampling, uniform_plan(loaded.arch, record.bits),
+                            QuantizeSettings(record.method, record.group), evaluation)
+    run = find_run(Store(), identity.key)
+    return Row(record, run.perplexity, run.kl, run.top1)
+
+
+def evaluate_all() -> None:
+    from aptq.data import load_corpus
+    from aptq.models import load_model
+    from aptq.pipeline import QuantizeSettings, identify_run, reference_for, uniform_plan
+
+    inputs = load_inputs()
+    loaded = load_model(device="cpu")
+    corpus = load_corpus("brown")
+    sampling, evaluation = protocol(inputs)
+    identity = identify_run(loaded, corpus, sampling, uniform_plan(loaded.arch, 4), QuantizeSettings("gptq"),
+                            evaluation)
+    windows, reference = reference_for(loaded, corpus, evaluation, identity)
+    if not torch.equal(windows, inputs.evaluation):
+        raise RuntimeError("The pipeline's evaluation windows differ from the dumped ones.")
+    rows = []
+    for path in sorted(WORK.glob("*.record.json")):
+        record = Quantized(**json.loads(path.read_text()))
+        if record.method in OURS:
+            rows.append(stored_ours(loaded, inputs, record))
+        else:
+            rows.append(measure_peer(loaded, windows, reference, record))
+        print(rows[-1], flush=True)
+    write_results(inputs, rows, float(torch.tensor(reference.mean_nll).exp()))
+
+
+def write_results(inputs: Inputs, rows: list[Row], fp_perplexity: float) -> None:
+    labels = OURS | PEERS
+    order = list(labels)
+    rows = sorted(rows, key=lambda r: (r.record.group, -r.record.bits, order.index(r.record.method)))
+    reading = ""
+    if RESULTS.is_file() and "## Reading" in RESULTS.read_text():
+        reading = RESULTS.read_text()[RESULTS.read_text().index("## Reading"):]
+    lines = [
+        "# The peers on the project's own tokens", "",
+        f"- date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores, {platform.processor() or 'CPU'}, "
+        f"torch {torch.__version__}, every job with OMP_NUM_THREADS=1 under `nice -n 10`, up to four of this "
+        f"benchmark's jobs at once beside the lead's Gemma 3 benchmark (nice 0, 2 threads) and other helpers' jobs: "
+        f"load averages per row below; times are not speed figures (see the reading)",
+        "- commands: the docstring of bench/bench_peers.py; each row's own command is in the list under the table",
+        f"- protocol: SmolLM2-135M-Instruct (embedded, {Path(inputs.model_dir).name}); calibration: Brown "
+        f"calibration split, {inputs.samples} × {inputs.seqlen} tokens drawn by aptq.data.calibration_segments, "
+        f"seed 0 (the same tensor for every method); evaluation: Brown evaluation split, first "
+        f"{inputs.evaluation.numel()} tokens in windows of {WINDOW}, KL and top-1 against the full-precision model "
+        f"(top-128 reference, aptq.evaluate); asymmetric grids, groups of the given size, every decoder linear "
+        f"quantized (not the tied embedding/LM head)",
+        f"- full precision (dequantized Q4_1 baseline): perplexity {fp_perplexity:.3f}",
+        "- quantize s: wall time of the quantization alone (model loading and evaluation excluded); peak RSS: "
+        "resource.getrusage of the process that quantized (its model load included)", "",
+        "| method | bits | group | perplexity | KL | top-1 | quantize s | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        rss = "—" if row.record.peak_rss_gib is None else f"{row.record.peak_rss_gib:.2f}"
+        lines.append(f"| {labels[row.record.method]} | {row.record.bits} | {row.record.group} | {row.perplexity:.3f} "
+                     f"| {row.kl:.4f} | {row.top1:.4f} | {row.record.seconds:.0f} | {rss} |")
+    lines += ["", "Per row: command, load averages (1, 5, 15 min) when it finished, note", ""]
+    lines += [f"- {labels[r.record.method]} W{r.record.bits} g{r.record.group}: `{r.record.command}`; load "
+              f"{r.record.load}{'; ' + r.record.note if r.record.note else ''}" for r in rows]
+    RESULTS.write_text("\n".join(lines) + "\n" + (f"\n{reading.rstrip()}\n" if reading else ""))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=["dump", "quantize", "ours", "evaluate"])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (windows of 512)")
+    parser.add_argument("--peer", choices=list(PEERS))
+    parser.add_argument("--method", choices=list(OURS))
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--group", type=int, default=64)
+    args = parser.parse_args()
+    command = f"bench_peers {args.step} --{'peer' if args.step == 'quantize' else 'method'} " \
+              f"{args.peer or args.method} --bits {args.bits} --group {args.group}"
+    if args.step == "dump":
+        dump(args.samples, args.seqlen, args.tokens)
+    elif args.step == "quantize":
+        quantize(args.peer, args.bits, args.group, command)
+    elif args.step == "ours":
+        ours(args.method, args.bits, args.group, command)
+    else:
+        evaluate_all()
+
+
+if __name__ == "__main__":
+    main()
