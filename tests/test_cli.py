@@ -150,15 +150,16 @@ def test_sweep_plans_in_the_calibrated_unit(tmp_path, tiny_model_dir, text_file,
     assert json.loads(summary)["error_unit"] == "calibrated"
 
 
-def test_quantize_value_rows_reaches_the_stored_runs_settings(tmp_path, tiny_model_dir, text_file, capsys):
+@pytest.mark.parametrize("flag, setting", [("--value-rows", "value_rows"), ("--mlp-rows", "mlp_rows")])
+def test_quantize_row_flags_reach_the_stored_runs_settings(tmp_path, tiny_model_dir, text_file, capsys, flag, setting):
     from aptq.cli import main
 
     common = ["quantize", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
               "--store", str(tmp_path / "store.duckdb"), "--method", "attention", "--bits", "4", "--samples", "2",
               "--seqlen", "32", "--eval-seqlen", "32", "--tokens", "64", "--json"]
-    assert main([*common, "--value-rows"]) == 0
+    assert main([*common, flag]) == 0
     with_rows = json.loads(capsys.readouterr().out)
-    assert json.loads(with_rows["settings"])["value_rows"] is True
+    assert json.loads(with_rows["settings"])[setting] is True
     assert main(common) == 0  # without the flag: another run, whose key does not carry the setting
     without = json.loads(capsys.readouterr().out)
-    assert "value_rows" not in json.loads(without["settings"]) and without["key"] != with_rows["key"]
+    assert setting not in json.loads(without["settings"]) and without["key"] != with_rows["key"]

@@ -413,12 +413,13 @@ def test_the_attention_method_quantizes_v_with_the_out_projections_row_factors(t
         quantize_layer(weight, layers["v"], hessians, cfg, settings)
 
 
-def test_the_value_row_setting_enters_only_the_attention_aware_run_keys_and_only_when_on():
+@pytest.mark.parametrize("setting", ["value_rows", "mlp_rows"])
+def test_a_row_setting_enters_only_the_attention_aware_run_keys_and_only_when_on(setting):
     """Off (the default), every key is what it was before the setting existed; on, the attention-aware methods' runs
     are not taken for those stored without it; the methods it does not touch ignore it."""
     for method in ("rtn", "gptq", "attention", "aespa"):
-        assert "value_rows" not in QuantizeSettings(method).key_fields()
+        assert setting not in QuantizeSettings(method).key_fields()
     for method in ("attention", "aespa"):
-        assert QuantizeSettings(method, value_rows=True).key_fields()["value_rows"] is True
+        assert QuantizeSettings(method, **{setting: True}).key_fields()[setting] is True
     for method in ("rtn", "gptq"):
-        assert QuantizeSettings(method, value_rows=True).key_fields() == QuantizeSettings(method).key_fields()
+        assert QuantizeSettings(method, **{setting: True}).key_fields() == QuantizeSettings(method).key_fields()

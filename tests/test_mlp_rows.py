@@ -3,8 +3,6 @@ docs/algorithms.md §9) against autograd through the tiny models' own MLPs and b
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -202,28 +200,3 @@ def test_a_model_whose_mlp_is_not_as_assumed_is_refused_in_one_sentence(tiny_mod
     down.register_forward_pre_hook(lambda m, args: (2 * args[0],))  # the down projection reads something else
     with pytest.raises(UserError, match=r"does not feed its down projection σ\(gate\) ⊙ up"):
         collect(model, arch, segments(2, 8))
-
-
-def test_the_mlp_row_setting_enters_only_the_attention_aware_run_keys_and_only_when_on():
-    for method in ("rtn", "gptq", "attention", "aespa"):
-        assert "mlp_rows" not in QuantizeSettings(method).key_fields()
-    for method in ("attention", "aespa"):
-        assert QuantizeSettings(method, mlp_rows=True).key_fields()["mlp_rows"] is True
-    for method in ("rtn", "gptq"):
-        assert QuantizeSettings(method, mlp_rows=True).key_fields() == QuantizeSettings(method).key_fields()
-
-
-def test_the_cli_flag_reaches_the_stored_runs_settings_and_key(tmp_path, tiny_model_dir, capsys):
-    from aptq.cli import main
-
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n\n".join(f"This is sentence {i} of a small test corpus." for i in range(400)))
-    common = ["quantize", "--model", str(tiny_model_dir("llama")), "--corpus", str(text), "--device", "cpu",
-              "--store", str(tmp_path / "store.duckdb"), "--method", "attention", "--bits", "4", "--samples", "2",
-              "--seqlen", "32", "--eval-seqlen", "32", "--tokens", "64", "--json"]
-    assert main([*common, "--mlp-rows"]) == 0
-    with_rows = json.loads(capsys.readouterr().out)
-    assert json.loads(with_rows["settings"])["mlp_rows"] is True
-    assert main(common) == 0
-    without = json.loads(capsys.readouterr().out)
-    assert "mlp_rows" not in json.loads(without["settings"]) and without["key"] != with_rows["key"]
