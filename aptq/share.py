@@ -1,5 +1,6 @@
-"""A dashboard view as URL parameters, so that a lecturer can share it: model, corpus, analysis settings, solver,
-budget and pins. Pins are written as `block.kind=bits` (short, and the same for every model of a family)."""
+"""A dashboard view as URL parameters, so that a lecturer can share it: model, corpus, analysis settings and options,
+solver, error source, unit, budget and pins. Pins are written as `block.kind=bits` (short, and the same for every
+model of a family)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,15 @@ class SharedView:
     solver: str | None = None
     budget: float | None = None
     pins: str | None = None  # pins_to_text
+    quantizer_errors: bool | None = None  # the analysis options of Home (aptq analyze --quantizer-errors, …)
+    extra_groups: str | None = None  # groups_to_text
+    calibrate: bool | None = None
+    errors: str | None = None  # the allocation's error source (rtn, gptq, attention)
+    unit: str | None = None  # the allocation's unit (heuristic, calibrated)
 
     def to_params(self) -> dict[str, str]:
-        return {f.name: str(value) for f in fields(self) if (value := getattr(self, f.name)) is not None}
+        return {f.name: BOOL_TEXT[value] if isinstance(value, bool) else str(value)
+                for f in fields(self) if (value := getattr(self, f.name)) is not None}
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> SharedView:
@@ -33,12 +40,36 @@ class SharedView:
             text = params.get(f.name)
             if text is None:
                 continue
-            kind = {"int | None": int, "float | None": float}.get(str(f.type), str)
+            kind = {"int | None": int, "float | None": float, "bool | None": parse_bool}.get(str(f.type), str)
             try:
                 values[f.name] = kind(text)
             except ValueError:
                 continue
         return cls(**values)
+
+
+BOOL_TEXT = {True: "1", False: "0"}
+
+
+def parse_bool(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError(f"not 0 or 1: {text!r}")
+    return text == "1"
+
+
+def groups_to_text(groups: tuple[int, ...]) -> str | None:
+    """Extra group sizes as "32,0" (0: per output channel); None for none, so that the URL leaves them out."""
+    return ",".join(map(str, groups)) or None
+
+
+def groups_from_text(text: str | None) -> tuple[int, ...]:
+    """The sizes of groups_to_text, sorted; entries that are not whole numbers ≥ 0 are dropped (the analysis then
+    checks that each divides the model's layers)."""
+    groups = set()
+    for part in (text or "").split(","):
+        if part.strip().isdigit():
+            groups.add(int(part))
+    return tuple(sorted(groups))
 
 
 def pins_to_text(pins: dict[str, int], layers: pd.DataFrame) -> str:

@@ -218,6 +218,23 @@ def test_a_shared_url_restores_solver_budget_and_pins(at):
     # (AppTest runs a page without the entry script, so the address bar's update is checked in the browser test.)
 
 
+def test_a_shared_url_restores_the_analysis_options(at):
+    at.query_params.update({"samples": "4", "seqlen": "64", "group": "64", "quantizer_errors": "1",
+                            "extra_groups": "32", "calibrate": "1"})
+    at.run()
+    assert not at.exception, texts(at.exception)
+    assert at.checkbox(key="quantizer_errors").value and at.checkbox(key="calibrate_unit").value
+    assert at.multiselect(key="extra_group_sizes").value == [32]
+
+
+def test_a_shared_url_naming_an_error_source_or_unit_the_analysis_lacks_falls_back(at):
+    at.query_params.update({"errors": "attention", "unit": "calibrated"})
+    at.run()
+    at.switch_page("pages/2_Bit_budget.py").run()
+    no_problems(at)
+    assert at.selectbox(key="error_source").value == "rtn" and at.selectbox(key="error_unit").value == "heuristic"
+
+
 def test_presentation_mode_leaves_out_the_fine_controls(at):
     at.session_state["presentation"] = True
     at.switch_page("pages/2_Bit_budget.py").run()

@@ -149,6 +149,21 @@ def test_a_shared_view_survives_the_url_and_bad_values_are_dropped():
     assert pins_from_text(edited.pins, layers) == {"model.layers.0.q": 8, "model.layers.1.k": 2}
 
 
+def test_a_shared_view_carries_the_analysis_options_error_source_and_unit():
+    from aptq.share import SharedView, groups_from_text, groups_to_text
+
+    view = SharedView("embedded", "brown", 64, 512, 64, None, "knapsack", 3.0, None, True, groups_to_text((0, 32)),
+                      False, "attention", "calibrated")
+    params = view.to_params()
+    assert params["quantizer_errors"] == "1" and params["calibrate"] == "0" and params["extra_groups"] == "0,32"
+    assert params["errors"] == "attention" and params["unit"] == "calibrated"
+    assert SharedView.from_params(params) == view and groups_from_text(params["extra_groups"]) == (0, 32)
+    assert groups_to_text(()) is None and "extra_groups" not in SharedView(extra_groups=groups_to_text(())).to_params()
+    edited = SharedView.from_params({"quantizer_errors": "yes", "calibrate": "1", "extra_groups": "32,-8,x,,128"})
+    assert edited.quantizer_errors is None and edited.calibrate is True
+    assert groups_from_text(edited.extra_groups) == (32, 128)
+
+
 def test_whole_model_bits_count_unnamed_layers_in_fp16(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     table = layer_table(loaded)

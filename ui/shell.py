@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from aptq.share import SharedView
+from aptq.share import SharedView, groups_from_text, groups_to_text
 from ui.session import AnalysisRequest
 
 PAGES = (("app.py", "Home", "🏠"), ("pages/1_Sensitivity.py", "Sensitivity", "🔍"),
@@ -55,7 +55,8 @@ def presentation_toggle() -> None:
 
 
 def restore_from_url() -> None:
-    """Once per session, before any widget: the view the URL names (model, corpus, analysis, solver, budget, pins)."""
+    """Once per session, before any widget: the view the URL names (model, corpus, analysis and its options, solver,
+    error source, unit, budget, pins)."""
     if st.session_state.get("url_restored"):
         return
     st.session_state["url_restored"] = True
@@ -65,9 +66,15 @@ def restore_from_url() -> None:
     if view.corpus:
         st.session_state["corpus_spec"] = view.corpus
     if None not in (view.samples, view.seqlen, view.group):
-        st.session_state["analysis_request"] = AnalysisRequest(view.samples, view.seqlen, view.group, view.blocks)
+        st.session_state["analysis_request"] = AnalysisRequest(
+            view.samples, view.seqlen, view.group, view.blocks, quantizer_errors=bool(view.quantizer_errors),
+            extra_group_sizes=groups_from_text(view.extra_groups), calibrate_unit=bool(view.calibrate))
     if view.solver:
         st.session_state["method"] = view.solver
+    # Error source and unit are offered by the analysis: Bit budget drops one its analysis does not have.
+    for key, value in (("error_source", view.errors), ("error_unit", view.unit)):
+        if value:
+            st.session_state[key] = value
     if view.budget is not None:
         st.session_state["budget"] = view.budget
     if view.pins:
@@ -81,7 +88,11 @@ def write_url() -> None:
     view = SharedView(state.get("model_source"), state.get("corpus_spec"),
                       request.samples if request else None, request.seqlen if request else None,
                       request.group_size if request else None, request.max_blocks if request else None,
-                      state.get("method"), state.get("budget"), state.get("pins_text") or None)
+                      state.get("method"), state.get("budget"), state.get("pins_text") or None,
+                      request.quantizer_errors or None if request else None,
+                      groups_to_text(request.extra_group_sizes) if request else None,
+                      request.calibrate_unit or None if request else None,
+                      state.get("error_source"), state.get("error_unit"))
     params = view.to_params()
     if params != st.query_params.to_dict():
         st.query_params.from_dict(params)
