@@ -14,9 +14,9 @@ runs    key PK (model + calibration + plan + quantization settings + evaluation 
         coverage (aptq.coverage: the layers the plan decides, e.g. "blocks 0–3 of 30"), covered_avg_bits,
         covered_effective_bits (over those layers; avg_bits/effective_bits are over the whole model),
         label and tag (a person's name and tag for the run), completions (JSON: aptq.teaching samples),
-        error_source (rtn | gptq | attention) and error_unit (heuristic | calibrated): the predicted errors and the
-        unit that made the plan (aptq.allocate.ERROR_SOLVERS); NULL for plans no predicted error made (uniform,
-        aptq, random, a plan file) and in rows stored before these columns existed
+        error_source (rtn | gptq | attention) and error_unit (heuristic | calibrated): whose predicted errors, in
+        which unit, the run's predicted totals are (for knapsack plans, aptq.allocate.ERROR_SOLVERS, also what
+        chose the plan); NULL for runs without a prediction (a plan file) and in rows stored before these columns
 baselines  (model, corpus, eval_seqlen, eval_tokens) PK, perplexity, tokens_per_second, created: full-precision
         perplexity measured on the Home page
 
@@ -35,7 +35,7 @@ from datetime import datetime
 import pandas as pd
 from scipy.stats import spearmanr
 
-from aptq.allocate import ERROR_SOLVERS, PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE, PREDICTED_ERRORS
+from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE, PREDICTED_ERRORS
 from aptq.data import digest
 from aptq.store import Store
 
@@ -106,7 +106,7 @@ class RunRecord:
     completions: str | None = None  # JSON: aptq.teaching samples
     label: str | None = None  # a person's name for the run
     tag: str | None = None
-    error_source: str | None = None  # made_with: the predicted errors that made the plan, None for other solvers
+    error_source: str | None = None  # predicted_with: whose predicted errors the totals above are, None without any
     error_unit: str | None = None  # … and their unit
     created: datetime | None = None  # set by the store
     # Not stored: how this call came by the run.
@@ -194,40 +194,35 @@ def record_run(store: Store | None, record: RunRecord) -> None:
     store.write_frame("runs", pd.DataFrame([record.row()]))
 
 
-def made_with(meta: Mapping) -> dict[str, str | None]:
-    """The runs table's error_source and error_unit for a plan's `meta` (allocation, error_source, error_unit): what
-    made the plan when its solver minimized the predicted errors, None for any other plan."""
-    made = meta.get("allocation") in ERROR_SOLVERS
-    return {name: meta.get(name) if made else None for name in ("error_source", "error_unit")}
+def predicted_with(meta: Mapping) -> dict[str, str | None]:
+    """The runs table's error_source and error_unit for a plan's `meta`: whose predicted errors, in which unit, its
+    predicted totals are (for a knapsack plan also what chose it); None for a plan without a prediction."""
+    predicted = meta.get(PREDICTED_ERROR_ATTENTION) is not None
+    return {name: meta.get(name) if predicted else None for name in ("error_source", "error_unit")}
 
 
 def set_prediction(store: Store | None, key: str, meta: dict) -> RunRecord:
-    """Give a stored run the name, allocation, analysis, predicted errors and error source and unit (made_with) of
-    `meta` (the latest prediction of its plan, e.g. from a newer analysis); return the row."""
+    """Give a stored run the name, allocation, analysis, predicted errors and their source and unit (predicted_with)
+    of `meta` (the latest prediction of its plan, e.g. from a newer analysis); return the row."""
     store = _ready(store)
     predicted = ", ".join(f"{name} = ?" for name in (*PREDICTED_ERRORS, "error_source", "error_unit"))
     store.execute("UPDATE runs SET plan_name = coalesce(?, plan_name), allocation = coalesce(?, allocation), "
                   f"budget = coalesce(?, budget), analysis = ?, {predicted} WHERE key = ?",
                   [meta.get("name"), meta.get("allocation"), meta.get("budget"), meta.get("analysis"),
-                   *(meta.get(name) for name in PREDICTED_ERRORS), *made_with(meta).values(), key])
+                   *(meta.get(name) for name in PREDICTED_ERRORS), *predicted_with(meta).values(), key])
     return find_run(store, key)
 
 
-def made_with_counts(runs: pd.DataFrame) -> str:
-    """What made the runs' plans, e.g. "attention errors, calibrated unit: 4; other solvers: 3" (made_with)."""
-    made = runs.reindex(columns=["error_source", "error_unit"]).astype("string")
-    labels = (made["error_source"] + " errors, " + made["error_unit"] + " unit").fillna("other solvers")
-    return "; ".join(f"{label}: {count}" for label, count in labels.value_counts().sort_index().items())
-
-
 def trust(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per quantization method: Spearman rank correlation of the predicted total error with the measured KL and
-    perplexity, over the runs that carry a prediction (one model and evaluation protocol at a time), and what made
-    their plans (made_with_counts)."""
+    """Per quantization method and per source and unit of the predictions (predicted totals in different units do
+    not rank together): Spearman rank correlation of the predicted total error with the measured KL and perplexity,
+    over the runs that carry a prediction (one model and evaluation protocol at a time)."""
     rows = []
     usable = runs.dropna(subset=[PREDICTED_ERROR_ATTENTION, "kl"])
-    for method, of_method in usable.groupby("method"):
-        row = {"method": method, "runs": len(of_method), "made_with": made_with_counts(of_method)}
+    made = usable.reindex(columns=["error_source", "error_unit"]).astype("string")
+    labels = (made["error_source"] + " errors, " + made["error_unit"] + " unit").fillna("not recorded")
+    for (method, made_by), of_method in usable.groupby([usable["method"], labels]):
+        row = {"method": method, "predicted_with": made_by, "runs": len(of_method)}
         for predicted, metric in PREDICTED_ERRORS.items():
             for measured in ("kl", "perplexity"):
                 value = spearmanr(of_method[predicted], of_method[measured]).statistic if len(of_method) >= 3 \

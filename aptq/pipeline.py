@@ -638,7 +638,7 @@ def _run_record(loaded: LoadedModel, corpus_name: str, sampling: Sampling, setti
                                                                           settings.group_size),
         plan_name=meta.get("name"), allocation=meta.get("allocation", "manual"), budget=meta.get("budget"),
         analysis=meta.get("analysis"), **size, **{name: meta.get(name) for name in PREDICTED_ERRORS},
-        **history.made_with(meta),
+        **history.predicted_with(meta),
         perplexity=result.perplexity, kl=result.kl_divergence, top1=result.top1_agreement,
         fp_perplexity=measured.fp_perplexity, quant_seconds=quantized.seconds, eval_seconds=result.seconds,
         device=quantized.device, notes=" ".join(quantized.notes) or None,

@@ -1,6 +1,6 @@
-"""The runs table records which predicted errors and which unit made a run's plan: a knapsack plan made with the
-attention-aware quantizer's errors says so, a uniform plan says nothing, and a store from before these columns opens
-with its rows."""
+"""The runs table records whose predicted errors, in which unit, a run's predicted totals are (for a knapsack plan
+also what chose it), the trust table never ranks two units together, and a store from before these columns opens with
+its rows."""
 
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "REFERENCE_CACHE", tmp_path / "reference")
 
 
-def test_a_knapsack_run_records_its_error_source_and_unit_and_a_uniform_run_none(tiny_model_dir, text_corpus,
-                                                                                  tmp_path):
+def test_every_predicted_run_records_its_error_source_and_unit(tiny_model_dir, text_corpus, tmp_path):
     store = Store(tmp_path / "store.duckdb")
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     sampling = Sampling(4, 32, seed=0)
@@ -38,19 +37,30 @@ def test_a_knapsack_run_records_its_error_source_and_unit_and_a_uniform_run_none
                       (2, 4), QuantizeSettings("attention", 32), EvalSettings(32, 64), store)
     assert table["key"].notna().all()
     runs = history.stored_runs(store).set_index("allocation")
-    assert runs.loc["knapsack", "error_source"] == "attention" and runs.loc["knapsack", "error_unit"] == "heuristic"
-    assert runs.loc["uniform", list(NEW_COLUMNS)].isna().all()
-    made = history.trust(runs.reset_index())["made_with"].item()
-    assert made == "attention errors, heuristic unit: 1; other solvers: 1"
+    for allocation in ("knapsack", "uniform"):
+        assert tuple(runs.loc[allocation, list(NEW_COLUMNS)]) == ("attention", "heuristic")
+    trusted = history.trust(runs.reset_index())
+    assert list(trusted["predicted_with"]) == ["attention errors, heuristic unit"] and list(trusted["runs"]) == [2]
+
+
+def test_the_trust_table_ranks_each_unit_apart():
+    runs = pd.DataFrame([a_run(f"r{i}", allocation="knapsack", predicted_error_attention=float(i),
+                               predicted_error_layerwise=float(i), kl=0.1 * i, error_source="rtn",
+                               error_unit=unit).row()
+                         for i, unit in enumerate(["heuristic"] * 3 + ["calibrated"] * 3 + [None] * 3)])
+    trusted = history.trust(runs).set_index("predicted_with")
+    assert trusted["runs"].to_dict() == {"not recorded": 3, "rtn errors, calibrated unit": 3,
+                                         "rtn errors, heuristic unit": 3}
 
 
 def test_set_prediction_gives_a_stored_run_the_new_plans_source_and_unit(tmp_path):
     store = Store(tmp_path / "store.duckdb")
     history.record_run(store, a_run("r"))
-    meta = {"allocation": "knapsack-layerwise", "analysis": "a", "error_source": "gptq", "error_unit": "calibrated"}
+    meta = {"allocation": "knapsack-layerwise", "analysis": "a", "error_source": "gptq", "error_unit": "calibrated",
+            "predicted_error_attention": 1.0, "predicted_error_layerwise": 2.0}
     assert (history.set_prediction(store, "r", meta).error_source, history.find_run(store, "r").error_unit) == \
         ("gptq", "calibrated")
-    again = history.set_prediction(store, "r", meta | {"allocation": "aptq"})  # the same plan, now the APTQ rule's
+    again = history.set_prediction(store, "r", {"allocation": "aptq", "analysis": None})  # now without a prediction
     assert (again.error_source, again.error_unit) == (None, None)
 
 
