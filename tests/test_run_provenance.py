@@ -45,8 +45,8 @@ def test_every_predicted_run_records_its_error_source_and_unit(tiny_model_dir, t
 
 def test_the_trust_table_ranks_each_unit_apart():
     runs = pd.DataFrame([a_run(f"r{i}", allocation="knapsack", predicted_error_attention=float(i),
-                               predicted_error_layerwise=float(i), kl=0.1 * i, error_source="rtn",
-                               error_unit=unit).row()
+                               predicted_error_layerwise=float(i), kl=0.1 * i, perplexity=10.0 + i,
+                               error_source="rtn", error_unit=unit).row()
                          for i, unit in enumerate(["heuristic"] * 3 + ["calibrated"] * 3 + [None] * 3)])
     trusted = history.trust(runs).set_index("predicted_with")
     assert trusted["runs"].to_dict() == {"not recorded": 3, "rtn errors, calibrated unit": 3,
