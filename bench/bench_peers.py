@@ -12,21 +12,28 @@ The peers pin their own transformers, so they run in a separate environment and 
     /work/venv-peers/bin/python -m bench.bench_peers quantize --peer autoround-light --bits 3 --group 64
     taskset -c 1 /work/venv-peers/bin/python -m bench.bench_peers quantize --peer gptqmodel --bits 3 --group 64
     .venv/bin/python -m bench.bench_peers ours --method gptq --bits 3 --group 64
+    .venv/bin/python -m bench.bench_peers ours --method attention --bits 3 --group 64 --options act-order,v-rows
     .venv/bin/python -m bench.bench_peers evaluate
+
+Another model: `dump --model SOURCE` (anything `aptq.models.load_model` takes; every later step reads it from the
+dump) with APTQ_CACHE_DIR set to a directory of its own, so that its dump, Ŵ files and store stay apart; its table is
+written to bench/results/peers_<model>.md.
 
 (pip warns that llmcompressor 0.14.0.1 asks for auto-round ≤ 0.15.1; its GPTQ path does not use auto-round, so the
 newest auto-round stays. GPTQModel 7.7.0 needs torch ≥ 2.14.1, so its 7.6.0 is the newest that installs beside the
 pinned CPU torch; it downgrades numpy to 2.2.6.)
 
-`dump` (project environment) saves the embedded model's calibration segments exactly as our pipeline draws them
+`dump` (project environment) saves the model's calibration segments exactly as our pipeline draws them
 (aptq.data.calibration_segments on Brown, seed 0), the evaluation token ids and the converted model's directory.
 `quantize` (reference environment, imports no aptq module) runs one peer on that directory with exactly those segments
 (no dataset download), asymmetric, the given width and group, and saves the dequantized weight Ŵ of every quantized
 linear with the wall time and peak RSS of the quantization. `ours` (project environment) runs our method through
 aptq.pipeline.run_plan (so the store holds it and a rerun reuses it) on the same segments and evaluation tokens, in its
-own process so that its peak RSS is its own. `evaluate` (project environment) puts each peer's Ŵ into the model loaded
-with aptq.models.load_model and measures it with aptq.evaluate against the pipeline's cached full-precision
-reference on the dumped evaluation windows, then writes bench/results/peers.md with our rows beside the peers'.
+own process so that its peak RSS is its own; `--options` turns on the attention-aware quantizer's optional parts
+(act-order, v-rows, mlp-rows: QuantizeSettings.act_order, value_rows, mlp_rows). `evaluate` (project environment)
+puts each peer's Ŵ into the model loaded with aptq.models.load_model and measures it with aptq.evaluate against the
+pipeline's cached full-precision reference on the dumped evaluation windows, then writes the table with our rows
+beside the peers'.
 Text below the table of that file (the reading, written by hand) is kept when it is rewritten.
 """
 
@@ -38,14 +45,14 @@ import os
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 WORK = Path(os.environ.get("APTQ_CACHE_DIR", Path(__file__).resolve().parent.parent / "data")) / "cache" / "peers"
 INPUTS = WORK / "inputs.pt"
-RESULTS = Path(__file__).parent / "results" / "peers.md"
+RESULTS = Path(__file__).parent / "results"
 WINDOW = 512
 # auto-round's recipes (auto_round.cli.main.RECIPES): default 200 iterations, light 50 at lr 5e-3; both with batches
 # of 8 segments. nsamples/seqlen are ours (the dumped segments), not the recipes' 128 × 2048.
@@ -57,6 +64,7 @@ PEERS = {
     "gptqmodel": "GPTQModel 7.6.0 GPTQ",
 }
 OURS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "attention": "attention-aware GPTQ (ours)", "aespa": "aespa (ours)"}
+OPTIONS = {"act-order": "act_order", "v-rows": "value_rows", "mlp-rows": "mlp_rows"}  # --options → QuantizeSettings
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,17 @@ class Inputs:
     samples: int
     seqlen: int
     tokens: int  # evaluation tokens asked for
+    source: str | None = None  # what load_model was given; None: the embedded model
+
+    def load(self):
+        from aptq.models import load_model
+
+        return load_model(device="cpu") if self.source is None else load_model(self.source, device="cpu")
+
+    @property
+    def results(self) -> Path:
+        """The table's file: peers.md for the embedded model, peers_<model directory>.md for another."""
+        return RESULTS / ("peers.md" if self.source is None else f"peers_{Path(self.model_dir).name}.md")
 
 
 @dataclass(frozen=True)
@@ -83,10 +102,24 @@ class Quantized:
     load: str  # `uptime`'s load averages when it finished
     command: str
     note: str = ""
+    options: str = ""  # ours only: "act-order,v-rows", … (OPTIONS)
 
     @property
     def name(self) -> str:
-        return f"{self.method}-w{self.bits}-g{self.group}"
+        return f"{self.method}-w{self.bits}-g{self.group}" + (f"-{self.options.replace(',', '-')}" if self.options
+                                                               else "")
+
+    @property
+    def label(self) -> str:
+        label = (OURS | PEERS)[self.method]
+        return f"{label} + {self.options.replace(',', ', ')}" if self.options else label
+
+    def settings(self):
+        """Our quantizer's settings for this record."""
+        from aptq.pipeline import QuantizeSettings
+
+        chosen = {OPTIONS[name]: True for name in filter(None, self.options.split(","))}
+        return QuantizeSettings(self.method, self.group, **chosen)
 
 
 def load_average() -> str:
@@ -110,16 +143,16 @@ def load_inputs() -> Inputs:
 # dump (project environment)
 
 
-def dump(samples: int, seqlen: int, tokens: int) -> None:
+def dump(samples: int, seqlen: int, tokens: int, source: str | None) -> None:
     from aptq.data import Sampling, calibration_segments, evaluation_windows, load_corpus, token_ids
     from aptq.models import load_model
 
-    loaded = load_model(device="cpu")
+    loaded = load_model(device="cpu") if source is None else load_model(source, device="cpu")
     corpus = load_corpus("brown")
     calibration = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), Sampling(samples, seqlen))
     evaluation = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), WINDOW, tokens)
     WORK.mkdir(parents=True, exist_ok=True)
-    torch.save(asdict(Inputs(str(loaded.path), calibration, evaluation, samples, seqlen, tokens)), INPUTS)
+    torch.save(asdict(Inputs(str(loaded.path), calibration, evaluation, samples, seqlen, tokens, source)), INPUTS)
     print(f"saved {tuple(calibration.shape)} calibration and {tuple(evaluation.shape)} evaluation ids of "
           f"{loaded.path} to {INPUTS}")
 
@@ -235,29 +268,28 @@ def protocol(inputs: Inputs):
     return Sampling(inputs.samples, inputs.seqlen, 0), EvalSettings(WINDOW, inputs.tokens)
 
 
-def ours(method: str, bits: int, group: int, command: str) -> None:
+def ours(method: str, bits: int, group: int, options: str, command: str) -> None:
     from aptq.data import calibration_segments, load_corpus, token_ids
-    from aptq.models import load_model
-    from aptq.pipeline import QuantizeSettings, run_plan, uniform_plan
+    from aptq.pipeline import run_plan, uniform_plan
     from aptq.progress import tqdm_progress
 
     inputs = load_inputs()
-    loaded = load_model(device="cpu")
+    loaded = inputs.load()
     sampling, evaluation = protocol(inputs)
     corpus = load_corpus("brown")
     if not torch.equal(calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling),
                        inputs.calibration):
         raise RuntimeError("The pipeline would draw other calibration segments than the dumped ones.")
     progress, close = tqdm_progress(f"{method} {bits}-bit g{group}")
+    asked = Quantized(method, bits, group, 0.0, None, "", command, options=options)
     try:
-        run = run_plan(loaded, corpus, sampling, uniform_plan(loaded.arch, bits),
-                       QuantizeSettings(method, group), evaluation, progress=progress,
-                       plan_meta={"allocation": "uniform", "budget": bits})
+        run = run_plan(loaded, corpus, sampling, uniform_plan(loaded.arch, bits), asked.settings(), evaluation,
+                       progress=progress, plan_meta={"allocation": "uniform", "budget": bits})
     finally:
         close()
-    record = Quantized(method, bits, group, run.quant_seconds, None if run.cached else peak_rss_gib(),
-                       load_average(), command,
-                       "stored run: time as stored" if run.cached else "process peak RSS: run_plan, evaluation in it")
+    note = "stored run: time as stored" if run.cached else "process peak RSS: run_plan, evaluation in it"
+    record = replace(asked, seconds=run.quant_seconds, peak_rss_gib=None if run.cached else peak_rss_gib(),
+                     load=load_average(), note=note)
     save_record(record)
     print(record, run.perplexity)
 
@@ -293,23 +325,22 @@ def measure_peer(loaded, windows: torch.Tensor, reference, record: Quantized) ->
 def stored_ours(loaded, inputs: Inputs, record: Quantized) -> Row:
     from aptq.data import load_corpus
     from aptq.history import find_run
-    from aptq.pipeline import QuantizeSettings, identify_run, uniform_plan
+    from aptq.pipeline import identify_run, uniform_plan
     from aptq.store import Store
 
     sampling, evaluation = protocol(inputs)
     identity = identify_run(loaded, load_corpus("brown"), sampling, uniform_plan(loaded.arch, record.bits),
-                            QuantizeSettings(record.method, record.group), evaluation)
+                            record.settings(), evaluation)
     run = find_run(Store(), identity.key)
     return Row(record, run.perplexity, run.kl, run.top1)
 
 
 def evaluate_all() -> None:
     from aptq.data import load_corpus
-    from aptq.models import load_model
     from aptq.pipeline import QuantizeSettings, identify_run, reference_for, uniform_plan
 
     inputs = load_inputs()
-    loaded = load_model(device="cpu")
+    loaded = inputs.load()
     corpus = load_corpus("brown")
     sampling, evaluation = protocol(inputs)
     identity = identify_run(loaded, corpus, sampling, uniform_plan(loaded.arch, 4), QuantizeSettings("gptq"),
@@ -325,30 +356,29 @@ def evaluate_all() -> None:
         else:
             rows.append(measure_peer(loaded, windows, reference, record))
         print(rows[-1], flush=True)
-    write_results(inputs, rows, float(torch.tensor(reference.mean_nll).exp()))
+    write_results(inputs, loaded.display_name, rows, float(torch.tensor(reference.mean_nll).exp()))
 
 
-def write_results(inputs: Inputs, rows: list[Row], fp_perplexity: float) -> None:
-    labels = OURS | PEERS
-    order = list(labels)
-    rows = sorted(rows, key=lambda r: (r.record.group, -r.record.bits, order.index(r.record.method)))
+def write_results(inputs: Inputs, model_name: str, rows: list[Row], fp_perplexity: float) -> None:
+    order = list(OURS | PEERS)
+    rows = sorted(rows, key=lambda r: (r.record.group, -r.record.bits, order.index(r.record.method), r.record.options))
+    results = inputs.results
     reading = ""
-    if RESULTS.is_file() and "## Reading" in RESULTS.read_text():
-        reading = RESULTS.read_text()[RESULTS.read_text().index("## Reading"):]
+    if results.is_file() and "## Reading" in results.read_text():
+        reading = results.read_text()[results.read_text().index("## Reading"):]
     lines = [
         "# The peers on the project's own tokens", "",
         f"- date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores, {platform.processor() or 'CPU'}, "
-        f"torch {torch.__version__}, every job with OMP_NUM_THREADS=1 under `nice -n 10`, up to four of this "
-        f"benchmark's jobs at once beside the lead's Gemma 3 benchmark (nice 0, 2 threads) and other helpers' jobs: "
-        f"load averages per row below; times are not speed figures (see the reading)",
+        f"torch {torch.__version__}; how the jobs shared the machine (threads, cores, what ran beside them): the "
+        f"reading below, and each row's load averages",
         "- commands: the docstring of bench/bench_peers.py; each row's own command is in the list under the table",
-        f"- protocol: SmolLM2-135M-Instruct (embedded, {Path(inputs.model_dir).name}); calibration: Brown "
+        f"- protocol: {model_name} ({Path(inputs.model_dir).name}); calibration: Brown "
         f"calibration split, {inputs.samples} × {inputs.seqlen} tokens drawn by aptq.data.calibration_segments, "
         f"seed 0 (the same tensor for every method); evaluation: Brown evaluation split, first "
         f"{inputs.evaluation.numel()} tokens in windows of {WINDOW}, KL and top-1 against the full-precision model "
         f"(top-128 reference, aptq.evaluate); asymmetric grids, groups of the given size, every decoder linear "
         f"quantized (not the tied embedding/LM head)",
-        f"- full precision (dequantized Q4_1 baseline): perplexity {fp_perplexity:.3f}",
+        f"- full precision (the loaded model's weights): perplexity {fp_perplexity:.3f}",
         "- quantize s: wall time of the quantization alone (model loading and evaluation excluded); peak RSS: "
         "resource.getrusage of the process that quantized (its model load included)", "",
         "| method | bits | group | perplexity | KL | top-1 | quantize s | peak RSS GiB |",
@@ -356,12 +386,12 @@ def write_results(inputs: Inputs, rows: list[Row], fp_perplexity: float) -> None
     ]
     for row in rows:
         rss = "—" if row.record.peak_rss_gib is None else f"{row.record.peak_rss_gib:.2f}"
-        lines.append(f"| {labels[row.record.method]} | {row.record.bits} | {row.record.group} | {row.perplexity:.3f} "
+        lines.append(f"| {row.record.label} | {row.record.bits} | {row.record.group} | {row.perplexity:.3f} "
                      f"| {row.kl:.4f} | {row.top1:.4f} | {row.record.seconds:.0f} | {rss} |")
     lines += ["", "Per row: command, load averages (1, 5, 15 min) when it finished, note", ""]
-    lines += [f"- {labels[r.record.method]} W{r.record.bits} g{r.record.group}: `{r.record.command}`; load "
+    lines += [f"- {r.record.label} W{r.record.bits} g{r.record.group}: `{r.record.command}`; load "
               f"{r.record.load}{'; ' + r.record.note if r.record.note else ''}" for r in rows]
-    RESULTS.write_text("\n".join(lines) + "\n" + (f"\n{reading.rstrip()}\n" if reading else ""))
+    results.write_text("\n".join(lines) + "\n" + (f"\n{reading.rstrip()}\n" if reading else ""))
     print("\n".join(lines))
 
 
@@ -375,15 +405,21 @@ def main() -> None:
     parser.add_argument("--method", choices=list(OURS))
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group", type=int, default=64)
+    parser.add_argument("--options", default="", help=f"ours only, comma-separated: {', '.join(OPTIONS)}")
+    parser.add_argument("--model", help="dump only: the model (default: the embedded one)")
     args = parser.parse_args()
+    options = ",".join(sorted(filter(None, (part.strip() for part in args.options.split(",")))))
+    if unknown := set(filter(None, options.split(","))) - set(OPTIONS):
+        parser.error(f"unknown --options {', '.join(sorted(unknown))}: choose from {', '.join(OPTIONS)}")
     command = f"bench_peers {args.step} --{'peer' if args.step == 'quantize' else 'method'} " \
-              f"{args.peer or args.method} --bits {args.bits} --group {args.group}"
+              f"{args.peer or args.method} --bits {args.bits} --group {args.group}" + \
+              (f" --options {options}" if options else "")
     if args.step == "dump":
-        dump(args.samples, args.seqlen, args.tokens)
+        dump(args.samples, args.seqlen, args.tokens, args.model)
     elif args.step == "quantize":
         quantize(args.peer, args.bits, args.group, command)
     elif args.step == "ours":
-        ours(args.method, args.bits, args.group, command)
+        ours(args.method, args.bits, args.group, options, command)
     else:
         evaluate_all()
 
