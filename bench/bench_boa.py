@@ -1,21 +1,22 @@
-"""BoA's row compensation for the value projection, for gate/up and act-order, measured on held-out calibration
-data (issue 19).
+"""BoA's row compensation for the value projection, for gate/up and act-order, and BoA against GPTQ, measured on
+held-out calibration data (issue 19).
 
     flock /tmp/heavy.lock nice -n 10 env OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_boa.py \
         [--blocks 0,10] [--bits 2,3,4] [--group 64] [--samples 32] [--seqlen 512] [--holdout 0.25] \
-        [--settings "v per head,mlp rows"]
+        [--settings "v per head,mlp rows"] [--model SOURCE]
 
 The calibration segments are split as the unit calibration does (aptq.calibrate.validation_segments): the first part
 fits (its Hessians quantize), the last `--holdout` share validates (never the evaluation split). Per block
-(full-precision inputs), bit width and setting of the attention-aware method in `SETTINGS` (v per head or with row
-factors; gate/up with or without the down projection's row factors; act-order off or on), every layer of the block is
-quantized with `aptq.pipeline.quantize_layer` from the fit part's Hessians; the table gives
+(full-precision inputs), bit width and setting in `SETTINGS` (the attention-aware method with v per head or with row
+factors, gate/up with or without the down projection's row factors, act-order off or on; or plain GPTQ), every layer
+of the block is quantized with `aptq.pipeline.quantize_layer` from the fit part's Hessians; the table gives
 
 - each layer's attention-wise objective (aptq.aespa.layer_objective: v `Σ_g tr(R_g ΔW_g H_V,g ΔW_gᵀ)`, q/k
   `tr(G ΔW H ΔWᵀ)`, o and MLP `tr(ΔW H ΔWᵀ)`) on the validation part's Hessians, and gate's and up's Kronecker
   objective `tr(R ΔW H ΔWᵀ)` with the down projection's row factor R (aptq.pipeline.mlp_row_factor, "R obj.");
 - the relative error of the attention module's output (after the out projection) on the validation segments with only
-  v quantized, `Σ ‖ΔY‖² / Σ ‖Y‖²`, and of the MLP's output (after the down projection) with only gate and up quantized;
+  q and k quantized and with only v quantized, `Σ ‖ΔY‖² / Σ ‖Y‖²`, and of the MLP's output (after the down
+  projection) with only gate and up quantized;
 - the relative error of the block's output on the validation segments with the whole block quantized.
 
 Appends the run to bench/results/quantizer.md and prints it.
@@ -49,10 +50,11 @@ class Setting:
     value_rows: bool | str = False  # "summed": the row factor of the group's summed out slices
     act_order: bool = False
     mlp_rows: bool = False
+    method: str = "attention"  # or "gptq"
 
     def for_layer(self, kind: str) -> tuple:
         """What a layer of this kind's quantization depends on: layers with equal keys are quantized once."""
-        return (self.act_order, self.value_rows if kind == "v" else None,
+        return (self.method, self.act_order, self.value_rows if kind == "v" else None,
                 self.mlp_rows if kind in ("gate", "up") else None)
 
 
@@ -62,12 +64,14 @@ SETTINGS = {
     "v rows of summed slices": Setting(value_rows="summed"),
     "v rows, act-order": Setting(value_rows=True, act_order=True),
     "mlp rows": Setting(mlp_rows=True),
+    "gptq": Setting(method="gptq"),
 }
 
 
 @dataclass(frozen=True)
 class Measured:
     objective: dict[str, float]  # layer kind (and "gate R", "up R") → validation objective
+    qk_error: float  # relative error of the attention output, only q and k quantized
     attention_error: float  # relative, only v quantized
     mlp_error: float  # relative, only gate and up quantized
     block_error: float  # relative, the whole block quantized
@@ -137,7 +141,7 @@ def measure_block(loaded: LoadedModel, fit: BlockHessians, held: BlockHessians, 
                 result = gptq_per_head(weight, fit.value[layer.name], config, act_order=setting.act_order,
                                        row_factors=rows).weight
             else:
-                settings = QuantizeSettings("attention", group, act_order=setting.act_order,
+                settings = QuantizeSettings(setting.method, group, act_order=setting.act_order,
                                             value_rows=bool(setting.value_rows), mlp_rows=setting.mlp_rows)
                 result = quantize_layer(weight, layer, fit, config, settings, out_weight, down_weight)[0]
             done[key] = result, time.perf_counter() - start
@@ -160,9 +164,11 @@ def measure_block(loaded: LoadedModel, fit: BlockHessians, held: BlockHessians, 
         seconds = {kind: sum(s for layer, (_, s) in timed.items() if layer.kind in kind) for kind in
                    (("v",), ("gate", "up"))}
         only = {kind: {layer.name: weights[layer.name] for layer in layers if layer.kind in kind}
-                for kind in (("v",), ("gate", "up"))}
+                for kind in (("q", "k"), ("v",), ("gate", "up"))}
+        attention = loaded.arch.attention_attr
         results[label] = Measured(objectives(weights),
-                                  relative_output_error(loaded, held_step, only[("v",)], loaded.arch.attention_attr),
+                                  relative_output_error(loaded, held_step, only[("q", "k")], attention),
+                                  relative_output_error(loaded, held_step, only[("v",)], attention),
                                   relative_output_error(loaded, held_step, only[("gate", "up")], loaded.arch.mlp_attr),
                                   relative_output_error(loaded, held_step, weights, None),
                                   seconds[("v",)], seconds[("gate", "up")], sum(s for _, s in timed.values()))
@@ -178,13 +184,14 @@ def section(block: int, bits: int, results: dict[str, Measured]) -> list[str]:
     kinds = list(base.objective)
     lines = [f"#### Block {block}, {bits} bits", "",
              "| setting | " + " | ".join(f"{kind} obj." for kind in kinds)
-             + " | attention out (v only) | MLP out (gate, up) | block out (all) | v s | gate+up s | block s |",
-             "|---" * (len(kinds) + 7) + "|"]
+             + " | attention out (q, k only) | attention out (v only) | MLP out (gate, up) | block out (all) | v s "
+             "| gate+up s | block s |",
+             "|---" * (len(kinds) + 8) + "|"]
     for label, measured in results.items():
         first = measured is base
         cells = [ratio(measured.objective[kind], base.objective[kind], first) for kind in kinds]
         cells += [ratio(getattr(measured, name), getattr(base, name), first)
-                  for name in ("attention_error", "mlp_error", "block_error")]
+                  for name in ("qk_error", "attention_error", "mlp_error", "block_error")]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {measured.value_seconds:.1f} | "
                      f"{measured.mlp_seconds:.1f} | {measured.seconds:.0f} |")
     return lines + [""]
@@ -199,6 +206,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--holdout", type=float, default=0.25)
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"labels, the first the base: {list(SETTINGS)}")
+    parser.add_argument("--model", help="the model (anything aptq.models.load_model takes; default: the embedded one)")
     args = parser.parse_args()
     blocks = sorted(int(b) for b in args.blocks.split(","))
     labels = args.settings.split(",")
@@ -207,17 +215,19 @@ def main() -> None:
         parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     command = (f"flock /tmp/heavy.lock nice -n 10 env OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python "
                f"bench/bench_boa.py --blocks {args.blocks} --bits {args.bits} --group {args.group} "
-               f"--samples {args.samples} --seqlen {args.seqlen} --holdout {args.holdout} --settings '{args.settings}'")
+               f"--samples {args.samples} --seqlen {args.seqlen} --holdout {args.holdout} --settings '{args.settings}'"
+               + (f" --model {args.model}" if args.model else ""))
     load_before, started = load_average(), time.perf_counter()
-    loaded = load_model(device="cpu")
+    loaded = load_model(device="cpu") if args.model is None else load_model(args.model, device="cpu")
     segments = calibration_segments(token_ids(loaded.tokenizer, load_corpus("brown"), "calibration"),
                                     Sampling(args.samples, args.seqlen, seed=0))
     held_segments = validation_segments(segments, args.holdout)
     fit_segments = segments[:segments.shape[0] - held_segments.shape[0]]
-    options = CollectOptions(attention=True, probes=0, mlp_rows=True)
+    options = CollectOptions(attention=True, probes=0, mlp_rows=any(SETTINGS[label].mlp_rows for label in labels))
     walks = [BlockWalk(loaded.model, loaded.arch, part, device="cpu", stop=blocks[-1] + 1)
              for part in (fit_segments, held_segments)]
     lines = [f"### Run of {time.strftime('%Y-%m-%d %H:%M')} UTC", "", f"- command: `{command}`",
+             f"- model: {loaded.display_name}",
              f"- {fit_segments.shape[0]} fit and {held_segments.shape[0]} validation segments × {args.seqlen} tokens "
              f"(Brown calibration split); group {args.group}; full-precision block inputs", ""]
     for fit_step, held_step in zip(*walks, strict=True):
@@ -230,7 +240,7 @@ def main() -> None:
                                                                    labels))
             lines += measured
             print("\n".join(measured), flush=True)
-    lines.insert(4, f"- load average {load_before} before, {load_average()} after; "
+    lines.insert(5, f"- load average {load_before} before, {load_average()} after; "
                     f"{time.perf_counter() - started:.0f} s in all; objectives on the validation Hessians, in "
                     f"parentheses relative to `{labels[0]}`")
     RESULTS.write_text(RESULTS.read_text() + "\n".join(lines) + "\n")
