@@ -246,8 +246,9 @@ def rank_comparison(layers: pd.DataFrame, x_metric: str, y_metric: str) -> go.Fi
     return figure
 
 
-QUANT_DASH = {"rtn": "dot", "gptq": "dash", "attention": "solid"}  # line style per quantization method
-QUANT_SYMBOLS = {"rtn": "square", "gptq": "diamond", "attention": "circle"}
+# line style and marker per quantization method
+QUANT_DASH = {"rtn": "dot", "gptq": "dash", "attention": "solid", "aespa": "dashdot"}
+QUANT_SYMBOLS = {"rtn": "square", "gptq": "diamond", "attention": "circle", "aespa": "triangle-up"}
 AXIS_LABELS = {"avg_bits": "average bits per weight, whole model",
                "effective_bits": "effective bits per weight (with scales), whole model",
                "covered_avg_bits": "average bits per weight over the covered layers",

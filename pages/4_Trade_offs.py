@@ -77,8 +77,8 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
                                            baseline if baseline is None or np.isfinite(baseline) else None,
                                            tradeoffs.pareto_frontier(chosen, x, measured), point), width="stretch")
     st.caption(f"{len(chosen)} run(s) covering {run_set.coverage} under this protocol; colour = allocation method, "
-               f"line style = quantizer (dotted RTN, dashed GPTQ, solid attention-aware); the thick grey steps are "
-               f"the best runs (Pareto frontier); dashed line: full precision.")
+               f"line style = quantizer (dotted RTN, dashed GPTQ, solid attention-aware, dash-dotted aespa); the thick "
+               f"grey steps are the best runs (Pareto frontier); dashed line: full precision.")
 
     st.subheader("How far to trust the predictions")
     predicted = tradeoffs.newest_analysis(chosen)

@@ -198,6 +198,16 @@ def test_the_quality_chart_spans_its_runs_and_baseline_on_its_log_axis():
     assert 29.0 / 2 < 10 ** low <= 29.0 and 29015.5 <= 10 ** high < 29015.5 * 2
 
 
+def test_every_quantizer_has_its_own_line_style_and_marker_in_the_quality_chart():
+    from aptq.choices import QUANTIZERS
+
+    runs = pd.DataFrame({"allocation": "uniform", "method": list(QUANTIZERS), "plan_name": "u3",
+                         "covered_avg_bits": 3.0, "perplexity": 50.0})
+    traces = charts.tradeoff_curves(runs).data
+    assert len({trace.line.dash for trace in traces}) == len({trace.marker.symbol for trace in traces}) == \
+        len(traces) == len(QUANTIZERS)
+
+
 def test_expected_analysis_time_is_the_median_rate_times_blocks_and_tokens():
     from aptq.timing import expected_analysis_time
 
