@@ -71,7 +71,7 @@ def restore_from_url() -> None:
             extra_group_sizes=groups_from_text(view.extra_groups), calibrate_unit=bool(view.calibrate))
     if view.solver:
         st.session_state["method"] = view.solver
-    # Error source and unit are offered by the analysis: Bit budget drops one its analysis does not have.
+    # Error source and unit are offered by the analysis: one it lacks falls back to Bit budget's first choice.
     for key, value in (("error_source", view.errors), ("error_unit", view.unit)):
         if value:
             st.session_state[key] = value
