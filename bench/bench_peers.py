@@ -167,11 +167,24 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor | None:
     if isinstance(module, torch.nn.Linear):
         return module.weight.detach().float().cpu().clone()
     if hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):
+        from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
         # post_init builds the unpacking buffers (GPTQModel runs it when it loads a checkpoint); the class's own
         # method, not the torch.compile wrapper post_init puts on the instance
         module.post_init()
         with torch.no_grad():
-            return type(module).dequantize_weight(module).float().cpu().T.contiguous()
+            if module.qzero_format() == 1:
+                # quantize() leaves the packed zeros in the checkpoint format (GPTQ v1: zero − 1); GPTQModel's loader
+                # converts them before inference, and both dequantize_weight and the layer's own kernel read them so:
+                # without the conversion every weight is one grid step high (measured: Ŵ 0.87 from W, not 0.39)
+                convert_gptq_v1_to_v2_format_module(module, bits=module.bits, pack_dtype=module.pack_dtype)
+            weight = type(module).dequantize_weight(module).float().cpu().T.contiguous()
+            probe = torch.randn(4, module.in_features, generator=torch.Generator().manual_seed(0))
+            kernel = module(probe.to(module.scales.dtype)).float()
+        bias = 0.0 if module.bias is None else module.bias.float()
+        if (probe @ weight.T + bias - kernel).norm() > 1e-2 * kernel.norm():
+            raise RuntimeError("the dequantized weight disagrees with the layer's own kernel")
+        return weight
     return None
 
 
