@@ -221,8 +221,8 @@ def trust(runs: pd.DataFrame) -> pd.DataFrame:
     usable = runs.dropna(subset=[PREDICTED_ERROR_ATTENTION, "kl"])
     made = usable.reindex(columns=["error_source", "error_unit"]).astype("string")
     labels = (made["error_source"] + " errors, " + made["error_unit"] + " unit").fillna("not recorded")
-    for (method, made_by), of_method in usable.groupby([usable["method"], labels]):
-        row = {"method": method, "predicted_with": made_by, "runs": len(of_method)}
+    for (method, label), of_method in usable.groupby([usable["method"], labels]):
+        row = {"method": method, "predicted_with": label, "runs": len(of_method)}
         for predicted, metric in PREDICTED_ERRORS.items():
             for measured in ("kl", "perplexity"):
                 value = spearmanr(of_method[predicted], of_method[measured]).statistic if len(of_method) >= 3 \
