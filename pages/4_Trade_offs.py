@@ -95,22 +95,23 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
     left.plotly_chart(charts.predicted_vs_measured(predicted.runs, correlated, run_set.protocol), width="stretch")
     right.write(f"Spearman rank correlation of the predicted total error with the measured {MEASURES[correlated]}, "
                 f"per quantizer and per source and unit of the predictions, which do not rank together (1 = the "
-                f"predictions order plans exactly as the measurements do; needs 3 runs):")
-    # The chosen measure's columns only, named in words: the table fits its column.
+                f"predictions order plans exactly as the measurements do; needs 3 runs): the table below.")
+    # The chosen measure's columns only, named in words; below both columns, at full width: its five columns do not
+    # fit half the page without scrolling.
     trust = history.trust(predicted.runs)
-    right.dataframe(trust[["method", "predicted_with", "runs", f"spearman_attention_{correlated}",
-                           f"spearman_layerwise_{correlated}"]],
-                    hide_index=True,
-                    column_config={"method": st.column_config.TextColumn("quantizer", width="small"),
-                                   "predicted_with": st.column_config.TextColumn("predicted with"),
-                                   "runs": st.column_config.NumberColumn(width="small"),
-                                   f"spearman_attention_{correlated}": st.column_config.
-                                   NumberColumn("ρ, attention-aware errors", format="%.3f"),
-                                   f"spearman_layerwise_{correlated}": st.column_config.
-                                   NumberColumn("ρ, layer-wise errors", format="%.3f")})
-    right.caption("Predicted with: whose predicted errors (RTN, GPTQ, attention-aware) and which unit the plan's "
-                  "predicted totals use — for knapsack plans also what chose the plan; \"not recorded\": runs "
-                  "stored before the store kept it.")
+    st.dataframe(trust[["method", "predicted_with", "runs", f"spearman_attention_{correlated}",
+                        f"spearman_layerwise_{correlated}"]],
+                 hide_index=True,
+                 column_config={"method": st.column_config.TextColumn("quantizer", width="small"),
+                                "predicted_with": st.column_config.TextColumn("predicted with"),
+                                "runs": st.column_config.NumberColumn(width="small"),
+                                f"spearman_attention_{correlated}": st.column_config.
+                                NumberColumn("ρ, attention-aware errors", format="%.3f"),
+                                f"spearman_layerwise_{correlated}": st.column_config.
+                                NumberColumn("ρ, layer-wise errors", format="%.3f")})
+    st.caption("Predicted with: whose predicted errors (RTN, GPTQ, attention-aware) and which unit the plan's "
+               "predicted totals use — for knapsack plans also what chose the plan; \"not recorded\": runs "
+               "stored before the store kept it.")
 
 
 @st.cache_data(show_spinner="Predicting every solver's error…", max_entries=8)
