@@ -34,6 +34,7 @@ import torch
 from aptq.aespa import layer_objective, out_projection
 from aptq.calibrate import validation_segments
 from aptq.capture import Batch, BlockStep, BlockWalk
+from aptq.choices import EMBEDDED_MODEL
 from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
 from aptq.gptq import gptq_per_head
 from aptq.hessian import BlockHessians, CollectOptions
@@ -218,7 +219,7 @@ def main() -> None:
                f"--samples {args.samples} --seqlen {args.seqlen} --holdout {args.holdout} --settings '{args.settings}'"
                + (f" --model {args.model}" if args.model else ""))
     load_before, started = load_average(), time.perf_counter()
-    loaded = load_model(device="cpu") if args.model is None else load_model(args.model, device="cpu")
+    loaded = load_model(args.model or EMBEDDED_MODEL, device="cpu")
     segments = calibration_segments(token_ids(loaded.tokenizer, load_corpus("brown"), "calibration"),
                                     Sampling(args.samples, args.seqlen, seed=0))
     held_segments = validation_segments(segments, args.holdout)

@@ -80,9 +80,10 @@ class Inputs:
     source: str | None = None  # what load_model was given; None: the embedded model
 
     def load(self):
+        from aptq.choices import EMBEDDED_MODEL
         from aptq.models import load_model
 
-        return load_model(device="cpu") if self.source is None else load_model(self.source, device="cpu")
+        return load_model(self.source or EMBEDDED_MODEL, device="cpu")
 
     @property
     def results(self) -> Path:
@@ -144,10 +145,11 @@ def load_inputs() -> Inputs:
 
 
 def dump(samples: int, seqlen: int, tokens: int, source: str | None) -> None:
+    from aptq.choices import EMBEDDED_MODEL
     from aptq.data import Sampling, calibration_segments, evaluation_windows, load_corpus, token_ids
     from aptq.models import load_model
 
-    loaded = load_model(device="cpu") if source is None else load_model(source, device="cpu")
+    loaded = load_model(source or EMBEDDED_MODEL, device="cpu")
     corpus = load_corpus("brown")
     calibration = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), Sampling(samples, seqlen))
     evaluation = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), WINDOW, tokens)
@@ -376,9 +378,8 @@ def write_results(inputs: Inputs, model_name: str, rows: list[Row], fp_perplexit
     order = list(OURS | PEERS)
     rows = sorted(rows, key=lambda r: (r.record.group, -r.record.bits, order.index(r.record.method), r.record.options))
     results = inputs.results
-    reading = ""
-    if results.is_file() and "## Reading" in results.read_text():
-        reading = results.read_text()[results.read_text().index("## Reading"):]
+    previous = results.read_text() if results.is_file() else ""
+    reading = previous[previous.index("## Reading"):] if "## Reading" in previous else ""
     lines = [
         "# The peers on the project's own tokens", "",
         f"- date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores, {platform.processor() or 'CPU'}, "
