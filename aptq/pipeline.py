@@ -560,6 +560,11 @@ def stored_run(store: Store, identity: RunIdentity, meta: dict) -> RunRecord | N
     return stored
 
 
+def run_weights(arch: Architecture, key: str) -> QuantizedWeights:
+    """The quantized weights a run left in its run directory (`measure_run` keeps them until `remove_checkpoints`)."""
+    return QuantizedWeights(arch, _Checkpoints(key))
+
+
 def remove_checkpoints(key: str) -> None:
     """The run directory of a stored run (its finished blocks are no longer needed)."""
     _Checkpoints(key).remove()

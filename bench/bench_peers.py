@@ -27,13 +27,15 @@ pinned CPU torch; it downgrades numpy to 2.2.6.)
 (aptq.data.calibration_segments on Brown, seed 0), the evaluation token ids and the converted model's directory.
 `quantize` (reference environment, imports no aptq module) runs one peer on that directory with exactly those segments
 (no dataset download), asymmetric, the given width and group, and saves the dequantized weight Ŵ of every quantized
-linear with the wall time and peak RSS of the quantization. `ours` (project environment) runs our method through
-aptq.pipeline.run_plan (so the store holds it and a rerun reuses it) on the same segments and evaluation tokens, in its
-own process so that its peak RSS is its own; `--options` turns on the attention-aware quantizer's optional parts
-(act-order, v-rows, mlp-rows: QuantizeSettings.act_order, value_rows, mlp_rows). `evaluate` (project environment)
-puts each peer's Ŵ into the model loaded with aptq.models.load_model and measures it with aptq.evaluate against the
-pipeline's cached full-precision reference on the dumped evaluation windows, then writes the table with our rows
-beside the peers'.
+linear with the wall time and peak RSS of the quantization. `ours` (project environment) runs our method as
+aptq.pipeline.run_plan does (the store holds the run and a rerun reuses it; its Ŵ is saved like a peer's) on the same
+segments and evaluation tokens, in its own process so that its peak RSS is its own; `--options` turns on the
+attention-aware quantizer's optional parts (act-order, v-rows, mlp-rows: QuantizeSettings.act_order, value_rows,
+mlp_rows) and aespa's (learn-scales, iterations=N: AespaOptions). `evaluate` (project environment) puts each peer's Ŵ
+into the model loaded with aptq.models.load_model and measures it with aptq.evaluate against the pipeline's cached
+full-precision reference on the dumped evaluation windows, measures every kept Ŵ (ours too) on validation windows of
+the calibration split that the fitted segments do not touch (the KL that settings are chosen on), then writes the
+table with our rows beside the peers'.
 Text below the table of that file (the reading, written by hand) is kept when it is rewritten.
 """
 
@@ -65,6 +67,8 @@ PEERS = {
 }
 OURS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "attention": "attention-aware GPTQ (ours)", "aespa": "aespa (ours)"}
 OPTIONS = {"act-order": "act_order", "v-rows": "value_rows", "mlp-rows": "mlp_rows"}  # --options → QuantizeSettings
+AESPA_FLAGS = {"learn-scales": "learn_scales"}  # --options → AespaOptions (method aespa); also "iterations=N"
+VALIDATION_WINDOWS = 4  # windows of WINDOW tokens from the calibration split, apart from the fitted segments
 
 
 @dataclass(frozen=True)
@@ -117,10 +121,19 @@ class Quantized:
 
     def settings(self):
         """Our quantizer's settings for this record."""
+        from aptq.aespa import AespaOptions
         from aptq.pipeline import QuantizeSettings
 
-        chosen = {OPTIONS[name]: True for name in filter(None, self.options.split(","))}
-        return QuantizeSettings(self.method, self.group, **chosen)
+        chosen, aespa = {}, {}
+        for part in filter(None, self.options.split(",")):
+            name, _, value = part.partition("=")
+            if name in OPTIONS:
+                chosen[OPTIONS[name]] = True
+            elif name in AESPA_FLAGS:
+                aespa[AESPA_FLAGS[name]] = True
+            else:  # "iterations=N", checked by main
+                aespa[name] = int(value)
+        return QuantizeSettings(self.method, self.group, aespa=AespaOptions(**aespa), **chosen)
 
 
 def load_average() -> str:
@@ -283,10 +296,14 @@ def protocol(inputs: Inputs):
     return Sampling(inputs.samples, inputs.seqlen, 0), EvalSettings(WINDOW, inputs.tokens)
 
 
-def ours(method: str, bits: int, group: int, options: str, command: str) -> None:
+def ours(method: str, bits: int, group: int, options: str, command: str, rerun: bool) -> None:
+    """Our run stored as run_plan stores it, and its Ŵ saved beside the peers' (for the validation KL); `rerun`
+    replaces a stored run of the same key (one stored before Ŵ were kept)."""
+    from aptq import history
     from aptq.data import calibration_segments, load_corpus, token_ids
-    from aptq.pipeline import run_plan, uniform_plan
+    from aptq.pipeline import identify_run, measure_run, remove_checkpoints, run_weights, uniform_plan
     from aptq.progress import tqdm_progress
+    from aptq.store import Store
 
     inputs = load_inputs()
     loaded = inputs.load()
@@ -297,13 +314,27 @@ def ours(method: str, bits: int, group: int, options: str, command: str) -> None
         raise RuntimeError("The pipeline would draw other calibration segments than the dumped ones.")
     progress, close = tqdm_progress(f"{method} {bits}-bit g{group}")
     asked = Quantized(method, bits, group, 0.0, None, "", command, options=options)
+    store = Store()
+    identity = identify_run(loaded, corpus, sampling, uniform_plan(loaded.arch, bits), asked.settings(), evaluation)
+    if rerun:
+        history.delete_runs(store, [identity.key])
+    run = history.find_run(store, identity.key)
+    cached = run is not None
     try:
-        run = run_plan(loaded, corpus, sampling, uniform_plan(loaded.arch, bits), asked.settings(), evaluation,
-                       progress=progress, plan_meta={"allocation": "uniform", "budget": bits})
+        if not cached:
+            run = measure_run(loaded, corpus, sampling, identity, asked.settings(), evaluation, progress,
+                              {"allocation": "uniform", "budget": bits})
     finally:
         close()
-    note = "stored run: time as stored" if run.cached else "process peak RSS: run_plan, evaluation in it"
-    record = replace(asked, seconds=run.quant_seconds, peak_rss_gib=None if run.cached else peak_rss_gib(),
+    if not cached:
+        history.record_run(store, run)
+        weights = run_weights(loaded.arch, identity.key)
+        path_of = {layer.name: layer.module_path for layer in loaded.arch.layers}
+        torch.save({path_of[name]: weight for block in range(loaded.arch.n_blocks)
+                    for name, weight in weights.block(block).items()}, WORK / f"{asked.name}.pt")
+        remove_checkpoints(identity.key)
+    note = "stored run: time as stored" if cached else "process peak RSS: quantization and evaluation in it"
+    record = replace(asked, seconds=run.quant_seconds, peak_rss_gib=None if cached else peak_rss_gib(),
                      load=load_average(), note=note)
     save_record(record)
     print(record, run.perplexity)
@@ -315,26 +346,61 @@ class Row:
     perplexity: float
     kl: float
     top1: float
+    kl_validation: float | None = None  # None: no Ŵ kept (our runs stored before Ŵ were saved)
+
+
+def validation_windows(inputs: Inputs, calibration_ids: torch.Tensor) -> torch.Tensor:
+    """VALIDATION_WINDOWS windows of the calibration split that no fitted segment touches, taken from its end: data
+    to choose settings on, never the evaluation split."""
+    generator = torch.Generator().manual_seed(0)  # the draw of aptq.data.calibration_segments
+    starts = torch.randint(0, calibration_ids.numel() - inputs.seqlen + 1, (inputs.samples,), generator=generator)
+    if not torch.equal(torch.stack([calibration_ids[s:s + inputs.seqlen] for s in starts.tolist()]),
+                       inputs.calibration):
+        raise RuntimeError("The fitted segments' positions could not be recovered.")
+    windows = []
+    end = calibration_ids.numel()
+    while len(windows) < VALIDATION_WINDOWS and end >= WINDOW:
+        if all(end <= s or end - WINDOW >= s + inputs.seqlen for s in starts.tolist()):
+            windows.append(calibration_ids[end - WINDOW:end])
+            end -= WINDOW
+        else:
+            end -= 1
+    if len(windows) < VALIDATION_WINDOWS:
+        raise RuntimeError("The calibration split has too few tokens outside the fitted segments.")
+    return torch.stack(windows)
+
+
+def evaluate_weights(loaded, path: Path, windows: torch.Tensor, reference):
+    """A method's saved Ŵ (module path → weight) swapped into the model and evaluated on `windows`."""
+    from aptq.evaluate import evaluate
+    from aptq.pipeline import swapped_weights
+
+    weights = torch.load(path)
+    by_module = {layer.module_path: layer.name for layer in loaded.arch.layers}
+    if set(weights) != set(by_module):
+        raise RuntimeError(f"{path.name}: the method's layers differ from the model's: "
+                           f"{sorted(set(weights) ^ set(by_module))[:4]}")
+    with swapped_weights(loaded.model, loaded.arch, {by_module[p]: w for p, w in weights.items()}):
+        return evaluate(loaded.model, windows, reference=reference)
+
+
+def cached_measure(record: Quantized, kind: str, measure) -> dict:
+    """`measure()` (a dict of numbers) kept in {name}.{kind}.json while it is newer than the record's Ŵ."""
+    measured = WORK / f"{record.name}.{kind}.json"
+    if measured.is_file() and measured.stat().st_mtime > (WORK / f"{record.name}.pt").stat().st_mtime:
+        return json.loads(measured.read_text())
+    values = measure()
+    measured.write_text(json.dumps(values))
+    return values
 
 
 def measure_peer(loaded, windows: torch.Tensor, reference, record: Quantized) -> Row:
     """The peer's Ŵ evaluated; kept beside its weights so that the next `evaluate` reads it instead."""
-    from aptq.evaluate import evaluate
-    from aptq.pipeline import swapped_weights
+    def measure() -> dict:
+        result = evaluate_weights(loaded, WORK / f"{record.name}.pt", windows, reference)
+        return {"perplexity": result.perplexity, "kl": result.kl_divergence, "top1": result.top1_agreement}
 
-    measured = WORK / f"{record.name}.evaluation.json"
-    if measured.is_file() and measured.stat().st_mtime > (WORK / f"{record.name}.pt").stat().st_mtime:
-        return Row(record, **json.loads(measured.read_text()))
-    weights = torch.load(WORK / f"{record.name}.pt")
-    by_module = {layer.module_path: layer.name for layer in loaded.arch.layers}
-    if set(weights) != set(by_module):
-        raise RuntimeError(f"{record.name}: the peer's layers differ from the model's: "
-                           f"{sorted(set(weights) ^ set(by_module))[:4]}")
-    with swapped_weights(loaded.model, loaded.arch, {by_module[path]: w for path, w in weights.items()}):
-        result = evaluate(loaded.model, windows, reference=reference)
-    row = Row(record, result.perplexity, result.kl_divergence, result.top1_agreement)
-    measured.write_text(json.dumps({"perplexity": row.perplexity, "kl": row.kl, "top1": row.top1}))
-    return row
+    return Row(record, **cached_measure(record, "evaluation", measure))
 
 
 def stored_ours(loaded, inputs: Inputs, record: Quantized) -> Row:
@@ -350,8 +416,20 @@ def stored_ours(loaded, inputs: Inputs, record: Quantized) -> Row:
     return Row(record, run.perplexity, run.kl, run.top1)
 
 
+def cached_reference(loaded, windows: torch.Tensor):
+    """The full-precision model's statistics on the validation windows, computed once per dump."""
+    from aptq.evaluate import ReferenceStats, reference_stats
+
+    path = WORK / "validation-reference.pt"
+    if path.is_file() and path.stat().st_mtime > INPUTS.stat().st_mtime:
+        return ReferenceStats(**torch.load(path))
+    stats = reference_stats(loaded.model, windows)
+    torch.save(asdict(stats), path)
+    return stats
+
+
 def evaluate_all() -> None:
-    from aptq.data import load_corpus
+    from aptq.data import load_corpus, token_ids
     from aptq.pipeline import QuantizeSettings, identify_run, reference_for, uniform_plan
 
     inputs = load_inputs()
@@ -363,13 +441,20 @@ def evaluate_all() -> None:
     windows, reference = reference_for(loaded, corpus, evaluation, identity)
     if not torch.equal(windows, inputs.evaluation):
         raise RuntimeError("The pipeline's evaluation windows differ from the dumped ones.")
+    held_out = validation_windows(inputs, token_ids(loaded.tokenizer, corpus, "calibration"))
+    held_out_reference = cached_reference(loaded, held_out)
     rows = []
     for path in sorted(WORK.glob("*.record.json")):
         record = Quantized(**json.loads(path.read_text()))
         if record.method in OURS:
-            rows.append(stored_ours(loaded, inputs, record))
+            row = stored_ours(loaded, inputs, record)
         else:
-            rows.append(measure_peer(loaded, windows, reference, record))
+            row = measure_peer(loaded, windows, reference, record)
+        if (WORK / f"{record.name}.pt").is_file():
+            kl = cached_measure(record, "validation", lambda: {"kl": evaluate_weights(
+                loaded, WORK / f"{record.name}.pt", held_out, held_out_reference).kl_divergence})["kl"]
+            row = replace(row, kl_validation=kl)
+        rows.append(row)
         print(rows[-1], flush=True)
     write_results(inputs, loaded.display_name, rows, float(torch.tensor(reference.mean_nll).exp()))
 
@@ -395,13 +480,17 @@ def write_results(inputs: Inputs, model_name: str, rows: list[Row], fp_perplexit
         f"- full precision (the loaded model's weights): perplexity {fp_perplexity:.3f}",
         "- quantize s: wall time of the quantization alone (model loading and evaluation excluded); peak RSS: "
         "resource.getrusage of the process that quantized (its model load included)", "",
-        "| method | bits | group | perplexity | KL | top-1 | quantize s | peak RSS GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        f"- KL validation: KL on {VALIDATION_WINDOWS} windows of {WINDOW} tokens from the calibration split that no "
+        f"fitted segment touches (bench_peers.validation_windows): what settings are chosen on; — where no Ŵ was kept",
+        "",
+        "| method | bits | group | perplexity | KL | top-1 | KL validation | quantize s | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         rss = "—" if row.record.peak_rss_gib is None else f"{row.record.peak_rss_gib:.2f}"
+        validation = "—" if row.kl_validation is None else f"{row.kl_validation:.4f}"
         lines.append(f"| {row.record.label} | {row.record.bits} | {row.record.group} | {row.perplexity:.3f} "
-                     f"| {row.kl:.4f} | {row.top1:.4f} | {row.record.seconds:.0f} | {rss} |")
+                     f"| {row.kl:.4f} | {row.top1:.4f} | {validation} | {row.record.seconds:.0f} | {rss} |")
     lines += ["", "Per row: command, load averages (1, 5, 15 min) when it finished, note", ""]
     lines += [f"- {r.record.label} W{r.record.bits} g{r.record.group}: `{r.record.command}`; load "
               f"{r.record.load}{'; ' + r.record.note if r.record.note else ''}" for r in rows]
@@ -419,12 +508,18 @@ def main() -> None:
     parser.add_argument("--method", choices=list(OURS))
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group", type=int, default=64)
-    parser.add_argument("--options", default="", help=f"ours only, comma-separated: {', '.join(OPTIONS)}")
+    parser.add_argument("--options", default="", help=f"ours only, comma-separated: {', '.join(OPTIONS)}; aespa "
+                                                       f"also {', '.join(AESPA_FLAGS)}, iterations=N")
     parser.add_argument("--model", help="dump only: the model (default: the embedded one)")
+    parser.add_argument("--rerun", action="store_true", help="ours only: measure again, replacing the stored run")
     args = parser.parse_args()
     options = ",".join(sorted(filter(None, (part.strip() for part in args.options.split(",")))))
-    if unknown := set(filter(None, options.split(","))) - set(OPTIONS):
-        parser.error(f"unknown --options {', '.join(sorted(unknown))}: choose from {', '.join(OPTIONS)}")
+    allowed = set(OPTIONS) | (set(AESPA_FLAGS) if args.method == "aespa" else set())
+    for part in filter(None, options.split(",")):
+        name, _, value = part.partition("=")
+        if not (part in allowed or (args.method == "aespa" and name == "iterations" and value.isdigit())):
+            parser.error(f"unknown --options {part}: choose from {', '.join(sorted(allowed))}"
+                         f"{', iterations=N' if args.method == 'aespa' else ''}")
     command = f"bench_peers {args.step} --{'peer' if args.step == 'quantize' else 'method'} " \
               f"{args.peer or args.method} --bits {args.bits} --group {args.group}" + \
               (f" --options {options}" if options else "")
@@ -433,7 +528,7 @@ def main() -> None:
     elif args.step == "quantize":
         quantize(args.peer, args.bits, args.group, command)
     elif args.step == "ours":
-        ours(args.method, args.bits, args.group, options, command)
+        ours(args.method, args.bits, args.group, options, command, args.rerun)
     else:
         evaluate_all()
 
