@@ -23,7 +23,7 @@ from torch import Tensor
 
 from aptq.errors import UserError
 from aptq.hessian import BlockHessians
-from aptq.models import Architecture, LinearLayer, get_weight
+from aptq.models import LinearLayer
 from aptq.quantizer import QuantConfig, fp16_ceil, recover_codes
 
 # AdaRound's rectified sigmoid h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1): it reaches 0 and 1 at finite V.
@@ -134,14 +134,6 @@ def layer_objective(layer: LinearLayer, weight: Tensor, hessians: BlockHessians,
     if layer.name in hessians.row:
         return AttentionObjective(column, hessians.row[layer.name].to(device))
     return AttentionObjective(column)
-
-
-def out_projection(model: torch.nn.Module, arch: Architecture, block: int) -> Tensor:
-    """The block's out projection weight as loaded (full precision: the loaded model is never modified)."""
-    outs = [layer for layer in arch.block_layers(block) if layer.kind == "o"]
-    if len(outs) != 1:
-        raise ValueError(f"Block {block} has {len(outs)} out projections; aespa's value objective needs exactly one.")
-    return get_weight(model, outs[0]).detach()
 
 
 def _rectified_sigmoid(V: Tensor) -> Tensor:

@@ -374,6 +374,13 @@ def _stored_weight(model: nn.Module, layer: LinearLayer) -> torch.Tensor:
     return weight.t() if layer.transposed else weight
 
 
+def block_weight(model: nn.Module, arch: Architecture, block: int, kind: str) -> torch.Tensor | None:
+    """The weight of the block's one dense layer of `kind` (e.g. its out or down projection) as loaded (full
+    precision: the loaded model is never modified), or None where the block has none or several (experts)."""
+    found = [layer for layer in arch.block_layers(block) if layer.kind == kind and layer.expert is None]
+    return get_weight(model, found[0]).detach() if len(found) == 1 else None
+
+
 def get_weight(model: nn.Module, layer: LinearLayer) -> torch.Tensor:
     """The layer's weight as d_out × d_in (nn.Linear layout): a view, except for interleaved rows (a copy)."""
     weight = _stored_weight(model, layer)

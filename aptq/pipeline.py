@@ -46,7 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aptq import coverage, resources, teaching, validate
-from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_projection, out_row_factor
+from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_row_factor
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERRORS, weight_size
 from aptq.capture import BlockStep, BlockWalk, device_failures
 from aptq.choices import QUANTIZERS
@@ -64,7 +64,16 @@ from aptq.evaluate import Evaluation, ReferenceStats, check_window, evaluate, re
 from aptq.export import PackedPlan, Provenance, check_formats, export_model, plan_files
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
 from aptq.hessian import BlockHessians, CollectOptions, HessianCollector
-from aptq.models import Architecture, LinearLayer, LoadedModel, get_module, get_weight, model_fingerprint, set_weight
+from aptq.models import (
+    Architecture,
+    LinearLayer,
+    LoadedModel,
+    block_weight,
+    get_module,
+    get_weight,
+    model_fingerprint,
+    set_weight,
+)
 from aptq.paths import CACHE_DIR
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, rtn
@@ -208,12 +217,6 @@ def mlp_row_factor(down_weight: torch.Tensor, moments: torch.Tensor) -> torch.Te
     return (down.T @ down) * moments.to(down.dtype)
 
 
-def down_projection(model: torch.nn.Module, arch: Architecture, block: int) -> torch.Tensor | None:
-    """The block's down projection weight as loaded, or None where its MLP has not exactly one (experts)."""
-    downs = [layer for layer in arch.block_layers(block) if layer.kind == "down" and layer.expert is None]
-    return get_weight(model, downs[0]).detach() if len(downs) == 1 else None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Quantizing the model
 
@@ -350,8 +353,8 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
     options = CollectOptions(attention=attention, probes=0, mlp_rows=attention and settings.mlp_rows)
     # The out projection serves aespa's value objective and v's row factors only (docs/algorithms.md §8, §13).
     needs_out = settings.method == "aespa" or (options.attention and settings.value_rows)
-    out_weight = out_projection(loaded.model, loaded.arch, step.index) if needs_out else None
-    down_weight = down_projection(loaded.model, loaded.arch, step.index) if options.mlp_rows else None
+    out_weight = block_weight(loaded.model, loaded.arch, step.index, "o") if needs_out else None
+    down_weight = block_weight(loaded.model, loaded.arch, step.index, "down") if options.mlp_rows else None
     parts, notes = 1, []
     while True:
         try:

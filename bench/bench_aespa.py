@@ -17,11 +17,11 @@ import json
 import time
 from pathlib import Path
 
-from aptq.aespa import AespaOptions, layer_objective, out_projection
+from aptq.aespa import AespaOptions, layer_objective
 from aptq.capture import BlockWalk
 from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
 from aptq.hessian import CollectOptions
-from aptq.models import get_weight, load_model
+from aptq.models import block_weight, get_weight, load_model
 from aptq.pipeline import QuantizeSettings, _collect, quantize_layer
 from aptq.quantizer import QuantConfig
 
@@ -49,7 +49,7 @@ def main() -> None:
         start = time.perf_counter()
         hessians = _collect(step, loaded.arch, CollectOptions(attention=True, probes=0), {}, 1)
         collect_seconds = time.perf_counter() - start
-        out_weight = out_projection(loaded.model, loaded.arch, step.index)
+        out_weight = block_weight(loaded.model, loaded.arch, step.index, "o")
         layers = loaded.arch.block_layers(step.index)
         settings = [("gptq", QuantizeSettings("gptq", args.group)),
                     ("attention", QuantizeSettings("attention", args.group))]

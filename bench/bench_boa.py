@@ -31,15 +31,15 @@ from pathlib import Path
 
 import torch
 
-from aptq.aespa import layer_objective, out_projection
+from aptq.aespa import layer_objective
 from aptq.calibrate import validation_segments
 from aptq.capture import Batch, BlockStep, BlockWalk
 from aptq.choices import EMBEDDED_MODEL
 from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
 from aptq.gptq import gptq_per_head
 from aptq.hessian import BlockHessians, CollectOptions
-from aptq.models import LinearLayer, LoadedModel, get_weight, load_model
-from aptq.pipeline import QuantizeSettings, down_projection, mlp_row_factor, quantize_layer, swapped_weights
+from aptq.models import LinearLayer, LoadedModel, block_weight, get_weight, load_model
+from aptq.pipeline import QuantizeSettings, mlp_row_factor, quantize_layer, swapped_weights
 from aptq.quantizer import QuantConfig, layer_error
 from aptq.sensitivity import collect_block
 
@@ -125,8 +125,8 @@ def summed_row_factor(out_weight: torch.Tensor, n_kv: int, head_dim: int) -> tor
 def measure_block(loaded: LoadedModel, fit: BlockHessians, held: BlockHessians, held_step: BlockStep, bits: int,
                   group: int, labels: list[str]) -> dict[str, Measured]:
     """The settings named; a layer is quantized once per distinct key of what its quantization depends on."""
-    out_weight = out_projection(loaded.model, loaded.arch, held_step.index)
-    down_weight = down_projection(loaded.model, loaded.arch, held_step.index)
+    out_weight = block_weight(loaded.model, loaded.arch, held_step.index, "o")
+    down_weight = block_weight(loaded.model, loaded.arch, held_step.index, "down")
     config = QuantConfig(bits, group)
     layers = loaded.arch.block_layers(held_step.index)
     originals = {layer.name: get_weight(loaded.model, layer).detach() for layer in layers}
