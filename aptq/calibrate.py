@@ -31,6 +31,8 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,9 +40,10 @@ import pandas as pd
 import torch
 
 from aptq import analyses
+from aptq.capture import BlockWalk
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids
 from aptq.errors import UserError
-from aptq.evaluate import ReferenceStats, evaluate, reference_stats
+from aptq.evaluate import ReferenceStats, evaluate, reference_stats, replayed_blocks
 from aptq.models import LoadedModel, get_weight, set_weight
 from aptq.progress import Progress, no_progress
 from aptq.store import Store
@@ -129,18 +132,38 @@ def _check_tokens(layers: pd.DataFrame) -> None:
                         f"tokens.")
 
 
-def _segment_kls(loaded: LoadedModel, windows: torch.Tensor, reference: ReferenceStats) -> np.ndarray:
-    """Mean KL(reference ‖ model) of each validation segment."""
+def _segment_kls(loaded: LoadedModel, windows: torch.Tensor, reference: ReferenceStats, block: int,
+                 inputs: torch.Tensor | None) -> np.ndarray:
+    """Mean KL(reference ‖ model) of each validation segment. With `inputs` (the full-precision hidden states entering
+    `block`, one per segment) the forward starts at that block: noise in it leaves the blocks before it unchanged."""
     kls = []
-    for i in range(windows.shape[0]):
-        stats = ReferenceStats(reference.log_probs[i:i + 1], reference.token_ids[i:i + 1])
-        kls.append(evaluate(loaded.model, windows[i:i + 1], reference=stats).kl_divergence)
+    start_at = nullcontext() if inputs is None else replayed_blocks(loaded.model, loaded.arch.blocks_path, block)
+    with start_at as replay:
+        for i in range(windows.shape[0]):
+            if replay is not None:
+                replay.hidden = inputs[i:i + 1].to(loaded.device)
+            stats = ReferenceStats(reference.log_probs[i:i + 1], reference.token_ids[i:i + 1])
+            kls.append(evaluate(loaded.model, windows[i:i + 1], reference=stats).kl_divergence)
     return np.array(kls)
 
 
+def block_inputs(loaded: LoadedModel, windows: torch.Tensor,
+                 blocks: set[int]) -> Iterator[tuple[int, torch.Tensor | None]]:
+    """Each of `blocks` in order with the full-precision hidden states entering it on `windows` (None for block 0:
+    its forwards start at the embeddings anyway). (our choice) One walk over the validation segments, so that the
+    forwards with noise in a block's layers start at that block: the same KL, for the cost of the blocks after it.
+    The model must be as loaded again whenever the next block is asked for."""
+    if not blocks:
+        return
+    for step in BlockWalk(loaded.model, loaded.arch, windows, stop=max(blocks, default=-1) + 1):
+        if step.index in blocks:
+            yield step.index, torch.cat([batch.hidden for batch in step.batches()]) if step.index > 0 else None
+
+
 def measure_layer(loaded: LoadedModel, name: str, levels: np.ndarray, windows: torch.Tensor,
-                  reference: ReferenceStats, seed: int) -> LayerUnit:
-    """KL of noise at each σ² in `levels` injected into layer `name` alone; the weights are restored afterwards."""
+                  reference: ReferenceStats, seed: int, inputs: torch.Tensor | None = None) -> LayerUnit:
+    """KL of noise at each σ² in `levels` injected into layer `name` alone; the weights are restored afterwards.
+    `inputs`: the full-precision hidden states entering the layer's block (block > 0), to start each forward there."""
     start = time.perf_counter()
     layer = loaded.arch.layer(name)
     original = get_weight(loaded.model, layer).detach().clone()
@@ -150,7 +173,7 @@ def measure_layer(loaded: LoadedModel, name: str, levels: np.ndarray, windows: t
     try:
         for noise_ms in levels:
             set_weight(loaded.model, layer, original.float() + math.sqrt(noise_ms) * direction.to(original.device))
-            per_segment.append(_segment_kls(loaded, windows, reference))
+            per_segment.append(_segment_kls(loaded, windows, reference, layer.block, inputs))
     finally:
         set_weight(loaded.model, layer, original)
     kl = np.stack(per_segment)  # levels × segments
@@ -187,12 +210,15 @@ def calibrate_unit(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, laye
         progress(0, len(todo), "reference log-probabilities on the validation segments")
         with torch.inference_mode():
             reference = reference_stats(loaded.model, windows)
-    for index, name in enumerate(todo):
-        position = int(np.flatnonzero(layers["layer"].to_numpy() == name)[0])
-        unit = measure_layer(loaded, name, levels.loc[name].to_numpy(dtype=float), windows, reference,
-                             settings.seed + position)
-        analyses.write_unit(store, unit_key, unit)
-        progress(index + 1, len(todo), f"{name}: KL per unit noise {unit.kl_rate:.4g}")
+    measured = 0
+    for block, inputs in block_inputs(loaded, windows, {loaded.arch.layer(name).block for name in todo}):
+        for name in (name for name in todo if loaded.arch.layer(name).block == block):
+            position = int(np.flatnonzero(layers["layer"].to_numpy() == name)[0])
+            unit = measure_layer(loaded, name, levels.loc[name].to_numpy(dtype=float), windows, reference,
+                                 settings.seed + position, inputs)
+            analyses.write_unit(store, unit_key, unit)
+            measured += 1
+            progress(measured, len(todo), f"{name}: KL per unit noise {unit.kl_rate:.4g}")
     return analyses.load_units(store, unit_key).set_index("layer").loc[layers["layer"]].reset_index()
 
 

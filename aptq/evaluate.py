@@ -151,17 +151,26 @@ def _block_by_block(model: nn.Module, windows: torch.Tensor, batch_size: int, de
         with weights.swapped(model, step.index) if weights is not None else nullcontext():
             hidden = step.finish()  # computed with the swapped weights; the walk reuses these outputs
         progress(step.index + 1, arch.n_blocks + 1, f"block {step.index + 1}/{arch.n_blocks}")
-    blocks = model.get_submodule(arch.blocks_path)
-    originals = list(blocks)
+    with replayed_blocks(model, arch.blocks_path, arch.n_blocks) as replay, _moved(model, device):
+        # only the modules outside the blocks move now
+        for first, hidden_batch in zip(walk.batch_starts, hidden):
+            replay.hidden = hidden_batch.to(device)
+            ids = windows[first:first + batch_size].to(device)
+            yield _log_softmax(model(ids, use_cache=False).logits)
+
+
+@contextmanager
+def replayed_blocks(model: nn.Module, blocks_path: str, count: int) -> Iterator[_Replay]:
+    """Decoder blocks 0 … count−1 (count ≥ 1) replaced for the duration: block 0 by a replay of the hidden states set
+    on the yielded `_Replay` (what block count−1 would output), the others by pass-throughs. The model's own forward
+    then runs only the blocks from `count` on and what follows them, with every argument it gives those blocks."""
+    blocks = model.get_submodule(blocks_path)
+    originals = list(blocks)[:count]
     replay = _Replay(originals[0])
     for index, block in enumerate(originals):
         blocks[index] = replay if index == 0 else _PassThrough(block)
     try:
-        with _moved(model, device):  # only the modules outside the blocks move now
-            for first, hidden_batch in zip(walk.batch_starts, hidden):
-                replay.hidden = hidden_batch.to(device)
-                ids = windows[first:first + batch_size].to(device)
-                yield _log_softmax(model(ids, use_cache=False).logits)
+        yield replay
     finally:
         for index, block in enumerate(originals):
             blocks[index] = block

@@ -13,7 +13,8 @@ from aptq.allocate import AllocationRequest, allocate, summarize
 from aptq.calibrate import UnitSettings, calibrate_unit, with_unit
 from aptq.data import Sampling
 from aptq.errors import UserError
-from aptq.models import load_model
+from aptq.evaluate import reference_stats
+from aptq.models import get_weight, load_model
 from aptq.progress import Cancelled
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store
@@ -108,3 +109,26 @@ def test_a_layer_without_tokens_is_refused_before_any_work(analysed, text_corpus
         calibrate_unit(loaded, text_corpus, SAMPLING, starved, errors, store=store)
     with pytest.raises(UserError, match=r"^The analysis has no predicted errors at \[8\] bits"):
         calibrate_unit(loaded, text_corpus, SAMPLING, layers, errors, UnitSettings(noise_bits=(8,)), store=store)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "gpt2"])
+def test_noise_measured_from_the_blocks_inputs_gives_the_full_forwards_kl(family, tiny_model_dir, text_corpus):
+    """The forwards that start at the noisy layer's block (its full-precision inputs replayed) give the KL of whole
+    forwards, in every family's block arguments (masks per layer type, rotary embeddings, experts)."""
+    loaded = load_model(str(tiny_model_dir(family)), device="cpu")
+    windows = torch.randint(3, 200, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = reference_stats(loaded.model, windows)
+    last = loaded.arch.n_blocks - 1
+    (block, inputs), = calibrate.block_inputs(loaded, windows, {last})
+    assert block == last and inputs.shape[:2] == windows.shape
+    for layer in [layer for layer in loaded.arch.block_layers(last) if layer.expert is None][-3:]:
+        # noise as large as the weights: a tiny random model's output hardly moves under less (KL ~1e-9)
+        power = float(get_weight(loaded.model, layer).detach().float().pow(2).mean())
+        levels = np.array([4 * power, 16 * power])
+        whole = calibrate.measure_layer(loaded, layer.name, levels, windows, reference, seed=0)
+        replayed = calibrate.measure_layer(loaded, layer.name, levels, windows, reference, seed=0, inputs=inputs)
+        assert min(whole.kl) > 1e-7, "noise too small to compare"
+        np.testing.assert_allclose(replayed.kl, whole.kl, rtol=1e-4)
+    other = calibrate.measure_layer(loaded, layer.name, levels, windows, reference, seed=0, inputs=inputs.flip(0))
+    assert not np.allclose(other.kl, whole.kl, rtol=1e-2)  # the replayed inputs are what the block sees
