@@ -459,24 +459,68 @@ def evaluate_all() -> None:
     write_results(inputs, loaded.display_name, rows, float(torch.tensor(reference.mean_nll).exp()))
 
 
-def write_results(inputs: Inputs, model_name: str, rows: list[Row], fp_perplexity: float) -> None:
+EARLIER = "measured in an earlier session; its Ŵ is not on this machine"
+
+
+def row_order(label: str, bits: int, group: int) -> tuple:
+    """The table's order: group, widest first, then method (OURS, PEERS) and options."""
     order = list(OURS | PEERS)
-    rows = sorted(rows, key=lambda r: (r.record.group, -r.record.bits, order.index(r.record.method), r.record.options))
+    method = max((m for m in order if label == (OURS | PEERS)[m] or label.startswith((OURS | PEERS)[m] + " + ")),
+                 key=lambda m: len((OURS | PEERS)[m]))
+    return group, -bits, order.index(method), label
+
+
+def earlier_rows(previous: str, measured: set[tuple[str, int, int]]) -> dict[tuple, tuple[str, str]]:
+    """The previous table's rows that nothing measured here replaces (table line, command line), as they were: each
+    session adds the rows it measures without redoing the others. The column added since (KL validation) reads —."""
+    kept = {}
+    for line in previous.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells) not in (8, 9) or not cells[1].isdigit():
+            continue
+        label, bits, group = cells[0], int(cells[1]), int(cells[2])
+        if (label, bits, group) in measured:
+            continue
+        if len(cells) == 8:
+            cells.insert(6, "—")
+        prefix = f"- {label} W{bits} g{group}: "
+        command = next((c for c in previous.splitlines() if c.startswith(prefix)), prefix + "(no command recorded)")
+        if EARLIER not in command:
+            command += f"; {EARLIER}"
+        kept[row_order(label, bits, group)] = ("| " + " | ".join(cells) + " |", command)
+    return kept
+
+
+def write_results(inputs: Inputs, model_name: str, rows: list[Row], fp_perplexity: float) -> None:
     results = inputs.results
     previous = results.read_text() if results.is_file() else ""
     reading = previous[previous.index("## Reading"):] if "## Reading" in previous else ""
+    protocol_line = (
+        f"- protocol: {model_name} ({Path(inputs.model_dir).name}); calibration: Brown "
+        f"calibration split, {inputs.samples} × {inputs.seqlen} tokens drawn by aptq.data.calibration_segments, "
+        f"seed 0 (the same tensor for every method); evaluation: Brown evaluation split, first "
+        f"{inputs.evaluation.numel()} tokens in windows of {WINDOW}, KL and top-1 against the full-precision model "
+        f"(top-128 reference, aptq.evaluate); asymmetric grids, groups of the given size, every decoder linear "
+        f"quantized (not the tied embedding/LM head)")
+    # Earlier rows are kept only under the same protocol (model file, tokens).
+    measured = {(r.record.label, r.record.bits, r.record.group) for r in rows}
+    entries = earlier_rows(previous, measured) if protocol_line in previous.splitlines() else {}
+    for row in rows:
+        rss = "—" if row.record.peak_rss_gib is None else f"{row.record.peak_rss_gib:.2f}"
+        validation = "—" if row.kl_validation is None else f"{row.kl_validation:.4f}"
+        entries[row_order(row.record.label, row.record.bits, row.record.group)] = (
+            f"| {row.record.label} | {row.record.bits} | {row.record.group} | {row.perplexity:.3f} "
+            f"| {row.kl:.4f} | {row.top1:.4f} | {validation} | {row.record.seconds:.0f} | {rss} |",
+            f"- {row.record.label} W{row.record.bits} g{row.record.group}: `{row.record.command}`; load "
+            f"{row.record.load}{'; ' + row.record.note if row.record.note else ''}")
+    ordered = [entries[key] for key in sorted(entries)]
     lines = [
         "# The peers on the project's own tokens", "",
         f"- date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores, {platform.processor() or 'CPU'}, "
         f"torch {torch.__version__}; how the jobs shared the machine (threads, cores, what ran beside them): the "
         f"reading below, and each row's load averages",
         "- commands: the docstring of bench/bench_peers.py; each row's own command is in the list under the table",
-        f"- protocol: {model_name} ({Path(inputs.model_dir).name}); calibration: Brown "
-        f"calibration split, {inputs.samples} × {inputs.seqlen} tokens drawn by aptq.data.calibration_segments, "
-        f"seed 0 (the same tensor for every method); evaluation: Brown evaluation split, first "
-        f"{inputs.evaluation.numel()} tokens in windows of {WINDOW}, KL and top-1 against the full-precision model "
-        f"(top-128 reference, aptq.evaluate); asymmetric grids, groups of the given size, every decoder linear "
-        f"quantized (not the tied embedding/LM head)",
+        protocol_line,
         f"- full precision (the loaded model's weights): perplexity {fp_perplexity:.3f}",
         "- quantize s: wall time of the quantization alone (model loading and evaluation excluded); peak RSS: "
         "resource.getrusage of the process that quantized (its model load included)", "",
@@ -486,14 +530,9 @@ def write_results(inputs: Inputs, model_name: str, rows: list[Row], fp_perplexit
         "| method | bits | group | perplexity | KL | top-1 | KL validation | quantize s | peak RSS GiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        rss = "—" if row.record.peak_rss_gib is None else f"{row.record.peak_rss_gib:.2f}"
-        validation = "—" if row.kl_validation is None else f"{row.kl_validation:.4f}"
-        lines.append(f"| {row.record.label} | {row.record.bits} | {row.record.group} | {row.perplexity:.3f} "
-                     f"| {row.kl:.4f} | {row.top1:.4f} | {validation} | {row.record.seconds:.0f} | {rss} |")
+    lines += [table for table, _ in ordered]
     lines += ["", "Per row: command, load averages (1, 5, 15 min) when it finished, note", ""]
-    lines += [f"- {r.record.label} W{r.record.bits} g{r.record.group}: `{r.record.command}`; load "
-              f"{r.record.load}{'; ' + r.record.note if r.record.note else ''}" for r in rows]
+    lines += [command for _, command in ordered]
     results.write_text("\n".join(lines) + "\n" + (f"\n{reading.rstrip()}\n" if reading else ""))
     print("\n".join(lines))
 
