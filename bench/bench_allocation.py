@@ -1,12 +1,18 @@
 """Allocation that predicts what it measures (issue 17), on the embedded model's first blocks.
 
-One run (resumable: the analysis and the unit are cached in --store, each plan's KL in --plans-cache):
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_allocation --quantizer attention --max-blocks 4
+
+One run (resumable: the analysis and the unit are cached in --store, each plan's measurement in --plans-cache):
 1. the analysis with the quantizer errors (RTN, GPTQ, attention-aware GPTQ) of the first --max-blocks blocks;
 2. the measured unit (aptq.calibrate) on the last 25 % of the calibration segments;
-3. RTN plans of the analysed layers (uniform, knapsack in both units, aptq, random), each quantized by the pipeline's
-   RTN and measured: KL on the validation segments (where the unit is chosen) and on the evaluation split's first
-   --tokens tokens (reported only);
-4. writes --output: predicted errors per source, unit factors, Spearman of predicted totals against measured KL.
+3. plans of the analysed layers (uniform, knapsack in both units, aptq, random) allocated on the errors of
+   --quantizer, each quantized by the pipeline with that quantizer (true-sequential over the analysed blocks; the
+   other blocks stay in full precision) on the calibration segments outside the validation part, so that the
+   validation KL (where the unit is chosen) is measured on tokens the quantizer never saw; KL and perplexity on the
+   evaluation split's first --tokens tokens are reported only;
+4. writes --output (default bench/results/allocation_<quantizer>.md): predicted errors per source, unit factors,
+   Spearman of predicted totals against measured KL, and the share of uniform 3-bit's gap that the 3-bit knapsack
+   closes. Text from "## Reading" on in an existing output (written by hand) is kept.
 """
 
 from __future__ import annotations
@@ -22,17 +28,17 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
-from aptq.allocate import AllocationRequest, Plan, allocate, summarize, unit_factors
+from aptq.allocate import ERROR_SOURCES, AllocationRequest, Plan, allocate, summarize, unit_factors
 from aptq.calibrate import UnitSettings, calibrate_unit, validation_segments, with_unit
-from aptq.data import Sampling, calibration_segments, digest, evaluation_windows, load_corpus, token_ids
+from aptq.data import Sampling, calibration_segments, digest, load_corpus, token_ids
 from aptq.evaluate import evaluate, reference_stats
-from aptq.models import get_weight, load_model, set_weight
-from aptq.pipeline import QuantizeSettings, quantize_layer
-from aptq.quantizer import QuantConfig
+from aptq.models import load_model
+from aptq.pipeline import EvalSettings, QuantizeSettings, identify_run, measure_run, remove_checkpoints, run_weights
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store
 
 GROUP = 64
+QUANTIZER_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "attention": "the attention-aware GPTQ"}
 CANDIDATES = (2, 3, 4, 8)
 PLANS = ([("uniform", b, "heuristic", 0) for b in (2.0, 3.0, 4.0)]
          + [("knapsack", b, unit, 0) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")]
@@ -40,21 +46,19 @@ PLANS = ([("uniform", b, "heuristic", 0) for b in (2.0, 3.0, 4.0)]
          + [("random", 3.0, "heuristic", seed) for seed in (0, 1, 2)])
 
 
-def measure_plan(loaded, bits: dict[str, int], windows: dict[str, torch.Tensor], references: dict) -> dict[str, float]:
-    """KL of the model with the plan's layers quantized by the pipeline's RTN, on each set of windows."""
-    settings = QuantizeSettings(method="rtn", group_size=GROUP)
-    originals = {}
+def measure_plan(loaded, corpus, sampling: Sampling, bits: dict[str, int], settings: QuantizeSettings,
+                 evaluation: EvalSettings, validation: torch.Tensor, reference) -> dict[str, float]:
+    """The plan's layers quantized by the pipeline (`settings`), the rest in full precision: KL on the validation
+    segments, KL and perplexity on the evaluation windows (the run is not stored; its blocks are removed)."""
+    identity = identify_run(loaded, corpus, sampling, bits, settings, evaluation)
     try:
-        for name, width in bits.items():
-            layer = loaded.arch.layer(name)
-            originals[name] = get_weight(loaded.model, layer).detach().clone()
-            quantized, _ = quantize_layer(originals[name].float(), layer, None, QuantConfig(width, GROUP), settings)
-            set_weight(loaded.model, layer, quantized)
-        return {label: evaluate(loaded.model, w, reference=references[label]).kl_divergence
-                for label, w in windows.items()}
+        run = measure_run(loaded, corpus, sampling, identity, settings, evaluation)
+        with run_weights(loaded.arch, identity.key).applied(loaded.model):
+            kl_validation = evaluate(loaded.model, validation, reference=reference).kl_divergence
     finally:
-        for name, weight in originals.items():
-            set_weight(loaded.model, loaded.arch.layer(name), weight)
+        remove_checkpoints(identity.key)
+    return {"validation": kl_validation, "evaluation": run.kl, "perplexity": run.perplexity,
+            "fp_perplexity": run.fp_perplexity}
 
 
 def main() -> None:
@@ -65,17 +69,20 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-blocks", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=2048, help="evaluation-split tokens for the reported KL")
-    parser.add_argument("--output", default="bench/results/allocation.md")
+    parser.add_argument("--quantizer", choices=list(ERROR_SOURCES), default="rtn",
+                        help="the quantizer that runs the plans; the solvers use its predicted errors")
+    parser.add_argument("--output", help="default: bench/results/allocation_<quantizer>.md")
     args = parser.parse_args()
+    args.output = args.output or f"bench/results/allocation_{args.quantizer}.md"
     torch.set_num_threads(1)
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     loaded = load_model(device="cpu")
     corpus = load_corpus("brown")
     store = Store(args.store)
     sampling = Sampling(args.samples, args.seqlen, seed=0)
-    settings = AnalysisSettings(group_size=GROUP, bits=CANDIDATES, max_blocks=args.max_blocks, quantizer_errors=True)
+    analysis = AnalysisSettings(group_size=GROUP, bits=CANDIDATES, max_blocks=args.max_blocks, quantizer_errors=True)
     start = time.perf_counter()
-    layers, errors = analyze(loaded, corpus, sampling, settings, store=store)
+    layers, errors = analyze(loaded, corpus, sampling, analysis, store=store)
     analysis_seconds = time.perf_counter() - start
     print(f"analysis {layers.attrs['analysis_key']}: {analysis_seconds:.0f} s", flush=True)
     start = time.perf_counter()
@@ -84,28 +91,38 @@ def main() -> None:
     unit_seconds = time.perf_counter() - start
     measured = with_unit(layers, units)
 
-    windows = {"validation": validation_segments(calibration_segments(
-                   token_ids(loaded.tokenizer, corpus, "calibration"), sampling), 0.25),
-               "evaluation": evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), args.seqlen,
-                                                args.tokens)}
+    segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
+    validation = validation_segments(segments, 0.25)
+    # The first segments of a draw are the draw of fewer (one generator stream): the plans' quantizer fits on exactly
+    # the segments before the validation part.
+    fitting = Sampling(args.samples - len(validation), args.seqlen, seed=0)
+    if not torch.equal(calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), fitting),
+                       segments[:fitting.n_samples]):
+        raise RuntimeError("The fitting segments are not the calibration draw's first ones.")
+    settings = QuantizeSettings(method=args.quantizer, group_size=GROUP)
+    evaluation = EvalSettings(args.seqlen, args.tokens)
     cache_path = Path(args.plans_cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    references = None
+    reference = None
     rows = []
     for method, budget, unit, seed in PLANS:
         request = AllocationRequest(budget, method, CANDIDATES, seed=seed, group_size=GROUP, unit=unit,
-                                    low_high=(2, 4))
+                                    low_high=(2, 4), quantizer=args.quantizer)
         plan = allocate(measured, errors, request)
-        key = digest(json.dumps(plan.bits, sort_keys=True), str(args.tokens))
+        key = digest(json.dumps(plan.bits, sort_keys=True), str(args.tokens), args.quantizer,
+                     str(fitting.n_samples), str(args.seqlen))
         if key not in cache:
-            references = references or {label: reference_stats(loaded.model, w) for label, w in windows.items()}
-            cache[key] = measure_plan(loaded, plan.bits, windows, references)
+            reference = reference or reference_stats(loaded.model, validation)
+            cache[key] = measure_plan(loaded, corpus, fitting, plan.bits, settings, evaluation, validation,
+                                      reference)
             cache_path.write_text(json.dumps(cache))
             print(f"plan {method} {budget} {unit} {seed}: {cache[key]}", flush=True)
         row = {"method": method, "budget": budget, "unit": unit, "seed": seed, "plan": key[:8],
-               **{f"kl_{label}": value for label, value in cache[key].items()}}
+               "kl_validation": cache[key]["validation"], "kl_evaluation": cache[key]["evaluation"],
+               "perplexity": cache[key]["perplexity"], "fp_perplexity": cache[key]["fp_perplexity"]}
         for scoring in ("heuristic", "calibrated"):
-            scored = Plan(plan.bits, AllocationRequest(budget, method, CANDIDATES, group_size=GROUP, unit=scoring))
+            scored = Plan(plan.bits, AllocationRequest(budget, method, CANDIDATES, group_size=GROUP, unit=scoring,
+                                                       quantizer=args.quantizer))
             summary = summarize(scored, measured, errors)
             row["avg_bits"] = summary["avg_bits"]
             for label in ("attention", "layerwise"):
@@ -113,28 +130,30 @@ def main() -> None:
                 row[f"{scoring}_{label}_se"] = summary[f"predicted_error_{label}_se"]
         rows.append(row)
     table = pd.DataFrame(rows)
-    write_report(args, table, layers, errors, measured, units, analysis_seconds, unit_seconds, load_before)
+    write_report(args, table, layers, errors, measured, units, validation, analysis_seconds, unit_seconds,
+                 load_before)
 
 
-def write_report(args, table: pd.DataFrame, layers, errors, measured, units, analysis_seconds: float,
-                 unit_seconds: float, load_before: list[str]) -> None:
+def write_report(args, table: pd.DataFrame, layers, errors, measured, units, validation: torch.Tensor,
+                 analysis_seconds: float, unit_seconds: float, load_before: list[str]) -> None:
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     distinct = table.drop_duplicates("plan")
     lines = ["# Allocation benchmark (issue 17): predicted errors of the quantizer that runs, a measured unit", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.machine()}, "
              f"2 shared cores, torch {torch.__version__}, one thread; load average before {' '.join(load_before)}, "
-             f"after {' '.join(load_after)} (other helpers' jobs and tests ran next to it)",
-             f"- command: `OMP_NUM_THREADS=1 PYTHONPATH=. flock /tmp/heavy.lock .venv/bin/python "
-             f"bench/bench_allocation.py --samples {args.samples} --seqlen {args.seqlen} --max-blocks "
-             f"{args.max_blocks} --tokens {args.tokens}`",
+             f"after {' '.join(load_after)} (what ran beside it: the reading below)",
+             f"- command: `OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_allocation --quantizer "
+             f"{args.quantizer} --samples {args.samples} --seqlen {args.seqlen} --max-blocks {args.max_blocks} "
+             f"--tokens {args.tokens}`",
              f"- SmolLM2-135M-Instruct (embedded), Brown; analysis of the first {args.max_blocks} blocks "
              f"({len(layers)} layers), calibration {args.samples} × {args.seqlen}, group {GROUP}, widths "
              f"{CANDIDATES}, with the quantizer errors: {analysis_seconds:.0f} s (0 when cached); the unit: last 25 % "
              f"of the calibration segments, noise of each layer's 3-bit RTN error size, {unit_seconds:.0f} s this "
              f"run, {units['seconds'].sum():.0f} s measured in all ({units['seconds'].mean():.1f} s per layer)",
-             f"- plans: the analysed layers only (the other blocks stay in full precision), quantized with the "
-             f"pipeline's RTN (group {GROUP}); KL on the {args.samples // 4} validation segments and on the evaluation "
-             f"split's first "
+             f"- plans: the analysed layers only (the other blocks stay in full precision), allocated on the "
+             f"predicted errors of {QUANTIZER_NAMES[args.quantizer]} and quantized by the pipeline with it (group "
+             f"{GROUP}) on the first {args.samples - len(validation)} calibration segments; KL on the other "
+             f"{len(validation)} (validation, never fitted) and KL and perplexity on the evaluation split's first "
              f"{args.tokens} tokens (windows of {args.seqlen})", "",
              "## Predicted errors per source (Σ over the analysed layers, raw units)", "",
              "| bits | RTN layer-wise | GPTQ layer-wise | aware layer-wise | RTN attention | GPTQ attention | "
@@ -150,8 +169,9 @@ def write_report(args, table: pd.DataFrame, layers, errors, measured, units, ana
               + "; ".join(f"{kind} {r.err_attention:.3g} / {r.err_gptq_attention:.3g} / {r.err_aware_attention:.3g}"
                           for kind, r in at3.iterrows()), "",
               "## The unit: heuristic factor against the measured one (per layer, attention-aware metric)", ""]
-    heuristic = unit_factors(measured, "err_attention", "heuristic")[0]
-    calibrated, calibrated_se = unit_factors(measured, "err_attention", "calibrated")
+    metric = ERROR_SOURCES[args.quantizer][1]
+    heuristic = unit_factors(measured, metric, "heuristic")[0]
+    calibrated, calibrated_se = unit_factors(measured, metric, "calibrated")
     rho = spearmanr(heuristic, calibrated).statistic
     ratio = calibrated / heuristic
     lines += [f"- Spearman(heuristic factor, measured factor) over {len(layers)} layers: {rho:.3f}; measured / "
@@ -163,12 +183,20 @@ def write_report(args, table: pd.DataFrame, layers, errors, measured, units, ana
     lines += [f"| {name} | {h:.3g} | {c:.3g} | {c / h:.3g} |"
               for name, h, c in zip(measured["layer"], heuristic, calibrated)]
     lines += ["", "## Plans: predicted totals against measured KL", "",
-              "| method | budget | unit | seed | plan | avg bits | KL validation | KL evaluation | predicted "
-              "(heuristic) | predicted KL (calibrated) ± se |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| method | budget | unit | seed | plan | avg bits | KL validation | KL evaluation | perplexity | "
+              "predicted (heuristic) | predicted KL (calibrated) ± se |", "|" + "---|" * 11]
     lines += [f"| {r.method} | {r.budget:g} | {r.unit} | {r.seed} | {r.plan} | {r.avg_bits:.3f} | "
-              f"{r.kl_validation:.4f} | {r.kl_evaluation:.4f} | {r.heuristic_attention:.4g} ± "
+              f"{r.kl_validation:.4f} | {r.kl_evaluation:.4f} | {r.perplexity:.3f} | {r.heuristic_attention:.4g} ± "
               f"{r.heuristic_attention_se:.2g} | {r.calibrated_attention:.4f} ± {r.calibrated_attention_se:.2g} |"
               for r in table.itertuples()]
+    lines += ["", f"Full precision on the same evaluation tokens: perplexity {table['fp_perplexity'].iloc[0]:.3f}."]
+    uniform = table[(table["method"] == "uniform") & (table["budget"] == 3.0)].iloc[0]
+    for unit in ("heuristic", "calibrated"):
+        knapsack = table[(table["method"] == "knapsack") & (table["budget"] == 3.0) & (table["unit"] == unit)].iloc[0]
+        closed = {column: (uniform[column] - knapsack[column]) / (uniform[column] - floor)
+                  for column, floor in (("kl_evaluation", 0.0), ("perplexity", uniform["fp_perplexity"]))}
+        lines.append(f"At 3.0 bits the knapsack ({unit} unit) closes {closed['perplexity']:.1%} of uniform 3-bit's "
+                     f"perplexity gap to full precision ({closed['kl_evaluation']:.1%} of its KL).")
     ratio_kl = distinct["kl_validation"] / distinct["calibrated_attention"]
     lines += ["", f"Measured KL (validation) / KL predicted in the calibrated unit: median {ratio_kl.median():.3g}, "
               f"range {ratio_kl.min():.3g} … {ratio_kl.max():.3g}.", "",
@@ -180,7 +208,10 @@ def write_report(args, table: pd.DataFrame, layers, errors, measured, units, ana
             lines.append(f"| {scoring} unit, {label} errors | "
                          f"{spearmanr(distinct[column], distinct['kl_validation']).statistic:.3f} | "
                          f"{spearmanr(distinct[column], distinct['kl_evaluation']).statistic:.3f} |")
-    Path(args.output).write_text("\n".join(lines) + "\n")
+    output = Path(args.output)
+    previous = output.read_text() if output.is_file() else ""
+    reading = previous[previous.index("## Reading"):] if "## Reading" in previous else ""
+    output.write_text("\n".join(lines) + "\n" + (f"\n{reading.rstrip()}\n" if reading else ""))
     print("\n".join(lines))
 
 
