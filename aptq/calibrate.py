@@ -12,7 +12,7 @@ calibration segments gives the layer's rate `r_l = KL_l / σ_l²`, fitted throug
 while they are small). aptq.allocate reads `kl_rate` and `kl_rate_se` (merged into the layers table by `with_unit`)
 for its "calibrated" unit. What it assumes: an error of a given Hessian-weighted size reaches the output the same way
 whatever its direction within the layer; quantization errors are not isotropic, so this is checked against measured
-KL (bench/results/allocation.md).
+KL (bench/results/allocation_<quantizer>.md).
 
 (our choice) The noise levels: σ_l² = err_layerwise(l, b) / trace_layerwise(l) for each width b of
 `UnitSettings.noise_bits`, i.e. noise of the same Hessian-weighted size as the layer's own round-to-nearest error at
