@@ -91,13 +91,13 @@ def main() -> None:
     unit_seconds = time.perf_counter() - start
     measured = with_unit(layers, units)
 
-    segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
+    calibration_ids = token_ids(loaded.tokenizer, corpus, "calibration")
+    segments = calibration_segments(calibration_ids, sampling)
     validation = validation_segments(segments, 0.25)
     # The first segments of a draw are the draw of fewer (one generator stream): the plans' quantizer fits on exactly
     # the segments before the validation part.
     fitting = Sampling(args.samples - len(validation), args.seqlen, seed=0)
-    if not torch.equal(calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), fitting),
-                       segments[:fitting.n_samples]):
+    if not torch.equal(calibration_segments(calibration_ids, fitting), segments[:fitting.n_samples]):
         raise RuntimeError("The fitting segments are not the calibration draw's first ones.")
     settings = QuantizeSettings(method=args.quantizer, group_size=GROUP)
     evaluation = EvalSettings(args.seqlen, args.tokens)
