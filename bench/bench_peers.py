@@ -68,9 +68,11 @@ PEERS = {
 OURS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "attention": "attention-aware GPTQ (ours)", "aespa": "aespa (ours)"}
 OPTIONS = {"act-order": "act_order", "v-rows": "value_rows", "mlp-rows": "mlp_rows"}  # --options → QuantizeSettings
 AESPA_FLAGS = {"learn-scales": "learn_scales"}  # --options → AespaOptions (method aespa); also "iterations=N"
-# Windows of WINDOW tokens from the calibration split, apart from the fitted segments. (our choice) 16, twice the
-# evaluation's 4096 tokens: with 4 the settings' order on it contradicted the evaluation's (bench/results/peers.md).
+# Windows of WINDOW tokens from the calibration split, apart from the fitted segments (validation_windows). (our
+# choice) 16, twice the evaluation's 4096 tokens.
 VALIDATION_WINDOWS = 16
+VALIDATION_SEED = 1  # their draw (the fitted segments' is seed 0)
+VALIDATION = f"validation{VALIDATION_WINDOWS}-random{VALIDATION_SEED}"  # the name of what is cached per draw
 
 
 @dataclass(frozen=True)
@@ -352,21 +354,25 @@ class Row:
 
 
 def validation_windows(inputs: Inputs, calibration_ids: torch.Tensor) -> torch.Tensor:
-    """VALIDATION_WINDOWS windows of the calibration split that no fitted segment touches, taken from its end: data
-    to choose settings on, never the evaluation split."""
+    """VALIDATION_WINDOWS windows of the calibration split that neither a fitted segment nor another window touches:
+    data to choose settings on, never the evaluation split. (our choice) Drawn at random positions over the whole
+    split (seed VALIDATION_SEED), like the fitted segments, so that they hold its mix of genres: the split's end alone
+    (the windows until 2026-12-01) is one genre, with full-precision perplexity 61 against the evaluation's 34."""
     generator = torch.Generator().manual_seed(0)  # the draw of aptq.data.calibration_segments
     starts = torch.randint(0, calibration_ids.numel() - inputs.seqlen + 1, (inputs.samples,), generator=generator)
     if not torch.equal(torch.stack([calibration_ids[s:s + inputs.seqlen] for s in starts.tolist()]),
                        inputs.calibration):
         raise RuntimeError("The fitted segments' positions could not be recovered.")
+    taken = [(s, s + inputs.seqlen) for s in starts.tolist()]
+    generator = torch.Generator().manual_seed(VALIDATION_SEED)
     windows = []
-    end = calibration_ids.numel()
-    while len(windows) < VALIDATION_WINDOWS and end >= WINDOW:
-        if all(end <= s or end - WINDOW >= s + inputs.seqlen for s in starts.tolist()):
-            windows.append(calibration_ids[end - WINDOW:end])
-            end -= WINDOW
-        else:
-            end -= 1
+    draws = 0
+    while len(windows) < VALIDATION_WINDOWS and draws < 1000 * VALIDATION_WINDOWS:  # bounded: a nearly covered split
+        draws += 1
+        start = int(torch.randint(0, calibration_ids.numel() - WINDOW + 1, (1,), generator=generator))
+        if all(start + WINDOW <= first or start >= end for first, end in taken):
+            taken.append((start, start + WINDOW))
+            windows.append(calibration_ids[start:start + WINDOW])
     if len(windows) < VALIDATION_WINDOWS:
         raise RuntimeError("The calibration split has too few tokens outside the fitted segments.")
     return torch.stack(windows)
@@ -422,7 +428,7 @@ def cached_reference(loaded, windows: torch.Tensor):
     """The full-precision model's statistics on the validation windows, computed once per dump."""
     from aptq.evaluate import ReferenceStats, reference_stats
 
-    path = WORK / f"validation{VALIDATION_WINDOWS}-reference.pt"
+    path = WORK / f"{VALIDATION}-reference.pt"
     if path.is_file() and path.stat().st_mtime > INPUTS.stat().st_mtime:
         return ReferenceStats(**torch.load(path))
     stats = reference_stats(loaded.model, windows)
@@ -453,7 +459,7 @@ def evaluate_all() -> None:
         else:
             row = measure_peer(loaded, windows, reference, record)
         if (WORK / f"{record.name}.pt").is_file():
-            kl = cached_measure(record, f"validation{VALIDATION_WINDOWS}", lambda: {"kl": evaluate_weights(
+            kl = cached_measure(record, VALIDATION, lambda: {"kl": evaluate_weights(
                 loaded, WORK / f"{record.name}.pt", held_out, held_out_reference).kl_divergence})["kl"]
             row = replace(row, kl_validation=kl)
         rows.append(row)
@@ -526,8 +532,9 @@ def write_results(inputs: Inputs, model_name: str, rows: list[Row], fp_perplexit
         f"- full precision (the loaded model's weights): perplexity {fp_perplexity:.3f}",
         "- quantize s: wall time of the quantization alone (model loading and evaluation excluded); peak RSS: "
         "resource.getrusage of the process that quantized (its model load included)", "",
-        f"- KL validation: KL on {VALIDATION_WINDOWS} windows of {WINDOW} tokens from the calibration split that no "
-        f"fitted segment touches (bench_peers.validation_windows): what settings are chosen on; — where no Ŵ was kept",
+        f"- KL validation: KL on {VALIDATION_WINDOWS} windows of {WINDOW} tokens drawn over the calibration split "
+        f"where no fitted segment lies (seed {VALIDATION_SEED}, bench_peers.validation_windows): what settings are "
+        f"chosen on; — where no Ŵ was kept",
         "",
         "| method | bits | group | perplexity | KL | top-1 | KL validation | quantize s | peak RSS GiB |",
         "|---|---|---|---|---|---|---|---|---|",
