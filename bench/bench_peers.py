@@ -472,10 +472,9 @@ EARLIER = "measured in an earlier session; its Ŵ is not on this machine"
 
 def row_order(label: str, bits: int, group: int) -> tuple:
     """The table's order: group, widest first, then method (OURS, PEERS) and options."""
-    order = list(OURS | PEERS)
-    method = max((m for m in order if label == (OURS | PEERS)[m] or label.startswith((OURS | PEERS)[m] + " + ")),
-                 key=lambda m: len((OURS | PEERS)[m]))
-    return group, -bits, order.index(method), label
+    names = OURS | PEERS
+    method = next(m for m, name in names.items() if label == name or label.startswith(name + " + "))
+    return group, -bits, list(names).index(method), label
 
 
 def earlier_rows(previous: str, measured: set[tuple[str, int, int]]) -> dict[tuple, tuple[str, str]]:
