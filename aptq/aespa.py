@@ -44,17 +44,19 @@ class AespaOptions:
 
     iterations: int = CPU_ITERATIONS
     start: str = "attention"  # the starting solution: attention-aware GPTQ ("attention") or round-to-nearest ("rtn")
-    learn_scales: bool = False  # also learn a factor on each row-group's scale
+    # also learn a factor on each row-group's scale; (our choice) on by default: chosen on held-out calibration windows
+    # at 2 and 3 bits on the embedded model (bench/results/peers.md, docs/algorithms.md §13)
+    learn_scales: bool = True
     learning_rate: float = 0.03  # Adam, on the rounding variables V (and the scales' log-factors)
     regulariser: float = 30.0  # λ of the rounding regulariser, against the start-normalised objective
     warmup: float = 0.0  # fraction of the iterations without the regulariser (AdaRound's is 0.2)
     beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed linearly (AdaRound's)
 
     @staticmethod
-    def for_device(device: str, iterations: int | None = None) -> AespaOptions:
+    def for_device(device: str, iterations: int | None = None, learn_scales: bool = True) -> AespaOptions:
         """The options for a compute device: `iterations`, or the CPU or GPU default."""
         default = CPU_ITERATIONS if torch.device(device).type == "cpu" else GPU_ITERATIONS
-        return AespaOptions(iterations=default if iterations is None else iterations)
+        return AespaOptions(iterations=default if iterations is None else iterations, learn_scales=learn_scales)
 
     def __post_init__(self) -> None:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:

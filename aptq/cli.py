@@ -331,6 +331,8 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
                              "by default: measured in bench/results/quantizer.md)")
     parser.add_argument("--aespa-iterations", type=int, default=None,
                         help="aespa: rounding iterations per layer (default: 100 on a CPU, 10000 on a GPU)")
+    parser.add_argument("--aespa-fixed-scales", action="store_true",
+                        help="aespa: keep the starting solution's scales (default: learn a factor on each group's scale)")
     parser.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=CPU_EVAL_TOKENS,
                         help="evaluate at most this many tokens, 0 = the whole split (default: %(default)s)")
@@ -340,7 +342,8 @@ def quantize_settings(args: argparse.Namespace, loaded, method: str):
     from aptq.aespa import AespaOptions
     from aptq.pipeline import EvalSettings, QuantizeSettings
 
-    aespa = AespaOptions.for_device(args.device or str(loaded.device), args.aespa_iterations)
+    aespa = AespaOptions.for_device(args.device or str(loaded.device), args.aespa_iterations,
+                                   learn_scales=not args.aespa_fixed_scales)
     return (QuantizeSettings(method=method, group_size=group_size_of(args, loaded), symmetric=args.symmetric,
                              act_order=args.act_order, value_rows=args.value_rows, mlp_rows=args.mlp_rows,
                              batch_size=args.batch_size, device=args.device, aespa=aespa),

@@ -31,7 +31,7 @@ linear with the wall time and peak RSS of the quantization. `ours` (project envi
 aptq.pipeline.run_plan does (the store holds the run and a rerun reuses it; its Ŵ is saved like a peer's) on the same
 segments and evaluation tokens, in its own process so that its peak RSS is its own; `--options` turns on the
 attention-aware quantizer's optional parts (act-order, v-rows, mlp-rows: QuantizeSettings.act_order, value_rows,
-mlp_rows) and aespa's (learn-scales, iterations=N: AespaOptions). `evaluate` (project environment) puts each peer's Ŵ
+mlp_rows) and aespa's (fixed-scales, iterations=N: AespaOptions). `evaluate` (project environment) puts each peer's Ŵ
 into the model loaded with aptq.models.load_model and measures it with aptq.evaluate against the pipeline's cached
 full-precision reference on the dumped evaluation windows, measures every kept Ŵ (ours too) on validation windows of
 the calibration split that the fitted segments do not touch (the KL that settings are chosen on), then writes the
@@ -67,7 +67,8 @@ PEERS = {
 }
 OURS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "attention": "attention-aware GPTQ (ours)", "aespa": "aespa (ours)"}
 OPTIONS = {"act-order": "act_order", "v-rows": "value_rows", "mlp-rows": "mlp_rows"}  # --options → QuantizeSettings
-AESPA_FLAGS = {"learn-scales": "learn_scales"}  # --options → AespaOptions (method aespa); also "iterations=N"
+# --options → AespaOptions (method aespa): the field and its value; also "iterations=N"
+AESPA_FLAGS = {"fixed-scales": ("learn_scales", False)}
 # Windows of WINDOW tokens from the calibration split, apart from the fitted segments (validation_windows). (our
 # choice) 16, twice the evaluation's 4096 tokens.
 VALIDATION_WINDOWS = 16
@@ -134,7 +135,8 @@ class Quantized:
             if name in OPTIONS:
                 chosen[OPTIONS[name]] = True
             elif name in AESPA_FLAGS:
-                aespa[AESPA_FLAGS[name]] = True
+                field, setting = AESPA_FLAGS[name]
+                aespa[field] = setting
             else:  # "iterations=N", checked by main
                 aespa[name] = int(value)
         return QuantizeSettings(self.method, self.group, aespa=AespaOptions(**aespa), **chosen)

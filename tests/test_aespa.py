@@ -185,6 +185,7 @@ def test_the_other_methods_keep_their_run_keys():
         assert set(QuantizeSettings(method).key_fields()) == {"method", "group_size", "symmetric", "act_order",
                                                               "clip_search", "damp"}
     assert QuantizeSettings("aespa").key_fields()["aespa"]["iterations"] == AespaOptions().iterations
+    assert QuantizeSettings("aespa").key_fields()["aespa"]["learn_scales"] is True  # the default chosen on validation
 
 
 def test_aespa_on_a_tiny_llama_with_mixed_widths_from_the_command_line(tmp_path, tiny_model_dir, capsys):
@@ -198,11 +199,12 @@ def test_aespa_on_a_tiny_llama_with_mixed_widths_from_the_command_line(tmp_path,
     code = main(["quantize", "--model", str(model), "--corpus", str(text), "--device", "cpu",
                  "--store", str(tmp_path / "store.duckdb"), "--method", "aespa", "--plan", str(plan_path),
                  "--group", "32", "--samples", "6", "--seqlen", "32", "--eval-seqlen", "32", "--tokens", "256",
-                 "--aespa-iterations", "20", "--json"])
+                 "--aespa-iterations", "20", "--aespa-fixed-scales", "--json"])
     assert code == 0
     row = json.loads(capsys.readouterr().out)
     assert row["method"] == "aespa" and 2 < row["avg_bits"] < 4 and row["perplexity"] > 1
     assert json.loads(row["settings"])["aespa"]["iterations"] == 20
+    assert json.loads(row["settings"])["aespa"]["learn_scales"] is False
 
 
 def test_aespa_reports_progress_and_cancels_like_the_other_quantizers(tiny_model_dir, text_corpus, tmp_path):
