@@ -253,9 +253,10 @@ def geometry_for(mask: torch.Tensor, position_embeddings, head_dim: int,
 
 
 def _complex_pairs(vectors: torch.Tensor) -> torch.Tensor:
-    """(…, d) real in half layout → (…, d/2) complex ξ_i = x_i + i·x_{i+d/2}."""
+    """(…, d) real in half layout → (…, d/2) complex ξ_i = x_i + i·x_{i+d/2} (at least single precision)."""
     half = vectors.shape[-1] // 2
-    return torch.complex(vectors[..., :half].float(), vectors[..., half:].float())
+    vectors = vectors.to(torch.promote_types(vectors.dtype, torch.float32))
+    return torch.complex(vectors[..., :half], vectors[..., half:])
 
 
 def mapped_second_moment(vectors: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -338,17 +339,23 @@ def mapped_middle(vectors: torch.Tensor, weights: PairWeights, layout: RotaryLay
 
 
 def sandwiched_sum(middle: torch.Tensor, jacobian: NormJacobian | None) -> torch.Tensor:
-    """Σ_r J_rᵀ M_r J_r (d × d, half layout) from `mapped_middle`'s M_r; Σ_r M_r without a norm."""
+    """Σ_r J_rᵀ M_r J_r (d × d, half layout) from `mapped_middle`'s M_r; Σ_r M_r without a norm.
+
+    With J_r = s_r D (I − u_r u_rᵀ), D = diag(gain), and N_r = s_r² D M_r D (symmetric), the sum is
+    Σ N − (A + Aᵀ) + Σ (uᵀNu) u uᵀ with A = Σ (N u) uᵀ. Σ N is one weighted sum of the complex parts; N_r u_r comes
+    from them too (M v ↔ (H w + P w̄)/2 for v = [a; b], w = a + i b), so no per-position real matrix is formed."""
     if jacobian is None:
         return complex_to_real(middle.sum(0))
-    gain = jacobian.gain
-    scaled = complex_to_real(middle) * (gain[:, None] * gain[None, :]) * jacobian.scale.square()[:, None, None]
-    # (I − u uᵀ) N (I − u uᵀ) summed over r, with N symmetric: Σ N − (A + Aᵀ) + Σ (uᵀNu) u uᵀ, A = Σ (N u) uᵀ
-    u = jacobian.direction
-    pushed = (scaled @ u[:, :, None])[..., 0]  # N_r u_r
+    gain, u = jacobian.gain, jacobian.direction
+    weights = jacobian.scale.square()
+    total = complex_to_real(torch.einsum("r,r...->...", weights.to(middle.dtype), middle)) * (gain[:, None] * gain)
+    v = gain * u  # D u_r
+    w = _complex_pairs(v)[..., None]  # (L, d/2, 1)
+    mapped = (middle[:, 0] @ w + middle[:, 1] @ w.conj())[..., 0] / 2  # M_r D u_r in complex form
+    pushed = torch.cat([mapped.real, mapped.imag], -1) * gain * weights[:, None]  # N_r u_r
     cross = pushed.T @ u
     curvature = (pushed * u).sum(-1)
-    return scaled.sum(0) - cross - cross.T + (u * curvature[:, None]).T @ u
+    return total - cross - cross.T + (u * curvature[:, None]).T @ u
 
 
 def cap_slopes(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float) -> torch.Tensor:

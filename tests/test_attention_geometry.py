@@ -25,7 +25,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 
 from aptq.capture import BlockWalk
 from aptq.errors import UserError
-from aptq.geometry import RotaryLayout, geometry_for, rotary_layout
+from aptq.geometry import NormJacobian, RotaryLayout, complex_to_real, geometry_for, rotary_layout, sandwiched_sum
 from aptq.hessian import CollectOptions, HessianCollector, recording_attention
 from aptq.models import Architecture, LinearLayer, Rows, architecture_of
 from tests.tiny_models import WINDOW, tiny_config
@@ -346,6 +346,25 @@ def test_layout_round_trip_of_matrices():
     matrix = torch.arange(16.0).reshape(4, 4)
     half = layout.to_half(layout.to_half(matrix).T).T  # rows and columns permuted
     torch.testing.assert_close(layout.from_half_matrix(half), matrix)
+
+
+def test_the_sandwiched_sum_is_the_sum_of_the_explicit_per_position_products():
+    """Σ_r J_rᵀ M_r J_r with J_r = s_r diag(gain) (I − u_r u_rᵀ), each product formed as d × d matrices, in float64."""
+    torch.manual_seed(0)
+    length, d = 12, 8
+    xi = torch.randn(length, 5, d // 2, dtype=torch.complex128)
+    hermitian = xi.transpose(1, 2) @ xi.conj()  # per position Σ ξ ξᴴ and Σ ξ ξᵀ, as mapped_middle forms them
+    pseudo = xi.transpose(1, 2) @ xi
+    middle = torch.stack([hermitian, pseudo], 1)
+    jacobian = NormJacobian(torch.rand(length, dtype=torch.float64), torch.randn(length, d, dtype=torch.float64),
+                            torch.rand(d, dtype=torch.float64))
+    expected = torch.zeros(d, d, dtype=torch.float64)
+    for r in range(length):
+        u = jacobian.direction[r]
+        J = jacobian.scale[r] * torch.diag(jacobian.gain) @ (torch.eye(d, dtype=torch.float64) - torch.outer(u, u))
+        expected += J.T @ complex_to_real(middle[r]) @ J
+    torch.testing.assert_close(sandwiched_sum(middle, jacobian), expected)
+    torch.testing.assert_close(sandwiched_sum(middle, None), complex_to_real(middle.sum(0)))
 
 
 @pytest.mark.parametrize("family, overrides, message", [
