@@ -53,10 +53,10 @@ class AespaOptions:
     beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed linearly (AdaRound's)
 
     @staticmethod
-    def for_device(device: str, iterations: int | None = None, learn_scales: bool = True) -> AespaOptions:
+    def for_device(device: str, iterations: int | None = None) -> AespaOptions:
         """The options for a compute device: `iterations`, or the CPU or GPU default."""
         default = CPU_ITERATIONS if torch.device(device).type == "cpu" else GPU_ITERATIONS
-        return AespaOptions(iterations=default if iterations is None else iterations, learn_scales=learn_scales)
+        return AespaOptions(iterations=default if iterations is None else iterations)
 
     def __post_init__(self) -> None:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:

@@ -339,11 +339,13 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def quantize_settings(args: argparse.Namespace, loaded, method: str):
+    from dataclasses import replace
+
     from aptq.aespa import AespaOptions
     from aptq.pipeline import EvalSettings, QuantizeSettings
 
-    aespa = AespaOptions.for_device(args.device or str(loaded.device), args.aespa_iterations,
-                                   learn_scales=not args.aespa_fixed_scales)
+    aespa = replace(AespaOptions.for_device(args.device or str(loaded.device), args.aespa_iterations),
+                    learn_scales=not args.aespa_fixed_scales)
     return (QuantizeSettings(method=method, group_size=group_size_of(args, loaded), symmetric=args.symmetric,
                              act_order=args.act_order, value_rows=args.value_rows, mlp_rows=args.mlp_rows,
                              batch_size=args.batch_size, device=args.device, aespa=aespa),
