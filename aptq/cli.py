@@ -332,7 +332,8 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aespa-iterations", type=int, default=None,
                         help="aespa: rounding iterations per layer (default: 100 on a CPU, 10000 on a GPU)")
     parser.add_argument("--aespa-fixed-scales", action="store_true",
-                        help="aespa: keep the starting solution's scales (default: learn a factor on each group's scale)")
+                        help="aespa: keep the starting solution's scales (default: learn a factor on each group's "
+                             "scale)")
     parser.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=CPU_EVAL_TOKENS,
                         help="evaluate at most this many tokens, 0 = the whole split (default: %(default)s)")
