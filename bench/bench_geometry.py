@@ -21,8 +21,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aptq.geometry import (AttentionGeometry, NormJacobian, complex_to_real, mapped_middle, query_pairs,  # noqa: E402
-                           rotary_layout, sandwiched_sum)
+from aptq.geometry import (  # noqa: E402
+    AttentionGeometry,
+    NormJacobian,
+    complex_to_real,
+    mapped_middle,
+    query_pairs,
+    rotary_layout,
+    sandwiched_sum,
+)
 
 # (segment length, head size): SmolLM2-like, Gemma 3-like and Qwen3-like heads
 SIZES = ((512, 64), (512, 256), (2048, 128))
