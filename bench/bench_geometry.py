@@ -85,7 +85,8 @@ def main() -> None:
         "Seconds per segment and head: forming the per-position middle factors (`mapped_middle`), then their sum",
         "(`sandwiched_sum`) against the baseline sum from per-position real matrices (`per_position_sum`); speed-up of",
         "the whole step (middle + sum).", "",
-        "| L | d_h | case | middle s | sum s | baseline sum s | speed-up |", "|---|---|---|---|---|---|---|", *rows, ""])
+        "| L | d_h | case | middle s | sum s | baseline sum s | speed-up |", "|---|---|---|---|---|---|---|",
+        *rows, ""])
     (ROOT / "bench" / "results" / "geometry.md").write_text(text)
     print(text)
 
