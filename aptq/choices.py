@@ -9,3 +9,9 @@ METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "attention": "attention-aware GPT
 QUANTIZERS = tuple(METHOD_LABELS)
 ALLOCATORS = ("knapsack", "knapsack-layerwise", "aptq", "uniform", "random")
 NAMED_CORPORA = ("brown", "wikitext2", "c4")
+# (our choice) the share by which the attention-aware Hessians are shrunk toward GPTQ's (aptq.pipeline,
+# `QuantizeSettings.shrink`), chosen on validation segments of the calibration split: bench/results/quantizer.md
+ATTENTION_SHRINK = 0.0
+# (our choice) the pair weights of q/k's row Hessians (aptq.hessian.CollectOptions.row_weights), chosen the same way
+ROW_WEIGHT_CHOICES = ("uniform", "attention")
+ROW_WEIGHTS = "uniform"

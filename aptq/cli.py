@@ -15,7 +15,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aptq import validate
-from aptq.choices import ALLOCATORS, EMBEDDED_MODEL, METHOD_LABELS, QUANTIZERS
+from aptq.choices import (
+    ALLOCATORS,
+    ATTENTION_SHRINK,
+    EMBEDDED_MODEL,
+    METHOD_LABELS,
+    QUANTIZERS,
+    ROW_WEIGHT_CHOICES,
+    ROW_WEIGHTS,
+)
 from aptq.errors import UserError
 
 if TYPE_CHECKING:
@@ -131,6 +139,17 @@ def integer_list(what: str) -> Callable[[str], tuple[int, ...]]:
 
 
 _bit_list = integer_list("bit widths")
+
+
+def share(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"the shrinkage must be a number from 0 to 1, got {text!r}")
+    return value
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
@@ -329,6 +348,14 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp-rows", action="store_true",
                         help="attention/aespa: BoA row compensation for gate and up through the down projection (off "
                              "by default: measured in bench/results/quantizer.md)")
+    parser.add_argument("--shrink", type=share, default=ATTENTION_SHRINK,
+                        help="attention/aespa: shrink v's and q/k's attention-aware Hessians toward GPTQ's by this "
+                             "share, 0 = as the papers give them, 1 = plain GPTQ (default: %(default)s, chosen in "
+                             "bench/results/quantizer.md)")
+    parser.add_argument("--row-weights", choices=ROW_WEIGHT_CHOICES, default=ROW_WEIGHTS,
+                        help="attention/aespa: q/k's row Hessians from each query's visible keys alike (uniform) or "
+                             "from its attention probabilities, centred (attention) (default: %(default)s, chosen in "
+                             "bench/results/quantizer.md)")
     parser.add_argument("--aespa-iterations", type=int, default=None,
                         help="aespa: rounding iterations per layer (default: 100 on a CPU, 10000 on a GPU)")
     parser.add_argument("--aespa-fixed-scales", action="store_true",
@@ -349,6 +376,7 @@ def quantize_settings(args: argparse.Namespace, loaded, method: str):
                     learn_scales=not args.aespa_fixed_scales)
     return (QuantizeSettings(method=method, group_size=group_size_of(args, loaded), symmetric=args.symmetric,
                              act_order=args.act_order, value_rows=args.value_rows, mlp_rows=args.mlp_rows,
+                             shrink=args.shrink, row_weights=args.row_weights,
                              batch_size=args.batch_size, device=args.device, aespa=aespa),
             EvalSettings(args.eval_seqlen, args.tokens or None))
 

@@ -361,3 +361,54 @@ def sandwiched_sum(middle: torch.Tensor, jacobian: NormJacobian | None) -> torch
 def cap_slopes(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float) -> torch.Tensor:
     """φ'_pj = 1 − tanh²(λ ⟨q_p, k_j⟩ / c) for one segment and head (L × L): the soft-cap's slope at each score."""
     return 1.0 - torch.tanh((query @ key.T) * (scaling / softcap)).square()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention-weighted row Hessians (our choice, `CollectOptions.row_weights = "attention"`)
+
+
+def _mapped_back(vectors: torch.Tensor, layout: RotaryLayout, jacobian: NormJacobian | None) -> torch.Tensor:
+    """J_rᵀ R_rᵀ v_r for vectors (…, L, d) in half layout, position r along the second-last axis."""
+    turned = _complex_pairs(vectors) * layout.multipliers.conj()
+    mapped = torch.cat([turned.real, turned.imag], -1)
+    if jacobian is None:
+        return mapped
+    mapped = mapped * jacobian.gain
+    mapped = mapped - (mapped * jacobian.direction).sum(-1, keepdim=True) * jacobian.direction
+    return mapped * jacobian.scale[:, None]
+
+
+def attention_weighted_rows(query: torch.Tensor, key: torch.Tensor, probs: torch.Tensor, slopes: torch.Tensor | None,
+                            layout: RotaryLayout, jacobians: tuple[NormJacobian | None, NormJacobian | None],
+                            samples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment and query head: the unscaled G_Q and G_K terms (d × d, half layout) of the softmax-aware objective.
+
+    The pair-weighted objective of `AttentionGeometry` counts a score change on every visible key alike, and counts a
+    change shared by all keys of a query, which the softmax does not see. Here each query's score changes are weighed
+    by its probabilities and centred: `Var_{A_p}(Δs_p) = Δsᵀ (diag(A_p) − A_p A_pᵀ) Δs`, the second-order change of the
+    query's attention distribution (the KL divergence's Gauss–Newton term, ×2). For the query projection that is
+    exact per position:
+
+        G_Q ∝ (1/L) Σ_p J_pᵀ R_pᵀ K̃ᵀ (diag(A_p) − A_p A_pᵀ) K̃ R_p J_p      (K̃: the recorded keys, rows j);
+
+    for the key projection the centring couples the keys of a query, and only each key's own block is kept:
+
+        G_K ∝ (1/L) Σ_j J_jᵀ R_jᵀ (Σ_p A_pj (1 − A_pj) q̃_p q̃_pᵀ) R_j J_j.
+
+    With a soft-cap every pair's score change also carries φ'_pj. The L × L × d² sums are estimated with `samples`
+    Gaussian sketches (unbiased, positive semi-definite): with ξ ~ N(0, I), `(diag(√A_p) − A_p √A_pᵀ) ξ` has the
+    covariance `diag(A_p) − A_p A_pᵀ`. `query`, `key`: (L, d) in half layout; `probs`, `slopes`: (L, L).
+    """
+    length, d = query.shape
+    noise = torch.randn(samples, length, length, generator=generator, device=probs.device)
+    root = probs.sqrt() * noise
+    centred = root - probs * root.sum(-1, keepdim=True)
+    key_weights = probs - probs.square()
+    if slopes is not None:
+        centred = centred * slopes
+        key_weights = key_weights * slopes.square()
+    query_side = _mapped_back(centred @ key, layout, jacobians[0]).reshape(-1, d)
+    noise = torch.randn(samples, length, length, generator=generator, device=probs.device)
+    key_side = _mapped_back((key_weights.sqrt() * noise).transpose(1, 2) @ query, layout, jacobians[1]).reshape(-1, d)
+    scale = 1.0 / (samples * length)
+    return query_side.T @ query_side * scale, key_side.T @ key_side * scale

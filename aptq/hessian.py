@@ -48,6 +48,7 @@ from aptq.geometry import (
     NormJacobian,
     RmsNorm,
     RotaryLayout,
+    attention_weighted_rows,
     cap_slopes,
     complex_to_real,
     geometry_for,
@@ -65,6 +66,10 @@ from aptq.routed_attention import routed_through_interface
 RECORDING_ATTENTION = "aptq_recording"
 MLP_ACTIVATIONS = ("act_fn", "activation_fn", "act")  # where the families' MLPs (or OPT's blocks) keep σ
 MODULE_INPUTS = ("q", "k", "v", "gate", "up")  # first linears of the attention and MLP modules
+# (our choice) Gaussian sketches per segment and query head for the attention-weighted row Hessians: with L tokens per
+# segment each adds L rank-one terms, so a few already give far more terms than G has entries
+ROW_SKETCHES = 4
+SKETCH_STREAM = 1 << 20  # seeds the sketches apart from the probes
 DEFAULT_PROBES = 1  # (our choice) Hutchinson probes per segment: keeps the traces near one extra forward+backward
 
 
@@ -165,6 +170,9 @@ class CollectOptions:
     mlp_rows: bool = False  # E[d dᵀ] of the MLP's gate and up projections
     probes: int = DEFAULT_PROBES  # Hutchinson probes per segment; 0 = no LM traces
     seed: int = 0
+    # The row Hessians' pair weights: "uniform" (each query's visible keys alike, `AttentionGeometry`) or "attention"
+    # (each query's probabilities, centred: aptq.geometry.attention_weighted_rows; our choice)
+    row_weights: str = "uniform"
 
 
 def _probe_seed(*parts: int) -> int:
@@ -217,6 +225,7 @@ class HessianCollector:
         self._norms: dict[str, RmsNorm | None] = {}  # "q"/"k": the family's q/k normalisation (set on entry)
         self._score_factors: tuple[float, float] | None = None  # d_h λ² α² for G_Q and G_K, from the first batch
         self._layout: RotaryLayout | None = None
+        self._sketches: torch.Generator | None = None  # with row_weights "attention"
         self._residual: dict[str, list[torch.Tensor]] = {"attention": [], "mlp": []}  # per-token ‖h‖²
         self._mlp_activation = None  # σ of the MLP, with `mlp_rows` on a model whose MLP has one up and one down
         self._stack = None
@@ -343,7 +352,9 @@ class HessianCollector:
         if self._score_factors is None:
             self._score_factors = self._score_factors_checked(query, key, call.scaling, geometry.layout)
         factor_q, factor_k = self._score_factors
-        if call.softcap is None and self._norms.get("q") is None and self._norms.get("k") is None:
+        if self.options.row_weights == "attention":
+            row_q, row_k = self._rows_attention_weighted(query, key, probs, call, geometry)
+        elif call.softcap is None and self._norms.get("q") is None and self._norms.get("k") is None:
             row_q, row_k = self._rows_from_tables(geometry.layout.to_half(query), geometry.layout.to_half(key),
                                                   geometry, length)
         else:
@@ -389,6 +400,32 @@ class HessianCollector:
                     row_q[h] += sandwiched_sum(keys, jacobian_q(s, h))
                     queries = mapped_middle(query_half[s, h], key_pairs(geometry, slopes), layout)
                     row_k[g] += sandwiched_sum(queries, jacobian_k(s, g))
+        return row_q, row_k
+
+    def _rows_attention_weighted(self, query: torch.Tensor, key: torch.Tensor, probs: torch.Tensor,
+                                 call: AttentionCall, geometry: AttentionGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real G_Q per query head and G_K per KV head (half layout) with the attention-weighted, centred pair
+        weights, one segment and query head at a time (aptq.geometry.attention_weighted_rows)."""
+        arch, layout = self.arch, geometry.layout
+        repeats = arch.n_heads // arch.n_kv_heads
+        jacobian_q = self._norm_jacobians("q", arch.n_heads, layout)
+        jacobian_k = self._norm_jacobians("k", arch.n_kv_heads, layout)
+        query_half, key_half = layout.to_half(query), layout.to_half(key)
+        d = arch.head_dim
+        row_q = torch.zeros(arch.n_heads, d, d, device=query.device)
+        row_k = torch.zeros(arch.n_kv_heads, d, d, device=query.device)
+        if self._sketches is None:  # one stream per block, so that a block's Hessians do not depend on the others
+            self._sketches = torch.Generator(device=query.device).manual_seed(
+                _probe_seed(self.options.seed, self.step.index, SKETCH_STREAM))
+        for s in range(query.shape[0]):
+            for h in range(arch.n_heads):
+                g = h // repeats
+                slopes = (None if call.softcap is None
+                          else cap_slopes(query[s, h], key[s, g], call.scaling, call.softcap))
+                terms = attention_weighted_rows(query_half[s, h], key_half[s, g], probs[s, h], slopes, layout,
+                                                (jacobian_q(s, h), jacobian_k(s, g)), ROW_SKETCHES, self._sketches)
+                row_q[h] += terms[0]
+                row_k[g] += terms[1]
         return row_q, row_k
 
     def _norm_jacobians(self, kind: str, n_heads: int, layout: RotaryLayout):

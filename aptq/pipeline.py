@@ -49,7 +49,7 @@ from aptq import coverage, resources, teaching, validate
 from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_row_factor
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERRORS, weight_size
 from aptq.capture import BlockStep, BlockWalk, device_failures
-from aptq.choices import QUANTIZERS
+from aptq.choices import ATTENTION_SHRINK, QUANTIZERS, ROW_WEIGHT_CHOICES, ROW_WEIGHTS
 from aptq.data import (
     Corpus,
     Sampling,
@@ -108,13 +108,28 @@ class QuantizeSettings:
     # BoA's row compensation for gate and up through the down projection (docs/algorithms.md §14; off by default,
     # measured in bench/results/quantizer.md): in the key as value_rows is
     mlp_rows: bool = False
+    # (our choice) the share by which v's per-head Hessians and q/k's row Hessians are shrunk toward GPTQ's objective
+    # (`shrunk_value_hessians`, `shrunk_row_hessians`): 0 the objectives as the papers give them, 1 plain GPTQ; in the
+    # key as value_rows is
+    shrink: float = ATTENTION_SHRINK
+    # q/k's row Hessians from pair weights "uniform" or "attention" (aptq.hessian.CollectOptions.row_weights; our
+    # choice, measured in bench/results/quantizer.md): in the key as value_rows is
+    row_weights: str = ROW_WEIGHTS
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shrink <= 1:
+            raise UserError(f"The shrinkage of the attention-aware Hessians must be from 0 to 1, got {self.shrink}.")
+        if self.row_weights not in ROW_WEIGHT_CHOICES:
+            raise UserError(f"Unknown row weights {self.row_weights!r}; choose from {', '.join(ROW_WEIGHT_CHOICES)}.")
 
     def key_fields(self) -> dict:
         fields = asdict(self)
         del fields["batch_size"], fields["device"]
         if self.method != "aespa":
             del fields["aespa"]
-        for name in ("value_rows", "mlp_rows"):
+        if fields["row_weights"] == "uniform":
+            fields["row_weights"] = None  # the weights every run stored before the choice existed used
+        for name in ("value_rows", "mlp_rows", "shrink", "row_weights"):
             if self.method not in ("attention", "aespa") or not fields[name]:
                 del fields[name]
         return fields
@@ -184,11 +199,12 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
     options = dict(act_order=settings.act_order, damp=settings.damp, name=layer.name)
     h = hessians.layerwise[layer.name].to(weight.device)
     if settings.method == "attention" and layer.name in hessians.value:
-        value = hessians.value[layer.name].to(weight.device)
+        value = shrunk_value_hessians(hessians.value[layer.name].to(weight.device), h, settings.shrink)
         rows = _value_row_factors(layer, value, weight, out_weight) if settings.value_rows else None
         result = gptq_per_head(weight, value, config, row_factors=rows, **options)
     elif settings.method == "attention" and layer.name in hessians.row:
-        result = gptq_rows(weight, h, hessians.row[layer.name].to(weight.device), config, **options)
+        G = shrunk_row_hessians(hessians.row[layer.name].to(weight.device), settings.shrink)
+        result = gptq_rows(weight, h, G, config, **options)
     elif settings.method == "attention" and settings.mlp_rows and layer.name in hessians.mlp:
         if down_weight is None:
             raise ValueError(f"{layer.name} needs the down projection's weight for its row factor.")
@@ -197,6 +213,30 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
     else:
         result = gptq(weight, h, config, **options)
     return result.weight, result.fallback
+
+
+def shrunk_value_hessians(value: torch.Tensor, layerwise: torch.Tensor, share: float) -> torch.Tensor:
+    """`(1 − s) H_V,g + s (tr H_V,g / tr H) H` per KV head g (our choice): `H_V,g` of few calibration segments is
+    dominated by the few tokens the heads attend to most, and a GPTQ walk that fits it exactly can raise the error on
+    other segments (bench/results/quantizer.md, Gemma 3); shrinking toward the layer-wise H, scaled to each head's
+    trace, trades that fit for stability. s = 0 returns the Hessians unchanged; s = 1 makes each head's objective
+    GPTQ's.
+    """
+    if share == 0:
+        return value
+    traces = value.diagonal(dim1=-2, dim2=-1).sum(-1) / layerwise.diagonal().sum()
+    return (1 - share) * value + share * traces[:, None, None] * layerwise.to(value.dtype)
+
+
+def shrunk_row_hessians(row: torch.Tensor, share: float) -> torch.Tensor:
+    """`(1 − s) G_h + s (tr G_h / d_h) I` per head h (our choice, as `shrunk_value_hessians`): s = 1 leaves the row
+    compensation nothing to do (the rows of an identity G are independent), so q and k are quantized as by GPTQ."""
+    if share == 0:
+        return row
+    head_dim = row.shape[-1]
+    means = row.diagonal(dim1=-2, dim2=-1).mean(-1)
+    identity = torch.eye(head_dim, dtype=row.dtype, device=row.device)
+    return (1 - share) * row + share * means[:, None, None] * identity
 
 
 def _value_row_factors(layer: LinearLayer, value: torch.Tensor, weight: torch.Tensor,
@@ -350,7 +390,8 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
     """Hessians and quantization of one block. Out of device memory: the batches split in halves until single
     segments, then the block on the CPU (our choice of order: smaller batches keep the speed of the device)."""
     attention = settings.method in ("attention", "aespa")
-    options = CollectOptions(attention=attention, probes=0, mlp_rows=attention and settings.mlp_rows)
+    options = CollectOptions(attention=attention, probes=0, mlp_rows=attention and settings.mlp_rows,
+                             row_weights=settings.row_weights)
     # The out projection serves aespa's value objective and v's row factors only (docs/algorithms.md §8, §13).
     needs_out = settings.method == "aespa" or (options.attention and settings.value_rows)
     out_weight = block_weight(loaded.model, loaded.arch, step.index, "o") if needs_out else None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,11 +52,14 @@ class Setting:
     act_order: bool = False
     mlp_rows: bool = False
     method: str = "attention"  # or "gptq"
+    shrink: float = 0.0  # QuantizeSettings.shrink
+    row_weights: str = "uniform"  # QuantizeSettings.row_weights
 
     def for_layer(self, kind: str) -> tuple:
         """What a layer of this kind's quantization depends on: layers with equal keys are quantized once."""
         return (self.method, self.act_order, self.value_rows if kind == "v" else None,
-                self.mlp_rows if kind in ("gate", "up") else None)
+                self.mlp_rows if kind in ("gate", "up") else None, self.shrink if kind in ("q", "k", "v") else None,
+                self.row_weights if kind in ("q", "k") else None)
 
 
 SETTINGS = {
@@ -66,6 +69,9 @@ SETTINGS = {
     "v rows, act-order": Setting(value_rows=True, act_order=True),
     "mlp rows": Setting(mlp_rows=True),
     "gptq": Setting(method="gptq"),
+    **{f"shrink {share:g}": Setting(shrink=share) for share in (0.1, 0.25, 0.5, 0.75)},
+    "attention rows": Setting(row_weights="attention"),
+    **{f"attention rows + shrink {share:g}": Setting(row_weights="attention", shrink=share) for share in (0.25, 0.5)},
 }
 
 
@@ -122,9 +128,10 @@ def summed_row_factor(out_weight: torch.Tensor, n_kv: int, head_dim: int) -> tor
     return summed.transpose(1, 2) @ summed
 
 
-def measure_block(loaded: LoadedModel, fit: BlockHessians, held: BlockHessians, held_step: BlockStep, bits: int,
-                  group: int, labels: list[str]) -> dict[str, Measured]:
-    """The settings named; a layer is quantized once per distinct key of what its quantization depends on."""
+def measure_block(loaded: LoadedModel, fits: dict[str, BlockHessians], held: BlockHessians, held_step: BlockStep,
+                  bits: int, group: int, labels: list[str]) -> dict[str, Measured]:
+    """The settings named, each quantized from the fit Hessians of its row weights (`fits`); a layer is quantized
+    once per distinct key of what its quantization depends on."""
     out_weight = block_weight(loaded.model, loaded.arch, held_step.index, "o")
     down_weight = block_weight(loaded.model, loaded.arch, held_step.index, "down")
     config = QuantConfig(bits, group)
@@ -137,13 +144,15 @@ def measure_block(loaded: LoadedModel, fit: BlockHessians, held: BlockHessians, 
         if key not in done:
             start = time.perf_counter()
             weight = originals[layer.name]
+            fit = fits[setting.row_weights]
             if layer.kind == "v" and setting.value_rows == "summed":
                 rows = summed_row_factor(out_weight, fit.value[layer.name].shape[0], loaded.arch.head_dim)
                 result = gptq_per_head(weight, fit.value[layer.name], config, act_order=setting.act_order,
                                        row_factors=rows).weight
             else:
                 settings = QuantizeSettings(setting.method, group, act_order=setting.act_order,
-                                            value_rows=bool(setting.value_rows), mlp_rows=setting.mlp_rows)
+                                            value_rows=bool(setting.value_rows), mlp_rows=setting.mlp_rows,
+                                            shrink=setting.shrink, row_weights=setting.row_weights)
                 result = quantize_layer(weight, layer, fit, config, settings, out_weight, down_weight)[0]
             done[key] = result, time.perf_counter() - start
         return done[key]
@@ -234,10 +243,11 @@ def main() -> None:
     for fit_step, held_step in zip(*walks, strict=True):
         if fit_step.index not in blocks:
             continue
-        fit = collect_block(fit_step, loaded.arch, options, {})
+        fits = {weights: collect_block(fit_step, loaded.arch, replace(options, row_weights=weights), {})
+                for weights in dict.fromkeys(SETTINGS[label].row_weights for label in labels)}
         held = collect_block(held_step, loaded.arch, options, {})
         for bits in (int(b) for b in args.bits.split(",")):
-            measured = section(fit_step.index, bits, measure_block(loaded, fit, held, held_step, bits, args.group,
+            measured = section(fit_step.index, bits, measure_block(loaded, fits, held, held_step, bits, args.group,
                                                                    labels))
             lines += measured
             print("\n".join(measured), flush=True)

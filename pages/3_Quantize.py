@@ -12,7 +12,7 @@ import streamlit as st
 
 from aptq import coverage, history, validate
 from aptq.aespa import AespaOptions
-from aptq.choices import METHOD_LABELS, QUANTIZERS
+from aptq.choices import ATTENTION_SHRINK, METHOD_LABELS, QUANTIZERS, ROW_WEIGHT_CHOICES, ROW_WEIGHTS
 from aptq.data import Corpus, digest
 from aptq.export import EXPORT_FORMATS, export_parts
 from aptq.models import LoadedModel
@@ -189,6 +189,17 @@ with right:
     symmetric = flags[0].checkbox("Symmetric grid", key="run_symmetric") if not presenting() else False
     act_order = flags[1].checkbox("Act-order", key="run_act_order", help="quantize columns by decreasing diag(H)") \
         if not presenting() else False
+    shrink = st.slider("Shrink toward GPTQ", 0.0, 1.0, ATTENTION_SHRINK, 0.05, key="run_shrink",
+                       help="(our choice) v's and q/k's attention-aware Hessians mixed with GPTQ's by this share: 0 "
+                            "as the papers give them, 1 plain GPTQ; the default was chosen on held-out calibration "
+                            "segments (bench/results/quantizer.md)") \
+        if method in ("attention", "aespa") and not presenting() else ATTENTION_SHRINK
+    row_weights = st.radio("q/k row Hessians", ROW_WEIGHT_CHOICES, index=ROW_WEIGHT_CHOICES.index(ROW_WEIGHTS),
+                           horizontal=True, key="run_row_weights",
+                           help="(our choice) uniform: each query's score changes on its visible keys count alike "
+                                "(the papers' E[KᵀK]); attention: weighted by the query's attention probabilities and "
+                                "centred, the change of its attention distribution (docs/algorithms.md §15)") \
+        if method in ("attention", "aespa") and not presenting() else ROW_WEIGHTS
     window = st.columns(2)
     seqlen = window[0].number_input("Evaluation window", min_value=16, max_value=loaded.max_length,
                                     value=min(512, loaded.max_length), step=64, key="run_seqlen")
@@ -204,7 +215,8 @@ with st.expander("Export the quantized model (optional)"):
                                          "llama-quantize tensor-type overrides")
 
 settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order=act_order,
-                            aespa=AespaOptions.for_device(str(loaded.device)))
+                            aespa=AespaOptions.for_device(str(loaded.device)), shrink=float(shrink),
+                            row_weights=row_weights)
 evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens), prompts=COMPLETION_PROMPTS)
 meta = choice.run_meta()
 if group != choice.group_size:  # the predictions were made for another group size: they would mislead

@@ -93,10 +93,11 @@ def segments() -> torch.Tensor:
     return torch.randint(0, 5000, (N_SEGMENTS, LENGTH), generator=torch.Generator().manual_seed(1))
 
 
-def collect(model, arch, ids, block: int = 0):
+def collect(model, arch, ids, block: int = 0, row_weights: str = "uniform"):
+    options = CollectOptions(probes=0, row_weights=row_weights)
     for step in BlockWalk(model, arch, ids, batch_size=2, stop=block + 1):
         if step.index == block:
-            with HessianCollector(step, arch, CollectOptions(probes=0)) as collector:
+            with HessianCollector(step, arch, options) as collector:
                 for batch in step.batches():
                     step.keep_output(batch, collector.process(batch))
             return collector.result()
@@ -159,6 +160,7 @@ class AttentionProbe:
         self.inputs = {kind: seen[kind] for kind in "vo"}
         mask = self.kwargs.get("attention_mask", self.args[1] if len(self.args) > 1 else None)
         self.visible = mask[0, 0] > torch.finfo(mask.dtype).min / 2
+        self._jacobians: dict[tuple[int, str, int], torch.Tensor] = {}
 
     def run(self, segment: int, kind: str, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores (H, L, L), head outputs (L, H·d)) of `segment` with δ added to the rows of `kind`'s output."""
@@ -198,12 +200,17 @@ class AttentionProbe:
         return heads * self.arch.head_dim if rows is None else len(rows)
 
     def jacobian(self, segment: int, kind: str, output: int) -> torch.Tensor:
-        zero = torch.zeros(LENGTH, self.width(kind))
-        return torch.autograd.functional.jacobian(lambda delta: self.run(segment, kind, delta)[output], zero,
-                                                  vectorize=True).double()
+        if (segment, kind, output) not in self._jacobians:
+            zero = torch.zeros(LENGTH, self.width(kind))
+            self._jacobians[segment, kind, output] = torch.autograd.functional.jacobian(
+                lambda delta: self.run(segment, kind, delta)[output], zero, vectorize=True).double()
+        return self._jacobians[segment, kind, output]
 
-    def exact_row_hessians(self, kind: str) -> torch.Tensor:
-        """G_Q per query head or G_K per KV head, from ∂s_pj/∂y (see the module docstring)."""
+    def exact_row_hessians(self, kind: str, weights: str = "uniform") -> torch.Tensor:
+        """G_Q per query head or G_K per KV head, from ∂s_pj/∂y (see the module docstring); with `weights`
+        "attention", of each query's centred, probability-weighted score changes (aptq.geometry
+        .attention_weighted_rows): for q `Σ_p g_pᵀ (diag(A_p) − A_p A_pᵀ) g_p / L`, for k each key's own block
+        `Σ_p A_pj (1 − A_pj) g_pj g_pjᵀ / L`."""
         arch, d = self.arch, self.arch.head_dim
         repeats = arch.n_heads // arch.n_kv_heads
         omega = self.visible.double() / (self.visible.sum(1, keepdim=True) * LENGTH)
@@ -218,7 +225,15 @@ class AttentionProbe:
                     grads = torch.diagonal(block, dim1=0, dim2=2).permute(2, 0, 1)  # (p, j, d)
                 else:  # the key at j moves s_pj
                     grads = torch.diagonal(block, dim1=1, dim2=2).permute(0, 2, 1)
-                total[target] += torch.einsum("pj,pja,pjb->ab", omega, grads, grads)
+                if weights == "uniform":
+                    total[target] += torch.einsum("pj,pja,pjb->ab", omega, grads, grads)
+                    continue
+                probs = self.probs[s, h].double()
+                if kind == "q":
+                    centred = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+                    total[target] += torch.einsum("pij,pia,pjb->ab", centred, grads, grads) / LENGTH
+                else:
+                    total[target] += torch.einsum("pj,pja,pjb->ab", probs - probs.square(), grads, grads) / LENGTH
         return total * d / (N_SEGMENTS * (1 if kind == "q" else repeats))
 
     def exact_value_hessians(self) -> torch.Tensor:
@@ -278,6 +293,20 @@ def test_row_hessian_is_the_gauss_newton_matrix_of_the_scores(probed, family, ki
     exact = probe.exact_row_hessians(kind)
     assert actual.shape == exact.shape
     assert_matrix_close(actual, exact)
+
+
+@pytest.mark.parametrize("family", ATTENTION_FAMILIES)
+def test_attention_weighted_row_hessian_is_the_gauss_newton_matrix_of_each_querys_score_variance(probed, family,
+                                                                                                 monkeypatch):
+    """The collector's sketched estimate (aptq.geometry.attention_weighted_rows) with many sketches reaches the exact
+    matrices built from the family module's own Jacobian and probabilities, for q and k."""
+    monkeypatch.setattr("aptq.hessian.ROW_SKETCHES", 4000)
+    _, probe = probed(family)
+    model = build(family)
+    arch = local_architecture(model)
+    hessians = collect(model, arch, segments(), row_weights="attention")
+    for kind in ("q", "k"):
+        assert_matrix_close(hessians.row[probe.layers[kind].name], probe.exact_row_hessians(kind, "attention"), 0.03)
 
 
 @pytest.mark.parametrize("family", ATTENTION_FAMILIES)

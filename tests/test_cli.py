@@ -150,16 +150,28 @@ def test_sweep_plans_in_the_calibrated_unit(tmp_path, tiny_model_dir, text_file,
     assert json.loads(summary)["error_unit"] == "calibrated"
 
 
-@pytest.mark.parametrize("flag, setting", [("--value-rows", "value_rows"), ("--mlp-rows", "mlp_rows")])
-def test_quantize_row_flags_reach_the_stored_runs_settings(tmp_path, tiny_model_dir, text_file, capsys, flag, setting):
+@pytest.mark.parametrize("flag, setting, value", [(["--value-rows"], "value_rows", True),
+                                                  (["--mlp-rows"], "mlp_rows", True),
+                                                  (["--shrink", "0.5"], "shrink", 0.5),
+                                                  (["--row-weights", "attention"], "row_weights", "attention")])
+def test_quantize_row_flags_reach_the_stored_runs_settings(tmp_path, tiny_model_dir, text_file, capsys, flag, setting,
+                                                          value):
     from aptq.cli import main
 
     common = ["quantize", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
               "--store", str(tmp_path / "store.duckdb"), "--method", "attention", "--bits", "4", "--samples", "2",
               "--seqlen", "32", "--eval-seqlen", "32", "--tokens", "64", "--json"]
-    assert main([*common, flag]) == 0
+    assert main([*common, *flag]) == 0
     with_rows = json.loads(capsys.readouterr().out)
-    assert json.loads(with_rows["settings"])[setting] is True
+    assert json.loads(with_rows["settings"])[setting] == value
     assert main(common) == 0  # without the flag: another run, whose key does not carry the setting
     without = json.loads(capsys.readouterr().out)
     assert setting not in json.loads(without["settings"]) and without["key"] != with_rows["key"]
+
+
+@pytest.mark.parametrize("text", ["1.5", "-0.2", "half"])
+def test_quantize_refuses_a_shrinkage_outside_zero_to_one_before_any_work(capsys, text):
+    from aptq.cli import main
+
+    assert main(["quantize", "--model", "no-such-model", "--bits", "3", "--shrink", text]) == 2
+    assert capsys.readouterr().err.startswith("error: Argument --shrink: the shrinkage must be a number from 0 to 1")

@@ -9,10 +9,11 @@ import torch
 
 from aptq import quantizer
 from aptq.aespa import out_row_factor
+from aptq.errors import UserError
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
 from aptq.hessian import BlockHessians
 from aptq.models import get_weight
-from aptq.pipeline import QuantizeSettings, quantize_layer
+from aptq.pipeline import QuantizeSettings, quantize_layer, shrunk_row_hessians, shrunk_value_hessians
 from aptq.quantizer import GridParams, QuantConfig, layer_error, recover_codes, rtn
 
 D_OUT, D_IN, N_TOKENS = 24, 64, 512
@@ -413,13 +414,64 @@ def test_the_attention_method_quantizes_v_with_the_out_projections_row_factors(t
         quantize_layer(weight, layers["v"], hessians, cfg, settings)
 
 
-@pytest.mark.parametrize("setting", ["value_rows", "mlp_rows"])
-def test_a_row_setting_enters_only_the_attention_aware_run_keys_and_only_when_on(setting):
-    """Off (the default), every key is what it was before the setting existed; on, the attention-aware methods' runs
-    are not taken for those stored without it; the methods it does not touch ignore it."""
+@pytest.mark.parametrize("setting, off, value", [("value_rows", False, True), ("mlp_rows", False, True),
+                                                ("shrink", 0.0, 0.5), ("row_weights", "uniform", "attention")])
+def test_a_row_setting_enters_only_the_attention_aware_run_keys_and_only_when_on(setting, off, value):
+    """Off, every key is what it was before the setting existed; on, the attention-aware methods' runs are not taken
+    for those stored without it; the methods it does not touch ignore it."""
     for method in ("rtn", "gptq", "attention", "aespa"):
-        assert setting not in QuantizeSettings(method).key_fields()
+        assert setting not in QuantizeSettings(method, **{setting: off}).key_fields()
     for method in ("attention", "aespa"):
-        assert QuantizeSettings(method, **{setting: True}).key_fields()[setting] is True
+        assert QuantizeSettings(method, **{setting: value}).key_fields()[setting] == value
     for method in ("rtn", "gptq"):
-        assert QuantizeSettings(method, **{setting: True}).key_fields() == QuantizeSettings(method).key_fields()
+        assert QuantizeSettings(method, **{setting: value}).key_fields() == QuantizeSettings(method).key_fields()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shrinking the attention-aware Hessians toward GPTQ's
+
+
+def test_shrinking_keeps_each_heads_trace_and_ends_at_gptqs_objective():
+    value, layerwise = torch.stack([correlated_hessian(40 + g) for g in range(3)]), correlated_hessian(43)
+    row = torch.stack([random_spd(44 + h, 8) for h in range(2)])
+    assert shrunk_value_hessians(value, layerwise, 0.0) is value and shrunk_row_hessians(row, 0.0) is row
+    full_value, full_row = shrunk_value_hessians(value, layerwise, 1.0), shrunk_row_hessians(row, 1.0)
+    for g in range(3):
+        torch.testing.assert_close(full_value[g] / full_value[g].trace(), layerwise / layerwise.trace())
+    torch.testing.assert_close(full_row, row.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(8))
+    for shrunk, original, full in ((shrunk_value_hessians(value, layerwise, 0.3), value, full_value),
+                                   (shrunk_row_hessians(row, 0.3), row, full_row)):
+        torch.testing.assert_close(shrunk, 0.7 * original + 0.3 * full)
+        torch.testing.assert_close(shrunk.diagonal(dim1=1, dim2=2).sum(-1), original.diagonal(dim1=1, dim2=2).sum(-1))
+
+
+def test_at_full_shrinkage_the_attention_method_quantizes_q_k_and_v_as_gptq_does(tiny_model):
+    model, arch = tiny_model("llama")
+    layers = {layer.kind: layer for layer in arch.block_layers(0)}
+    weights = {kind: get_weight(model, layers[kind]).detach() for kind in ("q", "k", "v")}
+    d_in, head_dim = weights["q"].shape[1], arch.head_dim
+    h = correlated_hessian(45, d_in)
+    hessians = BlockHessians(
+        0, N_TOKENS, {layers[kind].name: h for kind in ("q", "k", "v")},
+        value={layers["v"].name: torch.stack([correlated_hessian(46 + g, d_in) for g in range(arch.n_kv_heads)])},
+        row={layers[kind].name: torch.stack([random_spd(50 + i, head_dim) for i in range(weights[kind].shape[0]
+                                                                                         // head_dim)])
+             for kind in ("q", "k")})
+    cfg = QuantConfig(3, 16)
+    for kind in ("q", "k", "v"):
+        shrunk = quantize_layer(weights[kind], layers[kind], hessians, cfg, QuantizeSettings("attention", shrink=1.0))
+        plain = quantize_layer(weights[kind], layers[kind], hessians, cfg, QuantizeSettings("gptq"))
+        assert not torch.equal(quantize_layer(weights[kind], layers[kind], hessians, cfg,
+                                              QuantizeSettings("attention"))[0], plain[0])
+        torch.testing.assert_close(shrunk[0], plain[0])
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, float("nan")])
+def test_a_shrinkage_outside_zero_to_one_is_refused(share):
+    with pytest.raises(UserError, match="must be from 0 to 1"):
+        QuantizeSettings("attention", shrink=share)
+
+
+def test_unknown_row_weights_are_refused():
+    with pytest.raises(UserError, match="Unknown row weights 'softmax'; choose from uniform, attention"):
+        QuantizeSettings("attention", row_weights="softmax")
