@@ -14,4 +14,4 @@ NAMED_CORPORA = ("brown", "wikitext2", "c4")
 ATTENTION_SHRINK = 0.0
 # (our choice) the pair weights of q/k's row Hessians (aptq.hessian.CollectOptions.row_weights), chosen the same way
 ROW_WEIGHT_CHOICES = ("uniform", "attention")
-ROW_WEIGHTS = "uniform"
+ROW_WEIGHTS = "attention"

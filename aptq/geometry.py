@@ -380,7 +380,7 @@ def _mapped_back(vectors: torch.Tensor, layout: RotaryLayout, jacobian: NormJaco
 
 def attention_weighted_rows(query: torch.Tensor, key: torch.Tensor, probs: torch.Tensor, slopes: torch.Tensor | None,
                             layout: RotaryLayout, jacobians: tuple[NormJacobian | None, NormJacobian | None],
-                            samples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                            noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One segment and query head: the unscaled G_Q and G_K terms (d × d, half layout) of the softmax-aware objective.
 
     The pair-weighted objective of `AttentionGeometry` counts a score change on every visible key alike, and counts a
@@ -395,12 +395,13 @@ def attention_weighted_rows(query: torch.Tensor, key: torch.Tensor, probs: torch
 
         G_K ∝ (1/L) Σ_j J_jᵀ R_jᵀ (Σ_p A_pj (1 − A_pj) q̃_p q̃_pᵀ) R_j J_j.
 
-    With a soft-cap every pair's score change also carries φ'_pj. The L × L × d² sums are estimated with `samples`
-    Gaussian sketches (unbiased, positive semi-definite): with ξ ~ N(0, I), `(diag(√A_p) − A_p √A_pᵀ) ξ` has the
-    covariance `diag(A_p) − A_p A_pᵀ`. `query`, `key`: (L, d) in half layout; `probs`, `slopes`: (L, L).
+    With a soft-cap every pair's score change also carries φ'_pj. The L × L × d² sums are estimated with Gaussian
+    sketches (unbiased, positive semi-definite): with ξ ~ N(0, I), `(diag(√A_p) − A_p √A_pᵀ) ξ` has the covariance
+    `diag(A_p) − A_p A_pᵀ`. `query`, `key`: (L, d) in half layout; `probs`, `slopes`: (L, L); `noise`: standard normal
+    (samples, L, L), which may be shared by heads and by both sides (each estimate stays unbiased).
     """
-    length, d = query.shape
-    noise = torch.randn(samples, length, length, generator=generator, device=probs.device)
+    samples, length, _ = noise.shape
+    d = query.shape[-1]
     root = probs.sqrt() * noise
     centred = root - probs * root.sum(-1, keepdim=True)
     key_weights = probs - probs.square()
@@ -408,7 +409,6 @@ def attention_weighted_rows(query: torch.Tensor, key: torch.Tensor, probs: torch
         centred = centred * slopes
         key_weights = key_weights * slopes.square()
     query_side = _mapped_back(centred @ key, layout, jacobians[0]).reshape(-1, d)
-    noise = torch.randn(samples, length, length, generator=generator, device=probs.device)
     key_side = _mapped_back((key_weights.sqrt() * noise).transpose(1, 2) @ query, layout, jacobians[1]).reshape(-1, d)
     scale = 1.0 / (samples * length)
     return query_side.T @ query_side * scale, key_side.T @ key_side * scale

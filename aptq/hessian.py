@@ -417,13 +417,16 @@ class HessianCollector:
         if self._sketches is None:  # one stream per block, so that a block's Hessians do not depend on the others
             self._sketches = torch.Generator(device=query.device).manual_seed(
                 _probe_seed(self.options.seed, self.step.index, SKETCH_STREAM))
+        length = query.shape[2]
         for s in range(query.shape[0]):
+            # (our choice) one draw per segment serves every head and both sides: a fraction of the cost of drawing
+            noise = torch.randn(ROW_SKETCHES, length, length, generator=self._sketches, device=query.device)
             for h in range(arch.n_heads):
                 g = h // repeats
                 slopes = (None if call.softcap is None
                           else cap_slopes(query[s, h], key[s, g], call.scaling, call.softcap))
                 terms = attention_weighted_rows(query_half[s, h], key_half[s, g], probs[s, h], slopes, layout,
-                                                (jacobian_q(s, h), jacobian_k(s, g)), ROW_SKETCHES, self._sketches)
+                                                (jacobian_q(s, h), jacobian_k(s, g)), noise)
                 row_q[h] += terms[0]
                 row_k[g] += terms[1]
         return row_q, row_k

@@ -25,6 +25,7 @@ Appends the run to bench/results/quantizer.md and prints it.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -207,6 +208,24 @@ def section(block: int, bits: int, results: dict[str, Measured]) -> list[str]:
     return lines + [""]
 
 
+def summary(cases: list[dict[str, Measured]]) -> list[str]:
+    """Per setting, the geometric mean over the run's (block, width) cases of its real errors relative to the first
+    setting's, and in how many cases it was lower."""
+    base_label = next(iter(cases[0]))
+    names = {"qk_error": "attention out (q, k only)", "attention_error": "attention out (v only)",
+             "block_error": "block out (all)"}
+    lines = [f"#### Summary over {len(cases)} cases (geometric mean ratio to `{base_label}`; lower in n cases)", "",
+             "| setting | " + " | ".join(names.values()) + " |", "|---" * (len(names) + 1) + "|"]
+    for label in cases[0]:
+        cells = []
+        for name in names:
+            ratios = [getattr(case[label], name) / getattr(case[base_label], name) for case in cases]
+            mean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+            cells.append(f"{mean:.3f} ({sum(r < 1 for r in ratios)}/{len(ratios)})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--blocks", default="0,10")
@@ -240,6 +259,7 @@ def main() -> None:
              f"- model: {loaded.display_name}",
              f"- {fit_segments.shape[0]} fit and {held_segments.shape[0]} validation segments × {args.seqlen} tokens "
              f"(Brown calibration split); group {args.group}; full-precision block inputs", ""]
+    cases: list[dict[str, Measured]] = []
     for fit_step, held_step in zip(*walks, strict=True):
         if fit_step.index not in blocks:
             continue
@@ -247,10 +267,12 @@ def main() -> None:
                 for weights in dict.fromkeys(SETTINGS[label].row_weights for label in labels)}
         held = collect_block(held_step, loaded.arch, options, {})
         for bits in (int(b) for b in args.bits.split(",")):
-            measured = section(fit_step.index, bits, measure_block(loaded, fits, held, held_step, bits, args.group,
-                                                                   labels))
+            cases.append(measure_block(loaded, fits, held, held_step, bits, args.group, labels))
+            measured = section(fit_step.index, bits, cases[-1])
             lines += measured
             print("\n".join(measured), flush=True)
+    lines += summary(cases)
+    print("\n".join(lines[-len(labels) - 5:]), flush=True)
     lines.insert(5, f"- load average {load_before} before, {load_average()} after; "
                     f"{time.perf_counter() - started:.0f} s in all; objectives on the validation Hessians, in "
                     f"parentheses relative to `{labels[0]}`")

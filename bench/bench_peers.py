@@ -30,12 +30,12 @@ pinned CPU torch; it downgrades numpy to 2.2.6.)
 linear with the wall time and peak RSS of the quantization. `ours` (project environment) runs our method as
 aptq.pipeline.run_plan does (the store holds the run and a rerun reuses it; its Ŵ is saved like a peer's) on the same
 segments and evaluation tokens, in its own process so that its peak RSS is its own; `--options` turns on the
-attention-aware quantizer's optional parts (act-order, v-rows, mlp-rows: QuantizeSettings.act_order, value_rows,
-mlp_rows) and aespa's (fixed-scales, iterations=N: AespaOptions). `evaluate` (project environment) puts each peer's Ŵ
-into the model loaded with aptq.models.load_model and measures it with aptq.evaluate against the pipeline's cached
-full-precision reference on the dumped evaluation windows, measures every kept Ŵ (ours too) on validation windows of
-the calibration split that the fitted segments do not touch (the KL that settings are chosen on), then writes the
-table with our rows beside the peers'.
+attention-aware quantizer's optional parts (act-order, v-rows, mlp-rows, attention-rows or uniform-rows, shrink=S:
+QuantizeSettings.act_order, value_rows, mlp_rows, row_weights, shrink) and aespa's (fixed-scales, iterations=N:
+AespaOptions). `evaluate` (project environment) puts each peer's Ŵ into the model loaded with aptq.models.load_model
+and measures it with aptq.evaluate against the pipeline's cached full-precision reference on the dumped evaluation
+windows, measures every kept Ŵ (ours too) on validation windows of the calibration split that the fitted segments do
+not touch (the KL that settings are chosen on), then writes the table with our rows beside the peers'.
 Text below the table of that file (the reading, written by hand) is kept when it is rewritten.
 """
 
@@ -66,7 +66,9 @@ PEERS = {
     "gptqmodel": "GPTQModel 7.6.0 GPTQ",
 }
 OURS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "attention": "attention-aware GPTQ (ours)", "aespa": "aespa (ours)"}
-OPTIONS = {"act-order": "act_order", "v-rows": "value_rows", "mlp-rows": "mlp_rows"}  # --options → QuantizeSettings
+# --options → QuantizeSettings: the field and its value; also "shrink=S" (QuantizeSettings.shrink)
+OPTIONS = {"act-order": ("act_order", True), "v-rows": ("value_rows", True), "mlp-rows": ("mlp_rows", True),
+           "attention-rows": ("row_weights", "attention"), "uniform-rows": ("row_weights", "uniform")}
 # --options → AespaOptions (method aespa): the field and its value; also "iterations=N"
 AESPA_FLAGS = {"fixed-scales": ("learn_scales", False)}
 # Windows of WINDOW tokens from the calibration split, apart from the fitted segments (validation_windows). (our
@@ -133,7 +135,10 @@ class Quantized:
         for part in filter(None, self.options.split(",")):
             name, _, value = part.partition("=")
             if name in OPTIONS:
-                chosen[OPTIONS[name]] = True
+                field, setting = OPTIONS[name]
+                chosen[field] = setting
+            elif name == "shrink":
+                chosen["shrink"] = float(value)
             elif name in AESPA_FLAGS:
                 field, setting = AESPA_FLAGS[name]
                 aespa[field] = setting
@@ -557,8 +562,8 @@ def main() -> None:
     parser.add_argument("--method", choices=list(OURS))
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group", type=int, default=64)
-    parser.add_argument("--options", default="", help=f"ours only, comma-separated: {', '.join(OPTIONS)}; aespa "
-                                                       f"also {', '.join(AESPA_FLAGS)}, iterations=N")
+    parser.add_argument("--options", default="", help=f"ours only, comma-separated: {', '.join(OPTIONS)}, "
+                                                       f"shrink=S; aespa also {', '.join(AESPA_FLAGS)}, iterations=N")
     parser.add_argument("--model", help="dump only: the model (default: the embedded one)")
     parser.add_argument("--rerun", action="store_true", help="ours only: measure again, replacing the stored run")
     args = parser.parse_args()
@@ -566,8 +571,9 @@ def main() -> None:
     allowed = set(OPTIONS) | (set(AESPA_FLAGS) if args.method == "aespa" else set())
     for part in filter(None, options.split(",")):
         name, _, value = part.partition("=")
-        if not (part in allowed or (args.method == "aespa" and name == "iterations" and value.isdigit())):
-            parser.error(f"unknown --options {part}: choose from {', '.join(sorted(allowed))}"
+        if not (part in allowed or (args.method == "aespa" and name == "iterations" and value.isdigit())
+                or (name == "shrink" and value.replace(".", "", 1).isdigit() and 0 <= float(value) <= 1)):
+            parser.error(f"unknown --options {part}: choose from {', '.join(sorted(allowed))}, shrink=S (0 to 1)"
                          f"{', iterations=N' if args.method == 'aespa' else ''}")
     command = f"bench_peers {args.step} --{'peer' if args.step == 'quantize' else 'method'} " \
               f"{args.peer or args.method} --bits {args.bits} --group {args.group}" + \

@@ -150,23 +150,25 @@ def test_sweep_plans_in_the_calibrated_unit(tmp_path, tiny_model_dir, text_file,
     assert json.loads(summary)["error_unit"] == "calibrated"
 
 
-@pytest.mark.parametrize("flag, setting, value", [(["--value-rows"], "value_rows", True),
-                                                  (["--mlp-rows"], "mlp_rows", True),
-                                                  (["--shrink", "0.5"], "shrink", 0.5),
-                                                  (["--row-weights", "attention"], "row_weights", "attention")])
+@pytest.mark.parametrize("flag, setting, value, default", [(["--value-rows"], "value_rows", True, None),
+                                                           (["--mlp-rows"], "mlp_rows", True, None),
+                                                           (["--shrink", "0.5"], "shrink", 0.5, None),
+                                                           (["--row-weights", "uniform"], "row_weights", None,
+                                                            "attention")])
 def test_quantize_row_flags_reach_the_stored_runs_settings(tmp_path, tiny_model_dir, text_file, capsys, flag, setting,
-                                                          value):
+                                                          value, default):
+    """A setting at its value before it existed (None: absent) leaves the key as it was; every other value is in it."""
     from aptq.cli import main
 
     common = ["quantize", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
               "--store", str(tmp_path / "store.duckdb"), "--method", "attention", "--bits", "4", "--samples", "2",
               "--seqlen", "32", "--eval-seqlen", "32", "--tokens", "64", "--json"]
     assert main([*common, *flag]) == 0
-    with_rows = json.loads(capsys.readouterr().out)
-    assert json.loads(with_rows["settings"])[setting] == value
-    assert main(common) == 0  # without the flag: another run, whose key does not carry the setting
+    flagged = json.loads(capsys.readouterr().out)
+    assert json.loads(flagged["settings"]).get(setting) == value
+    assert main(common) == 0  # without the flag: another run
     without = json.loads(capsys.readouterr().out)
-    assert setting not in json.loads(without["settings"]) and without["key"] != with_rows["key"]
+    assert json.loads(without["settings"]).get(setting) == default and without["key"] != flagged["key"]
 
 
 @pytest.mark.parametrize("text", ["1.5", "-0.2", "half"])
