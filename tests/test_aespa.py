@@ -181,9 +181,10 @@ def test_bad_options_are_refused_in_one_sentence():
 
 def test_the_other_methods_keep_their_run_keys():
     """aespa's options enter only aespa's run key, so runs stored before by the other methods are still found."""
-    for method in ("rtn", "gptq", "attention"):
-        assert set(QuantizeSettings(method).key_fields()) == {"method", "group_size", "symmetric", "act_order",
-                                                              "clip_search", "damp"}
+    common = {"method", "group_size", "symmetric", "act_order", "clip_search", "damp"}
+    for method in ("rtn", "gptq"):
+        assert set(QuantizeSettings(method).key_fields()) == common
+    assert set(QuantizeSettings("attention").key_fields()) == common | {"row_weights"}  # its default since 2026-12-01
     assert QuantizeSettings("aespa").key_fields()["aespa"]["iterations"] == AespaOptions().iterations
     assert QuantizeSettings("aespa").key_fields()["aespa"]["learn_scales"] is True  # the default chosen on validation
 
