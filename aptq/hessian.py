@@ -381,12 +381,7 @@ class HessianCollector:
         query head and G_K per KV head, one segment and head at a time (see `mapped_middle`)."""
         arch, layout = self.arch, geometry.layout
         repeats = arch.n_heads // arch.n_kv_heads
-        jacobian_q = self._norm_jacobians("q", arch.n_heads, layout)
-        jacobian_k = self._norm_jacobians("k", arch.n_kv_heads, layout)
-        query_half, key_half = layout.to_half(query), layout.to_half(key)
-        d = arch.head_dim
-        row_q = torch.zeros(arch.n_heads, d, d, device=query.device)
-        row_k = torch.zeros(arch.n_kv_heads, d, d, device=query.device)
+        jacobian_q, jacobian_k, query_half, key_half, row_q, row_k = self._per_token_start(query, key, layout)
         for s in range(query.shape[0]):
             for g in range(arch.n_kv_heads):
                 # Without a cap the pair weights are the same for every head: the keys' sums serve the whole group.
@@ -408,12 +403,7 @@ class HessianCollector:
         weights, one segment and query head at a time (aptq.geometry.attention_weighted_rows)."""
         arch, layout = self.arch, geometry.layout
         repeats = arch.n_heads // arch.n_kv_heads
-        jacobian_q = self._norm_jacobians("q", arch.n_heads, layout)
-        jacobian_k = self._norm_jacobians("k", arch.n_kv_heads, layout)
-        query_half, key_half = layout.to_half(query), layout.to_half(key)
-        d = arch.head_dim
-        row_q = torch.zeros(arch.n_heads, d, d, device=query.device)
-        row_k = torch.zeros(arch.n_kv_heads, d, d, device=query.device)
+        jacobian_q, jacobian_k, query_half, key_half, row_q, row_k = self._per_token_start(query, key, layout)
         if self._sketches is None:  # one stream per block, so that a block's Hessians do not depend on the others
             self._sketches = torch.Generator(device=query.device).manual_seed(
                 _probe_seed(self.options.seed, self.step.index, SKETCH_STREAM))
@@ -430,6 +420,14 @@ class HessianCollector:
                 row_q[h] += terms[0]
                 row_k[g] += terms[1]
         return row_q, row_k
+
+    def _per_token_start(self, query: torch.Tensor, key: torch.Tensor, layout: RotaryLayout) -> tuple:
+        """What both per-token paths start from: the q/k norm Jacobians (segment, head) → J, the recorded vectors in
+        half layout, and zeroed sums for G_Q per query head and G_K per KV head."""
+        arch, d = self.arch, self.arch.head_dim
+        return (self._norm_jacobians("q", arch.n_heads, layout), self._norm_jacobians("k", arch.n_kv_heads, layout),
+                layout.to_half(query), layout.to_half(key), torch.zeros(arch.n_heads, d, d, device=query.device),
+                torch.zeros(arch.n_kv_heads, d, d, device=query.device))
 
     def _norm_jacobians(self, kind: str, n_heads: int, layout: RotaryLayout):
         """(segment, head) → the `NormJacobian` of the q or k norm there (None without a norm)."""
