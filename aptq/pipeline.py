@@ -8,9 +8,10 @@ Methods:
   gptq       GPTQ on every layer with its layer-wise Hessian `H = 2/N Σ x xᵀ`
   attention  attention-aware GPTQ (aespa/BoA): value projection per KV head with `H_V` (with `value_rows`, also row
              by row with the out projection's row factor: `gptq_per_head` with `row_factors`); query and key
-             projections row by row with the row-Hessian compensation (`gptq_rows`); with `mlp_rows`, gate and up
-             too, through the down projection's row factor (`mlp_row_factor`); out projection, down projection (and
-             without `mlp_rows` gate and up) with plain GPTQ
+             projections row by row with the row-Hessian compensation (`gptq_rows`; G from each query's attention
+             probabilities by default, `row_weights`); with `shrink`, v's and q/k's Hessians mixed with GPTQ's; with
+             `mlp_rows`, gate and up too, through the down projection's row factor (`mlp_row_factor`); out
+             projection, down projection (and without `mlp_rows` gate and up) with plain GPTQ
   aespa      the attention-aware GPTQ (or RTN) solution's rounding optimised under each layer's attention-wise
              objective (aptq.aespa)
 
@@ -216,11 +217,10 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
 
 
 def shrunk_value_hessians(value: torch.Tensor, layerwise: torch.Tensor, share: float) -> torch.Tensor:
-    """`(1 − s) H_V,g + s (tr H_V,g / tr H) H` per KV head g (our choice): `H_V,g` of few calibration segments is
-    dominated by the few tokens the heads attend to most, and a GPTQ walk that fits it exactly can raise the error on
-    other segments (bench/results/quantizer.md, Gemma 3); shrinking toward the layer-wise H, scaled to each head's
-    trace, trades that fit for stability. s = 0 returns the Hessians unchanged; s = 1 makes each head's objective
-    GPTQ's.
+    """`(1 − s) H_V,g + s (tr H_V,g / tr H) H` per KV head g (our choice): a GPTQ walk that fits the `H_V,g` of a
+    few calibration segments exactly raised v's error on held-out segments of Gemma 3 (bench/results/quantizer.md);
+    shrinking toward the layer-wise H, scaled to each head's trace, trades that fit for stability. s = 0 returns the
+    Hessians unchanged; s = 1 makes each head's objective GPTQ's.
     """
     if share == 0:
         return value
