@@ -141,8 +141,8 @@ def integer_list(what: str) -> Callable[[str], tuple[int, ...]]:
 _bit_list = integer_list("bit widths")
 
 
-def share(text: str) -> float:
-    """An argparse type: a number from 0 to 1."""
+def shrinkage(text: str) -> float:
+    """An argparse type: `--shrink`, a number from 0 to 1."""
     try:
         value = float(text)
     except ValueError:
@@ -348,7 +348,7 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp-rows", action="store_true",
                         help="attention/aespa: BoA row compensation for gate and up through the down projection (off "
                              "by default: measured in bench/results/quantizer.md)")
-    parser.add_argument("--shrink", type=share, default=ATTENTION_SHRINK,
+    parser.add_argument("--shrink", type=shrinkage, default=ATTENTION_SHRINK,
                         help="attention/aespa: shrink v's and q/k's attention-aware Hessians toward GPTQ's by this "
                              "share, 0 = as the papers give them, 1 = plain GPTQ (default: %(default)s, chosen in "
                              "bench/results/quantizer.md)")

@@ -8,8 +8,9 @@ held-out calibration data (issue 19).
 The calibration segments are split as the unit calibration does (aptq.calibrate.validation_segments): the first part
 fits (its Hessians quantize), the last `--holdout` share validates (never the evaluation split). Per block
 (full-precision inputs), bit width and setting in `SETTINGS` (the attention-aware method with v per head or with row
-factors, gate/up with or without the down projection's row factors, act-order off or on; or plain GPTQ), every layer
-of the block is quantized with `aptq.pipeline.quantize_layer` from the fit part's Hessians; the table gives
+factors, gate/up with or without the down projection's row factors, act-order off or on, q/k's row Hessians from
+uniform or attention-weighted pairs, the attention-aware Hessians shrunk toward GPTQ's or not; or plain GPTQ), every
+layer of the block is quantized with `aptq.pipeline.quantize_layer` from the fit part's Hessians; the table gives
 
 - each layer's attention-wise objective (aptq.aespa.layer_objective: v `Σ_g tr(R_g ΔW_g H_V,g ΔW_gᵀ)`, q/k
   `tr(G ΔW H ΔWᵀ)`, o and MLP `tr(ΔW H ΔWᵀ)`) on the validation part's Hessians, and gate's and up's Kronecker
@@ -53,8 +54,10 @@ class Setting:
     act_order: bool = False
     mlp_rows: bool = False
     method: str = "attention"  # or "gptq"
-    shrink: float = 0.0  # QuantizeSettings.shrink
-    row_weights: str = "uniform"  # QuantizeSettings.row_weights
+    # QuantizeSettings.shrink and .row_weights at the values the method had before 2026-12-01, so that "v per head"
+    # stays the baseline of the earlier runs
+    shrink: float = 0.0
+    row_weights: str = "uniform"
 
     def for_layer(self, kind: str) -> tuple:
         """What a layer of this kind's quantization depends on: layers with equal keys are quantized once."""
@@ -64,7 +67,7 @@ class Setting:
 
 
 SETTINGS = {
-    "v per head": Setting(),  # the method's default
+    "v per head": Setting(),  # the method's default before 2026-12-01
     "v rows": Setting(value_rows=True),
     "v rows of summed slices": Setting(value_rows="summed"),
     "v rows, act-order": Setting(value_rows=True, act_order=True),
@@ -271,8 +274,9 @@ def main() -> None:
             measured = section(fit_step.index, bits, cases[-1])
             lines += measured
             print("\n".join(measured), flush=True)
-    lines += summary(cases)
-    print("\n".join(lines[-len(labels) - 5:]), flush=True)
+    totals = summary(cases)
+    lines += totals
+    print("\n".join(totals), flush=True)
     lines.insert(5, f"- load average {load_before} before, {load_average()} after; "
                     f"{time.perf_counter() - started:.0f} s in all; objectives on the validation Hessians, in "
                     f"parentheses relative to `{labels[0]}`")
