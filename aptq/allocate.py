@@ -29,6 +29,15 @@ for the heuristic unit, kl_rate_se for the calibrated one) propagated as a sum o
 without the trace and residual columns (synthetic tables), or with them empty (analyses stored before they
 existed), is used as given; a factor missing for some layers only is refused (never a silent mix of units).
 
+Width multiples (our choice; issue 17's measurement, bench/results/allocation_*.md): each layer's error is
+predicted alone on full-precision inputs, but GPTQ-family quantizers run true-sequentially, so a narrow layer also
+spoils the inputs every later layer is fitted on, and the KL grows faster than the summed squared errors once errors
+are large. The measured KL of a uniform plan over its predicted total is therefore not one constant but grows toward
+2 bits. `AllocationRequest.width_multiples` multiplies every layer's predicted error at width b by m_b, with m_b the
+measured/predicted ratio of uniform b-bit on held-out calibration segments (`measured_width_multiples`); a width
+without a measured ratio takes its nearest measured width's (the wider one on a tie). Only ratios between widths
+change a plan; the predicted totals are then in units of the measured KL.
+
 Methods:
   uniform             every free layer at the widest candidate that fits the budget once pins are charged
   aptq                the APTQ paper's rule: sorted by score, the least sensitive layers take the low width until the
@@ -55,6 +64,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
+from numbers import Real
 
 import numpy as np
 import pandas as pd
@@ -101,6 +111,8 @@ class AllocationRequest:
     group_size: int = 128  # columns per scale/zero group (0 = per output channel): selects errors, effective bits
     quantizer: str = "rtn"  # whose predicted errors the solvers use (ERROR_SOURCES): the quantizer that will run
     unit: str = "heuristic"  # how errors of different layers are made comparable (UNIT_COLUMNS; module docstring)
+    width_multiples: Mapping[int, float] = field(default_factory=dict)  # bits → multiple of every layer's predicted
+    # error at that width (measured_width_multiples); empty: 1 at every width (module docstring, "Width multiples")
 
 
 @dataclass(frozen=True)
@@ -276,6 +288,10 @@ def _check_request(request: AllocationRequest) -> None:
         raise AllocationError(f"The budget {_fmt(request.budget)} bits per weight is below the smallest candidate "
                               f"width ({min(widths)} bits); raise it to at least {min(widths)} "
                               f"or add a narrower candidate.")
+    bad = {bits: m for bits, m in request.width_multiples.items()
+           if bits not in QUANT_WIDTHS or not (isinstance(m, Real) and math.isfinite(m) and m > 0)}
+    if bad:
+        raise AllocationError(f"Width multiples must map widths of 2–8 bits to positive numbers; fix {bad}.")
     for bounds, label in ((request.min_bits, "min_bits"), (request.max_bits, "max_bits")):
         unknown = sorted(set(bounds) - set(KINDS))
         if unknown:
@@ -359,7 +375,8 @@ def _build_problem(layers: pd.DataFrame, errors: pd.DataFrame, request: Allocati
     free = pinned == 0
     _check_bounds(set_allowed, free, layers, set_of_layer)
     metric = error_column(request)
-    layer_err = _error_matrix(layers, errors, names, options, metric, request.unit)
+    layer_err = _error_matrix(layers, errors, names, options, metric, request.unit) * \
+        width_multiple(request.width_multiples, widths)
     _check_coverage(layer_err, set_allowed[set_of_layer] & free[set_of_layer, None], pinned[set_of_layer], names,
                     options, request.group_size)
     set_err = np.stack([np.bincount(set_of_layer, weights=np.nan_to_num(layer_err[:, j]), minlength=n_sets)
@@ -391,6 +408,29 @@ def error_column(request: AllocationRequest) -> str:
     """The predicted-error column the request's method minimizes, from its quantizer's source."""
     layerwise, attention = ERROR_SOURCES[request.quantizer]
     return layerwise if request.method == "knapsack-layerwise" else attention
+
+
+def width_multiple(multiples: Mapping[int, float], widths: np.ndarray) -> np.ndarray:
+    """The multiple of each of `widths` (module docstring, "Width multiples"): its own, else its nearest measured
+    width's (the wider one on a tie); 1 for all when `multiples` is empty."""
+    widths = np.asarray(widths, dtype=np.int64)
+    if not multiples:
+        return np.ones(widths.shape)
+    measured = np.array(sorted(multiples), dtype=np.int64)
+    distance = np.abs(widths[..., None] - measured) - measured / 1000  # the tie-break favours the wider width
+    return np.array([multiples[int(w)] for w in measured])[distance.argmin(axis=-1)]
+
+
+def measured_width_multiples(uniform: Mapping[int, tuple[float, float]]) -> dict[int, float]:
+    """Width multiples from uniform plans: bits → (measured KL, predicted total in the plan's unit), each measured on
+    held-out calibration segments, never on the evaluation split (module docstring, "Width multiples")."""
+    multiples = {}
+    for bits, (measured, predicted) in sorted(uniform.items()):
+        if not (math.isfinite(measured) and math.isfinite(predicted) and measured > 0 and predicted > 0):
+            raise AllocationError(f"The uniform {bits}-bit plan has a measured KL of {measured:.4g} and a predicted "
+                                  f"total of {predicted:.4g}; both must be positive numbers to give a width multiple.")
+        multiples[int(bits)] = measured / predicted
+    return multiples
 
 
 def _layer_costs(layers: pd.DataFrame, widths: np.ndarray, groups: np.ndarray, effective: bool) -> np.ndarray:
@@ -733,9 +773,10 @@ def _chosen_errors(layers: pd.DataFrame, bits: np.ndarray, groups: np.ndarray, e
 
 
 def _predicted_errors(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict[str, float]:
-    """The PREDICTED_ERRORS and their _se: Σ over quantized layers of the request's source's error at
-    the plan's width (and group size), in the request's unit; the standard error from the unit factors' (a sum of
-    per-layer variances). NaN where an error is missing, and the standard error NaN for tables used as given."""
+    """The PREDICTED_ERRORS and their _se: Σ over quantized layers of the request's source's error at the plan's
+    width (and group size), in the request's unit, times its width multiples; the standard error from the unit
+    factors' (a sum of per-layer variances). NaN where an error is missing, and the standard error NaN for tables
+    used as given."""
     bits = layers["layer"].map(plan.bits).to_numpy(dtype=np.int64)
     groups = plan.group_size_of(layers)
     quantized = bits < FULL_PRECISION
@@ -746,7 +787,8 @@ def _predicted_errors(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) ->
         if metric in errors.columns:
             factors = unit_factors(layers, metric, plan.request.unit)
             factor, factor_se = factors if factors is not None else (np.ones(len(layers)), np.full(len(layers), np.nan))
-            values = _chosen_errors(layers, bits, groups, errors, metric)[quantized]
+            values = _chosen_errors(layers, bits, groups, errors, metric)[quantized] * \
+                width_multiple(plan.request.width_multiples, bits[quantized])
             if not np.isnan(values).any():
                 total = float((values * factor[quantized]).sum())
                 se = float(np.sqrt(((values * factor_se[quantized]) ** 2).sum()))

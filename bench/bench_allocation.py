@@ -5,7 +5,8 @@
 One run (resumable: the analysis and the unit are cached in --store, each plan's measurement in --plans-cache):
 1. the analysis with the quantizer errors (RTN, GPTQ, attention-aware GPTQ) of the first --max-blocks blocks;
 2. the measured unit (aptq.calibrate) on the last 25 % of the calibration segments;
-3. plans of the analysed layers (uniform, knapsack in both units, aptq, random) allocated on the errors of
+3. plans of the analysed layers (uniform, knapsack in both units and with the width multiples that the uniform plans
+   measure on the validation part, aptq, random) allocated on the errors of
    --quantizer, each quantized by the pipeline with that quantizer (true-sequential over the analysed blocks; the
    other blocks stay in full precision) on the calibration segments outside the validation part, so that the
    validation KL (where the unit is chosen) is measured on tokens the quantizer never saw; KL and perplexity on the
@@ -28,7 +29,15 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
-from aptq.allocate import ERROR_SOURCES, AllocationRequest, Plan, allocate, summarize, unit_factors
+from aptq.allocate import (
+    ERROR_SOURCES,
+    AllocationRequest,
+    Plan,
+    allocate,
+    measured_width_multiples,
+    summarize,
+    unit_factors,
+)
 from aptq.calibrate import UnitSettings, calibrate_unit, validation_segments, with_unit
 from aptq.data import Sampling, calibration_segments, digest, load_corpus, token_ids
 from aptq.evaluate import evaluate, reference_stats
@@ -40,10 +49,13 @@ from aptq.store import Store
 GROUP = 64
 QUANTIZER_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "attention": "the attention-aware GPTQ"}
 CANDIDATES = (2, 3, 4, 8)
-PLANS = ([("uniform", b, "heuristic", 0) for b in (2.0, 3.0, 4.0)]
-         + [("knapsack", b, unit, 0) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")]
-         + [("knapsack-layerwise", 3.0, "heuristic", 0), ("aptq", 3.0, "heuristic", 0)]
-         + [("random", 3.0, "heuristic", seed) for seed in (0, 1, 2)])
+# (method, budget, unit, seed, with the width multiples); the uniform plans come first: they measure the multiples.
+PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
+         + [("knapsack", b, unit, 0, False) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")]
+         + [("knapsack", b, "heuristic", 0, True) for b in (2.5, 3.0, 3.5)]
+         + [("knapsack-layerwise", 3.0, "heuristic", 0, False), ("aptq", 3.0, "heuristic", 0, False)]
+         + [("random", 3.0, "heuristic", seed, False) for seed in (0, 1, 2)])
+UNIFORM_WIDTHS = (2, 3, 4)
 
 
 def measure_plan(loaded, corpus, sampling: Sampling, bits: dict[str, int], settings: QuantizeSettings,
@@ -105,19 +117,28 @@ def main() -> None:
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     reference = None
     rows = []
-    for method, budget, unit, seed in PLANS:
+    bits_of_plan = {}
+    multiples: dict[int, float] = {}
+    for method, budget, unit, seed, multiplied in PLANS:
+        if multiplied and not multiples:
+            uniform = {int(r["budget"]): (r["kl_validation"], r["heuristic_attention"]) for r in rows
+                       if r["method"] == "uniform"}
+            multiples = measured_width_multiples({b: uniform[b] for b in UNIFORM_WIDTHS})
         request = AllocationRequest(budget, method, CANDIDATES, seed=seed, group_size=GROUP, unit=unit,
-                                    low_high=(2, 4), quantizer=args.quantizer)
+                                    low_high=(2, 4), quantizer=args.quantizer,
+                                    width_multiples=multiples if multiplied else {})
         plan = allocate(measured, errors, request)
         key = digest(json.dumps(plan.bits, sort_keys=True), str(args.tokens), args.quantizer,
                      str(fitting.n_samples), str(args.seqlen))
+        bits_of_plan[key[:8]] = plan.bits
         if key not in cache:
             reference = reference or reference_stats(loaded.model, validation)
             cache[key] = measure_plan(loaded, corpus, fitting, plan.bits, settings, evaluation, validation,
                                       reference)
             cache_path.write_text(json.dumps(cache))
             print(f"plan {method} {budget} {unit} {seed}: {cache[key]}", flush=True)
-        row = {"method": method, "budget": budget, "unit": unit, "seed": seed, "plan": key[:8],
+        row = {"method": method, "budget": budget, "unit": unit, "seed": seed, "multiplied": multiplied,
+               "plan": key[:8],
                "kl_validation": cache[key]["validation"], "kl_evaluation": cache[key]["evaluation"],
                "perplexity": cache[key]["perplexity"], "fp_perplexity": cache[key]["fp_perplexity"]}
         for scoring in ("heuristic", "calibrated"):
@@ -130,12 +151,17 @@ def main() -> None:
                 row[f"{scoring}_{label}_se"] = summary[f"predicted_error_{label}_se"]
         rows.append(row)
     table = pd.DataFrame(rows)
-    write_report(args, table, layers, errors, measured, units, validation, analysis_seconds, unit_seconds,
-                 load_before)
+    for row in table.itertuples():  # every plan's prediction with the multiples, once they are measured
+        scored = Plan(bits_of_plan[row.plan], AllocationRequest(row.budget, row.method, CANDIDATES, group_size=GROUP,
+                                                              quantizer=args.quantizer, width_multiples=multiples))
+        table.loc[row.Index, "multiplied_attention"] = summarize(scored, measured, errors)["predicted_error_attention"]
+    write_report(args, table, layers, errors, measured, units, multiples, validation, analysis_seconds,
+                 unit_seconds, load_before)
 
 
-def write_report(args, table: pd.DataFrame, layers, errors, measured, units, validation: torch.Tensor,
-                 analysis_seconds: float, unit_seconds: float, load_before: list[str]) -> None:
+def write_report(args, table: pd.DataFrame, layers, errors, measured, units, multiples: dict[int, float],
+                 validation: torch.Tensor, analysis_seconds: float, unit_seconds: float,
+                 load_before: list[str]) -> None:
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     distinct = table.drop_duplicates("plan")
     lines = ["# Allocation benchmark (issue 17): predicted errors of the quantizer that runs, a measured unit", "",
@@ -183,31 +209,44 @@ def write_report(args, table: pd.DataFrame, layers, errors, measured, units, val
     lines += [f"| {name} | {h:.3g} | {c:.3g} | {c / h:.3g} |"
               for name, h, c in zip(measured["layer"], heuristic, calibrated)]
     lines += ["", "## Plans: predicted totals against measured KL", "",
-              "| method | budget | unit | seed | plan | avg bits | KL validation | KL evaluation | perplexity | "
-              "predicted (heuristic) | predicted KL (calibrated) ± se |", "|" + "---|" * 11]
-    lines += [f"| {r.method} | {r.budget:g} | {r.unit} | {r.seed} | {r.plan} | {r.avg_bits:.3f} | "
-              f"{r.kl_validation:.4f} | {r.kl_evaluation:.4f} | {r.perplexity:.3f} | {r.heuristic_attention:.4g} ± "
-              f"{r.heuristic_attention_se:.2g} | {r.calibrated_attention:.4f} ± {r.calibrated_attention_se:.2g} |"
-              for r in table.itertuples()]
+              "Width multiples (uniform plans' validation KL / their heuristic prediction): "
+              + ", ".join(f"{bits} bits {m:.3g}" for bits, m in sorted(multiples.items())), "",
+              "| method | budget | unit | multiples | seed | plan | avg bits | KL validation | KL evaluation | "
+              "perplexity | predicted (heuristic) | × multiples | predicted KL (calibrated) ± se |",
+              "|" + "---|" * 13]
+    lines += [f"| {r.method} | {r.budget:g} | {r.unit} | {'yes' if r.multiplied else 'no'} | {r.seed} | {r.plan} | "
+              f"{r.avg_bits:.3f} | {r.kl_validation:.4f} | {r.kl_evaluation:.4f} | {r.perplexity:.3f} | "
+              f"{r.heuristic_attention:.4g} ± {r.heuristic_attention_se:.2g} | {r.multiplied_attention:.4f} | "
+              f"{r.calibrated_attention:.4f} ± {r.calibrated_attention_se:.2g} |" for r in table.itertuples()]
     lines += ["", f"Full precision on the same evaluation tokens: perplexity {table['fp_perplexity'].iloc[0]:.3f}."]
-    uniform = table[(table["method"] == "uniform") & (table["budget"] == 3.0)].iloc[0]
-    for unit in ("heuristic", "calibrated"):
-        knapsack = table[(table["method"] == "knapsack") & (table["budget"] == 3.0) & (table["unit"] == unit)].iloc[0]
-        closed = {column: (uniform[column] - knapsack[column]) / (uniform[column] - floor)
-                  for column, floor in (("kl_evaluation", 0.0), ("perplexity", uniform["fp_perplexity"]))}
-        lines.append(f"At 3.0 bits the knapsack ({unit} unit) closes {closed['perplexity']:.1%} of uniform 3-bit's "
-                     f"perplexity gap to full precision ({closed['kl_evaluation']:.1%} of its KL).")
+    uniform_rows = table[table["method"] == "uniform"].sort_values("budget")
+    uniform = uniform_rows[uniform_rows["budget"] == 3.0].iloc[0]
+    knapsacks = table[table["method"] == "knapsack"]
+    for r in knapsacks.itertuples():
+        label = f"{r.unit} unit{' × width multiples' if r.multiplied else ''}"
+        below = {column: np.interp(r.budget, uniform_rows["budget"], uniform_rows[column])
+                 for column in ("kl_validation", "kl_evaluation")}
+        line = (f"Knapsack at {r.budget:g} bits ({label}): KL evaluation {r.kl_evaluation:.4f} against uniform "
+                f"{below['kl_evaluation']:.4f} (interpolated), validation {r.kl_validation:.4f} against "
+                f"{below['kl_validation']:.4f}")
+        if r.budget == 3.0:
+            closed = {column: (uniform[column] - getattr(r, column)) / (uniform[column] - floor)
+                      for column, floor in (("kl_evaluation", 0.0), ("kl_validation", 0.0),
+                                            ("perplexity", uniform["fp_perplexity"]))}
+            line += (f"; closes {closed['perplexity']:.1%} of uniform 3-bit's perplexity gap to full precision, "
+                     f"{closed['kl_evaluation']:.1%} of its KL ({closed['kl_validation']:.1%} on validation)")
+        lines.append(line + ".")
     ratio_kl = distinct["kl_validation"] / distinct["calibrated_attention"]
     lines += ["", f"Measured KL (validation) / KL predicted in the calibrated unit: median {ratio_kl.median():.3g}, "
               f"range {ratio_kl.min():.3g} … {ratio_kl.max():.3g}.", "",
               f"Spearman over the {len(distinct)} distinct plans:", "",
               "| predicted by | KL validation | KL evaluation |", "|---|---|---|"]
-    for scoring in ("heuristic", "calibrated"):
-        for label in ("attention", "layerwise"):
-            column = f"{scoring}_{label}"
-            lines.append(f"| {scoring} unit, {label} errors | "
-                         f"{spearmanr(distinct[column], distinct['kl_validation']).statistic:.3f} | "
-                         f"{spearmanr(distinct[column], distinct['kl_evaluation']).statistic:.3f} |")
+    predictors = {f"{scoring} unit, {label} errors": f"{scoring}_{label}"
+                  for scoring in ("heuristic", "calibrated") for label in ("attention", "layerwise")}
+    predictors["heuristic unit × width multiples, attention errors"] = "multiplied_attention"
+    for name, column in predictors.items():
+        lines.append(f"| {name} | {spearmanr(distinct[column], distinct['kl_validation']).statistic:.3f} | "
+                     f"{spearmanr(distinct[column], distinct['kl_evaluation']).statistic:.3f} |")
     output = Path(args.output)
     previous = output.read_text() if output.is_file() else ""
     reading = previous[previous.index("## Reading"):] if "## Reading" in previous else ""

@@ -476,6 +476,41 @@ def test_the_calibrated_unit_changes_the_plan_and_needs_its_measurement():
                                                                                           unit="calibrated"))
 
 
+def test_width_multiples_scale_each_width_and_fall_back_to_the_nearest_measured_width():
+    layers, errors = unit_layers()
+    plan = Plan({"l0": 4, "l1": 2, "l2": 2}, AllocationRequest(3.0, candidates=(2, 4), width_multiples={2: 3.0}))
+    summary = summarize(plan, layers, errors)
+    # the heuristic terms of test_predicted_totals_carry_the_propagated_standard_error, 4-bit taking 2-bit's multiple
+    assert summary["predicted_error_attention"] == pytest.approx(3.0 * (5 * 1 + 0.5 * 8 + 1 * 4))
+    multiples = {2: 2.0, 4: 1.25}
+    assert list(allocate_module.width_multiple(multiples, np.array([2, 3, 4, 8]))) == [2.0, 1.25, 1.25, 1.25]
+    assert list(allocate_module.width_multiple({}, np.array([2, 8]))) == [1.0, 1.0]
+
+
+def test_width_multiples_make_the_knapsack_minimize_the_multiplied_errors_exactly():
+    rng = np.random.default_rng(3)
+    layers, errors = tables([64 * s for s in (1, 2, 3, 5, 9)], ["q", "k", "v", "o", "down"],
+                            [f"l{i}" for i in range(5)], rng.uniform(0, 10, (5, 3)), (2, 3, 4))
+    multiples = {2: 2.5, 3: 1.25, 4: 1.0}
+    scaled = errors.assign(err_attention=errors["err_attention"] * errors["bits"].map(multiples))
+    for budget in (2.4, 3.0, 3.6):
+        plan = allocate(layers, errors, AllocationRequest(budget, "knapsack", (2, 3, 4), width_multiples=multiples))
+        best = exhaustive_best(layers, scaled, AllocationRequest(budget, "knapsack", (2, 3, 4)))
+        assert plan_error(plan, scaled) == pytest.approx(best)
+        assert summarize(plan, layers, errors)["predicted_error_attention"] == pytest.approx(best)
+
+
+def test_width_multiples_are_the_uniform_plans_measured_over_predicted_and_bad_ones_are_refused():
+    assert allocate_module.measured_width_multiples({2: (0.4, 0.2), 3: (0.06, 0.05)}) == pytest.approx(
+        {2: 2.0, 3: 1.2})
+    with pytest.raises(AllocationError, match="uniform 3-bit plan has a measured KL of nan"):
+        allocate_module.measured_width_multiples({3: (float("nan"), 0.05)})
+    layers, errors = small_tables()
+    for bad in ({2: 0.0}, {9: 1.0}, {3: float("inf")}):
+        with pytest.raises(AllocationError, match="Width multiples must map widths of 2–8 bits to positive numbers"):
+            allocate(layers, errors, AllocationRequest(3.0, candidates=(2, 3, 4), width_multiples=bad))
+
+
 @pytest.mark.parametrize("column, unit", [("residual_ms", "heuristic"), ("trace_lm", "heuristic"),
                                           ("kl_rate", "calibrated")])
 def test_a_missing_factor_is_refused_instead_of_leaving_a_layer_in_raw_units(column, unit):
