@@ -23,6 +23,13 @@ The standard error of `r_l` is that of its mean over the validation segments (on
 (our choice) A negative fitted rate (a KL below float resolution: the true KL is ≥ 0) is set to 0, the constrained
 least-squares estimate, with a warning naming the layers; its standard error is kept.
 KL is measured as everywhere else in the tool: against the reference's top-k log-probabilities (aptq.evaluate).
+
+Width multiples (`calibrate_widths`, docs/algorithms.md §5 "Width multiples"): for each width, the plan that puts every
+analysed layer at that width is quantized by the quantizer that will run the plans, fitted on the calibration
+segments before the validation part, and its KL on the validation part divided by its predicted total in the plans'
+unit is the width's multiple (aptq.allocate.measured_width_multiples). (our choice) Every candidate width below 8
+bits is measured; 8 bits takes 4's (aptq.allocate.width_multiple): its errors are a few thousandths of 4 bits' and its
+KL near float resolution.
 """
 
 from __future__ import annotations
@@ -40,15 +47,26 @@ import pandas as pd
 import torch
 
 from aptq import analyses
+from aptq.allocate import (
+    PREDICTED_ERROR_ATTENTION,
+    AllocationRequest,
+    Plan,
+    error_source_for,
+    measured_width_multiples,
+    summarize,
+)
 from aptq.capture import BlockWalk
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids
 from aptq.errors import UserError
 from aptq.evaluate import ReferenceStats, evaluate, reference_stats, replayed_blocks
 from aptq.models import LoadedModel, get_weight, set_weight
+from aptq.pipeline import QuantizeSettings, check_plan, quantize_model, remove_checkpoints
 from aptq.progress import Progress, no_progress
 from aptq.store import Store
 
 MIN_VALIDATION_SEGMENTS = 2  # the standard error of a mean needs two
+WIDTH_HOLDOUT = 0.25  # (our choice) the validation share of the width multiples, the unit's
+WIDEST_MEASURED = 4  # (our choice) widths above it take its multiple (module docstring)
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,16 @@ class UnitSettings:
     def key(self, analysis_key: str) -> str:
         fields = asdict(self) | {"noise_bits": sorted(set(self.noise_bits))}
         return digest(analysis_key, json.dumps(fields, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class WidthCalibration:
+    """One width's measurement: the uniform plan's KL on the validation segments and its predicted total."""
+
+    bits: int
+    kl: float
+    predicted: float  # in the unit the plans use, without multiples
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -231,3 +259,57 @@ def with_unit(layers: pd.DataFrame, units: pd.DataFrame) -> pd.DataFrame:
     merged = layers.drop(columns=["kl_rate", "kl_rate_se"], errors="ignore").join(measured, on="layer")
     merged.attrs = layers.attrs | {"unit": "calibrated"}
     return merged
+
+
+def widths_to_measure(candidates: tuple[int, ...], n_segments: int) -> tuple[int, ...]:
+    """The candidate widths whose multiples `calibrate_widths` measures, checked against the calibration size before
+    any work (the command line asks the same)."""
+    validation_count(n_segments, WIDTH_HOLDOUT)
+    return tuple(sorted({int(b) for b in candidates if b <= WIDEST_MEASURED} or {min(candidates)}))
+
+
+def calibrate_widths(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: pd.DataFrame,
+                     errors: pd.DataFrame, settings: QuantizeSettings, widths: tuple[int, ...],
+                     store: Store | None = None, progress: Progress = no_progress) -> pd.DataFrame:
+    """Per width: bits, kl, predicted, seconds, multiple (see the module docstring). `layers`/`errors` are the analysis
+    of `loaded` on `sampling`'s calibration segments, in the unit the plans use (`layers.attrs`); each width is stored
+    once measured, so a repeat is a cache hit and an interrupted run (`Cancelled` from `progress`) continues."""
+    segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
+    windows = validation_segments(segments, WIDTH_HOLDOUT)
+    fitting = segments[:segments.shape[0] - windows.shape[0]]
+    source = error_source_for(errors, settings.method).source
+    unit = layers.attrs.get("unit", "heuristic")
+    store = store or Store()
+    key = digest(layers.attrs["analysis_key"], unit, source, json.dumps(settings.key_fields(), sort_keys=True),
+                 str(WIDTH_HOLDOUT))
+    todo = [b for b in widths if b not in set(analyses.load_widths(store, key)["bits"])]
+    reference = None
+    for done, bits in enumerate(todo):
+        plan = {name: bits for name in layers["layer"]}
+        complete = check_plan(loaded.arch, plan, settings)  # the layers outside the analysis stay in full precision
+        reference = reference or reference_stats(loaded.model, windows)
+        start = time.perf_counter()
+        run = digest(key, str(bits))  # the run directory of its quantized blocks, removed once measured
+        try:
+            weights, _ = quantize_model(loaded, complete, settings, fitting, run,
+                                        lambda _d, _t, message: progress(done, len(todo), f"{bits} bits: {message}"))
+            kl = evaluate(loaded.model, windows, reference=reference, weights=weights).kl_divergence
+        finally:
+            remove_checkpoints(run)
+        request = AllocationRequest(float(bits), "uniform", (bits,), group_size=settings.group_size,
+                                    quantizer=source, unit=unit)
+        predicted = summarize(Plan(plan, request), layers, errors)[PREDICTED_ERROR_ATTENTION]
+        analyses.write_width(store, key, WidthCalibration(bits, kl, predicted, time.perf_counter() - start))
+    progress(len(todo), len(todo), "width multiples measured")
+    table = analyses.load_widths(store, key)
+    table = table[table["bits"].isin(widths)].reset_index(drop=True)
+    multiples = measured_width_multiples({int(r.bits): (r.kl, r.predicted) for r in table.itertuples()})
+    return table.assign(multiple=table["bits"].map(multiples))
+
+
+def with_width_multiples(layers: pd.DataFrame, widths: pd.DataFrame) -> pd.DataFrame:
+    """The layers table whose attrs carry the measured width multiples (bits → multiple) that sweeps plan with
+    (aptq.sweep.plan_points)."""
+    charged = layers.copy()
+    charged.attrs = layers.attrs | {"width_multiples": {int(r.bits): float(r.multiple) for r in widths.itertuples()}}
+    return charged

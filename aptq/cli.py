@@ -336,6 +336,25 @@ def calibrate_unit_for(args: argparse.Namespace, loaded, corpus, sampling, layer
     return units
 
 
+def calibrate_widths_for(args: argparse.Namespace, loaded, corpus, sampling, layers, errors, settings, widths):
+    """The layers table carrying the measured width multiples (stored, so a repeat is a cache hit), after one line
+    about them."""
+    from aptq.calibrate import WIDTH_HOLDOUT, calibrate_widths, validation_count, with_width_multiples
+    from aptq.store import Store
+
+    bar = LazyBar("measuring the width multiples")
+    try:
+        table = calibrate_widths(loaded, corpus, sampling, layers, errors, settings, widths, Store(args.store), bar)
+    finally:
+        bar.close()
+    print(f"\nWidth multiples (held-out KL / predicted total of each uniform plan, {settings.method} on the first "
+          f"{sampling.n_samples - validation_count(sampling.n_samples, WIDTH_HOLDOUT)} calibration segments, KL on "
+          f"the other {validation_count(sampling.n_samples, WIDTH_HOLDOUT)}): "
+          + ", ".join(f"{r.bits} bits ×{r.multiple:.3g}" for r in table.itertuples())
+          + "; stored in table width_calibrations, charged by every plan of this sweep.")
+    return with_width_multiples(layers, table)
+
+
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", dest="group_size", type=int, default=None,
                         help="columns per scale/zero group, 0 = per output channel "
@@ -494,6 +513,12 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
                         help="how errors of different layers are made comparable: the heuristic factor, or the "
                              "calibrated unit (measured first as analyze --calibrate-unit does; stored) "
                              "(default: %(default)s)")
+    parser.add_argument("--width-multiples", action="store_true",
+                        help="first measure each candidate width's multiple: the plan with every analysed layer at "
+                             "that width, quantized by --quantizer on the first three quarters of the calibration "
+                             "segments, its KL on the last quarter over its predicted total (needs at least 8 "
+                             "segments; stored); the plans then charge it to every layer's predicted error at that "
+                             "width")
     ray = parser.add_argument_group("Ray", "run the plans in parallel as Ray tasks (needs the ray package); only "
                                            "this process writes the store")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -550,7 +575,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     ray = ray_options(args)
 
     from aptq.allocate import PREDICTED_ERROR_ATTENTION, error_source_for
-    from aptq.calibrate import unit_settings_for
+    from aptq.calibrate import unit_settings_for, widths_to_measure
     from aptq.data import load_corpus
     from aptq.models import load_model
     from aptq.store import Store
@@ -561,6 +586,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     sampling = calibration_of(args, loaded)
     unit_settings = unit_settings_for(sampling.n_samples, candidates, args.seed) if args.unit == "calibrated" else None
+    widths = widths_to_measure(candidates, sampling.n_samples) if args.width_multiples else ()
     work_starts()
     layers, errors = analysis_for(args, loaded, corpus, sampling, bits=candidates)
     if unit_settings is not None:
@@ -568,6 +594,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
         layers = with_unit(layers, calibrate_unit_for(args, loaded, corpus, sampling, layers, errors, unit_settings))
     settings, evaluation = quantize_settings(args, loaded, args.quantizer)
+    if widths:
+        layers = calibrate_widths_for(args, loaded, corpus, sampling, layers, errors, settings, widths)
     if note := error_source_for(errors, settings.method).note:
         print(note, file=sys.stderr)
     bar = LazyBar("sweep" if ray is None else "sweep on Ray")

@@ -75,13 +75,16 @@ def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPo
     """Every point's plan from the analysis, saved in the store in the points' order (a plan reached again keeps the
     latest point's name). The plans use the predicted errors of the quantizer that will run (`settings.method`),
     or RTN's where the analysis has none of its (aptq.allocate.error_source_for), in the unit `layers.attrs` names
-    (the calibrated unit after aptq.calibrate.with_unit, else the heuristic one)."""
+    (the calibrated unit after aptq.calibrate.with_unit, else the heuristic one), times the width multiples it carries
+    (aptq.calibrate.with_width_multiples; none: 1 at every width)."""
     source = error_source_for(errors, settings.method).source
     unit = layers.attrs.get("unit", "heuristic")
+    multiples = layers.attrs.get("width_multiples", {})
     plans = []
     for point in points:
         request = AllocationRequest(point.budget, point.allocation, candidates, seed=point.seed,
-                                    group_size=settings.group_size, quantizer=source, unit=unit)
+                                    group_size=settings.group_size, quantizer=source, unit=unit,
+                                    width_multiples=multiples)
         try:
             plan = allocate(layers, errors, request)
         except AllocationError as exc:
@@ -90,7 +93,10 @@ def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPo
         summary = summarize(plan, layers, errors)
         meta = {"name": point.name, "allocation": point.allocation, "budget": point.budget,
                 "analysis": layers.attrs.get("analysis_key"), "group_size": settings.group_size,
-                "error_source": source, "error_unit": unit, **{name: summary[name] for name in PREDICTED_ERRORS}}
+                "error_source": source,
+                # totals with multiples are in another scale: the trust table ranks them apart
+                "error_unit": f"{unit} × width multiples" if multiples else unit, "width_multiples": multiples,
+                **{name: summary[name] for name in PREDICTED_ERRORS}}
         history.save_plan(store, model_fp, point.name, plan.bits, meta | {"request": request, "summary": summary})
         plans.append(PointPlan(point, plan.bits, meta))
     return plans

@@ -10,7 +10,7 @@ import torch
 
 from aptq import calibrate
 from aptq.allocate import AllocationRequest, allocate, summarize
-from aptq.calibrate import UnitSettings, calibrate_unit, with_unit
+from aptq.calibrate import UnitSettings, calibrate_unit, calibrate_widths, widths_to_measure, with_unit
 from aptq.data import Sampling
 from aptq.errors import UserError
 from aptq.evaluate import reference_stats
@@ -109,6 +109,50 @@ def test_a_layer_without_tokens_is_refused_before_any_work(analysed, text_corpus
         calibrate_unit(loaded, text_corpus, SAMPLING, starved, errors, store=store)
     with pytest.raises(UserError, match=r"^The analysis has no predicted errors at \[8\] bits"):
         calibrate_unit(loaded, text_corpus, SAMPLING, layers, errors, UnitSettings(noise_bits=(8,)), store=store)
+
+
+def test_width_multiples_are_each_uniform_plans_held_out_kl_over_its_prediction(analysed, text_corpus, monkeypatch):
+    """Each width's plan is fitted on the segments before the validation quarter (the pipeline's own run on the
+    first 6 of the 8 segments gives the same KL there), and a repeat is a cache hit."""
+    from aptq.data import calibration_segments, token_ids
+    from aptq.evaluate import evaluate
+    from aptq.pipeline import EvalSettings, QuantizeSettings, identify_run, measure_run, remove_checkpoints, run_weights
+
+    loaded, store, layers, errors = analysed
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    settings = QuantizeSettings("gptq", 32)
+    table = calibrate_widths(loaded, text_corpus, SAMPLING, layers, errors, settings, (2, 3), store=store)
+    assert list(table["bits"]) == [2, 3]
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+    windows = calibration_segments(token_ids(loaded.tokenizer, text_corpus, "calibration"), SAMPLING)[6:]
+    reference = reference_stats(loaded.model, windows)
+    for row in table.itertuples():
+        plan = {name: row.bits for name in layers["layer"]}
+        fitting = Sampling(6, SAMPLING.seqlen, seed=0)
+        evaluation = EvalSettings(32, 64)
+        identity = identify_run(loaded, text_corpus, fitting, plan, settings, evaluation)
+        try:
+            measure_run(loaded, text_corpus, fitting, identity, settings, evaluation)
+            with run_weights(loaded.arch, identity.key).applied(loaded.model):
+                kl = evaluate(loaded.model, windows, reference=reference).kl_divergence
+        finally:
+            remove_checkpoints(identity.key)
+        # the analysis has no GPTQ errors: the plans (and so the multiples) use RTN's
+        request = AllocationRequest(float(row.bits), "uniform", (row.bits,), group_size=32, quantizer="rtn")
+        predicted = summarize(allocate(layers, errors, request), layers, errors)["predicted_error_attention"]
+        assert row.kl == pytest.approx(kl, rel=1e-4) and row.predicted == pytest.approx(predicted)
+        assert row.multiple == pytest.approx(kl / predicted, rel=1e-4)
+    assert table.loc[0, "kl"] > table.loc[1, "kl"] > 0
+    monkeypatch.setattr(calibrate, "quantize_model", lambda *a, **k: pytest.fail("a stored width was measured again"))
+    again = calibrate_widths(loaded, text_corpus, SAMPLING, layers, errors, settings, (2, 3), store=store)
+    assert again["multiple"].tolist() == table["multiple"].tolist()
+
+
+def test_width_multiples_need_a_validation_part_and_skip_8_bits():
+    assert widths_to_measure((2, 3, 4, 8), 8) == (2, 3, 4)
+    assert widths_to_measure((8,), 8) == (8,)
+    with pytest.raises(UserError, match=r"^The calibration has 4 segment\(s\), too few to hold out a validation"):
+        widths_to_measure((2, 3, 4), 4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "gpt2"])

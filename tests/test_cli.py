@@ -150,6 +150,29 @@ def test_sweep_plans_in_the_calibrated_unit(tmp_path, tiny_model_dir, text_file,
     assert json.loads(summary)["error_unit"] == "calibrated"
 
 
+@pytest.mark.integration
+def test_sweep_measures_the_width_multiples_first_and_plans_with_them(tmp_path, tiny_model_dir, text_file, capsys):
+    from aptq.cli import main
+    from aptq.history import stored_runs
+    from aptq.store import Store
+
+    store = tmp_path / "store.duckdb"
+    common = ["sweep", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
+              "--store", str(store), "--seqlen", "24", "--group", "32", "--quantizer", "gptq", "--methods", "knapsack",
+              "--budgets", "3", "--candidates", "2,3,4,8", "--eval-seqlen", "32", "--tokens", "64",
+              "--width-multiples"]
+    capsys.readouterr()
+    assert main([*common, "--samples", "4"]) == 2
+    assert capsys.readouterr().err.startswith("error: The calibration has 4 segment(s), too few to hold out")
+    assert not store.exists()
+    assert main([*common, "--samples", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "Width multiples (held-out KL / predicted total of each uniform plan, gptq on the first 6 calibration " \
+           "segments, KL on the other 2): 2 bits ×" in out and "4 bits ×" in out and "8 bits" not in out
+    (unit,) = stored_runs(Store(store))["error_unit"]
+    assert unit == "heuristic × width multiples"
+
+
 @pytest.mark.parametrize("flag, setting, value, default", [(["--value-rows"], "value_rows", True, None),
                                                            (["--mlp-rows"], "mlp_rows", True, None),
                                                            (["--shrink", "0.5"], "shrink", 0.5, None),

@@ -10,7 +10,7 @@ import pytest
 
 import aptq.pipeline as pipeline
 from aptq.allocate import PREDICTED_ERROR_ATTENTION
-from aptq.calibrate import with_unit
+from aptq.calibrate import with_unit, with_width_multiples
 from aptq.cli import main
 from aptq.data import Sampling
 from aptq.errors import UserError
@@ -133,3 +133,20 @@ def test_sweep_plans_in_the_unit_the_layers_table_carries(tmp_path):
     rtn = errors.set_index(["layer", "bits"])["err_attention"]
     expected = sum(rate * rtn[(name, calibrated.bits[name])] for name, rate in zip(rates["layer"], rates["kl_rate"]))
     assert calibrated.meta[PREDICTED_ERROR_ATTENTION] == pytest.approx(expected)
+
+
+def test_sweep_plans_charge_the_width_multiples_the_layers_table_carries(tmp_path):
+    """After aptq.calibrate.with_width_multiples a width measured to cost more than predicted is avoided, the
+    prediction is the multiplied sum, and the plan says which unit its total is in."""
+    layers, errors = two_source_analysis()
+    points = sweep_points(["knapsack"], [3.0], (0,))
+    store = Store(tmp_path / "plans.duckdb")
+    (plain,) = plan_points(layers, errors, points, (2, 3, 4), QuantizeSettings("rtn", 64), "model", store)
+    multiples = pd.DataFrame({"bits": [2, 3, 4], "multiple": [100.0, 1.0, 1.0]})
+    charged = with_width_multiples(layers, multiples)
+    (multiplied,) = plan_points(charged, errors, points, (2, 3, 4), QuantizeSettings("rtn", 64), "model", store)
+    assert 2 in plain.bits.values() and set(multiplied.bits.values()) == {3}
+    rtn = errors.set_index(["layer", "bits"])["err_attention"]
+    assert multiplied.meta[PREDICTED_ERROR_ATTENTION] == pytest.approx(sum(rtn[(name, 3)] for name in layers["layer"]))
+    assert multiplied.meta["error_unit"] == "heuristic × width multiples" and plain.meta["error_unit"] == "heuristic"
+    assert multiplied.meta["width_multiples"] == {2: 100.0, 3: 1.0, 4: 1.0}
