@@ -293,14 +293,16 @@ def calibrate_widths(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, la
         try:
             weights, _ = quantize_model(loaded, complete, settings, fitting, run,
                                         lambda _d, _t, message: progress(done, len(todo), f"{bits} bits: {message}"))
-            kl = evaluate(loaded.model, windows, reference=reference, weights=weights).kl_divergence
+            kl = evaluate(loaded.model, windows, reference=reference, device=settings.device,
+                          weights=weights).kl_divergence
         finally:
             remove_checkpoints(run)
         request = AllocationRequest(float(bits), "uniform", (bits,), group_size=settings.group_size,
                                     quantizer=source, unit=unit)
         predicted = summarize(Plan(plan, request), layers, errors)[PREDICTED_ERROR_ATTENTION]
         analyses.write_width(store, key, WidthCalibration(bits, kl, predicted, time.perf_counter() - start))
-    progress(len(todo), len(todo), "width multiples measured")
+    if todo:
+        progress(len(todo), len(todo), "width multiples measured")
     table = analyses.load_widths(store, key)
     table = table[table["bits"].isin(widths)].reset_index(drop=True)
     multiples = measured_width_multiples({int(r.bits): (r.kl, r.predicted) for r in table.itertuples()})

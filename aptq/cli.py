@@ -347,9 +347,9 @@ def calibrate_widths_for(args: argparse.Namespace, loaded, corpus, sampling, lay
         table = calibrate_widths(loaded, corpus, sampling, layers, errors, settings, widths, Store(args.store), bar)
     finally:
         bar.close()
+    held = validation_count(sampling.n_samples, WIDTH_HOLDOUT)
     print(f"\nWidth multiples (held-out KL / predicted total of each uniform plan, {settings.method} on the first "
-          f"{sampling.n_samples - validation_count(sampling.n_samples, WIDTH_HOLDOUT)} calibration segments, KL on "
-          f"the other {validation_count(sampling.n_samples, WIDTH_HOLDOUT)}): "
+          f"{sampling.n_samples - held} calibration segments, KL on the other {held}): "
           + ", ".join(f"{r.bits} bits ×{r.multiple:.3g}" for r in table.itertuples())
           + "; stored in table width_calibrations, charged by every plan of this sweep.")
     return with_width_multiples(layers, table)
