@@ -212,7 +212,8 @@ def summarize(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict:
         "fp16_size_mb": total * FULL_PRECISION / 8e6,
         "compression": total * FULL_PRECISION / 8e6 / size["size_mb"],
         "error_source": plan.request.quantizer,
-        "error_unit": plan.request.unit,
+        "error_unit": error_unit(plan.request),
+        "width_multiples": {int(b): float(m) for b, m in plan.request.width_multiples.items()},
         **_predicted_errors(plan, layers, errors),
         "bits_by_kind": {str(k): float(row.nb / row.n) for k, row in by_kind.iterrows()},
         "layers_by_bits": {int(w): int(c) for w, c in zip(widths, counts)},
@@ -402,6 +403,12 @@ def _build_problem(layers: pd.DataFrame, errors: pd.DataFrame, request: Allocati
                        score[free], capacity, pinned_cost, total)
     _check_feasible(problem, request)
     return problem, free
+
+
+def error_unit(request: AllocationRequest) -> str:
+    """The unit of the request's predicted totals: its unit, and whether they carry width multiples (totals with
+    multiples are in another scale, so that the trust table ranks them apart)."""
+    return f"{request.unit} × width multiples" if request.width_multiples else request.unit
 
 
 def error_column(request: AllocationRequest) -> str:

@@ -22,9 +22,9 @@ predicted_errors   (analysis, layer, bits, group_size) PK, err_layerwise, err_at
                    attention-aware quantizer; NULL unless the analysis setting quantizer_errors was on)
 unit_calibrations  (unit, layer) PK, noise_ms[], kl[] (per noise level), kl_rate, kl_rate_se, seconds — the measured
                    cross-layer unit (aptq.calibrate); `unit` digests the analysis key and the calibration settings
-width_calibrations (calibration, bits) PK, kl, predicted, seconds — the measured width multiples (aptq.calibrate):
-                   a uniform plan's held-out KL and predicted total; `calibration` digests the analysis key, the
-                   unit, the error source, the quantizer's settings and the validation share
+width_calibrations (analysis, unit, source, settings, bits) PK, kl, predicted, seconds — the measured width
+                   multiples (aptq.calibrate): a uniform plan's held-out KL and its predicted total in `unit` with
+                   `source`'s errors; `settings` is the JSON of the quantizer's key fields and the validation share
 
 Columns added after the first release (residual_ms, owner, tokens, pooled_hessian, the quantizer errors) come in by
 `ALTER TABLE … ADD COLUMN IF NOT EXISTS`, so older files keep working.
@@ -92,7 +92,8 @@ CREATE TABLE IF NOT EXISTS unit_calibrations (
     unit VARCHAR, layer VARCHAR, noise_ms DOUBLE[], kl DOUBLE[], kl_rate DOUBLE, kl_rate_se DOUBLE, seconds DOUBLE,
     PRIMARY KEY (unit, layer));
 CREATE TABLE IF NOT EXISTS width_calibrations (
-    calibration VARCHAR, bits INTEGER, kl DOUBLE, predicted DOUBLE, seconds DOUBLE, PRIMARY KEY (calibration, bits));
+    analysis VARCHAR, unit VARCHAR, source VARCHAR, settings VARCHAR, bits INTEGER, kl DOUBLE, predicted DOUBLE,
+    seconds DOUBLE, PRIMARY KEY (analysis, unit, source, settings, bits));
 """
 TABLES = ("analysis_blocks", "layer_metrics", "predicted_errors")  # rows keyed by `analysis`
 REMOTE_STALE = timedelta(hours=6)
@@ -329,15 +330,15 @@ def load_units(store: Store | None, unit_key: str) -> pd.DataFrame:
     return _ready(store).query("SELECT * EXCLUDE (unit) FROM unit_calibrations WHERE unit = ?", [unit_key])
 
 
-def write_width(store: Store | None, calibration_key: str, width: WidthCalibration) -> None:
-    """One width's measured multiple (aptq.calibrate), stored as soon as it is measured."""
-    _ready(store).write_frame("width_calibrations", pd.DataFrame([{"calibration": calibration_key, **asdict(width)}]))
+def write_width(store: Store | None, width: WidthCalibration) -> None:
+    """One width's measurement (aptq.calibrate), stored as soon as it is measured."""
+    _ready(store).write_frame("width_calibrations", pd.DataFrame([asdict(width)]))
 
 
-def load_widths(store: Store | None, calibration_key: str) -> pd.DataFrame:
-    """bits, kl, predicted, seconds of every width measured under `calibration_key`, by width."""
-    return _ready(store).query("SELECT * EXCLUDE (calibration) FROM width_calibrations WHERE calibration = ? "
-                               "ORDER BY bits", [calibration_key])
+def load_widths(store: Store | None, analysis: str) -> pd.DataFrame:
+    """Every width measured for `analysis` (unit, source, settings, bits, kl, predicted, seconds), by width."""
+    return _ready(store).query("SELECT * EXCLUDE (analysis) FROM width_calibrations WHERE analysis = ? "
+                               "ORDER BY unit, source, settings, bits", [analysis])
 
 
 def finish(store: Store | None, key: str, final_status: str) -> None:

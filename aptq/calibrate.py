@@ -84,10 +84,27 @@ class UnitSettings:
 class WidthCalibration:
     """One width's measurement: the uniform plan's KL on the validation segments and its predicted total."""
 
+    analysis: str
+    unit: str  # the unit of `predicted` (aptq.allocate.UNIT_COLUMNS)
+    source: str  # whose predicted errors (aptq.allocate.ERROR_SOURCES)
+    settings: str  # width_settings: the quantizer that ran the plan, and the validation share
     bits: int
     kl: float
-    predicted: float  # in the unit the plans use, without multiples
+    predicted: float  # without multiples
     seconds: float
+
+
+def width_settings(settings: QuantizeSettings) -> str:
+    """How a width multiple was measured, as stored: the quantizer's key fields and the validation share."""
+    return json.dumps(settings.key_fields() | {"holdout": WIDTH_HOLDOUT}, sort_keys=True)
+
+
+def measured_widths(stored: pd.DataFrame, unit: str, source: str, settings: str) -> pd.DataFrame:
+    """The rows of a load_widths table measured in `unit` with `source`'s errors and `settings`, with their
+    multiple; empty when none was."""
+    rows = stored[(stored["unit"] == unit) & (stored["source"] == source) & (stored["settings"] == settings)]
+    multiples = measured_width_multiples({int(r.bits): (r.kl, r.predicted) for r in rows.itertuples()})
+    return rows.assign(multiple=rows["bits"].map(multiples)).reset_index(drop=True)
 
 
 @dataclass(frozen=True)
@@ -268,28 +285,43 @@ def widths_to_measure(candidates: tuple[int, ...], n_segments: int) -> tuple[int
     return tuple(sorted({int(b) for b in candidates if b <= WIDEST_MEASURED} or {min(candidates)}))
 
 
+def width_multiple_choices(stored: pd.DataFrame, unit: str, source: str) -> dict[str, dict[int, float]]:
+    """The width multiples a plan in `unit` with `source`'s errors may charge, one per way they were measured (a
+    load_widths table): a label naming the quantizer and the multiples → bits → multiple."""
+    choices = {}
+    for how in dict.fromkeys(stored.loc[(stored["unit"] == unit) & (stored["source"] == source), "settings"]):
+        rows = measured_widths(stored, unit, source, how)
+        multiples = {int(r.bits): float(r.multiple) for r in rows.itertuples()}
+        label = f"measured with {json.loads(how)['method']}: " + ", ".join(f"{b} bits ×{m:.3g}"
+                                                                            for b, m in multiples.items())
+        choices[label if label not in choices else f"{label} ({how})"] = multiples
+    return choices
+
+
 def calibrate_widths(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: pd.DataFrame,
                      errors: pd.DataFrame, settings: QuantizeSettings, widths: tuple[int, ...],
                      store: Store | None = None, progress: Progress = no_progress) -> pd.DataFrame:
-    """Per width: bits, kl, predicted, seconds, multiple (see the module docstring). `layers`/`errors` are the analysis
-    of `loaded` on `sampling`'s calibration segments, in the unit the plans use (`layers.attrs`); each width is stored
-    once measured, so a repeat is a cache hit and an interrupted run (`Cancelled` from `progress`) continues."""
+    """Per width: unit, source, settings, bits, kl, predicted, seconds, multiple (see the module docstring).
+    `layers`/`errors` are the analysis of `loaded` on `sampling`'s calibration segments, in the unit the plans use
+    (`layers.attrs`); each width is stored once measured, so a repeat is a cache hit and an interrupted run
+    (`Cancelled` from `progress`) continues."""
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
     windows = validation_segments(segments, WIDTH_HOLDOUT)
     fitting = segments[:segments.shape[0] - windows.shape[0]]
     source = error_source_for(errors, settings.method).source
     unit = layers.attrs.get("unit", "heuristic")
+    analysis = layers.attrs["analysis_key"]
+    how = width_settings(settings)
     store = store or Store()
-    key = digest(layers.attrs["analysis_key"], unit, source, json.dumps(settings.key_fields(), sort_keys=True),
-                 str(WIDTH_HOLDOUT))
-    todo = [b for b in widths if b not in set(analyses.load_widths(store, key)["bits"])]
+    todo = [b for b in widths if b not in set(measured_widths(analyses.load_widths(store, analysis), unit, source,
+                                                              how)["bits"])]
     reference = None
     for done, bits in enumerate(todo):
         plan = {name: bits for name in layers["layer"]}
         complete = check_plan(loaded.arch, plan, settings)  # the layers outside the analysis stay in full precision
         reference = reference or reference_stats(loaded.model, windows)
         start = time.perf_counter()
-        run = digest(key, str(bits))  # the run directory of its quantized blocks, removed once measured
+        run = digest(analysis, unit, source, how, str(bits))  # its quantized blocks' directory, removed once measured
         try:
             weights, _ = quantize_model(loaded, complete, settings, fitting, run,
                                         lambda _d, _t, message: progress(done, len(todo), f"{bits} bits: {message}"))
@@ -300,13 +332,12 @@ def calibrate_widths(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, la
         request = AllocationRequest(float(bits), "uniform", (bits,), group_size=settings.group_size,
                                     quantizer=source, unit=unit)
         predicted = summarize(Plan(plan, request), layers, errors)[PREDICTED_ERROR_ATTENTION]
-        analyses.write_width(store, key, WidthCalibration(bits, kl, predicted, time.perf_counter() - start))
+        analyses.write_width(store, WidthCalibration(analysis, unit, source, how, bits, kl, predicted,
+                                                     time.perf_counter() - start))
     if todo:
         progress(len(todo), len(todo), "width multiples measured")
-    table = analyses.load_widths(store, key)
-    table = table[table["bits"].isin(widths)].reset_index(drop=True)
-    multiples = measured_width_multiples({int(r.bits): (r.kl, r.predicted) for r in table.itertuples()})
-    return table.assign(multiple=table["bits"].map(multiples))
+    table = measured_widths(analyses.load_widths(store, analysis), unit, source, how)
+    return table[table["bits"].isin(widths)].reset_index(drop=True)
 
 
 def with_width_multiples(layers: pd.DataFrame, widths: pd.DataFrame) -> pd.DataFrame:

@@ -93,10 +93,8 @@ def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPo
         summary = summarize(plan, layers, errors)
         meta = {"name": point.name, "allocation": point.allocation, "budget": point.budget,
                 "analysis": layers.attrs.get("analysis_key"), "group_size": settings.group_size,
-                "error_source": source,
-                # totals with multiples are in another scale: the trust table ranks them apart
-                "error_unit": f"{unit} × width multiples" if multiples else unit, "width_multiples": multiples,
-                **{name: summary[name] for name in PREDICTED_ERRORS}}
+                **{name: summary[name] for name in ("error_source", "error_unit", "width_multiples",
+                                                    *PREDICTED_ERRORS)}}
         history.save_plan(store, model_fp, point.name, plan.bits, meta | {"request": request, "summary": summary})
         plans.append(PointPlan(point, plan.bits, meta))
     return plans

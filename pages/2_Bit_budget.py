@@ -37,6 +37,11 @@ UNIT_HELP = ("how the errors of different layers are made comparable: heuristic 
              "and divided by the residual stream's size (our choice); calibrated — the KL per unit of error measured "
              "by injecting noise into one layer at a time (needs an analysis with Home's *Calibrate the unit*)")
 
+WIDTH_HELP = ("each width's measured KL over its predicted total (a uniform plan of that width quantized on most of "
+              "the calibration segments, its KL on the rest: `aptq sweep --width-multiples`), charged to every "
+              "layer at that width, so that the solver pays for what narrow widths cost once the quantizer runs "
+              "block after block (our choice); the predicted error is then an estimate of the KL")
+
 
 def budget_row(available: list[int]) -> float:
     """A full-width slider over the analysis's widths and a number box beside it, kept in step."""
@@ -79,10 +84,15 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
                              "quantizer you will run (GPTQ and attention-aware errors need an analysis with "
                              "quantizer errors: Home's *Quantizer errors*)")
     unit = st.selectbox("Unit", analysis.units_offered, key="error_unit", persist_state="session", help=UNIT_HELP)
+    multiples = {}
+    if offered := analysis.width_multiples_offered(unit, quantizer):
+        choice = st.selectbox("Width multiples", ["none", *offered], key="width_multiples", help=WIDTH_HELP)
+        multiples = offered.get(choice, {})
     st.caption(f"Group size {analysis.group_size or 'per-channel'} (set by the analysis).")
     return AllocationRequest(budget=budget, method=method, candidates=tuple(int(c) for c in candidates),
                              pins=dict(st.session_state["pins"]), min_bits=min_bits, low_high=low_high,
-                             seed=int(seed), group_size=analysis.group_size, quantizer=quantizer, unit=unit)
+                             seed=int(seed), group_size=analysis.group_size, quantizer=quantizer, unit=unit,
+                             width_multiples=multiples)
 
 
 @st.cache_resource(max_entries=4)

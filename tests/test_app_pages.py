@@ -289,3 +289,44 @@ def test_a_partial_analysis_quantizes_and_compares_only_the_analysed_blocks(part
     at.switch_page("pages/4_Trade_offs.py").run()
     no_problems(at)
     assert "2 run(s) covering block 0 of 2 under this protocol" in texts(at.caption)
+
+
+def test_measured_width_multiples_are_offered_and_charged(tmp_path, monkeypatch, tiny_model_dir):
+    """Width multiples stored for the analysis (aptq sweep --width-multiples) appear as a choice, and the plan then
+    charges them: its predicted error is in the multiplied unit, a 2-bit multiple of 100 raising it."""
+    from aptq.allocate import AllocationRequest, Plan, summarize
+    from aptq.calibrate import WidthCalibration, width_settings
+    from aptq.pipeline import QuantizeSettings
+
+    model = str(tiny_model_dir("llama"))
+    request = AnalysisRequest(samples=4, seqlen=64, group_size=64, max_blocks=1)
+    store = tmp_path / "store.duckdb"
+    layers, errors = analyze(load_model(model, device="cpu"), load_corpus("brown"), request.sampling,
+                             request.settings, store=Store(store))
+    how = width_settings(QuantizeSettings("gptq", 64))
+    for bits, multiple in ((2, 100.0), (3, 1.0), (4, 1.0)):
+        analyses.write_width(Store(store), WidthCalibration(layers.attrs["analysis_key"], "heuristic", "rtn", how,
+                                                            bits, multiple, 1.0, 1.0))
+    monkeypatch.setenv("APTQ_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.session_state["model_source"] = model
+    at.session_state["analysis_request"] = request
+    at.run()
+    at.switch_page("pages/2_Bit_budget.py").run()
+    at.slider(key="budget").set_value(3.0).run()
+    no_problems(at)
+    choice = at.selectbox(key="width_multiples")
+    label = "measured with gptq: 2 bits ×100, 3 bits ×1, 4 bits ×1"
+    assert choice.options == ["none", label] and choice.value == "none"
+    plain = at.session_state["plan"]
+    choice.set_value(label).run()
+    no_problems(at)
+    charged = at.session_state["plan"]
+    assert charged["summary"]["error_unit"] == "heuristic × width multiples"
+    assert charged["summary"]["width_multiples"] == {2: 100.0, 3: 1.0, 4: 1.0}
+    assert charged["bits"] == plain["bits"] and 2 in charged["bits"].values()  # the tiny model's q/k stay cheapest
+    multiples = {2: 100.0, 3: 1.0, 4: 1.0}
+    request = AllocationRequest(3.0, group_size=64, width_multiples=multiples)
+    expected = summarize(Plan(charged["bits"], request), layers, errors)
+    assert charged["summary"][PREDICTED_ERROR_ATTENTION] == pytest.approx(expected[PREDICTED_ERROR_ATTENTION])
+    assert charged["summary"][PREDICTED_ERROR_ATTENTION] > plain["summary"][PREDICTED_ERROR_ATTENTION]

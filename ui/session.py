@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from aptq import analyses, history, timing
-from aptq.calibrate import UnitSettings, unit_settings_for, with_unit
+from aptq.calibrate import UnitSettings, unit_settings_for, width_multiple_choices, with_unit
 from aptq.data import EMBEDDED_CORPUS, Corpus, Sampling, load_corpus
 from aptq.errors import UserError
 from aptq.models import EMBEDDED_MODEL, LoadedModel, load_model, model_fingerprint
@@ -213,6 +213,7 @@ class Analysis:
     model_fp: str
     request: AnalysisRequest
     units: pd.DataFrame | None = None  # its calibrated unit (stored_unit), when measured
+    widths: pd.DataFrame | None = None  # its measured width multiples (stored_widths), every unit and source
 
     @property
     def units_offered(self) -> list[str]:
@@ -223,6 +224,11 @@ class Analysis:
     def layers_in(self, unit: str) -> pd.DataFrame:
         """The layers table the allocation reads for `unit` (with the measured rates for the calibrated one)."""
         return with_unit(self.layers, self.units) if unit == "calibrated" else self.layers
+
+    def width_multiples_offered(self, unit: str, source: str) -> dict[str, dict[int, float]]:
+        """The measured width multiples a plan in `unit` with `source`'s errors may charge (aptq sweep
+        --width-multiples measures them), by label."""
+        return {} if self.widths is None else width_multiple_choices(self.widths, unit, source)
 
 
 class _NotStored(LookupError):
@@ -259,6 +265,17 @@ def stored_unit(key: str, request: AnalysisRequest, layers: pd.DataFrame) -> pd.
         return _stored_units(str(default_path()), UnitSettings(seed=request.seed).key(key), len(layers))
     except _NotStored:
         return None
+
+
+@st.cache_data(show_spinner=False, max_entries=16, ttl=60)  # a sweep may add some while the page is open
+def _stored_widths(store_path: str, key: str) -> pd.DataFrame:
+    return analyses.load_widths(Store(store_path), key)
+
+
+def stored_widths(key: str) -> pd.DataFrame | None:
+    """The width multiples measured for analysis `key` (aptq.calibrate.calibrate_widths), None when there are none."""
+    widths = _stored_widths(str(default_path()), key)
+    return widths if len(widths) else None
 
 
 def requested_analysis(loaded: LoadedModel, corpus: Corpus
@@ -321,8 +338,9 @@ def current_analysis() -> Analysis | None:
         return None
     layers, errors = frames
     units = store_call(lambda: stored_unit(key, request, layers))
+    widths = store_call(lambda: stored_widths(key))
     return Analysis(key, layers, errors, request.group_size, describe(loaded, corpus, request),
-                    cached_model_fingerprint(model_source()), request, units)
+                    cached_model_fingerprint(model_source()), request, units, widths)
 
 
 def save_current_plan(name: str, plan: dict, analysis: Analysis) -> str | None:
