@@ -115,6 +115,7 @@ class Quantized:
     command: str
     note: str = ""
     options: str = ""  # ours only: "act-order,v-rows", … (OPTIONS)
+    run_key: str = ""  # ours only: the stored run, so that a later change of our defaults cannot swap it for another
 
     @property
     def name(self) -> str:
@@ -346,7 +347,7 @@ def ours(method: str, bits: int, group: int, options: str, command: str, rerun: 
         remove_checkpoints(identity.key)
     note = "stored run: time as stored" if cached else "process peak RSS: quantization and evaluation in it"
     record = replace(asked, seconds=run.quant_seconds, peak_rss_gib=None if cached else peak_rss_gib(),
-                     load=load_average(), note=note)
+                     load=load_average(), note=note, run_key=identity.key)
     save_record(record)
     print(record, run.perplexity)
 
@@ -425,9 +426,9 @@ def stored_ours(loaded, inputs: Inputs, record: Quantized) -> Row:
     from aptq.store import Store
 
     sampling, evaluation = protocol(inputs)
-    identity = identify_run(loaded, load_corpus("brown"), sampling, uniform_plan(loaded.arch, record.bits),
-                            record.settings(), evaluation)
-    run = find_run(Store(), identity.key)
+    key = record.run_key or identify_run(loaded, load_corpus("brown"), sampling, uniform_plan(loaded.arch, record.bits),
+                                         record.settings(), evaluation).key  # records made before run_key existed
+    run = find_run(Store(), key)
     return Row(record, run.perplexity, run.kl, run.top1)
 
 
