@@ -1,6 +1,6 @@
 """A dashboard view as URL parameters, so that a lecturer can share it: model, corpus, analysis settings and options,
-solver, error source, unit, budget and pins. Pins are written as `block.kind=bits` (short, and the same for every
-model of a family)."""
+solver, error source, unit, width multiples, budget and pins. Pins are written as `block.kind=bits` (short, and the
+same for every model of a family)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class SharedView:
     calibrate: bool | None = None
     errors: str | None = None  # the allocation's error source (rtn, gptq, attention)
     unit: str | None = None  # the allocation's unit (heuristic, calibrated)
+    multiples: str | None = None  # the allocation's measured width multiples, as the Bit budget page labels them
 
     def to_params(self) -> dict[str, str]:
         return {f.name: BOOL_TEXT[value] if isinstance(value, bool) else str(value)

@@ -86,7 +86,8 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
     unit = st.selectbox("Unit", analysis.units_offered, key="error_unit", persist_state="session", help=UNIT_HELP)
     multiples = {}
     if offered := analysis.width_multiples_offered(unit, quantizer):
-        choice = st.selectbox("Width multiples", ["none", *offered], key="width_multiples", help=WIDTH_HELP)
+        choice = st.selectbox("Width multiples", ["none", *offered], key="width_multiples", persist_state="session",
+                              help=WIDTH_HELP)
         multiples = offered.get(choice, {})
     st.caption(f"Group size {analysis.group_size or 'per-channel'} (set by the analysis).")
     return AllocationRequest(budget=budget, method=method, candidates=tuple(int(c) for c in candidates),

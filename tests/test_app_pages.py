@@ -330,3 +330,11 @@ def test_measured_width_multiples_are_offered_and_charged(tmp_path, monkeypatch,
     expected = summarize(Plan(charged["bits"], request), layers, errors)
     assert charged["summary"][PREDICTED_ERROR_ATTENTION] == pytest.approx(expected[PREDICTED_ERROR_ATTENTION])
     assert charged["summary"][PREDICTED_ERROR_ATTENTION] > plain["summary"][PREDICTED_ERROR_ATTENTION]
+    shared = AppTest.from_file(str(APP), default_timeout=60)
+    shared.session_state["model_source"] = model
+    shared.query_params.update({"samples": "4", "seqlen": "64", "group": "64", "blocks": "1",
+                                "multiples": label})
+    shared.run()
+    shared.switch_page("pages/2_Bit_budget.py").run()
+    no_problems(shared)
+    assert shared.selectbox(key="width_multiples").value == label  # a shared link restores the choice

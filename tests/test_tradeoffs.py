@@ -149,14 +149,15 @@ def test_a_shared_view_survives_the_url_and_bad_values_are_dropped():
     assert pins_from_text(edited.pins, layers) == {"model.layers.0.q": 8, "model.layers.1.k": 2}
 
 
-def test_a_shared_view_carries_the_analysis_options_error_source_and_unit():
+def test_a_shared_view_carries_the_analysis_options_error_source_unit_and_width_multiples():
     from aptq.share import SharedView, groups_from_text, groups_to_text
 
+    multiples = "measured with gptq: 2 bits ×1.95, 3 bits ×1.35, 4 bits ×1.36"
     view = SharedView("embedded", "brown", 64, 512, 64, None, "knapsack", 3.0, None, True, groups_to_text((0, 32)),
-                      False, "attention", "calibrated")
+                      False, "attention", "calibrated", multiples)
     params = view.to_params()
     assert params["quantizer_errors"] == "1" and params["calibrate"] == "0" and params["extra_groups"] == "0,32"
-    assert params["errors"] == "attention" and params["unit"] == "calibrated"
+    assert params["errors"] == "attention" and params["unit"] == "calibrated" and params["multiples"] == multiples
     assert SharedView.from_params(params) == view and groups_from_text(params["extra_groups"]) == (0, 32)
     assert groups_to_text(()) is None and "extra_groups" not in SharedView(extra_groups=groups_to_text(())).to_params()
     edited = SharedView.from_params({"quantizer_errors": "yes", "calibrate": "1", "extra_groups": "32,-8,x,,128"})

@@ -56,7 +56,7 @@ def presentation_toggle() -> None:
 
 def restore_from_url() -> None:
     """Once per session, before any widget: the view the URL names (model, corpus, analysis and its options, solver,
-    error source, unit, budget, pins)."""
+    error source, unit, width multiples, budget, pins)."""
     if st.session_state.get("url_restored"):
         return
     st.session_state["url_restored"] = True
@@ -71,8 +71,9 @@ def restore_from_url() -> None:
             extra_group_sizes=groups_from_text(view.extra_groups), calibrate_unit=bool(view.calibrate))
     if view.solver:
         st.session_state["method"] = view.solver
-    # Error source and unit are offered by the analysis: one it lacks falls back to Bit budget's first choice.
-    for key, value in (("error_source", view.errors), ("error_unit", view.unit)):
+    # Error source, unit and multiples are offered by the analysis: one it lacks falls back to Bit budget's first
+    # choice.
+    for key, value in (("error_source", view.errors), ("error_unit", view.unit), ("width_multiples", view.multiples)):
         if value:
             st.session_state[key] = value
     if view.budget is not None:
@@ -92,7 +93,8 @@ def write_url() -> None:
                       request.quantizer_errors or None if request else None,
                       groups_to_text(request.extra_group_sizes) if request else None,
                       request.calibrate_unit or None if request else None,
-                      state.get("error_source"), state.get("error_unit"))
+                      state.get("error_source"), state.get("error_unit"),
+                      None if state.get("width_multiples") in (None, "none") else state["width_multiples"])
     params = view.to_params()
     if params != st.query_params.to_dict():
         st.query_params.from_dict(params)
