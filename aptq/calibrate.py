@@ -27,9 +27,9 @@ KL is measured as everywhere else in the tool: against the reference's top-k log
 Width multiples (`calibrate_widths`, docs/algorithms.md §5 "Width multiples"): for each width, the plan that puts every
 analysed layer at that width is quantized by the quantizer that will run the plans, fitted on the calibration
 segments before the validation part, and its KL on the validation part divided by its predicted total in the plans'
-unit is the width's multiple (aptq.allocate.measured_width_multiples). (our choice) Every candidate width below 8
-bits is measured; 8 bits takes 4's (aptq.allocate.width_multiple): its errors are a few thousandths of 4 bits' and its
-KL near float resolution.
+unit is the width's multiple (aptq.allocate.measured_width_multiples). (our choice) The candidate widths up to 4
+bits are measured (the narrowest candidate when none is); wider ones take the nearest measured width's
+(aptq.allocate.width_multiple): 8 bits' errors are a few thousandths of 4 bits' and its KL near float resolution.
 """
 
 from __future__ import annotations
