@@ -332,6 +332,7 @@ def calibrate_widths(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, la
         request = AllocationRequest(float(bits), "uniform", (bits,), group_size=settings.group_size,
                                     quantizer=source, unit=unit)
         predicted = summarize(Plan(plan, request), layers, errors)[PREDICTED_ERROR_ATTENTION]
+        measured_width_multiples({bits: (kl, predicted)})  # refused before it is stored: every stored row is usable
         analyses.write_width(store, WidthCalibration(analysis, unit, source, how, bits, kl, predicted,
                                                      time.perf_counter() - start))
     if todo:

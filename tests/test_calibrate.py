@@ -148,6 +148,22 @@ def test_width_multiples_are_each_uniform_plans_held_out_kl_over_its_prediction(
     assert again["multiple"].tolist() == table["multiple"].tolist()
 
 
+def test_a_width_without_a_usable_multiple_is_refused_and_not_stored(analysed, text_corpus, monkeypatch):
+    """A KL of 0 (nothing measurable) gives no multiple: one sentence, and no row that later reads would fail on."""
+    from types import SimpleNamespace
+
+    from aptq import analyses
+    from aptq.allocate import AllocationError
+    from aptq.pipeline import QuantizeSettings
+
+    loaded, store, layers, errors = analysed
+    monkeypatch.setattr(calibrate, "evaluate", lambda *a, **k: SimpleNamespace(kl_divergence=0.0))
+    with pytest.raises(AllocationError, match=r"^The uniform 3-bit plan has a measured KL of 0 and a predicted"):
+        calibrate_widths(loaded, text_corpus, SAMPLING, layers, errors, QuantizeSettings("rtn", 32), (3,),
+                         store=store)
+    assert analyses.load_widths(store, layers.attrs["analysis_key"]).empty
+
+
 def test_width_multiples_need_a_validation_part_and_skip_8_bits():
     assert widths_to_measure((2, 3, 4, 8), 8) == (2, 3, 4)
     assert widths_to_measure((8,), 8) == (8,)
