@@ -111,14 +111,19 @@ def test_analyze_calibrates_the_unit_and_refuses_a_calibration_too_short(tmp_pat
     assert len(units) == 7 and (units["kl_rate"] >= 0).all() and units["kl_rate_se"].notna().all()
 
 
+def tiny_sweep(model_dir: str, text_file, store, *options: str) -> list[str]:
+    """A knapsack sweep at 3 bits of the tiny model, evaluated on 64 tokens, with `options` added."""
+    return ["sweep", "--model", model_dir, "--corpus", str(text_file), "--device", "cpu", "--store", str(store),
+            "--seqlen", "24", "--group", "32", "--methods", "knapsack", "--budgets", "3", "--eval-seqlen", "32",
+            "--tokens", "64", *options]
+
+
 @pytest.mark.integration
 def test_sweep_plans_with_the_quantizers_errors_or_says_it_uses_rtns(tmp_path, tiny_model_dir, text_file, capsys):
     from aptq.cli import main
 
-    common = ["sweep", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
-              "--store", str(tmp_path / "store.duckdb"), "--samples", "4", "--seqlen", "24", "--group", "32",
-              "--quantizer", "gptq", "--methods", "knapsack", "--budgets", "3", "--candidates", "2,4",
-              "--eval-seqlen", "32", "--tokens", "64"]
+    common = tiny_sweep(str(tiny_model_dir("llama")), text_file, tmp_path / "store.duckdb", "--samples", "4",
+                        "--quantizer", "gptq", "--candidates", "2,4")
     assert main(common) == 0
     captured = capsys.readouterr()
     assert "The analysis has no predicted errors of GPTQ, so the plans use RTN's; rerun the analysis with quantizer " \
@@ -136,10 +141,8 @@ def test_sweep_plans_in_the_calibrated_unit(tmp_path, tiny_model_dir, text_file,
     from aptq.store import Store
 
     store = tmp_path / "store.duckdb"
-    common = ["sweep", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
-              "--store", str(store), "--seqlen", "24", "--group", "32", "--quantizer", "rtn", "--methods", "knapsack",
-              "--budgets", "3", "--candidates", "2,3,4", "--eval-seqlen", "32", "--tokens", "64", "--unit",
-              "calibrated"]
+    common = tiny_sweep(str(tiny_model_dir("llama")), text_file, store, "--quantizer", "rtn", "--candidates", "2,3,4",
+                        "--unit", "calibrated")
     capsys.readouterr()
     assert main([*common, "--samples", "4"]) == 2
     assert capsys.readouterr().err.startswith("error: The calibration has 4 segment(s), too few to hold out")
@@ -157,10 +160,8 @@ def test_sweep_measures_the_width_multiples_first_and_plans_with_them(tmp_path, 
     from aptq.store import Store
 
     store = tmp_path / "store.duckdb"
-    common = ["sweep", "--model", str(tiny_model_dir("llama")), "--corpus", str(text_file), "--device", "cpu",
-              "--store", str(store), "--seqlen", "24", "--group", "32", "--quantizer", "gptq", "--methods", "knapsack",
-              "--budgets", "3", "--candidates", "2,3,4,8", "--eval-seqlen", "32", "--tokens", "64",
-              "--width-multiples"]
+    common = tiny_sweep(str(tiny_model_dir("llama")), text_file, store, "--quantizer", "gptq", "--candidates",
+                        "2,3,4,8", "--width-multiples")
     capsys.readouterr()
     assert main([*common, "--samples", "4"]) == 2
     assert capsys.readouterr().err.startswith("error: The calibration has 4 segment(s), too few to hold out")
