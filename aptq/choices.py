@@ -15,3 +15,12 @@ ATTENTION_SHRINK = 0.0
 # (our choice) the pair weights of q/k's row Hessians (aptq.hessian.CollectOptions.row_weights), chosen the same way
 ROW_WEIGHT_CHOICES = ("uniform", "attention")
 ROW_WEIGHTS = "attention"
+# (our choice) act-order for the layers of at least this many bits (`QuantizeSettings.act_order_from`; None: off),
+# chosen on validation windows of the calibration split: bench/results/peers.md
+ACT_ORDER_FROM: int | None = None
+ACT_ORDER_WIDTHS: tuple[int | None, ...] = (None, 2, 3, 4)  # the first widths the dashboard offers (None: off)
+
+
+def act_order_label(first: int | None) -> str:
+    """How the dashboard names a first act-order width."""
+    return "off" if first is None else "every layer" if first == 2 else f"layers of {first}+ bits"

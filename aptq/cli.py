@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from aptq import validate
 from aptq.choices import (
+    ACT_ORDER_FROM,
     ALLOCATORS,
     ATTENTION_SHRINK,
     EMBEDDED_MODEL,
@@ -139,6 +140,15 @@ def integer_list(what: str) -> Callable[[str], tuple[int, ...]]:
 
 
 _bit_list = integer_list("bit widths")
+
+
+def act_order_width(text: str) -> int | None:
+    """An argparse type: `--act-order`'s first width, 2–8 bits, or "off"."""
+    if text == "off":
+        return None
+    if not text.isdigit() or not 2 <= int(text) <= 8:
+        raise argparse.ArgumentTypeError(f"act-order applies from a width of 2–8 bits or is 'off', got {text!r}")
+    return int(text)
 
 
 def shrinkage(text: str) -> float:
@@ -360,7 +370,11 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
                         help="columns per scale/zero group, 0 = per output channel "
                              "(default: 128 when the hidden size allows it, else 64)")
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid (default: asymmetric)")
-    parser.add_argument("--act-order", action="store_true", help="GPTQ columns in order of decreasing diag(H)")
+    parser.add_argument("--act-order", dest="act_order_from", nargs="?", type=act_order_width, const=2,
+                        default=ACT_ORDER_FROM, metavar="FROM_BITS",
+                        help="GPTQ columns in order of decreasing diag(H), static groups, for the layers of at least "
+                             "FROM_BITS bits; alone: every layer; 'off': none (default: "
+                             f"{ACT_ORDER_FROM or 'off'}, chosen in bench/results/peers.md)")
     parser.add_argument("--value-rows", action="store_true",
                         help="attention/aespa: BoA row compensation for v through the out projection (off by default: "
                              "measured in bench/results/quantizer.md)")
@@ -394,7 +408,7 @@ def quantize_settings(args: argparse.Namespace, loaded, method: str):
     aespa = replace(AespaOptions.for_device(args.device or str(loaded.device), args.aespa_iterations),
                     learn_scales=not args.aespa_fixed_scales)
     return (QuantizeSettings(method=method, group_size=group_size_of(args, loaded), symmetric=args.symmetric,
-                             act_order=args.act_order, value_rows=args.value_rows, mlp_rows=args.mlp_rows,
+                             act_order_from=args.act_order_from, value_rows=args.value_rows, mlp_rows=args.mlp_rows,
                              shrink=args.shrink, row_weights=args.row_weights,
                              batch_size=args.batch_size, device=args.device, aespa=aespa),
             EvalSettings(args.eval_seqlen, args.tokens or None))

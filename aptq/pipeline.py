@@ -50,7 +50,7 @@ from aptq import coverage, resources, teaching, validate
 from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_row_factor
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERRORS, weight_size
 from aptq.capture import BlockStep, BlockWalk, device_failures
-from aptq.choices import ATTENTION_SHRINK, QUANTIZERS, ROW_WEIGHT_CHOICES, ROW_WEIGHTS
+from aptq.choices import ACT_ORDER_FROM, ATTENTION_SHRINK, QUANTIZERS, ROW_WEIGHT_CHOICES, ROW_WEIGHTS
 from aptq.data import (
     Corpus,
     Sampling,
@@ -96,7 +96,10 @@ class QuantizeSettings:
     method: str = "attention"
     group_size: int = 64  # columns per scale/zero group; 0 = per output channel
     symmetric: bool = False
-    act_order: bool = False
+    # act-order (columns by decreasing diag H, static groups: docs/algorithms.md §7, §9) for the layers quantized to at
+    # least this many bits: 2 every layer, None none. (our choice) a width rule, since act-order helped the
+    # attention-aware quantizer at 3 bits and hurt it at 2 on held-out segments (bench/results/peers.md)
+    act_order_from: int | None = ACT_ORDER_FROM
     clip_search: bool = True
     damp: float = 0.01
     batch_size: int | None = None  # segments per forward pass: speed only, not part of the key
@@ -122,10 +125,18 @@ class QuantizeSettings:
             raise UserError(f"The shrinkage of the attention-aware Hessians must be from 0 to 1, got {self.shrink}.")
         if self.row_weights not in ROW_WEIGHT_CHOICES:
             raise UserError(f"Unknown row weights {self.row_weights!r}; choose from {', '.join(ROW_WEIGHT_CHOICES)}.")
+        if self.act_order_from is not None and not 2 <= self.act_order_from <= 8:
+            raise UserError(f"Act-order applies from a width of 2–8 bits, got {self.act_order_from}.")
+
+    def act_order(self, bits: int) -> bool:
+        """Whether a layer of this width walks its columns in act-order."""
+        return self.act_order_from is not None and bits >= self.act_order_from
 
     def key_fields(self) -> dict:
         fields = asdict(self)
-        del fields["batch_size"], fields["device"]
+        del fields["batch_size"], fields["device"], fields["act_order_from"]
+        # every layer or none: the boolean of the runs stored before the width rule existed
+        fields["act_order"] = {None: False, 2: True}.get(self.act_order_from, self.act_order_from)
         if self.method != "aespa":
             del fields["aespa"]
         if fields["row_weights"] == "uniform":
@@ -197,7 +208,7 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
         return optimise_rounding(weight, start, objective, config, settings.aespa).weight, fallback
     if settings.method == "rtn":
         return rtn(weight, config), None
-    options = dict(act_order=settings.act_order, damp=settings.damp, name=layer.name)
+    options = dict(act_order=settings.act_order(config.bits), damp=settings.damp, name=layer.name)
     h = hessians.layerwise[layer.name].to(weight.device)
     if settings.method == "attention" and layer.name in hessians.value:
         value = shrunk_value_hessians(hessians.value[layer.name].to(weight.device), h, settings.shrink)

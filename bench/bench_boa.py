@@ -154,7 +154,7 @@ def measure_block(loaded: LoadedModel, fits: dict[str, BlockHessians], held: Blo
                 result = gptq_per_head(weight, fit.value[layer.name], config, act_order=setting.act_order,
                                        row_factors=rows).weight
             else:
-                settings = QuantizeSettings(setting.method, group, act_order=setting.act_order,
+                settings = QuantizeSettings(setting.method, group, act_order_from=2 if setting.act_order else None,
                                             value_rows=bool(setting.value_rows), mlp_rows=setting.mlp_rows,
                                             shrink=setting.shrink, row_weights=setting.row_weights)
                 result = quantize_layer(weight, layer, fit, config, settings, out_weight, down_weight)[0]

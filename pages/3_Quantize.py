@@ -12,7 +12,16 @@ import streamlit as st
 
 from aptq import coverage, history, validate
 from aptq.aespa import AespaOptions
-from aptq.choices import ATTENTION_SHRINK, METHOD_LABELS, QUANTIZERS, ROW_WEIGHT_CHOICES, ROW_WEIGHTS
+from aptq.choices import (
+    ACT_ORDER_FROM,
+    ACT_ORDER_WIDTHS,
+    ATTENTION_SHRINK,
+    METHOD_LABELS,
+    QUANTIZERS,
+    ROW_WEIGHT_CHOICES,
+    ROW_WEIGHTS,
+    act_order_label,
+)
 from aptq.data import Corpus, digest
 from aptq.export import EXPORT_FORMATS, export_parts
 from aptq.models import LoadedModel
@@ -187,8 +196,11 @@ with right:
                          format_func=lambda g: f"{g} columns" if g else "per output channel", key="run_group")
     flags = st.columns(2)
     symmetric = flags[0].checkbox("Symmetric grid", key="run_symmetric") if not presenting() else False
-    act_order = flags[1].checkbox("Act-order", key="run_act_order", help="quantize columns by decreasing diag(H)") \
-        if not presenting() else False
+    act_order_from = flags[1].selectbox(
+        "Act-order", ACT_ORDER_WIDTHS, index=ACT_ORDER_WIDTHS.index(ACT_ORDER_FROM), key="run_act_order",
+        format_func=act_order_label,
+        help="quantize columns by decreasing diag(H), static groups; (our choice) a width rule: measured to help at 3 "
+             "bits and hurt at 2 (bench/results/peers.md)") if not presenting() else ACT_ORDER_FROM
     shrink = st.slider("Shrink toward GPTQ", 0.0, 1.0, ATTENTION_SHRINK, 0.05, key="run_shrink",
                        help="(our choice) v's and q/k's attention-aware Hessians mixed with GPTQ's by this share: 0 "
                             "as the papers give them, 1 plain GPTQ; the default was chosen on held-out calibration "
@@ -214,7 +226,7 @@ with st.expander("Export the quantized model (optional)"):
                                          "GPTQModel, vLLM and transformers load; llama.cpp: the plan as "
                                          "llama-quantize tensor-type overrides")
 
-settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order=act_order,
+settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order_from=act_order_from,
                             aespa=AespaOptions.for_device(str(loaded.device)), shrink=float(shrink),
                             row_weights=row_weights)
 evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens), prompts=COMPLETION_PROMPTS)

@@ -178,7 +178,9 @@ def test_sweep_measures_the_width_multiples_first_and_plans_with_them(tmp_path, 
                                                            (["--mlp-rows"], "mlp_rows", True, None),
                                                            (["--shrink", "0.5"], "shrink", 0.5, None),
                                                            (["--row-weights", "uniform"], "row_weights", None,
-                                                            "attention")])
+                                                            "attention"),
+                                                           (["--act-order"], "act_order", True, False),
+                                                           (["--act-order", "4"], "act_order", 4, False)])
 def test_quantize_row_flags_reach_the_stored_runs_settings(tmp_path, tiny_model_dir, text_file, capsys, flag, setting,
                                                           value, default):
     """A setting at its value before it existed (None: absent) leaves the key as it was; every other value is in it."""
@@ -193,6 +195,14 @@ def test_quantize_row_flags_reach_the_stored_runs_settings(tmp_path, tiny_model_
     assert main(common) == 0  # without the flag: another run
     without = json.loads(capsys.readouterr().out)
     assert json.loads(without["settings"]).get(setting) == default and without["key"] != flagged["key"]
+
+
+@pytest.mark.parametrize("text", ["1", "9", "all"])
+def test_quantize_refuses_an_act_order_width_outside_two_to_eight_before_any_work(capsys, text):
+    from aptq.cli import main
+
+    assert main(["quantize", "--model", "no-such-model", "--bits", "3", "--act-order", text]) == 2
+    assert capsys.readouterr().err.startswith("error: Argument --act-order: act-order applies from a width of 2–8 bits")
 
 
 @pytest.mark.parametrize("text", ["1.5", "-0.2", "half"])

@@ -12,7 +12,7 @@ from aptq.aespa import out_row_factor
 from aptq.errors import UserError
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
 from aptq.hessian import BlockHessians
-from aptq.models import get_weight
+from aptq.models import LinearLayer, get_weight
 from aptq.pipeline import QuantizeSettings, quantize_layer, shrunk_row_hessians, shrunk_value_hessians
 from aptq.quantizer import GridParams, QuantConfig, layer_error, recover_codes, rtn
 
@@ -475,3 +475,32 @@ def test_a_shrinkage_outside_zero_to_one_is_refused(share):
 def test_unknown_row_weights_are_refused():
     with pytest.raises(UserError, match="Unknown row weights 'softmax'; choose from uniform, attention"):
         QuantizeSettings("attention", row_weights="softmax")
+
+
+@pytest.mark.parametrize("method", ["gptq", "attention"])
+def test_act_order_from_a_width_walks_in_act_order_exactly_the_layers_that_wide(method):
+    """The width rule: a 2-bit layer is quantized as without act-order, a 3- and a 4-bit one as with it."""
+    layer = LinearLayer("mlp.up_proj", 0, "up", "mlp.up_proj")
+    weight, H = random_weight(60), correlated_hessian(61)
+    hessians = BlockHessians(0, N_TOKENS, {layer.name: H})
+    rule = QuantizeSettings(method, act_order_from=3)
+    for bits in (2, 3, 4):
+        cfg = QuantConfig(bits, 16)
+        walked = quantize_layer(weight, layer, hessians, cfg, rule)[0]
+        expected = gptq(weight, H, cfg, act_order=bits >= 3).weight
+        torch.testing.assert_close(walked, expected, rtol=0, atol=0)
+        assert not torch.equal(walked, gptq(weight, H, cfg, act_order=bits < 3).weight)
+
+
+def test_act_order_keys_keep_the_runs_stored_before_the_width_rule():
+    """Every layer or none is the boolean the stored runs carry; a first width of 3 or more is a key of its own."""
+    assert QuantizeSettings("gptq", act_order_from=None).key_fields()["act_order"] is False
+    assert QuantizeSettings("gptq", act_order_from=2).key_fields()["act_order"] is True
+    assert QuantizeSettings("attention", act_order_from=3).key_fields()["act_order"] == 3
+    assert "act_order_from" not in QuantizeSettings("attention").key_fields()
+
+
+@pytest.mark.parametrize("first", [1, 9])
+def test_act_order_from_a_width_outside_two_to_eight_is_refused(first):
+    with pytest.raises(UserError, match="Act-order applies from a width of 2–8 bits"):
+        QuantizeSettings("attention", act_order_from=first)

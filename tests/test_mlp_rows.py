@@ -155,12 +155,13 @@ def test_the_attention_method_with_mlp_rows_is_element_wise_obs_on_the_kronecker
     down = torch.randn(d_model, ffn, generator=generator(43))
     hessians = BlockHessians(0, 64, {layer.name: H}, mlp={layer.name: random_spd(44, ffn)})
     cfg = QuantConfig(bits, group_size)
-    settings = QuantizeSettings("attention", act_order=act_order, mlp_rows=True)
+    every_layer = 2 if act_order else None
+    settings = QuantizeSettings("attention", act_order_from=every_layer, mlp_rows=True)
     boa = quantize_layer(weight, layer, hessians, cfg, settings, down_weight=down)[0]
     rows = mlp_row_factor(down, hessians.mlp[layer.name])
     torch.testing.assert_close(boa.double(), kronecker_obs(weight, H, rows.unsqueeze(0), cfg, act_order=act_order),
                                rtol=0, atol=1e-5)
-    plain = quantize_layer(weight, layer, hessians, cfg, QuantizeSettings("attention", act_order=act_order))[0]
+    plain = quantize_layer(weight, layer, hessians, cfg, QuantizeSettings("attention", act_order_from=every_layer))[0]
     torch.testing.assert_close(plain, gptq(weight, H, cfg, act_order=act_order).weight, rtol=0, atol=0)  # off: GPTQ
     with pytest.raises(ValueError, match="needs the down projection's weight"):
         quantize_layer(weight, layer, hessians, cfg, settings)
