@@ -211,6 +211,7 @@ def load(store: Store | None, key: str) -> tuple[pd.DataFrame, pd.DataFrame] | N
         errors = con.execute("SELECT e.* EXCLUDE (analysis) FROM predicted_errors e JOIN layer_metrics m "
                              "ON m.analysis = e.analysis AND m.layer = e.layer WHERE e.analysis = ? "
                              "ORDER BY m.position, e.bits", [key]).df()
+    layers.attrs["analysis_key"] = key  # what the measurements made from these layers are stored under
     return layers, errors
 
 

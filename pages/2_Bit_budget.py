@@ -22,11 +22,27 @@ from aptq.allocate import (
     plan_frame,
     summarize,
 )
+from aptq.calibrate import WIDTH_HOLDOUT, calibrate_widths, validation_count, widths_to_measure
 from aptq.choices import METHOD_LABELS
+from aptq.data import digest
+from aptq.errors import UserError
+from aptq.pipeline import QuantizeSettings
+from aptq.progress import Progress
 from aptq.share import pins_from_text, pins_to_text
+from aptq.store import Store, default_path
+from ui import jobs
 from ui.experts import separate_experts
 from ui.plans import model_layer_table
-from ui.session import Analysis, current_analysis, model_source, page_header, save_current_plan
+from ui.session import (
+    Analysis,
+    current_analysis,
+    current_corpus,
+    current_model,
+    forget_stored_widths,
+    model_source,
+    page_header,
+    save_current_plan,
+)
 from ui.shell import presenting
 
 SOLVER_HELP = ("knapsack: least total predicted error (attention-aware Hessians, each layer's error taken to its "
@@ -89,11 +105,50 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
         choice = st.selectbox("Width multiples", ["none", *offered], key="width_multiples", persist_state="session",
                               help=WIDTH_HELP)
         multiples = offered.get(choice, {})
+    if not presenting():
+        with st.expander("Measure width multiples"):
+            measure_widths(analysis, quantizer, unit, [int(c) for c in candidates])
     st.caption(f"Group size {analysis.group_size or 'per-channel'} (set by the analysis).")
     return AllocationRequest(budget=budget, method=method, candidates=tuple(int(c) for c in candidates),
                              pins=dict(st.session_state["pins"]), min_bits=min_bits, low_high=low_high,
                              seed=int(seed), group_size=analysis.group_size, quantizer=quantizer, unit=unit,
                              width_multiples=multiples)
+
+
+def measure_widths(analysis: Analysis, quantizer: str, unit: str, candidates: list[int]) -> None:
+    """A background job measuring the width multiples of the error source's quantizer (what `aptq sweep
+    --width-multiples` does), its progress and Cancel; the choice above offers them once stored."""
+    if not candidates:
+        st.caption("Choose candidate widths first.")
+        return
+    loaded, corpus = current_model(), current_corpus()
+    try:
+        widths = widths_to_measure(tuple(candidates), analysis.request.samples)
+    except UserError as exc:  # said before anything can start; not an error of the plan above
+        st.info(str(exc))
+        return
+    held = validation_count(analysis.request.samples, WIDTH_HOLDOUT)
+    st.caption(f"Quantizes a uniform plan of the analysed layers at {', '.join(map(str, widths))} bits with "
+               f"{METHOD_LABELS[quantizer]} on the first {analysis.request.samples - held} calibration segments and "
+               f"measures its KL on the other {held} (never the evaluation split): one quantization per width.")
+    settings = QuantizeSettings(method=quantizer, group_size=analysis.group_size)
+    key = "widths:" + digest(analysis.key, unit, repr(settings), repr(widths))
+
+    def work(progress: Progress) -> pd.DataFrame:
+        return calibrate_widths(loaded, corpus, analysis.request.sampling, analysis.layers_in(unit), analysis.errors,
+                                settings, widths, Store(default_path()), progress)
+
+    st.button("Measure", key="measure_widths", on_click=lambda: jobs.start(
+        key, f"width multiples · {quantizer}", model_source(), work))
+    job = jobs.find(key)
+    if job is not None and job.state == "finished":
+        if st.session_state.get("widths_read") != key:  # once: the stored multiples join the choice above
+            st.session_state["widths_read"] = key
+            forget_stored_widths()
+            st.rerun()
+        st.success("Measured: " + ", ".join(f"{r.bits} bits ×{r.multiple:.3g}" for r in job.result.itertuples()))
+    else:
+        jobs.show(job)
 
 
 @st.cache_resource(max_entries=4)

@@ -291,6 +291,48 @@ def test_a_partial_analysis_quantizes_and_compares_only_the_analysed_blocks(part
     assert "2 run(s) covering block 0 of 2 under this protocol" in texts(at.caption)
 
 
+def test_width_multiples_are_measured_from_the_bit_budget_page(tmp_path, monkeypatch, tiny_model_dir):
+    """Too few calibration segments: one sentence saying so, no button. Enough: Measure runs calibrate_widths as a job, stores
+    one multiple per width (the same as the backend computes), and the choice offers them at once."""
+    from aptq.calibrate import calibrate_widths
+    from aptq.pipeline import QuantizeSettings
+
+    model = str(tiny_model_dir("llama"))
+    store = tmp_path / "store.duckdb"
+    monkeypatch.setenv("APTQ_STORE", str(store))
+    for samples in (4, 8):
+        request = AnalysisRequest(samples=samples, seqlen=64, group_size=64, max_blocks=1)
+        analyze(load_model(model, device="cpu"), load_corpus("brown"), request.sampling, request.settings,
+                store=Store(store))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.session_state["model_source"] = model
+    at.session_state["analysis_request"] = AnalysisRequest(samples=4, seqlen=64, group_size=64, max_blocks=1)
+    at.run()
+    at.switch_page("pages/2_Bit_budget.py").run()
+    no_problems(at)
+    assert "too few to hold out" in texts(at.info) and not any(b.key == "measure_widths" for b in at.button)
+    at.session_state["analysis_request"] = AnalysisRequest(samples=8, seqlen=64, group_size=64, max_blocks=1)
+    at.run()
+    no_problems(at)
+    assert not [s for s in at.selectbox if s.key == "width_multiples"]
+    at.button(key="measure_widths").click().run()
+    deadline = time.monotonic() + 120
+    while not [s for s in at.selectbox if s.key == "width_multiples"]:
+        assert not at.error, texts(at.error)
+        assert time.monotonic() < deadline, "the width multiples were not measured"
+        time.sleep(0.3)
+        at.run()
+    no_problems(at)
+    (label,) = at.selectbox(key="width_multiples").options[1:]
+    assert label.startswith("measured with rtn: 2 bits ×") and "4 bits ×" in label
+    loaded = load_model(model, device="cpu")
+    layers, errors = analyses.load(Store(store), at.session_state["plan"]["analysis"])
+    table = calibrate_widths(loaded, load_corpus("brown"), request.sampling, layers, errors,
+                             QuantizeSettings("rtn", 64), (2, 3, 4), Store(store))  # stored: read back, not remeasured
+    assert label == "measured with rtn: " + ", ".join(f"{r.bits} bits ×{r.multiple:.3g}" for r in table.itertuples())
+    assert "Measured: 2 bits ×" in texts(at.success)
+
+
 def test_measured_width_multiples_are_offered_and_charged(tmp_path, monkeypatch, tiny_model_dir):
     """Width multiples stored for the analysis (aptq sweep --width-multiples) appear as a choice, and the plan then
     charges them: its predicted error is in the multiplied unit, a 2-bit multiple of 100 raising it."""

@@ -272,6 +272,11 @@ def _stored_widths(store_path: str, key: str) -> pd.DataFrame:
     return analyses.load_widths(Store(store_path), key)
 
 
+def forget_stored_widths() -> None:
+    """After a measurement of width multiples: the next read sees them at once, not after the cache's minute."""
+    _stored_widths.clear()
+
+
 def stored_widths(key: str) -> pd.DataFrame | None:
     """The width multiples measured for analysis `key` (aptq.calibrate.calibrate_widths), None when there are none."""
     widths = _stored_widths(str(default_path()), key)
