@@ -46,6 +46,7 @@ import torch
 from aptq import validate
 from aptq.allocate import check_group_sizes
 from aptq.capture import BlockStep, BlockWalk, device_failures
+from aptq.choices import ACT_ORDER_FROM
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
 from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianCollector
@@ -85,6 +86,8 @@ class AnalysisSettings:
     max_blocks: int | None = None  # analyze only the first blocks (quick looks, tests)
     quantizer_errors: bool = False  # also the predicted errors of GPTQ and the attention-aware quantizer (costly)
     extra_group_sizes: tuple[int, ...] = ()  # more group sizes to predict errors for: (bits, group) candidates
+    # the quantizer errors' column order, as the quantizer that will run walks them (QuantizeSettings.act_order_from)
+    act_order_from: int | None = ACT_ORDER_FROM
     batch_size: int | None = None  # segments per forward pass; speed only, not part of the cache key
     device: str | None = None  # compute device (default: the model's); not part of the cache key
 
@@ -93,6 +96,8 @@ class AnalysisSettings:
         del fields["batch_size"], fields["device"]
         fields["bits"] = sorted(set(self.bits))
         fields["extra_group_sizes"] = sorted(set(self.extra_group_sizes) - {self.group_size})
+        if not self.quantizer_errors or self.act_order_from is None:  # only the quantizer errors depend on it
+            del fields["act_order_from"]
         for name in ("quantizer_errors", "extra_group_sizes"):  # (our choice) absent when off: analyses stored
             if not fields[name]:  # before these settings existed keep their keys
                 del fields[name]
@@ -173,7 +178,8 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
             # runs it (clipping on the plain squared error, no Hessian), so the prediction is the error of the run.
             quantized = {"": _quantized_by(weight, layer, hessians, config, "rtn")}
             if settings.quantizer_errors:
-                quantized |= {f"{infix}_": _quantized_by(weight, layer, hessians, config, quantizer)
+                quantized |= {f"{infix}_": _quantized_by(weight, layer, hessians, config, quantizer,
+                                                         settings.act_order_from)
                               for infix, quantizer in QUANTIZER_SOURCES.items()}
             record = {"layer": layer.name, "bits": bits, "group_size": group_size}
             for prefix, q in quantized.items():
@@ -198,13 +204,13 @@ def _attention_error(weight: torch.Tensor, quantized: torch.Tensor, name: str, h
 
 
 def _quantized_by(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians, config: QuantConfig,
-                  quantizer: str) -> torch.Tensor:
+                  quantizer: str, act_order_from: int | None = None) -> torch.Tensor:
     """The layer's weights as `aptq quantize --method quantizer` leaves them, from these Hessians (the pipeline's own
-    quantize_layer with its default damping and column order)."""
+    quantize_layer with its default damping, in the given column order)."""
     from aptq.pipeline import QuantizeSettings, quantize_layer  # (our choice) here: the pipeline imports the store
 
     settings = QuantizeSettings(method=quantizer, group_size=config.group_size, symmetric=config.symmetric,
-                                clip_search=config.clip_search)
+                                clip_search=config.clip_search, act_order_from=act_order_from)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a fallback to RTN is what that run would do too
         return quantize_layer(weight, layer, hessians, config, settings)[0]

@@ -134,7 +134,9 @@ class Quantized:
         from aptq.aespa import AespaOptions
         from aptq.pipeline import QuantizeSettings
 
-        chosen, aespa = {}, {}
+        # act-order off unless an option turns it on: the rows' labels name every option of theirs, as they did
+        # before act-order from 3 bits became the quantizers' default
+        chosen, aespa = {"act_order_from": None}, {}
         for part in filter(None, self.options.split(",")):
             name, _, value = part.partition("=")
             if name in OPTIONS:

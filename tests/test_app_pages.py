@@ -292,8 +292,8 @@ def test_a_partial_analysis_quantizes_and_compares_only_the_analysed_blocks(part
 
 
 def test_width_multiples_are_measured_from_the_bit_budget_page(tmp_path, monkeypatch, tiny_model_dir):
-    """Too few calibration segments: one sentence saying so, no button. Enough: Measure runs calibrate_widths as a job, stores
-    one multiple per width (the same as the backend computes), and the choice offers them at once."""
+    """Too few calibration segments: one sentence saying so, no button. Enough: Measure runs calibrate_widths as a
+    job, stores one multiple per width (the same as the backend computes), and the choice offers them at once."""
     from aptq.calibrate import calibrate_widths
     from aptq.pipeline import QuantizeSettings
 

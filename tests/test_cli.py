@@ -179,8 +179,9 @@ def test_sweep_measures_the_width_multiples_first_and_plans_with_them(tmp_path, 
                                                            (["--shrink", "0.5"], "shrink", 0.5, None),
                                                            (["--row-weights", "uniform"], "row_weights", None,
                                                             "attention"),
-                                                           (["--act-order"], "act_order", True, False),
-                                                           (["--act-order", "4"], "act_order", 4, False)])
+                                                           (["--act-order"], "act_order", True, 3),
+                                                           (["--act-order", "off"], "act_order", False, 3),
+                                                           (["--act-order", "4"], "act_order", 4, 3)])
 def test_quantize_row_flags_reach_the_stored_runs_settings(tmp_path, tiny_model_dir, text_file, capsys, flag, setting,
                                                           value, default):
     """A setting at its value before it existed (None: absent) leaves the key as it was; every other value is in it."""

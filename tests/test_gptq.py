@@ -406,10 +406,12 @@ def test_the_attention_method_quantizes_v_with_the_out_projections_row_factors(t
     cfg = QuantConfig(3, 16)
     settings = QuantizeSettings("attention", value_rows=True)
     with_rows = quantize_layer(weight, layers["v"], hessians, cfg, settings, out_weight)[0]
-    expected = gptq_per_head(weight, value, cfg, row_factors=out_row_factor(out_weight, n_kv, head_dim)).weight
+    ordered = settings.act_order(cfg.bits)  # by default from 3 bits
+    expected = gptq_per_head(weight, value, cfg, act_order=ordered,
+                             row_factors=out_row_factor(out_weight, n_kv, head_dim)).weight
     torch.testing.assert_close(with_rows, expected, rtol=0, atol=0)
     per_head = quantize_layer(weight, layers["v"], hessians, cfg, QuantizeSettings("attention"))[0]  # the default
-    torch.testing.assert_close(per_head, gptq_per_head(weight, value, cfg).weight, rtol=0, atol=0)
+    torch.testing.assert_close(per_head, gptq_per_head(weight, value, cfg, act_order=ordered).weight, rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs the out projection's weight"):
         quantize_layer(weight, layers["v"], hessians, cfg, settings)
 

@@ -172,13 +172,16 @@ def test_cli_analyze_prints_where_the_results_are_and_caches(tiny_model_dir, cor
 
 
 def test_quantizer_errors_are_the_objectives_of_the_quantizers_that_run(tiny_model_dir, corpus, store):
-    """err_gptq_* and err_aware_* equal the losses gptq / gptq_per_head / gptq_rows report on the block's Hessians;
-    the key of an analysis without them is unchanged."""
+    """err_gptq_* and err_aware_* equal the losses gptq / gptq_per_head / gptq_rows report on the block's Hessians,
+    in the column order the quantizers walk by default (act-order from 3 bits); the key of an analysis without them is
+    unchanged."""
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     settings = AnalysisSettings(group_size=32, bits=(2, 4), max_blocks=1, quantizer_errors=True)
     layers, errors = analyze(loaded, corpus, SAMPLING, settings, store=store)
     plain = AnalysisSettings(group_size=32, bits=(2, 4), max_blocks=1)
-    assert "quantizer_errors" not in plain.key_fields() and layers.attrs["analysis_key"] != analyze(
+    assert settings.key_fields()["act_order_from"] == settings.act_order_from == 3
+    assert {"quantizer_errors", "act_order_from"}.isdisjoint(plain.key_fields())
+    assert layers.attrs["analysis_key"] != analyze(
         loaded, corpus, SAMPLING, plain, store=store)[0].attrs["analysis_key"]
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), SAMPLING)
     step = next(iter(BlockWalk(loaded.model, loaded.arch, segments, stop=1)))
@@ -188,11 +191,13 @@ def test_quantizer_errors_are_the_objectives_of_the_quantizers_that_run(tiny_mod
         weight, h = get_weight(loaded.model, layer).detach().float(), hessians.layerwise[layer.name]
         for bits in (2, 4):
             row, config = by_key.loc[(layer.name, bits)], QuantConfig(bits, 32)
-            assert row["err_gptq_layerwise"] == pytest.approx(gptq(weight, h, config).loss, rel=1e-5)
+            ordered = bits >= settings.act_order_from
+            assert row["err_gptq_layerwise"] == pytest.approx(gptq(weight, h, config, act_order=ordered).loss,
+                                                              rel=1e-5)
             if layer.kind == "v":
-                aware = gptq_per_head(weight, hessians.value[layer.name], config).loss
+                aware = gptq_per_head(weight, hessians.value[layer.name], config, act_order=ordered).loss
             elif layer.kind in ("q", "k"):
-                aware = gptq_rows(weight, h, hessians.row[layer.name], config).loss
+                aware = gptq_rows(weight, h, hessians.row[layer.name], config, act_order=ordered).loss
             else:
                 aware = row["err_gptq_layerwise"]
                 assert row["err_aware_layerwise"] == row["err_gptq_layerwise"]
