@@ -480,7 +480,7 @@ def test_unknown_row_weights_are_refused():
 
 
 @pytest.mark.parametrize("method", ["gptq", "attention"])
-def test_act_order_from_a_width_walks_in_act_order_exactly_the_layers_that_wide(method):
+def test_act_order_from_3_bits_walks_only_the_layers_of_3_bits_and_more(method):
     """The width rule: a 2-bit layer is quantized as without act-order, a 3- and a 4-bit one as with it."""
     layer = LinearLayer("mlp.up_proj", 0, "up", "mlp.up_proj")
     weight, H = random_weight(60), correlated_hessian(61)
