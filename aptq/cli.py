@@ -26,6 +26,7 @@ from aptq.choices import (
     ROW_WEIGHTS,
 )
 from aptq.errors import UserError
+from aptq.widths import QUANT_WIDTHS
 
 if TYPE_CHECKING:
     from aptq.history import RunRecord
@@ -146,7 +147,7 @@ def act_order_width(text: str) -> int | None:
     """An argparse type: `--act-order`'s first width, 2–8 bits, or "off"."""
     if text == "off":
         return None
-    if not text.isdigit() or not 2 <= int(text) <= 8:
+    if not text.isdigit() or int(text) not in QUANT_WIDTHS:
         raise argparse.ArgumentTypeError(f"act-order applies from a width of 2–8 bits or is 'off', got {text!r}")
     return int(text)
 

@@ -78,7 +78,7 @@ from aptq.models import (
 from aptq.paths import CACHE_DIR
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, rtn
-from aptq.widths import FULL_PRECISION
+from aptq.widths import FULL_PRECISION, QUANT_WIDTHS
 
 if TYPE_CHECKING:
     from aptq.history import RunRecord
@@ -125,7 +125,7 @@ class QuantizeSettings:
             raise UserError(f"The shrinkage of the attention-aware Hessians must be from 0 to 1, got {self.shrink}.")
         if self.row_weights not in ROW_WEIGHT_CHOICES:
             raise UserError(f"Unknown row weights {self.row_weights!r}; choose from {', '.join(ROW_WEIGHT_CHOICES)}.")
-        if self.act_order_from is not None and not 2 <= self.act_order_from <= 8:
+        if self.act_order_from is not None and self.act_order_from not in QUANT_WIDTHS:
             raise UserError(f"Act-order applies from a width of 2–8 bits, got {self.act_order_from}.")
 
     def act_order(self, bits: int) -> bool:

@@ -581,7 +581,8 @@ def main() -> None:
         name, _, value = part.partition("=")
         if not (part in allowed or (args.method == "aespa" and name == "iterations" and value.isdigit())
                 or (name == "shrink" and value.replace(".", "", 1).isdigit() and 0 <= float(value) <= 1)
-                or (name == "act-order-from" and value in ("2", "3", "4", "5", "6", "7", "8"))):
+                # aptq.widths.QUANT_WIDTHS, not imported: `quantize` runs in the peers' environment without aptq
+                or (name == "act-order-from" and value.isdigit() and 2 <= int(value) <= 8)):
             parser.error(f"unknown --options {part}: choose from {', '.join(sorted(allowed))}, shrink=S (0 to 1), "
                          "act-order-from=B (2 to 8)"
                          f"{', iterations=N' if args.method == 'aespa' else ''}")
