@@ -382,6 +382,11 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp-rows", action="store_true",
                         help="attention/aespa: BoA row compensation for gate and up through the down projection (off "
                              "by default: measured in bench/results/quantizer.md)")
+    parser.add_argument("--output-norms", choices=("auto", "on", "off"), default="auto",
+                        help="attention/aespa: in blocks with post-norms (Gemma 2/3, OLMo 2) weigh each token's error "
+                             "by 1/σ² of the out (down) projection's output the norm divides it by; auto: on where "
+                             "the model has post-norms (default: %(default)s, measured in "
+                             "bench/results/peers_gemma-3-270m-q4_k_m-a5fd3b62230a.md)")
     parser.add_argument("--shrink", type=shrinkage, default=ATTENTION_SHRINK,
                         help="attention/aespa: shrink v's and q/k's attention-aware Hessians toward GPTQ's by this "
                              "share, 0 = as the papers give them, 1 = plain GPTQ (default: %(default)s, chosen in "
@@ -404,13 +409,14 @@ def quantize_settings(args: argparse.Namespace, loaded, method: str):
     from dataclasses import replace
 
     from aptq.aespa import AespaOptions
-    from aptq.pipeline import EvalSettings, QuantizeSettings
+    from aptq.pipeline import EvalSettings, QuantizeSettings, has_output_norms
 
     aespa = replace(AespaOptions.for_device(args.device or str(loaded.device), args.aespa_iterations),
                     learn_scales=not args.aespa_fixed_scales)
     return (QuantizeSettings(method=method, group_size=group_size_of(args, loaded), symmetric=args.symmetric,
                              act_order_from=args.act_order_from, value_rows=args.value_rows, mlp_rows=args.mlp_rows,
                              shrink=args.shrink, row_weights=args.row_weights,
+                             output_norms={"on": True, "off": False}.get(args.output_norms, has_output_norms(loaded)),
                              batch_size=args.batch_size, device=args.device, aespa=aespa),
             EvalSettings(args.eval_seqlen, args.tokens or None))
 

@@ -116,6 +116,20 @@ def qk_norm_modules(attention: nn.Module) -> dict[str, nn.Module | None]:
                        None) for kind, names in QK_NORM_NAMES.items()}
 
 
+# Blocks that normalise each module's output before adding it to the residual stream (Gemma 2/3, OLMo 2) hold a
+# post-feedforward norm; their `post_attention_layernorm` then reads the attention output. (In Llama-like blocks
+# `post_attention_layernorm` is the MLP's input norm and there is no post-feedforward norm.) The collector checks that
+# each norm reads its layer's output before it weighs anything by it.
+OUTPUT_NORM_NAMES = {"o": "post_attention_layernorm", "down": "post_feedforward_layernorm"}
+
+
+def output_norm_modules(block: nn.Module) -> dict[str, nn.Module]:
+    """kind ("o", "down") → the RMS norm that reads that projection's output, for blocks with post-norms; {} else."""
+    if getattr(block, OUTPUT_NORM_NAMES["down"], None) is None:
+        return {}
+    return {kind: getattr(block, name) for kind, name in OUTPUT_NORM_NAMES.items()}
+
+
 @dataclass(frozen=True)
 class RmsNorm:
     """y ↦ gain ⊙ y / sqrt(mean(y²) + eps) over `gain.numel()` coordinates (one head, or the whole projection).
@@ -134,8 +148,8 @@ class RmsNorm:
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         weight = getattr(module, "weight", None)
         if eps is None or weight is None or weight.dim() != 1:
-            raise UserError(f"The q/k normalisation {type(module).__name__} is not an RMS norm over one axis; the "
-                            f"row Hessians cannot linearise it.")
+            raise UserError(f"The normalisation {type(module).__name__} is not an RMS norm over one axis; the "
+                            f"attention-aware Hessians cannot linearise it.")
         with torch.no_grad():
             ones = torch.ones(weight.numel(), dtype=weight.dtype, device=weight.device)
             gain = module(ones).float() * (1.0 + float(eps)) ** 0.5

@@ -16,6 +16,10 @@ Per block, from hooks on its linear layers and on its attention function:
 - with `mlp_rows`, for the MLP's up (and gate) projection `E[d dᵀ]` of the derivative of the down projection's input
   w.r.t. that projection's output, d = σ(g) for up and σ'(g) ⊙ u for gate (gated MLPs), σ'(u) for up (plain ones),
   with σ the MLP's own activation function: the MLP row factors' activation part (docs/algorithms.md §14);
+- with `output_norms`, in blocks that normalise the out (down) projection's output before the residual add (Gemma
+  2/3, OLMo 2), `H̃ = (2/N) Σ x xᵀ / σ(y)²` with σ(y) the norm's RMS of that token's output y: the column factor of
+  the error after the norm; `H_V` and the attention-weighted `G_Q`/`G_K` then weigh each query position by the same
+  1/σ² of the out projection's output there (docs/algorithms.md §16);
 - the size of the residual stream each module writes into: the median over calibration tokens of ‖h‖² just after the
   attention output and just after the MLP output are added (the median, because a few "attention sink" tokens carry
   activations orders of magnitude above the rest). The allocator uses it to compare errors across blocks.
@@ -44,6 +48,7 @@ from aptq.capture import Batch, BlockStep
 from aptq.errors import UserError
 from aptq.experts import ExpertRecorder
 from aptq.geometry import (
+    OUTPUT_NORM_NAMES,
     AttentionGeometry,
     NormJacobian,
     RmsNorm,
@@ -55,6 +60,7 @@ from aptq.geometry import (
     key_pairs,
     mapped_middle,
     mapped_second_moment,
+    output_norm_modules,
     qk_norm_modules,
     query_pairs,
     sandwiched_sum,
@@ -154,6 +160,8 @@ class BlockHessians:
     value: dict[str, torch.Tensor] = field(default_factory=dict)  # v layers: H_V (n_kv × d_in × d_in)
     row: dict[str, torch.Tensor] = field(default_factory=dict)  # q layers: G_Q (n_heads × d_h × d_h); k: G_K (n_kv …)
     mlp: dict[str, torch.Tensor] = field(default_factory=dict)  # gate/up layers: E[d dᵀ] (d_out × d_out), see above
+    # o/down layers read by a post-norm, with `output_norms`: H̃ (d_in × d_in), see above
+    output_normed: dict[str, torch.Tensor] = field(default_factory=dict)
     lm_trace: dict[str, float] = field(default_factory=dict)  # APTQ tr(H_LM) per layer
     lm_trace_se: dict[str, float] = field(default_factory=dict)  # its standard error
     # "attention" / "mlp": median over tokens of ‖h‖² of the residual stream just after that module's output is added
@@ -173,6 +181,7 @@ class CollectOptions:
     # The row Hessians' pair weights: "uniform" (each query's visible keys alike, `AttentionGeometry`) or "attention"
     # (each query's probabilities, centred: aptq.geometry.attention_weighted_rows; our choice)
     row_weights: str = "uniform"
+    output_norms: bool = False  # H̃ of the out and down projections read by a post-norm
 
 
 def _probe_seed(*parts: int) -> int:
@@ -228,6 +237,11 @@ class HessianCollector:
         self._sketches: torch.Generator | None = None  # with row_weights "attention"
         self._residual: dict[str, list[torch.Tensor]] = {"attention": [], "mlp": []}  # per-token ‖h‖²
         self._mlp_activation = None  # σ of the MLP, with `mlp_rows` on a model whose MLP has one up and one down
+        self._post_norms: dict[str, nn.Module] = {}  # "o"/"down" → the block's post-norm reading it (set on entry)
+        self._output_norms: dict[str, RmsNorm] = {}  # the same, linearised, with `output_norms`
+        self._norm_inputs: dict[str, torch.Tensor] = {}  # per batch: kind → that norm's input
+        self._post_norm_outputs: dict[str, torch.Tensor] = {}  # per batch: kind → that post-norm's output
+        self._output_norms_checked = False
         self._stack = None
 
     # -- hooks -------------------------------------------------------------------------------------------------
@@ -266,7 +280,28 @@ class HessianCollector:
             self._norms = {kind: RmsNorm.of(module) for kind, module in qk_norm_modules(attention).items()}
         if self.options.mlp_rows:
             self._mlp_activation = self._find_mlp_activation()
+        # the residual stream and the traces read what the post-norms add to the stream
+        self._post_norms = output_norm_modules(self.step.block)
+        for kind, module in self._post_norms.items():
+            handle = module.register_forward_hook(self._post_norm_hook(kind))
+            self._stack.callback(handle.remove)
+        if self.options.output_norms:
+            for kind, module in self._post_norms.items():
+                if kind in self.by_kind:
+                    self._output_norms[kind] = RmsNorm.of(module)
+                    handle = module.register_forward_pre_hook(self._norm_hook(kind))
+                    self._stack.callback(handle.remove)
         return self
+
+    def _post_norm_hook(self, kind: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._post_norm_outputs[kind] = output
+        return hook
+
+    def _norm_hook(self, kind: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._norm_inputs[kind] = args[0]
+        return hook
 
     def _find_mlp_activation(self):
         """The MLP's activation function, or None where the block's MLP is not one up (and one gate) projection
@@ -299,6 +334,8 @@ class HessianCollector:
         with torch.no_grad():
             inputs = {path: x.detach().reshape(n, length, -1).float() for path, x in self._inputs.items()}
             self._accumulate_layerwise(inputs)
+            if self._output_norms:  # first: it checks what the attention's weights are read from
+                self._accumulate_output_normed(inputs)
             if self.options.attention:
                 self._accumulate_attention(inputs, length)
             if self._mlp_activation is not None:
@@ -308,7 +345,8 @@ class HessianCollector:
             self._accumulate_traces(batch, inputs, n, length, output)
         self.tokens += n * length
         self.segments += n
-        self._inputs, self._outputs, self._attention = {}, {}, None
+        self._inputs, self._outputs, self._attention, self._norm_inputs = {}, {}, None, {}
+        self._post_norm_outputs = {}
         return output.detach()
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -341,9 +379,15 @@ class HessianCollector:
         probs = call.probs.detach().float()
         d_in = x_v.shape[-1]
         value = self._gram_sum("value", (arch.n_kv_heads, d_in, d_in), x_v)
+        # with the post-norm weighting, each query's output error counts as the norm after the out projection scales it
+        weights = self._inverse_sizes("o")  # (n, L) or None
         for g in range(arch.n_kv_heads):  # one KV group at a time bounds the memory of A_h Xᵀ
             heads = slice(g * repeats, (g + 1) * repeats)
+            start = 0
             for y in causal_products(probs[:, heads], x_v):  # strips of the rows of A_h Xᵀ, all heads of g
+                if weights is not None:
+                    y = y * weights[:, None, start:start + y.shape[-2], None]
+                start += y.shape[-2]
                 add_gram_(value[g], y.reshape(-1, d_in))
         rope = self.step.call_kwargs.get("position_embeddings") if arch.rope else None
         geometry = geometry_for(call.mask, rope, arch.head_dim, self.geometry_cache)
@@ -353,7 +397,7 @@ class HessianCollector:
             self._score_factors = self._score_factors_checked(query, key, call.scaling, geometry.layout)
         factor_q, factor_k = self._score_factors
         if self.options.row_weights == "attention":
-            row_q, row_k = self._rows_attention_weighted(query, key, probs, call, geometry)
+            row_q, row_k = self._rows_attention_weighted(query, key, probs, call, geometry, weights)
         elif call.softcap is None and self._norms.get("q") is None and self._norms.get("k") is None:
             row_q, row_k = self._rows_from_tables(geometry.layout.to_half(query), geometry.layout.to_half(key),
                                                   geometry, length)
@@ -398,9 +442,12 @@ class HessianCollector:
         return row_q, row_k
 
     def _rows_attention_weighted(self, query: torch.Tensor, key: torch.Tensor, probs: torch.Tensor,
-                                 call: AttentionCall, geometry: AttentionGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+                                 call: AttentionCall, geometry: AttentionGeometry,
+                                 query_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Real G_Q per query head and G_K per KV head (half layout) with the attention-weighted, centred pair
-        weights, one segment and query head at a time (aptq.geometry.attention_weighted_rows)."""
+        weights, one segment and query head at a time (aptq.geometry.attention_weighted_rows). `query_weights`
+        (n, L): a factor on each query's score changes (the post-norm weighting), applied through the sketches: the
+        query's row of the noise scaled by it scales its centred sketch and its key-side terms alike."""
         arch, layout = self.arch, geometry.layout
         repeats = arch.n_heads // arch.n_kv_heads
         jacobian_q, jacobian_k, query_half, key_half, row_q, row_k = self._per_token_start(query, key, layout)
@@ -411,6 +458,8 @@ class HessianCollector:
         for s in range(query.shape[0]):
             # (our choice) one draw per segment serves every head and both sides: a fraction of the cost of drawing
             noise = torch.randn(ROW_SKETCHES, length, length, generator=self._sketches, device=query.device)
+            if query_weights is not None:
+                noise = noise * query_weights[s, None, :, None]
             for h in range(arch.n_heads):
                 g = h // repeats
                 slopes = (None if call.softcap is None
@@ -495,12 +544,38 @@ class HessianCollector:
             width = derivative.shape[-1]
             add_gram_(self._gram_sum(f"mlp_{kind}", (width, width), derivative), derivative)
 
+    def _accumulate_output_normed(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Σ x xᵀ / σ(y)² for the out and down projections whose output y a post-norm reads. On the first batch the
+        norm's recorded input is checked to be the projection's output, so that no token is weighed by another
+        tensor's size."""
+        for kind in self._output_norms:
+            layer = self.by_kind[kind]
+            output = self._outputs[layer.module_path]
+            normed = self._norm_inputs[kind]
+            if not self._output_norms_checked:
+                error = ((normed.float() - output.float()).norm() / output.float().norm()).item()
+                if not error <= max(1e-3, 16 * torch.finfo(output.dtype).eps):
+                    raise UserError(f"The {OUTPUT_NORM_NAMES[kind]} of block {self.step.index} of this "
+                                    f"{self.arch.family} model does not read the output of {layer.name} (relative "
+                                    f"mismatch {error:.2g}); the post-norm weighting (--output-norms) is unavailable "
+                                    f"for it.")
+            x = inputs[layer.module_path].flatten(0, -2) * self._inverse_sizes(kind).reshape(-1, 1)
+            add_gram_(self._gram_sum(f"normed_{kind}", (x.shape[-1], x.shape[-1]), x), x)
+        self._output_norms_checked = True
+
+    def _inverse_sizes(self, kind: str) -> torch.Tensor | None:
+        """(n, L) 1/σ(y) per token of the output y the post-norm after `kind` reads; None without the weighting."""
+        if kind not in self._output_norms:
+            return None
+        y = self._norm_inputs[kind].detach().float()
+        return (y.square().mean(-1) + self._output_norms[kind].eps).rsqrt().reshape(y.shape[0], -1)
+
     def _accumulate_residual(self, batch: Batch, output: torch.Tensor) -> None:
-        """Per-token ‖h‖² of the residual stream after the attention add (block input + attention output) and after
-        the MLP add (the block output), as pre-norm blocks sum them."""
+        """Per-token ‖h‖² of the residual stream after the attention add (block input + attention output, through
+        the block's post-norm where it has one) and after the MLP add (the block output)."""
         if "o" in self.by_kind:
-            attention_out = self._outputs[self.by_kind["o"].module_path].detach().reshape_as(batch.hidden)
-            attention_stream = batch.hidden + attention_out
+            attention_out = self._post_norm_outputs.get("o", self._outputs[self.by_kind["o"].module_path]).detach()
+            attention_stream = batch.hidden + attention_out.reshape_as(batch.hidden)
         else:  # no known output projection: both read the block output (our choice)
             attention_stream = output.detach()
         for module, stream in (("attention", attention_stream), ("mlp", output.detach())):
@@ -513,11 +588,13 @@ class HessianCollector:
         module_outputs = [self._outputs[path] for path in paths]
         expert_outputs = self.experts.trace_tensors() if self.experts is not None else []
         # F: the attention output (after the out projection) and the MLP output (after the down projection, or the
-        # experts' weighted sum); without the attention-aware path, the block output.
+        # experts' weighted sum), each after the block's post-norm where it has one (what the residual stream
+        # receives); without the attention-aware path, the block output.
         if self.by_role:
             mlp_end = (self.experts.output if self.experts is not None
                        else self._outputs[self.by_kind["down"].module_path])
-            ends = [self._outputs[self.by_kind["o"].module_path], mlp_end]
+            ends = [self._post_norm_outputs.get("o", self._outputs[self.by_kind["o"].module_path]),
+                    self._post_norm_outputs.get("down", mlp_end)]
         else:
             ends = [block_output]
         d_model = self.arch.hidden_size
@@ -557,6 +634,8 @@ class HessianCollector:
             expert_hessians, hessians.layer_tokens, hessians.pooled = self.experts.hessians(self.step.index)
             hessians.layerwise.update(expert_hessians)
         hessians.residual = {module: torch.cat(norms).median().item() for module, norms in self._residual.items()}
+        for kind in self._output_norms:
+            hessians.output_normed[self.by_kind[kind].name] = (symmetrized(self._sums[f"normed_{kind}"]) * scale).cpu()
         for kind in ("gate", "up"):
             if f"mlp_{kind}" in self._sums:
                 hessians.mlp[self.by_kind[kind].name] = (symmetrized(self._sums[f"mlp_{kind}"]) / self.tokens).cpu()

@@ -63,6 +63,7 @@ from aptq.data import (
 from aptq.errors import UserError
 from aptq.evaluate import Evaluation, ReferenceStats, check_window, evaluate, reference_stats
 from aptq.export import PackedPlan, Provenance, check_formats, export_model, plan_files
+from aptq.geometry import output_norm_modules
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
 from aptq.hessian import BlockHessians, CollectOptions, HessianCollector
 from aptq.models import (
@@ -119,6 +120,11 @@ class QuantizeSettings:
     # q/k's row Hessians from pair weights "uniform" or "attention" (aptq.hessian.CollectOptions.row_weights; our
     # choice, measured in bench/results/quantizer.md): in the key as value_rows is
     row_weights: str = ROW_WEIGHTS
+    # (our choice, docs/algorithms.md §16) in blocks with post-norms (Gemma 2/3, OLMo 2), every layer's error as the
+    # norm after the out (down) projection scales it (aptq.hessian.CollectOptions.output_norms); a model without
+    # post-norms refuses it (`check_output_norms`), so the CLI and the Quantize page turn it on where the model has
+    # them (`has_output_norms`; measured on validation windows). In the key as value_rows is
+    output_norms: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.shrink <= 1:
@@ -141,7 +147,7 @@ class QuantizeSettings:
             del fields["aespa"]
         if fields["row_weights"] == "uniform":
             fields["row_weights"] = None  # the weights every run stored before the choice existed used
-        for name in ("value_rows", "mlp_rows", "shrink", "row_weights"):
+        for name in ("value_rows", "mlp_rows", "shrink", "row_weights", "output_norms"):
             if self.method not in ("attention", "aespa") or not fields[name]:
                 del fields[name]
         return fields
@@ -182,6 +188,19 @@ def check_plan(arch: Architecture, plan: dict[str, int], settings: QuantizeSetti
     return complete
 
 
+def has_output_norms(loaded: LoadedModel) -> bool:
+    """Whether the model's blocks normalise their out and down projections' outputs (Gemma 2/3, OLMo 2)."""
+    return bool(output_norm_modules(loaded.model.get_submodule(f"{loaded.arch.blocks_path}.0")))
+
+
+def check_output_norms(loaded: LoadedModel, settings: QuantizeSettings) -> None:
+    """The post-norm weighting asked of a model without post-norms would change nothing: one sentence instead."""
+    if settings.output_norms and settings.method in ("attention", "aespa"):
+        if not has_output_norms(loaded):
+            raise UserError(f"This {loaded.arch.family} model does not normalise its out and down projections' "
+                            f"outputs (no post-norms, as Gemma 2/3 and OLMo 2 have); use --output-norms off or auto.")
+
+
 def layer_table(loaded: LoadedModel) -> pd.DataFrame:
     """layer, kind, n_params, d_in of every quantizable layer, read from the weights (no analysis needed)."""
     rows = []
@@ -209,7 +228,7 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
     if settings.method == "rtn":
         return rtn(weight, config), None
     options = dict(act_order=settings.act_order(config.bits), damp=settings.damp, name=layer.name)
-    h = hessians.layerwise[layer.name].to(weight.device)
+    h = hessians.output_normed.get(layer.name, hessians.layerwise[layer.name]).to(weight.device)
     if settings.method == "attention" and layer.name in hessians.value:
         value = shrunk_value_hessians(hessians.value[layer.name].to(weight.device), h, settings.shrink)
         rows = _value_row_factors(layer, value, weight, out_weight) if settings.value_rows else None
@@ -402,7 +421,7 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
     segments, then the block on the CPU (our choice of order: smaller batches keep the speed of the device)."""
     attention = settings.method in ("attention", "aespa")
     options = CollectOptions(attention=attention, probes=0, mlp_rows=attention and settings.mlp_rows,
-                             row_weights=settings.row_weights)
+                             row_weights=settings.row_weights, output_norms=attention and settings.output_norms)
     # The out projection serves aespa's value objective and v's row factors only (docs/algorithms.md §8, §13).
     needs_out = settings.method == "aespa" or (options.attention and settings.value_rows)
     out_weight = block_weight(loaded.model, loaded.arch, step.index, "o") if needs_out else None
@@ -581,6 +600,7 @@ def identify_run(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: 
                  settings: QuantizeSettings, evaluation: EvalSettings) -> RunIdentity:
     """The plan checked against the model (one clear sentence before any work), then the run's fingerprints and key."""
     complete = check_plan(loaded.arch, plan, settings)
+    check_output_norms(loaded, settings)
     check_window(loaded.model, evaluation.seqlen)
     if settings.method != "rtn":
         validate.within_context(sampling.seqlen, loaded.max_length, "A calibration segment")

@@ -59,8 +59,9 @@ if TYPE_CHECKING:  # (our choice) imported where results are stored: the per-blo
 
 QUANTIZER_SOURCES = {"gptq": "gptq", "aware": "attention"}  # error-column infix → the quantizer that leaves it
 # bump when any formula changes: old entries miss. 3: float16 scales, symmetric zero 2^(b−1); 4: the RTN errors are
-# those of the RTN that runs (clipping on the squared error, no longer searched under H)
-METHOD_VERSION = 4
+# those of the RTN that runs (clipping on the squared error, no longer searched under H); 5: the residual stream
+# after the attention add passes the attention output through the block's post-norm (Gemma 2/3, OLMo 2)
+METHOD_VERSION = 5
 DEFAULT_BITS = (2, 3, 4, 8)
 ATTENTION_KINDS = ("q", "k", "v", "o")
 CPU_CALIBRATION = (64, 512)  # (our choice) segments × tokens that keep an analysis within minutes on a CPU

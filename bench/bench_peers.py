@@ -30,8 +30,9 @@ pinned CPU torch; it downgrades numpy to 2.2.6.)
 linear with the wall time and peak RSS of the quantization. `ours` (project environment) runs our method as
 aptq.pipeline.run_plan does (the store holds the run and a rerun reuses it; its Ŵ is saved like a peer's) on the same
 segments and evaluation tokens, in its own process so that its peak RSS is its own; `--options` turns on the
-attention-aware quantizer's optional parts (act-order, v-rows, mlp-rows, attention-rows or uniform-rows, shrink=S,
-act-order-from=B: QuantizeSettings.act_order_from, value_rows, mlp_rows, row_weights, shrink) and aespa's
+attention-aware quantizer's optional parts (act-order, v-rows, mlp-rows, attention-rows or uniform-rows,
+output-norms, shrink=S, act-order-from=B: QuantizeSettings.act_order_from, value_rows, mlp_rows, row_weights,
+output_norms, shrink) and aespa's
 (fixed-scales, iterations=N: AespaOptions). `evaluate` (project environment) puts each peer's Ŵ into the model loaded
 with aptq.models.load_model and measures it with aptq.evaluate against the pipeline's cached full-precision reference
 on the dumped evaluation windows, measures every kept Ŵ (ours too) on validation windows of the calibration split that
@@ -70,7 +71,8 @@ OURS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "attention": "attention-awar
 # --options → QuantizeSettings: the field and its value; also "shrink=S" (QuantizeSettings.shrink) and
 # "act-order-from=B" (QuantizeSettings.act_order_from: act-order for the layers of B bits and more)
 OPTIONS = {"act-order": ("act_order_from", 2), "v-rows": ("value_rows", True), "mlp-rows": ("mlp_rows", True),
-           "attention-rows": ("row_weights", "attention"), "uniform-rows": ("row_weights", "uniform")}
+           "attention-rows": ("row_weights", "attention"), "uniform-rows": ("row_weights", "uniform"),
+           "output-norms": ("output_norms", True)}
 # --options → AespaOptions (method aespa): the field and its value; also "iterations=N"
 AESPA_FLAGS = {"fixed-scales": ("learn_scales", False)}
 # Windows of WINDOW tokens from the calibration split, apart from the fitted segments (validation_windows). (our

@@ -25,7 +25,7 @@ from aptq.choices import (
 from aptq.data import Corpus, digest
 from aptq.export import EXPORT_FORMATS, export_parts
 from aptq.models import LoadedModel
-from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
+from aptq.pipeline import EvalSettings, QuantizeSettings, has_output_norms, run_plan, uniform_plan
 from aptq.progress import Progress
 from aptq.store import Store, default_path
 from aptq.teaching import Completion
@@ -212,6 +212,12 @@ with right:
                                 "(the papers' E[KᵀK]); attention: weighted by the query's attention probabilities and "
                                 "centred, the change of its attention distribution (docs/algorithms.md §15)") \
         if method in ("attention", "aespa") and not presenting() else ROW_WEIGHTS
+    post_norms = has_output_norms(loaded)
+    output_norms = st.checkbox("Weigh by the post-norms", value=post_norms, key="run_output_norms",
+                               help="(our choice) this model normalises its out and down projections' outputs: each "
+                                    "token's error counts as the norm divides it, 1/σ² of the output "
+                                    "(docs/algorithms.md §16); on by default, measured on held-out windows") \
+        if method in ("attention", "aespa") and post_norms and not presenting() else post_norms
     window = st.columns(2)
     seqlen = window[0].number_input("Evaluation window", min_value=16, max_value=loaded.max_length,
                                     value=min(512, loaded.max_length), step=64, key="run_seqlen")
@@ -228,7 +234,7 @@ with st.expander("Export the quantized model (optional)"):
 
 settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order_from=act_order_from,
                             aespa=AespaOptions.for_device(str(loaded.device)), shrink=float(shrink),
-                            row_weights=row_weights)
+                            row_weights=row_weights, output_norms=output_norms)
 evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens), prompts=COMPLETION_PROMPTS)
 meta = choice.run_meta()
 if group != choice.group_size:  # the predictions were made for another group size: they would mislead

@@ -198,6 +198,28 @@ def test_quantize_row_flags_reach_the_stored_runs_settings(tmp_path, tiny_model_
     assert json.loads(without["settings"]).get(setting) == default and without["key"] != flagged["key"]
 
 
+def test_quantize_weighs_by_post_norms_where_the_model_has_them_and_refuses_it_elsewhere_before_any_work(
+        tmp_path, tiny_model_dir, text_file, capsys):
+    from aptq.cli import main
+
+    store = tmp_path / "store.duckdb"
+    llama = tiny_model_dir("llama")
+    capsys.readouterr()  # the tiny model's writing, when this test made it
+    assert main(["quantize", "--model", str(llama), "--corpus", str(text_file), "--device", "cpu",
+                 "--store", str(store), "--method", "attention", "--bits", "4", "--output-norms", "on"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: This llama model does not normalise") and err.count("\n") == 1
+    assert "--output-norms" in err
+    assert not store.exists()
+    gemma = ["quantize", "--model", str(tiny_model_dir("gemma3_text")), "--corpus", str(text_file), "--device", "cpu",
+             "--store", str(store), "--method", "attention", "--bits", "4", "--samples", "2", "--seqlen", "32",
+             "--eval-seqlen", "32", "--tokens", "64", "--json"]
+    assert main(gemma) == 0  # auto: on for a model with post-norms
+    assert json.loads(json.loads(capsys.readouterr().out)["settings"])["output_norms"] is True
+    assert main([*gemma, "--output-norms", "off"]) == 0
+    assert "output_norms" not in json.loads(json.loads(capsys.readouterr().out)["settings"])
+
+
 @pytest.mark.parametrize("text", ["1", "9", "all"])
 def test_quantize_refuses_an_act_order_width_outside_two_to_eight_before_any_work(capsys, text):
     from aptq.cli import main

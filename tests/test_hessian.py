@@ -8,6 +8,7 @@ from torch.func import functional_call
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from aptq.capture import BlockWalk
+from aptq.geometry import output_norm_modules
 from aptq.hessian import CollectOptions, HessianCollector
 from aptq.models import get_weight
 
@@ -172,17 +173,20 @@ def test_row_hessians_match_the_explicit_rope_mapped_sums(tiny_model, family):
 
 
 def exact_lm_traces(model, arch, seen, layers, block=0) -> dict[str, float]:
-    """(2/N) Σ_s ‖∂F_s/∂W‖²_F from full Jacobians: F = the attention output (q/k/v/o) or the MLP output."""
+    """(2/N) Σ_s ‖∂F_s/∂W‖²_F from full Jacobians: F = the attention output (q/k/v/o) or the MLP output, after the
+    block's post-norm where it has one."""
     blocks = model.get_submodule(arch.blocks_path)
     attention = blocks[block].get_submodule(arch.attention_attr)
     mlp = blocks[block].get_submodule(arch.mlp_attr) if arch.mlp_attr else None
     args, kwargs = seen["attn_call"]
     kwargs = dict(kwargs)
     hidden = args[0] if args else kwargs.pop("hidden_states")
+    post_norms = output_norm_modules(blocks[block])
     traces = {}
     for layer in layers:
         in_attention = layer.kind in ("q", "k", "v", "o")
         module = attention if in_attention else mlp
+        post_norm = post_norms.get("o" if in_attention else "down", lambda y: y)
         prefix = f"{arch.blocks_path}.{block}.{arch.attention_attr if in_attention else arch.mlp_attr}."
         param = layer.module_path.removeprefix(prefix) + ".weight"
         weight = module.get_parameter(param).detach()
@@ -192,8 +196,8 @@ def exact_lm_traces(model, arch, seen, layers, block=0) -> dict[str, float]:
                 if in_attention:
                     sliced = {k: (v[s:s + 1] if isinstance(v, torch.Tensor) and v.shape[0] == N_SEGMENTS else v)
                               for k, v in kwargs.items()}
-                    return functional_call(module, {param: w}, (hidden[s:s + 1], *args[1:]), sliced)[0]
-                return functional_call(module, {param: w}, (seen["mlp_in"][s:s + 1],))
+                    return post_norm(functional_call(module, {param: w}, (hidden[s:s + 1], *args[1:]), sliced)[0])
+                return post_norm(functional_call(module, {param: w}, (seen["mlp_in"][s:s + 1],)))
 
             jacobian = torch.autograd.functional.jacobian(output, weight, vectorize=True)
             total += jacobian.double().square().sum().item()
@@ -201,9 +205,9 @@ def exact_lm_traces(model, arch, seen, layers, block=0) -> dict[str, float]:
     return traces
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma3_text"])
 def test_hutchinson_traces_agree_with_the_full_jacobian(tiny_model, family):
-    model, arch = tiny_model(family)
+    model, arch = tiny_model(family, **({"initializer_range": 0.3} if family == "gemma3_text" else {}))
     ids = segments()
     hessians = collect(model, arch, ids, probes=24)
     seen = reference(model, arch, ids)
@@ -257,14 +261,20 @@ def test_collector_leaves_the_model_as_it_was(tiny_model):
         torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, before)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text", "olmo2"])
 def test_residual_size_is_the_median_norm_after_each_add(tiny_model, family):
+    """After the attention add: block input + attention output, through the block's post-norm where it has one."""
     model, arch = tiny_model(family)
     ids = segments()
     hessians = collect(model, arch, ids, attention=False)
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-    attention_out = reference(model, arch, ids)["y_o"].reshape_as(hidden[0])
+        attention_out = reference(model, arch, ids)["y_o"].reshape_as(hidden[0])
+        post_norm = output_norm_modules(model.get_submodule(f"{arch.blocks_path}.0")).get("o")
+        if family in ("gemma3_text", "olmo2"):
+            attention_out = post_norm(attention_out)
+        else:
+            assert post_norm is None
     for module, stream in (("attention", hidden[0] + attention_out), ("mlp", hidden[1])):
         expected = stream.square().sum(-1).flatten().median().item()
         assert hessians.residual[module] == pytest.approx(expected, rel=1e-5)
