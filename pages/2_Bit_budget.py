@@ -26,7 +26,7 @@ from aptq.calibrate import WIDTH_HOLDOUT, calibrate_widths, validation_count, wi
 from aptq.choices import METHOD_LABELS
 from aptq.data import digest
 from aptq.errors import UserError
-from aptq.pipeline import QuantizeSettings
+from aptq.pipeline import QuantizeSettings, has_output_norms
 from aptq.progress import Progress
 from aptq.share import pins_from_text, pins_to_text
 from aptq.store import Store, default_path
@@ -131,7 +131,7 @@ def measure_widths(analysis: Analysis, quantizer: str, unit: str, candidates: li
     st.caption(f"Quantizes a uniform plan of the analysed layers at {', '.join(map(str, widths))} bits with "
                f"{METHOD_LABELS[quantizer]} on the first {analysis.request.samples - held} calibration segments and "
                f"measures its KL on the other {held} (never the evaluation split): one quantization per width.")
-    settings = QuantizeSettings(method=quantizer, group_size=analysis.group_size)
+    settings = QuantizeSettings(method=quantizer, group_size=analysis.group_size, output_norms=has_output_norms(loaded))
     key = "widths:" + digest(analysis.key, unit, repr(settings), repr(widths))
 
     def work(progress: Progress) -> pd.DataFrame:

@@ -13,7 +13,7 @@ from aptq.calibrate import with_unit
 from aptq.choices import ALLOCATORS, METHOD_LABELS, QUANTIZERS
 from aptq.data import Corpus, digest
 from aptq.models import LoadedModel
-from aptq.pipeline import EvalSettings, QuantizeSettings
+from aptq.pipeline import EvalSettings, QuantizeSettings, has_output_norms
 from aptq.progress import Progress
 from aptq.store import Store, default_path
 from aptq.sweep import run_sweep, sweep_points
@@ -51,7 +51,8 @@ def sweep_section(loaded: LoadedModel, corpus: Corpus) -> None:
                                      placeholder="host:port, auto or local; empty: $RAY_ADDRESS, a `ray start` "
                                                  "here, else a new local Ray")
     settings = QuantizeSettings(method=method, group_size=request.group_size,
-                                aespa=AespaOptions.for_device(str(loaded.device)))
+                                aespa=AespaOptions.for_device(str(loaded.device)),
+                                output_norms=has_output_norms(loaded))
     if note := error_source_for(frames[1], settings.method).note:
         st.info(note)
     evaluation = EvalSettings(seqlen=min(512, loaded.max_length), max_tokens=int(tokens))
