@@ -561,9 +561,32 @@ def write_results(inputs: Inputs, model_name: str, rows: list[Row], fp_perplexit
     print("\n".join(lines))
 
 
+def evaluate_longer(tokens: int, names: list[str]) -> None:
+    """Every kept Ŵ (or `names`) on the first `tokens` evaluation tokens (windows of 512), more than the dump's: a
+    markdown table on stdout, for a reading. Full precision first, as the reference."""
+    from aptq.data import evaluation_windows, load_corpus, token_ids
+    from aptq.evaluate import evaluate, reference_stats
+
+    inputs = load_inputs()
+    loaded = inputs.load()
+    windows = evaluation_windows(token_ids(loaded.tokenizer, load_corpus("brown"), "evaluation"), WINDOW, tokens)
+    if not torch.equal(windows[:len(inputs.evaluation)], inputs.evaluation):
+        raise RuntimeError("The evaluation windows do not start with the dumped ones.")
+    reference = reference_stats(loaded.model, windows)
+    print(f"{loaded.path.name}: first {windows.numel()} evaluation tokens, windows of {WINDOW}; full precision "
+          f"perplexity {evaluate(loaded.model, windows, reference=reference).perplexity:.3f}\n")
+    print("| Ŵ | perplexity | KL | top-1 |\n|---|---|---|---|")
+    for path in sorted(WORK.glob("*.pt")) if not names else [WORK / f"{name}.pt" for name in names]:
+        if path.name.endswith("-reference.pt") or path == INPUTS:
+            continue
+        result = evaluate_weights(loaded, path, windows, reference)
+        print(f"| {path.stem} | {result.perplexity:.3f} | {result.kl_divergence:.4f} | {result.top1_agreement:.4f} |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["dump", "quantize", "ours", "evaluate"])
+    parser.add_argument("step", choices=["dump", "quantize", "ours", "evaluate", "evaluate-longer"])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (windows of 512)")
@@ -576,6 +599,8 @@ def main() -> None:
                                                        f"{', '.join(AESPA_FLAGS)}, iterations=N")
     parser.add_argument("--model", help="dump only: the model (default: the embedded one)")
     parser.add_argument("--rerun", action="store_true", help="ours only: measure again, replacing the stored run")
+    parser.add_argument("--names", default="", help="evaluate-longer only: comma-separated Ŵ names (file stems in "
+                                                    "the work directory; default: every kept Ŵ)")
     args = parser.parse_args()
     options = ",".join(sorted(filter(None, (part.strip() for part in args.options.split(",")))))
     allowed = set(OPTIONS) | (set(AESPA_FLAGS) if args.method == "aespa" else set())
@@ -597,6 +622,8 @@ def main() -> None:
         quantize(args.peer, args.bits, args.group, command)
     elif args.step == "ours":
         ours(args.method, args.bits, args.group, options, command, args.rerun)
+    elif args.step == "evaluate-longer":
+        evaluate_longer(args.tokens, [name for name in args.names.split(",") if name])
     else:
         evaluate_all()
 
