@@ -14,6 +14,7 @@ The peers pin their own transformers, so they run in a separate environment and 
     .venv/bin/python -m bench.bench_peers ours --method gptq --bits 3 --group 64
     .venv/bin/python -m bench.bench_peers ours --method attention --bits 3 --group 64 --options act-order,v-rows
     .venv/bin/python -m bench.bench_peers evaluate
+    .venv/bin/python -m bench.bench_peers evaluate-longer --tokens 16384   # kept Ŵ on more evaluation tokens
 
 Another model: `dump --model SOURCE` (anything `aptq.models.load_model` takes; every later step reads it from the
 dump) with APTQ_CACHE_DIR set to a directory of its own, so that its dump, Ŵ files and store stay apart; its table is
