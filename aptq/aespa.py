@@ -132,7 +132,7 @@ def layer_objective(layer: LinearLayer, weight: Tensor, hessians: BlockHessians,
         value = hessians.value[layer.name].to(device)
         head_dim = weight.shape[0] // value.shape[0]
         return AttentionObjective(value, out_row_factor(out_weight.to(device), value.shape[0], head_dim))
-    column = hessians.output_normed.get(layer.name, hessians.layerwise[layer.name]).to(device).unsqueeze(0)
+    column = hessians.column(layer.name).to(device).unsqueeze(0)
     if layer.name in hessians.row:
         return AttentionObjective(column, hessians.row[layer.name].to(device))
     return AttentionObjective(column)

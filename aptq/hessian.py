@@ -171,6 +171,11 @@ class BlockHessians:
     layer_tokens: dict[str, int] = field(default_factory=dict)
     pooled: list[str] = field(default_factory=list)
 
+    def column(self, name: str) -> torch.Tensor:
+        """The layer's column Hessian under the attention-aware objectives: H̃ where the post-norm weighting was
+        collected for it, else the layer-wise H."""
+        return self.output_normed.get(name, self.layerwise[name])
+
 
 @dataclass(frozen=True)
 class CollectOptions:

@@ -195,10 +195,9 @@ def has_output_norms(loaded: LoadedModel) -> bool:
 
 def check_output_norms(loaded: LoadedModel, settings: QuantizeSettings) -> None:
     """The post-norm weighting asked of a model without post-norms would change nothing: one sentence instead."""
-    if settings.output_norms and settings.method in ("attention", "aespa"):
-        if not has_output_norms(loaded):
-            raise UserError(f"This {loaded.arch.family} model does not normalise its out and down projections' "
-                            f"outputs (no post-norms, as Gemma 2/3 and OLMo 2 have); use --output-norms off or auto.")
+    if settings.output_norms and settings.method in ("attention", "aespa") and not has_output_norms(loaded):
+        raise UserError(f"This {loaded.arch.family} model does not normalise its out and down projections' "
+                        f"outputs (no post-norms, as Gemma 2/3 and OLMo 2 have); use --output-norms off or auto.")
 
 
 def layer_table(loaded: LoadedModel) -> pd.DataFrame:
@@ -228,7 +227,7 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
     if settings.method == "rtn":
         return rtn(weight, config), None
     options = dict(act_order=settings.act_order(config.bits), damp=settings.damp, name=layer.name)
-    h = hessians.output_normed.get(layer.name, hessians.layerwise[layer.name]).to(weight.device)
+    h = hessians.column(layer.name).to(weight.device)
     if settings.method == "attention" and layer.name in hessians.value:
         value = shrunk_value_hessians(hessians.value[layer.name].to(weight.device), h, settings.shrink)
         rows = _value_row_factors(layer, value, weight, out_weight) if settings.value_rows else None
