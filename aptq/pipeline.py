@@ -227,7 +227,9 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
     if settings.method == "rtn":
         return rtn(weight, config), None
     options = dict(act_order=settings.act_order(config.bits), damp=settings.damp, name=layer.name)
-    h = hessians.column(layer.name).to(weight.device)
+    # GPTQ's objective is the layer-wise H even where the attention-aware objectives' H̃ was collected (the analysis)
+    h = (hessians.column(layer.name) if settings.method == "attention" else hessians.layerwise[layer.name]).to(
+        weight.device)
     if settings.method == "attention" and layer.name in hessians.value:
         value = shrunk_value_hessians(hessians.value[layer.name].to(weight.device), h, settings.shrink)
         rows = _value_row_factors(layer, value, weight, out_weight) if settings.value_rows else None

@@ -10,7 +10,8 @@ Columns (a contract: the allocation solver reads `layers[layer, block, kind, fus
 layers   layer, block, kind, fused (the name of the stored tensor a layer shares, else its own name), n_params,
          d_out, d_in,
          trace_layerwise   tr(I ⊗ H) = d_out · tr(H)
-         trace_attention   v: Σ_g d_h · tr(H_V,g); q/k: Σ_h tr(G_h) · tr(H); o and MLP: = trace_layerwise
+         trace_attention   v: Σ_g d_h · tr(H_V,g); q/k: Σ_h tr(G_h) · tr(H); o and down under a post-norm:
+                           d_out · tr(H̃) (docs/algorithms.md §16); any other layer: = trace_layerwise
          trace_lm, trace_lm_se   APTQ tr(2 E[JᵀJ]) by Hutchinson, and its standard error
          score_layerwise, score_attention, score   the traces per parameter (score = APTQ trace / n_params)
          residual_ms       median per-token ‖h‖² of the residual stream the layer's module (attention or MLP) adds
@@ -21,14 +22,19 @@ Models without the attention-aware path (`arch.attention_unavailable_reason`): t
 layer-wise ones (our choice: every solver keeps working; the CLI and the pages say the metric is unavailable).
 errors   layer, bits, group_size (the setting's, then each of `extra_group_sizes`),
          err_layerwise     tr(ΔW H ΔWᵀ) with the error ΔW of round-to-nearest as `--method rtn` runs it
-         err_attention     v: Σ_g tr(ΔW_g H_V,g ΔW_gᵀ); q/k: tr(G ΔW H ΔWᵀ); o and MLP: = err_layerwise
+         err_attention     v: Σ_g tr(ΔW_g H_V,g ΔW_gᵀ); q/k: tr(G ΔW H ΔWᵀ); o and down under a post-norm:
+                           tr(ΔW H̃ ΔWᵀ); any other layer: = err_layerwise
          err_gptq_layerwise, err_gptq_attention     the same two measures of the ΔW that GPTQ leaves
          err_aware_layerwise, err_aware_attention   … and of the ΔW of the attention-aware quantizer (gptq_per_head
-                           with H_V for v, gptq_rows with G for q/k, GPTQ for o and the MLP)
+                           with H_V for v, gptq_rows with G for q/k, GPTQ for o and the MLP, on H̃ for o and
+                           down under a post-norm)
          The four quantizer columns are filled with `AnalysisSettings.quantizer_errors` (one GPTQ run per layer and
          width, twice for q/k/v), NaN otherwise. Every ΔW comes from the layer's full-precision weights and the
          Hessians of its full-precision inputs (our choice, as ExLlamaV2 measures its candidates: the analysis walks
          the unquantized model, so the errors of earlier layers do not enter).
+The attention-aware Hessians are collected as the attention-aware quantizer collects them by default
+(`analysis_options`): q/k's row Hessians from the attention pair weights, and the post-norm weighting where the model
+has post-norms, so the attention measures and err_aware_* are those of the quantizer the product runs.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import torch
 from aptq import validate
 from aptq.allocate import check_group_sizes
 from aptq.capture import BlockStep, BlockWalk, device_failures
-from aptq.choices import ACT_ORDER_FROM
+from aptq.choices import ACT_ORDER_FROM, ROW_WEIGHTS
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
 from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianCollector
@@ -60,8 +66,9 @@ if TYPE_CHECKING:  # (our choice) imported where results are stored: the per-blo
 QUANTIZER_SOURCES = {"gptq": "gptq", "aware": "attention"}  # error-column infix → the quantizer that leaves it
 # bump when any formula changes: old entries miss. 3: float16 scales, symmetric zero 2^(b−1); 4: the RTN errors are
 # those of the RTN that runs (clipping on the squared error, no longer searched under H); 5: the residual stream
-# after the attention add passes the attention output through the block's post-norm (Gemma 2/3, OLMo 2)
-METHOD_VERSION = 5
+# after the attention add passes the attention output through the block's post-norm (Gemma 2/3, OLMo 2); 6: the
+# attention-aware Hessians as the quantizer collects them (`analysis_options`: attention row weights, post-norms)
+METHOD_VERSION = 6
 DEFAULT_BITS = (2, 3, 4, 8)
 ATTENTION_KINDS = ("q", "k", "v", "o")
 CPU_CALIBRATION = (64, 512)  # (our choice) segments × tokens that keep an analysis within minutes on a CPU
@@ -160,6 +167,8 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
         elif layer.name in hessians.row:
             g = hessians.row[layer.name].to(device)
             trace_attention = _trace(g) * _trace(h)
+        elif layer.name in hessians.output_normed:
+            trace_attention = d_out * _trace(hessians.output_normed[layer.name])
         else:
             trace_attention = trace_layerwise
         trace_lm = hessians.lm_trace[layer.name]
@@ -193,7 +202,8 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
 
 def _attention_error(weight: torch.Tensor, quantized: torch.Tensor, name: str, hessians: BlockHessians,
                      arch: Architecture, h: torch.Tensor, layerwise: float) -> float:
-    """v: Σ_g tr(ΔW_g H_V,g ΔW_gᵀ) over KV heads; q/k: tr(G ΔW H ΔWᵀ); any other layer: its `layerwise` error."""
+    """v: Σ_g tr(ΔW_g H_V,g ΔW_gᵀ) over KV heads; q/k: tr(G ΔW H ΔWᵀ); o/down under a post-norm: tr(ΔW H̃ ΔWᵀ); any
+    other layer: its `layerwise` error."""
     if name in hessians.value:
         h_v = hessians.value[name].to(weight.device)
         rows = arch.head_dim
@@ -201,6 +211,8 @@ def _attention_error(weight: torch.Tensor, quantized: torch.Tensor, name: str, h
                          for g in range(h_v.shape[0])))
     if name in hessians.row:
         return float(layer_error(weight, quantized, h, hessians.row[name].to(weight.device)))
+    if name in hessians.output_normed:
+        return float(layer_error(weight, quantized, hessians.output_normed[name].to(weight.device)))
     return layerwise
 
 
@@ -215,6 +227,15 @@ def _quantized_by(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessi
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a fallback to RTN is what that run would do too
         return quantize_layer(weight, layer, hessians, config, settings)[0]
+
+
+def analysis_options(arch: Architecture, probes: int, seed: int) -> CollectOptions:
+    """What the analysis collects: the attention-aware Hessians as the attention-aware quantizer collects them by
+    default (q/k's rows from the attention pair weights; the post-norm weighting, which the collector applies exactly
+    where a block has post-norms), so its predicted errors are those of that quantizer (our choice: a quantization
+    with other row weights or without the weighting is predicted by these)."""
+    return CollectOptions(attention=arch.attention_aware, probes=probes, seed=seed, row_weights=ROW_WEIGHTS,
+                          output_norms=arch.attention_aware)
 
 
 def collect_block(step: BlockStep, arch: Architecture, options: CollectOptions,
@@ -292,7 +313,7 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
     # Drawn before anything is stored: a corpus too short for them must leave no 'running' analysis behind.
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
     walk = BlockWalk(loaded.model, arch, segments, device=device, batch_size=settings.batch_size, stop=n_blocks)
-    options = CollectOptions(attention=arch.attention_aware, probes=settings.probes, seed=sampling.seed)
+    options = analysis_options(arch, settings.probes, sampling.seed)
     position = {layer.name: i for i, layer in enumerate(arch.layers)}
     geometry_cache: dict = {}
     done = _register(store, loaded, corpus, sampling, ident, n_blocks, device, resume, progress)

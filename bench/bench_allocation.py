@@ -1,4 +1,4 @@
-"""Allocation that predicts what it measures (issue 17), on the embedded model's first blocks.
+"""Allocation that predicts what it measures (issue 17), on a model's first blocks (default: the embedded model).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_allocation --quantizer attention --max-blocks 4
 
@@ -8,7 +8,8 @@ One run (resumable: the analysis and the unit are cached in --store, each plan's
 3. plans of the analysed layers (uniform, knapsack in both units and with the width multiples that the uniform plans
    measure on the validation part, aptq, random) allocated on the errors of
    --quantizer, each quantized by the pipeline with that quantizer (true-sequential over the analysed blocks; the
-   other blocks stay in full precision) on the calibration segments outside the validation part, so that the
+   other blocks stay in full precision; the post-norm weighting where the model has post-norms, as the CLI runs it) on
+   the calibration segments outside the validation part (or the first --fit-samples of them), so that the
    validation KL (where the unit is chosen) is measured on tokens the quantizer never saw; KL and perplexity on the
    evaluation split's first --tokens tokens are reported only;
 4. writes --output (default bench/results/allocation_<quantizer>.md): predicted errors per source, unit factors,
@@ -39,10 +40,19 @@ from aptq.allocate import (
     unit_factors,
 )
 from aptq.calibrate import UnitSettings, calibrate_unit, validation_segments, with_unit
+from aptq.choices import EMBEDDED_MODEL
 from aptq.data import Sampling, calibration_segments, digest, load_corpus, token_ids
 from aptq.evaluate import evaluate, reference_stats
 from aptq.models import load_model
-from aptq.pipeline import EvalSettings, QuantizeSettings, identify_run, measure_run, remove_checkpoints, run_weights
+from aptq.pipeline import (
+    EvalSettings,
+    QuantizeSettings,
+    has_output_norms,
+    identify_run,
+    measure_run,
+    remove_checkpoints,
+    run_weights,
+)
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store
 
@@ -83,12 +93,22 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="evaluation-split tokens for the reported KL")
     parser.add_argument("--quantizer", choices=list(ERROR_SOURCES), default="rtn",
                         help="the quantizer that runs the plans; the solvers use its predicted errors")
-    parser.add_argument("--output", help="default: bench/results/allocation_<quantizer>.md")
+    parser.add_argument("--output", help="default: bench/results/allocation_<quantizer>[_<model file stem>].md")
+    parser.add_argument("--no-calibrated-unit", action="store_true",
+                        help="skip the measured unit (hours for a whole model on a CPU): heuristic-unit plans only")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", default=",".join(dict.fromkeys(plan[0] for plan in PLANS)),
+                        help="the allocators whose plans run (uniform and knapsack are always in)")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="anything aptq.models.load_model takes")
+    parser.add_argument("--fit-samples", type=int,
+                        help="the plans' quantizer calibrates on the first this many segments outside the validation "
+                             "part (default: all of them)")
     args = parser.parse_args()
-    args.output = args.output or f"bench/results/allocation_{args.quantizer}.md"
-    torch.set_num_threads(1)
+    model_tag = "" if args.model == EMBEDDED_MODEL else f"_{Path(args.model).stem}"
+    args.output = args.output or f"bench/results/allocation_{args.quantizer}{model_tag}.md"
+    torch.set_num_threads(args.threads)
     load_before = Path("/proc/loadavg").read_text().split()[:3]
-    loaded = load_model(device="cpu")
+    loaded = load_model(args.model, device="cpu")
     corpus = load_corpus("brown")
     store = Store(args.store)
     sampling = Sampling(args.samples, args.seqlen, seed=0)
@@ -98,20 +118,23 @@ def main() -> None:
     analysis_seconds = time.perf_counter() - start
     print(f"analysis {layers.attrs['analysis_key']}: {analysis_seconds:.0f} s", flush=True)
     start = time.perf_counter()
-    units = calibrate_unit(loaded, corpus, sampling, layers, errors, UnitSettings(), store=store,
-                           progress=lambda d, t, m: print(f"unit {d}/{t} {m}", flush=True))
+    units = None if args.no_calibrated_unit else calibrate_unit(
+        loaded, corpus, sampling, layers, errors, UnitSettings(), store=store,
+        progress=lambda d, t, m: print(f"unit {d}/{t} {m}", flush=True))
     unit_seconds = time.perf_counter() - start
-    measured = with_unit(layers, units)
+    measured = layers if units is None else with_unit(layers, units)
+    scorings = ("heuristic",) if units is None else ("heuristic", "calibrated")
 
     calibration_ids = token_ids(loaded.tokenizer, corpus, "calibration")
     segments = calibration_segments(calibration_ids, sampling)
     validation = validation_segments(segments, 0.25)
     # The first segments of a draw are the draw of fewer (one generator stream): the plans' quantizer fits on exactly
     # the segments before the validation part.
-    fitting = Sampling(args.samples - len(validation), args.seqlen, seed=0)
+    fitting = Sampling(min(args.fit_samples or len(segments), len(segments) - len(validation)), args.seqlen, seed=0)
     if not torch.equal(calibration_segments(calibration_ids, fitting), segments[:fitting.n_samples]):
         raise RuntimeError("The fitting segments are not the calibration draw's first ones.")
-    settings = QuantizeSettings(method=args.quantizer, group_size=GROUP)
+    settings = QuantizeSettings(method=args.quantizer, group_size=GROUP,
+                                output_norms=args.quantizer == "attention" and has_output_norms(loaded))
     evaluation = EvalSettings(args.seqlen, args.tokens)
     cache_path = Path(args.plans_cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
@@ -119,7 +142,9 @@ def main() -> None:
     rows = []
     bits_of_plan = {}
     multiples: dict[int, float] = {}
-    for method, budget, unit, seed, multiplied in PLANS:
+    methods = {"uniform", "knapsack", *args.methods.split(",")}
+    for method, budget, unit, seed, multiplied in [plan for plan in PLANS
+                                                   if plan[2] in scorings and plan[0] in methods]:
         if multiplied and not multiples:
             uniform = {int(r["budget"]): (r["kl_validation"], r["heuristic_attention"]) for r in rows
                        if r["method"] == "uniform"}
@@ -141,7 +166,7 @@ def main() -> None:
                "plan": key[:8],
                "kl_validation": cache[key]["validation"], "kl_evaluation": cache[key]["evaluation"],
                "perplexity": cache[key]["perplexity"], "fp_perplexity": cache[key]["fp_perplexity"]}
-        for scoring in ("heuristic", "calibrated"):
+        for scoring in scorings:
             scored = Plan(plan.bits, AllocationRequest(budget, method, CANDIDATES, group_size=GROUP, unit=scoring,
                                                        quantizer=args.quantizer))
             summary = summarize(scored, measured, errors)
@@ -155,30 +180,33 @@ def main() -> None:
         scored = Plan(bits_of_plan[row.plan], AllocationRequest(row.budget, row.method, CANDIDATES, group_size=GROUP,
                                                               quantizer=args.quantizer, width_multiples=multiples))
         table.loc[row.Index, "multiplied_attention"] = summarize(scored, measured, errors)["predicted_error_attention"]
-    write_report(args, table, layers, errors, measured, units, multiples, validation, analysis_seconds,
-                 unit_seconds, load_before)
+    write_report(args, loaded.display_name, table, layers, errors, measured, units, multiples, validation,
+                 fitting.n_samples, analysis_seconds, unit_seconds, load_before)
 
 
-def write_report(args, table: pd.DataFrame, layers, errors, measured, units, multiples: dict[int, float],
-                 validation: torch.Tensor, analysis_seconds: float, unit_seconds: float,
-                 load_before: list[str]) -> None:
+def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, measured, units,
+                 multiples: dict[int, float], validation: torch.Tensor, n_fitting: int, analysis_seconds: float,
+                 unit_seconds: float, load_before: list[str]) -> None:
     load_after = Path("/proc/loadavg").read_text().split()[:3]
-    distinct = table.drop_duplicates("plan")
     lines = ["# Allocation benchmark (issue 17): predicted errors of the quantizer that runs, a measured unit", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.machine()}, "
-             f"2 shared cores, torch {torch.__version__}, one thread; load average before {' '.join(load_before)}, "
-             f"after {' '.join(load_after)} (what ran beside it: the reading below)",
-             f"- command: `OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_allocation --quantizer "
+             f"2 shared cores, torch {torch.__version__}, {args.threads} thread(s); load average before "
+             f"{' '.join(load_before)}, after {' '.join(load_after)} (what ran beside it: the reading below)",
+             f"- command: `OMP_NUM_THREADS={args.threads} .venv/bin/python -m bench.bench_allocation --quantizer "
              f"{args.quantizer} --samples {args.samples} --seqlen {args.seqlen} --max-blocks {args.max_blocks} "
-             f"--tokens {args.tokens}`",
-             f"- SmolLM2-135M-Instruct (embedded), Brown; analysis of the first {args.max_blocks} blocks "
+             f"--tokens {args.tokens} --threads {args.threads} --model {args.model}"
+             f"{f' --fit-samples {args.fit_samples}' if args.fit_samples else ''} --methods {args.methods}"
+             f"{' --no-calibrated-unit' if units is None else ''}`",
+             f"- {model_name}, Brown; analysis of the first {args.max_blocks} blocks "
              f"({len(layers)} layers), calibration {args.samples} × {args.seqlen}, group {GROUP}, widths "
-             f"{CANDIDATES}, with the quantizer errors: {analysis_seconds:.0f} s (0 when cached); the unit: last 25 % "
-             f"of the calibration segments, noise of each layer's 3-bit RTN error size, {unit_seconds:.0f} s this "
-             f"run, {units['seconds'].sum():.0f} s measured in all ({units['seconds'].mean():.1f} s per layer)",
+             f"{CANDIDATES}, with the quantizer errors: {analysis_seconds:.0f} s (0 when cached); the unit: "
+             + ("heuristic only (the measured unit skipped)" if units is None else
+                f"last 25 % of the calibration segments, noise of each layer's 3-bit RTN error size, "
+                f"{unit_seconds:.0f} s this run, {units['seconds'].sum():.0f} s measured in all "
+                f"({units['seconds'].mean():.1f} s per layer)"),
              f"- plans: the analysed layers only (the other blocks stay in full precision), allocated on the "
              f"predicted errors of {QUANTIZER_NAMES[args.quantizer]} and quantized by the pipeline with it (group "
-             f"{GROUP}) on the first {args.samples - len(validation)} calibration segments; KL on the other "
+             f"{GROUP}) on the first {n_fitting} calibration segments; KL on the other "
              f"{len(validation)} (validation, never fitted) and KL and perplexity on the evaluation split's first "
              f"{args.tokens} tokens (windows of {args.seqlen})", "",
              "## Predicted errors per source (Σ over the analysed layers, raw units)", "",
@@ -193,14 +221,25 @@ def write_report(args, table: pd.DataFrame, layers, errors, measured, units, mul
                                                         "err_aware_attention"]].sum()
     lines += ["", "At 3 bits per kind (attention-aware measure): RTN / GPTQ / aware = "
               + "; ".join(f"{kind} {r.err_attention:.3g} / {r.err_gptq_attention:.3g} / {r.err_aware_attention:.3g}"
-                          for kind, r in at3.iterrows()), "",
-              "## The unit: heuristic factor against the measured one (per layer, attention-aware metric)", ""]
-    metric = ERROR_SOURCES[args.quantizer][1]
+                          for kind, r in at3.iterrows()), ""]
+    if units is not None:
+        lines += _unit_section(measured, ERROR_SOURCES[args.quantizer][1])
+    lines += _plan_section(table, multiples, units is not None)
+    output = Path(args.output)
+    previous = output.read_text() if output.is_file() else ""
+    reading = previous[previous.index("## Reading"):] if "## Reading" in previous else ""
+    output.write_text("\n".join(lines) + "\n" + (f"\n{reading.rstrip()}\n" if reading else ""))
+    print("\n".join(lines))
+
+
+def _unit_section(measured: pd.DataFrame, metric: str) -> list[str]:
+    """The heuristic unit's per-layer factors against the measured unit's."""
+    lines = ["## The unit: heuristic factor against the measured one (per layer, attention-aware metric)", ""]
     heuristic = unit_factors(measured, metric, "heuristic")[0]
     calibrated, calibrated_se = unit_factors(measured, metric, "calibrated")
     rho = spearmanr(heuristic, calibrated).statistic
     ratio = calibrated / heuristic
-    lines += [f"- Spearman(heuristic factor, measured factor) over {len(layers)} layers: {rho:.3f}; measured / "
+    lines += [f"- Spearman(heuristic factor, measured factor) over {len(measured)} layers: {rho:.3f}; measured / "
               f"heuristic spans {ratio.min():.3g} … {ratio.max():.3g} (median {np.median(ratio):.3g})",
               f"- relative standard error of the measured rates: median {np.median(calibrated_se / calibrated):.2%}; "
               f"of the Hutchinson traces: median "
@@ -208,16 +247,23 @@ def write_report(args, table: pd.DataFrame, layers, errors, measured, units, mul
               "| layer | trace_lm/tr/residual | kl_rate/tr | ratio |", "|---|---|---|---|"]
     lines += [f"| {name} | {h:.3g} | {c:.3g} | {c / h:.3g} |"
               for name, h, c in zip(measured["layer"], heuristic, calibrated)]
-    lines += ["", "## Plans: predicted totals against measured KL", "",
-              "Width multiples (uniform plans' validation KL / their heuristic prediction): "
-              + ", ".join(f"{bits} bits {m:.3g}" for bits, m in sorted(multiples.items())), "",
-              "| method | budget | unit | multiples | seed | plan | avg bits | KL validation | KL evaluation | "
-              "perplexity | predicted (heuristic) | × multiples | predicted KL (calibrated) ± se |",
-              "|" + "---|" * 13]
+    return lines + [""]
+
+
+def _plan_section(table: pd.DataFrame, multiples: dict[int, float], calibrated: bool) -> list[str]:
+    """Every plan's measured KL against its predictions, the knapsack against uniform, and the Spearman table."""
+    distinct = table.drop_duplicates("plan")
+    lines = ["## Plans: predicted totals against measured KL", "",
+             "Width multiples (uniform plans' validation KL / their heuristic prediction): "
+             + ", ".join(f"{bits} bits {m:.3g}" for bits, m in sorted(multiples.items())), "",
+             "| method | budget | unit | multiples | seed | plan | avg bits | KL validation | KL evaluation | "
+             "perplexity | predicted (heuristic) | × multiples | predicted KL (calibrated) ± se |",
+             "|" + "---|" * 13]
     lines += [f"| {r.method} | {r.budget:g} | {r.unit} | {'yes' if r.multiplied else 'no'} | {r.seed} | {r.plan} | "
               f"{r.avg_bits:.3f} | {r.kl_validation:.4f} | {r.kl_evaluation:.4f} | {r.perplexity:.3f} | "
               f"{r.heuristic_attention:.4g} ± {r.heuristic_attention_se:.2g} | {r.multiplied_attention:.4f} | "
-              f"{r.calibrated_attention:.4f} ± {r.calibrated_attention_se:.2g} |" for r in table.itertuples()]
+              + (f"{r.calibrated_attention:.4f} ± {r.calibrated_attention_se:.2g} |" if calibrated else "— |")
+              for r in table.itertuples()]
     lines += ["", f"Full precision on the same evaluation tokens: perplexity {table['fp_perplexity'].iloc[0]:.3f}."]
     uniform_rows = table[table["method"] == "uniform"].sort_values("budget")
     uniform = uniform_rows[uniform_rows["budget"] == 3.0].iloc[0]
@@ -236,22 +282,20 @@ def write_report(args, table: pd.DataFrame, layers, errors, measured, units, mul
             line += (f"; closes {closed['perplexity']:.1%} of uniform 3-bit's perplexity gap to full precision, "
                      f"{closed['kl_evaluation']:.1%} of its KL ({closed['kl_validation']:.1%} on validation)")
         lines.append(line + ".")
-    ratio_kl = distinct["kl_validation"] / distinct["calibrated_attention"]
-    lines += ["", f"Measured KL (validation) / KL predicted in the calibrated unit: median {ratio_kl.median():.3g}, "
-              f"range {ratio_kl.min():.3g} … {ratio_kl.max():.3g}.", "",
-              f"Spearman over the {len(distinct)} distinct plans:", "",
+    if calibrated:
+        ratio_kl = distinct["kl_validation"] / distinct["calibrated_attention"]
+        lines += ["", f"Measured KL (validation) / KL predicted in the calibrated unit: median "
+                  f"{ratio_kl.median():.3g}, range {ratio_kl.min():.3g} … {ratio_kl.max():.3g}."]
+    lines += ["", f"Spearman over the {len(distinct)} distinct plans:", "",
               "| predicted by | KL validation | KL evaluation |", "|---|---|---|"]
     predictors = {f"{scoring} unit, {label} errors": f"{scoring}_{label}"
-                  for scoring in ("heuristic", "calibrated") for label in ("attention", "layerwise")}
+                  for scoring in ("heuristic", "calibrated")[:2 if calibrated else 1]
+                  for label in ("attention", "layerwise")}
     predictors["heuristic unit × width multiples, attention errors"] = "multiplied_attention"
     for name, column in predictors.items():
         lines.append(f"| {name} | {spearmanr(distinct[column], distinct['kl_validation']).statistic:.3f} | "
                      f"{spearmanr(distinct[column], distinct['kl_evaluation']).statistic:.3f} |")
-    output = Path(args.output)
-    previous = output.read_text() if output.is_file() else ""
-    reading = previous[previous.index("## Reading"):] if "## Reading" in previous else ""
-    output.write_text("\n".join(lines) + "\n" + (f"\n{reading.rstrip()}\n" if reading else ""))
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

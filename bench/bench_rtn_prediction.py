@@ -33,11 +33,10 @@ def main() -> None:
     import aptq.pipeline as pipeline
     from aptq.capture import BlockWalk
     from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
-    from aptq.hessian import CollectOptions
     from aptq.models import get_weight, load_model
     from aptq.pipeline import QuantizeSettings, quantize_model
     from aptq.quantizer import QuantConfig, layer_error, rtn
-    from aptq.sensitivity import AnalysisSettings, _attention_error, analyze, collect_block
+    from aptq.sensitivity import AnalysisSettings, _attention_error, analysis_options, analyze, collect_block
     from aptq.store import Store
 
     start = time.perf_counter()
@@ -50,7 +49,7 @@ def main() -> None:
                         store=Store(scratch / "store.duckdb"))
     predicted = errors.set_index(["layer", "bits"])
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
-    options = CollectOptions(attention=loaded.arch.attention_aware, probes=1, seed=sampling.seed)
+    options = analysis_options(loaded.arch, probes=1, seed=sampling.seed)
     rows = []
     walk = BlockWalk(loaded.model, loaded.arch, segments, device=loaded.device, stop=args.blocks)
     for step in walk:

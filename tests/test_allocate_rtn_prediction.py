@@ -9,7 +9,6 @@ import aptq.pipeline as pipeline
 import aptq.sensitivity as sensitivity
 from aptq.capture import BlockWalk
 from aptq.data import Sampling, calibration_segments, token_ids
-from aptq.hessian import CollectOptions
 from aptq.models import get_weight, load_model
 from aptq.pipeline import QuantizeSettings, quantize_model
 from aptq.quantizer import layer_error
@@ -27,7 +26,8 @@ def test_predicted_rtn_errors_are_the_errors_of_the_rtn_run(tiny_model_dir, text
     layers, errors = analyze(loaded, text_corpus, SAMPLING, settings, store=Store(tmp_path / "a.duckdb"))
     segments = calibration_segments(token_ids(loaded.tokenizer, text_corpus, "calibration"), SAMPLING)
     step = next(iter(BlockWalk(loaded.model, loaded.arch, segments, stop=1)))
-    hessians = sensitivity.collect_block(step, loaded.arch, CollectOptions(probes=1), {})
+    options = sensitivity.analysis_options(loaded.arch, 1, SAMPLING.seed)
+    hessians = sensitivity.collect_block(step, loaded.arch, options, {})
     predicted = errors.set_index(["layer", "bits"])
     for bits in BITS:
         plan = {layer.name: bits if layer.block == 0 else 16 for layer in loaded.arch.layers}

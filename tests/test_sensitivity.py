@@ -16,7 +16,6 @@ from aptq.cli import main
 from aptq.data import Sampling, calibration_segments, load_corpus, token_ids
 from aptq.errors import UserError
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
-from aptq.hessian import CollectOptions
 from aptq.models import get_weight, load_model
 from aptq.progress import Cancelled
 from aptq.quantizer import QuantConfig
@@ -171,11 +170,13 @@ def test_cli_analyze_prints_where_the_results_are_and_caches(tiny_model_dir, cor
     assert err.startswith("error: The calibration text has") and err.count("\n") == 1
 
 
-def test_quantizer_errors_are_the_objectives_of_the_quantizers_that_run(tiny_model_dir, corpus, store):
-    """err_gptq_* and err_aware_* equal the losses gptq / gptq_per_head / gptq_rows report on the block's Hessians,
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_quantizer_errors_are_the_objectives_of_the_quantizers_that_run(tiny_model_dir, corpus, store, family):
+    """err_gptq_* and err_aware_* equal the losses gptq / gptq_per_head / gptq_rows report on the Hessians the
+    attention-aware quantizer collects by default (attention row weights; post-norm weighting of o and down on Gemma 3),
     in the column order the quantizers walk by default (act-order from 3 bits); the key of an analysis without them is
     unchanged."""
-    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    loaded = load_model(str(tiny_model_dir(family)), device="cpu")
     settings = AnalysisSettings(group_size=32, bits=(2, 4), max_blocks=1, quantizer_errors=True)
     layers, errors = analyze(loaded, corpus, SAMPLING, settings, store=store)
     plain = AnalysisSettings(group_size=32, bits=(2, 4), max_blocks=1)
@@ -185,8 +186,10 @@ def test_quantizer_errors_are_the_objectives_of_the_quantizers_that_run(tiny_mod
         loaded, corpus, SAMPLING, plain, store=store)[0].attrs["analysis_key"]
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), SAMPLING)
     step = next(iter(BlockWalk(loaded.model, loaded.arch, segments, stop=1)))
-    hessians = sensitivity.collect_block(step, loaded.arch, CollectOptions(probes=1), {})
-    by_key = errors.set_index(["layer", "bits"])
+    hessians = sensitivity.collect_block(step, loaded.arch, sensitivity.analysis_options(loaded.arch, 1, SAMPLING.seed),
+                                         {})
+    assert bool(hessians.output_normed) == (family == "gemma3_text")
+    by_key, by_layer = errors.set_index(["layer", "bits"]), layers.set_index("layer")
     for layer in loaded.arch.block_layers(0):
         weight, h = get_weight(loaded.model, layer).detach().float(), hessians.layerwise[layer.name]
         for bits in (2, 4):
@@ -198,6 +201,11 @@ def test_quantizer_errors_are_the_objectives_of_the_quantizers_that_run(tiny_mod
                 aware = gptq_per_head(weight, hessians.value[layer.name], config, act_order=ordered).loss
             elif layer.kind in ("q", "k"):
                 aware = gptq_rows(weight, h, hessians.row[layer.name], config, act_order=ordered).loss
+            elif layer.name in hessians.output_normed:
+                h_normed = hessians.output_normed[layer.name]
+                aware = gptq(weight, h_normed, config, act_order=ordered).loss
+                assert by_layer.loc[layer.name, "trace_attention"] == pytest.approx(
+                    weight.shape[0] * h_normed.trace().item(), rel=1e-5)
             else:
                 aware = row["err_gptq_layerwise"]
                 assert row["err_aware_layerwise"] == row["err_gptq_layerwise"]
