@@ -78,7 +78,13 @@ with st.expander("What these numbers are", expanded=not presenting()):
     st.markdown("For query and key, linearizing the softmax gives a Kronecker-factored bound with a *row Hessian* "
                 "`G` (keys after RoPE for the query, queries for the key, mapped back to the weight's frame):")
     st.latex(r"\operatorname{tr}\left(G_{Q,h}\,\Delta W_{Q,h}\, H\, \Delta W_{Q,h}^\top\right),\qquad "
-             r"G_{Q,h} = \mathbb{E}\left[K_h^\top K_h\right]")
+             r"G_{Q,h} = \mathbb{E}_p\left[K_h^\top \left(\operatorname{diag}(A_p) - A_p A_p^\top\right) K_h\right]")
+    st.markdown("*(our choice)* Each query's score changes are weighed by its own attention probabilities, centred "
+                "(what its softmax sees; the papers' `E[KᵀK]` weighs every key alike), as the attention-aware "
+                "quantizer collects them, so the analysis measures that quantizer's objective. In models that "
+                "normalise the out and down projections' outputs (Gemma 2/3, OLMo 2) those layers, and v's and q/k's "
+                "query positions, are weighed per token by `1/σ²` of that output, the factor the post-norm divides "
+                "an error by.")
     st.markdown("**APTQ trace.** The Levenberg–Marquardt Hessian of the attention (or MLP) output with respect to "
                 "the layer's weights; its trace estimated with Hutchinson probes *(our choice: the paper's exact "
                 "formulas are not available to us)*. The table's `trace_lm_se` is the estimate's standard error.")
