@@ -68,6 +68,11 @@ PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
 UNIFORM_WIDTHS = (2, 3, 4)
 
 
+def plan_label(method: str, multiplied: bool) -> str:
+    """How --methods names a plan: its allocator, "knapsack-multiples" for the knapsack with the width multiples."""
+    return f"{method}-multiples" if multiplied else method
+
+
 def measure_plan(loaded, corpus, sampling: Sampling, bits: dict[str, int], settings: QuantizeSettings,
                  evaluation: EvalSettings, validation: torch.Tensor, reference) -> dict[str, float]:
     """The plan's layers quantized by the pipeline (`settings`), the rest in full precision: KL on the validation
@@ -97,8 +102,8 @@ def main() -> None:
     parser.add_argument("--no-calibrated-unit", action="store_true",
                         help="skip the measured unit (hours for a whole model on a CPU): heuristic-unit plans only")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--methods", default=",".join(dict.fromkeys(plan[0] for plan in PLANS)),
-                        help="the allocators whose plans run (uniform and knapsack are always in)")
+    parser.add_argument("--methods", default=",".join(dict.fromkeys(plan_label(p[0], p[4]) for p in PLANS)),
+                        help="the plans that run, by plan_label (uniform and knapsack are always in)")
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="anything aptq.models.load_model takes")
     parser.add_argument("--fit-samples", type=int,
                         help="the plans' quantizer calibrates on the first this many segments outside the validation "
@@ -144,7 +149,7 @@ def main() -> None:
     multiples: dict[int, float] = {}
     methods = {"uniform", "knapsack", *args.methods.split(",")}
     for method, budget, unit, seed, multiplied in [plan for plan in PLANS
-                                                   if plan[2] in scorings and plan[0] in methods]:
+                                                   if plan[2] in scorings and plan_label(plan[0], plan[4]) in methods]:
         if multiplied and not multiples:
             uniform = {int(r["budget"]): (r["kl_validation"], r["heuristic_attention"]) for r in rows
                        if r["method"] == "uniform"}
