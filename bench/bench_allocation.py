@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", default=",".join(dict.fromkeys(plan_label(p[0], p[4]) for p in PLANS)),
                         help="the plans that run, by plan_label (uniform and knapsack are always in)")
+    parser.add_argument("--budgets", default=",".join(dict.fromkeys(str(p[1]) for p in PLANS if p[0] != "uniform")),
+                        help="the budgets of the plans other than uniform's")
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="anything aptq.models.load_model takes")
     parser.add_argument("--fit-samples", type=int,
                         help="the plans' quantizer calibrates on the first this many segments outside the validation "
@@ -148,8 +150,10 @@ def main() -> None:
     bits_of_plan = {}
     multiples: dict[int, float] = {}
     methods = {"uniform", "knapsack", *args.methods.split(",")}
-    for method, budget, unit, seed, multiplied in [plan for plan in PLANS
-                                                   if plan[2] in scorings and plan_label(plan[0], plan[4]) in methods]:
+    budgets = {float(budget) for budget in args.budgets.split(",")}
+    chosen = [plan for plan in PLANS if plan[2] in scorings and plan_label(plan[0], plan[4]) in methods
+              and (plan[0] == "uniform" or plan[1] in budgets)]
+    for method, budget, unit, seed, multiplied in chosen:
         if multiplied and not multiples:
             uniform = {int(r["budget"]): (r["kl_validation"], r["heuristic_attention"]) for r in rows
                        if r["method"] == "uniform"}
@@ -200,7 +204,8 @@ def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, mea
              f"- command: `OMP_NUM_THREADS={args.threads} .venv/bin/python -m bench.bench_allocation --quantizer "
              f"{args.quantizer} --samples {args.samples} --seqlen {args.seqlen} --max-blocks {args.max_blocks} "
              f"--tokens {args.tokens} --threads {args.threads} --model {args.model}"
-             f"{f' --fit-samples {args.fit_samples}' if args.fit_samples else ''} --methods {args.methods}"
+             f"{f' --fit-samples {args.fit_samples}' if args.fit_samples else ''} --methods {args.methods} "
+             f"--budgets {args.budgets}"
              f"{' --no-calibrated-unit' if units is None else ''}`",
              f"- {model_name}, Brown; analysis of the first {args.max_blocks} blocks "
              f"({len(layers)} layers), calibration {args.samples} × {args.seqlen}, group {GROUP}, widths "
