@@ -265,7 +265,7 @@ def _plan_section(table: pd.DataFrame, multiples: dict[int, float], calibrated: 
     distinct = table.drop_duplicates("plan")
     lines = ["## Plans: predicted totals against measured KL", "",
              "Width multiples (uniform plans' validation KL / their heuristic prediction): "
-             + ", ".join(f"{bits} bits {m:.3g}" for bits, m in sorted(multiples.items())), "",
+             + (", ".join(f"{bits} bits {m:.3g}" for bits, m in sorted(multiples.items())) or "not run"), "",
              "| method | budget | unit | multiples | seed | plan | avg bits | KL validation | KL evaluation | "
              "perplexity | predicted (heuristic) | × multiples | predicted KL (calibrated) ± se |",
              "|" + "---|" * 13]
