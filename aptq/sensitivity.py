@@ -167,10 +167,8 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
         elif layer.name in hessians.row:
             g = hessians.row[layer.name].to(device)
             trace_attention = _trace(g) * _trace(h)
-        elif layer.name in hessians.output_normed:
-            trace_attention = d_out * _trace(hessians.output_normed[layer.name])
-        else:
-            trace_attention = trace_layerwise
+        else:  # H̃ under a post-norm, else H (= trace_layerwise)
+            trace_attention = d_out * _trace(hessians.column(layer.name).to(device))
         trace_lm = hessians.lm_trace[layer.name]
         module = "attention" if layer.kind in ATTENTION_KINDS else "mlp"
         # (our choice of normalization, HAWQ-style) scores are traces per parameter.

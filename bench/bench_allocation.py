@@ -102,9 +102,11 @@ def main() -> None:
     parser.add_argument("--no-calibrated-unit", action="store_true",
                         help="skip the measured unit (hours for a whole model on a CPU): heuristic-unit plans only")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--methods", default=",".join(dict.fromkeys(plan_label(p[0], p[4]) for p in PLANS)),
+    parser.add_argument("--methods", default=",".join(dict.fromkeys(plan_label(method, multiplied)
+                                                                    for method, _, _, _, multiplied in PLANS)),
                         help="the plans that run, by plan_label (uniform and knapsack are always in)")
-    parser.add_argument("--budgets", default=",".join(dict.fromkeys(str(p[1]) for p in PLANS if p[0] != "uniform")),
+    parser.add_argument("--budgets", default=",".join(dict.fromkeys(str(budget) for method, budget, *_ in PLANS
+                                                                    if method != "uniform")),
                         help="the budgets of the plans other than uniform's")
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="anything aptq.models.load_model takes")
     parser.add_argument("--fit-samples", type=int,
@@ -151,8 +153,9 @@ def main() -> None:
     multiples: dict[int, float] = {}
     methods = {"uniform", "knapsack", *args.methods.split(",")}
     budgets = {float(budget) for budget in args.budgets.split(",")}
-    chosen = [plan for plan in PLANS if plan[2] in scorings and plan_label(plan[0], plan[4]) in methods
-              and (plan[0] == "uniform" or plan[1] in budgets)]
+    chosen = [(method, budget, unit, seed, multiplied) for method, budget, unit, seed, multiplied in PLANS
+              if unit in scorings and plan_label(method, multiplied) in methods
+              and (method == "uniform" or budget in budgets)]
     for method, budget, unit, seed, multiplied in chosen:
         if multiplied and not multiples:
             uniform = {int(r["budget"]): (r["kl_validation"], r["heuristic_attention"]) for r in rows
@@ -190,12 +193,12 @@ def main() -> None:
                                                               quantizer=args.quantizer, width_multiples=multiples))
         table.loc[row.Index, "multiplied_attention"] = summarize(scored, measured, errors)["predicted_error_attention"]
     write_report(args, loaded.display_name, table, layers, errors, measured, units, multiples, validation,
-                 fitting.n_samples, analysis_seconds, unit_seconds, load_before)
+                 fitting.n_samples, scorings, analysis_seconds, unit_seconds, load_before)
 
 
 def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, measured, units,
-                 multiples: dict[int, float], validation: torch.Tensor, n_fitting: int, analysis_seconds: float,
-                 unit_seconds: float, load_before: list[str]) -> None:
+                 multiples: dict[int, float], validation: torch.Tensor, n_fitting: int, scorings: tuple[str, ...],
+                 analysis_seconds: float, unit_seconds: float, load_before: list[str]) -> None:
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     lines = ["# Allocation benchmark (issue 17): predicted errors of the quantizer that runs, a measured unit", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.machine()}, "
@@ -234,7 +237,7 @@ def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, mea
                           for kind, r in at3.iterrows()), ""]
     if units is not None:
         lines += _unit_section(measured, ERROR_SOURCES[args.quantizer][1])
-    lines += _plan_section(table, multiples, units is not None)
+    lines += _plan_section(table, multiples, scorings)
     output = Path(args.output)
     previous = output.read_text() if output.is_file() else ""
     reading = previous[previous.index("## Reading"):] if "## Reading" in previous else ""
@@ -260,8 +263,10 @@ def _unit_section(measured: pd.DataFrame, metric: str) -> list[str]:
     return lines + [""]
 
 
-def _plan_section(table: pd.DataFrame, multiples: dict[int, float], calibrated: bool) -> list[str]:
-    """Every plan's measured KL against its predictions, the knapsack against uniform, and the Spearman table."""
+def _plan_section(table: pd.DataFrame, multiples: dict[int, float], scorings: tuple[str, ...]) -> list[str]:
+    """Every plan's measured KL against its predictions in each unit of `scorings`, the knapsack against uniform,
+    and the Spearman table."""
+    calibrated = "calibrated" in scorings
     distinct = table.drop_duplicates("plan")
     lines = ["## Plans: predicted totals against measured KL", "",
              "Width multiples (uniform plans' validation KL / their heuristic prediction): "
@@ -299,8 +304,7 @@ def _plan_section(table: pd.DataFrame, multiples: dict[int, float], calibrated: 
     lines += ["", f"Spearman over the {len(distinct)} distinct plans:", "",
               "| predicted by | KL validation | KL evaluation |", "|---|---|---|"]
     predictors = {f"{scoring} unit, {label} errors": f"{scoring}_{label}"
-                  for scoring in ("heuristic", "calibrated")[:2 if calibrated else 1]
-                  for label in ("attention", "layerwise")}
+                  for scoring in scorings for label in ("attention", "layerwise")}
     predictors["heuristic unit × width multiples, attention errors"] = "multiplied_attention"
     for name, column in predictors.items():
         lines.append(f"| {name} | {spearmanr(distinct[column], distinct['kl_validation']).statistic:.3f} | "

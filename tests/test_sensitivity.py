@@ -186,8 +186,8 @@ def test_quantizer_errors_are_the_objectives_of_the_quantizers_that_run(tiny_mod
         loaded, corpus, SAMPLING, plain, store=store)[0].attrs["analysis_key"]
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), SAMPLING)
     step = next(iter(BlockWalk(loaded.model, loaded.arch, segments, stop=1)))
-    hessians = sensitivity.collect_block(step, loaded.arch, sensitivity.analysis_options(loaded.arch, 1, SAMPLING.seed),
-                                         {})
+    options = sensitivity.analysis_options(loaded.arch, 1, SAMPLING.seed)
+    hessians = sensitivity.collect_block(step, loaded.arch, options, {})
     assert bool(hessians.output_normed) == (family == "gemma3_text")
     by_key, by_layer = errors.set_index(["layer", "bits"]), layers.set_index("layer")
     for layer in loaded.arch.block_layers(0):
