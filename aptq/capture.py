@@ -18,6 +18,10 @@ Usage (the caller may inspect or modify each block before the walk computes its 
     # When the loop moves on, outputs not kept are computed with the block as it is then (so the next block sees the
     # modified block's outputs, as true-sequential quantization wants), and the block goes back to its home device.
 
+With `reference=True` the walk also carries the full-precision model's stream: `step.reference` is a step over the
+same block and batches whose inputs are the outputs of the unmodified earlier blocks (computed when the loop moves
+on, with the block's original weights); the quantizer fits layers to it (aptq.targets).
+
 Leaving the loop early (break, an exception, a `Cancelled` from a progress callback) puts the current block back too.
 `device_failures` around the loop (or around other work on a device, such as an evaluation) turns a device that runs
 out of memory or fails mid-walk into one sentence.
@@ -96,6 +100,7 @@ class BlockStep:
         self._batch_starts = batch_starts
         # The extra arguments depend only on the batch size (no padding): move each variant once per step.
         self._calls = {size: (_move(args, device), _move(kwargs, device)) for size, (args, kwargs) in calls.items()}
+        self.reference: BlockStep | None = None  # the full-precision stream, in a walk with `reference`
 
     @property
     def n_batches(self) -> int:
@@ -136,6 +141,8 @@ class BlockStep:
         self.block.to(device)
         self.device = device
         self._calls = {size: _move(call, device) for size, call in self._calls.items()}
+        if self.reference is not None:
+            self.reference.move_to(device)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         output = self.block(batch.hidden, *batch.args, **batch.kwargs)
@@ -164,7 +171,7 @@ class BlockWalk:
 
     def __init__(self, model: nn.Module, arch: Architecture, segments: torch.Tensor,
                  device: torch.device | str | None = None, batch_size: int | None = None,
-                 stop: int | None = None, storage: torch.device | str = "cpu") -> None:
+                 stop: int | None = None, storage: torch.device | str = "cpu", reference: bool = False) -> None:
         self.model = model
         self.arch = arch
         self.segments = segments
@@ -175,6 +182,7 @@ class BlockWalk:
         self.storage = torch.device(storage)
         self.batch_starts = list(range(0, segments.shape[0], self.batch_size))
         self.current: int | None = None  # the block being walked (None before the first)
+        self.reference = reference  # also walk the full-precision stream (see the module docstring)
 
     @property
     def n_batches(self) -> int:
@@ -237,6 +245,7 @@ class BlockWalk:
 
     def __iter__(self) -> Iterator[BlockStep]:
         inputs, calls = self._first_inputs()
+        reference_inputs = list(inputs) if self.reference else None  # both streams start at the embeddings
         for index in range(self.stop):
             self.current = index
             block = self.blocks[index]
@@ -244,9 +253,14 @@ class BlockWalk:
             block.to(self.device)
             try:
                 step = BlockStep(index, block, inputs, calls[index], self.batch_starts, self.device)
+                if reference_inputs is not None:
+                    step.reference = BlockStep(index, block, reference_inputs, calls[index], self.batch_starts,
+                                               self.device)
                 yield step
                 if index + 1 < self.stop:  # the last block's outputs are not needed
                     inputs = step.finish()
+                    if step.reference is not None:  # outside the caller's loop body: the block's own weights
+                        reference_inputs = step.reference.finish()
             finally:
                 block.to(home)
 

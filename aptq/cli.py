@@ -152,15 +152,24 @@ def act_order_width(text: str) -> int | None:
     return int(text)
 
 
-def shrinkage(text: str) -> float:
-    """An argparse type: `--shrink`, a number from 0 to 1."""
+def _share(text: str, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"the shrinkage must be a number from 0 to 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{what} must be a number from 0 to 1, got {text!r}")
     return value
+
+
+def shrinkage(text: str) -> float:
+    """An argparse type: `--shrink`, a number from 0 to 1."""
+    return _share(text, "the shrinkage")
+
+
+def fp_target_share(text: str) -> float:
+    """An argparse type: `--fp-targets`, a number from 0 to 1."""
+    return _share(text, "the share of the full-precision targets")
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
@@ -387,6 +396,11 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
                              "by 1/σ² of the out (down) projection's output the norm divides it by; auto: on where "
                              "the model has post-norms (default: %(default)s, measured in "
                              "bench/results/peers_gemma-3-270m-q4_k_m-a5fd3b62230a.md)")
+    parser.add_argument("--fp-targets", type=fp_target_share, default=0.0, metavar="SHARE",
+                        help="gptq/attention/aespa: this share of each layer's objective is the full-precision "
+                             "model's output, the rest its output on the quantized model's inputs; W* = W + SHARE·W D "
+                             "H⁻¹ (docs/algorithms.md §17; default %(default)s = off, measured in "
+                             "bench/results/peers.md)")
     parser.add_argument("--shrink", type=shrinkage, default=ATTENTION_SHRINK,
                         help="attention/aespa: shrink v's and q/k's attention-aware Hessians toward GPTQ's by this "
                              "share, 0 = as the papers give them, 1 = plain GPTQ (default: %(default)s, chosen in "
@@ -417,7 +431,7 @@ def quantize_settings(args: argparse.Namespace, loaded, method: str):
                              act_order_from=args.act_order_from, value_rows=args.value_rows, mlp_rows=args.mlp_rows,
                              shrink=args.shrink, row_weights=args.row_weights,
                              output_norms={"on": True, "off": False}.get(args.output_norms, has_output_norms(loaded)),
-                             batch_size=args.batch_size, device=args.device, aespa=aespa),
+                             fp_targets=args.fp_targets, batch_size=args.batch_size, device=args.device, aespa=aespa),
             EvalSettings(args.eval_seqlen, args.tokens or None))
 
 

@@ -63,7 +63,7 @@ from aptq.data import (
 from aptq.errors import UserError
 from aptq.evaluate import Evaluation, ReferenceStats, check_window, evaluate, reference_stats
 from aptq.export import PackedPlan, Provenance, check_formats, export_model, plan_files
-from aptq.geometry import output_norm_modules
+from aptq.geometry import RmsNorm, output_norm_modules
 from aptq.gptq import gptq, gptq_per_head, gptq_rows
 from aptq.hessian import BlockHessians, CollectOptions, HessianCollector
 from aptq.models import (
@@ -79,6 +79,7 @@ from aptq.models import (
 from aptq.paths import CACHE_DIR
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, rtn
+from aptq.targets import MismatchMoments, full_precision_target
 from aptq.widths import FULL_PRECISION, QUANT_WIDTHS
 
 if TYPE_CHECKING:
@@ -125,10 +126,16 @@ class QuantizeSettings:
     # post-norms refuses it (`check_output_norms`), so the CLI and the Quantize page turn it on where the model has
     # them (`has_output_norms`; measured on validation windows). In the key as value_rows is
     output_norms: bool = False
+    # (our choice, docs/algorithms.md §17) the share α of the full-precision-output objective in each layer whose
+    # objective's column factor is the layer-wise H (aptq.targets): 0 the layer's output on the quantized model's
+    # inputs (off), 1 the full-precision model's output; every method but RTN, in the key only when above 0
+    fp_targets: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.shrink <= 1:
             raise UserError(f"The shrinkage of the attention-aware Hessians must be from 0 to 1, got {self.shrink}.")
+        if not 0 <= self.fp_targets <= 1:
+            raise UserError(f"The share of the full-precision targets must be from 0 to 1, got {self.fp_targets}.")
         if self.row_weights not in ROW_WEIGHT_CHOICES:
             raise UserError(f"Unknown row weights {self.row_weights!r}; choose from {', '.join(ROW_WEIGHT_CHOICES)}.")
         if self.act_order_from is not None and self.act_order_from not in QUANT_WIDTHS:
@@ -150,6 +157,8 @@ class QuantizeSettings:
         for name in ("value_rows", "mlp_rows", "shrink", "row_weights", "output_norms"):
             if self.method not in ("attention", "aespa") or not fields[name]:
                 del fields[name]
+        if self.method == "rtn" or not self.fp_targets:
+            del fields["fp_targets"]
         return fields
 
 
@@ -215,10 +224,20 @@ def layer_table(loaded: LoadedModel) -> pd.DataFrame:
 
 def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians | None, config: QuantConfig,
                    settings: QuantizeSettings, out_weight: torch.Tensor | None = None,
-                   down_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, str | None]:
+                   down_weight: torch.Tensor | None = None,
+                   mismatch: torch.Tensor | None = None) -> tuple[torch.Tensor, str | None]:
     """The layer's dequantized weights under the settings' method, and a fallback message if GPTQ fell back.
     `out_weight`: the block's full-precision out projection (the value projection's row factors); `down_weight`: its
-    down projection (gate's and up's row factors, with `mlp_rows`)."""
+    down projection (gate's and up's row factors, with `mlp_rows`); `mismatch`: the layer's mismatch moment D of its
+    full-precision and quantized inputs, to fit the full-precision output (aptq.targets; only where
+    `fits_full_precision`)."""
+    if mismatch is not None:
+        # H̃ for o/down under the post-norm weighting; v's target from its layer-wise H, whatever its objective
+        column = hessians.column(layer.name) if settings.method in ("attention", "aespa") else \
+            hessians.layerwise[layer.name]
+        target = full_precision_target(weight, mismatch, column, settings.damp, settings.fp_targets)
+        quantized, fallback = quantize_layer(target, layer, hessians, config, settings, out_weight, down_weight)
+        return quantized.to(weight.dtype), fallback
     if settings.method == "aespa":
         starting = replace(settings, method=settings.aespa.start)  # in float32: exactly on its grid (bf16 is not)
         start, fallback = quantize_layer(weight.float(), layer, hessians, config, starting, out_weight, down_weight)
@@ -337,11 +356,20 @@ def _block_plan(arch: Architecture, block: int, plan: dict[str, int]) -> list[tu
     return [(layer, plan[layer.name]) for layer in arch.block_layers(block) if plan[layer.name] < FULL_PRECISION]
 
 
+def fits_full_precision(layer: LinearLayer, hessians: BlockHessians, settings: QuantizeSettings) -> bool:
+    """Whether full-precision targets apply to the layer (aptq.targets): every method but RTN, every layer but the
+    experts of a mixture."""
+    return settings.method != "rtn" and layer.expert is None
+
+
 def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]], hessians: BlockHessians | None,
                     settings: QuantizeSettings, rtn_memo: dict | None = None, out_weight: torch.Tensor | None = None,
-                    down_weight: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The block's quantized weights (the model is not modified) and the fallback notes."""
+                    down_weight: torch.Tensor | None = None,
+                    mismatch: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The block's quantized weights (the model is not modified) and the fallback notes; `mismatch`: D of the layers
+    fitted to the full-precision output (aptq.targets)."""
     weights, notes = {}, []
+    mismatch = mismatch or {}
     for layer, bits in todo:
         config = QuantConfig(bits, settings.group_size, settings.symmetric, settings.clip_search)
         memo_key = (layer.name, config)
@@ -351,7 +379,7 @@ def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]],
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are reported through the notes
                 quantized, fallback = quantize_layer(get_weight(model, layer).detach(), layer, hessians, config,
-                                                     settings, out_weight, down_weight)
+                                                     settings, out_weight, down_weight, mismatch.get(layer.name))
             if rtn_memo is not None:
                 rtn_memo[memo_key] = quantized
         weights[layer.name] = quantized
@@ -415,6 +443,18 @@ def _collect(step: BlockStep, arch: Architecture, options: CollectOptions, geome
     return collector.result()
 
 
+def _mismatch_moments(arch: Architecture, step: BlockStep, todo: list[tuple[LinearLayer, int]], hessians: BlockHessians,
+                   settings: QuantizeSettings) -> dict[str, torch.Tensor] | None:
+    """With `fp_targets` above 0, D of the block's layers that fit the full-precision output (aptq.targets)."""
+    layers = [layer for layer, _ in todo if fits_full_precision(layer, hessians, settings)]
+    if not settings.fp_targets or not layers:
+        return None
+    post_norms = output_norm_modules(step.block)
+    normed = {layer.module_path: RmsNorm.of(post_norms[layer.kind]).eps for layer in layers
+              if layer.name in hessians.output_normed}
+    return MismatchMoments(step, layers, f"{arch.blocks_path}.{step.index}.", normed).collect()
+
+
 def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[LinearLayer, int]],
                    settings: QuantizeSettings, geometry_cache: dict,
                    progress: Progress) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -431,8 +471,9 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
     while True:
         try:
             hessians = _collect(step, loaded.arch, options, geometry_cache, parts)
+            mismatch = _mismatch_moments(loaded.arch, step, todo, hessians, settings)
             weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings, None, out_weight,
-                                                   down_weight)
+                                                   down_weight, mismatch)
             return weights, notes + block_notes
         except torch.cuda.OutOfMemoryError:
             if step.device.type != "cuda":
@@ -469,8 +510,9 @@ def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: Quantize
             progress(block + 1, n_blocks, f"block {block + 1}/{n_blocks}")
         return QuantizedWeights(arch, checkpoints), notes
     last = max(block for block in range(n_blocks) if _block_plan(arch, block, plan))
+    # blocks after the last quantized one: no work; with fp_targets the full-precision stream walks beside it
     walk = BlockWalk(loaded.model, arch, segments, device=settings.device or loaded.device,
-                     batch_size=settings.batch_size, stop=last + 1)  # blocks after the last quantized one: no work
+                     batch_size=settings.batch_size, stop=last + 1, reference=settings.fp_targets > 0)
     geometry_cache: dict = {}
     with device_failures(walk, "quantization", checkpoints.finished):
         for step in walk:

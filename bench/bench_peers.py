@@ -31,14 +31,13 @@ pinned CPU torch; it downgrades numpy to 2.2.6.)
 linear with the wall time and peak RSS of the quantization. `ours` (project environment) runs our method as
 aptq.pipeline.run_plan does (the store holds the run and a rerun reuses it; its Ŵ is saved like a peer's) on the same
 segments and evaluation tokens, in its own process so that its peak RSS is its own; `--options` turns on the
-attention-aware quantizer's optional parts (act-order, v-rows, mlp-rows, attention-rows or uniform-rows,
-output-norms, shrink=S, act-order-from=B: QuantizeSettings.act_order_from, value_rows, mlp_rows, row_weights,
-output_norms, shrink) and aespa's
-(fixed-scales, iterations=N: AespaOptions). `evaluate` (project environment) puts each peer's Ŵ into the model loaded
-with aptq.models.load_model and measures it with aptq.evaluate against the pipeline's cached full-precision reference
-on the dumped evaluation windows, measures every kept Ŵ (ours too) on validation windows of the calibration split that
-the fitted segments do not touch (the KL that settings are chosen on), then writes the table with our rows beside the
-peers'.
+quantizers' optional parts (act-order, v-rows, mlp-rows, attention-rows or uniform-rows, output-norms, shrink=S,
+fp-targets=A, act-order-from=B: QuantizeSettings.act_order_from, value_rows, mlp_rows, row_weights, output_norms,
+shrink, fp_targets) and aespa's (fixed-scales, iterations=N: AespaOptions). `evaluate` (project environment) puts
+each peer's Ŵ into the model loaded with aptq.models.load_model and measures it with aptq.evaluate against the
+pipeline's cached full-precision reference on the dumped evaluation windows, measures every kept Ŵ (ours too) on
+validation windows of the calibration split that the fitted segments do not touch (the KL that settings are chosen
+on), then writes the table with our rows beside the peers'.
 Text below the table of that file (the reading, written by hand) is kept when it is rewritten.
 """
 
@@ -69,7 +68,8 @@ PEERS = {
     "gptqmodel": "GPTQModel 7.6.0 GPTQ",
 }
 OURS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "attention": "attention-aware GPTQ (ours)", "aespa": "aespa (ours)"}
-# --options → QuantizeSettings: the field and its value; also "shrink=S" (QuantizeSettings.shrink) and
+# --options → QuantizeSettings: the field and its value; also "shrink=S" (QuantizeSettings.shrink), "fp-targets=A"
+# (QuantizeSettings.fp_targets) and
 # "act-order-from=B" (QuantizeSettings.act_order_from: act-order for the layers of B bits and more)
 OPTIONS = {"act-order": ("act_order_from", 2), "v-rows": ("value_rows", True), "mlp-rows": ("mlp_rows", True),
            "attention-rows": ("row_weights", "attention"), "uniform-rows": ("row_weights", "uniform"),
@@ -145,8 +145,8 @@ class Quantized:
             if name in OPTIONS:
                 field, setting = OPTIONS[name]
                 chosen[field] = setting
-            elif name == "shrink":
-                chosen["shrink"] = float(value)
+            elif name in ("shrink", "fp-targets"):
+                chosen[name.replace("-", "_")] = float(value)
             elif name == "act-order-from":
                 chosen["act_order_from"] = int(value)
             elif name in AESPA_FLAGS:
@@ -596,7 +596,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--options", default="", help=f"ours only, comma-separated: {', '.join(OPTIONS)}, "
-                                                       f"shrink=S, act-order-from=B; aespa also "
+                                                       f"shrink=S, fp-targets=A, act-order-from=B; aespa also "
                                                        f"{', '.join(AESPA_FLAGS)}, iterations=N")
     parser.add_argument("--model", help="dump only: the model (default: the embedded one)")
     parser.add_argument("--rerun", action="store_true", help="ours only: measure again, replacing the stored run")
@@ -608,11 +608,11 @@ def main() -> None:
     for part in filter(None, options.split(",")):
         name, _, value = part.partition("=")
         if not (part in allowed or (args.method == "aespa" and name == "iterations" and value.isdigit())
-                or (name == "shrink" and value.replace(".", "", 1).isdigit() and 0 <= float(value) <= 1)
+                or (name in ("shrink", "fp-targets") and value.replace(".", "", 1).isdigit() and 0 <= float(value) <= 1)
                 # aptq.widths.QUANT_WIDTHS, not imported: `quantize` runs in the peers' environment without aptq
                 or (name == "act-order-from" and value.isdigit() and 2 <= int(value) <= 8)):
             parser.error(f"unknown --options {part}: choose from {', '.join(sorted(allowed))}, shrink=S (0 to 1), "
-                         "act-order-from=B (2 to 8)"
+                         "fp-targets=A (0 to 1), act-order-from=B (2 to 8)"
                          f"{', iterations=N' if args.method == 'aespa' else ''}")
     command = f"bench_peers {args.step} --{'peer' if args.step == 'quantize' else 'method'} " \
               f"{args.peer or args.method} --bits {args.bits} --group {args.group}" + \

@@ -218,6 +218,11 @@ with right:
                                     "token's error counts as the norm divides it, 1/σ² of the output "
                                     "(docs/algorithms.md §16); on by default, measured on held-out windows") \
         if method in ("attention", "aespa") and post_norms and not presenting() else post_norms
+    fp_targets = st.slider("Fit the full-precision outputs", 0.0, 1.0, 0.0, 0.05, key="run_fp_targets",
+                           help="(our choice) this share of each layer's objective is the full-precision model's "
+                                "output, the rest the layer's output on the quantized model's inputs: W* = W + share·"
+                                "W D H⁻¹ (docs/algorithms.md §17); off by default, measured on held-out windows") \
+        if method != "rtn" and not presenting() else 0.0
     window = st.columns(2)
     seqlen = window[0].number_input("Evaluation window", min_value=16, max_value=loaded.max_length,
                                     value=min(512, loaded.max_length), step=64, key="run_seqlen")
@@ -234,7 +239,7 @@ with st.expander("Export the quantized model (optional)"):
 
 settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order_from=act_order_from,
                             aespa=AespaOptions.for_device(str(loaded.device)), shrink=float(shrink),
-                            row_weights=row_weights, output_norms=output_norms)
+                            row_weights=row_weights, output_norms=output_norms, fp_targets=fp_targets)
 evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens), prompts=COMPLETION_PROMPTS)
 meta = choice.run_meta()
 if group != choice.group_size:  # the predictions were made for another group size: they would mislead

@@ -177,6 +177,7 @@ def test_sweep_measures_the_width_multiples_first_and_plans_with_them(tmp_path, 
 @pytest.mark.parametrize("flag, setting, value, default", [(["--value-rows"], "value_rows", True, None),
                                                            (["--mlp-rows"], "mlp_rows", True, None),
                                                            (["--shrink", "0.5"], "shrink", 0.5, None),
+                                                           (["--fp-targets", "0.25"], "fp_targets", 0.25, None),
                                                            (["--row-weights", "uniform"], "row_weights", None,
                                                             "attention"),
                                                            (["--act-order"], "act_order", True, 3),
@@ -228,9 +229,11 @@ def test_quantize_refuses_an_act_order_width_outside_two_to_eight_before_any_wor
     assert capsys.readouterr().err.startswith("error: Argument --act-order: act-order applies from a width of 2–8 bits")
 
 
+@pytest.mark.parametrize("flag, what", [("--shrink", "the shrinkage"),
+                                        ("--fp-targets", "the share of the full-precision targets")])
 @pytest.mark.parametrize("text", ["1.5", "-0.2", "half"])
-def test_quantize_refuses_a_shrinkage_outside_zero_to_one_before_any_work(capsys, text):
+def test_quantize_refuses_a_share_outside_zero_to_one_before_any_work(capsys, flag, what, text):
     from aptq.cli import main
 
-    assert main(["quantize", "--model", "no-such-model", "--bits", "3", "--shrink", text]) == 2
-    assert capsys.readouterr().err.startswith("error: Argument --shrink: the shrinkage must be a number from 0 to 1")
+    assert main(["quantize", "--model", "no-such-model", "--bits", "3", flag, text]) == 2
+    assert capsys.readouterr().err.startswith(f"error: Argument {flag}: {what} must be a number from 0 to 1")
