@@ -20,6 +20,7 @@ from aptq.choices import (
     ALLOCATORS,
     ATTENTION_SHRINK,
     EMBEDDED_MODEL,
+    FP_TARGETS,
     METHOD_LABELS,
     QUANTIZERS,
     ROW_WEIGHT_CHOICES,
@@ -396,10 +397,10 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
                              "by 1/σ² of the out (down) projection's output the norm divides it by; auto: on where "
                              "the model has post-norms (default: %(default)s, measured in "
                              "bench/results/peers_gemma-3-270m-q4_k_m-a5fd3b62230a.md)")
-    parser.add_argument("--fp-targets", type=fp_target_share, default=0.0, metavar="SHARE",
+    parser.add_argument("--fp-targets", type=fp_target_share, default=FP_TARGETS, metavar="SHARE",
                         help="gptq/attention/aespa: this share of each layer's objective is the full-precision "
                              "model's output, the rest its output on the quantized model's inputs; W* = W + SHARE·W D "
-                             "H⁻¹ (docs/algorithms.md §17; default %(default)s = off, measured in "
+                             "H⁻¹, 0 = off (docs/algorithms.md §17; default %(default)s, chosen in "
                              "bench/results/peers.md)")
     parser.add_argument("--shrink", type=shrinkage, default=ATTENTION_SHRINK,
                         help="attention/aespa: shrink v's and q/k's attention-aware Hessians toward GPTQ's by this "

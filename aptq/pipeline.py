@@ -50,7 +50,7 @@ from aptq import coverage, resources, teaching, validate
 from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_row_factor
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERRORS, weight_size
 from aptq.capture import BlockStep, BlockWalk, device_failures
-from aptq.choices import ACT_ORDER_FROM, ATTENTION_SHRINK, QUANTIZERS, ROW_WEIGHT_CHOICES, ROW_WEIGHTS
+from aptq.choices import ACT_ORDER_FROM, ATTENTION_SHRINK, FP_TARGETS, QUANTIZERS, ROW_WEIGHT_CHOICES, ROW_WEIGHTS
 from aptq.data import (
     Corpus,
     Sampling,
@@ -126,10 +126,10 @@ class QuantizeSettings:
     # post-norms refuses it (`check_output_norms`), so the CLI and the Quantize page turn it on where the model has
     # them (`has_output_norms`; measured on validation windows). In the key as value_rows is
     output_norms: bool = False
-    # (our choice, docs/algorithms.md §17) the share α of the full-precision-output objective in each layer whose
-    # objective's column factor is the layer-wise H (aptq.targets): 0 the layer's output on the quantized model's
-    # inputs (off), 1 the full-precision model's output; every method but RTN, in the key only when above 0
-    fp_targets: float = 0.0
+    # (our choice, docs/algorithms.md §17) the share α of the full-precision-output objective in each layer's objective
+    # (aptq.targets): 0 the layer's output on the quantized model's inputs (off: every run stored before it existed),
+    # 1 the full-precision model's output; every method but RTN, in the key only when above 0
+    fp_targets: float = FP_TARGETS
 
     def __post_init__(self) -> None:
         if not 0 <= self.shrink <= 1:
@@ -444,7 +444,7 @@ def _collect(step: BlockStep, arch: Architecture, options: CollectOptions, geome
 
 
 def _mismatch_moments(arch: Architecture, step: BlockStep, todo: list[tuple[LinearLayer, int]], hessians: BlockHessians,
-                   settings: QuantizeSettings) -> dict[str, torch.Tensor] | None:
+                      settings: QuantizeSettings, parts: int) -> dict[str, torch.Tensor] | None:
     """With `fp_targets` above 0, D of the block's layers that fit the full-precision output (aptq.targets)."""
     layers = [layer for layer, _ in todo if fits_full_precision(layer, hessians, settings)]
     if not settings.fp_targets or not layers:
@@ -452,7 +452,7 @@ def _mismatch_moments(arch: Architecture, step: BlockStep, todo: list[tuple[Line
     post_norms = output_norm_modules(step.block)
     normed = {layer.module_path: RmsNorm.of(post_norms[layer.kind]).eps for layer in layers
               if layer.name in hessians.output_normed}
-    return MismatchMoments(step, layers, f"{arch.blocks_path}.{step.index}.", normed).collect()
+    return MismatchMoments(step, layers, f"{arch.blocks_path}.{step.index}.", normed).collect(parts)
 
 
 def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[LinearLayer, int]],
@@ -471,7 +471,7 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
     while True:
         try:
             hessians = _collect(step, loaded.arch, options, geometry_cache, parts)
-            mismatch = _mismatch_moments(loaded.arch, step, todo, hessians, settings)
+            mismatch = _mismatch_moments(loaded.arch, step, todo, hessians, settings, parts)
             weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings, None, out_weight,
                                                    down_weight, mismatch)
             return weights, notes + block_notes

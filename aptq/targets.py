@@ -87,19 +87,21 @@ class MismatchMoments:
         return hook
 
     @torch.no_grad()
-    def collect(self) -> dict[str, torch.Tensor]:
-        """Layer name → D (d_in × d_in, float32, CPU)."""
+    def collect(self, parts: int = 1) -> dict[str, torch.Tensor]:
+        """Layer name → D (d_in × d_in, float32, CPU); each batch in up to `parts` pieces (a device short of memory)."""
         reference = self.step.reference
         handles = [self.step.block.get_submodule(path[len(self.prefix):]).register_forward_hook(self._hook(path))
                    for path in self.paths]
         try:
             for index in range(self.step.n_batches):
-                self._recording = True
-                batch = reference.batch(index)
-                reference.keep_output(batch, reference.forward(batch))
-                self._recording = False
-                batch = self.step.batch(index)
-                self.step.forward(batch)
+                full_batch, batch = reference.batch(index), self.step.batch(index)
+                outputs = []
+                for full_piece, piece in zip(reference.split(full_batch, parts), self.step.split(batch, parts)):
+                    self._recording = True
+                    outputs.append(reference.forward(full_piece))
+                    self._recording = False
+                    self.step.forward(piece)
+                reference.keep_output(full_batch, torch.cat(outputs))
                 self.tokens += batch.hidden.shape[0] * batch.hidden.shape[1]
         finally:
             for handle in handles:

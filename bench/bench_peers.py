@@ -137,9 +137,9 @@ class Quantized:
         from aptq.aespa import AespaOptions
         from aptq.pipeline import QuantizeSettings
 
-        # act-order off unless an option turns it on: the rows' labels name every option of theirs, as they did
-        # before act-order from 3 bits became the quantizers' default
-        chosen, aespa = {"act_order_from": None}, {}
+        # act-order and full-precision targets off unless an option turns them on: the rows' labels name every option
+        # of theirs, as they did before act-order from 3 bits and the targets became the quantizers' defaults
+        chosen, aespa = {"act_order_from": None, "fp_targets": 0.0}, {}
         for part in filter(None, self.options.split(",")):
             name, _, value = part.partition("=")
             if name in OPTIONS:

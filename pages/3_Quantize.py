@@ -16,6 +16,7 @@ from aptq.choices import (
     ACT_ORDER_FROM,
     ACT_ORDER_WIDTHS,
     ATTENTION_SHRINK,
+    FP_TARGETS,
     METHOD_LABELS,
     QUANTIZERS,
     ROW_WEIGHT_CHOICES,
@@ -218,11 +219,12 @@ with right:
                                     "token's error counts as the norm divides it, 1/σ² of the output "
                                     "(docs/algorithms.md §16); on by default, measured on held-out windows") \
         if method in ("attention", "aespa") and post_norms and not presenting() else post_norms
-    fp_targets = st.slider("Fit the full-precision outputs", 0.0, 1.0, 0.0, 0.05, key="run_fp_targets",
+    fp_targets = st.slider("Fit the full-precision outputs", 0.0, 1.0, FP_TARGETS, 0.05, key="run_fp_targets",
                            help="(our choice) this share of each layer's objective is the full-precision model's "
                                 "output, the rest the layer's output on the quantized model's inputs: W* = W + share·"
-                                "W D H⁻¹ (docs/algorithms.md §17); off by default, measured on held-out windows") \
-        if method != "rtn" and not presenting() else 0.0
+                                "W D H⁻¹, 0 = off (docs/algorithms.md §17); the default was chosen on held-out "
+                                "windows (bench/results/peers.md)") \
+        if method != "rtn" and not presenting() else FP_TARGETS
     window = st.columns(2)
     seqlen = window[0].number_input("Evaluation window", min_value=16, max_value=loaded.max_length,
                                     value=min(512, loaded.max_length), step=64, key="run_seqlen")

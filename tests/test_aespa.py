@@ -182,9 +182,10 @@ def test_bad_options_are_refused_in_one_sentence():
 def test_the_other_methods_keep_their_run_keys():
     """aespa's options enter only aespa's run key, so runs stored before by the other methods are still found."""
     common = {"method", "group_size", "symmetric", "act_order", "clip_search", "damp"}
-    for method in ("rtn", "gptq"):
-        assert set(QuantizeSettings(method).key_fields()) == common
-    assert set(QuantizeSettings("attention").key_fields()) == common | {"row_weights"}  # its default since 2026-12-01
+    assert set(QuantizeSettings("rtn").key_fields()) == common
+    assert set(QuantizeSettings("gptq").key_fields()) == common | {"fp_targets"}  # on by default since 2026-12-02
+    assert set(QuantizeSettings("gptq", fp_targets=0).key_fields()) == common
+    assert set(QuantizeSettings("attention").key_fields()) == common | {"row_weights", "fp_targets"}
     assert QuantizeSettings("aespa").key_fields()["aespa"]["iterations"] == AespaOptions().iterations
     assert QuantizeSettings("aespa").key_fields()["aespa"]["learn_scales"] is True  # the default chosen on validation
 

@@ -10,6 +10,7 @@ import torch
 
 import aptq.pipeline as pipeline
 from aptq.capture import BlockWalk
+from aptq.choices import FP_TARGETS
 from aptq.data import Sampling, calibration_segments, token_ids
 from aptq.geometry import RmsNorm, output_norm_modules
 from aptq.models import get_module, get_weight, load_model
@@ -107,6 +108,9 @@ def test_the_walks_full_precision_stream_and_mismatch_moments_match_brute_force(
                       if layer.kind in post_norms}
             assert bool(normed) == (family == "gemma3_text")
             moments = MismatchMoments(step, layers, f"{arch.blocks_path}.1.", normed).collect()
+            in_pieces = MismatchMoments(step, layers, f"{arch.blocks_path}.1.", normed).collect(parts=2)
+            for layer in layers:
+                assert torch.allclose(in_pieces[layer.name], moments[layer.name], rtol=1e-4, atol=1e-6), layer.name
             full, outputs = _layer_inputs(model, arch, 1, ids), {}
             with swapped_weights(model, arch, noise[0]):
                 damaged = _layer_inputs(model, arch, 1, ids, outputs)
@@ -151,5 +155,6 @@ def test_fp_targets_leave_block_zero_alone_and_fit_the_full_precision_outputs_af
                                  runs[fp].block(1)[layer.name].float(), damaged[layer.name] * weights[:, None] ** 0.5)
                   for fp in runs}
         assert errors[True] < errors[False], layer.name
-    assert "fp_targets" not in QuantizeSettings("gptq").key_fields()
-    assert QuantizeSettings("gptq", fp_targets=0.5).key_fields()["fp_targets"] == 0.5
+    assert "fp_targets" not in QuantizeSettings("gptq", fp_targets=0).key_fields()  # off: the keys of runs before it
+    assert "fp_targets" not in QuantizeSettings("rtn").key_fields()
+    assert QuantizeSettings("gptq").key_fields()["fp_targets"] == FP_TARGETS
