@@ -229,8 +229,7 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
     """The layer's dequantized weights under the settings' method, and a fallback message if GPTQ fell back.
     `out_weight`: the block's full-precision out projection (the value projection's row factors); `down_weight`: its
     down projection (gate's and up's row factors, with `mlp_rows`); `mismatch`: the layer's mismatch moment D of its
-    full-precision and quantized inputs, to fit the full-precision output (aptq.targets; only where
-    `fits_full_precision`)."""
+    full-precision and quantized inputs, to fit the full-precision output (aptq.targets)."""
     if mismatch is not None:
         # H̃ for o/down under the post-norm weighting; v's target from its layer-wise H, whatever its objective
         column = hessians.column(layer.name) if settings.method in ("attention", "aespa") else \
@@ -356,12 +355,6 @@ def _block_plan(arch: Architecture, block: int, plan: dict[str, int]) -> list[tu
     return [(layer, plan[layer.name]) for layer in arch.block_layers(block) if plan[layer.name] < FULL_PRECISION]
 
 
-def fits_full_precision(layer: LinearLayer, hessians: BlockHessians, settings: QuantizeSettings) -> bool:
-    """Whether full-precision targets apply to the layer (aptq.targets): every method but RTN, every layer but the
-    experts of a mixture."""
-    return settings.method != "rtn" and layer.expert is None
-
-
 def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]], hessians: BlockHessians | None,
                     settings: QuantizeSettings, rtn_memo: dict | None = None, out_weight: torch.Tensor | None = None,
                     down_weight: torch.Tensor | None = None,
@@ -445,8 +438,9 @@ def _collect(step: BlockStep, arch: Architecture, options: CollectOptions, geome
 
 def _mismatch_moments(arch: Architecture, step: BlockStep, todo: list[tuple[LinearLayer, int]], hessians: BlockHessians,
                       settings: QuantizeSettings, parts: int) -> dict[str, torch.Tensor] | None:
-    """With `fp_targets` above 0, D of the block's layers that fit the full-precision output (aptq.targets)."""
-    layers = [layer for layer, _ in todo if fits_full_precision(layer, hessians, settings)]
+    """With `fp_targets` above 0, D of the block's layers that fit the full-precision output (aptq.targets): every
+    layer but the experts of a mixture."""
+    layers = [layer for layer, _ in todo if layer.expert is None]
     if not settings.fp_targets or not layers:
         return None
     post_norms = output_norm_modules(step.block)

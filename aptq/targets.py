@@ -1,5 +1,5 @@
 """Full-precision targets: each layer fitted to the full-precision model's output on the quantized model's inputs
-(docs/algorithms.md §17; our choice, off by default, measured in bench/results/peers.md).
+(docs/algorithms.md §17; our choice, a share α = 0.25 by default, chosen in bench/results/peers.md).
 
 True-sequential quantization feeds a layer the inputs `x̃` of the partly quantized model; the plain objectives then
 ask the quantized layer to reproduce `W x̃`, what the full-precision layer would make of the already damaged inputs.
@@ -21,8 +21,8 @@ A share α blends the two objectives, `(1 − α) Σ ‖W x̃ − Ŵ x̃‖² + 
 error on `x̃` over `d_in` dimensions, which calibration sets of a few thousand tokens overfit (α = 1 on the embedded
 model's 8 × 512 tokens moved the weights of block 5 by 30–60 % and its W3 perplexity from 52 to 1800).
 
-Which layers (`aptq.pipeline.fits_full_precision`): every layer but the experts of a mixture (the two streams route
-tokens differently; they keep their own objective). Exact for the layers whose column factor is the layer-wise `H`,
+Which layers: every layer but the experts of a mixture (the two streams route tokens differently; they keep their
+own objective). Exact for the layers whose column factor is the layer-wise `H`,
 and for the out and down projections under the post-norm weighting, whose `H̃` weighs each token by `1/σ(ỹ)²` (§16):
 their `D̃` weighs the tokens alike, and the split holds for the weighted sums. (our choice) The value projection under
 the attention-aware objective `tr(ΔW H_V ΔWᵀ)` takes its target from the layer-wise moments: a `W*` with
