@@ -106,18 +106,19 @@ def test_every_page_renders_without_errors(filled_store):
                     raise
         assert shown_bits(body) > before
         wait_for_charts(driver, 2)
-        for attempt in range(3):  # plotly may be redrawing the heatmap (no size yet) on a loaded machine: again
+        for attempt in range(3):  # plotly may be redrawing the heatmap (no size yet, or a click lost while the page
+            # re-renders) on a loaded machine: again
             cells = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .nsewdrag")[0]  # the plan heatmap
             size = cells.rect
             try:
                 ActionChains(driver).move_to_element_with_offset(cells, -size["width"] / 4, -size["height"] * 3 / 7) \
                     .pause(0.5).click().perform()  # block 0, query projection
+                wait_for_text(driver, "1 cell(s) selected", timeout=40)
                 break
-            except ElementNotInteractableException:
+            except (ElementNotInteractableException, AssertionError):
                 if attempt == 2:
                     raise
                 time.sleep(2)
-        wait_for_text(driver, "1 cell(s) selected")
         next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Pin selected").click()
         wait_for_text(driver, "Pins (1)")
         driver.save_screenshot(str(ARTIFACTS / "bit_budget.png"))
