@@ -57,10 +57,10 @@ class MismatchMoments:
         self.step = step
         self.layers = layers
         self.normed = normed or {}
-        self.paths: dict[str, LinearLayer] = {}  # module path → the first layer reading that input
+        leaders: dict[str, LinearLayer] = {}  # input group → the first layer reading it, as HessianCollector
         for layer in layers:
-            if all(leader.input_group != layer.input_group for leader in self.paths.values()):
-                self.paths[layer.module_path] = layer
+            leaders.setdefault(layer.input_group, layer)
+        self.paths = {leader.module_path: leader for leader in leaders.values()}
         self.prefix = block_prefix
         self._seen: dict[str, torch.Tensor] = {}  # per batch: module path → full-precision input
         self._sums: dict[str, torch.Tensor] = {}
@@ -74,9 +74,6 @@ class MismatchMoments:
             if self._recording:
                 self._seen[path] = x
                 return
-            if not torch.isfinite(x).all():
-                raise UserError(f"The input of {self.paths[path].name} (block {self.step.index}) contains NaN or "
-                                f"infinite values; the model is numerically unstable on this calibration data.")
             mismatch = self._seen.pop(path) - x
             if path in self.normed:  # 1/σ(ỹ) on each side: 1/σ² per token
                 y = output.detach().float().reshape(-1, output.shape[-1])
