@@ -8,10 +8,11 @@ and optimised by gradient descent on the layer's Kronecker-factored objective �
   `G_O,g = Σ_{h ∈ group g} W_O,hᵀ W_O,h` (full-precision W_O);
 - o and the MLP: `tr(ΔW H ΔWᵀ)`.
 
-The objective's gradient is closed-form, `2 G ΔW H` (G, H symmetric): one product per head and iteration gives both
-the loss and its gradient. The grid (scales, zero points) is the starting solution's own; with `learn_scales` each
-row-group's scale gets a learned factor as well, rounded up to float16 at the end. The result lies on a grid of
-`QuantConfig` with float16 scales, so `recover_codes` reads its codes back and the packed formats reproduce it.
+The objective's gradient is closed-form, `2 G ΔW H` (G, H symmetric): one product per head and iteration (and one
+more, in float64, for the loss at each check of the hard rounding). The grid (scales, zero points) is the starting
+solution's own; with `learn_scales` each row-group's scale gets a learned factor as well, rounded up to float16 at the
+end. The result lies on a grid of `QuantConfig` with float16 scales, so `recover_codes` reads its codes back and the
+packed formats reproduce it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor
 from aptq.errors import UserError
 from aptq.hessian import BlockHessians
 from aptq.models import LinearLayer
-from aptq.quantizer import QuantConfig, fp16_ceil, recover_codes
+from aptq.quantizer import QuantConfig, fp16_ceil, group_width, recover_codes
 
 # AdaRound's rectified sigmoid h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1): it reaches 0 and 1 at finite V.
 ZETA, GAMMA = 1.1, -0.1
@@ -79,19 +80,24 @@ class AttentionObjective:
     def n_heads(self) -> int:
         return self.column.shape[0] if self.row is None else self.row.shape[0]
 
-    def loss_and_gradient(self, delta: Tensor) -> tuple[Tensor, Tensor]:
-        """The loss of ΔW (d_out × d_in) and its gradient `2 G ΔW C`, from one product per head."""
+    def product(self, delta: Tensor) -> Tensor:
+        """`G ΔW C` per head (d_out × d_in): half the objective's gradient, from one product per head."""
         heads = delta.reshape(self.n_heads, -1, delta.shape[1])
         product = heads @ self.column
-        if self.row is not None:
-            product = self.row @ product
-        return (heads * product).sum(), 2 * product.reshape(delta.shape)
+        return (product if self.row is None else self.row @ product).reshape(delta.shape)
+
+    def loss_and_gradient(self, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss of ΔW (d_out × d_in), `Σ ΔW ⊙ G ΔW C`, and its gradient `2 G ΔW C`."""
+        product = self.product(delta)
+        return (delta * product).sum(), 2 * product
+
+    def double(self) -> AttentionObjective:
+        """The objective in float64, for exact losses (built once: `loss` on it copies nothing)."""
+        return AttentionObjective(self.column.double(), None if self.row is None else self.row.double())
 
     def loss(self, W: Tensor, Wq: Tensor) -> float:
         """The loss of a quantized weight, in float64."""
-        delta = Wq.double() - W.double()
-        objective = AttentionObjective(self.column.double(), None if self.row is None else self.row.double())
-        return float(objective.loss_and_gradient(delta)[0])
+        return float(self.double().loss_and_gradient(Wq.double() - W.double())[0])
 
 
 @dataclass(frozen=True)
@@ -146,32 +152,52 @@ def _inverse_rectified_sigmoid(h: Tensor) -> Tensor:
     return torch.logit((h - GAMMA) / (ZETA - GAMMA))
 
 
+def _grouped(t: Tensor, width: int) -> Tensor:
+    """d_out × d_in → d_out × n_groups × width, the last group zero-padded where the width does not divide d_in (a view
+    otherwise)."""
+    padding = -t.shape[1] % width
+    return (torch.nn.functional.pad(t, (0, padding)) if padding else t).reshape(t.shape[0], -1, width)
+
+
 @dataclass(frozen=True)
 class _Relaxation:
-    """The start's grid per weight and, per weight, the two codes the rounding chooses between: `base` and
-    `base + 1`, with the starting choice `up`.
+    """The start's grid and, per weight, the two codes the rounding chooses between: `base` and `base + 1`, with the
+    starting choice `up`.
 
     (our choice) the pair is the start's code and its neighbour toward the full-precision weight (on the grid's
     scale, `t = w / s + z`): where the start rounded to nearest or to the other side of w, that is AdaRound's
-    floor/ceil pair; where GPTQ moved a code further, the choice is between it and the code one step back toward w."""
+    floor/ceil pair; where GPTQ moved a code further, the choice is between it and the code one step back toward w.
 
-    group_scale: Tensor  # d_out × n_groups, float16 values in float32
-    group: Tensor  # d_in: the group of each column
-    zero: Tensor  # d_out × d_in, each weight's row-group zero point
-    base: Tensor  # d_out × d_in, integer-valued
-    up: Tensor  # bool: the start took base + 1
+    Every per-weight tensor is held group by group (`_grouped`), so that a row-group's scale broadcasts over its
+    weights and the scale's gradient is a sum over the last axis: no gather or scatter per iteration. Padding weights
+    have `free` 0 and `fixed` 0: they never move and add nothing."""
+
+    d_in: int
+    group_scale: Tensor  # d_out × n_groups × 1, float16 values in float32
+    up: Tensor  # d_out × n_groups × width, bool: the start took base + 1
+    fixed: Tensor  # the level at h = 0: `clamp(base, 0, 2^b − 1) − z`
+    free: Tensor  # 1 where both codes of the pair are on the grid (h moves the level), else 0
 
     @staticmethod
     def of(W: Tensor, start: Tensor, cfg: QuantConfig) -> _Relaxation:
         grid = recover_codes(start, cfg)
-        index = grid.group_index().long().to(W.device)
-        group_scale = grid.scales.float().to(W.device)
-        zero = grid.zeros.float().to(W.device)[:, index]
-        codes = grid.codes.float().to(W.device)
-        target = W.float() / group_scale[:, index] + zero
-        up = codes > target
+        width = group_width(W.shape[1], cfg)
+        group_scale = grid.scales.float().to(W.device).unsqueeze(-1)
+        zero = grid.zeros.float().to(W.device).unsqueeze(-1)
+        codes = _grouped(grid.codes.float().to(W.device), width)
+        up = codes > _grouped(W.float(), width) / group_scale + zero
         base = codes - up.float()
-        return _Relaxation(group_scale, index, zero, base, up)
+        real = _grouped(torch.ones_like(W, dtype=torch.float32), width)
+        fixed = (torch.clamp(base, 0, cfg.max_level) - zero) * real
+        free = ((base >= 0) & (base < cfg.max_level)).float() * real
+        return _Relaxation(W.shape[1], group_scale, up, fixed, free)
+
+    def grouped(self, t: Tensor) -> Tensor:
+        return _grouped(t, self.fixed.shape[-1])
+
+    def flat(self, t: Tensor) -> Tensor:
+        """The inverse of `grouped`: d_out × d_in (a view where no group is padded)."""
+        return t.reshape(t.shape[0], -1)[:, :self.d_in]
 
     def initial_variables(self) -> Tensor:
         """V with h(V) = 0.9 where the start took base + 1 and 0.1 where it took base: hard rounding at iteration 0
@@ -182,15 +208,14 @@ class _Relaxation:
         above the start's loss and never comes back below it; starting next to the start's codes does."""
         return _inverse_rectified_sigmoid(torch.where(self.up, INITIAL_H, 1 - INITIAL_H))
 
-    def levels(self, h: Tensor, cfg: QuantConfig) -> Tensor:
+    def levels(self, h: Tensor) -> Tensor:
         """`clamp(base + h, 0, 2^b − 1) − z`: soft for h in (0, 1), integers for h in {0, 1}. A weight whose pair
-        leaves the grid (base −1 or 2^b − 1) is clamped to its one code on the grid whatever h."""
-        free = (self.base >= 0) & (self.base < cfg.max_level)
-        return torch.clamp(self.base, 0, cfg.max_level) - self.zero + free * h
+        leaves the grid (base −1 or 2^b − 1) stays at its one code on the grid whatever h."""
+        return torch.addcmul(self.fixed, self.free, h)
 
     def scales(self, log_factor: Tensor) -> Tensor:
-        """Each weight's scale: its row-group's, times the learned factor."""
-        return (self.group_scale * log_factor.exp())[:, self.group]
+        """Each row-group's scale times its learned factor, d_out × n_groups × 1 (broadcast over the group)."""
+        return self.group_scale * log_factor.exp().unsqueeze(-1)
 
 
 def _beta(options: AespaOptions, iteration: int) -> float | None:
@@ -203,30 +228,29 @@ def _beta(options: AespaOptions, iteration: int) -> float | None:
     return end + (start - end) * (1 - progress)
 
 
-def _gradients(V: Tensor, log_factor: Tensor, relaxed: _Relaxation, fixed: Tensor, free: Tensor, weights: Tensor,
-               objective: AttentionObjective, start_loss: float, beta: float | None,
-               options: AespaOptions) -> tuple[Tensor, Tensor | None]:
-    """Gradients of `L(ΔW) / L_start + λ · mean(1 − |2h − 1|^β)` with respect to V and the scales' log-factors, by
-    the chain rule written out: ΔW = s · (fixed + free · h(V)) − W, ∇L from the closed form. (Half the elementwise
-    passes of autograd, which dominate the cost of the smaller layers on a CPU.)"""
+def _gradients(V: Tensor, log_factor: Tensor, relaxed: _Relaxation, weights: Tensor, objective: AttentionObjective,
+               start_loss: float, beta: float | None, options: AespaOptions) -> tuple[Tensor, Tensor | None]:
+    """Gradients of `L(ΔW) / L_start + λ · mean(1 − |2h − 1|^β)` with respect to V and the scales' log-factors (all
+    grouped as in `_Relaxation`), by the chain rule written out: ΔW = s · (fixed + free · h(V)) − W, ∇L = 2 G ΔW C.
+    (Written out, with the constants folded and the steps in place, because these elementwise passes cost more than
+    the objective's product on a CPU; autograd takes twice as many.)"""
     sigmoid = torch.sigmoid(V)
-    stretched = sigmoid * (ZETA - GAMMA) + GAMMA
-    h = stretched.clamp(0, 1)
+    h = (sigmoid * (ZETA - GAMMA)).add_(GAMMA).clamp_(0, 1)
     scale = relaxed.scales(log_factor)
-    levels = fixed + free * h
-    _, gradient = objective.loss_and_gradient(scale * levels - weights)
-    gradient /= start_loss
-    d_h = gradient * scale * free
-    if beta is not None:  # d/dh of λ · mean(1 − |u|^β), u = 2h − 1: −2λβ u |u|^(β−2) / n
-        u = 2 * h - 1
-        d_h -= (2 * options.regulariser * beta / u.numel()) * u * u.abs().pow(beta - 2)
-    inside = (stretched > 0) & (stretched < 1)
-    d_V = d_h * (ZETA - GAMMA) * sigmoid * (1 - sigmoid) * inside
+    levels = relaxed.levels(h)
+    residual = torch.addcmul(weights, scale, levels, value=-1)  # W − Ŵ = −ΔW
+    product = relaxed.grouped(objective.product(relaxed.flat(residual)))  # G (−ΔW) C = −∇L / 2
+    # ∂/∂h times the stretch ζ − γ of h(V), folded into the constants here and in the regulariser's step
+    d_h = (product * (scale * (-2 * (ZETA - GAMMA) / start_loss))).mul_(relaxed.free)
+    if beta is not None:  # d/dh of λ · mean(1 − |u|^β), u = 2h − 1: −2λβ sign(u) |u|^(β−1) / n
+        u = (h * 2).sub_(1)
+        n = u.shape[0] * relaxed.d_in  # the mean over the layer's weights, not the padding
+        d_h.sub_(u.abs().pow_(beta - 1).copysign_(u), alpha=2 * options.regulariser * beta * (ZETA - GAMMA) / n)
+    inside = (h > 0) & (h < 1)  # dh/dV is 0 where the rectified sigmoid is clamped
+    d_V = torch.where(inside, d_h.mul_(torch.addcmul(sigmoid, sigmoid, sigmoid, value=-1)), 0)  # σ' = σ − σ²
     if not options.learn_scales:
         return d_V, None
-    per_weight = gradient * scale * levels  # ds/da = s
-    d_log = torch.zeros_like(log_factor).index_add_(1, relaxed.group, per_weight)
-    return d_V, d_log
+    return d_V, (product * levels).sum(dim=-1) * (scale.squeeze(-1) * (-2 / start_loss))  # ds/da = s
 
 
 def optimise_rounding(W: Tensor, start: Tensor, objective: AttentionObjective, cfg: QuantConfig,
@@ -238,27 +262,27 @@ def optimise_rounding(W: Tensor, start: Tensor, objective: AttentionObjective, c
     that λ and the learning rate mean the same on every layer. (our choice) the hard rounding is taken every tenth
     of the schedule and the best one kept, the start included: the optimiser never makes a layer worse under its own
     objective, and a schedule whose last iterations drift does not lose what it found before."""
-    start_loss = objective.loss(W, start)
+    exact = objective.double()
+    start_loss = exact.loss(W, start)
     if options.iterations == 0 or start_loss <= 0:
         return AespaResult(start.to(W.dtype), start_loss, start_loss, True)
-    weights = W.float()
-    relaxed = _Relaxation.of(weights, start, cfg)
-    fixed = relaxed.levels(torch.zeros_like(weights), cfg)
-    free = relaxed.levels(torch.ones_like(weights), cfg) - fixed  # 1 where the two codes are both on the grid
+    relaxed = _Relaxation.of(W, start, cfg)
+    weights = relaxed.grouped(W.float())
     V = relaxed.initial_variables()
-    log_factor = torch.zeros_like(relaxed.group_scale)
+    log_factor = torch.zeros(relaxed.group_scale.shape[:2], device=W.device)
     parameters = [V, log_factor] if options.learn_scales else [V]
-    optimiser = torch.optim.Adam(parameters, lr=options.learning_rate)
+    # fused: one pass per step instead of Adam's dozen (the same update, to float rounding)
+    optimiser = torch.optim.Adam(parameters, lr=options.learning_rate, fused=W.device.type in ("cpu", "cuda"))
     best = AespaResult(start.to(W.dtype), start_loss, start_loss, True)
     checks = max(1, options.iterations // HARD_CHECKS)
     for iteration in range(options.iterations):
-        V.grad, log_factor.grad = _gradients(V, log_factor, relaxed, fixed, free, weights, objective, start_loss,
+        V.grad, log_factor.grad = _gradients(V, log_factor, relaxed, weights, objective, start_loss,
                                              _beta(options, iteration), options)
         optimiser.step()
         if (iteration + 1) % checks == 0 or iteration + 1 == options.iterations:
-            scale = fp16_ceil(relaxed.group_scale * log_factor.exp()) if options.learn_scales else relaxed.group_scale
-            hard = scale[:, relaxed.group] * relaxed.levels((V >= 0).float(), cfg)  # h(V) ≥ ½ exactly where V ≥ 0
-            loss = objective.loss(W, hard)
+            scale = fp16_ceil(relaxed.scales(log_factor)) if options.learn_scales else relaxed.group_scale
+            hard = relaxed.flat(scale * relaxed.levels((V >= 0).float()))  # h(V) ≥ ½ exactly where V ≥ 0
+            loss = exact.loss(W, hard)
             if loss < best.loss:
                 best = AespaResult(hard.to(W.dtype), loss, start_loss, False)
     return best

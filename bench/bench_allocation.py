@@ -165,8 +165,10 @@ def main() -> None:
                                     low_high=(2, 4), quantizer=args.quantizer,
                                     width_multiples=multiples if multiplied else {})
         plan = allocate(measured, errors, request)
+        # the quantizer's settings in the key: a default that changes (act-order, full-precision targets) measures
+        # its plans anew instead of reading those of the settings before
         key = digest(json.dumps(plan.bits, sort_keys=True), str(args.tokens), args.quantizer,
-                     str(fitting.n_samples), str(args.seqlen))
+                     str(fitting.n_samples), str(args.seqlen), json.dumps(settings.key_fields(), sort_keys=True))
         bits_of_plan[key[:8]] = plan.bits
         if key not in cache:
             reference = reference or reference_stats(loaded.model, validation)
