@@ -281,7 +281,7 @@ def optimise_rounding(W: Tensor, start: Tensor, objective: AttentionObjective, c
         optimiser.step()
         if (iteration + 1) % checks == 0 or iteration + 1 == options.iterations:
             scale = fp16_ceil(relaxed.scales(log_factor)) if options.learn_scales else relaxed.group_scale
-            hard = relaxed.flat(scale * relaxed.levels((V >= 0).float()))  # h(V) ≥ ½ exactly where V ≥ 0
+            hard = relaxed.flat(scale * relaxed.levels((V >= 0).float())).contiguous()  # h(V) ≥ ½ iff V ≥ 0
             loss = exact.loss(W, hard)
             if loss < best.loss:
                 best = AespaResult(hard.to(W.dtype), loss, start_loss, False)

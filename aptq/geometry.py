@@ -130,6 +130,11 @@ def output_norm_modules(block: nn.Module) -> dict[str, nn.Module]:
     return {kind: getattr(block, name) for kind, name in OUTPUT_NORM_NAMES.items()}
 
 
+def inverse_rms(y: torch.Tensor, eps: float) -> torch.Tensor:
+    """`1/σ(y) = 1/sqrt(mean(y²) + eps)` over the last axis: per token, the factor an RMS norm divides y by."""
+    return (y.square().mean(-1) + eps).rsqrt()
+
+
 @dataclass(frozen=True)
 class RmsNorm:
     """y ↦ gain ⊙ y / sqrt(mean(y²) + eps) over `gain.numel()` coordinates (one head, or the whole projection).

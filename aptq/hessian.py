@@ -57,6 +57,7 @@ from aptq.geometry import (
     cap_slopes,
     complex_to_real,
     geometry_for,
+    inverse_rms,
     key_pairs,
     mapped_middle,
     mapped_second_moment,
@@ -573,7 +574,7 @@ class HessianCollector:
         if kind not in self._output_norms:
             return None
         y = self._norm_inputs[kind].detach().float()
-        return (y.square().mean(-1) + self._output_norms[kind].eps).rsqrt().reshape(y.shape[0], -1)
+        return inverse_rms(y, self._output_norms[kind].eps).reshape(y.shape[0], -1)
 
     def _accumulate_residual(self, batch: Batch, output: torch.Tensor) -> None:
         """Per-token ‖h‖² of the residual stream after the attention add (block input + attention output, through

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from aptq.capture import BlockStep
-from aptq.errors import UserError
+from aptq.geometry import inverse_rms
+from aptq.gptq import DAMP_RETRIES
 from aptq.models import LinearLayer
 
 
@@ -77,7 +78,7 @@ class MismatchMoments:
             mismatch = self._seen.pop(path) - x
             if path in self.normed:  # 1/σ(ỹ) on each side: 1/σ² per token
                 y = output.detach().float().reshape(-1, output.shape[-1])
-                inverse_size = (y.square().mean(-1, keepdim=True) + self.normed[path]).rsqrt()
+                inverse_size = inverse_rms(y, self.normed[path]).unsqueeze(-1)
                 mismatch, x = mismatch * inverse_size, x * inverse_size
             total = self._sums.setdefault(path, x.new_zeros((x.shape[-1], x.shape[-1])))
             total.addmm_(mismatch.T, x)
@@ -110,13 +111,17 @@ class MismatchMoments:
 
 def full_precision_target(weight: torch.Tensor, mismatch: torch.Tensor, hessian: torch.Tensor, damp: float,
                           share: float = 1.0) -> torch.Tensor:
-    """`W* = W + α W D (H + λ mean(diag H) I)⁻¹` in float32, D the mismatch moment, α the share (module docstring)."""
-    damped = hessian.to(weight.device, torch.float32).clone()
-    damped.diagonal().add_(damp * damped.diagonal().mean())
+    """`W* = W + α W D (H + λ mean(diag H) I)⁻¹` in float32, D the mismatch moment, α the share (module docstring).
+
+    Where `H + λI` does not factorize, λ is raised ×10 at a time as GPTQ raises it (`DAMP_RETRIES`); where it never
+    does, W itself (our choice: the layer keeps its own objective, and GPTQ's fallback on that Hessian follows)."""
+    H = hessian.to(weight.device, torch.float32)
     W = weight.float()
     right = mismatch.to(weight.device, torch.float32).T @ W.T  # Dᵀ Wᵀ
-    factor, info = torch.linalg.cholesky_ex(damped)
-    if info.item() != 0:
-        raise UserError("The calibration inputs' Hessian does not factorize even with damping; quantize without "
-                        "full-precision targets.")
-    return W + share * torch.cholesky_solve(right, factor).T
+    for attempt in range(DAMP_RETRIES):
+        damped = H.clone()
+        damped.diagonal().add_(damp * 10 ** attempt * H.diagonal().mean())
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if info.item() == 0:
+            return W + share * torch.cholesky_solve(right, factor).T
+    return W

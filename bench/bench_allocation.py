@@ -195,12 +195,13 @@ def main() -> None:
                                                               quantizer=args.quantizer, width_multiples=multiples))
         table.loc[row.Index, "multiplied_attention"] = summarize(scored, measured, errors)["predicted_error_attention"]
     write_report(args, loaded.display_name, table, layers, errors, measured, units, multiples, validation,
-                 fitting.n_samples, scorings, analysis_seconds, unit_seconds, load_before)
+                 fitting.n_samples, settings, scorings, analysis_seconds, unit_seconds, load_before)
 
 
 def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, measured, units,
-                 multiples: dict[int, float], validation: torch.Tensor, n_fitting: int, scorings: tuple[str, ...],
-                 analysis_seconds: float, unit_seconds: float, load_before: list[str]) -> None:
+                 multiples: dict[int, float], validation: torch.Tensor, n_fitting: int, settings: QuantizeSettings,
+                 scorings: tuple[str, ...], analysis_seconds: float, unit_seconds: float,
+                 load_before: list[str]) -> None:
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     lines = ["# Allocation benchmark (issue 17): predicted errors of the quantizer that runs, a measured unit", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.machine()}, "
@@ -220,10 +221,10 @@ def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, mea
                 f"{unit_seconds:.0f} s this run, {units['seconds'].sum():.0f} s measured in all "
                 f"({units['seconds'].mean():.1f} s per layer)"),
              f"- plans: the analysed layers only (the other blocks stay in full precision), allocated on the "
-             f"predicted errors of {QUANTIZER_NAMES[args.quantizer]} and quantized by the pipeline with it (group "
-             f"{GROUP}) on the first {n_fitting} calibration segments; KL on the other "
-             f"{len(validation)} (validation, never fitted) and KL and perplexity on the evaluation split's first "
-             f"{args.tokens} tokens (windows of {args.seqlen})", "",
+             f"predicted errors of {QUANTIZER_NAMES[args.quantizer]} and quantized by the pipeline with it "
+             f"(settings {json.dumps(settings.key_fields(), sort_keys=True)}) on the first {n_fitting} calibration "
+             f"segments; KL on the other {len(validation)} (validation, never fitted) and KL and perplexity on the "
+             f"evaluation split's first {args.tokens} tokens (windows of {args.seqlen})", "",
              "## Predicted errors per source (Σ over the analysed layers, raw units)", "",
              "| bits | RTN layer-wise | GPTQ layer-wise | aware layer-wise | RTN attention | GPTQ attention | "
              "aware attention |", "|---|---|---|---|---|---|---|"]

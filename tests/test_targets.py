@@ -60,6 +60,16 @@ def test_the_full_precision_target_splits_the_objective_exactly():
     assert torch.equal(full_precision_target(W.float(), torch.zeros(d_in, d_in), H.float(), damp=0.01), W.float())
 
 
+def test_a_hessian_that_does_not_factorize_raises_the_damping_as_gptq_does_or_keeps_the_weight():
+    generator = torch.Generator().manual_seed(1)
+    W, D = torch.randn(4, 6, generator=generator), torch.randn(6, 6, generator=generator)
+    # one eigenvalue −0.02: H + 0.01 · mean(diag H) I is indefinite, H + 0.1 · mean(diag H) I is not
+    H = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, -0.02]))
+    damped = H + 0.1 * H.diagonal().mean() * torch.eye(6)
+    torch.testing.assert_close(full_precision_target(W, D, H, damp=0.01), W + W @ D @ torch.linalg.inv(damped))
+    assert torch.equal(full_precision_target(W, D, -torch.eye(6), damp=0.01), W)  # no damping makes it factorize
+
+
 def _perturbed(model, arch, block):
     """Every linear weight of `block` with noise (a stand-in for its quantized weights)."""
     generator = torch.Generator().manual_seed(block)
