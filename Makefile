@@ -8,7 +8,7 @@ run:
 
 test:
 	scripts/setup.sh --dev
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=25
 
 check:
 	scripts/setup.sh --dev
