@@ -401,17 +401,19 @@ def _walk_tiles(tiles: list[tuple[int, tuple[int, int]]], pending: Tensor, quant
         scales.append(params.scale)
         zeros.append(params.zero)
         diagonal_blocks.append(heads.diagonal_block(start, end))
-    current, scale, zero = torch.stack(currents), torch.stack(scales), torch.stack(zeros)  # tiles × heads × width
-    upper = torch.stack(diagonal_blocks)  # tiles × (1 or heads) × width × width
-    values = torch.empty_like(current)
-    errors = torch.empty_like(current)
-    for i in range(current.shape[-1]):
-        column = current[:, :, i]
-        q = quantize_dequantize(column, GridParams(scale[:, :, i], zero[:, :, i]), cfg)
-        values[:, :, i] = q
-        error = (column - q) / upper[:, :, i, i]
-        current[:, :, i:] -= error.unsqueeze(-1) * upper[:, :, i, i:]
-        errors[:, :, i] = error
+    # column-major (width × tiles × heads, the factors width × width × tiles × (1 or heads)): each step of the walk
+    # reads and writes contiguous memory, through views taken once; the operations are quantize_dequantize's and the
+    # column walk's, in their order (the same values to the last bit), in place: this loop is the BoA walk's cost
+    current, scale, zero = (torch.stack(parts).permute(2, 0, 1).contiguous() for parts in (currents, scales, zeros))
+    upper = torch.stack(diagonal_blocks).permute(2, 3, 0, 1).contiguous()
+    values, errors = torch.empty_like(current), torch.empty_like(current)
+    diagonal = upper.diagonal(dim1=0, dim2=1).permute(2, 0, 1).unbind()
+    for i, (column, q, error, step, zero_point, pivot) in enumerate(zip(current, values, errors, scale, zero,
+                                                                         diagonal)):
+        torch.div(column, step, out=q).add_(zero_point).round_().clamp_(0, cfg.max_level).sub_(zero_point).mul_(step)
+        torch.sub(column, q, out=error).div_(pivot)
+        current[i + 1:].sub_(error * upper[i, i + 1:])
+    values, errors = values.permute(1, 2, 0), errors.permute(1, 2, 0)  # tiles × heads × width
     for index, (r, (start, end)) in enumerate(tiles):
         quantized[:, r, start:end] = values[index].masked_fill(heads.dead[:, start:end], 0)
         scaled_errors[:, r, start:end] = errors[index]
