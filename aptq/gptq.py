@@ -247,6 +247,30 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, block_size: int = 128, act_orde
     return GPTQResult(weight, layer_error(W, weight, H.to(W.device)), fallback)
 
 
+
+def gptq_rows_shared(layers: list[tuple[Tensor, Tensor]], H: Tensor, cfg: QuantConfig, act_order: bool = False,
+                     damp: float = 0.01, name: str = "these layers") -> list[GPTQResult]:
+    """`gptq_rows` of several layers that read the same input (one H; q and k), their heads side by side in one walk.
+
+    Each head's rows depend on its own G and on the column walk alone, so this is each layer's `gptq_rows` (to float
+    rounding); the walk's cost is its steps (`d_h` rows of columns), not its heads, so the layers together take about
+    the time of one. `layers`: (W, G_heads) per layer, every G with the same `d_h`."""
+    for W, G_heads in layers:
+        _check_inputs(W, H, 1)
+        if G_heads.dim() != 3 or G_heads.shape[1:] != layers[0][1].shape[1:] or \
+                G_heads.shape[0] * G_heads.shape[1] != W.shape[0]:
+            raise ValueError(f"Each G_heads must be (n_heads, d_h, d_h) with n_heads · d_h = d_out and one d_h for "
+                             f"every layer, got {tuple(G_heads.shape)} for d_out = {W.shape[0]}.")
+    rows = torch.cat([W.float() for W, _ in layers])
+    quantized, message = _gptq_or_rtn(rows, H, cfg, 128, act_order, damp, name, torch.cat([G for _, G in layers]))
+    results, start = [], 0
+    for W, G_heads in layers:
+        weight = quantized[start:start + W.shape[0]].to(W.dtype)
+        results.append(GPTQResult(weight, layer_error(W, weight, H.to(W.device), G_heads.to(W.device)), message))
+        start += W.shape[0]
+    return results
+
+
 def gptq_per_head(W: Tensor, H_heads: Tensor, cfg: QuantConfig, block_size: int = 128, act_order: bool = False,
                   damp: float = 0.01, name: str = "this layer", row_factors: Tensor | None = None) -> GPTQResult:
     """Value projection: the rows of KV head g (rows ordered head by head) under its own Hessian H_heads[g].

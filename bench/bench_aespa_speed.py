@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
@@ -109,7 +109,7 @@ def main() -> None:
     lines = [
         "# aespa's rounding optimiser: seconds per iteration, today's code against a baseline revision",
         "",
-        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); load average before "
         f"{' '.join(load_before)}, after {' '.join(load_after)}",
         f"- command: `{' '.join(['python -m bench.bench_aespa_speed', *sys.argv[1:]])}`",
