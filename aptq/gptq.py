@@ -436,7 +436,7 @@ def _walk_tiles(tiles: list[tuple[int, tuple[int, int]]], pending: Tensor, quant
                                                                          diagonal)):
         torch.div(column, step, out=q).add_(zero_point).round_().clamp_(0, cfg.max_level).sub_(zero_point).mul_(step)
         torch.sub(column, q, out=error).div_(pivot)
-        current[i + 1:].addcmul_(error, upper[i, i + 1:], value=-1)
+        current[i + 1:].sub_(error * upper[i, i + 1:])
     values, errors = values.permute(1, 2, 0), errors.permute(1, 2, 0)  # tiles × heads × width
     for index, (r, (start, end)) in enumerate(tiles):
         quantized[:, r, start:end] = values[index].masked_fill(heads.dead[:, start:end], 0)

@@ -35,12 +35,14 @@ from aptq.quantizer import QuantConfig, rtn
 TOKENS = 2048
 
 
-def baseline_module(revision: str) -> ModuleType:
-    source = subprocess.run(["git", "show", f"{revision}:aptq/aespa.py"], check=True, capture_output=True,
+def baseline_module(revision: str, source_path: str = "aptq/aespa.py") -> ModuleType:
+    """A git revision's copy of one aptq module, imported beside today's (its own imports are today's)."""
+    source = subprocess.run(["git", "show", f"{revision}:{source_path}"], check=True, capture_output=True,
                             text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "aespa_baseline.py"
+    name = f"{Path(source_path).stem}_baseline"
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("aespa_baseline", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
@@ -56,9 +58,7 @@ def column_hessian(d_in: int, generator: torch.Generator) -> torch.Tensor:
 def block_layers(loaded) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """(kind, weight, column factor(s), row factor or None) for block 0's layers."""
     generator = torch.Generator().manual_seed(0)
-    config = loaded.model.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    n_kv = config.num_key_value_heads
+    head_dim, n_kv = loaded.arch.head_dim, loaded.arch.n_kv_heads
     rows = []
     for layer in loaded.arch.block_layers(0):
         weight = get_weight(loaded.model, layer).detach().float()
