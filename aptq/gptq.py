@@ -247,7 +247,6 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, block_size: int = 128, act_orde
     return GPTQResult(weight, layer_error(W, weight, H.to(W.device)), fallback)
 
 
-
 def gptq_rows_shared(layers: list[tuple[Tensor, Tensor]], H: Tensor, cfg: QuantConfig, act_order: bool = False,
                      damp: float = 0.01, name: str = "these layers") -> list[GPTQResult]:
     """`gptq_rows` of several layers that read the same input (one H; q and k), their heads side by side in one walk.

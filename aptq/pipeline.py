@@ -145,6 +145,10 @@ class QuantizeSettings:
         """Whether a layer of this width walks its columns in act-order."""
         return self.act_order_from is not None and bits >= self.act_order_from
 
+    def config(self, bits: int) -> QuantConfig:
+        """The grid of a layer of this width."""
+        return QuantConfig(bits, self.group_size, self.symmetric, self.clip_search)
+
     def key_fields(self) -> dict:
         fields = asdict(self)
         del fields["batch_size"], fields["device"], fields["act_order_from"]
@@ -268,7 +272,6 @@ def quantize_layer(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHess
     return result.weight, result.fallback
 
 
-
 def objective_weight(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians, settings: QuantizeSettings,
                      mismatch: torch.Tensor) -> torch.Tensor:
     """The weight the layer's objective fits: its full-precision target `W*` (aptq.targets), float32."""
@@ -294,17 +297,15 @@ def shared_row_walks(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]]
     for (bits, _), layers in together.items():
         if len(layers) < 2:
             continue
-        weights = [get_weight(model, layer).detach().float() for layer in layers]
-        fitted = [weight if layer.name not in mismatch else
-                  objective_weight(weight, layer, hessians, settings, mismatch[layer.name])
-                  for layer, weight in zip(layers, weights)]
-        rows = [shrunk_row_hessians(hessians.row[layer.name].to(weight.device), settings.shrink)
-                for layer, weight in zip(layers, fitted)]
-        H = hessians.column(layers[0].name).to(fitted[0].device)
-        results = gptq_rows_shared(list(zip(fitted, rows)), H, QuantConfig(bits, settings.group_size,
-                                                                           settings.symmetric, settings.clip_search),
-                                   act_order=settings.act_order(bits), damp=settings.damp,
-                                   name=" and ".join(layer.name for layer in layers))
+        fitted = []  # (the weight the layer's objective fits, its row Hessians)
+        for layer in layers:
+            weight = get_weight(model, layer).detach().float()
+            if layer.name in mismatch:
+                weight = objective_weight(weight, layer, hessians, settings, mismatch[layer.name])
+            fitted.append((weight, shrunk_row_hessians(hessians.row[layer.name].to(weight.device), settings.shrink)))
+        H = hessians.column(layers[0].name).to(fitted[0][0].device)  # one input: one H
+        results = gptq_rows_shared(fitted, H, settings.config(bits), act_order=settings.act_order(bits),
+                                   damp=settings.damp, name=" and ".join(layer.name for layer in layers))
         shared.update({layer.name: result for layer, result in zip(layers, results)})
     return shared
 
@@ -411,7 +412,7 @@ def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]],
         warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are reported through the notes
         shared = shared_row_walks(model, todo, hessians, settings, mismatch)
     for layer, bits in todo:
-        config = QuantConfig(bits, settings.group_size, settings.symmetric, settings.clip_search)
+        config = settings.config(bits)
         memo_key = (layer.name, config)
         if rtn_memo is not None and memo_key in rtn_memo:
             quantized, fallback = rtn_memo[memo_key], None
@@ -424,7 +425,7 @@ def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]],
             if rtn_memo is not None:
                 rtn_memo[memo_key] = quantized
         weights[layer.name] = quantized
-        notes += [fallback] if fallback else []
+        notes += [fallback] if fallback and fallback not in notes else []  # a shared walk's: once
     return weights, notes
 
 

@@ -55,12 +55,14 @@ from aptq.capture import BlockStep, BlockWalk, device_failures
 from aptq.choices import ACT_ORDER_FROM, ROW_WEIGHTS
 from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids, tokenizer_fingerprint
 from aptq.errors import UserError
+from aptq.gptq import GPTQResult
 from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianCollector
 from aptq.models import Architecture, LinearLayer, LoadedModel, get_weight, model_fingerprint
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, layer_error
 
 if TYPE_CHECKING:  # (our choice) imported where results are stored: the per-block metrics run without DuckDB
+    from aptq.pipeline import QuantizeSettings
     from aptq.store import Store
 
 QUANTIZER_SOURCES = {"gptq": "gptq", "aware": "attention"}  # error-column infix → the quantizer that leaves it
@@ -154,6 +156,11 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
                settings: AnalysisSettings) -> tuple[list[dict], list[dict]]:
     """The block's rows of `layers` and `errors` from its Hessians and current weights."""
     layer_records, error_records = [], []
+    widths = list(itertools.product(sorted(set(settings.bits)), settings.group_sizes))
+    # q and k of each width in one walk of the attention-aware quantizer, as the pipeline runs them
+    shared = {(bits, group_size): _shared_walks(model, arch, hessians, QuantConfig(
+        bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search), settings.act_order_from)
+        for bits, group_size in widths} if settings.quantizer_errors else {}
     for layer in arch.block_layers(hessians.block):
         weight = get_weight(model, layer).detach().float()
         device = weight.device
@@ -180,14 +187,15 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
             "score": trace_lm / n_params, "residual_ms": hessians.residual[module],
             "tokens": hessians.layer_tokens.get(layer.name, hessians.tokens),
             "pooled_hessian": layer.name in hessians.pooled})
-        for bits, group_size in itertools.product(sorted(set(settings.bits)), settings.group_sizes):
+        for bits, group_size in widths:
             config = QuantConfig(bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search)
             # One RTN ΔW per (layer, bits), scored under both Hessians: the pipeline's own RTN, as `--method rtn`
             # runs it (clipping on the plain squared error, no Hessian), so the prediction is the error of the run.
             quantized = {"": _quantized_by(weight, layer, hessians, config, "rtn")}
             if settings.quantizer_errors:
                 quantized |= {f"{infix}_": _quantized_by(weight, layer, hessians, config, quantizer,
-                                                         settings.act_order_from)
+                                                         settings.act_order_from,
+                                                         shared[bits, group_size].get(layer.name))
                               for infix, quantizer in QUANTIZER_SOURCES.items()}
             record = {"layer": layer.name, "bits": bits, "group_size": group_size}
             for prefix, q in quantized.items():
@@ -214,17 +222,37 @@ def _attention_error(weight: torch.Tensor, quantized: torch.Tensor, name: str, h
     return layerwise
 
 
-def _quantized_by(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians, config: QuantConfig,
-                  quantizer: str, act_order_from: int | None = None) -> torch.Tensor:
-    """The layer's weights as `aptq quantize --method quantizer` leaves them, from these Hessians (the pipeline's own
-    quantize_layer with its default damping, in the given column order)."""
-    from aptq.pipeline import QuantizeSettings, quantize_layer  # (our choice) here: the pipeline imports the store
+def _quantizer_settings(quantizer: str, config: QuantConfig, act_order_from: int | None) -> QuantizeSettings:
+    """`aptq quantize --method quantizer`'s settings for this grid, with its default damping."""
+    from aptq.pipeline import QuantizeSettings  # (our choice) here: the pipeline imports the store
 
-    settings = QuantizeSettings(method=quantizer, group_size=config.group_size, symmetric=config.symmetric,
-                                clip_search=config.clip_search, act_order_from=act_order_from)
+    return QuantizeSettings(method=quantizer, group_size=config.group_size, symmetric=config.symmetric,
+                            clip_search=config.clip_search, act_order_from=act_order_from)
+
+
+def _shared_walks(model: torch.nn.Module, arch: Architecture, hessians: BlockHessians, config: QuantConfig,
+                  act_order_from: int | None) -> dict[str, GPTQResult]:
+    """The attention-aware quantizer's q and k of the block at this width, walked together
+    (`pipeline.shared_row_walks`), by layer name."""
+    from aptq.pipeline import shared_row_walks
+
+    todo = [(layer, config.bits) for layer in arch.block_layers(hessians.block)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a fallback to RTN is what that run would do too
-        return quantize_layer(weight, layer, hessians, config, settings)[0]
+        return shared_row_walks(model, todo, hessians, _quantizer_settings("attention", config, act_order_from), {})
+
+
+def _quantized_by(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians, config: QuantConfig,
+                  quantizer: str, act_order_from: int | None = None,
+                  shared: GPTQResult | None = None) -> torch.Tensor:
+    """The layer's weights as `aptq quantize --method quantizer` leaves them, from these Hessians (the pipeline's own
+    quantize_layer, in the given column order); `shared`: the attention-aware result of a walk shared with q or k."""
+    from aptq.pipeline import quantize_layer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a fallback to RTN is what that run would do too
+        return quantize_layer(weight, layer, hessians, config, _quantizer_settings(quantizer, config, act_order_from),
+                              shared=shared if quantizer == "attention" else None)[0]
 
 
 def analysis_options(arch: Architecture, probes: int, seed: int) -> CollectOptions:

@@ -69,7 +69,7 @@ def main() -> None:
             seconds.setdefault(label, []).append(time.perf_counter() - began)
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     base = statistics.median(seconds["baseline: q, then k"])
-    shapes = " and ".join(f"{weight.shape[0]} × {weight.shape[1]} ({row.shape[0]} heads of {row.shape[1]})"
+    shapes = " and ".join(f"{weight.shape[0]} × {weight.shape[1]} ({row.shape[0]} × {row.shape[1]}-row heads)"
                           for weight, row in qk)
     lines = [
         "# BoA's query/key walks: seconds, today's code against a baseline revision",
