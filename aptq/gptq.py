@@ -247,21 +247,26 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, block_size: int = 128, act_orde
     return GPTQResult(weight, layer_error(W, weight, H.to(W.device)), fallback)
 
 
-def gptq_rows_shared(layers: list[tuple[Tensor, Tensor]], H: Tensor, cfg: QuantConfig, act_order: bool = False,
-                     damp: float = 0.01, name: str = "these layers") -> list[GPTQResult]:
+def gptq_rows_shared(layers: list[tuple[Tensor, Tensor]], H: Tensor, cfg: QuantConfig, block_size: int = 128,
+                     act_order: bool = False, damp: float = 0.01, name: str = "these layers") -> list[GPTQResult]:
     """`gptq_rows` of several layers that read the same input (one H; q and k), their heads side by side in one walk.
 
     Each head's rows depend on its own G and on the column walk alone, so this is each layer's `gptq_rows` (to float
     rounding); the walk's cost is its steps (`d_h` rows of columns), not its heads, so the layers together take about
     the time of one. `layers`: (W, G_heads) per layer, every G with the same `d_h`."""
     for W, G_heads in layers:
-        _check_inputs(W, H, 1)
-        if G_heads.dim() != 3 or G_heads.shape[1:] != layers[0][1].shape[1:] or \
+        _check_inputs(W, H, block_size)
+        if G_heads.dim() != 3 or G_heads.shape[1] != G_heads.shape[2] or \
                 G_heads.shape[0] * G_heads.shape[1] != W.shape[0]:
-            raise ValueError(f"Each G_heads must be (n_heads, d_h, d_h) with n_heads · d_h = d_out and one d_h for "
-                             f"every layer, got {tuple(G_heads.shape)} for d_out = {W.shape[0]}.")
-    rows = torch.cat([W.float() for W, _ in layers])
-    quantized, message = _gptq_or_rtn(rows, H, cfg, 128, act_order, damp, name, torch.cat([G for _, G in layers]))
+            raise ValueError(f"G_heads must be (n_heads, d_h, d_h) with n_heads · d_h = d_out = {W.shape[0]}, "
+                             f"got {tuple(G_heads.shape)}.")
+        if G_heads.shape[1] != layers[0][1].shape[1]:
+            raise ValueError(f"Layers that walk together need one d_h for every layer, got {G_heads.shape[1]} and "
+                             f"{layers[0][1].shape[1]}.")
+    # one layer (gptq_rows): its own tensors, no copy
+    rows = torch.cat([W.float() for W, _ in layers]) if len(layers) > 1 else layers[0][0].float()
+    row_factors = torch.cat([G for _, G in layers]) if len(layers) > 1 else layers[0][1]
+    quantized, message = _gptq_or_rtn(rows, H, cfg, block_size, act_order, damp, name, row_factors)
     results, start = [], 0
     for W, G_heads in layers:
         weight = quantized[start:start + W.shape[0]].to(W.dtype)
@@ -450,10 +455,4 @@ def gptq_rows(W: Tensor, H: Tensor, G_heads: Tensor, cfg: QuantConfig, block_siz
     Row r of all heads is quantized at once, then its error E_r compensates rows r+1… of each head:
     `W_h[r+1:] −= (U_G[r, r+1:]ᵀ / U_G[r, r]) · E_r`. Loss `tr(G ΔW H ΔWᵀ)` on the undamped H and G.
     """
-    _check_inputs(W, H, block_size)
-    if G_heads.dim() != 3 or G_heads.shape[1] != G_heads.shape[2] or G_heads.shape[0] * G_heads.shape[1] != W.shape[0]:
-        raise ValueError(f"G_heads must be (n_heads, d_h, d_h) with n_heads · d_h = d_out = {W.shape[0]}, "
-                         f"got {tuple(G_heads.shape)}.")
-    quantized, message = _gptq_or_rtn(W.float(), H, cfg, block_size, act_order, damp, name, G_heads)
-    weight = quantized.to(W.dtype)
-    return GPTQResult(weight, layer_error(W, weight, H.to(W.device), G_heads.to(W.device)), message)
+    return gptq_rows_shared([(W, G_heads)], H, cfg, block_size, act_order, damp, name)[0]

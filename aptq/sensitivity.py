@@ -156,11 +156,11 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
                settings: AnalysisSettings) -> tuple[list[dict], list[dict]]:
     """The block's rows of `layers` and `errors` from its Hessians and current weights."""
     layer_records, error_records = [], []
-    widths = list(itertools.product(sorted(set(settings.bits)), settings.group_sizes))
+    configs = [QuantConfig(bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search)
+               for bits, group_size in itertools.product(sorted(set(settings.bits)), settings.group_sizes)]
     # q and k of each width in one walk of the attention-aware quantizer, as the pipeline runs them
-    shared = {(bits, group_size): _shared_walks(model, arch, hessians, QuantConfig(
-        bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search), settings.act_order_from)
-        for bits, group_size in widths} if settings.quantizer_errors else {}
+    shared = {config: _shared_walks(model, arch, hessians, config, settings.act_order_from)
+              for config in configs} if settings.quantizer_errors else {}
     for layer in arch.block_layers(hessians.block):
         weight = get_weight(model, layer).detach().float()
         device = weight.device
@@ -187,17 +187,16 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
             "score": trace_lm / n_params, "residual_ms": hessians.residual[module],
             "tokens": hessians.layer_tokens.get(layer.name, hessians.tokens),
             "pooled_hessian": layer.name in hessians.pooled})
-        for bits, group_size in widths:
-            config = QuantConfig(bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search)
+        for config in configs:
             # One RTN ΔW per (layer, bits), scored under both Hessians: the pipeline's own RTN, as `--method rtn`
             # runs it (clipping on the plain squared error, no Hessian), so the prediction is the error of the run.
             quantized = {"": _quantized_by(weight, layer, hessians, config, "rtn")}
             if settings.quantizer_errors:
                 quantized |= {f"{infix}_": _quantized_by(weight, layer, hessians, config, quantizer,
                                                          settings.act_order_from,
-                                                         shared[bits, group_size].get(layer.name))
+                                                         shared[config].get(layer.name))
                               for infix, quantizer in QUANTIZER_SOURCES.items()}
-            record = {"layer": layer.name, "bits": bits, "group_size": group_size}
+            record = {"layer": layer.name, "bits": config.bits, "group_size": config.group_size}
             for prefix, q in quantized.items():
                 record[f"err_{prefix}layerwise"] = float(layer_error(weight, q, h))
                 record[f"err_{prefix}attention"] = _attention_error(weight, q, layer.name, hessians, arch, h,
