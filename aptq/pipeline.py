@@ -289,12 +289,12 @@ def shared_row_walks(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]]
     walks = settings.method == "attention" or (settings.method == "aespa" and settings.aespa.start == "attention")
     if hessians is None or not walks:
         return {}
-    together: dict[tuple[int, str], list[LinearLayer]] = {}
+    together: dict[tuple[int, str, int], list[LinearLayer]] = {}  # (width, input, head size) → layers
     for layer, bits in todo:
         if layer.name in hessians.row:
-            together.setdefault((bits, layer.input_group), []).append(layer)
+            together.setdefault((bits, layer.input_group, hessians.row[layer.name].shape[-1]), []).append(layer)
     shared = {}
-    for (bits, _), layers in together.items():
+    for (bits, _, _), layers in together.items():
         if len(layers) < 2:
             continue
         fitted = []  # (the weight the layer's objective fits, its row Hessians)
