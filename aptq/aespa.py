@@ -34,8 +34,12 @@ STARTS = ("attention", "rtn")
 HARD_CHECKS = 10
 INITIAL_H = 0.9  # h(V) at iteration 0 where the start took the upper code (1 − this for the lower)
 # (our choice, measured in bench/results/aespa.md) iterations per layer that fit a CPU session for the embedded model;
-# GPU_ITERATIONS is AdaRound's published setting (its reference implementation's default as well).
+# from WIDE_FROM bits fewer (our choice: the optimiser refines little beyond the start there, and at 3 bits 50 gave a
+# lower KL on held-out calibration windows than 100 on both models, bench/results/peers*.md). GPU_ITERATIONS is
+# AdaRound's published setting (its reference implementation's default as well).
 CPU_ITERATIONS = 100
+CPU_WIDE_ITERATIONS = 50
+WIDE_FROM = 3
 GPU_ITERATIONS = 10_000
 
 
@@ -43,7 +47,8 @@ GPU_ITERATIONS = 10_000
 class AespaOptions:
     """The optimiser's settings; the defaults are the CPU setting (docs/algorithms.md §13 has the reasons)."""
 
-    iterations: int = CPU_ITERATIONS
+    # per layer, at every width; None: the CPU setting, CPU_ITERATIONS below WIDE_FROM bits, CPU_WIDE_ITERATIONS from it
+    iterations: int | None = None
     start: str = "attention"  # the starting solution: attention-aware GPTQ ("attention") or round-to-nearest ("rtn")
     # also learn a factor on each row-group's scale; (our choice) on by default: chosen on held-out calibration windows
     # at 2 and 3 bits on the embedded model (bench/results/peers.md, docs/algorithms.md §13)
@@ -55,12 +60,20 @@ class AespaOptions:
 
     @staticmethod
     def for_device(device: str, iterations: int | None = None) -> AespaOptions:
-        """The options for a compute device: `iterations`, or the CPU or GPU default."""
-        default = CPU_ITERATIONS if torch.device(device).type == "cpu" else GPU_ITERATIONS
-        return AespaOptions(iterations=default if iterations is None else iterations)
+        """The options for a compute device: `iterations`, or the CPU's setting by width or the GPU's."""
+        if iterations is None and torch.device(device).type != "cpu":
+            iterations = GPU_ITERATIONS
+        return AespaOptions(iterations=iterations)
+
+    def iterations_for(self, bits: int) -> int:
+        """The iterations of a layer of this width."""
+        if self.iterations is not None:
+            return self.iterations
+        return CPU_ITERATIONS if bits < WIDE_FROM else CPU_WIDE_ITERATIONS
 
     def __post_init__(self) -> None:
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+        if self.iterations is not None and (isinstance(self.iterations, bool) or not isinstance(self.iterations, int)
+                                            or self.iterations < 0):
             raise UserError(f"The aespa iterations must be a whole number ≥ 0, got {self.iterations!r}.")
         if self.start not in STARTS:
             raise UserError(f"The aespa start must be one of {', '.join(STARTS)}, got {self.start!r}.")
@@ -218,12 +231,13 @@ class _Relaxation:
         return self.group_scale * log_factor.exp().unsqueeze(-1)
 
 
-def _beta(options: AespaOptions, iteration: int) -> float | None:
-    """The regulariser's exponent at this iteration, None during the warm-up (AdaRound's linear decay)."""
-    warm = int(options.warmup * options.iterations)
+def _beta(options: AespaOptions, iteration: int, iterations: int) -> float | None:
+    """The regulariser's exponent at this iteration of `iterations`, None during the warm-up (AdaRound's linear
+    decay)."""
+    warm = int(options.warmup * iterations)
     if iteration < warm:
         return None
-    progress = (iteration - warm) / max(1, options.iterations - warm)
+    progress = (iteration - warm) / max(1, iterations - warm)
     start, end = options.beta
     return end + (start - end) * (1 - progress)
 
@@ -264,7 +278,8 @@ def optimise_rounding(W: Tensor, start: Tensor, objective: AttentionObjective, c
     objective, and a schedule whose last iterations drift does not lose what it found before."""
     exact = objective.double()
     start_loss = exact.loss(W, start)
-    if options.iterations == 0 or start_loss <= 0:
+    iterations = options.iterations_for(cfg.bits)
+    if iterations == 0 or start_loss <= 0:
         return AespaResult(start.to(W.dtype), start_loss, start_loss, True)
     relaxed = _Relaxation.of(W, start, cfg)
     weights = relaxed.grouped(W.float())
@@ -274,12 +289,12 @@ def optimise_rounding(W: Tensor, start: Tensor, objective: AttentionObjective, c
     # fused: one pass per step instead of Adam's dozen (the same update, to float rounding)
     optimiser = torch.optim.Adam(parameters, lr=options.learning_rate, fused=W.device.type in ("cpu", "cuda"))
     best = AespaResult(start.to(W.dtype), start_loss, start_loss, True)
-    checks = max(1, options.iterations // HARD_CHECKS)
-    for iteration in range(options.iterations):
+    checks = max(1, iterations // HARD_CHECKS)
+    for iteration in range(iterations):
         V.grad, log_factor.grad = _gradients(V, log_factor, relaxed, weights, objective, start_loss,
-                                             _beta(options, iteration), options)
+                                             _beta(options, iteration, iterations), options)
         optimiser.step()
-        if (iteration + 1) % checks == 0 or iteration + 1 == options.iterations:
+        if (iteration + 1) % checks == 0 or iteration + 1 == iterations:
             scale = fp16_ceil(relaxed.scales(log_factor)) if options.learn_scales else relaxed.group_scale
             hard = relaxed.flat(scale * relaxed.levels((V >= 0).float())).contiguous()  # h(V) ≥ ½ iff V ≥ 0
             loss = exact.loss(W, hard)

@@ -411,7 +411,8 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
                              "from its attention probabilities, centred (attention) (default: %(default)s, chosen in "
                              "bench/results/quantizer.md)")
     parser.add_argument("--aespa-iterations", type=int, default=None,
-                        help="aespa: rounding iterations per layer (default: 100 on a CPU, 10000 on a GPU)")
+                        help="aespa: rounding iterations per layer at every width (default on a CPU: 100 below 3 bits, "
+                             "50 from 3 bits; on a GPU: 10000)")
     parser.add_argument("--aespa-fixed-scales", action="store_true",
                         help="aespa: keep the starting solution's scales (default: learn a factor on each group's "
                              "scale)")

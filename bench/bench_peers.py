@@ -134,12 +134,13 @@ class Quantized:
 
     def settings(self):
         """Our quantizer's settings for this record."""
-        from aptq.aespa import AespaOptions
+        from aptq.aespa import CPU_ITERATIONS, AespaOptions
         from aptq.pipeline import QuantizeSettings
 
-        # act-order and full-precision targets off unless an option turns them on: the rows' labels name every option
-        # of theirs, as they did before act-order from 3 bits and the targets became the quantizers' defaults
-        chosen, aespa = {"act_order_from": None, "fp_targets": 0.0}, {}
+        # act-order and full-precision targets off and aespa's 100 iterations at every width unless an option says
+        # otherwise: the rows' labels name every option of theirs, as they did before act-order from 3 bits, the
+        # targets and the iterations by width became the quantizers' defaults
+        chosen, aespa = {"act_order_from": None, "fp_targets": 0.0}, {"iterations": CPU_ITERATIONS}
         for part in filter(None, self.options.split(",")):
             name, _, value = part.partition("=")
             if name in OPTIONS:

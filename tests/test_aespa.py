@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import aptq.aespa as aespa
 import aptq.pipeline as pipeline
 from aptq.aespa import AespaOptions, AttentionObjective, _gradients, _Relaxation, optimise_rounding, out_row_factor
 from aptq.cli import main
@@ -171,6 +172,22 @@ def test_the_result_lies_on_a_grid_with_float16_scales(symmetric, learn_scales, 
     assert torch.equal(codes.dequantize(), result.weight)
     if symmetric:
         assert (codes.zeros == cfg.symmetric_zero).all()
+
+
+def test_the_cpu_setting_takes_fewer_iterations_from_three_bits():
+    """The default options run CPU_ITERATIONS below 3 bits and CPU_WIDE_ITERATIONS from 3, exactly as those explicit
+    counts do; a GPU takes GPU_ITERATIONS at every width, and an explicit count holds at every width."""
+    W, objective, _ = _tiny_layers()["rows"]
+    for bits, count in ((2, aespa.CPU_ITERATIONS), (3, aespa.CPU_WIDE_ITERATIONS), (4, aespa.CPU_WIDE_ITERATIONS)):
+        cfg = QuantConfig(bits, 16)
+        start = rtn(W, cfg)
+        by_width = optimise_rounding(W, start, objective, cfg, AespaOptions()).weight
+        assert torch.equal(by_width, optimise_rounding(W, start, objective, cfg, AespaOptions(iterations=count)).weight)
+    other = optimise_rounding(W, start, objective, cfg, AespaOptions(iterations=aespa.CPU_ITERATIONS)).weight
+    assert not torch.equal(by_width, other)  # the two counts differ here, so the rule is seen
+    assert AespaOptions.for_device("cpu") == AespaOptions()
+    assert AespaOptions.for_device("cuda").iterations_for(2) == aespa.GPU_ITERATIONS
+    assert AespaOptions.for_device("cpu", 7).iterations_for(4) == AespaOptions(iterations=7).iterations_for(2) == 7
 
 
 def test_bad_options_are_refused_in_one_sentence():

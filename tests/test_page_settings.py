@@ -32,8 +32,9 @@ def test_the_trade_offs_sweep_says_when_its_plans_use_rtns_errors(at):
 
 @pytest.mark.integration
 def test_the_quantize_page_gives_aespa_the_devices_options(at, monkeypatch):
-    """The device's default iterations (here the CPU's, lowered to 3) reach the stored run, not the class default."""
+    """On a CPU the page's aespa run takes the CPU setting by width (its counts lowered to 3 here), stored as such."""
     monkeypatch.setattr(aespa, "CPU_ITERATIONS", 3)
+    monkeypatch.setattr(aespa, "CPU_WIDE_ITERATIONS", 3)
     at.switch_page("pages/3_Quantize.py").run()
     at.selectbox(key="run_plan_choice").set_value("uniform").run()
     at.number_input(key="run_seqlen").set_value(64)
@@ -47,4 +48,4 @@ def test_the_quantize_page_gives_aespa_the_devices_options(at, monkeypatch):
         time.sleep(0.3)
         at.run()
     (settings,) = history.stored_runs(Store(default_path()))["settings"]
-    assert json.loads(settings)["aespa"]["iterations"] == 3
+    assert json.loads(settings)["aespa"]["iterations"] is None
