@@ -155,46 +155,25 @@ def _trace(matrix: torch.Tensor) -> float:
 def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessians,
                settings: AnalysisSettings) -> tuple[list[dict], list[dict]]:
     """The block's rows of `layers` and `errors` from its Hessians and current weights."""
-    layer_records, error_records = [], []
-    configs = [QuantConfig(bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search)
-               for bits, group_size in itertools.product(sorted(set(settings.bits)), settings.group_sizes)]
-    # q and k of each width in one walk of the attention-aware quantizer, as the pipeline runs them
-    shared = {config: _shared_walks(model, arch, hessians, config, settings.act_order_from)
-              for config in configs} if settings.quantizer_errors else {}
-    for layer in arch.block_layers(hessians.block):
-        weight = get_weight(model, layer).detach().float()
-        device = weight.device
-        h = hessians.layerwise[layer.name].to(device)
-        d_out, d_in = weight.shape
-        n_params = d_out * d_in
-        trace_layerwise = d_out * _trace(h)
-        if layer.name in hessians.value:
-            h_v = hessians.value[layer.name].to(device)
-            trace_attention = arch.head_dim * _trace(h_v)
-        elif layer.name in hessians.row:
-            g = hessians.row[layer.name].to(device)
-            trace_attention = _trace(g) * _trace(h)
-        else:  # H̃ under a post-norm, else H (= trace_layerwise)
-            trace_attention = d_out * _trace(hessians.column(layer.name).to(device))
-        trace_lm = hessians.lm_trace[layer.name]
-        module = "attention" if layer.kind in ATTENTION_KINDS else "mlp"
-        # (our choice of normalization, HAWQ-style) scores are traces per parameter.
-        layer_records.append({
-            "layer": layer.name, "block": layer.block, "kind": layer.kind, "fused": layer.fused_set,
-            "n_params": n_params, "d_out": d_out, "d_in": d_in, "trace_layerwise": trace_layerwise,
-            "trace_attention": trace_attention, "trace_lm": trace_lm, "trace_lm_se": hessians.lm_trace_se[layer.name],
-            "score_layerwise": trace_layerwise / n_params, "score_attention": trace_attention / n_params,
-            "score": trace_lm / n_params, "residual_ms": hessians.residual[module],
-            "tokens": hessians.layer_tokens.get(layer.name, hessians.tokens),
-            "pooled_hessian": layer.name in hessians.pooled})
-        for config in configs:
+    layers = arch.block_layers(hessians.block)
+    layer_records = [_layer_record(get_weight(model, layer).detach().float(), layer, hessians, arch)
+                     for layer in layers]
+    error_records = []
+    for bits, group_size in itertools.product(sorted(set(settings.bits)), settings.group_sizes):
+        config = QuantConfig(bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search)
+        # q and k of this width in one walk of the attention-aware quantizer, as the pipeline runs them; one width's
+        # results held at a time
+        shared = _shared_walks(model, arch, hessians, config, settings.act_order_from) \
+            if settings.quantizer_errors else {}
+        for layer in layers:
+            weight = get_weight(model, layer).detach().float()
+            h = hessians.layerwise[layer.name].to(weight.device)
             # One RTN ΔW per (layer, bits), scored under both Hessians: the pipeline's own RTN, as `--method rtn`
             # runs it (clipping on the plain squared error, no Hessian), so the prediction is the error of the run.
             quantized = {"": _quantized_by(weight, layer, hessians, config, "rtn")}
             if settings.quantizer_errors:
                 quantized |= {f"{infix}_": _quantized_by(weight, layer, hessians, config, quantizer,
-                                                         settings.act_order_from,
-                                                         shared[config].get(layer.name))
+                                                         settings.act_order_from, shared.get(layer.name))
                               for infix, quantizer in QUANTIZER_SOURCES.items()}
             record = {"layer": layer.name, "bits": config.bits, "group_size": config.group_size}
             for prefix, q in quantized.items():
@@ -203,6 +182,34 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
                                                                     record[f"err_{prefix}layerwise"])
             error_records.append(record)
     return layer_records, error_records
+
+
+def _layer_record(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians, arch: Architecture) -> dict:
+    """The layer's row of `layers`: its traces under each Hessian and their scores."""
+    device = weight.device
+    h = hessians.layerwise[layer.name].to(device)
+    d_out, d_in = weight.shape
+    n_params = d_out * d_in
+    trace_layerwise = d_out * _trace(h)
+    if layer.name in hessians.value:
+        h_v = hessians.value[layer.name].to(device)
+        trace_attention = arch.head_dim * _trace(h_v)
+    elif layer.name in hessians.row:
+        g = hessians.row[layer.name].to(device)
+        trace_attention = _trace(g) * _trace(h)
+    else:  # H̃ under a post-norm, else H (= trace_layerwise)
+        trace_attention = d_out * _trace(hessians.column(layer.name).to(device))
+    trace_lm = hessians.lm_trace[layer.name]
+    module = "attention" if layer.kind in ATTENTION_KINDS else "mlp"
+    # (our choice of normalization, HAWQ-style) scores are traces per parameter.
+    return {
+        "layer": layer.name, "block": layer.block, "kind": layer.kind, "fused": layer.fused_set,
+        "n_params": n_params, "d_out": d_out, "d_in": d_in, "trace_layerwise": trace_layerwise,
+        "trace_attention": trace_attention, "trace_lm": trace_lm, "trace_lm_se": hessians.lm_trace_se[layer.name],
+        "score_layerwise": trace_layerwise / n_params, "score_attention": trace_attention / n_params,
+        "score": trace_lm / n_params, "residual_ms": hessians.residual[module],
+        "tokens": hessians.layer_tokens.get(layer.name, hessians.tokens),
+        "pooled_hessian": layer.name in hessians.pooled}
 
 
 def _attention_error(weight: torch.Tensor, quantized: torch.Tensor, name: str, hessians: BlockHessians,

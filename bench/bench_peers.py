@@ -16,6 +16,9 @@ The peers pin their own transformers, so they run in a separate environment and 
     .venv/bin/python -m bench.bench_peers evaluate
     .venv/bin/python -m bench.bench_peers evaluate-longer --tokens 16384   # kept Ŵ on more evaluation tokens
 
+Another protocol (e.g. `dump --samples 64 --seqlen 512 --tokens 16384`, the issues' own) wants APTQ_CACHE_DIR set to a
+directory of its own as well; its table is written to a file named after it (Inputs.results).
+
 Another model: `dump --model SOURCE` (anything `aptq.models.load_model` takes; every later step reads it from the
 dump) with APTQ_CACHE_DIR set to a directory of its own, so that its dump, Ŵ files and store stay apart; its table is
 written to bench/results/peers_<model>.md.
@@ -58,6 +61,9 @@ WORK = Path(os.environ.get("APTQ_CACHE_DIR", Path(__file__).resolve().parent.par
 INPUTS = WORK / "inputs.pt"
 RESULTS = Path(__file__).parent / "results"
 WINDOW = 512
+# (calibration segments, their length, evaluation tokens) of the first tables (peers.md, peers_<model>.md); a dump with
+# another protocol writes a table of its own (Inputs.results)
+FIRST_PROTOCOL = (8, 512, 4096)
 # auto-round's recipes (auto_round.cli.main.RECIPES): default 200 iterations, light 50 at lr 5e-3; both with batches
 # of 8 segments. nsamples/seqlen are ours (the dumped segments), not the recipes' 128 × 2048.
 AUTOROUND_ITERATIONS = {"autoround": 200, "autoround-light": 50}
@@ -103,8 +109,12 @@ class Inputs:
 
     @property
     def results(self) -> Path:
-        """The table's file: peers.md for the embedded model, peers_<model directory>.md for another."""
-        return RESULTS / ("peers.md" if self.source is None else f"peers_{Path(self.model_dir).name}.md")
+        """The table's file: peers.md for the embedded model, peers_<model directory>.md for another; a protocol
+        other than FIRST_PROTOCOL adds _<samples>x<seqlen>_<evaluation tokens>, so that it gets a table of its own."""
+        name = "peers" if self.source is None else f"peers_{Path(self.model_dir).name}"
+        if (self.samples, self.seqlen, self.evaluation.numel()) != FIRST_PROTOCOL:
+            name += f"_{self.samples}x{self.seqlen}_{self.evaluation.numel()}"
+        return RESULTS / f"{name}.md"
 
 
 @dataclass(frozen=True)
