@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(pipeline.QUANTIZERS), help="comma-separated quantizers")
     parser.add_argument("--phases", action="store_true", help="profile the quantization and report its phases")
     args = parser.parse_args()
+    if unknown := set(args.methods.split(",")) - set(pipeline.QUANTIZERS):
+        parser.error(f"unknown methods {', '.join(sorted(unknown))}; choose from {', '.join(pipeline.QUANTIZERS)}")
     pipeline.RUN_CACHE = Path(tempfile.mkdtemp()) / "runs"
     loaded = load_model(device="cpu")
     corpus = load_corpus()
