@@ -156,8 +156,7 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
                settings: AnalysisSettings) -> tuple[list[dict], list[dict]]:
     """The block's rows of `layers` and `errors` from its Hessians and current weights."""
     layers = arch.block_layers(hessians.block)
-    layer_records = [_layer_record(get_weight(model, layer).detach().float(), layer, hessians, arch)
-                     for layer in layers]
+    layer_records = [_layer_record(get_weight(model, layer), layer, hessians, arch) for layer in layers]
     error_records = []
     for bits, group_size in itertools.product(sorted(set(settings.bits)), settings.group_sizes):
         config = QuantConfig(bits, group_size, symmetric=settings.symmetric, clip_search=settings.clip_search)
@@ -185,7 +184,7 @@ def layer_rows(model: torch.nn.Module, arch: Architecture, hessians: BlockHessia
 
 
 def _layer_record(weight: torch.Tensor, layer: LinearLayer, hessians: BlockHessians, arch: Architecture) -> dict:
-    """The layer's row of `layers`: its traces under each Hessian and their scores."""
+    """The layer's row of `layers`: its traces under each Hessian and their scores (`weight`: its shape and device)."""
     device = weight.device
     h = hessians.layerwise[layer.name].to(device)
     d_out, d_in = weight.shape
