@@ -270,34 +270,49 @@ class HessianCollector:
         self._attention = call
 
     def __enter__(self) -> HessianCollector:
-        self._stack = ExitStack()
+        if self.options.attention:
+            attention = self.step.block.get_submodule(self.arch.attention_attr)
+            self._norms = {kind: RmsNorm.of(module) for kind, module in qk_norm_modules(attention).items()}
+        if self.options.mlp_rows:
+            self._mlp_activation = self._find_mlp_activation()
+        # the residual stream and the traces read what the post-norms add to the stream
+        self._post_norms = output_norm_modules(self.step.block)
+        if self.options.output_norms:
+            self._output_norms = {kind: RmsNorm.of(module) for kind, module in self._post_norms.items()
+                                  if kind in self.by_kind}
+        self._stack = self._hooked()
+        return self
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The block without the collector's hooks for the duration: forward passes of another stream (the
+        full-precision one, aptq.targets) leave nothing in its sums."""
+        self._stack.close()
+        try:
+            yield
+        finally:
+            self._stack = self._hooked()
+
+    def _hooked(self) -> ExitStack:
+        """The collector's hooks (and the recording attention) on the block, undone by closing the stack."""
+        stack = ExitStack()
         cut_paths = {layer.module_path for layer in self.layers if self.by_role and layer.kind in MODULE_INPUTS}
         for path in dict.fromkeys(layer.module_path for layer in self.layers):
             module = self.step.block.get_submodule(path[len(self._block_prefix()):])
             handles = (module.register_forward_pre_hook(self._pre_hook(path, path in cut_paths)),
                        module.register_forward_hook(self._forward_hook(path)))
             for handle in handles:
-                self._stack.callback(handle.remove)
+                stack.callback(handle.remove)
         if self.experts is not None:
-            self._stack.enter_context(self.experts.hooked(self.step.block))
+            stack.enter_context(self.experts.hooked(self.step.block))
         if self.options.attention:
             attention = self.step.block.get_submodule(self.arch.attention_attr)
-            self._stack.enter_context(recording_attention(attention, self._record_attention))
-            self._norms = {kind: RmsNorm.of(module) for kind, module in qk_norm_modules(attention).items()}
-        if self.options.mlp_rows:
-            self._mlp_activation = self._find_mlp_activation()
-        # the residual stream and the traces read what the post-norms add to the stream
-        self._post_norms = output_norm_modules(self.step.block)
+            stack.enter_context(recording_attention(attention, self._record_attention))
         for kind, module in self._post_norms.items():
-            handle = module.register_forward_hook(self._post_norm_hook(kind))
-            self._stack.callback(handle.remove)
-        if self.options.output_norms:
-            for kind, module in self._post_norms.items():
-                if kind in self.by_kind:
-                    self._output_norms[kind] = RmsNorm.of(module)
-                    handle = module.register_forward_pre_hook(self._norm_hook(kind))
-                    self._stack.callback(handle.remove)
-        return self
+            stack.callback(module.register_forward_hook(self._post_norm_hook(kind)).remove)
+        for kind in self._output_norms:
+            stack.callback(self._post_norms[kind].register_forward_pre_hook(self._norm_hook(kind)).remove)
+        return stack
 
     def _post_norm_hook(self, kind: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

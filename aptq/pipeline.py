@@ -475,27 +475,34 @@ class QuantizedWeights:
             yield model
 
 
-def _collect(step: BlockStep, arch: Architecture, options: CollectOptions, geometry_cache: dict,
-             parts: int) -> BlockHessians:
-    """The block's Hessians, each cached batch processed in up to `parts` pieces (outputs are recomputed later)."""
+def _collect(step: BlockStep, arch: Architecture, options: CollectOptions, geometry_cache: dict, parts: int,
+             moments: MismatchMoments | None = None) -> tuple[BlockHessians, dict[str, torch.Tensor] | None]:
+    """The block's Hessians, each cached batch processed in up to `parts` pieces (outputs are recomputed later), and
+    with `moments` the mismatch moments D from the same pass over the quantized stream (the full-precision stream's
+    forwards run beside it with the collector's hooks paused)."""
     with HessianCollector(step, arch, options, geometry_cache) as collector:
-        for batch in step.batches():
-            for piece in step.split(batch, parts):
-                collector.process(piece)
-    return collector.result()
+        if moments is not None:
+            mismatch = moments.collect(parts, collector.process, collector.paused)
+        else:
+            mismatch = None
+            for batch in step.batches():
+                for piece in step.split(batch, parts):
+                    collector.process(piece)
+    return collector.result(), mismatch
 
 
-def _mismatch_moments(arch: Architecture, step: BlockStep, todo: list[tuple[LinearLayer, int]], hessians: BlockHessians,
-                      settings: QuantizeSettings, parts: int) -> dict[str, torch.Tensor] | None:
-    """With `fp_targets` above 0, D of the block's layers that fit the full-precision output (aptq.targets): every
-    layer but the experts of a mixture."""
+def _mismatch_moments(arch: Architecture, step: BlockStep, todo: list[tuple[LinearLayer, int]],
+                      options: CollectOptions, settings: QuantizeSettings) -> MismatchMoments | None:
+    """With `fp_targets` above 0, the moments' collector for the block's layers that fit the full-precision output
+    (aptq.targets): every layer but the experts of a mixture; the out and down projections under the post-norm
+    weighting (`options.output_norms`, a block with post-norms) weigh their tokens as their Hessian does."""
     layers = [layer for layer, _ in todo if layer.expert is None]
     if not settings.fp_targets or not layers:
         return None
-    post_norms = output_norm_modules(step.block)
+    post_norms = output_norm_modules(step.block) if options.output_norms else {}
     normed = {layer.module_path: RmsNorm.of(post_norms[layer.kind]).eps for layer in layers
-              if layer.name in hessians.output_normed}
-    return MismatchMoments(step, layers, f"{arch.blocks_path}.{step.index}.", normed).collect(parts)
+              if layer.kind in post_norms}
+    return MismatchMoments(step, layers, f"{arch.blocks_path}.{step.index}.", normed)
 
 
 def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[LinearLayer, int]],
@@ -513,8 +520,8 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
     parts, notes = 1, []
     while True:
         try:
-            hessians = _collect(step, loaded.arch, options, geometry_cache, parts)
-            mismatch = _mismatch_moments(loaded.arch, step, todo, hessians, settings, parts)
+            moments = _mismatch_moments(loaded.arch, step, todo, options, settings)
+            hessians, mismatch = _collect(step, loaded.arch, options, geometry_cache, parts, moments)
             weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings, None, out_weight,
                                                    down_weight, mismatch)
             return weights, notes + block_notes

@@ -33,10 +33,13 @@ whose row factors come from the quantized stream).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 
-from aptq.capture import BlockStep
+from aptq.capture import Batch, BlockStep
 from aptq.geometry import inverse_rms
 from aptq.gptq import DAMP_RETRIES
 from aptq.models import LinearLayer
@@ -85,9 +88,15 @@ class MismatchMoments:
         return hook
 
     @torch.no_grad()
-    def collect(self, parts: int = 1) -> dict[str, torch.Tensor]:
-        """Layer name → D (d_in × d_in, float32, CPU); each batch in up to `parts` pieces (a device short of memory)."""
+    def collect(self, parts: int = 1, forward: Callable[[Batch], torch.Tensor] | None = None,
+                aside: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, torch.Tensor]:
+        """Layer name → D (d_in × d_in, float32, CPU); each batch in up to `parts` pieces (a device short of memory).
+
+        `forward` runs a piece on the quantized stream (the block's own forward by default): the pipeline passes the
+        Hessian collector's, so that one pass over the quantized stream serves both; `aside()` is a context around
+        each full-precision forward (the collector's hooks paused)."""
         reference = self.step.reference
+        forward = forward or self.step.forward
         handles = [self.step.block.get_submodule(path[len(self.prefix):]).register_forward_hook(self._hook(path))
                    for path in self.paths]
         try:
@@ -96,9 +105,10 @@ class MismatchMoments:
                 outputs = []
                 for full_piece, piece in zip(reference.split(full_batch, parts), self.step.split(batch, parts)):
                     self._recording = True
-                    outputs.append(reference.forward(full_piece))
+                    with aside():
+                        outputs.append(reference.forward(full_piece))
                     self._recording = False
-                    self.step.forward(piece)
+                    forward(piece)
                 reference.keep_output(full_batch, torch.cat(outputs))
                 self.tokens += batch.hidden.shape[0] * batch.hidden.shape[1]
         finally:

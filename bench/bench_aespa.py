@@ -47,7 +47,7 @@ def main() -> None:
     walk = BlockWalk(loaded.model, loaded.arch, segments, device="cpu", stop=args.blocks)
     for step in walk:
         start = time.perf_counter()
-        hessians = _collect(step, loaded.arch, CollectOptions(attention=True, probes=0), {}, 1)
+        hessians, _ = _collect(step, loaded.arch, CollectOptions(attention=True, probes=0), {}, 1)
         collect_seconds = time.perf_counter() - start
         out_weight = block_weight(loaded.model, loaded.arch, step.index, "o")
         layers = loaded.arch.block_layers(step.index)

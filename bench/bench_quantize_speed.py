@@ -31,7 +31,8 @@ from aptq.evaluate import evaluate
 from aptq.models import load_model
 
 # phase → the function whose cumulative time it is (a function of aptq/)
-PHASES = {"hessians": "_collect", "mismatch_moments": "_mismatch_moments", "quantization": "_quantize_block",
+# (with full-precision targets "hessians" includes the full-precision stream's forwards and the mismatch moments)
+PHASES = {"hessians": "_collect", "quantization": "_quantize_block",
           "aespa_optimiser": "optimise_rounding", "shared_qk_walks": "shared_row_walks", "next_inputs": "finish"}
 
 

@@ -13,6 +13,7 @@ from aptq.capture import BlockWalk
 from aptq.choices import FP_TARGETS
 from aptq.data import Sampling, calibration_segments, token_ids
 from aptq.geometry import RmsNorm, output_norm_modules
+from aptq.hessian import CollectOptions
 from aptq.models import get_module, get_weight, load_model
 from aptq.pipeline import QuantizeSettings, swapped_weights, uniform_plan
 from aptq.targets import MismatchMoments, full_precision_target
@@ -136,6 +137,41 @@ def test_the_walks_full_precision_stream_and_mismatch_moments_match_brute_force(
             step.finish()  # true-sequential: the next block's inputs come from the "quantized" block
     # the quantized stream did move away from the full-precision one
     assert not torch.allclose(step.batch(0).hidden, full_states[step.index][:3], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe"])
+def test_one_pass_over_the_quantized_stream_serves_the_hessians_and_the_moments(tiny_model, family):
+    """The pipeline runs the full-precision stream's forwards inside the Hessian pass with the collector's hooks
+    paused: every Hessian (the experts' too, whose recorder adds up rather than overwrites) and every moment as when
+    the two are collected apart."""
+    model, arch = tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (6, 48), generator=torch.Generator().manual_seed(1))
+    noise = _perturbed(model, arch, 0)
+    options = CollectOptions(attention=True, probes=0, output_norms=True)
+    walk = BlockWalk(model, arch, ids, batch_size=4, reference=True, stop=2)  # batches of 4 and 2
+    for step in walk:
+        if step.index == 0:
+            with swapped_weights(model, arch, noise):
+                step.finish()  # the streams part
+            continue
+        layers = [layer for layer in arch.block_layers(1) if layer.expert is None]
+        post_norms = output_norm_modules(step.block)
+        normed = {layer.module_path: RmsNorm.of(post_norms[layer.kind]).eps for layer in layers
+                  if layer.kind in post_norms}
+        prefix = f"{arch.blocks_path}.1."
+        moments = MismatchMoments(step, layers, prefix, normed).collect()
+        alone, _ = pipeline._collect(step, arch, options, {}, 1)
+        merged, merged_moments = pipeline._collect(step, arch, options, {}, 1,
+                                                   MismatchMoments(step, layers, prefix, normed))
+        assert merged_moments.keys() == moments.keys()
+        for name, moment in moments.items():
+            assert moment.abs().max() > 0 and torch.equal(merged_moments[name], moment), name
+        assert any(layer.expert is not None for layer in arch.block_layers(1)) == (family == "qwen3_moe")
+        for part in ("layerwise", "value", "row", "output_normed", "layer_tokens"):
+            assert getattr(merged, part).keys() == getattr(alone, part).keys()
+            for name, value in getattr(alone, part).items():
+                assert (value == getattr(merged, part)[name] if isinstance(value, int)
+                        else torch.equal(getattr(merged, part)[name], value)), (part, name)
 
 
 @pytest.mark.parametrize("family, settings", [("llama", QuantizeSettings("gptq", 32)),
