@@ -107,6 +107,10 @@ class BlockStep:
         return len(self._inputs)
 
     @property
+    def n_segments(self) -> int:
+        return sum(hidden.shape[0] for hidden in self._inputs)
+
+    @property
     def call_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of a full-size batch (e.g. rotary `position_embeddings`), on the compute device."""
         return self._calls[max(self._calls)][1]

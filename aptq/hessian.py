@@ -74,8 +74,11 @@ RECORDING_ATTENTION = "aptq_recording"
 MLP_ACTIVATIONS = ("act_fn", "activation_fn", "act")  # where the families' MLPs (or OPT's blocks) keep σ
 MODULE_INPUTS = ("q", "k", "v", "gate", "up")  # first linears of the attention and MLP modules
 # (our choice) Gaussian sketches per segment and query head for the attention-weighted row Hessians: with L tokens per
-# segment each adds L rank-one terms, so a few already give far more terms than G has entries
+# segment each adds L rank-one terms, so a few already give far more terms than G has entries. Up to SKETCHED_SEGMENTS
+# segments each gets ROW_SKETCHES; beyond, those ROW_SKETCHES × SKETCHED_SEGMENTS sketches are spread over all segments,
+# at least one each (the sketches' cost grows with the calibration set no faster than the rest of the pass).
 ROW_SKETCHES = 4
+SKETCHED_SEGMENTS = 8
 SKETCH_STREAM = 1 << 20  # seeds the sketches apart from the probes
 DEFAULT_PROBES = 1  # (our choice) Hutchinson probes per segment: keeps the traces near one extra forward+backward
 
@@ -188,6 +191,11 @@ class CollectOptions:
     # (each query's probabilities, centred: aptq.geometry.attention_weighted_rows; our choice)
     row_weights: str = "uniform"
     output_norms: bool = False  # H̃ of the out and down projections read by a post-norm
+
+
+def sketches_per_segment(segments: int) -> int:
+    """Gaussian sketches drawn per calibration segment for the attention-weighted row Hessians (see ROW_SKETCHES)."""
+    return max(1, ROW_SKETCHES * SKETCHED_SEGMENTS // max(segments, SKETCHED_SEGMENTS))
 
 
 def _probe_seed(*parts: int) -> int:
@@ -478,7 +486,8 @@ class HessianCollector:
         length = query.shape[2]
         for s in range(query.shape[0]):
             # (our choice) one draw per segment serves every head and both sides: a fraction of the cost of drawing
-            noise = torch.randn(ROW_SKETCHES, length, length, generator=self._sketches, device=query.device)
+            noise = torch.randn(sketches_per_segment(self.step.n_segments), length, length, generator=self._sketches,
+                                device=query.device)
             if query_weights is not None:
                 noise = noise * query_weights[s, None, :, None]
             for h in range(arch.n_heads):

@@ -88,7 +88,9 @@ if TYPE_CHECKING:
 # (our choice) the store and the run history (DuckDB) are imported where a run is stored, so that quantizing alone
 # (bench/gpu_check.sh, on a machine without DuckDB) needs neither.
 
-PIPELINE_VERSION = 2  # bump when a change alters quantized weights: stored runs then miss (2: fp16 scales, sym zero)
+# bump when a change alters quantized weights: stored runs then miss (2: fp16 scales, sym zero; 3: the row sketches
+# spread over calibration sets above 8 segments, aptq.hessian.sketches_per_segment)
+PIPELINE_VERSION = 3
 RUN_CACHE = CACHE_DIR / "runs"
 REFERENCE_CACHE = CACHE_DIR / "cache" / "reference"
 

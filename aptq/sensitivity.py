@@ -69,8 +69,9 @@ QUANTIZER_SOURCES = {"gptq": "gptq", "aware": "attention"}  # error-column infix
 # bump when any formula changes: old entries miss. 3: float16 scales, symmetric zero 2^(b−1); 4: the RTN errors are
 # those of the RTN that runs (clipping on the squared error, no longer searched under H); 5: the residual stream
 # after the attention add passes the attention output through the block's post-norm (Gemma 2/3, OLMo 2); 6: the
-# attention-aware Hessians as the quantizer collects them (`analysis_options`: attention row weights, post-norms)
-METHOD_VERSION = 6
+# attention-aware Hessians as the quantizer collects them (`analysis_options`: attention row weights, post-norms);
+# 7: their row sketches spread over calibration sets above 8 segments (aptq.hessian.sketches_per_segment)
+METHOD_VERSION = 7
 DEFAULT_BITS = (2, 3, 4, 8)
 ATTENTION_KINDS = ("q", "k", "v", "o")
 CPU_CALIBRATION = (64, 512)  # (our choice) segments × tokens that keep an analysis within minutes on a CPU

@@ -443,3 +443,10 @@ def test_full_attention_block_after_a_sliding_one_gets_its_own_mask():
     hessians, probe = collect(model, arch, ids, block=1), AttentionProbe(model, arch, ids, block=1)
     assert probe.visible.sum(1)[-1].item() == LENGTH  # the model's own call: full attention
     assert_matrix_close(hessians.row[probe.layers["q"].name], probe.exact_row_hessians("q"))
+
+
+def test_row_sketches_spread_over_calibration_sets_above_eight_segments():
+    """4 per segment up to 8 segments; beyond, their 32 spread over the segments, at least one each."""
+    from aptq.hessian import sketches_per_segment
+
+    assert [sketches_per_segment(n) for n in (1, 4, 8, 16, 32, 64, 128)] == [4, 4, 4, 2, 1, 1, 1]
