@@ -483,11 +483,10 @@ class HessianCollector:
         if self._sketches is None:  # one stream per block, so that a block's Hessians do not depend on the others
             self._sketches = torch.Generator(device=query.device).manual_seed(
                 _probe_seed(self.options.seed, self.step.index, SKETCH_STREAM))
-        length = query.shape[2]
+        length, sketches = query.shape[2], sketches_per_segment(self.step.n_segments)
         for s in range(query.shape[0]):
             # (our choice) one draw per segment serves every head and both sides: a fraction of the cost of drawing
-            noise = torch.randn(sketches_per_segment(self.step.n_segments), length, length, generator=self._sketches,
-                                device=query.device)
+            noise = torch.randn(sketches, length, length, generator=self._sketches, device=query.device)
             if query_weights is not None:
                 noise = noise * query_weights[s, None, :, None]
             for h in range(arch.n_heads):

@@ -493,8 +493,8 @@ def _collect(step: BlockStep, arch: Architecture, options: CollectOptions, geome
     return collector.result(), mismatch
 
 
-def _mismatch_moments(arch: Architecture, step: BlockStep, todo: list[tuple[LinearLayer, int]],
-                      options: CollectOptions, settings: QuantizeSettings) -> MismatchMoments | None:
+def _moments_collector(arch: Architecture, step: BlockStep, todo: list[tuple[LinearLayer, int]],
+                       options: CollectOptions, settings: QuantizeSettings) -> MismatchMoments | None:
     """With `fp_targets` above 0, the moments' collector for the block's layers that fit the full-precision output
     (aptq.targets): every layer but the experts of a mixture; the out and down projections under the post-norm
     weighting (`options.output_norms`, a block with post-norms) weigh their tokens as their Hessian does."""
@@ -522,7 +522,7 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
     parts, notes = 1, []
     while True:
         try:
-            moments = _mismatch_moments(loaded.arch, step, todo, options, settings)
+            moments = _moments_collector(loaded.arch, step, todo, options, settings)
             hessians, mismatch = _collect(step, loaded.arch, options, geometry_cache, parts, moments)
             weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings, None, out_weight,
                                                    down_weight, mismatch)
