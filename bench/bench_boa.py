@@ -75,6 +75,7 @@ SETTINGS = {
     "gptq": Setting(method="gptq"),
     **{f"shrink {share:g}": Setting(shrink=share) for share in (0.1, 0.25, 0.5, 0.75)},
     "attention rows": Setting(row_weights="attention"),
+    "attention rows + act-order": Setting(row_weights="attention", act_order=True),
     **{f"attention rows + shrink {share:g}": Setting(row_weights="attention", shrink=share) for share in (0.25, 0.5)},
 }
 

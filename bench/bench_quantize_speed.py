@@ -1,10 +1,11 @@
-"""Quantization time per method and perplexity on the embedded model's first blocks, for comparing two versions.
+"""Quantization time per method and perplexity on a model's first blocks (the embedded one by default), for comparing
+two versions.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python bench/bench_quantize_speed.py [--blocks 2] [--samples 8] \
         [--seqlen 256]
     PYTHONPATH=/tmp/aptq-before OMP_NUM_THREADS=1 .venv/bin/python bench/bench_quantize_speed.py   # an older aptq/
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python bench/bench_quantize_speed.py --methods aespa --samples 64 \
-        --seqlen 512 --phases
+        --seqlen 512 --phases [--model SOURCE]
 
 Quantizes the first `--blocks` blocks at 3 bits (groups of 64; the rest kept) with each of `--methods` (default every
 quantizer, today's default settings) through `aptq.pipeline.quantize_model`, then evaluates 8 windows of `--seqlen`
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import aptq.pipeline as pipeline
+from aptq.choices import EMBEDDED_MODEL
 from aptq.data import Sampling, calibration_segments, evaluation_windows, load_corpus, token_ids
 from aptq.evaluate import evaluate
 from aptq.models import load_model
@@ -53,11 +55,12 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--methods", default=",".join(pipeline.QUANTIZERS), help="comma-separated quantizers")
     parser.add_argument("--phases", action="store_true", help="profile the quantization and report its phases")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="anything aptq.models.load_model takes")
     args = parser.parse_args()
     if unknown := set(args.methods.split(",")) - set(pipeline.QUANTIZERS):
         parser.error(f"unknown methods {', '.join(sorted(unknown))}; choose from {', '.join(pipeline.QUANTIZERS)}")
     pipeline.RUN_CACHE = Path(tempfile.mkdtemp()) / "runs"
-    loaded = load_model(device="cpu")
+    loaded = load_model(args.model, device="cpu")
     corpus = load_corpus()
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"),
                                     Sampling(args.samples, args.seqlen))
@@ -78,7 +81,8 @@ def main() -> None:
             perplexity = evaluate(result, windows).perplexity
         else:
             perplexity = evaluate(loaded.model, windows, weights=result).perplexity
-        print(json.dumps({"method": method, "aptq": str(Path(pipeline.__file__).parent), "blocks": args.blocks,
+        print(json.dumps({"method": method, "aptq": str(Path(pipeline.__file__).parent),
+                          "model": loaded.arch.family, "blocks": args.blocks,
                           "samples": args.samples, "seqlen": args.seqlen, "quantize_seconds": round(seconds, 2),
                           **phases, "perplexity": perplexity,
                           "load_average": Path("/proc/loadavg").read_text().split()[0]}), flush=True)
