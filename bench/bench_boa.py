@@ -70,7 +70,7 @@ SETTINGS = {
     "v per head": Setting(),  # the method's default before 2026-12-01
     "v rows": Setting(value_rows=True),
     "v rows of summed slices": Setting(value_rows="summed"),
-    "v rows, act-order": Setting(value_rows=True, act_order=True),
+    "v rows + act-order": Setting(value_rows=True, act_order=True),
     "mlp rows": Setting(mlp_rows=True),
     "gptq": Setting(method="gptq"),
     **{f"shrink {share:g}": Setting(shrink=share) for share in (0.1, 0.25, 0.5, 0.75)},
