@@ -165,7 +165,7 @@ def _inverse_rectified_sigmoid(h: Tensor) -> Tensor:
     return torch.logit((h - GAMMA) / (ZETA - GAMMA))
 
 
-def _grouped(t: Tensor, width: int) -> Tensor:
+def grouped_columns(t: Tensor, width: int) -> Tensor:
     """d_out × d_in → d_out × n_groups × width, the last group zero-padded where the width does not divide d_in (a view
     otherwise)."""
     padding = -t.shape[1] % width
@@ -181,7 +181,7 @@ class _Relaxation:
     scale, `t = w / s + z`): where the start rounded to nearest or to the other side of w, that is AdaRound's
     floor/ceil pair; where GPTQ moved a code further, the choice is between it and the code one step back toward w.
 
-    Every per-weight tensor is held group by group (`_grouped`), so that a row-group's scale broadcasts over its
+    Every per-weight tensor is held group by group (`grouped_columns`), so that a row-group's scale broadcasts over its
     weights and the scale's gradient is a sum over the last axis: no gather or scatter per iteration. Padding weights
     have `free` 0 and `fixed` 0: they never move and add nothing."""
 
@@ -197,16 +197,16 @@ class _Relaxation:
         width = group_width(W.shape[1], cfg)
         group_scale = grid.scales.float().to(W.device).unsqueeze(-1)
         zero = grid.zeros.float().to(W.device).unsqueeze(-1)
-        codes = _grouped(grid.codes.float().to(W.device), width)
-        up = codes > _grouped(W.float(), width) / group_scale + zero
+        codes = grouped_columns(grid.codes.float().to(W.device), width)
+        up = codes > grouped_columns(W.float(), width) / group_scale + zero
         base = codes - up.float()
-        real = _grouped(torch.ones_like(W, dtype=torch.float32), width)
+        real = grouped_columns(torch.ones_like(W, dtype=torch.float32), width)
         fixed = (torch.clamp(base, 0, cfg.max_level) - zero) * real
         free = ((base >= 0) & (base < cfg.max_level)).float() * real
         return _Relaxation(W.shape[1], group_scale, up, fixed, free)
 
     def grouped(self, t: Tensor) -> Tensor:
-        return _grouped(t, self.fixed.shape[-1])
+        return grouped_columns(t, self.fixed.shape[-1])
 
     def flat(self, t: Tensor) -> Tensor:
         """The inverse of `grouped`: d_out × d_in (a view where no group is padded)."""

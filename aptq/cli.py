@@ -173,6 +173,13 @@ def fp_target_share(text: str) -> float:
     return _share(text, "the share of the full-precision targets")
 
 
+def refinement_steps(text: str) -> int:
+    """An argparse type: `--block-refinement`, a whole number of steps ≥ 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"the block refinement's steps must be a whole number ≥ 0, got {text!r}")
+    return int(text)
+
+
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=None,
                         help="calibration segments (default: 64 on CPU, 128 on GPU)")
@@ -416,6 +423,11 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aespa-fixed-scales", action="store_true",
                         help="aespa: keep the starting solution's scales (default: learn a factor on each group's "
                              "scale)")
+    parser.add_argument("--block-refinement", type=refinement_steps, default=0, metavar="STEPS",
+                        help="gptq/attention/aespa: after each block's layers are quantized, tune their codes and "
+                             "scales jointly on the block's output for STEPS signed-gradient steps, one calibration "
+                             "batch each; 0 = off (docs/algorithms.md §18; default %(default)s, measured in "
+                             "bench/results/peers_64x512_16384.md)")
     parser.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=CPU_EVAL_TOKENS,
                         help="evaluate at most this many tokens, 0 = the whole split (default: %(default)s)")
@@ -425,6 +437,7 @@ def quantize_settings(args: argparse.Namespace, loaded, method: str):
     from dataclasses import replace
 
     from aptq.aespa import AespaOptions
+    from aptq.blockwise import BlockRefinement
     from aptq.pipeline import EvalSettings, QuantizeSettings, has_output_norms
 
     aespa = replace(AespaOptions.for_device(args.device or str(loaded.device), args.aespa_iterations),
@@ -433,7 +446,8 @@ def quantize_settings(args: argparse.Namespace, loaded, method: str):
                              act_order_from=args.act_order_from, value_rows=args.value_rows, mlp_rows=args.mlp_rows,
                              shrink=args.shrink, row_weights=args.row_weights,
                              output_norms={"on": True, "off": False}.get(args.output_norms, has_output_norms(loaded)),
-                             fp_targets=args.fp_targets, batch_size=args.batch_size, device=args.device, aespa=aespa),
+                             fp_targets=args.fp_targets, batch_size=args.batch_size, device=args.device, aespa=aespa,
+                             block=BlockRefinement(args.block_refinement)),
             EvalSettings(args.eval_seqlen, args.tokens or None))
 
 
@@ -494,6 +508,9 @@ def print_run(run: RunRecord, as_json: bool) -> None:
 def run_quantize(args: argparse.Namespace) -> None:
     if (args.bits is None) == (args.plan is None):
         raise UserError("Give either --bits (one width for every layer) or --plan (a plan JSON file).")
+    from aptq.pipeline import check_block_refinement
+
+    check_block_refinement(args.method, args.block_refinement)
     check_calibration(args)
     check_evaluation(args.eval_seqlen, args.tokens)
     if args.bits is not None:
@@ -615,8 +632,11 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from aptq.calibrate import unit_settings_for, widths_to_measure
     from aptq.data import load_corpus
     from aptq.models import load_model
+    from aptq.pipeline import check_block_refinement
     from aptq.store import Store
     from aptq.sweep import SweepPoint, run_sweep, sweep_points
+
+    check_block_refinement(args.quantizer, args.block_refinement)
 
     points = sweep_points(allocations, budgets, args.seeds)
     loaded = load_model(args.model, device=args.device)

@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 from aptq import coverage, resources, teaching, validate
 from aptq.aespa import AespaOptions, layer_objective, optimise_rounding, out_row_factor
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERRORS, weight_size
+from aptq.blockwise import BlockRefinement, refine_block
 from aptq.capture import BlockStep, BlockWalk, device_failures
 from aptq.choices import ACT_ORDER_FROM, ATTENTION_SHRINK, FP_TARGETS, QUANTIZERS, ROW_WEIGHT_CHOICES, ROW_WEIGHTS
 from aptq.data import (
@@ -95,6 +96,12 @@ RUN_CACHE = CACHE_DIR / "runs"
 REFERENCE_CACHE = CACHE_DIR / "cache" / "reference"
 
 
+def check_block_refinement(method: str, steps: int) -> None:
+    if method == "rtn" and steps:
+        raise UserError("Block refinement fits calibration data, which RTN does not use; choose gptq, attention or "
+                        "aespa, or leave the refinement at 0 steps.")
+
+
 @dataclass(frozen=True)
 class QuantizeSettings:
     method: str = "attention"
@@ -132,8 +139,12 @@ class QuantizeSettings:
     # (aptq.targets): 0 the layer's output on the quantized model's inputs (off: every run stored before it existed),
     # 1 the full-precision model's output; every method but RTN, in the key only when above 0
     fp_targets: float = FP_TARGETS
+    # (our choice, docs/algorithms.md §18) the block's codes and scales refined on its output after the layer-wise
+    # quantizer (aptq.blockwise); off by default; every method but RTN, in the key only when on
+    block: BlockRefinement = BlockRefinement()
 
     def __post_init__(self) -> None:
+        check_block_refinement(self.method, self.block.iterations)
         if not 0 <= self.shrink <= 1:
             raise UserError(f"The shrinkage of the attention-aware Hessians must be from 0 to 1, got {self.shrink}.")
         if not 0 <= self.fp_targets <= 1:
@@ -165,6 +176,8 @@ class QuantizeSettings:
                 del fields[name]
         if self.method == "rtn" or not self.fp_targets:
             del fields["fp_targets"]
+        if not self.block.iterations:
+            del fields["block"]
         return fields
 
 
@@ -526,7 +539,11 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
             hessians, mismatch = _collect(step, loaded.arch, options, geometry_cache, parts, moments)
             weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings, None, out_weight,
                                                    down_weight, mismatch)
-            return weights, notes + block_notes
+            del hessians, mismatch  # the refinement's activations need the room
+            weights, refined = refine_block(step, loaded.model, loaded.arch, todo, weights,
+                                            {layer.name: settings.config(bits) for layer, bits in todo},
+                                            settings.block, progress, loaded.arch.n_blocks)
+            return weights, notes + block_notes + ([refined] if refined else [])
         except torch.cuda.OutOfMemoryError:
             if step.device.type != "cuda":
                 raise
@@ -564,7 +581,8 @@ def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: Quantize
     last = max(block for block in range(n_blocks) if _block_plan(arch, block, plan))
     # blocks after the last quantized one: no work; with fp_targets the full-precision stream walks beside it
     walk = BlockWalk(loaded.model, arch, segments, device=settings.device or loaded.device,
-                     batch_size=settings.batch_size, stop=last + 1, reference=settings.fp_targets > 0)
+                     batch_size=settings.batch_size, stop=last + 1,
+                     reference=settings.fp_targets > 0 or settings.block.iterations > 0)
     geometry_cache: dict = {}
     with device_failures(walk, "quantization", checkpoints.finished):
         for step in walk:

@@ -76,7 +76,8 @@ PEERS = {
 OURS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "attention": "attention-aware GPTQ (ours)", "aespa": "aespa (ours)"}
 # --options → QuantizeSettings: the field and its value; also "shrink=S" (QuantizeSettings.shrink), "fp-targets=A"
 # (QuantizeSettings.fp_targets) and
-# "act-order-from=B" (QuantizeSettings.act_order_from: act-order for the layers of B bits and more)
+# "act-order-from=B" (QuantizeSettings.act_order_from: act-order for the layers of B bits and more) and "block=N"
+# (QuantizeSettings.block: N steps of block refinement)
 OPTIONS = {"act-order": ("act_order_from", 2), "v-rows": ("value_rows", True), "mlp-rows": ("mlp_rows", True),
            "attention-rows": ("row_weights", "attention"), "uniform-rows": ("row_weights", "uniform"),
            "output-norms": ("output_norms", True)}
@@ -145,6 +146,7 @@ class Quantized:
     def settings(self):
         """Our quantizer's settings for this record."""
         from aptq.aespa import CPU_ITERATIONS, AespaOptions
+        from aptq.blockwise import BlockRefinement
         from aptq.pipeline import QuantizeSettings
 
         # act-order and full-precision targets off and aespa's 100 iterations at every width unless an option says
@@ -160,6 +162,8 @@ class Quantized:
                 chosen[name.replace("-", "_")] = float(value)
             elif name == "act-order-from":
                 chosen["act_order_from"] = int(value)
+            elif name == "block":
+                chosen["block"] = BlockRefinement(int(value))
             elif name in AESPA_FLAGS:
                 field, setting = AESPA_FLAGS[name]
                 aespa[field] = setting
@@ -607,7 +611,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--options", default="", help=f"ours only, comma-separated: {', '.join(OPTIONS)}, "
-                                                       f"shrink=S, fp-targets=A, act-order-from=B; aespa also "
+                                                       f"shrink=S, fp-targets=A, act-order-from=B, block=N; "
+                                                       f"aespa also "
                                                        f"{', '.join(AESPA_FLAGS)}, iterations=N")
     parser.add_argument("--model", help="dump only: the model (default: the embedded one)")
     parser.add_argument("--rerun", action="store_true", help="ours only: measure again, replacing the stored run")
@@ -621,9 +626,10 @@ def main() -> None:
         if not (part in allowed or (args.method == "aespa" and name == "iterations" and value.isdigit())
                 or (name in ("shrink", "fp-targets") and value.replace(".", "", 1).isdigit() and 0 <= float(value) <= 1)
                 # aptq.widths.QUANT_WIDTHS, not imported: `quantize` runs in the peers' environment without aptq
-                or (name == "act-order-from" and value.isdigit() and 2 <= int(value) <= 8)):
+                or (name == "act-order-from" and value.isdigit() and 2 <= int(value) <= 8)
+                or (name == "block" and value.isdigit() and args.method != "rtn")):
             parser.error(f"unknown --options {part}: choose from {', '.join(sorted(allowed))}, shrink=S (0 to 1), "
-                         "fp-targets=A (0 to 1), act-order-from=B (2 to 8)"
+                         "fp-targets=A (0 to 1), act-order-from=B (2 to 8), block=N (not rtn)"
                          f"{', iterations=N' if args.method == 'aespa' else ''}")
     command = f"bench_peers {args.step} --{'peer' if args.step == 'quantize' else 'method'} " \
               f"{args.peer or args.method} --bits {args.bits} --group {args.group}" + \

@@ -12,6 +12,7 @@ import streamlit as st
 
 from aptq import coverage, history, validate
 from aptq.aespa import AespaOptions
+from aptq.blockwise import BlockRefinement
 from aptq.choices import (
     ACT_ORDER_FROM,
     ACT_ORDER_WIDTHS,
@@ -225,6 +226,14 @@ with right:
                                 "W D H⁻¹, 0 = off (docs/algorithms.md §17); the default was chosen on held-out "
                                 "windows (bench/results/peers.md)") \
         if method != "rtn" and not presenting() else FP_TARGETS
+    block_steps = st.number_input("Block refinement steps", min_value=0, max_value=2000, value=0, step=50,
+                                  key="run_block_steps",
+                                  help="(our choice, beyond the papers) after each block's layers are quantized, "
+                                       "their codes and scales tuned together on the block's output, one calibration "
+                                       "batch per step; 0 = off. Each step is a forward and backward pass of the "
+                                       "block (docs/algorithms.md §18, measured in "
+                                       "bench/results/peers_64x512_16384.md)") \
+        if method != "rtn" and not presenting() else 0
     window = st.columns(2)
     seqlen = window[0].number_input("Evaluation window", min_value=16, max_value=loaded.max_length,
                                     value=min(512, loaded.max_length), step=64, key="run_seqlen")
@@ -241,7 +250,8 @@ with st.expander("Export the quantized model (optional)"):
 
 settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order_from=act_order_from,
                             aespa=AespaOptions.for_device(str(loaded.device)), shrink=float(shrink),
-                            row_weights=row_weights, output_norms=output_norms, fp_targets=fp_targets)
+                            row_weights=row_weights, output_norms=output_norms, fp_targets=fp_targets,
+                            block=BlockRefinement(int(block_steps)))
 evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens), prompts=COMPLETION_PROMPTS)
 meta = choice.run_meta()
 if group != choice.group_size:  # the predictions were made for another group size: they would mislead

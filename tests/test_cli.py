@@ -237,3 +237,22 @@ def test_quantize_refuses_a_share_outside_zero_to_one_before_any_work(capsys, fl
 
     assert main(["quantize", "--model", "no-such-model", "--bits", "3", flag, text]) == 2
     assert capsys.readouterr().err.startswith(f"error: Argument {flag}: {what} must be a number from 0 to 1")
+
+
+@pytest.mark.parametrize("text", ["-3", "2.5", "many"])
+def test_quantize_refuses_block_refinement_steps_that_are_not_a_whole_number_before_any_work(capsys, text):
+    from aptq.cli import main
+
+    assert main(["quantize", "--model", "no-such-model", "--bits", "3", "--block-refinement", text]) == 2
+    assert capsys.readouterr().err.startswith("error: Argument --block-refinement: the block refinement's steps must "
+                                              "be a whole number ≥ 0")
+
+
+@pytest.mark.parametrize("command", ["quantize", "sweep"])
+def test_block_refinement_with_rtn_is_refused_before_any_work(capsys, command):
+    """The model does not exist: the refusal comes before the model is looked for."""
+    from aptq.cli import main
+
+    method = ["--method", "rtn", "--bits", "3"] if command == "quantize" else ["--quantizer", "rtn"]
+    assert main([command, "--model", "no-such-model", *method, "--block-refinement", "10"]) == 2
+    assert capsys.readouterr().err.startswith("error: Block refinement fits calibration data, which RTN does not use")
