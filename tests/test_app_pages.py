@@ -3,6 +3,7 @@ the plan, pins survive budget changes and page switches, plans are saved, quanti
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -165,12 +166,16 @@ def test_save_quantize_and_compare_plans(at):
     at.number_input(key="run_seqlen").set_value(64)
     at.number_input(key="run_tokens").set_value(256)
     at.radio(key="run_method").set_value("attention").run()
+    at.number_input(key="run_block_steps").set_value(5).run()  # block refinement: 5 steps a block
     button(at, "Quantize and evaluate").click().run()
     wait_for_run(at)
     no_problems(at)
     assert "window 64, 252 predicted tokens" in texts(at.caption)
     at.selectbox(key="run_plan_choice").set_value("uniform").run()
     at.radio(key="run_method").set_value("rtn").run()
+    assert "run_block_steps" not in [widget.key for widget in at.number_input]  # RTN fits no data
+    settings = Store(os.environ["APTQ_STORE"]).query("SELECT settings FROM runs")["settings"]
+    assert [json.loads(text).get("block") for text in settings] == [{"iterations": 5, "learning_rate": None}]
     button(at, "Quantize and evaluate").click().run()
     wait_for_run(at)
     assert len(at.dataframe[-1].value) == 2  # the runs table (the completions table comes first)
