@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import aptq.pipeline as pipeline
-from aptq.blockwise import BlockRefinement, _forward, _LayerGrid, _parameters, refine_block
+from aptq.blockwise import BlockRefinement, _forward, _fused_attention, _LayerGrid, _parameters, refine_block
 from aptq.capture import BlockWalk
 from aptq.data import Sampling, calibration_segments, token_ids
 from aptq.errors import UserError
@@ -51,11 +51,14 @@ def _first_step(model, arch, segments, **walk_options):
     return walk, next(iter(walk))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "gpt_neox", "falcon", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "gpt_neox", "falcon", "qwen3_moe", "gemma2",
+                                    "gemma3_text"])
 def test_each_layer_is_put_where_the_model_reads_it(tiny_model, family):
     """Fused rows (phi3, interleaved in gpt_neox), transposed Conv1D weights (gpt2), a single KV head (falcon), the
     dense layers of a mixture: the block's output with the layers put in by `_parameters` is the output with them
-    swapped into the module, and the gradient reaches each layer."""
+    swapped into the module, also under the fused attention kernel the refinement switches to (Gemma 2's soft-capped
+    scores keep their eager kernel; Gemma 3's first block has a sliding window shorter than the segments), and the
+    gradient reaches each layer."""
     model, arch = tiny_model(family)
     segments = torch.randint(3, 100, (4, 16))
     walk, step = _first_step(model, arch, segments)
@@ -69,6 +72,10 @@ def test_each_layer_is_put_where_the_model_reads_it(tiny_model, family):
     with swapped_weights(model, arch, {name: weight.detach() for name, weight in weights.items()}):
         expected = step.forward(batch).float()
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    with _fused_attention(model):
+        fused = _forward(step, _parameters(step, arch, layers, weights), batch)
+    assert model.config._attn_implementation == "eager"  # put back
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
     output.square().sum().backward()
     assert all(weight.grad is not None and weight.grad.abs().sum() > 0 for weight in weights.values())
 
@@ -80,7 +87,7 @@ def _block_error(model, arch, step, weights) -> float:
                    for batch, target in zip(step.batches(), targets))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "gpt2", "qwen3_moe"])
 def test_refinement_lowers_the_blocks_output_error_and_leaves_the_model_alone(tiny_model, family):
     model, arch = tiny_model(family)
     torch.manual_seed(1)
