@@ -160,9 +160,9 @@ def _fused_attention(model: torch.nn.Module) -> Iterator[None]:
 def refine_block(step: BlockStep, model: torch.nn.Module, arch: Architecture, todo: list[tuple[LinearLayer, int]],
                  weights: dict[str, Tensor], configs: dict[str, QuantConfig], refinement: BlockRefinement,
                  progress: Progress = no_progress, n_blocks: int = 1) -> tuple[dict[str, Tensor], str | None]:
-    """The block's weights with codes and scales refined on the block's output (module docstring), and a note saying
-    what the refinement changed; the layer-wise `weights` back unchanged where it found nothing better. The model's
-    own weights are never modified."""
+    """The block's weights with codes and scales refined on the block's output (module docstring), and None; or, where
+    the refinement found nothing better, the layer-wise `weights` unchanged and a note that says so. The model's own
+    weights are never modified."""
     layers = [layer for layer, _ in todo if layer.expert is None and layer.name in weights]
     if refinement.iterations == 0 or not layers:
         return weights, None

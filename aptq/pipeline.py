@@ -579,7 +579,8 @@ def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: Quantize
             progress(block + 1, n_blocks, f"block {block + 1}/{n_blocks}")
         return QuantizedWeights(arch, checkpoints), notes
     last = max(block for block in range(n_blocks) if _block_plan(arch, block, plan))
-    # blocks after the last quantized one: no work; with fp_targets the full-precision stream walks beside it
+    # blocks after the last quantized one: no work; with fp_targets or the block refinement the full-precision
+    # stream walks beside it
     walk = BlockWalk(loaded.model, arch, segments, device=settings.device or loaded.device,
                      batch_size=settings.batch_size, stop=last + 1,
                      reference=settings.fp_targets > 0 or settings.block.iterations > 0)

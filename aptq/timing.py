@@ -2,7 +2,8 @@
 
 (our choice) Quantization time is taken as proportional to the number of quantized layers and, for GPTQ and the
 attention-aware method, to the calibration tokens (the Hessians are collected over them); evaluation time as
-proportional to the evaluated tokens. Each rate is the median over the stored runs of the same method and device.
+proportional to the evaluated tokens. Each rate is the median over the stored runs of the same method, device and
+block-refinement steps (aptq.blockwise: a few hundred steps take several times the layer-wise quantizer's time).
 An analysis block's time is taken as proportional to the calibration tokens (N × L), at the median rate of the
 blocks of this model analysed before on the same device, whatever their settings (our choice: quantizer errors or
 more widths make a block slower, and the estimate does not model that).
@@ -39,11 +40,16 @@ def _work(plan_json: str, settings_json: str, method: str) -> float:
     return float(layers * settings.get("samples", 1) * settings.get("seqlen", 1))
 
 
+def _refinement_steps(settings_json: str) -> int:
+    return (json.loads(settings_json or "{}").get("block") or {}).get("iterations", 0)
+
+
 def expected_run_time(runs: pd.DataFrame, method: str, device: str, plan: dict[str, int], samples: int, seqlen: int,
-                      eval_tokens: int) -> RunTime | None:
-    """The expected seconds of quantizing `plan` with `method` and evaluating `eval_tokens`; None when no stored run
-    of that method on that device has been timed."""
-    same = runs[(runs["method"] == method) & (runs["device"] == device)].dropna(subset=["quant_seconds"])
+                      eval_tokens: int, refinement_steps: int = 0) -> RunTime | None:
+    """The expected seconds of quantizing `plan` with `method` (and `refinement_steps` of block refinement) and
+    evaluating `eval_tokens`; None when no stored run of that method, device and refinement has been timed."""
+    same = runs[(runs["method"] == method) & (runs["device"] == device)
+                & (runs["settings"].map(_refinement_steps) == refinement_steps)].dropna(subset=["quant_seconds"])
     if same.empty:
         return None
     work = same.apply(lambda row: _work(row["plan"], row["settings"], method), axis=1)

@@ -33,14 +33,14 @@ pinned CPU torch; it downgrades numpy to 2.2.6.)
 (no dataset download), asymmetric, the given width and group, and saves the dequantized weight Ŵ of every quantized
 linear with the wall time and peak RSS of the quantization. `ours` (project environment) runs our method as
 aptq.pipeline.run_plan does (the store holds the run and a rerun reuses it; its Ŵ is saved like a peer's) on the same
-segments and evaluation tokens, in its own process so that its peak RSS is its own; `--options` turns on the
-quantizers' optional parts (act-order, v-rows, mlp-rows, attention-rows or uniform-rows, output-norms, shrink=S,
-fp-targets=A, act-order-from=B, block=N: QuantizeSettings.act_order_from, value_rows, mlp_rows, row_weights,
-output_norms, shrink, fp_targets, block) and aespa's (fixed-scales, iterations=N: AespaOptions). `evaluate` (project environment) puts
-each peer's Ŵ into the model loaded with aptq.models.load_model and measures it with aptq.evaluate against the
-pipeline's cached full-precision reference on the dumped evaluation windows, measures every kept Ŵ (ours too) on
-validation windows of the calibration split that the fitted segments do not touch (the KL that settings are chosen
-on), then writes the table with our rows beside the peers'.
+segments and evaluation tokens, in its own process so that its peak RSS is its own; `--options` turns on the quantizers'
+optional parts (act-order, v-rows, mlp-rows, attention-rows or uniform-rows, output-norms, shrink=S, fp-targets=A,
+act-order-from=B, block=N: QuantizeSettings.act_order_from, value_rows, mlp_rows, row_weights, output_norms, shrink,
+fp_targets, block) and aespa's (fixed-scales, iterations=N: AespaOptions). `evaluate` (project environment) puts each
+peer's Ŵ into the model loaded with aptq.models.load_model and measures it with aptq.evaluate against the pipeline's
+cached full-precision reference on the dumped evaluation windows, measures every kept Ŵ (ours too) on validation windows
+of the calibration split that the fitted segments do not touch (the KL that settings are chosen on), then writes the
+table with our rows beside the peers'.
 Text below the table of that file (the reading, written by hand) is kept when it is rewritten.
 """
 

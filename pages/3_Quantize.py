@@ -119,10 +119,12 @@ def show_completions(stored: str | None) -> None:
 
 def time_estimate(runs: pd.DataFrame | None, settings: QuantizeSettings, device: str, choice: PlanChoice,
                   samples: int, seqlen: int, tokens: int) -> str:
+    steps = settings.block.iterations
     found = None if runs is None or runs.empty else expected_run_time(runs, settings.method, device, choice.bits,
-                                                                      samples, seqlen, tokens)
+                                                                      samples, seqlen, tokens, steps)
     if found is None:
-        return (f"No earlier {METHOD_LABELS[settings.method]} run on {device}: this one measures the speed "
+        refined = f" with {steps} block-refinement steps" if steps else ""
+        return (f"No earlier {METHOD_LABELS[settings.method]} run{refined} on {device}: this one measures the speed "
                 f"(RTN takes seconds, GPTQ minutes on a CPU).")
     return (f"Expected: about {jobs.format_seconds(found.total)} (quantizing {jobs.format_seconds(found.quant_seconds)}"
             f", evaluating {jobs.format_seconds(found.eval_seconds)}), from {found.runs} earlier run(s) on {device}; "

@@ -176,17 +176,23 @@ def test_whole_model_bits_count_unnamed_layers_in_fp16(tiny_model_dir):
 def test_run_time_scales_the_measured_rates_of_the_same_method_and_device():
     from aptq.timing import expected_run_time
 
-    def run(method, layers, seconds, device="cpu", samples=4, seqlen=64):
+    def run(method, layers, seconds, device="cpu", samples=4, seqlen=64, block=None):
         plan = json.dumps({f"l{i}": (3 if i < layers else 16) for i in range(10)})
+        settings = {"samples": samples, "seqlen": seqlen} | ({"block": {"iterations": block}} if block else {})
         return {"method": method, "device": device, "plan": plan, "quant_seconds": seconds, "eval_seconds": 2.0,
-                "eval_tokens": 200, "settings": json.dumps({"samples": samples, "seqlen": seqlen})}
+                "eval_tokens": 200, "settings": json.dumps(settings)}
 
-    runs = pd.DataFrame([run("gptq", 4, 8.0), run("gptq", 2, 4.0), run("rtn", 5, 1.0), run("gptq", 4, 99.0, "cuda")])
+    runs = pd.DataFrame([run("gptq", 4, 8.0), run("gptq", 2, 4.0), run("rtn", 5, 1.0), run("gptq", 4, 99.0, "cuda"),
+                         run("gptq", 4, 40.0, block=50)])
     # gptq on cpu: 2 s per layer at 4 × 64 tokens → 8 layers at 8 × 64 tokens take 32 s; eval 0.01 s per token.
     found = expected_run_time(runs, "gptq", "cpu", {f"l{i}": 4 for i in range(8)}, 8, 64, 1000)
     assert found.quant_seconds == pytest.approx(32.0) and found.eval_seconds == pytest.approx(10.0)
     assert found.runs == 2 and found.total == pytest.approx(42.0)
     assert expected_run_time(runs, "attention", "cpu", {"l0": 4}, 8, 64, 10) is None
+    # block refinement: only the runs with as many steps
+    refined = expected_run_time(runs, "gptq", "cpu", {f"l{i}": 4 for i in range(8)}, 8, 64, 1000, refinement_steps=50)
+    assert refined.quant_seconds == pytest.approx(160.0) and refined.runs == 1
+    assert expected_run_time(runs, "gptq", "cpu", {"l0": 4}, 8, 64, 10, refinement_steps=100) is None
 
 
 def test_the_quality_chart_spans_its_runs_and_baseline_on_its_log_axis():
