@@ -140,8 +140,8 @@ def _targets(step: BlockStep) -> list[Tensor]:
 @contextmanager
 def _fused_attention(model: torch.nn.Module) -> Iterator[None]:
     """The model's attention computed by PyTorch's fused kernel for the duration, where the model supports it: the
-    same function of the same inputs and mask (up to float rounding), and on a CPU about 1.4× faster than the eager
-    kernel with its backward pass (bench/results/blockwise_step.md)."""
+    same function of the same inputs and mask (up to float rounding); with its backward pass 1.15× faster than the eager
+    kernel on a CPU, 2.2× with the steps' bfloat16 (bench/results/blockwise_step.md)."""
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
     switched = False
     if current not in (None, "sdpa") and hasattr(model, "set_attn_implementation"):
@@ -184,8 +184,8 @@ def refine_block(step: BlockStep, model: torch.nn.Module, arch: Architecture, to
         for iteration in range(refinement.iterations):
             index = iteration % step.n_batches
             # (our choice, as auto-round) the steps' forward and backward in bfloat16 where the kernels allow it:
-            # about 1.6× faster on a CPU; the signs of the gradients are all the steps use, and the losses that
-            # decide what is kept are float32
+            # 1.9× faster than float32 on a CPU (bench/results/blockwise_step.md); the signs of the gradients are all
+            # the steps use, and the losses that decide what is kept are float32
             with torch.autocast(step.device.type, dtype=torch.bfloat16):
                 relaxed = {name: grid.relaxed() for name, grid in grids.items()}
                 output = _forward(step, _parameters(step, arch, layers, relaxed), step.batch(index))
