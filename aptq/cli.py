@@ -508,9 +508,7 @@ def print_run(run: RunRecord, as_json: bool) -> None:
 def run_quantize(args: argparse.Namespace) -> None:
     if (args.bits is None) == (args.plan is None):
         raise UserError("Give either --bits (one width for every layer) or --plan (a plan JSON file).")
-    from aptq.pipeline import check_block_refinement
-
-    check_block_refinement(args.method, args.block_refinement)
+    validate.block_refinement(args.method, args.block_refinement)
     check_calibration(args)
     check_evaluation(args.eval_seqlen, args.tokens)
     if args.bits is not None:
@@ -627,16 +625,15 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         for seed in args.seeds:
             validate.seed(seed, "Each of --seeds")
     ray = ray_options(args)
+    validate.block_refinement(args.quantizer, args.block_refinement)
 
     from aptq.allocate import PREDICTED_ERROR_ATTENTION, error_source_for
     from aptq.calibrate import unit_settings_for, widths_to_measure
     from aptq.data import load_corpus
     from aptq.models import load_model
-    from aptq.pipeline import check_block_refinement
     from aptq.store import Store
     from aptq.sweep import SweepPoint, run_sweep, sweep_points
 
-    check_block_refinement(args.quantizer, args.block_refinement)
 
     points = sweep_points(allocations, budgets, args.seeds)
     loaded = load_model(args.model, device=args.device)

@@ -96,12 +96,6 @@ RUN_CACHE = CACHE_DIR / "runs"
 REFERENCE_CACHE = CACHE_DIR / "cache" / "reference"
 
 
-def check_block_refinement(method: str, steps: int) -> None:
-    if method == "rtn" and steps:
-        raise UserError("Block refinement fits calibration data, which RTN does not use; choose gptq, attention or "
-                        "aespa, or leave the refinement at 0 steps.")
-
-
 @dataclass(frozen=True)
 class QuantizeSettings:
     method: str = "attention"
@@ -144,7 +138,7 @@ class QuantizeSettings:
     block: BlockRefinement = BlockRefinement()
 
     def __post_init__(self) -> None:
-        check_block_refinement(self.method, self.block.iterations)
+        validate.block_refinement(self.method, self.block.iterations)
         if not 0 <= self.shrink <= 1:
             raise UserError(f"The shrinkage of the attention-aware Hessians must be from 0 to 1, got {self.shrink}.")
         if not 0 <= self.fp_targets <= 1:

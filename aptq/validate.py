@@ -219,3 +219,10 @@ def same_vocabulary(model, tokenizer, reference, reference_tokenizer) -> None:
     if sizes[0] != sizes[1] or tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(reference_tokenizer):
         raise UserError(f"The reference model has another vocabulary ({sizes[1]} output tokens against {sizes[0]}, "
                         f"or another tokenizer); compare models that share one tokenizer.")
+
+
+def block_refinement(method: str, steps: int) -> None:
+    """Block refinement (aptq.blockwise) fits calibration data: not with RTN, which takes none."""
+    if method == "rtn" and steps:
+        raise UserError("Block refinement fits calibration data, which RTN does not use; choose gptq, attention or "
+                        "aespa, or leave the refinement at 0 steps.")
