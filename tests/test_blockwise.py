@@ -74,6 +74,8 @@ def test_each_layer_is_put_where_the_model_reads_it(tiny_model, family):
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
     with _fused_attention(model):
         fused = _forward(step, _parameters(step, arch, layers, weights), batch)
+        used = model.config._attn_implementation
+    assert used == {"gemma2": "eager", "llama": "sdpa", "gemma3_text": "sdpa"}.get(family, used)
     assert model.config._attn_implementation == "eager"  # put back
     torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
     output.square().sum().backward()
