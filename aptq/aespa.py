@@ -173,6 +173,26 @@ def grouped_columns(t: Tensor, width: int) -> Tensor:
 
 
 @dataclass(frozen=True)
+class GroupedGrid:
+    """A start's grid held group by group, float32 on the weight's device: what both rounding optimisers begin from
+    (here and aptq.blockwise)."""
+
+    width: int  # columns per group (`group_width`)
+    scale: Tensor  # d_out × n_groups × 1
+    zero: Tensor  # d_out × n_groups × 1
+    codes: Tensor  # d_out × n_groups × width (padding columns 0)
+
+    @staticmethod
+    def of(W: Tensor, start: Tensor, cfg: QuantConfig) -> GroupedGrid:
+        """The grid `start` lies on (`recover_codes`), for a d_out × d_in weight `W` quantized to `start`."""
+        grid = recover_codes(start, cfg)
+        width = group_width(W.shape[1], cfg)
+        return GroupedGrid(width, grid.scales.float().to(W.device).unsqueeze(-1),
+                           grid.zeros.float().to(W.device).unsqueeze(-1),
+                           grouped_columns(grid.codes.float().to(W.device), width))
+
+
+@dataclass(frozen=True)
 class _Relaxation:
     """The start's grid and, per weight, the two codes the rounding chooses between: `base` and `base + 1`, with the
     starting choice `up`.
@@ -193,17 +213,13 @@ class _Relaxation:
 
     @staticmethod
     def of(W: Tensor, start: Tensor, cfg: QuantConfig) -> _Relaxation:
-        grid = recover_codes(start, cfg)
-        width = group_width(W.shape[1], cfg)
-        group_scale = grid.scales.float().to(W.device).unsqueeze(-1)
-        zero = grid.zeros.float().to(W.device).unsqueeze(-1)
-        codes = grouped_columns(grid.codes.float().to(W.device), width)
-        up = codes > grouped_columns(W.float(), width) / group_scale + zero
-        base = codes - up.float()
-        real = grouped_columns(torch.ones_like(W, dtype=torch.float32), width)
-        fixed = (torch.clamp(base, 0, cfg.max_level) - zero) * real
+        grid = GroupedGrid.of(W, start, cfg)
+        up = grid.codes > grouped_columns(W.float(), grid.width) / grid.scale + grid.zero
+        base = grid.codes - up.float()
+        real = grouped_columns(torch.ones_like(W, dtype=torch.float32), grid.width)
+        fixed = (torch.clamp(base, 0, cfg.max_level) - grid.zero) * real
         free = ((base >= 0) & (base < cfg.max_level)).float() * real
-        return _Relaxation(W.shape[1], group_scale, up, fixed, free)
+        return _Relaxation(W.shape[1], grid.scale, up, fixed, free)
 
     def grouped(self, t: Tensor) -> Tensor:
         return grouped_columns(t, self.fixed.shape[-1])

@@ -33,12 +33,12 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from aptq.aespa import grouped_columns
+from aptq.aespa import GroupedGrid, grouped_columns
 from aptq.capture import BlockStep
 from aptq.errors import UserError
 from aptq.models import Architecture, LinearLayer, get_weight
 from aptq.progress import Progress, no_progress
-from aptq.quantizer import QuantConfig, fp16_ceil, group_width, recover_codes
+from aptq.quantizer import QuantConfig, fp16_ceil
 
 OFFSET_BOUND = 0.5  # |v|: the code moves at most one step from the layer-wise solution's
 SCALE_BOUND = 0.5  # |a|: each scale within a factor e^±½ of the layer-wise solution's
@@ -64,24 +64,21 @@ class BlockRefinement:
 
 
 class _LayerGrid:
-    """One layer's grid and learned variables, held group by group (aptq.aespa.grouped_columns)."""
+    """One layer's grid and learned variables, held group by group (aptq.aespa.GroupedGrid)."""
 
     def __init__(self, original: Tensor, start: Tensor, cfg: QuantConfig) -> None:
-        grid = recover_codes(start, cfg)
-        device = original.device
+        grid = GroupedGrid.of(original, start, cfg)
         self.d_in = original.shape[1]
         self.max_level = cfg.max_level
-        width = group_width(self.d_in, cfg)
-        self.weight = grouped_columns(original.detach().float(), width)
-        self.scale = grid.scales.float().to(device).unsqueeze(-1)
-        self.zero = grid.zeros.float().to(device).unsqueeze(-1)
-        codes = grouped_columns(grid.codes.float().to(device), width)
+        self.weight = grouped_columns(original.detach().float(), grid.width)
+        self.scale, self.zero = grid.scale, grid.zero
         # the integer shift from round-to-nearest to the start's codes: v = 0, a = 0 give the start back
-        self.shift = codes - torch.round(self.weight / self.scale + self.zero)
+        self.shift = grid.codes - torch.round(self.weight / self.scale + self.zero)
         # where a position sits exactly half-way, rounding may take the other code: nudge v toward the start's
         position = self.weight / self.scale + self.zero + self.shift
-        self.offset = torch.where(torch.round(position) == codes, 0, (codes - position) * 1e-3).requires_grad_()
-        self.log_factor = torch.zeros(self.scale.shape, device=device, requires_grad=True)
+        self.offset = torch.where(torch.round(position) == grid.codes, 0,
+                                  (grid.codes - position) * 1e-3).requires_grad_()
+        self.log_factor = torch.zeros(self.scale.shape, device=original.device, requires_grad=True)
 
     def _weight(self, scale: Tensor, straight_through: bool) -> Tensor:
         position = self.weight / scale + self.zero + self.shift + self.offset
@@ -168,7 +165,6 @@ def refine_block(step: BlockStep, model: torch.nn.Module, arch: Architecture, to
         return weights, None
     grids = {layer.name: _LayerGrid(get_weight(model, layer).to(step.device), weights[layer.name].float()
                                     .to(step.device), configs[layer.name]) for layer in layers}
-    targets = _targets(step)
 
     def loss_over_batches(current: dict[str, Tensor]) -> float:
         parameters = _parameters(step, arch, layers, current)
@@ -180,6 +176,7 @@ def refine_block(step: BlockStep, model: torch.nn.Module, arch: Architecture, to
         return total
 
     with _fused_attention(model):
+        targets = _targets(step)
         start_loss = loss_over_batches({name: grid.hard() for name, grid in grids.items()})
         for iteration in range(refinement.iterations):
             index = iteration % step.n_batches

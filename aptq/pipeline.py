@@ -517,8 +517,9 @@ def _moments_collector(arch: Architecture, step: BlockStep, todo: list[tuple[Lin
 def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[LinearLayer, int]],
                    settings: QuantizeSettings, geometry_cache: dict,
                    progress: Progress) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Hessians and quantization of one block. Out of device memory: the batches split in halves until single
-    segments, then the block on the CPU (our choice of order: smaller batches keep the speed of the device)."""
+    """Hessians and quantization of one block, then its refinement where the settings ask for one. Out of device
+    memory: the batches split in halves until single segments, then the block on the CPU (our choice of order: smaller
+    batches keep the speed of the device)."""
     attention = settings.method in ("attention", "aespa")
     options = CollectOptions(attention=attention, probes=0, mlp_rows=attention and settings.mlp_rows,
                              row_weights=settings.row_weights, output_norms=attention and settings.output_norms)
@@ -533,11 +534,7 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
             hessians, mismatch = _collect(step, loaded.arch, options, geometry_cache, parts, moments)
             weights, block_notes = _quantize_block(loaded.model, todo, hessians, settings, None, out_weight,
                                                    down_weight, mismatch)
-            del hessians, mismatch  # the refinement's activations need the room
-            weights, refined = refine_block(step, loaded.model, loaded.arch, todo, weights,
-                                            {layer.name: settings.config(bits) for layer, bits in todo},
-                                            settings.block, progress, loaded.arch.n_blocks)
-            return weights, notes + block_notes + ([refined] if refined else [])
+            break
         except torch.cuda.OutOfMemoryError:
             if step.device.type != "cuda":
                 raise
@@ -550,6 +547,31 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
                 message = f"Out of device memory in block {step.index}: it was quantized on the CPU."
             notes.append(message)
             progress(step.index, loaded.arch.n_blocks, message)
+    del hessians, mismatch  # the refinement's activations need the room
+    weights, refined_notes = _refine_step(loaded, step, todo, weights, settings, progress)
+    return weights, notes + block_notes + refined_notes
+
+
+def _refine_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[LinearLayer, int]],
+                 weights: dict[str, torch.Tensor], settings: QuantizeSettings,
+                 progress: Progress) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The block refinement (aptq.blockwise) of the quantized block and its notes. Out of device memory: the refinement
+    again on the CPU (smaller batches would not help: each of its steps takes one whole batch)."""
+    configs = {layer.name: settings.config(bits) for layer, bits in todo}
+    notes: list[str] = []
+    try:
+        weights, refined = refine_block(step, loaded.model, loaded.arch, todo, weights, configs, settings.block,
+                                        progress, loaded.arch.n_blocks)
+    except torch.cuda.OutOfMemoryError:
+        if step.device.type != "cuda":
+            raise
+        torch.cuda.empty_cache()
+        step.move_to(torch.device("cpu"))
+        notes.append(f"Out of device memory in block {step.index}'s refinement: it was refined on the CPU.")
+        progress(step.index, loaded.arch.n_blocks, notes[-1])
+        weights, refined = refine_block(step, loaded.model, loaded.arch, todo, weights, configs, settings.block,
+                                        progress, loaded.arch.n_blocks)
+    return weights, notes + ([refined] if refined else [])
 
 
 def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: QuantizeSettings,
