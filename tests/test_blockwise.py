@@ -156,3 +156,27 @@ def test_the_pipeline_refines_keys_and_refuses_as_documented(tiny_model_dir, tex
             BlockRefinement(wrong)
     with pytest.raises(UserError, match="above 0"):
         BlockRefinement(5, learning_rate=0)
+
+
+def test_out_of_device_memory_in_the_refinement_refines_the_block_on_the_cpu(tiny_model_dir, monkeypatch):
+    """The refinement's own fallback: the layer-wise result is kept, the step moves to the CPU and the refinement runs
+    again there, with a note (no accelerator here: the step claims one and the first refinement fails as it would)."""
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    walk, step = _first_step(loaded.model, loaded.arch, torch.randint(3, 100, (6, 16)), reference=True)
+    todo = [(layer, 3) for layer in loaded.arch.block_layers(0)]
+    settings = QuantizeSettings("gptq", 16, block=BlockRefinement(10))
+    start = {layer.name: rtn(get_weight(loaded.model, layer), settings.config(3)) for layer, _ in todo}
+    devices = []
+
+    def short_of_memory_once(step, *arguments):
+        devices.append(step.device.type)
+        if len(devices) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return refine_block(step, *arguments)
+
+    monkeypatch.setattr(pipeline, "refine_block", short_of_memory_once)
+    step.device = torch.device("cuda")
+    weights, notes = pipeline._refine_step(loaded, step, todo, start, settings, lambda *_: None)
+    assert devices == ["cuda", "cpu"]
+    assert notes[0] == "Out of device memory in block 0's refinement: it was refined on the CPU."
+    assert any(not torch.equal(weights[name], start[name]) for name in start)
