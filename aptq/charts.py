@@ -14,6 +14,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE
+from aptq.history import quantizer_names
 
 KIND_ORDER = ["q", "k", "v", "o", "gate", "up", "down"]
 METHOD_COLORS = {"fp": "#222222", "uniform": "#7f7f7f", "aptq": "#1f77b4", "knapsack": "#d62728",
@@ -262,17 +263,19 @@ def tradeoff_curves(runs: pd.DataFrame, y: str = "perplexity", title: str = "", 
                     baseline: float | None = None, frontier: pd.DataFrame | None = None,
                     current: dict | None = None) -> go.Figure:
     """`y` against bits from stored runs of one run set (aptq.tradeoffs): one line per allocation method (colour) and
-    quantization method (dash); `baseline` the full-precision value (a horizontal line); `frontier` the runs nothing
-    beats (a grey step line). `current` = {"x", "y", "low", "high", "label"} adds the current plan: a filled star when
-    it was measured (low = high = y), an open star with its uncertainty band when estimated, a dotted vertical line
-    when there is neither."""
+    quantizer (aptq.history.quantizer_names; dash and marker by its method); `baseline` the full-precision value (a
+    horizontal line); `frontier` the runs nothing beats (a grey step line). `current` = {"x", "y", "low", "high",
+    "label"} adds the current plan: a filled star when it was measured (low = high = y), an open star with its
+    uncertainty band when estimated, a dotted vertical line when there is neither."""
     figure = go.Figure()
     if frontier is not None and len(frontier) > 1:
         figure.add_trace(go.Scatter(x=frontier[x], y=frontier[y], mode="lines", name="best runs (Pareto frontier)",
                                     line={"color": "#bbbbbb", "width": 8, "shape": "hv"}, hoverinfo="skip"))
-    for (allocation, method), group in runs.sort_values(x).groupby(["allocation", "method"], sort=True):
+    ordered = runs.sort_values(x)
+    for (allocation, quantizer, method), group in ordered.groupby(["allocation", quantizer_names(ordered), "method"],
+                                                                  sort=True):
         figure.add_trace(go.Scatter(
-            x=group[x], y=group[y], mode="lines+markers", name=f"{allocation} · {method}",
+            x=group[x], y=group[y], mode="lines+markers", name=f"{allocation} · {quantizer}",
             line={"color": METHOD_COLORS.get(str(allocation)), "dash": QUANT_DASH.get(str(method), "solid")},
             marker={"symbol": QUANT_SYMBOLS.get(str(method), "circle"), "size": 9}, customdata=group[["plan_name"]],
             hovertemplate=f"%{{customdata[0]}}<br>%{{x:.3f}} bits<br>{y} %{{y:.4g}}<extra>%{{fullData.name}}</extra>"))

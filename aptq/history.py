@@ -176,10 +176,22 @@ def stored_plans(store: Store | None = None, model_fp: str | None = None) -> pd.
 
 
 def stored_runs(store: Store | None = None, model_fp: str | None = None) -> pd.DataFrame:
-    """Quantization runs, newest first (all models unless `model_fp`)."""
+    """Quantization runs, newest first (all models unless `model_fp`), with their `quantizer` (quantizer_names)."""
     store = _ready(store)
     where, params = ("WHERE model = ?", [model_fp]) if model_fp else ("", [])
-    return store.query(f"SELECT * FROM runs {where} ORDER BY created DESC", params)
+    runs = store.query(f"SELECT * FROM runs {where} ORDER BY created DESC", params)
+    return runs.assign(quantizer=quantizer_names(runs))
+
+
+def quantizer_names(runs: pd.DataFrame) -> pd.Series:
+    """Each run's quantizer as tables and charts name it: its method, with the block refinement's steps where the run
+    had one (aptq.blockwise: it moves the results as much as a change of method does, so its runs are drawn and
+    ranked apart). Without a `settings` column (runs made up in tests), the method alone."""
+    settings = runs["settings"] if "settings" in runs else [None] * len(runs)
+    steps = [json.loads(text).get("block", {}).get("iterations", 0) if isinstance(text, str) else 0
+             for text in settings]
+    return pd.Series([f"{method} + {n} refinement steps" if n else str(method)
+                      for method, n in zip(runs["method"], steps)], index=runs.index, dtype=object)
 
 
 def find_run(store: Store | None, key: str) -> RunRecord | None:
@@ -214,15 +226,15 @@ def set_prediction(store: Store | None, key: str, meta: dict) -> RunRecord:
 
 
 def trust(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per quantization method and per source and unit of the predictions (predicted totals in different units do
-    not rank together): Spearman rank correlation of the predicted total error with the measured KL and perplexity,
+    """Per quantizer (quantizer_names) and per source and unit of the predictions (predicted totals in different units
+    do not rank together): Spearman rank correlation of the predicted total error with the measured KL and perplexity,
     over the runs that carry a prediction (one model and evaluation protocol at a time)."""
     rows = []
     usable = runs.dropna(subset=[PREDICTED_ERROR_ATTENTION, "kl"])
     made = usable.reindex(columns=["error_source", "error_unit"]).astype("string")
     labels = (made["error_source"] + " errors, " + made["error_unit"] + " unit").fillna("not recorded")
-    for (method, label), of_method in usable.groupby([usable["method"], labels]):
-        row = {"method": method, "predicted_with": label, "runs": len(of_method)}
+    for (quantizer, label), of_method in usable.groupby([quantizer_names(usable), labels]):
+        row = {"quantizer": quantizer, "predicted_with": label, "runs": len(of_method)}
         for predicted, metric in PREDICTED_ERRORS.items():
             for measured in ("kl", "perplexity"):
                 value = spearmanr(of_method[predicted], of_method[measured]).statistic if len(of_method) >= 3 \

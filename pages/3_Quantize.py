@@ -49,7 +49,7 @@ from ui.shell import presenting
 COMPLETION_PROMPTS = 3  # (our choice) enough to see the difference, few enough to read on a slide
 RUN_COLUMNS = {"created": st.column_config.DatetimeColumn("when", format="YYYY-MM-DD HH:mm"),
                "label": "name", "tag": "tag", "plan_name": "plan", "allocation": "solver", "error_source": "errors",
-               "error_unit": "unit", "method": "quantizer",
+               "error_unit": "unit", "quantizer": "quantizer",
                "coverage": "covers", "covered_avg_bits": st.column_config.NumberColumn("bits (covered)", format="%.3f"),
                "avg_bits": st.column_config.NumberColumn("bits (whole model)", format="%.3f"),
                "perplexity": st.column_config.NumberColumn("perplexity", format="%.3f"),

@@ -77,7 +77,8 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
                                            baseline if baseline is None or np.isfinite(baseline) else None,
                                            tradeoffs.pareto_frontier(chosen, x, measured), point), width="stretch")
     st.caption(f"{len(chosen)} run(s) covering {run_set.coverage} under this protocol; colour = allocation method, "
-               f"line style = quantizer (dotted RTN, dashed GPTQ, solid attention-aware, dash-dotted aespa); the thick "
+               f"line style = quantizer (dotted RTN, dashed GPTQ, solid attention-aware, dash-dotted aespa; runs with "
+               f"block refinement have lines of their own); the thick "
                f"grey steps are the best runs (Pareto frontier); dashed line: full precision.")
 
     st.subheader("How far to trust the predictions")
@@ -99,10 +100,10 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
     # The chosen measure's columns only, named in words; below both columns, at full width: its five columns do not
     # fit half the page without scrolling.
     trust = history.trust(predicted.runs)
-    st.dataframe(trust[["method", "predicted_with", "runs", f"spearman_attention_{correlated}",
+    st.dataframe(trust[["quantizer", "predicted_with", "runs", f"spearman_attention_{correlated}",
                         f"spearman_layerwise_{correlated}"]],
                  hide_index=True,
-                 column_config={"method": st.column_config.TextColumn("quantizer", width="small"),
+                 column_config={"quantizer": st.column_config.TextColumn("quantizer", width="small"),
                                 "predicted_with": st.column_config.TextColumn("predicted with"),
                                 "runs": st.column_config.NumberColumn(width="small"),
                                 f"spearman_attention_{correlated}": st.column_config.

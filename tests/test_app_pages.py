@@ -179,8 +179,9 @@ def test_save_quantize_and_compare_plans(at):
     button(at, "Quantize and evaluate").click().run()
     wait_for_run(at)
     assert len(at.dataframe[-1].value) == 2  # the runs table (the completions table comes first)
-    made = at.dataframe[-1].value.set_index("allocation")[["error_source", "error_unit"]]
-    assert made.loc["knapsack"].tolist() == made.loc["uniform"].tolist() == ["rtn", "heuristic"]
+    made = at.dataframe[-1].value.set_index("allocation")[["error_source", "error_unit", "quantizer"]]
+    assert made.loc["knapsack"].tolist() == ["rtn", "heuristic", "attention + 5 refinement steps"]
+    assert made.loc["uniform"].tolist() == ["rtn", "heuristic", "rtn"]
 
     at.switch_page("pages/4_Trade_offs.py").run()
     no_problems(at)
@@ -189,13 +190,14 @@ def test_save_quantize_and_compare_plans(at):
     assert "layers differ" in texts(at.markdown)
     summary = next(d.value for d in at.dataframe if "average bits" in d.value.columns)
     assert not [c for c in summary.columns if "_" in c]  # the plans' numbers named in words
-    trust = next(d.value for d in at.dataframe if "runs" in d.value.columns and "method" in d.value.columns)
-    assert list(trust.columns) == ["method", "predicted_with", "runs", "spearman_attention_perplexity",
+    trust = next(d.value for d in at.dataframe if "runs" in d.value.columns and "quantizer" in d.value.columns)
+    assert list(trust.columns) == ["quantizer", "predicted_with", "runs", "spearman_attention_perplexity",
                                    "spearman_layerwise_perplexity"]
+    assert list(trust["quantizer"]) == ["attention + 5 refinement steps", "rtn"]  # the refined run ranked apart
     assert list(trust["predicted_with"]) == ["rtn errors, heuristic unit"] * 2
     at.radio(key="trade_y").set_value("kl").run()
     no_problems(at)
-    trust = next(d.value for d in at.dataframe if "runs" in d.value.columns and "method" in d.value.columns)
+    trust = next(d.value for d in at.dataframe if "runs" in d.value.columns and "quantizer" in d.value.columns)
     assert list(trust.columns)[3:] == ["spearman_attention_kl", "spearman_layerwise_kl"]  # the measure on the chart
 
 

@@ -72,7 +72,7 @@ def test_sweep_quantizes_each_plan_once_and_resumes(tiny_model_dir, text_corpus,
         assert predicted == pytest.approx(2 * first.set_index("key").loc[[key], PREDICTED_ERROR_ATTENTION].iloc[0])
     runs = runs.reset_index()
     table = trust(runs)
-    assert list(table["method"]) == ["rtn"] and table["runs"].iloc[0] == len(runs)
+    assert list(table["quantizer"]) == ["rtn"] and table["runs"].iloc[0] == len(runs)
     assert -1 <= table["spearman_attention_kl"].iloc[0] <= 1
 
 

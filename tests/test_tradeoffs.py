@@ -215,6 +215,16 @@ def test_every_quantizer_has_its_own_line_style_and_marker_in_the_quality_chart(
         len(traces) == len(QUANTIZERS)
 
 
+def test_runs_with_block_refinement_have_lines_of_their_own_in_the_quality_chart():
+    refined = json.dumps({"block": {"iterations": 100, "learning_rate": None}})
+    runs = pd.DataFrame({"allocation": "uniform", "method": "aespa", "plan_name": ["u2", "u3", "u2", "u3"],
+                         "covered_avg_bits": [2.0, 3.0, 2.0, 3.0], "perplexity": [140.0, 56.0, 108.0, 54.0],
+                         "settings": ["{}", "{}", refined, refined]})
+    traces = charts.tradeoff_curves(runs).data
+    assert {trace.name: list(trace.y) for trace in traces} == {"uniform · aespa": [140.0, 56.0],
+                                                               "uniform · aespa + 100 refinement steps": [108.0, 54.0]}
+
+
 def test_expected_analysis_time_is_the_median_rate_times_blocks_and_tokens():
     from aptq.timing import expected_analysis_time
 
