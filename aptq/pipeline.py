@@ -107,7 +107,9 @@ class QuantizeSettings:
     act_order_from: int | None = ACT_ORDER_FROM
     clip_search: bool = True
     damp: float = 0.01
-    batch_size: int | None = None  # segments per forward pass: speed only, not part of the key
+    # segments per forward pass (None: aptq.capture.default_batch_size): speed only, not part of the key; but each step
+    # of the block refinement takes one batch, so with the refinement on a given batch size is in the key
+    batch_size: int | None = None
     device: str | None = None  # compute device (default: the model's): not part of the key
     aespa: AespaOptions = AespaOptions()  # method "aespa" only: part of its key alone
     # BoA's row compensation for v through the out projection (docs/algorithms.md §8; off by default, measured in
@@ -158,7 +160,9 @@ class QuantizeSettings:
 
     def key_fields(self) -> dict:
         fields = asdict(self)
-        del fields["batch_size"], fields["device"], fields["act_order_from"]
+        del fields["device"], fields["act_order_from"]
+        if not self.block.iterations or self.batch_size is None:
+            del fields["batch_size"]
         # every layer or none: the boolean of the runs stored before the width rule existed
         fields["act_order"] = {None: False, 2: True}.get(self.act_order_from, self.act_order_from)
         if self.method != "aespa":

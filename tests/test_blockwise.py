@@ -149,6 +149,9 @@ def test_the_pipeline_refines_keys_and_refuses_as_documented(tiny_model_dir, tex
     recover_codes(refined.block(1)[layer.name], settings.config(2))
     assert "block" not in settings.key_fields()  # off: the keys of every run stored before it
     assert refined_settings.key_fields()["block"] == {"iterations": 20, "learning_rate": None}
+    # the refinement's steps take one batch each: a batch size given is in its key, and only there
+    assert replace(refined_settings, batch_size=4).key_fields() == refined_settings.key_fields() | {"batch_size": 4}
+    assert replace(settings, batch_size=4).key_fields() == settings.key_fields()
     with pytest.raises(UserError, match="RTN"):
         QuantizeSettings("rtn", block=BlockRefinement(5))
     for wrong in (-1, 2.5, True):
