@@ -2,12 +2,13 @@
 
     APTQ_CACHE_DIR=/tmp/emb64 OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_refinement_tuning \\
         --method aespa --bits 2 --group 64 --options attention-rows,fp-targets=0.25 --blocks 4 \\
-        --variants 0,50,100,100:0.02,200
+        --variants 0,100,100:0.02,200::4
 
 Reads bench_peers' dump (its calibration segments, so the same tokens as the whole-model runs; `dump` first), quantizes
 the first BLOCKS blocks (the others stay in full precision) with the layer-wise quantizer of `--method/--options` and
-each variant of the refinement (`STEPS` or `STEPS:LR`, LR the first step's size, 1 / STEPS when left out; 0 is the
-layer-wise quantizer alone), and measures the KL against the full-precision model on bench_peers' validation windows
+each variant of the refinement (`STEPS`, `STEPS:LR` or `STEPS:LR:BATCH`: LR the first step's size, 1 / STEPS where
+empty or left out; BATCH the segments a step takes, the walk's default where left out; 0 is the layer-wise quantizer
+alone), and measures the KL against the full-precision model on bench_peers' validation windows
 of the calibration split — never on the evaluation split. (our choice) The first blocks: the refinement lowered their
 block loss most in the whole-model runs, and they are cheap enough to try several variants in one session; the proxy
 chooses, a whole-model run then confirms. The table goes to bench/results/refinement_tuning_<dump>.md (text below the
@@ -38,17 +39,19 @@ from bench.bench_peers import (
 class Variant:
     steps: int
     learning_rate: float | None  # None: 1 / steps
+    batch: int | None  # segments per step; None: the walk's default (aptq.capture.default_batch_size)
 
     @staticmethod
     def parse(text: str) -> Variant:
-        steps, _, rate = text.partition(":")
-        return Variant(int(steps), float(rate) if rate else None)
+        steps, rate, batch = (text.split(":") + ["", ""])[:3]
+        return Variant(int(steps), float(rate) if rate else None, int(batch) if batch else None)
 
     @property
     def label(self) -> str:
         if not self.steps:
             return "layer-wise alone"
-        return f"{self.steps} steps, first step {self.learning_rate or 1 / self.steps:.4g}"
+        batch = f", {self.batch} segments a step" if self.batch else ""
+        return f"{self.steps} steps, first step {self.learning_rate or 1 / self.steps:.4g}{batch}"
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,8 @@ def measure(loaded, segments: torch.Tensor, windows: torch.Tensor, reference, se
     from aptq.progress import tqdm_progress
     from aptq.widths import FULL_PRECISION
 
-    chosen = replace(settings, block=BlockRefinement(variant.steps, variant.learning_rate))
-    key = f"refinement-tuning-{variant.steps}-{variant.learning_rate}"
+    chosen = replace(settings, block=BlockRefinement(variant.steps, variant.learning_rate), batch_size=variant.batch)
+    key = f"refinement-tuning-{variant.steps}-{variant.learning_rate}-{variant.batch}"
     remove_checkpoints(key)  # a run of another dump or settings under the same name
     progress, close = tqdm_progress(variant.label)
     started = time.perf_counter()
@@ -103,12 +106,18 @@ def main() -> None:
     parser.add_argument("--options", default="attention-rows,fp-targets=0.25",
                         help="the layer-wise quantizer's, as bench_peers ours takes them (no block=N)")
     parser.add_argument("--blocks", type=int, default=4, help="the first BLOCKS blocks are quantized")
-    parser.add_argument("--variants", default="0,50,100,100:0.02,200", help="STEPS or STEPS:LR, comma-separated")
+    parser.add_argument("--variants", default="0,100,100:0.02,200::4",
+                        help="STEPS, STEPS:LR or STEPS:LR:BATCH, comma-separated")
     args = parser.parse_args()
+    from aptq.blockwise import BlockRefinement
+    from aptq.errors import UserError
+
     try:
         variants = [Variant.parse(part) for part in args.variants.split(",")]
-    except ValueError:
-        parser.error(f"--variants: STEPS or STEPS:LR, comma-separated, got {args.variants!r}")
+        for variant in variants:
+            BlockRefinement(variant.steps, variant.learning_rate)  # refuses what the run would refuse
+    except (ValueError, UserError):
+        parser.error(f"--variants: STEPS, STEPS:LR or STEPS:LR:BATCH, comma-separated, got {args.variants!r}")
     if "block=" in args.options:
         parser.error("--options: the refinement's steps are the variants, not an option")
 
