@@ -87,26 +87,28 @@ class Estimate:
     value: float
     low: float  # ± one standard deviation of the fit's residuals, in log space (our choice of uncertainty band)
     high: float
-    method: str  # the quantization method whose runs the line was fitted to
+    quantizer: str  # (aptq.history.quantizer_names) whose runs the line was fitted to
     runs: int
 
 
 def estimate(runs: pd.DataFrame, predicted: float, analysis: str | None, measured: str) -> Estimate | None:
-    """An unmeasured plan's `measured`, read off a log–log line fitted to the runs of the best-covered quantization
-    method (our choice) among those predicted by the plan's own `analysis`; None with too few runs."""
+    """An unmeasured plan's `measured`, read off a log–log line fitted to the runs of the best-covered quantizer
+    (aptq.history.quantizer_names; our choice) among those predicted by the plan's own `analysis`; None with too few
+    runs."""
     usable = runs[runs["analysis"] == analysis].dropna(subset=[PREDICTED_ERROR_ATTENTION, measured])
     usable = usable[(usable[PREDICTED_ERROR_ATTENTION] > 0) & (usable[measured] > 0)]
     if usable.empty or not math.isfinite(predicted) or predicted <= 0:
         return None
-    method = str(usable["method"].value_counts().index[0])
-    fit = usable[usable["method"] == method]
+    quantizers = history.quantizer_names(usable)
+    quantizer = str(quantizers.value_counts().index[0])
+    fit = usable[quantizers == quantizer]
     if len(fit) < MIN_FIT_RUNS or fit[PREDICTED_ERROR_ATTENTION].nunique() < 2:
         return None
     x, y = np.log(fit[PREDICTED_ERROR_ATTENTION].to_numpy()), np.log(fit[measured].to_numpy())
     slope, intercept = np.polyfit(x, y, 1)
     spread = float(np.std(y - (intercept + slope * x), ddof=2)) if len(fit) > 2 else 0.0
     center = intercept + slope * math.log(predicted)
-    return Estimate(math.exp(center), math.exp(center - spread), math.exp(center + spread), method, len(fit))
+    return Estimate(math.exp(center), math.exp(center - spread), math.exp(center + spread), quantizer, len(fit))
 
 
 def pareto_frontier(runs: pd.DataFrame, x: str, y: str) -> pd.DataFrame:

@@ -51,13 +51,13 @@ def current_point(chosen: pd.DataFrame, current: PlanChoice, run_set: tradeoffs.
     if not done.empty:
         run = done.iloc[0]
         return {"x": run[x], "y": run[measured], "low": run[measured], "high": run[measured],
-                "label": f"current plan ({current.name}): measured, {run['method']}"}
+                "label": f"current plan ({current.name}): measured, {run['quantizer']}"}
     found = tradeoffs.estimate(chosen, current.summary.get(PREDICTED_ERROR_ATTENTION, np.nan),
                                current.summary.get("analysis"), measured)
     if found is None:
         return {"x": bits, "y": None, "label": f"current plan ({current.name}): not measured yet"}
     return {"x": bits, "y": found.value, "low": found.low, "high": found.high,
-            "label": f"current plan ({current.name}): estimated from {found.runs} {found.method} runs, not measured"}
+            "label": f"current plan ({current.name}): estimated from {found.runs} {found.quantizer} runs, not measured"}
 
 
 def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: LoadedModel) -> None:

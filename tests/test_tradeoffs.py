@@ -87,10 +87,19 @@ def test_the_estimate_follows_an_exact_power_law_and_needs_enough_runs():
     predicted = np.array([1.0, 2.0, 4.0, 8.0])
     runs = runs_frame([{PREDICTED_ERROR_ATTENTION: p, "kl": 0.5 * p ** 0.7} for p in predicted])
     found = tradeoffs.estimate(runs, 16.0, "a1", "kl")
-    assert found.value == pytest.approx(0.5 * 16 ** 0.7) and found.method == "rtn" and found.runs == 4
+    assert found.value == pytest.approx(0.5 * 16 ** 0.7) and found.quantizer == "rtn" and found.runs == 4
     assert found.low == pytest.approx(found.value) == pytest.approx(found.high)  # no scatter around the line
     assert tradeoffs.estimate(runs, 16.0, "another analysis", "kl") is None
     assert tradeoffs.estimate(runs.head(2), 16.0, "a1", "kl") is None
+    # runs of one method with and without the block refinement are two quantizers: never fitted together
+    refined = json.dumps({"block": {"iterations": 100, "learning_rate": None}})
+    mixed = runs_frame([{PREDICTED_ERROR_ATTENTION: p, "kl": 0.5 * p ** 0.7, "method": "gptq", "settings": "{}"}
+                        for p in predicted] +
+                       [{PREDICTED_ERROR_ATTENTION: p, "kl": 0.2 * p, "method": "gptq", "settings": refined}
+                        for p in [*predicted, 3.0]])
+    found = tradeoffs.estimate(mixed, 16.0, "a1", "kl")
+    assert found.quantizer == "gptq + 100 refinement steps" and found.runs == 5
+    assert found.value == pytest.approx(0.2 * 16) == pytest.approx(found.high)
 
 
 def test_the_pareto_frontier_matches_brute_force():
