@@ -145,17 +145,19 @@ def _analyze(loaded, segments, args) -> int:
 
 
 def _quantize(loaded, segments, args) -> tuple[int, dict]:
+    from aptq.blockwise import BlockRefinement
     from aptq.evaluate import evaluate
     from aptq.pipeline import QuantizeSettings, quantize_model
 
     n_blocks = min(args.max_blocks or loaded.arch.n_blocks, loaded.arch.n_blocks)
     plan = {layer.name: 4 if layer.block < n_blocks else 16 for layer in loaded.arch.layers}
-    settings = QuantizeSettings("attention", args.group, clip_search=args.clip_search, device=args.device)
+    settings = QuantizeSettings("attention", args.group, clip_search=args.clip_search, device=args.device,
+                                block=BlockRefinement(args.block_refinement))
     key = f"bench-big-{os.getpid()}"
     start = time.perf_counter()
     quantized, notes = quantize_model(loaded, plan, settings, segments, key)
     quantize_seconds = time.perf_counter() - start
-    extra = {"quantize_seconds": quantize_seconds, "notes": notes}
+    extra = {"quantize_seconds": quantize_seconds, "notes": notes, "refinement_steps": args.block_refinement}
     if args.eval_windows:
         windows = _tokens(loaded, args, "evaluation", args.eval_windows, args.seqlen)
         result = evaluate(loaded.model, windows, device=args.device, weights=quantized, blockwise=args.blockwise)
@@ -303,6 +305,8 @@ def main() -> None:
                             "block at hidden 2560, hours on one CPU thread)")
     stage.add_argument("--blockwise", action="store_true", default=None,
                        help="evaluate block by block even when the model fits on the device")
+    stage.add_argument("--block-refinement", type=int, default=0, metavar="STEPS",
+                       help="quantize: STEPS of block refinement per block after the layer-wise quantizer")
     stage.add_argument("--json", type=Path, default=None, help="also append the record to this file")
     cpu = sub.add_parser("cpu")
     cpu.add_argument("--hidden", type=int, default=2560)
