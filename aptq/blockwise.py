@@ -129,9 +129,11 @@ def _forward(step: BlockStep, parameters: dict[str, Tensor], batch) -> Tensor:
 @torch.no_grad()
 def _targets(step: BlockStep) -> list[Tensor]:
     """The full-precision block's output per batch, on the CPU: on the full-precision stream's inputs where the walk
-    carries it, else on the quantized stream's. The block's own weights are the full-precision ones here."""
+    carries it, else on the quantized stream's. The block's own weights are the full-precision ones here. Kept in the
+    dtype the block computes in (half the memory of float32 for a bfloat16 model, nothing lost: the forward's output
+    has no more precision); the losses read them as float32."""
     source = step.reference or step
-    return [source.forward(batch).float().cpu() for batch in source.batches()]
+    return [source.forward(batch).cpu() for batch in source.batches()]
 
 
 @contextmanager
@@ -171,8 +173,8 @@ def refine_block(step: BlockStep, model: torch.nn.Module, arch: Architecture, to
         total = 0.0
         with torch.no_grad():
             for batch, target in zip(step.batches(), targets):
-                total += torch.nn.functional.mse_loss(_forward(step, parameters, batch), target.to(step.device),
-                                                      reduction="sum").item()
+                total += torch.nn.functional.mse_loss(_forward(step, parameters, batch),
+                                                      target.to(step.device, torch.float32), reduction="sum").item()
         return total
 
     with _fused_attention(model):
@@ -186,7 +188,7 @@ def refine_block(step: BlockStep, model: torch.nn.Module, arch: Architecture, to
             with torch.autocast(step.device.type, dtype=torch.bfloat16):
                 relaxed = {name: grid.relaxed() for name, grid in grids.items()}
                 output = _forward(step, _parameters(step, arch, layers, relaxed), step.batch(index))
-            torch.nn.functional.mse_loss(output, targets[index].to(step.device)).backward()
+            torch.nn.functional.mse_loss(output, targets[index].to(step.device, torch.float32)).backward()
             size = refinement.step_size * (1 - iteration / refinement.iterations)
             for grid in grids.values():
                 grid.step(size)

@@ -430,11 +430,14 @@ def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]],
         if rtn_memo is not None and memo_key in rtn_memo:
             quantized, fallback = rtn_memo[memo_key], None
         else:
+            weight = get_weight(model, layer).detach()
+            # the block refinement starts from the grid these weights lie on: in float32 they lie on it exactly (a
+            # bfloat16 or float16 copy rounds them off it); _refine_step gives them the model's dtype after
+            weight = weight.float() if settings.block.iterations else weight
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are reported through the notes
-                quantized, fallback = quantize_layer(get_weight(model, layer).detach(), layer, hessians, config,
-                                                     settings, out_weight, down_weight, mismatch.get(layer.name),
-                                                     shared.get(layer.name))
+                quantized, fallback = quantize_layer(weight, layer, hessians, config, settings, out_weight,
+                                                     down_weight, mismatch.get(layer.name), shared.get(layer.name))
             if rtn_memo is not None:
                 rtn_memo[memo_key] = quantized
         weights[layer.name] = quantized
@@ -559,8 +562,9 @@ def _quantize_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[Linear
 def _refine_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[LinearLayer, int]],
                  weights: dict[str, torch.Tensor], settings: QuantizeSettings,
                  progress: Progress) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The block refinement (aptq.blockwise) of the quantized block and its notes. Out of device memory: the refinement
-    again on the CPU (smaller batches would not help: each of its steps takes one whole batch)."""
+    """The block refinement (aptq.blockwise) of the quantized block (float32 weights, see _quantize_block), in the
+    model's dtype, and its notes. Out of device memory: the refinement again on the CPU (smaller batches would not
+    help: each of its steps takes one whole batch)."""
     configs = {layer.name: settings.config(bits) for layer, bits in todo}
     notes: list[str] = []
     try:
@@ -575,7 +579,8 @@ def _refine_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[LinearLa
         progress(step.index, loaded.arch.n_blocks, notes[-1])
         weights, refined = refine_block(step, loaded.model, loaded.arch, todo, weights, configs, settings.block,
                                         progress, loaded.arch.n_blocks)
-    return weights, notes + ([refined] if refined else [])
+    dtypes = {layer.name: get_weight(loaded.model, layer).dtype for layer, _ in todo}
+    return {name: weight.to(dtypes[name]) for name, weight in weights.items()}, notes + ([refined] if refined else [])
 
 
 def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: QuantizeSettings,

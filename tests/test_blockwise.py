@@ -10,7 +10,15 @@ import pytest
 import torch
 
 import aptq.pipeline as pipeline
-from aptq.blockwise import BlockRefinement, _forward, _fused_attention, _LayerGrid, _parameters, refine_block
+from aptq.blockwise import (
+    BlockRefinement,
+    _forward,
+    _fused_attention,
+    _LayerGrid,
+    _parameters,
+    _targets,
+    refine_block,
+)
 from aptq.capture import BlockWalk
 from aptq.data import Sampling, calibration_segments, token_ids
 from aptq.errors import UserError
@@ -89,9 +97,12 @@ def _block_error(model, arch, step, weights) -> float:
                    for batch, target in zip(step.batches(), targets))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "gpt2", "qwen3_moe"])
-def test_refinement_lowers_the_blocks_output_error_and_leaves_the_model_alone(tiny_model, family):
+@pytest.mark.parametrize("family, dtype", [("llama", torch.float32), ("llama", torch.bfloat16),
+                                           ("gemma2", torch.float32), ("gemma3_text", torch.float32),
+                                           ("gpt2", torch.float32), ("qwen3_moe", torch.float32)])
+def test_refinement_lowers_the_blocks_output_error_and_leaves_the_model_alone(tiny_model, family, dtype):
     model, arch = tiny_model(family)
+    model.to(dtype)
     torch.manual_seed(1)
     segments = torch.randint(3, 100, (6, 16))
     walk = BlockWalk(model, arch, segments, batch_size=3, reference=True, stop=2)
@@ -101,9 +112,11 @@ def test_refinement_lowers_the_blocks_output_error_and_leaves_the_model_alone(ti
                                        for layer in arch.block_layers(0)}):
         first.finish()
     step = next(steps)
+    assert {target.dtype for target in _targets(step)} == {dtype}  # the targets keep the model's dtype
     todo = [(layer, 2) for layer in arch.block_layers(1)]
     configs = {layer.name: QuantConfig(2, 16) for layer, _ in todo}
-    start = {layer.name: rtn(get_weight(model, layer), configs[layer.name]) for layer, _ in todo}
+    # in float32, as the pipeline hands them over: exactly on their grid (a bfloat16 copy is not)
+    start = {layer.name: rtn(get_weight(model, layer).float(), configs[layer.name]) for layer, _ in todo}
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     refined, note = refine_block(step, model, arch, todo, start, configs, BlockRefinement(40))
     assert note is None
@@ -147,6 +160,12 @@ def test_the_pipeline_refines_keys_and_refuses_as_documented(tiny_model_dir, tex
     layer = loaded.arch.block_layers(1)[0]
     assert not torch.equal(plain.block(1)[layer.name], refined.block(1)[layer.name])
     recover_codes(refined.block(1)[layer.name], settings.config(2))
+    # a bfloat16 model: the layer-wise weights reach the refinement in float32 (on their grid; 4-bit levels rounded to
+    # bfloat16 are off it), the stored ones are the model's dtype
+    half = load_model(str(tiny_model_dir("llama")), device="cpu", dtype=torch.bfloat16)
+    targets = replace(refined_settings, fp_targets=0.25)  # the path that rounded them to the model's dtype
+    stored = pipeline.quantize_model(half, uniform_plan(half.arch, 4), targets, segments, "refined-bf16")[0].block(1)
+    assert stored[layer.name].dtype == torch.bfloat16
     assert "block" not in settings.key_fields()  # off: the keys of every run stored before it
     assert refined_settings.key_fields()["block"] == {"iterations": 20, "learning_rate": None}
     # the refinement's steps take one batch each: a batch size given is in its key, and only there
