@@ -263,13 +263,13 @@ def delete_runs(store: Store | None, keys: list[str]) -> int:
 
 
 def filter_runs(runs: pd.DataFrame, text: str = "", tag: str | None = None) -> pd.DataFrame:
-    """Runs whose label, plan name, allocation, method, tag or coverage contains `text` (case-insensitive), and
-    whose tag is `tag` when one is given."""
+    """Runs whose label, plan name, allocation, quantizer (e.g. "refinement"), tag or coverage contains `text`
+    (case-insensitive), and whose tag is `tag` when one is given."""
     chosen = runs
     if tag:
         chosen = chosen[chosen["tag"] == tag]
     if text.strip():
-        fields = ["label", "plan_name", "allocation", "method", "tag", "coverage"]
+        fields = ["label", "plan_name", "allocation", "method", "quantizer", "tag", "coverage"]
         haystack = chosen[[f for f in fields if f in chosen]].astype("string").fillna("").agg(" ".join, axis=1)
         chosen = chosen[haystack.str.contains(text.strip(), case=False, regex=False)]
     return chosen

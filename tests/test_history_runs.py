@@ -37,7 +37,7 @@ def stored(tmp_path) -> Store:
 
 def test_a_run_record_is_one_row_of_the_runs_table_and_reads_back_equal(tmp_path):
     store = stored(tmp_path)
-    assert set(RunRecord.columns()) == set(history.stored_runs(store).columns)
+    assert set(RunRecord.columns()) | {"quantizer"} == set(history.stored_runs(store).columns)  # + quantizer_names
     run = a_run("full", budget=3.0, analysis="a", predicted_error_attention=0.5, predicted_error_layerwise=0.7,
                 notes="a fallback", completions="[]", label="mine", tag="t")
     history.record_run(store, run)
@@ -58,6 +58,10 @@ def test_runs_get_a_name_and_a_tag_and_are_filtered_by_them(tmp_path):
     assert list(history.filter_runs(runs, "BASELINE")["key"]) == ["r1"]
     assert set(history.filter_runs(runs, "knap")["key"]) == {"r0"}
     assert len(history.filter_runs(runs, "")) == 3
+    history.record_run(store, a_run("refined", model="m", settings='{"block": {"iterations": 50}}'))
+    runs = history.stored_runs(store, "m")
+    assert runs.set_index("key").loc["refined", "quantizer"] == "gptq + 50 refinement steps"
+    assert list(history.filter_runs(runs, "refinement")["key"]) == ["refined"]
     history.label_run(store, "r1", "", None)
     assert history.stored_runs(store, "m").set_index("key").loc["r1", ["label", "tag"]].isna().all()
 
