@@ -233,7 +233,7 @@ with right:
                                   help="(our choice, beyond the papers) after each block's layers are quantized, "
                                        "their codes and scales tuned together on the block's output, one calibration "
                                        "batch per step; 0 = off. Each step is a forward and backward pass of the "
-                                       "block (docs/algorithms.md §18, measured in "
+                                       "block. Measured: it helps at 2 bits, not at 3 (docs/algorithms.md §18, "
                                        "bench/results/peers_64x512_16384.md)") \
         if method != "rtn" and not presenting() else 0
     window = st.columns(2)
