@@ -35,12 +35,12 @@ linear with the wall time and peak RSS of the quantization. `ours` (project envi
 aptq.pipeline.run_plan does (the store holds the run and a rerun reuses it; its Ŵ is saved like a peer's) on the same
 segments and evaluation tokens, in its own process so that its peak RSS is its own; `--options` turns on the quantizers'
 optional parts (act-order, v-rows, mlp-rows, attention-rows or uniform-rows, output-norms, shrink=S, fp-targets=A,
-act-order-from=B, block=N: QuantizeSettings.act_order_from, value_rows, mlp_rows, row_weights, output_norms, shrink,
-fp_targets, block) and aespa's (fixed-scales, iterations=N: AespaOptions). `evaluate` (project environment) puts each
-peer's Ŵ into the model loaded with aptq.models.load_model and measures it with aptq.evaluate against the pipeline's
-cached full-precision reference on the dumped evaluation windows, measures every kept Ŵ (ours too) on validation windows
-of the calibration split that the fitted segments do not touch (the KL that settings are chosen on), then writes the
-table with our rows beside the peers'.
+act-order-from=B, block=N, batch=N: QuantizeSettings.act_order_from, value_rows, mlp_rows, row_weights, output_norms,
+shrink, fp_targets, block, batch_size) and aespa's (fixed-scales, iterations=N: AespaOptions). `evaluate` (project
+environment) puts each peer's Ŵ into the model loaded with aptq.models.load_model and measures it with aptq.evaluate
+against the pipeline's cached full-precision reference on the dumped evaluation windows, measures every kept Ŵ (ours
+too) on validation windows of the calibration split that the fitted segments do not touch (the KL that settings are
+chosen on), then writes the table with our rows beside the peers'.
 Text below the table of that file (the reading, written by hand) is kept when it is rewritten.
 """
 
@@ -76,8 +76,9 @@ PEERS = {
 OURS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "attention": "attention-aware GPTQ (ours)", "aespa": "aespa (ours)"}
 # --options → QuantizeSettings: the field and its value; also "shrink=S" (QuantizeSettings.shrink), "fp-targets=A"
 # (QuantizeSettings.fp_targets) and
-# "act-order-from=B" (QuantizeSettings.act_order_from: act-order for the layers of B bits and more) and "block=N"
-# (QuantizeSettings.block: N steps of block refinement)
+# "act-order-from=B" (QuantizeSettings.act_order_from: act-order for the layers of B bits and more), "block=N"
+# (QuantizeSettings.block: N steps of block refinement) and "batch=N" (QuantizeSettings.batch_size: segments per
+# forward pass, and per refinement step)
 OPTIONS = {"act-order": ("act_order_from", 2), "v-rows": ("value_rows", True), "mlp-rows": ("mlp_rows", True),
            "attention-rows": ("row_weights", "attention"), "uniform-rows": ("row_weights", "uniform"),
            "output-norms": ("output_norms", True)}
@@ -164,6 +165,8 @@ class Quantized:
                 chosen["act_order_from"] = int(value)
             elif name == "block":
                 chosen["block"] = BlockRefinement(int(value))
+            elif name == "batch":
+                chosen["batch_size"] = int(value)
             elif name in AESPA_FLAGS:
                 field, setting = AESPA_FLAGS[name]
                 aespa[field] = setting
@@ -627,9 +630,10 @@ def main() -> None:
                 or (name in ("shrink", "fp-targets") and value.replace(".", "", 1).isdigit() and 0 <= float(value) <= 1)
                 # aptq.widths.QUANT_WIDTHS, not imported: `quantize` runs in the peers' environment without aptq
                 or (name == "act-order-from" and value.isdigit() and 2 <= int(value) <= 8)
-                or (name == "block" and value.isdigit() and args.method != "rtn")):
+                or (name == "block" and value.isdigit() and args.method != "rtn")
+                or (name == "batch" and value.isdigit() and int(value) >= 1)):
             parser.error(f"unknown --options {part}: choose from {', '.join(sorted(allowed))}, shrink=S (0 to 1), "
-                         "fp-targets=A (0 to 1), act-order-from=B (2 to 8), block=N (not rtn)"
+                         "fp-targets=A (0 to 1), act-order-from=B (2 to 8), block=N (not rtn), batch=N (N ≥ 1)"
                          f"{', iterations=N' if args.method == 'aespa' else ''}")
     command = f"bench_peers {args.step} --{'peer' if args.step == 'quantize' else 'method'} " \
               f"{args.peer or args.method} --bits {args.bits} --group {args.group}" + \

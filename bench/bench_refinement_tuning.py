@@ -11,8 +11,8 @@ empty or left out; BATCH the segments a step takes, the walk's default where lef
 alone), and measures the KL against the full-precision model on bench_peers' validation windows
 of the calibration split — never on the evaluation split. (our choice) The first blocks: the refinement lowered their
 block loss most in the whole-model runs, and they are cheap enough to try several variants in one session; the proxy
-chooses, a whole-model run then confirms. The table goes to bench/results/refinement_tuning_<dump>.md (text below the
-table, the reading written by hand, is kept when it is rewritten).
+chooses, a whole-model run then confirms. The table goes to bench/results/refinement_tuning_<dump>_w<bits>.md (text
+below the table, the reading written by hand, is kept when it is rewritten).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def main() -> None:
     rows = []
     for variant in variants:
         rows.append(measure(loaded, inputs.calibration, windows, reference, settings, plan, variant))
-        write(RESULTS / f"refinement_tuning_{Path(inputs.model_dir).name}.md",
+        write(RESULTS / f"refinement_tuning_{Path(inputs.model_dir).name}_w{args.bits}.md",
               header + [f"- load average at the end: {load_average()}"], rows)
         print(rows[-1])
 
