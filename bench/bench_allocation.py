@@ -55,6 +55,7 @@ from aptq.pipeline import (
 )
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store
+from bench.reading import with_reading
 
 GROUP = 64
 QUANTIZER_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "attention": "the attention-aware GPTQ"}
@@ -242,9 +243,7 @@ def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, mea
         lines += _unit_section(measured, ERROR_SOURCES[args.quantizer][1])
     lines += _plan_section(table, multiples, scorings)
     output = Path(args.output)
-    previous = output.read_text() if output.is_file() else ""
-    reading = previous[previous.index("## Reading"):] if "## Reading" in previous else ""
-    output.write_text("\n".join(lines) + "\n" + (f"\n{reading.rstrip()}\n" if reading else ""))
+    output.write_text(with_reading(lines, output.read_text() if output.is_file() else ""))
     print("\n".join(lines))
 
 

@@ -57,6 +57,8 @@ from pathlib import Path
 
 import torch
 
+from bench.reading import with_reading
+
 WORK = Path(os.environ.get("APTQ_CACHE_DIR", Path(__file__).resolve().parent.parent / "data")) / "cache" / "peers"
 INPUTS = WORK / "inputs.pt"
 RESULTS = Path(__file__).parent / "results"
@@ -536,7 +538,6 @@ def earlier_rows(previous: str, measured: set[tuple[str, int, int]]) -> dict[tup
 def write_results(inputs: Inputs, model_name: str, rows: list[Row], fp_perplexity: float) -> None:
     results = inputs.results
     previous = results.read_text() if results.is_file() else ""
-    reading = previous[previous.index("## Reading"):] if "## Reading" in previous else ""
     protocol_line = (
         f"- protocol: {model_name} ({Path(inputs.model_dir).name}); calibration: Brown "
         f"calibration split, {inputs.samples} × {inputs.seqlen} tokens drawn by aptq.data.calibration_segments, "
@@ -576,7 +577,7 @@ def write_results(inputs: Inputs, model_name: str, rows: list[Row], fp_perplexit
     lines += [table for table, _ in ordered]
     lines += ["", "Per row: command, load averages (1, 5, 15 min) when it finished, note", ""]
     lines += [command for _, command in ordered]
-    results.write_text("\n".join(lines) + "\n" + (f"\n{reading.rstrip()}\n" if reading else ""))
+    results.write_text(with_reading(lines, previous))
     print("\n".join(lines))
 
 

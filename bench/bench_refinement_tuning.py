@@ -33,6 +33,7 @@ from bench.bench_peers import (
     load_inputs,
     validation_windows,
 )
+from bench.reading import with_reading
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,23 @@ class Variant:
         steps, rate, batch = (text.split(":") + ["", ""])[:3]
         return Variant(int(steps), float(rate) if rate else None, int(batch) if batch else None)
 
+    def __post_init__(self) -> None:
+        self.refinement()  # UserError for what the run would refuse
+        if self.batch is not None and self.batch < 1:
+            raise ValueError(f"A step takes at least one segment, got {self.batch}.")
+
+    def refinement(self):
+        """As the run takes it (aptq.blockwise.BlockRefinement)."""
+        from aptq.blockwise import BlockRefinement
+
+        return BlockRefinement(self.steps, self.learning_rate)
+
     @property
     def label(self) -> str:
         if not self.steps:
             return "layer-wise alone"
         batch = f", {self.batch} segments a step" if self.batch else ""
-        return f"{self.steps} steps, first step {self.learning_rate or 1 / self.steps:.4g}{batch}"
+        return f"{self.steps} steps, first step {self.refinement().step_size:.4g}{batch}"
 
 
 @dataclass(frozen=True)
@@ -65,13 +77,12 @@ class Measured:
 
 def measure(loaded, segments: torch.Tensor, windows: torch.Tensor, reference, settings, plan: dict[str, int],
             variant: Variant) -> Measured:
-    from aptq.blockwise import BlockRefinement
     from aptq.evaluate import evaluate
     from aptq.pipeline import quantize_model, remove_checkpoints, swapped_weights
     from aptq.progress import tqdm_progress
     from aptq.widths import FULL_PRECISION
 
-    chosen = replace(settings, block=BlockRefinement(variant.steps, variant.learning_rate), batch_size=variant.batch)
+    chosen = replace(settings, block=variant.refinement(), batch_size=variant.batch)
     key = f"refinement-tuning-{variant.steps}-{variant.learning_rate}-{variant.batch}"
     remove_checkpoints(key)  # a run of another dump or settings under the same name
     progress, close = tqdm_progress(variant.label)
@@ -93,9 +104,7 @@ def write(path: Path, header: list[str], rows: list[Measured]) -> None:
     table = ["| refinement | KL validation | perplexity validation | quantize s | notes |", "|---|---|---|---|---|"]
     table += [f"| {row.variant.label} | {row.kl_validation:.4f} | {row.perplexity_validation:.3f} | {row.seconds:.0f} "
               f"| {'; '.join(row.notes) or '—'} |" for row in rows]
-    previous = path.read_text() if path.is_file() else ""
-    reading = previous[previous.index("\n## Reading"):] if "\n## Reading" in previous else ""
-    path.write_text("\n".join(header + [""] + table) + "\n" + reading)
+    path.write_text(with_reading(header + [""] + table, path.read_text() if path.is_file() else ""))
 
 
 def main() -> None:
@@ -109,13 +118,10 @@ def main() -> None:
     parser.add_argument("--variants", default="0,100,100:0.02,200::4",
                         help="STEPS, STEPS:LR or STEPS:LR:BATCH, comma-separated")
     args = parser.parse_args()
-    from aptq.blockwise import BlockRefinement
     from aptq.errors import UserError
 
     try:
         variants = [Variant.parse(part) for part in args.variants.split(",")]
-        for variant in variants:
-            BlockRefinement(variant.steps, variant.learning_rate)  # refuses what the run would refuse
     except (ValueError, UserError):
         parser.error(f"--variants: STEPS, STEPS:LR or STEPS:LR:BATCH, comma-separated, got {args.variants!r}")
     if "block=" in args.options:
