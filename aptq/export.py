@@ -4,7 +4,8 @@ overrides, and the plan as JSON, a GPTQModel `dynamic` block and an llm-compress
 temporary sibling first and renamed, so nothing is half-written.
 
 Packed checkpoints hold our own codes: `recover_codes` reads them back exactly from the run's dequantized weights
-(float16 scales, integer zero points), nothing is quantized again. Their other tensors are float16.
+(float16 scales, integer zero points), nothing is quantized again; for a bfloat16 or float16 model (the GPU default)
+the codes' values round to the run's weights exactly. Their other tensors are float16.
 """
 
 from __future__ import annotations
@@ -200,10 +201,6 @@ def check_formats(model: nn.Module, packed: PackedPlan, formats: tuple[str, ...]
     unknown = [name for name in formats if name not in EXPORT_FORMATS]
     if unknown:
         raise UserError(f"Unknown export format {unknown[0]!r}; choose from {', '.join(EXPORT_FORMATS)}.")
-    dtype = next(model.parameters()).dtype
-    if set(formats) & set(PACKED_FORMATS) and dtype != torch.float32:
-        raise UserError(f"Packed formats need the run's weights in float32 (the model is {dtype}, which rounds them "
-                        f"off the grid); quantize on the CPU or load the model in float32.")
     for name in (f for f in formats if f in PACKED_FORMATS):
         for layer, bits in packed.quantized():
             _check_layer(name, layer, bits, tuple(get_weight(model, layer).shape), packed.group_size)
@@ -235,8 +232,8 @@ def layer_codes(model: nn.Module, packed: PackedPlan) -> dict[str, GridCodes]:
         try:
             codes[layer.name] = recover_codes(get_weight(model, layer), packed.config(bits))
         except ValueError as error:
-            raise UserError(f"{layer.name} is not on its {bits}-bit grid ({error}); packed formats need a run "
-                            f"quantized in float32, export the dequantized model only.") from None
+            raise UserError(f"{layer.name} is not on its {bits}-bit grid ({error}); packed formats need the run's "
+                            f"own weights, export the dequantized model only.") from None
     return codes
 
 

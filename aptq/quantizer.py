@@ -35,6 +35,10 @@ CLIP_FACTORS = tuple(round(1.0 - 0.01 * k, 2) for k in range(80))
 # maps 0 to 0, and the scale stays a float16 value.
 MIN_SCALE = 2.0 ** -24
 MAX_SCALE = 65504.0  # the largest float16
+# float16 scales next to the nearest one that `recover_codes` tries, by the dtype the weights were rounded to: none
+# for float32 (not rounded); a bfloat16 value is within 2^-8 of the exact one (relative), four to eight float16
+# steps at a scale's precision, float16 within one or two (our choice: a step more either way).
+SCALE_NEIGHBOURS = {torch.float32: 0, torch.bfloat16: 9, torch.float16: 2}
 # (our choice) elements of one (factors × rows × columns) chunk of candidates in the clipping search. On a CPU, 2^18
 # (1 MiB in float32 per buffer, the size of a core's L2 cache here) keeps the nine passes over a chunk in cache: 12 %
 # less CPU time than 2^20 with the same grids (bench/results/analysis_speed.md); on an accelerator the chunk is
@@ -254,46 +258,102 @@ class GridCodes:
 
 
 def _codes_of_block(block: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Scale, zero and codes of each row of one group (float64 rows × cols) that puts every value on the grid exactly.
+    """Scale, zero and codes of each row of one group (rows × cols, in the weights' dtype) whose values `s · (q − z)`,
+    computed in float32 and cast to that dtype, are the block's values exactly.
 
-    A row's values are `s · (q − z)` with a float16 s; its smallest nonzero |value| is `s · k` for an integer
-    1 ≤ k ≤ 2^b − 1, so s is among `fp16(that / k)`: the smallest k whose grid holds every value exactly (checked in
-    float64, where these products are exact) and within the code range wins. An all-zero row gets the grid the
-    quantizer gives it (MIN_SCALE). Rows that no k fits are not on such a grid: ValueError.
+    A row's smallest nonzero |value| is `s · k` for an integer 1 ≤ k ≤ 2^b − 1, rounded to the dtype, so s is among
+    the float16 values next to `fp16(that / k)` (SCALE_NEIGHBOURS of them on each side; float32 weights are not
+    rounded, so there it is that value): the smallest k, then the nearest candidate, whose grid holds every value
+    within the code range wins. An all-zero row gets the grid the quantizer gives it (MIN_SCALE). Rows that no
+    candidate fits are not on such a grid: ValueError.
     """
     rows = block.shape[0]
-    magnitude = torch.where(block == 0, torch.inf, block.abs())
+    exact = block.double()  # every float32, bfloat16 or float16 value, exactly
+    magnitude = torch.where(exact == 0, torch.inf, exact.abs())
     smallest = magnitude.min(dim=1).values
     scale = torch.full((rows,), MIN_SCALE, dtype=torch.float64)
     zero = torch.full((rows,), cfg.symmetric_zero if cfg.symmetric else 0, dtype=torch.float64)
     pending = torch.isfinite(smallest)
+    reach = SCALE_NEIGHBOURS[block.dtype]
+    offsets = sorted(range(-reach, reach + 1), key=abs)  # the nearest float16 first
+    steps = (0, -1, 1) if reach else (0,)
     for k in range(1, cfg.max_level + 1):
         if not pending.any():
             break
-        candidate = (smallest[pending] / k).half().double()
-        levels = torch.round(block[pending] / candidate.unsqueeze(1))
-        exact = (levels * candidate.unsqueeze(1) == block[pending]).all(dim=1)
-        low, high = levels.min(dim=1).values, levels.max(dim=1).values
-        if cfg.symmetric:
-            row_zero = torch.full_like(low, cfg.symmetric_zero)
-        else:
-            row_zero = torch.clamp(-low, min=0)  # the least code is 0 unless every value is positive
-        fits = exact & (low + row_zero >= 0) & (high + row_zero <= cfg.max_level) & (candidate > 0)
-        index = pending.nonzero().squeeze(1)[fits]
-        scale[index], zero[index] = candidate[fits], row_zero[fits]
-        pending[index] = False
+        tried = pending.clone()
+        estimate = smallest / k
+        if reach:  # rounded values: where k can be the smallest value's level, a scale fitted to all of the row's
+            tried[pending] = _plausible_levels(exact[pending], estimate[pending])
+            estimate[tried] = _fitted_scale(exact[tried], estimate[tried])
+        for offset in offsets:
+            active = tried & pending
+            if not active.any():
+                break
+            nearest = estimate[active].half()
+            candidate = (nearest.view(torch.int16) + offset).view(torch.float16).double()  # positive: bits are ordered
+            levels, matches = _levels_on(candidate, exact[active], block[active], steps)
+            low, high = levels.min(dim=1).values, levels.max(dim=1).values
+            if cfg.symmetric:
+                row_zero = torch.full_like(low, cfg.symmetric_zero)
+            else:
+                row_zero = torch.clamp(-low, min=0)  # the least code is 0 unless every value is positive
+            fits = matches & (low + row_zero >= 0) & (high + row_zero <= cfg.max_level) & (candidate > 0) \
+                & torch.isfinite(candidate)
+            index = active.nonzero().squeeze(1)[fits]
+            scale[index], zero[index] = candidate[fits], row_zero[fits]
+            pending[index] = False
     if pending.any():
         raise ValueError(f"{int(pending.sum())} row(s) are not on a {cfg.bits}-bit grid with float16 scales.")
-    codes = torch.round(block / scale.unsqueeze(1)) + zero.unsqueeze(1)
-    return scale, zero, codes
+    levels, _ = _levels_on(scale, exact, block, steps)
+    return scale, zero, levels + zero.unsqueeze(1)
+
+
+def _plausible_levels(exact: Tensor, scale: Tensor) -> Tensor:
+    """Per row, whether the values up to 16 steps of `scale` are each within 2^-6 of their quotient from an integer
+    number of steps (twice what a bfloat16 value and a scale one rounding off can move it): a cheap test that rules
+    out most wrong levels of the smallest value before the candidate scales are tried."""
+    quotient = exact / scale.unsqueeze(1)
+    near = quotient.abs() <= 16
+    off = (quotient - torch.round(quotient)).abs() <= quotient.abs() * 2.0 ** -6
+    return (off | ~near).all(dim=1)
+
+
+def _fitted_scale(exact: Tensor, scale: Tensor) -> Tensor:
+    """The least-squares scale `Σ v ℓ / Σ ℓ²` of each row on the levels that `scale` gives its values: the rounding
+    errors of many values average out, so the float16 scale that rounded to them is mostly the nearest one or next to
+    it (one value alone leaves it where `scale` was)."""
+    levels = torch.round(exact / scale.unsqueeze(1))
+    return (exact * levels).sum(dim=1) / (levels * levels).sum(dim=1).clamp(min=1)
+
+
+def _levels_on(scale: Tensor, exact: Tensor, values: Tensor, steps: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Each value's integer level on its row's `scale` (float64, rows), and whether every value of a row has one.
+
+    A level is the rounded quotient, or with `steps` a neighbour of it: a bfloat16 value is up to 2^-8 off the exact
+    `s · ℓ` (relative), so from |ℓ| = 128 on two levels can round to the same value and the quotient can miss ℓ by
+    one. Of the levels whose product rounds to the value, the one nearest 0 is taken (it keeps the row's levels in the
+    narrowest range of codes)."""
+    quotient = torch.round(exact / scale.unsqueeze(1))
+    levels = torch.full_like(exact, torch.inf)
+    for step in steps:
+        level = quotient + step
+        holds = (level * scale.unsqueeze(1)).float().to(values.dtype) == values  # the product is exact in float32
+        levels = torch.where(holds & (level.abs() < levels.abs()), level, levels)
+    return levels, torch.isfinite(levels).all(dim=1)
 
 
 def recover_codes(weight: Tensor, cfg: QuantConfig) -> GridCodes:
-    """The codes, scales and zero points of dequantized weights, such that `GridCodes.dequantize()` gives back exactly
-    the float32 weights (which need not be the grid the quantizer chose when several hold the same values, e.g. a
-    GPTQ group whose least code ended above 0: the same values, codes shifted). ValueError when a row-group is not on
-    any grid of `cfg` (weights that were not quantized with it, or were rounded to a coarser dtype since)."""
-    values = weight.detach().float().cpu().double()
+    """The codes, scales and zero points of dequantized weights: `GridCodes.dequantize()` gives back exactly the float32
+    weights (which need not be the grid the quantizer chose when several hold the same values, e.g. a GPTQ group whose
+    least code ended above 0: the same values, codes shifted). The weights of a bfloat16 or float16 model were rounded
+    to that dtype after quantization (`s · (q − z)` computed in float32, then cast): for them the dequantized values
+    round to the weights exactly, on the first float16 scale next to the rounded one that does so. ValueError when a
+    row-group is not on any such grid of `cfg` (weights that were not quantized with it, or were changed since)."""
+    values = weight.detach().cpu()
+    values = values.float() if values.dtype == torch.float64 else values  # its float32 values, as a model holds them
+    if values.dtype not in SCALE_NEIGHBOURS:
+        raise ValueError(f"Weights in {values.dtype} cannot be read as a grid; give them in float32, bfloat16 or "
+                         f"float16.")
     spans = group_spans(values.shape[1], cfg)
     scales, zeros, codes = [], [], []
     for start, end in spans:

@@ -189,6 +189,36 @@ def test_a_mixed_plan_exports_every_format_that_unpacks_to_the_run(quantized_lla
     assert note["base_type"] == "Q4_K" and "blk.0.attn_q.weight" in note["k_quant_fallback"]  # 64 columns < 256
 
 
+def test_a_bfloat16_run_packs_codes_that_round_to_its_weights(tiny_model_dir, text_corpus, tmp_path, monkeypatch):
+    """The GPU default: the model in bfloat16, GPTQ's float32 result rounded to it. Both packed formats hold codes
+    whose values, rounded to bfloat16, are the run's weights (before, packed formats refused such a model)."""
+    import aptq.pipeline as pipeline
+    from aptq.data import Sampling, calibration_segments, token_ids
+    from aptq.pipeline import QuantizeSettings
+
+    monkeypatch.setattr(pipeline, "RUN_CACHE", tmp_path / "runs")
+    half = load_model(str(tiny_model_dir("llama")), device="cpu", dtype=torch.bfloat16)
+    plan = mixed_plan(half.arch)
+    segments = calibration_segments(token_ids(half.tokenizer, text_corpus, "calibration"), Sampling(6, 32, seed=0))
+    run = pipeline.quantize_model(half, plan, QuantizeSettings("gptq", 32), segments, key="bf16")[0]
+    with run.applied(half.model):
+        target = export(half, plan, tmp_path / "out", ("gptq", "compressed-tensors"))
+        gptq_state = load_file(str(target / "gptq" / "model.safetensors"))
+        ct_state = load_file(str(target / "compressed-tensors" / "model.safetensors"))
+        for layer in half.arch.layers:
+            bits = plan[layer.name]
+            if bits == 16:
+                continue
+            weight = get_weight(half.model, layer)
+            assert weight.dtype == torch.bfloat16
+            tensors = {name: gptq_state[f"{layer.module_path}.{name}"] for name in ("qweight", "qzeros", "scales",
+                                                                                    "g_idx")}
+            unpacked = unpack_gptq(tensors, bits, weight.shape[1], weight.shape[0], v1=False)
+            assert torch.equal(unpacked.to(torch.bfloat16), weight)
+            tensors = {k.rsplit(".", 1)[1]: v for k, v in ct_state.items() if k.startswith(layer.module_path + ".")}
+            assert torch.equal(unpack_compressed_tensors(tensors, bits, False, 32).to(torch.bfloat16), weight)
+
+
 def test_packed_checkpoints_are_smaller_than_the_dequantized_one(quantized_llama, tmp_path):
     loaded, plan = quantized_llama
     target = export(loaded, plan, tmp_path / "out", ("gptq",))

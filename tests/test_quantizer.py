@@ -157,6 +157,34 @@ def test_codes_recovered_from_dequantized_weights_give_them_back_exactly(cfg, se
         assert (codes.zeros == cfg.symmetric_zero).all()
 
 
+@GRID_CASES
+@given(cfg=configs, seed=st.integers(0, 2 ** 16), d_out=st.integers(1, 6), d_in=st.integers(1, 40),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_codes_of_weights_rounded_to_a_half_dtype_round_to_them_exactly(cfg, seed, d_out, d_in, dtype):
+    """A bfloat16 or float16 model holds `s · (q − z)` rounded to its dtype (the GPU default): the recovered grid's
+    values round to those weights exactly (on the quantizer's grid or another that rounds to the same values)."""
+    weight = random_weight(seed, d_out, d_in) * 0.05
+    weight[:, ::7] = 0
+    exact = rtn(weight, cfg)
+    rounded = exact.to(dtype)
+    codes = recover_codes(rounded, cfg)
+    assert torch.equal(codes.dequantize().to(dtype), rounded)
+    assert int(codes.codes.max()) <= cfg.max_level and codes.scales.dtype == torch.float16
+    if cfg.symmetric:
+        assert (codes.zeros == cfg.symmetric_zero).all()
+
+
+def test_half_dtype_weights_off_their_grid_have_no_codes():
+    cfg = QuantConfig(4, 16)
+    exact = rtn(random_weight(6, 4, 32), cfg)
+    step = recover_codes(exact, cfg).scales[0, 0].float()
+    for dtype in (torch.bfloat16, torch.float16):
+        moved = exact.clone()
+        moved[0, 3] += 0.37 * step  # between two levels, far more than the dtype's rounding
+        with pytest.raises(ValueError, match="not on a 4-bit grid"):
+            recover_codes(moved.to(dtype), cfg)
+
+
 def test_weights_off_every_grid_have_no_codes():
     cfg = QuantConfig(3, 8)
     quantized = rtn(random_weight(5, 4, 16), cfg)
