@@ -127,6 +127,12 @@ class Plan:
         """The group size of each layer of `layers` in this plan."""
         return layers["layer"].map(self.group_sizes).fillna(self.request.group_size).to_numpy(dtype=np.int64)
 
+    def layer_groups(self) -> tuple[tuple[str, int], ...]:
+        """(layer, group size) of the layers whose group is not the request's, sorted: what the pipeline quantizes
+        them with (aptq.pipeline.QuantizeSettings.layer_groups)."""
+        return tuple(sorted((name, group) for name, group in self.group_sizes.items()
+                            if group != self.request.group_size))
+
 
 @dataclass(frozen=True)
 class _Problem:

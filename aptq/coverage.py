@@ -48,15 +48,18 @@ def coverage_of(arch: Architecture, names: Iterable[str]) -> Coverage:
 
 
 def covered_size(table: pd.DataFrame, plan: Mapping[str, int], covered: Collection[str],
-                 group_size: int) -> dict[str, float]:
-    """avg_bits and effective_bits of the covered layers only (`table`: aptq.pipeline.layer_table rows)."""
-    rows = table[table["layer"].isin(set(covered))]
+                 group_size: int | np.ndarray) -> dict[str, float]:
+    """avg_bits and effective_bits of the covered layers only (`table`: aptq.pipeline.layer_table rows; `group_size`:
+    one for all, or one per row of `table`)."""
+    chosen = table["layer"].isin(set(covered)).to_numpy()
+    rows = table[chosen]
     bits = np.array([int(plan.get(name, FULL_PRECISION)) for name in rows["layer"]])
-    size = weight_size(rows, bits, group_size)
+    size = weight_size(rows, bits, group_size if np.isscalar(group_size) else np.asarray(group_size)[chosen])
     return {"covered_avg_bits": size["avg_bits"], "covered_effective_bits": size["effective_bits"]}
 
 
-def run_fields(arch: Architecture, table: pd.DataFrame, plan: Mapping[str, int], group_size: int) -> dict:
+def run_fields(arch: Architecture, table: pd.DataFrame, plan: Mapping[str, int],
+               group_size: int | np.ndarray) -> dict:
     """The coverage columns of a run row, from the plan as given (before layers it does not name are filled in)."""
     coverage = coverage_of(arch, plan)
     return {"coverage": coverage.label} | covered_size(table, plan, coverage.layers, group_size)

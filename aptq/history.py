@@ -145,8 +145,10 @@ def plan_json(plan: dict[str, int]) -> str:
     return json.dumps({name: int(bits) for name, bits in sorted(plan.items())}, sort_keys=True)
 
 
-def plan_key(model_fp: str, plan: dict[str, int], group_size: int) -> str:
-    return digest(model_fp, plan_json(plan), str(group_size))
+def plan_key(model_fp: str, plan: dict[str, int], group_size: int,
+             layer_groups: tuple[tuple[str, int], ...] = ()) -> str:
+    """The key of a plan of widths at `group_size`, with the layers whose group differs (pair candidates) apart."""
+    return digest(model_fp, plan_json(plan), str(group_size), *([json.dumps(layer_groups)] if layer_groups else []))
 
 
 def _ready(store: Store | None) -> Store:

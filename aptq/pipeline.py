@@ -138,9 +138,14 @@ class QuantizeSettings:
     # (our choice, docs/algorithms.md §18) the block's codes and scales refined on its output after the layer-wise
     # quantizer (aptq.blockwise); off by default; every method but RTN, in the key only when on
     block: BlockRefinement = BlockRefinement()
+    # (layer, group size) of the layers whose group is not `group_size`, sorted by layer: a plan of (bits, group size)
+    # candidates (aptq.allocate.Plan.layer_groups); in the key only when it names a layer
+    layer_groups: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         validate.block_refinement(self.method, self.block.iterations)
+        if any(group < 0 for _, group in self.layer_groups):
+            raise UserError("A layer's group size must be 0 (per output channel) or positive.")
         if not 0 <= self.shrink <= 1:
             raise UserError(f"The shrinkage of the attention-aware Hessians must be from 0 to 1, got {self.shrink}.")
         if not 0 <= self.fp_targets <= 1:
@@ -154,9 +159,14 @@ class QuantizeSettings:
         """Whether a layer of this width walks its columns in act-order."""
         return self.act_order_from is not None and bits >= self.act_order_from
 
-    def config(self, bits: int) -> QuantConfig:
-        """The grid of a layer of this width."""
-        return QuantConfig(bits, self.group_size, self.symmetric, self.clip_search)
+    def group_of(self, layer: str) -> int:
+        """The group size of the named layer."""
+        return dict(self.layer_groups).get(layer, self.group_size)
+
+    def config(self, bits: int, layer: str | None = None) -> QuantConfig:
+        """The grid of a layer of this width (of the named layer's group size; else the run's)."""
+        return QuantConfig(bits, self.group_size if layer is None else self.group_of(layer), self.symmetric,
+                           self.clip_search)
 
     def key_fields(self) -> dict:
         fields = asdict(self)
@@ -176,6 +186,10 @@ class QuantizeSettings:
             del fields["fp_targets"]
         if not self.block.iterations:
             del fields["block"]
+        if self.layer_groups:
+            fields["layer_groups"] = dict(self.layer_groups)
+        else:
+            del fields["layer_groups"]
         return fields
 
 
@@ -302,12 +316,14 @@ def shared_row_walks(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]]
     walks = settings.method == "attention" or (settings.method == "aespa" and settings.aespa.start == "attention")
     if hessians is None or not walks:
         return {}
-    together: dict[tuple[int, str, int], list[LinearLayer]] = {}  # (width, input, head size) → layers
+    together: dict[tuple[QuantConfig, str, int], list[LinearLayer]] = {}  # (grid, input, head size) → layers
     for layer, bits in todo:
         if layer.name in hessians.row:
-            together.setdefault((bits, layer.input_group, hessians.row[layer.name].shape[-1]), []).append(layer)
+            key = (settings.config(bits, layer.name), layer.input_group, hessians.row[layer.name].shape[-1])
+            together.setdefault(key, []).append(layer)
     shared = {}
-    for (bits, _, _), layers in together.items():
+    for (config, _, _), layers in together.items():
+        bits = config.bits
         if len(layers) < 2:
             continue
         fitted = []  # (the weight the layer's objective fits, its row Hessians)
@@ -317,7 +333,7 @@ def shared_row_walks(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]]
                 weight = objective_weight(weight, layer, hessians, settings, mismatch[layer.name])
             fitted.append((weight, shrunk_row_hessians(hessians.row[layer.name].to(weight.device), settings.shrink)))
         H = hessians.column(layers[0].name).to(fitted[0][0].device)  # one input: one H
-        results = gptq_rows_shared(fitted, H, settings.config(bits), act_order=settings.act_order(bits),
+        results = gptq_rows_shared(fitted, H, config, act_order=settings.act_order(bits),
                                    damp=settings.damp, name=" and ".join(layer.name for layer in layers))
         shared.update({layer.name: result for layer, result in zip(layers, results)})
     return shared
@@ -425,7 +441,7 @@ def _quantize_block(model: torch.nn.Module, todo: list[tuple[LinearLayer, int]],
         warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are reported through the notes
         shared = shared_row_walks(model, todo, hessians, settings, mismatch)
     for layer, bits in todo:
-        config = settings.config(bits)
+        config = settings.config(bits, layer.name)
         memo_key = (layer.name, config)
         if rtn_memo is not None and memo_key in rtn_memo:
             quantized, fallback = rtn_memo[memo_key], None
@@ -565,7 +581,7 @@ def _refine_step(loaded: LoadedModel, step: BlockStep, todo: list[tuple[LinearLa
     """The block refinement (aptq.blockwise) of the quantized block (float32 weights, see _quantize_block), in the
     model's dtype, and its notes. Out of device memory: the refinement again on the CPU (smaller batches would not
     help: each of its steps takes one whole batch)."""
-    configs = {layer.name: settings.config(bits) for layer, bits in todo}
+    configs = {layer.name: settings.config(bits, layer.name) for layer, bits in todo}
     notes: list[str] = []
     try:
         weights, refined = refine_block(step, loaded.model, loaded.arch, todo, weights, configs, settings.block,
@@ -712,6 +728,9 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     meta = dict(plan_meta or {})
     identity = identify_run(loaded, corpus, sampling, plan, settings, evaluation)
     packed = PackedPlan(loaded.arch, identity.plan, settings.group_size, settings.symmetric)
+    if settings.layer_groups and export_dir:
+        raise UserError(f"The exports hold one group size per run, and this plan gives {len(settings.layer_groups)} "
+                        f"layer(s) another than {settings.group_size}; run it without an export directory.")
     target_dir = _export_target(loaded, packed, store.path, export_dir, overwrite, tuple(export_formats))
     stored = stored_run(store, identity, meta)
     if stored is not None and target_dir is None:
@@ -845,8 +864,8 @@ def _run_record(loaded: LoadedModel, corpus_name: str, sampling: Sampling, setti
     from aptq import history
 
     table = layer_table(loaded)
-    size = weight_size(table, np.array([identity.plan[layer.name] for layer in loaded.arch.layers]),
-                       settings.group_size)
+    groups = np.array([settings.group_of(layer.name) for layer in loaded.arch.layers])
+    size = weight_size(table, np.array([identity.plan[layer.name] for layer in loaded.arch.layers]), groups)
     result = measured.evaluation
     sampled = {"samples": sampling.n_samples, "seqlen": sampling.seqlen, "seed": sampling.seed}
     return history.RunRecord(
@@ -854,14 +873,14 @@ def _run_record(loaded: LoadedModel, corpus_name: str, sampling: Sampling, setti
         eval_seqlen=result.seqlen, eval_tokens=result.tokens, calibration=identity.calibration,
         method=settings.method, group_size=settings.group_size, settings=json.dumps(settings.key_fields() | sampled),
         plan=history.plan_json(identity.plan), plan_key=history.plan_key(identity.model, identity.plan,
-                                                                          settings.group_size),
+                                                                          settings.group_size, settings.layer_groups),
         plan_name=meta.get("name"), allocation=meta.get("allocation", "manual"), budget=meta.get("budget"),
         analysis=meta.get("analysis"), **size, **{name: meta.get(name) for name in PREDICTED_ERRORS},
         **history.predicted_with(meta),
         perplexity=result.perplexity, kl=result.kl_divergence, top1=result.top1_agreement,
         fp_perplexity=measured.fp_perplexity, quant_seconds=quantized.seconds, eval_seconds=result.seconds,
         device=quantized.device, notes=" ".join(quantized.notes) or None,
-        **coverage.run_fields(loaded.arch, table, identity.decided, settings.group_size),
+        **coverage.run_fields(loaded.arch, table, identity.decided, groups),
         completions=json.dumps([asdict(c) for c in measured.completions]) if measured.completions else None)
 
 

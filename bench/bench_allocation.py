@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from aptq.allocate import (
     measured_width_multiples,
     summarize,
     unit_factors,
+    weight_size,
 )
 from aptq.calibrate import UnitSettings, calibrate_unit, validation_segments, with_unit
 from aptq.choices import EMBEDDED_MODEL
@@ -60,18 +62,40 @@ from bench.reading import with_reading
 GROUP = 64
 QUANTIZER_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "attention": "the attention-aware GPTQ"}
 CANDIDATES = (2, 3, 4, 8)
+PAIRS = "knapsack-pairs"  # the knapsack over (bits, group size) pairs (--pair-groups)
 # (method, budget, unit, seed, with the width multiples); the uniform plans come first: they measure the multiples.
 PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
          + [("knapsack", b, unit, 0, False) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")]
          + [("knapsack", b, "heuristic", 0, True) for b in (2.5, 3.0, 3.5)]
          + [("knapsack-layerwise", 3.0, "heuristic", 0, False), ("aptq", 3.0, "heuristic", 0, False)]
-         + [("random", 3.0, "heuristic", seed, False) for seed in (0, 1, 2)])
+         + [("random", 3.0, "heuristic", seed, False) for seed in (0, 1, 2)]
+         + [(PAIRS, b, "heuristic", 0, False) for b in (2.5, 3.0, 3.5)])
 UNIFORM_WIDTHS = (2, 3, 4)
 
 
 def plan_label(method: str, multiplied: bool) -> str:
     """How --methods names a plan: its allocator, "knapsack-multiples" for the knapsack with the width multiples."""
     return f"{method}-multiples" if multiplied else method
+
+
+def plan_request(method: str, budget: float, unit: str, seed: int, multiples: dict[int, float],
+                 pair_groups: tuple[int, ...], quantizer: str, layers: pd.DataFrame) -> AllocationRequest:
+    """The allocation request of a plan of PLANS; "knapsack-pairs" chooses among (bits, group size) pairs at the
+    effective bits of a uniform plan of `budget` bits in groups of GROUP (so that both store the same bytes)."""
+    if method != PAIRS:
+        return AllocationRequest(budget, method, CANDIDATES, seed=seed, group_size=GROUP, unit=unit,
+                                 low_high=(2, 4), quantizer=quantizer, width_multiples=multiples)
+    effective = weight_size(layers, np.full(len(layers), budget), GROUP)["effective_bits"]
+    pairs = tuple((bits, group) for bits in CANDIDATES for group in (GROUP, *pair_groups))
+    return AllocationRequest(effective, "knapsack", pairs, group_size=GROUP, unit=unit, quantizer=quantizer,
+                             width_multiples=multiples)
+
+
+def scored_plan(plan: Plan, unit: str, quantizer: str, multiples: dict[int, float] | None = None) -> Plan:
+    """The plan as `summarize` scores it in `unit` (with the width multiples, if given): its widths and group sizes."""
+    request = AllocationRequest(plan.request.budget, plan.request.method, plan.request.candidates, group_size=GROUP,
+                                unit=unit, quantizer=quantizer, width_multiples=multiples or {})
+    return Plan(plan.bits, request, group_sizes=plan.group_sizes)
 
 
 def measure_plan(loaded, corpus, sampling: Sampling, bits: dict[str, int], settings: QuantizeSettings,
@@ -110,10 +134,15 @@ def main() -> None:
                                                                     if method != "uniform")),
                         help="the budgets of the plans other than uniform's")
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="anything aptq.models.load_model takes")
+    parser.add_argument("--pair-groups", default="",
+                        help="group sizes besides 64 (e.g. 192,0): the analysis predicts errors for them and "
+                             "'knapsack-pairs' plans choose a (bits, group size) per layer at the effective bits of "
+                             "uniform plans of the budget in groups of 64")
     parser.add_argument("--fit-samples", type=int,
                         help="the plans' quantizer calibrates on the first this many segments outside the validation "
                              "part (default: all of them)")
     args = parser.parse_args()
+    pair_groups = tuple(int(group) for group in args.pair_groups.split(",") if group)
     model_tag = "" if args.model == EMBEDDED_MODEL else f"_{Path(args.model).stem}"
     args.output = args.output or f"bench/results/allocation_{args.quantizer}{model_tag}.md"
     torch.set_num_threads(args.threads)
@@ -122,7 +151,8 @@ def main() -> None:
     corpus = load_corpus("brown")
     store = Store(args.store)
     sampling = Sampling(args.samples, args.seqlen, seed=0)
-    analysis = AnalysisSettings(group_size=GROUP, bits=CANDIDATES, max_blocks=args.max_blocks, quantizer_errors=True)
+    analysis = AnalysisSettings(group_size=GROUP, bits=CANDIDATES, max_blocks=args.max_blocks, quantizer_errors=True,
+                                extra_group_sizes=pair_groups)
     start = time.perf_counter()
     layers, errors = analyze(loaded, corpus, sampling, analysis, store=store)
     analysis_seconds = time.perf_counter() - start
@@ -150,9 +180,9 @@ def main() -> None:
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     reference = None
     rows = []
-    bits_of_plan = {}
+    plans: dict[str, Plan] = {}  # by the first 8 characters of the plan's key
     multiples: dict[int, float] = {}
-    methods = {"uniform", "knapsack", *args.methods.split(",")}
+    methods = {"uniform", "knapsack", *args.methods.split(",")} | ({PAIRS} if pair_groups else set())
     budgets = {float(budget) for budget in args.budgets.split(",")}
     chosen = [(method, budget, unit, seed, multiplied) for method, budget, unit, seed, multiplied in PLANS
               if unit in scorings and plan_label(method, multiplied) in methods
@@ -162,18 +192,17 @@ def main() -> None:
             uniform = {int(r["budget"]): (r["kl_validation"], r["heuristic_attention"]) for r in rows
                        if r["method"] == "uniform"}
             multiples = measured_width_multiples({b: uniform[b] for b in UNIFORM_WIDTHS})
-        request = AllocationRequest(budget, method, CANDIDATES, seed=seed, group_size=GROUP, unit=unit,
-                                    low_high=(2, 4), quantizer=args.quantizer,
-                                    width_multiples=multiples if multiplied else {})
-        plan = allocate(measured, errors, request)
+        plan = allocate(measured, errors, plan_request(method, budget, unit, seed, multiples if multiplied else {},
+                                                       pair_groups, args.quantizer, measured))
+        plan_settings = replace(settings, layer_groups=plan.layer_groups())
         # the quantizer's settings in the key: a default that changes (act-order, full-precision targets) measures
         # its plans anew instead of reading those of the settings before
         key = digest(json.dumps(plan.bits, sort_keys=True), str(args.tokens), args.quantizer,
-                     str(fitting.n_samples), str(args.seqlen), json.dumps(settings.key_fields(), sort_keys=True))
-        bits_of_plan[key[:8]] = plan.bits
+                     str(fitting.n_samples), str(args.seqlen), json.dumps(plan_settings.key_fields(), sort_keys=True))
+        plans[key[:8]] = plan
         if key not in cache:
             reference = reference or reference_stats(loaded.model, validation)
-            cache[key] = measure_plan(loaded, corpus, fitting, plan.bits, settings, evaluation, validation,
+            cache[key] = measure_plan(loaded, corpus, fitting, plan.bits, plan_settings, evaluation, validation,
                                       reference)
             cache_path.write_text(json.dumps(cache))
             print(f"plan {method} {budget} {unit} {seed}: {cache[key]}", flush=True)
@@ -182,18 +211,15 @@ def main() -> None:
                "kl_validation": cache[key]["validation"], "kl_evaluation": cache[key]["evaluation"],
                "perplexity": cache[key]["perplexity"], "fp_perplexity": cache[key]["fp_perplexity"]}
         for scoring in scorings:
-            scored = Plan(plan.bits, AllocationRequest(budget, method, CANDIDATES, group_size=GROUP, unit=scoring,
-                                                       quantizer=args.quantizer))
-            summary = summarize(scored, measured, errors)
-            row["avg_bits"] = summary["avg_bits"]
+            summary = summarize(scored_plan(plan, scoring, args.quantizer), measured, errors)
+            row["avg_bits"], row["effective_bits"] = summary["avg_bits"], summary["effective_bits"]
             for label in ("attention", "layerwise"):
                 row[f"{scoring}_{label}"] = summary[f"predicted_error_{label}"]
                 row[f"{scoring}_{label}_se"] = summary[f"predicted_error_{label}_se"]
         rows.append(row)
     table = pd.DataFrame(rows)
     for row in table.itertuples():  # every plan's prediction with the multiples, once they are measured
-        scored = Plan(bits_of_plan[row.plan], AllocationRequest(row.budget, row.method, CANDIDATES, group_size=GROUP,
-                                                              quantizer=args.quantizer, width_multiples=multiples))
+        scored = scored_plan(plans[row.plan], "heuristic", args.quantizer, multiples)
         table.loc[row.Index, "multiplied_attention"] = summarize(scored, measured, errors)["predicted_error_attention"]
     write_report(args, loaded.display_name, table, layers, errors, measured, units, multiples, validation,
                  fitting.n_samples, settings, scorings, analysis_seconds, unit_seconds, load_before)
@@ -212,7 +238,7 @@ def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, mea
              f"{args.quantizer} --samples {args.samples} --seqlen {args.seqlen} --max-blocks {args.max_blocks} "
              f"--tokens {args.tokens} --threads {args.threads} --model {args.model}"
              f"{f' --fit-samples {args.fit_samples}' if args.fit_samples else ''} --methods {args.methods} "
-             f"--budgets {args.budgets}"
+             f"--budgets {args.budgets}{f' --pair-groups {args.pair_groups}' if args.pair_groups else ''}"
              f"{' --no-calibrated-unit' if units is None else ''}`",
              f"- {model_name}, Brown; analysis of the first {args.max_blocks} blocks "
              f"({len(layers)} layers), calibration {args.samples} × {args.seqlen}, group {GROUP}, widths "
@@ -231,9 +257,10 @@ def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, mea
              "aware attention |", "|---|---|---|---|---|---|---|"]
     columns = ["err_layerwise", "err_gptq_layerwise", "err_aware_layerwise", "err_attention", "err_gptq_attention",
                "err_aware_attention"]
-    sums = errors.groupby("bits")[columns].sum()
+    at_group = errors[errors["group_size"] == GROUP] if "group_size" in errors else errors
+    sums = at_group.groupby("bits")[columns].sum()
     lines += [f"| {bits} | " + " | ".join(f"{row[c]:.4g}" for c in columns) + " |" for bits, row in sums.iterrows()]
-    by_kind = errors.merge(layers[["layer", "kind"]], on="layer")
+    by_kind = at_group.merge(layers[["layer", "kind"]], on="layer")
     at3 = by_kind[by_kind["bits"] == 3].groupby("kind")[["err_attention", "err_gptq_attention",
                                                         "err_aware_attention"]].sum()
     lines += ["", "At 3 bits per kind (attention-aware measure): RTN / GPTQ / aware = "
@@ -273,25 +300,27 @@ def _plan_section(table: pd.DataFrame, multiples: dict[int, float], scorings: tu
     lines = ["## Plans: predicted totals against measured KL", "",
              "Width multiples (uniform plans' validation KL / their heuristic prediction): "
              + (", ".join(f"{bits} bits {m:.3g}" for bits, m in sorted(multiples.items())) or "not run"), "",
-             "| method | budget | unit | multiples | seed | plan | avg bits | KL validation | KL evaluation | "
-             "perplexity | predicted (heuristic) | × multiples | predicted KL (calibrated) ± se |",
-             "|" + "---|" * 13]
+             "| method | budget | unit | multiples | seed | plan | avg bits | effective bits | KL validation | "
+             "KL evaluation | perplexity | predicted (heuristic) | × multiples | predicted KL (calibrated) ± se |",
+             "|" + "---|" * 14]
     lines += [f"| {r.method} | {r.budget:g} | {r.unit} | {'yes' if r.multiplied else 'no'} | {r.seed} | {r.plan} | "
-              f"{r.avg_bits:.3f} | {r.kl_validation:.4f} | {r.kl_evaluation:.4f} | {r.perplexity:.3f} | "
+              f"{r.avg_bits:.3f} | {r.effective_bits:.3f} | {r.kl_validation:.4f} | {r.kl_evaluation:.4f} | "
+              f"{r.perplexity:.3f} | "
               f"{r.heuristic_attention:.4g} ± {r.heuristic_attention_se:.2g} | {r.multiplied_attention:.4f} | "
               + (f"{r.calibrated_attention:.4f} ± {r.calibrated_attention_se:.2g} |" if calibrated else "— |")
               for r in table.itertuples()]
     lines += ["", f"Full precision on the same evaluation tokens: perplexity {table['fp_perplexity'].iloc[0]:.3f}."]
     uniform_rows = table[table["method"] == "uniform"].sort_values("budget")
     uniform = uniform_rows[uniform_rows["budget"] == 3.0].iloc[0]
-    knapsacks = table[table["method"] == "knapsack"]
+    knapsacks = table[table["method"].isin(["knapsack", PAIRS])]
     for r in knapsacks.itertuples():
-        label = f"{r.unit} unit{' × width multiples' if r.multiplied else ''}"
+        label = (f"{r.unit} unit{' × width multiples' if r.multiplied else ''}"
+                 f"{f', (bits, group) pairs at {r.effective_bits:.3f} effective bits' if r.method == PAIRS else ''}")
         below = {column: np.interp(r.budget, uniform_rows["budget"], uniform_rows[column])
                  for column in ("kl_validation", "kl_evaluation")}
-        line = (f"Knapsack at {r.budget:g} bits ({label}): KL evaluation {r.kl_evaluation:.4f} against uniform "
-                f"{below['kl_evaluation']:.4f} (interpolated), validation {r.kl_validation:.4f} against "
-                f"{below['kl_validation']:.4f}")
+        line = (f"{r.method.capitalize()} at {r.budget:g} bits ({label}): KL evaluation {r.kl_evaluation:.4f} "
+                f"against uniform {below['kl_evaluation']:.4f} (interpolated), validation {r.kl_validation:.4f} "
+                f"against {below['kl_validation']:.4f}")
         if r.budget == 3.0:
             closed = {column: (uniform[column] - getattr(r, column)) / (uniform[column] - floor)
                       for column, floor in (("kl_evaluation", 0.0), ("kl_validation", 0.0),

@@ -592,6 +592,9 @@ def test_pair_candidates_charged_by_effective_bits_agree_with_exhaustive_search(
     summary = summarize(plan, layers, errors)
     assert summary["effective_bits"] <= budget + 1e-12
     assert summary["predicted_error_attention"] == pytest.approx(best, rel=1e-9)
+    # what the pipeline quantizes apart: every layer off the request's group size, and only those, sorted
+    assert plan.layer_groups() == tuple(sorted((n, g) for n, g in plan.group_sizes.items()
+                                               if g != plan.request.group_size))
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_refused():

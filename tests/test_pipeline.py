@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -129,6 +130,44 @@ def test_export_reloads_with_transformers_and_reproduces_the_perplexity(tiny_mod
         run_plan(loaded, text_corpus, SAMPLING, uniform_plan(loaded.arch, 4), QuantizeSettings("gptq", 32),
                  EVALUATION, store, export_dir=target)
     assert not target.with_name("export.partial").exists()
+
+
+def test_a_plan_of_bits_and_group_pairs_quantizes_each_layer_on_its_own_group(tiny_model_dir, text_corpus, store,
+                                                                              tmp_path):
+    """Pair candidates (aptq.allocate): q and v in groups of 16, down per channel, the rest at the run's 32; q and k
+    of one width but different groups are walked apart (the shared walk needs one grid)."""
+    from aptq.allocate import weight_size
+    from aptq.pipeline import layer_table
+    from aptq.quantizer import QuantConfig, recover_codes
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    groups = {"q": 16, "v": 16, "down": 0}
+    layer_groups = tuple(sorted((layer.name, groups[layer.kind]) for layer in loaded.arch.layers
+                                if layer.kind in groups))
+    plan = uniform_plan(loaded.arch, 3)
+    settings = QuantizeSettings("attention", 32, layer_groups=layer_groups)
+    assert "layer_groups" not in QuantizeSettings("attention", 32).key_fields()  # runs stored before keep their keys
+    assert settings.key_fields()["layer_groups"] == dict(layer_groups)
+    segments = calibration_segments(token_ids(loaded.tokenizer, text_corpus, "calibration"), SAMPLING)
+    quantized, _ = pipeline.quantize_model(loaded, plan, settings, segments, key="pairs")
+    with quantized.applied(loaded.model) as model:
+        for layer in loaded.arch.layers:
+            weight = get_weight(model, layer)
+            own = groups.get(layer.kind, 32)
+            assert recover_codes(weight, QuantConfig(3, own)).scales.shape[1] == (weight.shape[1] // own if own else 1)
+            coarser = {16: 32, 32: 0}.get(own)  # a grid of one group size does not hold the finer one's values
+            if coarser is not None:
+                with pytest.raises(ValueError, match="not on a 3-bit grid"):
+                    recover_codes(weight, QuantConfig(3, coarser))
+    row = run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store)
+    expected = weight_size(layer_table(loaded), np.full(len(loaded.arch.layers), 3),
+                           np.array([groups.get(layer.kind, 32) for layer in loaded.arch.layers]))
+    assert row.effective_bits == pytest.approx(expected["effective_bits"]) and row.effective_bits != 4.0
+    uniform_row = run_plan(loaded, text_corpus, SAMPLING, plan, QuantizeSettings("attention", 32), EVALUATION, store)
+    assert uniform_row.key != row.key and uniform_row.plan_key != row.plan_key
+    with pytest.raises(UserError, match="one group size per run"):
+        run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store, export_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("plan, message", [
