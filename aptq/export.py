@@ -16,6 +16,7 @@ import re
 import shutil
 import zipfile
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,76 +36,101 @@ RUNTIME_NOTE = ("Production runtimes (compressed-tensors, vLLM kernels) need in_
                 "quantized layer; layers listed under 'indivisible' do not meet that and need another group size.")
 
 
-def module_bits(arch: Architecture, plan: dict[str, int]) -> dict[str, int]:
-    """Bits per stored module (fused q/k/v share one module and one width; an expert's layers go by their
-    per-expert names)."""
-    bits: dict[str, int] = {}
+LayerGroups = tuple[tuple[str, int], ...]  # (layer, group size) where it is not the plan's (aptq.allocate pairs)
+
+
+def group_sizes(group_size: int, layer_groups: LayerGroups = ()) -> Callable[[str], int]:
+    """The group size of a layer by name: its own in `layer_groups`, else `group_size`."""
+    own = dict(layer_groups)
+    return lambda name: own.get(name, group_size)
+
+
+def module_specs(arch: Architecture, plan: dict[str, int],
+                 group_of: Callable[[str], int]) -> dict[str, tuple[int, int]]:
+    """(bits, group size) per stored module, the group 0 where it stays in full precision (fused q/k/v share one
+    module and one grid; an expert's layers go by their per-expert names)."""
+    specs: dict[str, tuple[int, int]] = {}
     for layer in arch.layers:
         width = plan.get(layer.name, FULL_PRECISION)
-        if bits.setdefault(layer.target, width) != width:
-            raise UserError(f"Layers stored together in {layer.target} must share one bit width.")
-    return bits
+        spec = (width, group_of(layer.name) if width < FULL_PRECISION else 0)
+        if specs.setdefault(layer.target, spec) != spec:
+            raise UserError(f"Layers stored together in {layer.target} must share one bit width and group size.")
+    return specs
 
 
-def indivisible_layers(arch: Architecture, model: nn.Module, plan: dict[str, int], group_size: int) -> list[str]:
-    if group_size <= 0:
-        return []
+def indivisible_layers(arch: Architecture, model: nn.Module, plan: dict[str, int],
+                       group_of: Callable[[str], int]) -> list[str]:
     return [layer.name for layer in arch.layers if plan.get(layer.name, FULL_PRECISION) < FULL_PRECISION
-            and get_weight(model, layer).shape[1] % group_size]
+            and group_of(layer.name) > 0 and get_weight(model, layer).shape[1] % group_of(layer.name)]
 
 
 def plan_document(arch: Architecture, model: nn.Module, plan: dict[str, int], group_size: int, symmetric: bool,
-                  meta: dict) -> dict:
-    return {"format": "aptq-plan/1", "group_size": group_size, "symmetric": symmetric, "meta": meta,
-            "note": RUNTIME_NOTE, "indivisible": indivisible_layers(arch, model, plan, group_size),
-            "layers": {layer.name: plan.get(layer.name, FULL_PRECISION) for layer in arch.layers}}
+                  meta: dict, layer_groups: LayerGroups = ()) -> dict:
+    group_of = group_sizes(group_size, layer_groups)
+    document = {"format": "aptq-plan/1", "group_size": group_size, "symmetric": symmetric, "meta": meta,
+                "note": RUNTIME_NOTE, "indivisible": indivisible_layers(arch, model, plan, group_of),
+                "layers": {layer.name: plan.get(layer.name, FULL_PRECISION) for layer in arch.layers}}
+    return document | ({"group_sizes": dict(layer_groups)} if layer_groups else {})
 
 
 def _exact(module_path: str) -> str:
     return re.escape(module_path) + "$"
 
 
-def _base_and_dynamic(arch: Architecture, plan: dict[str, int], group_size: int) -> tuple[int, dict]:
-    """GPTQModel's per-module config: the most common width as the base, overrides in `dynamic` ("+:" regex =
-    override, "-:" regex = keep in full precision)."""
-    bits = module_bits(arch, plan)
-    quantized = [b for b in bits.values() if b < FULL_PRECISION]
+def _gptq_group(group: int) -> int:
+    return group if group > 0 else -1  # GPTQ's "per channel"
+
+
+def _base_and_dynamic(arch: Architecture, plan: dict[str, int], group_of: Callable[[str], int]
+                      ) -> tuple[tuple[int, int], dict]:
+    """GPTQModel's per-module config: the most common (bits, group size) as the base, overrides in `dynamic` ("+:"
+    regex = override, "-:" regex = keep in full precision)."""
+    specs = module_specs(arch, plan, group_of)
+    quantized = [spec for spec in specs.values() if spec[0] < FULL_PRECISION]
     if not quantized:
         raise UserError("The plan quantizes no layer; there is nothing to export for GPTQModel.")
-    base = max(set(quantized), key=quantized.count)
+    base = max(sorted(set(quantized)), key=quantized.count)
     dynamic = {}
-    for path, width in bits.items():
+    for path, (width, group) in specs.items():
         if width >= FULL_PRECISION:
             dynamic[f"-:{_exact(path)}"] = {}
-        elif width != base:
-            dynamic[f"+:{_exact(path)}"] = {"bits": width, "group_size": group_size if group_size > 0 else -1}
+        elif (width, group) != base:
+            dynamic[f"+:{_exact(path)}"] = {"bits": width, "group_size": _gptq_group(group)}
     return base, dynamic
 
 
-def gptqmodel_dynamic(arch: Architecture, plan: dict[str, int], group_size: int, symmetric: bool) -> dict:
+def gptqmodel_dynamic(arch: Architecture, plan: dict[str, int], group_size: int, symmetric: bool,
+                      layer_groups: LayerGroups = ()) -> dict:
     """A GPTQModel quantize config for quantizing again with GPTQModel (see `_base_and_dynamic`)."""
-    base, dynamic = _base_and_dynamic(arch, plan, group_size)
-    return {"bits": base, "group_size": group_size if group_size > 0 else -1, "sym": symmetric, "desc_act": False,
+    (bits, group), dynamic = _base_and_dynamic(arch, plan, group_sizes(group_size, layer_groups))
+    return {"bits": bits, "group_size": _gptq_group(group), "sym": symmetric, "desc_act": False,
             "dynamic": dynamic, "_note": RUNTIME_NOTE}
 
 
-def _config_groups(arch: Architecture, plan: dict[str, int], group_size: int, symmetric: bool
+def _config_groups(arch: Architecture, plan: dict[str, int], group_of: Callable[[str], int], symmetric: bool
                    ) -> tuple[dict[str, dict], list[str]]:
-    """compressed-tensors config groups (one per width, modules by exact-name regex) and the ignore list."""
-    by_width: dict[int, list[str]] = defaultdict(list)
-    for path, width in module_bits(arch, plan).items():
-        by_width[width].append(path)
-    strategy = {"strategy": "group", "group_size": group_size} if group_size > 0 else {"strategy": "channel"}
-    groups = {f"group_{width}bit": {"targets": [f"re:{_exact(p)}" for p in paths],
-                                    "weights": {"num_bits": width, "type": "int", "symmetric": symmetric,
-                                                "dynamic": False} | strategy}
-              for width, paths in sorted(by_width.items()) if width < FULL_PRECISION}
-    return groups, ["lm_head"] + [f"re:{_exact(p)}" for p in by_width.get(FULL_PRECISION, [])]
+    """compressed-tensors config groups (one per width, or per width and group size when the plan mixes group sizes;
+    modules by exact-name regex) and the ignore list."""
+    by_spec: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for path, spec in module_specs(arch, plan, group_of).items():
+        by_spec[spec].append(path)
+    quantized = sorted(spec for spec in by_spec if spec[0] < FULL_PRECISION)
+    mixed = len({group for _, group in quantized}) > 1
+    groups = {}
+    for width, group in quantized:
+        strategy = {"strategy": "group", "group_size": group} if group > 0 else {"strategy": "channel"}
+        name = f"group_{width}bit" + (f"_{'g' + str(group) if group else 'channel'}" if mixed else "")
+        groups[name] = {"targets": [f"re:{_exact(p)}" for p in by_spec[(width, group)]],
+                        "weights": {"num_bits": width, "type": "int", "symmetric": symmetric,
+                                    "dynamic": False} | strategy}
+    return groups, ["lm_head"] + [f"re:{_exact(p)}" for p in by_spec.get((FULL_PRECISION, 0), [])]
 
 
-def llmcompressor_recipe(arch: Architecture, plan: dict[str, int], group_size: int, symmetric: bool) -> str:
-    """An llm-compressor recipe (YAML) for quantizing again: one GPTQModifier config group per bit width."""
-    groups, ignore = _config_groups(arch, plan, group_size, symmetric)
+def llmcompressor_recipe(arch: Architecture, plan: dict[str, int], group_size: int, symmetric: bool,
+                         layer_groups: LayerGroups = ()) -> str:
+    """An llm-compressor recipe (YAML) for quantizing again: one GPTQModifier config group per bit width (and group
+    size)."""
+    groups, ignore = _config_groups(arch, plan, group_sizes(group_size, layer_groups), symmetric)
     recipe = {"quant_stage": {"quant_modifiers": {"GPTQModifier": {"ignore": ignore, "config_groups": groups}}}}
     return f"# {RUNTIME_NOTE}\n" + yaml.safe_dump(recipe, sort_keys=False, width=120)
 
@@ -138,10 +164,10 @@ class PlanFiles:
 
 
 def plan_files(arch: Architecture, model: nn.Module, plan: dict[str, int], group_size: int, symmetric: bool,
-               meta: dict) -> PlanFiles:
-    return PlanFiles(plan_document(arch, model, plan, group_size, symmetric, meta),
-                     gptqmodel_dynamic(arch, plan, group_size, symmetric),
-                     llmcompressor_recipe(arch, plan, group_size, symmetric))
+               meta: dict, layer_groups: LayerGroups = ()) -> PlanFiles:
+    return PlanFiles(plan_document(arch, model, plan, group_size, symmetric, meta, layer_groups),
+                     gptqmodel_dynamic(arch, plan, group_size, symmetric, layer_groups),
+                     llmcompressor_recipe(arch, plan, group_size, symmetric, layer_groups))
 
 
 def write_plan_files(directory: Path, files: PlanFiles, overwrite: bool = False) -> Path:
@@ -187,9 +213,13 @@ class PackedPlan:
     plan: dict[str, int]
     group_size: int
     symmetric: bool
+    layer_groups: LayerGroups = ()
 
-    def config(self, bits: int) -> QuantConfig:
-        return QuantConfig(bits, self.group_size, self.symmetric)
+    def group_of(self, layer: str) -> int:
+        return group_sizes(self.group_size, self.layer_groups)(layer)
+
+    def config(self, bits: int, layer: str) -> QuantConfig:
+        return QuantConfig(bits, self.group_of(layer), self.symmetric)
 
     def quantized(self) -> list[tuple[LinearLayer, int]]:
         return [(layer, self.plan[layer.name]) for layer in self.arch.layers
@@ -203,7 +233,7 @@ def check_formats(model: nn.Module, packed: PackedPlan, formats: tuple[str, ...]
         raise UserError(f"Unknown export format {unknown[0]!r}; choose from {', '.join(EXPORT_FORMATS)}.")
     for name in (f for f in formats if f in PACKED_FORMATS):
         for layer, bits in packed.quantized():
-            _check_layer(name, layer, bits, tuple(get_weight(model, layer).shape), packed.group_size)
+            _check_layer(name, layer, bits, tuple(get_weight(model, layer).shape), packed.group_of(layer.name))
 
 
 def _check_layer(fmt: str, layer: LinearLayer, bits: int, shape: tuple[int, int], group_size: int) -> None:
@@ -230,7 +260,7 @@ def layer_codes(model: nn.Module, packed: PackedPlan) -> dict[str, GridCodes]:
     codes = {}
     for layer, bits in packed.quantized():
         try:
-            codes[layer.name] = recover_codes(get_weight(model, layer), packed.config(bits))
+            codes[layer.name] = recover_codes(get_weight(model, layer), packed.config(bits, layer.name))
         except ValueError as error:
             raise UserError(f"{layer.name} is not on its {bits}-bit grid ({error}); packed formats need the run's "
                             f"own weights, export the dequantized model only.") from None
@@ -269,8 +299,8 @@ def compressed_tensors_tensors(codes: GridCodes) -> dict[str, torch.Tensor]:
 
 def gptq_quantization_config(packed: PackedPlan, version: int) -> dict:
     """GPTQModel/transformers/vLLM `quantization_config` of the packed checkpoint (see `_base_and_dynamic`)."""
-    base, dynamic = _base_and_dynamic(packed.arch, packed.plan, packed.group_size)
-    return {"quant_method": "gptq", "bits": base, "group_size": packed.group_size or -1, "sym": packed.symmetric,
+    (bits, group), dynamic = _base_and_dynamic(packed.arch, packed.plan, packed.group_of)
+    return {"quant_method": "gptq", "bits": bits, "group_size": _gptq_group(group), "sym": packed.symmetric,
             "desc_act": False, "static_groups": False, "true_sequential": True, "lm_head": False,
             "pack_dtype": "int32", "checkpoint_format": "gptq" if version == 1 else "gptq_v2", "dynamic": dynamic,
             "meta": {"quantizer": ["aptq-studio"]}}
@@ -278,7 +308,7 @@ def gptq_quantization_config(packed: PackedPlan, version: int) -> dict:
 
 def compressed_tensors_quantization_config(packed: PackedPlan) -> dict:
     """compressed-tensors `quantization_config` of the packed checkpoint: one config group per width."""
-    groups, ignore = _config_groups(packed.arch, packed.plan, packed.group_size, packed.symmetric)
+    groups, ignore = _config_groups(packed.arch, packed.plan, packed.group_of, packed.symmetric)
     for group in groups.values():
         group |= {"input_activations": None, "output_activations": None, "format": "pack-quantized"}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
@@ -338,7 +368,7 @@ def llama_cpp_overrides(model: nn.Module, packed: PackedPlan) -> dict:
         lines.append(rf"blk\.{layer.block}\.{kind}\.weight={LLAMA_CPP_TYPES[width]}")
         if LLAMA_CPP_TYPES[width].endswith("_k") and get_weight(model, layer).shape[1] % K_QUANT_BLOCK:
             fallback.append(f"blk.{layer.block}.{kind}.weight")
-    base = LLAMA_CPP_TYPES[_base_and_dynamic(packed.arch, packed.plan, packed.group_size)[0]].upper()
+    base = LLAMA_CPP_TYPES[_base_and_dynamic(packed.arch, packed.plan, packed.group_of)[0][0]].upper()
     return {"lines": lines, "base_type": base, "k_quant_fallback": fallback, "note": LLAMA_CPP_NOTE,
             "command": f"llama-quantize --tensor-type-file tensor_types.txt model-f16.gguf model-aptq.gguf {base}"}
 

@@ -727,10 +727,7 @@ def run_plan(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: dict
     store = store or Store()
     meta = dict(plan_meta or {})
     identity = identify_run(loaded, corpus, sampling, plan, settings, evaluation)
-    packed = PackedPlan(loaded.arch, identity.plan, settings.group_size, settings.symmetric)
-    if settings.layer_groups and export_dir:
-        raise UserError(f"The exports hold one group size per run, and this plan gives {len(settings.layer_groups)} "
-                        f"layer(s) another than {settings.group_size}; run it without an export directory.")
+    packed = PackedPlan(loaded.arch, identity.plan, settings.group_size, settings.symmetric, settings.layer_groups)
     target_dir = _export_target(loaded, packed, store.path, export_dir, overwrite, tuple(export_formats))
     stored = stored_run(store, identity, meta)
     if stored is not None and target_dir is None:
@@ -888,7 +885,7 @@ def _export(loaded: LoadedModel, model: torch.nn.Module, packed: PackedPlan, set
             run: RunRecord, directory: Path, overwrite: bool, formats: tuple[str, ...]) -> None:
     """The quantized model, its plan files and formats, with the provenance of the stored run it came from."""
     files = plan_files(loaded.arch, model, packed.plan, settings.group_size, settings.symmetric,
-                       meta | {"method": settings.method, "model": loaded.display_name})
+                       meta | {"method": settings.method, "model": loaded.display_name}, settings.layer_groups)
     provenance = Provenance(loaded.display_name, settings.method, settings.key_fields(), run.analysis, packed.plan,
                             run.key, run.perplexity, run.kl, run.top1, run.fp_perplexity, run.corpus, run.eval_tokens,
                             run.eval_seqlen)

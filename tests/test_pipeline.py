@@ -136,9 +136,12 @@ def test_a_plan_of_bits_and_group_pairs_quantizes_each_layer_on_its_own_group(ti
                                                                               tmp_path):
     """Pair candidates (aptq.allocate): q and v in groups of 16, down per channel, the rest at the run's 32; q and k
     of one width but different groups are walked apart (the shared walk needs one grid)."""
+    from safetensors.torch import load_file
+
     from aptq.allocate import weight_size
     from aptq.pipeline import layer_table
     from aptq.quantizer import QuantConfig, recover_codes
+    from tests.test_formats import unpack_gptq
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     groups = {"q": 16, "v": 16, "down": 0}
@@ -165,9 +168,25 @@ def test_a_plan_of_bits_and_group_pairs_quantizes_each_layer_on_its_own_group(ti
     assert row.effective_bits == pytest.approx(expected["effective_bits"]) and row.effective_bits != 4.0
     uniform_row = run_plan(loaded, text_corpus, SAMPLING, plan, QuantizeSettings("attention", 32), EVALUATION, store)
     assert uniform_row.key != row.key and uniform_row.plan_key != row.plan_key
-    with pytest.raises(UserError, match="one group size per run"):
-        run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store, export_dir=tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    # the exports carry each module's grid: GPTQ's `dynamic` overrides and one compressed-tensors group per grid
+    run_plan(loaded, text_corpus, SAMPLING, plan, settings, EVALUATION, store, export_dir=tmp_path / "out",
+             export_formats=("gptq", "compressed-tensors"))
+    config = json.loads((tmp_path / "out" / "gptq" / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["group_size"]) == (3, 32)
+    overrides = {key[2:].replace("\\", "")[:-1]: value for key, value in config["dynamic"].items()}
+    assert overrides == {layer.module_path: {"bits": 3, "group_size": groups[layer.kind] or -1}
+                         for layer in loaded.arch.layers if layer.kind in groups}
+    config = json.loads((tmp_path / "out" / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    assert {name: (group["weights"]["strategy"], group["weights"].get("group_size"))
+            for name, group in config["config_groups"].items()} == \
+        {"group_3bit_channel": ("channel", None), "group_3bit_g16": ("group", 16), "group_3bit_g32": ("group", 32)}
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["group_sizes"] == dict(layer_groups)
+    dequantized = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    state = load_file(str(tmp_path / "out" / "gptq" / "model.safetensors"))
+    for layer in loaded.arch.layers:  # GPTQ's g_idx gives each layer's own groups back
+        weight = get_weight(dequantized, layer)
+        tensors = {name: state[f"{layer.module_path}.{name}"] for name in ("qweight", "qzeros", "scales", "g_idx")}
+        assert torch.equal(unpack_gptq(tensors, 3, weight.shape[1], weight.shape[0], v1=False), weight)
 
 
 @pytest.mark.parametrize("plan, message", [
