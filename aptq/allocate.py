@@ -69,7 +69,7 @@ from numbers import Real
 import numpy as np
 import pandas as pd
 
-from aptq.choices import ALLOCATORS, METHOD_LABELS
+from aptq.choices import ALLOCATORS, ERROR_SOLVERS, METHOD_LABELS
 from aptq.errors import UserError
 from aptq.widths import FULL_PRECISION, QUANT_WIDTHS, SCALE_ZERO_BITS
 
@@ -90,7 +90,6 @@ QUANTIZER_ERRORS_FIX = "rerun the analysis with quantizer errors on (aptq analyz
 METRIC_TRACES = {column: trace for columns in ERROR_SOURCES.values()  # each error column's own Hessian trace
                  for column, trace in zip(columns, ("trace_layerwise", "trace_attention"))}
 UNIT_COLUMNS = {"heuristic": ("trace_lm", "trace_lm_se", "residual_ms"), "calibrated": ("kl_rate", "kl_rate_se")}
-ERROR_SOLVERS = ("knapsack", "knapsack-layerwise")  # the solvers whose plans the predicted errors (source, unit) make
 Candidate = int | tuple[int, int]  # a width at the request's group size, or (bits, group size)
 
 

@@ -8,6 +8,8 @@ METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "attention": "attention-aware GPT
                  "aespa": "aespa (attention-aware GPTQ, rounding optimised on the attention-wise loss)"}
 QUANTIZERS = tuple(METHOD_LABELS)
 ALLOCATORS = ("knapsack", "knapsack-layerwise", "aptq", "uniform", "random")
+# the solvers whose plans the predicted errors (source, unit) make; the only ones that take (bits, group) candidates
+ERROR_SOLVERS = ("knapsack", "knapsack-layerwise")
 NAMED_CORPORA = ("brown", "wikitext2", "c4")
 # (our choice) the share by which the attention-aware Hessians are shrunk toward GPTQ's (aptq.pipeline,
 # `QuantizeSettings.shrink`), chosen on validation segments of the calibration split: bench/results/quantizer.md

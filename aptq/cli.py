@@ -20,6 +20,7 @@ from aptq.choices import (
     ALLOCATORS,
     ATTENTION_SHRINK,
     EMBEDDED_MODEL,
+    ERROR_SOLVERS,
     FP_TARGETS,
     METHOD_LABELS,
     QUANTIZERS,
@@ -555,6 +556,10 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
                              f"(default: %(default)s)")
     parser.add_argument("--candidates", type=_bit_list, default=(2, 3, 4, 8),
                         help="bit widths a layer may take (default: 2,3,4,8)")
+    parser.add_argument("--pairs", action="store_true",
+                        help="the knapsack plans choose a (bits, group size) pair per layer among --candidates × "
+                             "(--group and each of --extra-group-sizes); the budgets are then effective bits per "
+                             "weight, scales and zero points included")
     parser.add_argument("--seeds", type=_bit_list, default=(0, 1, 2),
                         help="seeds of the random allocation (default: 0,1,2)")
     parser.add_argument("--quantizer", choices=list(QUANTIZERS), default="gptq",
@@ -584,6 +589,16 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
     ray.add_argument("--ray-retries", type=int, default=3,
                      help="retries of a run whose worker died (default: %(default)s)")
     parser.set_defaults(handler=run_sweep_command)
+
+
+def check_pairs(allocations: list[str], extra_group_sizes: tuple[int, ...]) -> None:
+    """--pairs: group sizes to choose from, and only allocators that take (bits, group size) candidates."""
+    if not extra_group_sizes:
+        raise UserError("--pairs chooses among group sizes: give the others with --extra-group-sizes (e.g. 128,0).")
+    other = [method for method in allocations if method not in ERROR_SOLVERS]
+    if other:
+        raise UserError(f"--pairs is for the knapsack methods ({', '.join(ERROR_SOLVERS)}), not {other[0]}; leave "
+                        f"it out of --methods or sweep it without --pairs.")
 
 
 def ray_options(args: argparse.Namespace):
@@ -626,6 +641,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             validate.seed(seed, "Each of --seeds")
     ray = ray_options(args)
     validate.block_refinement(args.quantizer, args.block_refinement)
+    if args.pairs:
+        check_pairs(allocations, args.extra_group_sizes)
 
     from aptq.allocate import PREDICTED_ERROR_ATTENTION, error_source_for
     from aptq.calibrate import unit_settings_for, widths_to_measure
@@ -643,6 +660,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     widths = widths_to_measure(candidates, sampling.n_samples) if args.width_multiples else ()
     work_starts()
     layers, errors = analysis_for(args, loaded, corpus, sampling, bits=candidates)
+    plan_candidates = tuple((bits, group) for bits in candidates
+                            for group in dict.fromkeys((group_size_of(args, loaded), *args.extra_group_sizes))
+                            ) if args.pairs else candidates
     if unit_settings is not None:
         from aptq.calibrate import with_unit
 
@@ -655,12 +675,12 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     bar = LazyBar("sweep" if ray is None else "sweep on Ray")
     try:
         if ray is None:
-            table = run_sweep(loaded, corpus, sampling, layers, errors, points, candidates, settings, evaluation,
-                              Store(args.store), bar)
+            table = run_sweep(loaded, corpus, sampling, layers, errors, points, plan_candidates, settings,
+                              evaluation, Store(args.store), bar)
         else:
             from aptq.ray_sweep import run_sweep_on_ray
 
-            table = run_sweep_on_ray(loaded, corpus, sampling, layers, errors, points, candidates, settings,
+            table = run_sweep_on_ray(loaded, corpus, sampling, layers, errors, points, plan_candidates, settings,
                                      evaluation, Store(args.store), bar, ray)
     finally:
         bar.close()

@@ -15,7 +15,7 @@ runs    key PK (model + calibration + plan + quantization settings + evaluation 
         covered_effective_bits (over those layers; avg_bits/effective_bits are over the whole model),
         label and tag (a person's name and tag for the run), completions (JSON: aptq.teaching samples),
         error_source (rtn | gptq | attention) and error_unit (heuristic | calibrated): whose predicted errors, in
-        which unit, the run's predicted totals are (for knapsack plans, aptq.allocate.ERROR_SOLVERS, also what
+        which unit, the run's predicted totals are (for knapsack plans, aptq.choices.ERROR_SOLVERS, also what
         chose the plan); NULL for runs without a prediction (a plan file) and in rows stored before these columns
 baselines  (model, corpus, eval_seqlen, eval_tokens) PK, perplexity, tokens_per_second, created: full-precision
         perplexity measured on the Home page
@@ -161,7 +161,7 @@ def save_plan(store: Store | None, model_fp: str, name: str, plan: dict[str, int
     """Store a plan under `name` (a plan saved again under a new name keeps the newer name); return its key."""
     store = _ready(store)
     group_size = int(meta.get("group_size", 0))
-    key = plan_key(model_fp, plan, group_size)
+    key = plan_key(model_fp, plan, group_size, tuple(meta.get("layer_groups", ())))
     store.execute("INSERT OR REPLACE INTO plans (key, model, name, allocation, budget, group_size, request, plan, "
                   "summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                   [key, model_fp, name, meta.get("allocation", "manual"), meta.get("budget"), group_size,

@@ -38,6 +38,7 @@ from pathlib import Path
 import pandas as pd
 
 from aptq import history, pipeline
+from aptq.allocate import Candidate
 from aptq.data import Corpus, Sampling
 from aptq.errors import UserError
 from aptq.history import RunRecord
@@ -185,11 +186,12 @@ def measure_task(job: SweepJob, key: str) -> RunRecord:
     pipeline.RUN_CACHE, pipeline.REFERENCE_CACHE = job.run_cache, job.reference_cache
     loaded, rtn_memo = _loaded(job)
     point_plan = job.plans[key]
-    identity = identify_run(loaded, job.corpus, job.sampling, point_plan.bits, job.settings, job.evaluation)
+    settings = point_plan.settings_for(job.settings)
+    identity = identify_run(loaded, job.corpus, job.sampling, point_plan.bits, settings, job.evaluation)
     if identity.key != key:
         raise UserError(f"The model at {job.model_path} on this node is not the driver's (other weights or "
                         f"tokenizer): the run's key differs.")
-    row = measure_run(loaded, job.corpus, job.sampling, identity, job.settings, job.evaluation,
+    row = measure_run(loaded, job.corpus, job.sampling, identity, settings, job.evaluation,
                       plan_meta=point_plan.meta, rtn_memo=rtn_memo)
     remove_checkpoints(key)  # (our choice) the row is safe with the driver now; a lost row means one run again
     return row
@@ -223,14 +225,15 @@ class _Tally:
 
 
 def run_sweep_on_ray(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: pd.DataFrame,
-                     errors: pd.DataFrame, points: list[SweepPoint], candidates: tuple[int, ...],
+                     errors: pd.DataFrame, points: list[SweepPoint], candidates: tuple[Candidate, ...],
                      settings: QuantizeSettings, evaluation: EvalSettings, store: Store | None = None,
                      progress: Progress = no_progress, options: RayOptions = RayOptions()) -> pd.DataFrame:
     """The table of aptq.sweep.run_sweep, with a `failed` column naming the error of each run that failed for good;
     the runs are measured by Ray tasks and stored here."""
     store = store or Store()
     planned = plan_points(layers, errors, points, candidates, settings, model_fingerprint(loaded.path), store)
-    identities = {index: identify_run(loaded, corpus, sampling, point_plan.bits, settings, evaluation)
+    identities = {index: identify_run(loaded, corpus, sampling, point_plan.bits, point_plan.settings_for(settings),
+                                      evaluation)
                   for index, point_plan in enumerate(planned) if point_plan.skipped is None}
     stored: dict[str, RunRecord] = {}  # run key → its stored run
     first: dict[str, int] = {}  # run key → the index of the first point that asks for it

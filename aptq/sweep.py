@@ -8,7 +8,7 @@ process; aptq.ray_sweep spreads the same plans over a Ray cluster.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
@@ -18,6 +18,7 @@ from aptq.allocate import (
     PREDICTED_ERRORS,
     AllocationError,
     AllocationRequest,
+    Candidate,
     allocate,
     error_source_for,
     summarize,
@@ -53,6 +54,11 @@ class PointPlan:
     bits: dict[str, int] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)  # the plan_meta of aptq.pipeline.run_plan
     skipped: str | None = None
+    layer_groups: tuple[tuple[str, int], ...] = ()  # with (bits, group size) candidates (aptq.allocate.Plan)
+
+    def settings_for(self, settings: QuantizeSettings) -> QuantizeSettings:
+        """The sweep's settings with this plan's group sizes."""
+        return replace(settings, layer_groups=self.layer_groups)
 
     def row(self, run: RunRecord | None = None, failed: str | None = None) -> dict:
         """The point's line in the sweep's table: its measured run, why it was skipped, or why its run failed."""
@@ -70,13 +76,14 @@ def sweep_points(allocations: list[str], budgets: list[float], seeds: tuple[int,
             for seed in (seeds if allocation == "random" else (0,))]
 
 
-def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPoint], candidates: tuple[int, ...],
+def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPoint], candidates: tuple[Candidate, ...],
                 settings: QuantizeSettings, model_fp: str, store: Store) -> list[PointPlan]:
     """Every point's plan from the analysis, saved in the store in the points' order (a plan reached again keeps the
     latest point's name). The plans use the predicted errors of the quantizer that will run (`settings.method`),
     or RTN's where the analysis has none of its (aptq.allocate.error_source_for), in the unit `layers.attrs` names
     (the calibrated unit after aptq.calibrate.with_unit, else the heuristic one), times the width multiples it carries
-    (aptq.calibrate.with_width_multiples; none: 1 at every width)."""
+    (aptq.calibrate.with_width_multiples; none: 1 at every width). With (bits, group size) candidates the budgets
+    are effective bits and each plan carries its layers' group sizes."""
     source = error_source_for(errors, settings.method).source
     unit = layers.attrs.get("unit", "heuristic")
     multiples = layers.attrs.get("width_multiples", {})
@@ -93,15 +100,16 @@ def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPo
         summary = summarize(plan, layers, errors)
         meta = {"name": point.name, "allocation": point.allocation, "budget": point.budget,
                 "analysis": layers.attrs.get("analysis_key"), "group_size": settings.group_size,
+                "layer_groups": plan.layer_groups(),
                 **{name: summary[name] for name in ("error_source", "error_unit", "width_multiples",
                                                     *PREDICTED_ERRORS)}}
         history.save_plan(store, model_fp, point.name, plan.bits, meta | {"request": request, "summary": summary})
-        plans.append(PointPlan(point, plan.bits, meta))
+        plans.append(PointPlan(point, plan.bits, meta, layer_groups=plan.layer_groups()))
     return plans
 
 
 def run_sweep(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: pd.DataFrame, errors: pd.DataFrame,
-              points: list[SweepPoint], candidates: tuple[int, ...], settings: QuantizeSettings,
+              points: list[SweepPoint], candidates: tuple[Candidate, ...], settings: QuantizeSettings,
               evaluation: EvalSettings, store: Store | None = None, progress: Progress = no_progress) -> pd.DataFrame:
     """One row per point: its plan's summary and the measured run (or why the point was skipped)."""
     store = store or Store()
@@ -117,8 +125,8 @@ def run_sweep(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: p
         def report(done: int, total: int, message: str, index: int = index, name: str = name) -> None:
             progress(index, len(points), f"{name}: {message}")
 
-        run = run_plan(loaded, corpus, sampling, point_plan.bits, settings, evaluation, store, report,
-                       point_plan.meta, rtn_memo=rtn_memo)
+        run = run_plan(loaded, corpus, sampling, point_plan.bits, point_plan.settings_for(settings), evaluation, store,
+                       report, point_plan.meta, rtn_memo=rtn_memo)
         rows.append(point_plan.row(run))
         progress(index + 1, len(points), name)
     return pd.DataFrame(rows)

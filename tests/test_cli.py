@@ -135,6 +135,32 @@ def test_sweep_plans_with_the_quantizers_errors_or_says_it_uses_rtns(tmp_path, t
 
 
 @pytest.mark.integration
+def test_sweep_with_pairs_quantizes_each_plan_on_its_chosen_group_sizes(tmp_path, tiny_model_dir, text_file,
+                                                                         capsys):
+    from aptq.cli import main
+    from aptq.history import stored_runs
+    from aptq.store import Store
+
+    store = tmp_path / "store.duckdb"
+    common = tiny_sweep(str(tiny_model_dir("llama")), text_file, store, "--samples", "4", "--quantizer", "gptq",
+                        "--quantizer-errors", "--candidates", "2,3,4", "--pairs")
+    capsys.readouterr()
+    for extra, message in ((["--methods", "knapsack"], "--pairs chooses among group sizes: give the others with "
+                                                       "--extra-group-sizes"),
+                           (["--extra-group-sizes", "16,0", "--methods", "knapsack,uniform"],
+                            "--pairs is for the knapsack methods (knapsack, knapsack-layerwise), not uniform")):
+        assert main([*common, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not store.exists()  # refused before any work
+    assert main([*common, "--extra-group-sizes", "16,0", "--budgets", "3.6"]) == 0
+    (run,) = stored_runs(Store(store)).itertuples()
+    settings = json.loads(run.settings)
+    assert run.effective_bits <= 3.6 + 1e-9 and settings["layer_groups"]  # some layer left the sweep's group 32
+    assert set(settings["layer_groups"].values()) <= {16, 0}
+
+
+@pytest.mark.integration
 def test_sweep_plans_in_the_calibrated_unit(tmp_path, tiny_model_dir, text_file, capsys):
     from aptq.cli import main
     from aptq.history import stored_plans
