@@ -63,7 +63,7 @@ from aptq.data import (
 )
 from aptq.errors import UserError
 from aptq.evaluate import Evaluation, ReferenceStats, check_window, evaluate, reference_stats
-from aptq.export import PackedPlan, Provenance, check_formats, export_model, plan_files
+from aptq.export import LayerGroups, PackedPlan, Provenance, check_formats, export_model, group_sizes, plan_files
 from aptq.geometry import RmsNorm, output_norm_modules
 from aptq.gptq import GPTQResult, gptq, gptq_per_head, gptq_rows, gptq_rows_shared
 from aptq.hessian import BlockHessians, CollectOptions, HessianCollector
@@ -140,7 +140,7 @@ class QuantizeSettings:
     block: BlockRefinement = BlockRefinement()
     # (layer, group size) of the layers whose group is not `group_size`, sorted by layer: a plan of (bits, group size)
     # candidates (aptq.allocate.Plan.layer_groups); in the key only when it names a layer
-    layer_groups: tuple[tuple[str, int], ...] = ()
+    layer_groups: LayerGroups = ()
 
     def __post_init__(self) -> None:
         validate.block_refinement(self.method, self.block.iterations)
@@ -161,7 +161,7 @@ class QuantizeSettings:
 
     def group_of(self, layer: str) -> int:
         """The group size of the named layer."""
-        return dict(self.layer_groups).get(layer, self.group_size)
+        return group_sizes(self.group_size, self.layer_groups)(layer)
 
     def config(self, bits: int, layer: str | None = None) -> QuantConfig:
         """The grid of a layer of this width (of the named layer's group size; else the run's)."""

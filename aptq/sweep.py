@@ -24,6 +24,7 @@ from aptq.allocate import (
     summarize,
 )
 from aptq.data import Corpus, Sampling
+from aptq.export import LayerGroups
 from aptq.history import RunRecord
 from aptq.models import LoadedModel, model_fingerprint
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan
@@ -54,7 +55,7 @@ class PointPlan:
     bits: dict[str, int] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)  # the plan_meta of aptq.pipeline.run_plan
     skipped: str | None = None
-    layer_groups: tuple[tuple[str, int], ...] = ()  # with (bits, group size) candidates (aptq.allocate.Plan)
+    layer_groups: LayerGroups = ()  # with (bits, group size) candidates (aptq.allocate.Plan)
 
     def settings_for(self, settings: QuantizeSettings) -> QuantizeSettings:
         """The sweep's settings with this plan's group sizes."""
