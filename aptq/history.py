@@ -2,9 +2,10 @@
 
 SCHEMA (added to the store by every function here, as aptq.analyses adds the analysis tables)
 ------
-plans   key PK (model + plan + group size), model → models, name, allocation (solver, "uniform", "manual" …),
-        budget, group_size, request (JSON: the allocation request), plan (JSON: layer → bits), summary (JSON:
-        aptq.allocate.summarize), created
+plans   key PK (model + plan + group size (+ layer groups)), model → models, name, allocation (solver, "uniform",
+        "manual" …), budget, group_size, request (JSON: the allocation request), plan (JSON: layer → bits), summary
+        (JSON: aptq.allocate.summarize), created, layer_groups (JSON: layer → group size where it is not group_size,
+        for plans of (bits, group size) pairs; NULL otherwise)
 runs    key PK (model + calibration + plan + quantization settings + evaluation + PIPELINE_VERSION), created,
         model → models, model_name, corpus, eval_seqlen, eval_tokens, calibration → calibrations (NULL for RTN),
         method (rtn | gptq | attention), group_size, settings (JSON), plan (JSON), plan_key, plan_name,
@@ -50,6 +51,7 @@ CREATE TABLE IF NOT EXISTS runs (
     budget DOUBLE, analysis VARCHAR, avg_bits DOUBLE, effective_bits DOUBLE, size_mb DOUBLE,
     {PREDICTED_ERROR_ATTENTION} DOUBLE, {PREDICTED_ERROR_LAYERWISE} DOUBLE, perplexity DOUBLE, kl DOUBLE, top1 DOUBLE,
     fp_perplexity DOUBLE, quant_seconds DOUBLE, eval_seconds DOUBLE, device VARCHAR, notes VARCHAR);
+ALTER TABLE plans ADD COLUMN IF NOT EXISTS layer_groups JSON;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS coverage VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS covered_avg_bits DOUBLE;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS covered_effective_bits DOUBLE;
@@ -161,12 +163,14 @@ def save_plan(store: Store | None, model_fp: str, name: str, plan: dict[str, int
     """Store a plan under `name` (a plan saved again under a new name keeps the newer name); return its key."""
     store = _ready(store)
     group_size = int(meta.get("group_size", 0))
-    key = plan_key(model_fp, plan, group_size, tuple(meta.get("layer_groups", ())))
+    layer_groups = tuple(meta.get("layer_groups", ()))
+    key = plan_key(model_fp, plan, group_size, layer_groups)
     store.execute("INSERT OR REPLACE INTO plans (key, model, name, allocation, budget, group_size, request, plan, "
-                  "summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  "summary, layer_groups) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                   [key, model_fp, name, meta.get("allocation", "manual"), meta.get("budget"), group_size,
                    json.dumps(meta.get("request", {}), default=str), plan_json(plan),
-                   json.dumps(meta.get("summary", {}), default=str)])
+                   json.dumps(meta.get("summary", {}), default=str),
+                   json.dumps(dict(layer_groups)) if layer_groups else None])
     return key
 
 

@@ -197,7 +197,12 @@ with right:
                                                               "method collect Hessians on the calibration data first")
     group_options = sorted({0, 32, 64, 128, choice.group_size})
     group = st.selectbox("Group size", group_options, index=group_options.index(choice.group_size),
-                         format_func=lambda g: f"{g} columns" if g else "per output channel", key="run_group")
+                         format_func=lambda g: f"{g} columns" if g else "per output channel", key="run_group",
+                         disabled=bool(choice.layer_groups))
+    if choice.layer_groups:  # the plan chose a group size per layer: the others keep the plan's
+        group = choice.group_size
+        st.caption(f"This plan gives {len(choice.layer_groups)} layers their own group size ((bits, group size) "
+                   f"pairs); the others use {choice.group_size or 'per-channel'} groups.")
     flags = st.columns(2)
     symmetric = flags[0].checkbox("Symmetric grid", key="run_symmetric") if not presenting() else False
     act_order_from = flags[1].selectbox(
@@ -253,7 +258,7 @@ with st.expander("Export the quantized model (optional)"):
 settings = QuantizeSettings(method=method, group_size=int(group), symmetric=symmetric, act_order_from=act_order_from,
                             aespa=AespaOptions.for_device(str(loaded.device)), shrink=float(shrink),
                             row_weights=row_weights, output_norms=output_norms, fp_targets=fp_targets,
-                            block=BlockRefinement(int(block_steps)))
+                            block=BlockRefinement(int(block_steps)), layer_groups=choice.layer_groups)
 evaluation = EvalSettings(seqlen=int(seqlen), max_tokens=int(tokens), prompts=COMPLETION_PROMPTS)
 meta = choice.run_meta()
 if group != choice.group_size:  # the predictions were made for another group size: they would mislead

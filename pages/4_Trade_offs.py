@@ -170,7 +170,7 @@ def downloads(choices: dict[str, PlanChoice], loaded: LoadedModel) -> None:
     symmetric = st.checkbox("Symmetric grid", key="trade_symmetric")
     files = plan_files(loaded.arch, loaded.model, choice.bits, choice.group_size, symmetric,
                        {"name": choice.name, "allocation": choice.allocation, "budget": choice.budget,
-                        "model": loaded.display_name})
+                        "model": loaded.display_name}, choice.layer_groups)
     cols = st.columns(3)
     cols[0].download_button("Plan JSON", json.dumps(files.document, indent=2), f"{choice.name}.plan.json",
                             "application/json")

@@ -276,6 +276,26 @@ def quantize(at: AppTest, method: str, plan: str = "current", bits: int | None =
     return wait_for_run(at)
 
 
+def test_a_saved_plan_of_bit_and_group_pairs_runs_on_its_own_group_sizes(partial, tiny_model_dir):
+    """A plan that `aptq sweep --pairs` saved: the Quantize page keeps each layer's group size (the group choice is
+    locked to the plan's) instead of running every layer at one."""
+    from aptq import history
+
+    at = partial
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    layers = loaded.arch.block_layers(0)
+    plan = {layer.name: 3 for layer in layers}
+    layer_groups = tuple(sorted((layer.name, 16) for layer in layers if layer.kind in ("q", "k")))
+    key = history.save_plan(Store(os.environ["APTQ_STORE"]), model_fingerprint(loaded.path), "pairs", plan,
+                            {"allocation": "knapsack", "budget": 3.5, "group_size": 64, "layer_groups": layer_groups})
+    quantize(at, "rtn", key)
+    no_problems(at)
+    assert at.selectbox(key="run_group").disabled and "This plan gives 2 layers their own group size" in \
+        texts(at.caption)
+    (settings,) = Store(os.environ["APTQ_STORE"]).query("SELECT settings FROM runs")["settings"]
+    assert json.loads(settings)["layer_groups"] == dict(layer_groups)
+
+
 @pytest.mark.integration
 def test_a_partial_analysis_quantizes_and_compares_only_the_analysed_blocks(partial):
     at = partial

@@ -10,6 +10,7 @@ import streamlit as st
 
 from aptq import coverage, history
 from aptq.allocate import FULL_PRECISION, PREDICTED_ERRORS
+from aptq.export import LayerGroups
 from aptq.models import Architecture, LoadedModel
 from aptq.pipeline import layer_table
 from aptq.store import Store
@@ -25,6 +26,7 @@ class PlanChoice:
     budget: float
     group_size: int  # the group size its summary (effective bits, predicted errors) was computed for
     summary: dict  # aptq.allocate.summarize, plus the analysis key; empty when there was no analysis
+    layer_groups: LayerGroups = ()  # the layers on another group size (a plan of (bits, group size) pairs)
 
     def run_meta(self) -> dict:
         """The plan_meta of aptq.pipeline.run_plan."""
@@ -49,9 +51,11 @@ def plan_choices(model_fp: str) -> dict[str, PlanChoice]:
     saved = store_call(lambda: history.stored_plans(Store(), model_fp))
     for row in saved.itertuples() if saved is not None else ():
         summary = json.loads(row.summary or "{}")
+        layer_groups = tuple(sorted(json.loads(row.layer_groups).items())) if row.layer_groups else ()
         choices[row.key] = PlanChoice(f"saved {row.name!r} ({row.allocation}, "
                                       f"{summary.get('avg_bits', row.budget or 0):.2f} bits)", row.name,
-                                      json.loads(row.plan), row.allocation, row.budget, int(row.group_size), summary)
+                                      json.loads(row.plan), row.allocation, row.budget, int(row.group_size), summary,
+                                      layer_groups)
     return choices
 
 
