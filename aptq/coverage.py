@@ -96,7 +96,7 @@ def prediction_applies(plan: Mapping[str, int], layers: pd.DataFrame) -> bool:
     return set(plan) == set(layers["layer"])
 
 
-def whole_model_size(table: pd.DataFrame, plan: Mapping[str, int], group_size: int) -> dict[str, float]:
+def whole_model_size(table: pd.DataFrame, plan: Mapping[str, int], group_size: int | np.ndarray) -> dict[str, float]:
     """avg_bits, effective_bits and size_mb over every quantizable layer of the model (`table`:
     aptq.pipeline.layer_table), the layers the plan does not name in FP16: what a run of the plan measures."""
     bits = np.array([int(plan.get(name, FULL_PRECISION)) for name in table["layer"]])

@@ -23,7 +23,7 @@ from aptq.allocate import (
     summarize,
 )
 from aptq.calibrate import WIDTH_HOLDOUT, calibrate_widths, validation_count, widths_to_measure
-from aptq.choices import METHOD_LABELS
+from aptq.choices import ERROR_SOLVERS, METHOD_LABELS
 from aptq.data import digest
 from aptq.errors import UserError
 from aptq.pipeline import QuantizeSettings, has_output_norms
@@ -49,6 +49,9 @@ SOLVER_HELP = ("knapsack: least total predicted error (attention-aware Hessians,
                "module's output and made relative to the residual stream — our choice) within the budget; "
                "knapsack-layerwise: the same with layer-wise errors; aptq: the paper's rule (least sensitive layers "
                "take the low width); uniform; random (seeded, for comparison).")
+GROUPS_HELP = ("the analysis predicted errors at these group sizes (Home's *extra group sizes*): with more than one, "
+               "the knapsack gives each layer a width and a group size, charged by its effective bits (a coarser group "
+               "spends fewer bits on scales and can buy a wider code)")
 UNIT_HELP = ("how the errors of different layers are made comparable: heuristic — each moved to its module's output "
              "and divided by the residual stream's size (our choice); calibrated — the KL per unit of error measured "
              "by injecting noise into one layer at a time (needs an analysis with Home's *Calibrate the unit*)")
@@ -108,8 +111,20 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
     if not presenting():
         with st.expander("Measure width multiples"):
             measure_widths(analysis, quantizer, unit, [int(c) for c in candidates])
-    st.caption(f"Group size {analysis.group_size or 'per-channel'} (set by the analysis).")
-    return AllocationRequest(budget=budget, method=method, candidates=tuple(int(c) for c in candidates),
+    groups = [analysis.group_size]
+    offered = sorted({int(g) for g in analysis.errors.get("group_size", pd.Series([analysis.group_size]))})
+    if len(offered) > 1 and method in ERROR_SOLVERS and not presenting():
+        groups = st.multiselect("Group sizes", offered, default=[analysis.group_size], key="group_sizes",
+                                persist_state="session", format_func=lambda g: f"{g} columns" if g else "per channel",
+                                help=GROUPS_HELP) or [analysis.group_size]
+    if len(groups) > 1:
+        st.caption("Each layer takes a (bits, group size) pair: the budget counts effective bits, scales and zero "
+                   "points included.")
+        widths: tuple = tuple((int(c), int(g)) for c in candidates for g in groups)
+    else:
+        st.caption(f"Group size {analysis.group_size or 'per-channel'} (set by the analysis).")
+        widths = tuple(int(c) for c in candidates)
+    return AllocationRequest(budget=budget, method=method, candidates=widths,
                              pins=dict(st.session_state["pins"]), min_bits=min_bits, low_high=low_high,
                              seed=int(seed), group_size=analysis.group_size, quantizer=quantizer, unit=unit,
                              width_multiples=multiples)
@@ -277,10 +292,12 @@ st.session_state["pins_text"] = pins_to_text(st.session_state["pins"], analysis.
 
 if plan is not None:
     summary = summarize(plan, layers, analysis.errors)
-    whole = coverage.whole_model_size(model_layer_table(model_source()), plan.bits, analysis.group_size)
+    table = model_layer_table(model_source())
+    whole = coverage.whole_model_size(table, plan.bits, plan.group_size_of(table))
     st.session_state["plan"] = {"bits": dict(plan.bits), "method": request.method, "budget": request.budget,
                                 "group_size": analysis.group_size, "summary": summary,
-                                "request": asdict(request), "analysis": analysis.key}
+                                "request": asdict(request), "analysis": analysis.key,
+                                "layer_groups": plan.layer_groups()}
     with view:
         headline(summary, whole, analysis)
         uniform_note(plan, summary, available)

@@ -276,6 +276,31 @@ def quantize(at: AppTest, method: str, plan: str = "current", bits: int | None =
     return wait_for_run(at)
 
 
+def test_the_bit_budget_page_plans_bit_and_group_pairs_and_the_run_keeps_them(tmp_path, monkeypatch,
+                                                                               tiny_model_dir):
+    """An analysis with extra group sizes: choosing several makes the knapsack give each layer a (bits, group size)
+    pair within the budget in effective bits; the Quantize page runs the current plan on those groups."""
+    model = str(tiny_model_dir("llama"))
+    request = AnalysisRequest(samples=4, seqlen=64, group_size=32, max_blocks=1, extra_group_sizes=(16, 0))
+    store = tmp_path / "store.duckdb"
+    analyze(load_model(model, device="cpu"), load_corpus("brown"), request.sampling, request.settings,
+            store=Store(store))
+    monkeypatch.setenv("APTQ_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.session_state["model_source"] = model
+    at.session_state["analysis_request"] = request
+    at.switch_page("pages/2_Bit_budget.py").run()
+    at.multiselect(key="group_sizes").set_value([32, 16, 0]).run()
+    no_problems(at)
+    assert "the budget counts effective bits" in texts(at.caption)
+    plan = at.session_state["plan"]
+    assert plan["layer_groups"] and float(metric(at, "Effective bits (analysed layers)")) <= 3.0 + 1e-3
+    quantize(at, "rtn")
+    no_problems(at)
+    (settings,) = Store(store).query("SELECT settings FROM runs")["settings"]
+    assert json.loads(settings)["layer_groups"] == {name: group for name, group in plan["layer_groups"]}
+
+
 def test_a_saved_plan_of_bit_and_group_pairs_runs_on_its_own_group_sizes(partial, tiny_model_dir):
     """A plan that `aptq sweep --pairs` saved: the Quantize page keeps each layer's group size (the group choice is
     locked to the plan's) instead of running every layer at one."""

@@ -41,7 +41,8 @@ def current_plan() -> PlanChoice | None:
         return None
     return PlanChoice(f"current plan: {plan['method']} at {plan['budget']:.2f} bits",
                       f"{plan['method']}-{plan['budget']:.2f}", plan["bits"], plan["method"], plan["budget"],
-                      plan["group_size"], plan["summary"] | {"analysis": plan["analysis"]})
+                      plan["group_size"], plan["summary"] | {"analysis": plan["analysis"]},
+                      tuple(plan.get("layer_groups", ())))
 
 
 def plan_choices(model_fp: str) -> dict[str, PlanChoice]:

@@ -351,6 +351,7 @@ def current_analysis() -> Analysis | None:
 def save_current_plan(name: str, plan: dict, analysis: Analysis) -> str | None:
     """Store the Bit budget page's plan (`st.session_state["plan"]`) under `name`; its key, or None after st.error."""
     meta = {"allocation": plan["method"], "budget": plan["budget"], "group_size": analysis.group_size,
-            "request": plan["request"], "summary": plan["summary"] | {"analysis": analysis.key}}
+            "request": plan["request"], "summary": plan["summary"] | {"analysis": analysis.key},
+            "layer_groups": plan.get("layer_groups", ())}
     return store_call(lambda: history.save_plan(Store(), analysis.model_fp, name, plan["bits"], meta))
 
