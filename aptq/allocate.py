@@ -93,6 +93,11 @@ UNIT_COLUMNS = {"heuristic": ("trace_lm", "trace_lm_se", "residual_ms"), "calibr
 Candidate = int | tuple[int, int]  # a width at the request's group size, or (bits, group size)
 
 
+def pair_candidates(widths: Iterable[int], groups: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """Every (bits, group size) of the widths and groups, each group once, in the order given."""
+    return tuple((int(bits), int(group)) for bits in widths for group in dict.fromkeys(groups))
+
+
 class AllocationError(UserError, ValueError):
     """A request that cannot be turned into a plan; the message is one sentence that names the fix."""
 

@@ -644,7 +644,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if args.pairs:
         check_pairs(allocations, args.extra_group_sizes)
 
-    from aptq.allocate import PREDICTED_ERROR_ATTENTION, error_source_for
+    from aptq.allocate import PREDICTED_ERROR_ATTENTION, error_source_for, pair_candidates
     from aptq.calibrate import unit_settings_for, widths_to_measure
     from aptq.data import load_corpus
     from aptq.models import load_model
@@ -660,9 +660,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     widths = widths_to_measure(candidates, sampling.n_samples) if args.width_multiples else ()
     work_starts()
     layers, errors = analysis_for(args, loaded, corpus, sampling, bits=candidates)
-    plan_candidates = tuple((bits, group) for bits in candidates
-                            for group in dict.fromkeys((group_size_of(args, loaded), *args.extra_group_sizes))
-                            ) if args.pairs else candidates
+    plan_candidates = pair_candidates(candidates, (group_size_of(args, loaded), *args.extra_group_sizes)) \
+        if args.pairs else candidates
     if unit_settings is not None:
         from aptq.calibrate import with_unit
 

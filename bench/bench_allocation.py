@@ -37,6 +37,7 @@ from aptq.allocate import (
     Plan,
     allocate,
     measured_width_multiples,
+    pair_candidates,
     summarize,
     unit_factors,
     weight_size,
@@ -86,9 +87,8 @@ def plan_request(method: str, budget: float, unit: str, seed: int, multiples: di
         return AllocationRequest(budget, method, CANDIDATES, seed=seed, group_size=GROUP, unit=unit,
                                  low_high=(2, 4), quantizer=quantizer, width_multiples=multiples)
     effective = weight_size(layers, np.full(len(layers), budget), GROUP)["effective_bits"]
-    pairs = tuple((bits, group) for bits in CANDIDATES for group in (GROUP, *pair_groups))
-    return AllocationRequest(effective, "knapsack", pairs, group_size=GROUP, unit=unit, quantizer=quantizer,
-                             width_multiples=multiples)
+    return AllocationRequest(effective, "knapsack", pair_candidates(CANDIDATES, (GROUP, *pair_groups)),
+                             group_size=GROUP, unit=unit, quantizer=quantizer, width_multiples=multiples)
 
 
 def scored_plan(plan: Plan, unit: str, quantizer: str, multiples: dict[int, float] | None = None) -> Plan:

@@ -19,6 +19,7 @@ from aptq.allocate import (
     Plan,
     allocate,
     available_error_sources,
+    pair_candidates,
     plan_frame,
     summarize,
 )
@@ -120,7 +121,7 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
     if len(groups) > 1:
         st.caption("Each layer takes a (bits, group size) pair: the budget counts effective bits, scales and zero "
                    "points included.")
-        widths: tuple = tuple((int(c), int(g)) for c in candidates for g in groups)
+        widths: tuple = pair_candidates(candidates, groups)
     else:
         st.caption(f"Group size {analysis.group_size or 'per-channel'} (set by the analysis).")
         widths = tuple(int(c) for c in candidates)
