@@ -644,10 +644,11 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if args.pairs:
         check_pairs(allocations, args.extra_group_sizes)
 
-    from aptq.allocate import PREDICTED_ERROR_ATTENTION, error_source_for, pair_candidates
+    from aptq.allocate import PREDICTED_ERROR_ATTENTION, check_group_sizes, error_source_for, pair_candidates
     from aptq.calibrate import unit_settings_for, widths_to_measure
     from aptq.data import load_corpus
     from aptq.models import load_model
+    from aptq.pipeline import layer_table
     from aptq.store import Store
     from aptq.sweep import SweepPoint, run_sweep, sweep_points
 
@@ -658,10 +659,12 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     sampling = calibration_of(args, loaded)
     unit_settings = unit_settings_for(sampling.n_samples, candidates, args.seed) if args.unit == "calibrated" else None
     widths = widths_to_measure(candidates, sampling.n_samples) if args.width_multiples else ()
-    work_starts()
-    layers, errors = analysis_for(args, loaded, corpus, sampling, bits=candidates)
     plan_candidates = pair_candidates(candidates, (group_size_of(args, loaded), *args.extra_group_sizes)) \
         if args.pairs else candidates
+    if args.pairs:  # every pair plan uses the main group size too: refused before the analysis
+        check_group_sizes(layer_table(loaded), {group for _, group in plan_candidates})
+    work_starts()
+    layers, errors = analysis_for(args, loaded, corpus, sampling, bits=candidates)
     if unit_settings is not None:
         from aptq.calibrate import with_unit
 

@@ -372,13 +372,13 @@ def analyze(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: A
 
 
 def check_extra_group_sizes(loaded: LoadedModel, settings: AnalysisSettings) -> None:
-    """Extra group sizes exist for (bits, group size) candidates, which the allocation takes only where every pair's
-    group, the main one included, splits every layer's input columns: one that does not is refused before any work,
-    with the allocation's own sentence (our choice: checked over every layer of the model, analysed or not)."""
+    """Extra group sizes exist for (bits, group size) candidates, which the allocation takes only where they split
+    every layer's input columns: one that does not is refused before any work, with the allocation's own sentence
+    (our choice: checked over every layer of the model, analysed or not)."""
     if settings.extra_group_sizes:
         from aptq.pipeline import layer_table  # as in _quantized_by: imported where it is needed
 
-        check_group_sizes(layer_table(loaded), (settings.group_size, *settings.extra_group_sizes))
+        check_group_sizes(layer_table(loaded), settings.extra_group_sizes)
 
 
 def _tagged(frames: tuple[pd.DataFrame, pd.DataFrame], key: str, cached: bool) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -74,9 +74,7 @@ def test_analyze_predicts_errors_at_extra_group_sizes(tmp_path, tiny_model_dir, 
                          (["--extra-group-sizes=16,-8"], "The group size must be 0 (per output channel) or a positive "
                                                          "number of columns, got -8."),
                          (["--extra-group-sizes=0,128"], "The group size 128 does not divide the 64 input columns of "
-                                                         "model.layers.0.self_attn.q_proj; use a divisor of 32"),
-                         (["--group", "64", "--extra-group-sizes=32"],  # the pairs' main group too
-                          "The group size 64 does not divide the 96 input columns of model.layers.0.mlp.down_proj")):
+                                                         "model.layers.0.self_attn.q_proj; use a divisor of 32")):
         assert main([*common, *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and err.count("\n") == 1
@@ -150,7 +148,9 @@ def test_sweep_with_pairs_quantizes_each_plan_on_its_chosen_group_sizes(tmp_path
     for extra, message in ((["--methods", "knapsack"], "--pairs chooses among group sizes: give the others with "
                                                        "--extra-group-sizes"),
                            (["--extra-group-sizes", "16,0", "--methods", "knapsack,uniform"],
-                            "--pairs is for the knapsack methods (knapsack, knapsack-layerwise), not uniform")):
+                            "--pairs is for the knapsack methods (knapsack, knapsack-layerwise), not uniform"),
+                           (["--extra-group-sizes", "16", "--group", "64"],  # every pair plan uses the main group
+                            "The group size 64 does not divide the 96 input columns of model.layers.0.mlp.down_proj")):
         assert main([*common, *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and err.count("\n") == 1
