@@ -249,12 +249,8 @@ def test_presentation_mode_leaves_out_the_fine_controls(at):
     assert not [m for m in at.multiselect if m.label == "Candidate widths"] and at.slider(key="budget")
 
 
-@pytest.fixture
-def partial(tmp_path, monkeypatch, tiny_model_dir) -> AppTest:
-    """A session over a store whose analysis covers block 0 of the tiny llama's 2 blocks."""
-    model = str(tiny_model_dir("llama"))
-    request = AnalysisRequest(samples=4, seqlen=64, group_size=64, max_blocks=1)
-    store = tmp_path / "store.duckdb"
+def session_over(store: Path, monkeypatch, model: str, request: AnalysisRequest) -> AppTest:
+    """A session of `model` over a new store holding the analysis `request` asks for."""
     analyze(load_model(model, device="cpu"), load_corpus("brown"), request.sampling, request.settings,
             store=Store(store))
     monkeypatch.setenv("APTQ_STORE", str(store))
@@ -262,6 +258,13 @@ def partial(tmp_path, monkeypatch, tiny_model_dir) -> AppTest:
     at.session_state["model_source"] = model
     at.session_state["analysis_request"] = request
     return at
+
+
+@pytest.fixture
+def partial(tmp_path, monkeypatch, tiny_model_dir) -> AppTest:
+    """A session over a store whose analysis covers block 0 of the tiny llama's 2 blocks."""
+    return session_over(tmp_path / "store.duckdb", monkeypatch, str(tiny_model_dir("llama")),
+                        AnalysisRequest(samples=4, seqlen=64, group_size=64, max_blocks=1))
 
 
 def quantize(at: AppTest, method: str, plan: str = "current", bits: int | None = None) -> AppTest:
@@ -280,15 +283,9 @@ def test_the_bit_budget_page_plans_bit_and_group_pairs_and_the_run_keeps_them(tm
                                                                                tiny_model_dir):
     """An analysis with extra group sizes: choosing several makes the knapsack give each layer a (bits, group size)
     pair within the budget in effective bits; the Quantize page runs the current plan on those groups."""
-    model = str(tiny_model_dir("llama"))
-    request = AnalysisRequest(samples=4, seqlen=64, group_size=32, max_blocks=1, extra_group_sizes=(16, 0))
     store = tmp_path / "store.duckdb"
-    analyze(load_model(model, device="cpu"), load_corpus("brown"), request.sampling, request.settings,
-            store=Store(store))
-    monkeypatch.setenv("APTQ_STORE", str(store))
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.session_state["model_source"] = model
-    at.session_state["analysis_request"] = request
+    at = session_over(store, monkeypatch, str(tiny_model_dir("llama")),
+                      AnalysisRequest(samples=4, seqlen=64, group_size=32, max_blocks=1, extra_group_sizes=(16, 0)))
     at.switch_page("pages/2_Bit_budget.py").run()
     at.multiselect(key="group_sizes").set_value([32, 16, 0]).run()
     no_problems(at)
