@@ -18,6 +18,7 @@ import zipfile
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -40,9 +41,13 @@ LayerGroups = tuple[tuple[str, int], ...]  # (layer, group size) where it is not
 
 
 def group_sizes(group_size: int, layer_groups: LayerGroups = ()) -> Callable[[str], int]:
-    """The group size of a layer by name: its own in `layer_groups`, else `group_size`."""
-    own = dict(layer_groups)
-    return lambda name: own.get(name, group_size)
+    """The group size of a layer by name: its own in `layer_groups`, else `group_size` (a partial, so that settings
+    holding it still pickle, e.g. into Ray tasks)."""
+    return partial(_group_of, dict(layer_groups), group_size)
+
+
+def _group_of(own: dict[str, int], group_size: int, name: str) -> int:
+    return own.get(name, group_size)
 
 
 def module_specs(arch: Architecture, plan: dict[str, int],
@@ -215,8 +220,10 @@ class PackedPlan:
     symmetric: bool
     layer_groups: LayerGroups = ()
 
-    def group_of(self, layer: str) -> int:
-        return group_sizes(self.group_size, self.layer_groups)(layer)
+    @cached_property
+    def group_of(self) -> Callable[[str], int]:
+        """The group size of a layer by name (built once: it is asked for every layer)."""
+        return group_sizes(self.group_size, self.layer_groups)
 
     def config(self, bits: int, layer: str) -> QuantConfig:
         return QuantConfig(bits, self.group_of(layer), self.symmetric)

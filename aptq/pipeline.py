@@ -34,10 +34,10 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,9 +159,10 @@ class QuantizeSettings:
         """Whether a layer of this width walks its columns in act-order."""
         return self.act_order_from is not None and bits >= self.act_order_from
 
-    def group_of(self, layer: str) -> int:
-        """The group size of the named layer."""
-        return group_sizes(self.group_size, self.layer_groups)(layer)
+    @cached_property
+    def group_of(self) -> Callable[[str], int]:
+        """The group size of a layer by name (built once: it is asked for every layer)."""
+        return group_sizes(self.group_size, self.layer_groups)
 
     def config(self, bits: int, layer: str | None = None) -> QuantConfig:
         """The grid of a layer of this width (of the named layer's group size; else the run's)."""

@@ -101,11 +101,12 @@ def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPo
         summary = summarize(plan, layers, errors)
         meta = {"name": point.name, "allocation": point.allocation, "budget": point.budget,
                 "analysis": layers.attrs.get("analysis_key"), "group_size": settings.group_size,
-                "layer_groups": plan.layer_groups(),
                 **{name: summary[name] for name in ("error_source", "error_unit", "width_multiples",
                                                     *PREDICTED_ERRORS)}}
-        history.save_plan(store, model_fp, point.name, plan.bits, meta | {"request": request, "summary": summary})
-        plans.append(PointPlan(point, plan.bits, meta, layer_groups=plan.layer_groups()))
+        layer_groups = plan.layer_groups()
+        history.save_plan(store, model_fp, point.name, plan.bits,
+                          meta | {"request": request, "summary": summary, "layer_groups": layer_groups})
+        plans.append(PointPlan(point, plan.bits, meta, layer_groups=layer_groups))
     return plans
 
 

@@ -12,6 +12,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "aptq", *args], capture_output=True, text=True, timeout=300)
 
 
+def refused_in_one_line(capsys, argv: list[str], message: str) -> str:
+    """`main(argv)` exits with 2 and prints one line that starts with `error: message`; that line."""
+    from aptq.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    return err
+
+
 @pytest.mark.integration
 def test_eval_on_a_local_model_and_text_file(tmp_path):
     model = save_tiny_model("opt", tmp_path / "model")
@@ -75,9 +85,7 @@ def test_analyze_predicts_errors_at_extra_group_sizes(tmp_path, tiny_model_dir, 
                                                          "number of columns, got -8."),
                          (["--extra-group-sizes=0,128"], "The group size 128 does not divide the 64 input columns of "
                                                          "model.layers.0.self_attn.q_proj; use a divisor of 32")):
-        assert main([*common, *bad]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+        refused_in_one_line(capsys, [*common, *bad], message)
     assert not store.exists()  # refused before any work
     assert main([*common, "--extra-group-sizes", "0,16"]) == 0
     _, errors = analyses.load(Store(store), analysis_key_in(capsys.readouterr().out))
@@ -100,9 +108,7 @@ def test_analyze_calibrates_the_unit_and_refuses_a_calibration_too_short(tmp_pat
                                               "part of 2 segments at 25%; use at least 8 calibration segments"),
                          (["--samples", "8", "--bits", "2,4"], "The unit calibration sizes its noise like each "
                                                                "layer's RTN error at [3] bits; add them to the")):
-        assert main([*common, *bad]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+        refused_in_one_line(capsys, [*common, *bad], message)
     assert not store.exists()  # refused before the analysis
     assert main([*common, "--samples", "8", "--bits", "2,3"]) == 0
     out = capsys.readouterr().out
@@ -151,9 +157,7 @@ def test_sweep_with_pairs_quantizes_each_plan_on_its_chosen_group_sizes(tmp_path
                             "--pairs is for the knapsack methods (knapsack, knapsack-layerwise), not uniform"),
                            (["--extra-group-sizes", "16", "--group", "64"],  # every pair plan uses the main group
                             "The group size 64 does not divide the 96 input columns of model.layers.0.mlp.down_proj")):
-        assert main([*common, *extra]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+        refused_in_one_line(capsys, [*common, *extra], message)
     assert not store.exists()  # refused before any work
     assert main([*common, "--extra-group-sizes", "16,0", "--budgets", "3.6"]) == 0
     (run,) = stored_runs(Store(store)).itertuples()
@@ -234,10 +238,9 @@ def test_quantize_weighs_by_post_norms_where_the_model_has_them_and_refuses_it_e
     store = tmp_path / "store.duckdb"
     llama = tiny_model_dir("llama")
     capsys.readouterr()  # the tiny model's writing, when this test made it
-    assert main(["quantize", "--model", str(llama), "--corpus", str(text_file), "--device", "cpu",
-                 "--store", str(store), "--method", "attention", "--bits", "4", "--output-norms", "on"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: This llama model does not normalise") and err.count("\n") == 1
+    err = refused_in_one_line(capsys, ["quantize", "--model", str(llama), "--corpus", str(text_file), "--device",
+                                       "cpu", "--store", str(store), "--method", "attention", "--bits", "4",
+                                       "--output-norms", "on"], "This llama model does not normalise")
     assert "--output-norms" in err
     assert not store.exists()
     gemma = ["quantize", "--model", str(tiny_model_dir("gemma3_text")), "--corpus", str(text_file), "--device", "cpu",
