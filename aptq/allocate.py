@@ -241,9 +241,9 @@ def weight_size(layers: pd.DataFrame, bits: np.ndarray, group_size: int | np.nda
 
 
 def plan_frame(plan: Plan, layers: pd.DataFrame) -> pd.DataFrame:
-    """One row per layer (block, kind, layer, bits): the input of the plan heatmap."""
+    """One row per layer (block, kind, layer, bits, group): the input of the plan heatmap."""
     frame = layers[["block", "kind", "layer"]].reset_index(drop=True)
-    return frame.assign(bits=frame["layer"].map(plan.bits).astype(int))
+    return frame.assign(bits=frame["layer"].map(plan.bits).astype(int), group=plan.group_size_of(frame))
 
 
 # ---- validation ---------------------------------------------------------------------------------------------------

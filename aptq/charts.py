@@ -172,6 +172,14 @@ def _width_of_most_experts(cells: Cells) -> None:
                           for key, count in zip(keys, cells.table["count"])]
 
 
+def _group_labels(table: pd.DataFrame, short: bool) -> list[str]:
+    """Each cell's group size: " · groups of 64" / " · per channel" / " · mixed groups" (experts on several), or
+    `short` "g64" / "ch" / "mix"; "" for a cell kept in full precision."""
+    words = ("g{}", "ch", "mix") if short else (" · groups of {}", " · per channel", " · mixed groups")
+    return ["" if bits == 16 else words[2] if n > 1 else words[1] if group == 0 else words[0].format(int(group))
+            for bits, group, n in zip(table["bits"], table["group"], table["groups"])]
+
+
 def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer", selectable: bool = False,
                  pinned: frozenset[str] = frozenset(), separate_experts: bool = True) -> go.Figure:
     """Blocks × projection types coloured by the plan's bit width (one fixed colour per width, BIT_COLORS).
@@ -180,26 +188,35 @@ def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer", selectable: 
     one invisible square marker per cell: plotly selects scatter points but not heatmap cells, so clicks and box
     selections land on the markers (a selected cell shows a dark square; shift-click adds). A mixture's experts get a
     row each, or with `separate_experts` False share their kind's row, coloured by the width most of them have, the
-    hover listing the widths, and a cross marking cells whose experts differ.
+    hover listing the widths, and a cross marking cells whose experts differ. With a "group" column (the group size
+    of each layer) the hover names each cell's group size, and a plan on several group sizes writes them in the cells.
     """
-    cells = _cells(plan, separate_experts, {"bits": ("bits", "max"), "widths": ("bits", "nunique")})
+    grouped = "group" in plan.columns
+    cells = _cells(plan, separate_experts, {"bits": ("bits", "max"), "widths": ("bits", "nunique")}
+                   | ({"group": ("group", "max"), "groups": ("group", "nunique")} if grouped else {}))
     if cells.shared:
         _width_of_most_experts(cells)
     else:
         cells.table["mix"] = ""
+    for column, short in (("group_hover", False), ("group_label", True)):
+        cells.table[column] = _group_labels(cells.table, short) if grouped else ""
     bits, mix, blocks, rows = cells.grid("bits"), cells.grid("mix", fill=""), cells.blocks, cells.rows
+    group_hover = cells.grid("group_hover", fill="")
     widths = sorted({int(b) for b in plan["bits"]})
     steps = max(len(widths), 1)
     # Each width sits in the middle of its own colour band, so the scale is discrete and stable per width.
     band = np.searchsorted(widths, np.nan_to_num(bits, nan=-1)) + 0.5
     band[np.isnan(bits)] = np.nan
     scale = [[(i + edge) / steps, BIT_COLORS.get(w, "#cccccc")] for i, w in enumerate(widths) for edge in (0, 1)]
-    hover = "block %{x} · %{y}: %{customdata[0]} bits%{customdata[1]}<extra></extra>"
-    traces = [go.Heatmap(z=band, x=blocks, y=rows, customdata=np.dstack([bits.astype(object), mix]), zmin=0,
-                         zmax=steps, colorscale=scale or "Greys",
+    hover = "block %{x} · %{y}: %{customdata[0]} bits%{customdata[2]}%{customdata[1]}<extra></extra>"
+    # A plan of (bits, group size) pairs writes each cell's group size in it: colour alone would hide half the choice.
+    labels = ({"text": cells.grid("group_label", fill=""), "texttemplate": "%{text}",
+               "textfont": {"size": 9, "color": "#222"}} if grouped and plan["group"].nunique() > 1 else {})
+    traces = [go.Heatmap(z=band, x=blocks, y=rows, customdata=np.dstack([bits.astype(object), mix, group_hover]),
+                         zmin=0, zmax=steps, colorscale=scale or "Greys",
                          colorbar={"tickvals": [i + 0.5 for i in range(steps)],
                                    "ticktext": ["FP16" if w == 16 else f"{w} bit" for w in widths]},
-                         hovertemplate=hover, hoverinfo="skip" if selectable else None, xgap=1, ygap=1)]
+                         hovertemplate=hover, hoverinfo="skip" if selectable else None, xgap=1, ygap=1, **labels)]
     mixed = cells.table[cells.table["widths"] > 1]
     if not mixed.empty:
         traces.append(go.Scatter(x=mixed["block"], y=mixed["row"], mode="markers", name="experts differ",
@@ -213,11 +230,18 @@ def plan_heatmap(plan: pd.DataFrame, title: str = "bits per layer", selectable: 
     if selectable:  # hover and clicks go to the markers, one per cell (aggregated experts share one)
         table = cells.table
         traces.append(go.Scatter(
-            x=table["block"], y=table["row"], customdata=np.column_stack([table["bits"].astype(int), table["mix"]]),
+            x=table["block"], y=table["row"],
+            customdata=np.column_stack([table["bits"].astype(int), table["mix"], table["group_hover"]]),
             mode="markers", showlegend=False,
             marker={"symbol": "square-open", "size": 18, "color": "#111", "opacity": 0, "line": {"width": 3}},
             selected={"marker": {"opacity": 1}}, unselected={"marker": {"opacity": 0}}, hovertemplate=hover))
     layout = _grid_layout(title, rows, blocks) | {"legend": {"orientation": "h", "y": -0.25}}
+    if labels:  # the key to the cells' text, under the title
+        layout["title"] |= {"pad": {"b": 28}, "subtitle": {"text": "in each cell its group size: g32 = a scale "
+                                                                   "per 32 columns, ch = per output channel",
+                                                           "font": {"size": 11}}}
+        layout["margin"] = layout["margin"] | {"t": 90}
+        layout["height"] += 20
     return go.Figure(traces, layout)
 
 

@@ -147,7 +147,7 @@ def side_by_side(choices: dict[str, PlanChoice], arch: Architecture) -> None:
     cols = st.columns(2)
     picked = [cols[i].selectbox(f"Plan {'AB'[i]}", keys, index=min(i, len(keys) - 1), key=f"trade_plan_{i}",
                                 format_func=lambda k: choices[k].label) for i in range(2)]
-    tables = [plan_table(arch, choices[k].bits) for k in picked]
+    tables = [plan_table(arch, choices[k]) for k in picked]
     separate = separate_experts(tables[0])
     for i, (key, table) in enumerate(zip(picked, tables)):
         covered = table[table["layer"].isin(set(choices[key].bits))]  # the blocks the plan decides, not FP16 filler
@@ -158,8 +158,9 @@ def side_by_side(choices: dict[str, PlanChoice], arch: Architecture) -> None:
     rows = {choices[k].name: {label: choices[k].summary.get(name) for name, label in SUMMARY_COLUMNS.items()}
             for k in picked}
     st.dataframe(pd.DataFrame(rows).T, width="content")
-    diff = tables[0][["layer", "bits"]].merge(tables[1][["layer", "bits"]], on="layer", suffixes=(" A", " B"))
-    diff = diff[diff["bits A"] != diff["bits B"]]
+    diff = tables[0][["layer", "bits", "group"]].merge(tables[1][["layer", "bits", "group"]], on="layer",
+                                                      suffixes=(" A", " B"))
+    diff = diff[(diff["bits A"] != diff["bits B"]) | (diff["group A"] != diff["group B"])]
     st.write(f"{len(diff)} of {len(tables[0])} layers differ:")
     st.dataframe(diff.assign(change=diff["bits B"] - diff["bits A"]), hide_index=True, height=240)
 

@@ -325,7 +325,8 @@ def test_summary_per_channel_and_without_d_in():
 def test_plan_frame_has_one_row_per_layer(smol):
     layers, errors = smol
     frame = plan_frame(allocate(layers, errors, AllocationRequest(3.0)), layers)
-    assert list(frame.columns) == ["block", "kind", "layer", "bits"] and len(frame) == len(layers)
+    assert list(frame.columns) == ["block", "kind", "layer", "bits", "group"] and len(frame) == len(layers)
+    assert (frame["group"] == 128).all()  # one group size: the request's
 
 
 def test_errors_table_with_several_group_sizes_is_filtered():
@@ -595,6 +596,8 @@ def test_pair_candidates_charged_by_effective_bits_agree_with_exhaustive_search(
     # what the pipeline quantizes apart: every layer off the request's group size, and only those, sorted
     assert plan.layer_groups() == tuple(sorted((n, g) for n, g in plan.group_sizes.items()
                                                if g != plan.request.group_size))
+    frame = plan_frame(plan, layers)  # what the heatmap writes in each cell
+    assert dict(zip(frame["layer"], frame["group"])) == plan.group_sizes
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_refused():

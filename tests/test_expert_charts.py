@@ -103,3 +103,24 @@ def test_a_dense_model_keeps_one_row_per_kind():
         assert list(figure.data[0].y) == ["q", "k", "v", "o", "gate", "up", "down"]
         assert figure.layout.height == 330
     assert np.isnan(charts.expert_numbers(frame)).all()
+
+
+def test_a_plan_of_bits_and_group_sizes_writes_each_cells_group_in_it():
+    frame = layer_frame("mixtral")
+    group = np.select([frame.kind == "q", frame.kind == "down"], [32, 0], 64)
+    group[np.flatnonzero((frame.kind == "up") & (frame.block == 1))[:1]] = 32  # one expert of a cell on another size
+    plan = frame.assign(bits=np.where(frame.kind == "k", 16, 3), group=group)
+    heat, markers = charts.plan_heatmap(plan, selectable=True, separate_experts=False).data
+    labels = {(int(x), y): heat.text[list(heat.y).index(y)][list(heat.x).index(x)]
+              for x, y in zip(markers.x, markers.y)}
+    assert labels[(0, "q")] == "g32" and labels[(0, "down")] == "ch" and labels[(0, "v")] == "g64"
+    assert labels[(0, "k")] == ""  # full precision has no groups
+    assert labels[(1, "up")] == "mix" and labels[(0, "up")] == "g64"
+    hovers = {(int(x), y): c[2] for x, y, c in zip(markers.x, markers.y, markers.customdata)}
+    assert hovers[(0, "q")] == " · groups of 32" and hovers[(0, "down")] == " · per channel"
+    assert hovers[(1, "up")] == " · mixed groups"
+    assert "g32 = a scale per 32 columns" in charts.plan_heatmap(plan).layout.title.subtitle.text  # the key
+    # One group size throughout: the hover still names it, the cells stay clean.
+    one = charts.plan_heatmap(plan.assign(group=64)).data[0]
+    assert one.text is None and one.customdata[0][0][2] == " · groups of 64"
+    assert not charts.plan_heatmap(plan.assign(group=64)).layout.title.subtitle.text

@@ -10,7 +10,7 @@ import streamlit as st
 
 from aptq import coverage, history
 from aptq.allocate import FULL_PRECISION, PREDICTED_ERRORS
-from aptq.export import LayerGroups
+from aptq.export import LayerGroups, group_sizes
 from aptq.models import Architecture, LoadedModel
 from aptq.pipeline import layer_table
 from aptq.store import Store
@@ -60,10 +60,12 @@ def plan_choices(model_fp: str) -> dict[str, PlanChoice]:
     return choices
 
 
-def plan_table(arch: Architecture, bits: dict[str, int]) -> pd.DataFrame:
-    """block, kind, layer, bits of every quantizable layer: the input of charts.plan_heatmap."""
+def plan_table(arch: Architecture, choice: PlanChoice) -> pd.DataFrame:
+    """block, kind, layer, bits, group of every quantizable layer: the input of charts.plan_heatmap."""
+    group_of = group_sizes(choice.group_size, choice.layer_groups)
     return pd.DataFrame([{"block": layer.block, "kind": layer.kind, "layer": layer.name,
-                          "bits": bits.get(layer.name, FULL_PRECISION)} for layer in arch.layers])
+                          "bits": choice.bits.get(layer.name, FULL_PRECISION), "group": group_of(layer.name)}
+                         for layer in arch.layers])
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
