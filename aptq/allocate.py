@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from numbers import Real
 
@@ -96,6 +96,17 @@ Candidate = int | tuple[int, int]  # a width at the request's group size, or (bi
 def pair_candidates(widths: Iterable[int], groups: Iterable[int]) -> tuple[tuple[int, int], ...]:
     """Every (bits, group size) of the widths and groups, each group once, in the order given."""
     return tuple((int(bits), int(group)) for bits in widths for group in dict.fromkeys(groups))
+
+
+def equal_bytes_pairs(layers: pd.DataFrame, budget: float, request: AllocationRequest,
+                      groups: Iterable[int]) -> AllocationRequest:
+    """`request` (its widths at its group size) turned into the knapsack over (bits, group size) pairs of its
+    widths and `groups` (the request's group among them) at the effective bits of a `budget`-bit plan in the
+    request's groups: the pairs plan stores as many bytes as that plan, so the two compare at one size."""
+    effective = weight_size(layers, np.full(len(layers), budget), request.group_size)["effective_bits"]
+    widths = tuple(int(c) for c in request.candidates)
+    return replace(request, budget=effective, method="knapsack",
+                   candidates=pair_candidates(widths, (request.group_size, *groups)))
 
 
 class AllocationError(UserError, ValueError):

@@ -14,12 +14,13 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE
+from aptq.choices import PAIRS_SOLVER
 from aptq.history import quantizer_names
 
 KIND_ORDER = ["q", "k", "v", "o", "gate", "up", "down"]
 METHOD_COLORS = {"fp": "#222222", "uniform": "#7f7f7f", "aptq": "#1f77b4", "knapsack": "#d62728",
-                 "knapsack-layerwise": "#ff7f0e", "random": "#9467bd", "rtn": "#8c564b", "gptq": "#2ca02c",
-                 "attention": "#e377c2"}
+                 "knapsack-layerwise": "#ff7f0e", "knapsack-pairs": "#17becf", "random": "#9467bd",
+                 "rtn": "#8c564b", "gptq": "#2ca02c", "attention": "#e377c2"}
 # One hue per width, told apart at a glance and on a projector: red (2) … green (8), FP16 a neutral grey.
 BIT_COLORS = {2: "#d7191c", 3: "#fd8d3c", 4: "#fed976", 5: "#c7e9b4", 6: "#7fcdbb", 7: "#41b6c4", 8: "#1a9641",
               16: "#bdbdbd"}
@@ -368,7 +369,9 @@ def predicted_curves(curves: pd.DataFrame, current: dict | None = None) -> go.Fi
     if current is not None:
         figure.add_trace(go.Scatter(x=[current["x"]], y=[current["y"]], mode="markers", name=current["label"],
                                     marker={"symbol": "star", "size": 16, "color": "#000"}))
-    figure.update_layout(xaxis_title="average bits per weight over the analysed layers",
+    pairs = PAIRS_SOLVER in set(curves["solver"])
+    figure.update_layout(xaxis_title="average bits per weight over the analysed layers"
+                         + (f" ({PAIRS_SOLVER}: of a plan in the analysis' groups of the same size)" if pairs else ""),
                          yaxis=log_axis([curves[PREDICTED_ERROR_ATTENTION], [(current or {}).get("y")]])
                          | {"title": AXIS_LABELS[PREDICTED_ERROR_ATTENTION]}, height=400,
                          title=chart_title("predicted error against bits, every solver (from the analysis alone)"),

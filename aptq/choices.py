@@ -10,6 +10,7 @@ QUANTIZERS = tuple(METHOD_LABELS)
 ALLOCATORS = ("knapsack", "knapsack-layerwise", "aptq", "uniform", "random")
 # the solvers whose plans the predicted errors (source, unit) make; the only ones that take (bits, group) candidates
 ERROR_SOLVERS = ("knapsack", "knapsack-layerwise")
+PAIRS_SOLVER = "knapsack-pairs"  # how curves and benchmarks name the knapsack over (bits, group size) pairs
 NAMED_CORPORA = ("brown", "wikitext2", "c4")
 # (our choice) the share by which the attention-aware Hessians are shrunk toward GPTQ's (aptq.pipeline,
 # `QuantizeSettings.shrink`), chosen on validation segments of the calibration split: bench/results/quantizer.md

@@ -21,8 +21,10 @@ from aptq.allocate import (
     AllocationError,
     AllocationRequest,
     allocate,
+    equal_bytes_pairs,
     summarize,
 )
+from aptq.choices import PAIRS_SOLVER
 from aptq.models import Architecture
 
 MIN_FIT_RUNS = 3  # (our choice) runs with predictions needed before an unmeasured plan gets an estimate
@@ -133,15 +135,26 @@ def predicted_curves(layers: pd.DataFrame, errors: pd.DataFrame, solvers: tuple[
                      candidates: tuple[int, ...], group_size: int) -> pd.DataFrame:
     """Predicted total error (attention-aware, in one unit) of every solver's plan at every budget, from the
     analysis alone: solver, budget, avg_bits (over the analysed layers), PREDICTED_ERROR_ATTENTION. Budgets a solver
-    cannot meet are left out."""
+    cannot meet are left out.
+
+    With errors at several group sizes, also PAIRS_SOLVER: the knapsack over (bits, group size) pairs at the bytes
+    of a `budget`-bit plan in groups of `group_size` (allocate.equal_bytes_pairs); its avg_bits is the average width
+    a plan in groups of `group_size` would have at the same size, so that every curve shares one axis."""
+    groups = sorted({int(g) for g in errors.get("group_size", pd.Series([group_size]))} - {group_size})
     rows = []
-    for solver in solvers:
+    for solver in (*solvers, *([PAIRS_SOLVER] if groups else [])):
         for budget in budgets:
+            request = AllocationRequest(budget, solver, candidates, group_size=group_size)
+            if solver == PAIRS_SOLVER:
+                request = equal_bytes_pairs(layers, budget, request, groups)
             try:
-                plan = allocate(layers, errors, AllocationRequest(budget, solver, candidates, group_size=group_size))
+                plan = allocate(layers, errors, request)
             except AllocationError:
                 continue
             summary = summarize(plan, layers, errors)
-            rows.append({"solver": solver, "budget": budget, "avg_bits": summary["avg_bits"],
+            # a pairs plan's effective bits less the overhead of `group_size` groups (the same for every width)
+            bits = (summary["avg_bits"] if solver != PAIRS_SOLVER else
+                    summary["effective_bits"] - request.budget + budget)
+            rows.append({"solver": solver, "budget": budget, "avg_bits": bits,
                          PREDICTED_ERROR_ATTENTION: summary[PREDICTED_ERROR_ATTENTION]})
     return pd.DataFrame(rows, columns=["solver", "budget", "avg_bits", PREDICTED_ERROR_ATTENTION])

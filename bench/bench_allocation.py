@@ -36,14 +36,13 @@ from aptq.allocate import (
     AllocationRequest,
     Plan,
     allocate,
+    equal_bytes_pairs,
     measured_width_multiples,
-    pair_candidates,
     summarize,
     unit_factors,
-    weight_size,
 )
 from aptq.calibrate import UnitSettings, calibrate_unit, validation_segments, with_unit
-from aptq.choices import EMBEDDED_MODEL
+from aptq.choices import EMBEDDED_MODEL, PAIRS_SOLVER
 from aptq.data import Sampling, calibration_segments, digest, load_corpus, token_ids
 from aptq.evaluate import evaluate, reference_stats
 from aptq.models import load_model
@@ -63,14 +62,13 @@ from bench.reading import with_reading
 GROUP = 64
 QUANTIZER_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "attention": "the attention-aware GPTQ"}
 CANDIDATES = (2, 3, 4, 8)
-PAIRS = "knapsack-pairs"  # the knapsack over (bits, group size) pairs (--pair-groups)
 # (method, budget, unit, seed, with the width multiples); the uniform plans come first: they measure the multiples.
 PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
          + [("knapsack", b, unit, 0, False) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")]
          + [("knapsack", b, "heuristic", 0, True) for b in (2.5, 3.0, 3.5)]
          + [("knapsack-layerwise", 3.0, "heuristic", 0, False), ("aptq", 3.0, "heuristic", 0, False)]
          + [("random", 3.0, "heuristic", seed, False) for seed in (0, 1, 2)]
-         + [(PAIRS, b, "heuristic", 0, False) for b in (2.5, 3.0, 3.5)])
+         + [(PAIRS_SOLVER, b, "heuristic", 0, False) for b in (2.5, 3.0, 3.5)])
 UNIFORM_WIDTHS = (2, 3, 4)
 
 
@@ -83,12 +81,10 @@ def plan_request(method: str, budget: float, unit: str, seed: int, multiples: di
                  pair_groups: tuple[int, ...], quantizer: str, layers: pd.DataFrame) -> AllocationRequest:
     """The allocation request of a plan of PLANS; "knapsack-pairs" chooses among (bits, group size) pairs at the
     effective bits of a uniform plan of `budget` bits in groups of GROUP (so that both store the same bytes)."""
-    if method != PAIRS:
-        return AllocationRequest(budget, method, CANDIDATES, seed=seed, group_size=GROUP, unit=unit,
-                                 low_high=(2, 4), quantizer=quantizer, width_multiples=multiples)
-    effective = weight_size(layers, np.full(len(layers), budget), GROUP)["effective_bits"]
-    return AllocationRequest(effective, "knapsack", pair_candidates(CANDIDATES, (GROUP, *pair_groups)),
-                             group_size=GROUP, unit=unit, quantizer=quantizer, width_multiples=multiples)
+    request = AllocationRequest(budget, "knapsack" if method == PAIRS_SOLVER else method, CANDIDATES, seed=seed,
+                                group_size=GROUP, unit=unit, low_high=(2, 4), quantizer=quantizer,
+                                width_multiples=multiples)
+    return equal_bytes_pairs(layers, budget, request, pair_groups) if method == PAIRS_SOLVER else request
 
 
 def scored_plan(plan: Plan, unit: str, quantizer: str, multiples: dict[int, float] | None = None) -> Plan:
@@ -182,7 +178,7 @@ def main() -> None:
     rows = []
     plans: dict[str, Plan] = {}  # by the first 8 characters of the plan's key
     multiples: dict[int, float] = {}
-    methods = {"uniform", "knapsack", *args.methods.split(",")} | ({PAIRS} if pair_groups else set())
+    methods = {"uniform", "knapsack", *args.methods.split(",")} | ({PAIRS_SOLVER} if pair_groups else set())
     budgets = {float(budget) for budget in args.budgets.split(",")}
     chosen = [(method, budget, unit, seed, multiplied) for method, budget, unit, seed, multiplied in PLANS
               if unit in scorings and plan_label(method, multiplied) in methods
@@ -312,10 +308,10 @@ def _plan_section(table: pd.DataFrame, multiples: dict[int, float], scorings: tu
     lines += ["", f"Full precision on the same evaluation tokens: perplexity {table['fp_perplexity'].iloc[0]:.3f}."]
     uniform_rows = table[table["method"] == "uniform"].sort_values("budget")
     uniform = uniform_rows[uniform_rows["budget"] == 3.0].iloc[0]
-    knapsacks = table[table["method"].isin(["knapsack", PAIRS])]
+    knapsacks = table[table["method"].isin(["knapsack", PAIRS_SOLVER])]
     for r in knapsacks.itertuples():
-        label = (f"{r.unit} unit{' × width multiples' if r.multiplied else ''}"
-                 f"{f', (bits, group) pairs at {r.effective_bits:.3f} effective bits' if r.method == PAIRS else ''}")
+        pairs = f", (bits, group) pairs at {r.effective_bits:.3f} effective bits" if r.method == PAIRS_SOLVER else ""
+        label = f"{r.unit} unit{' × width multiples' if r.multiplied else ''}{pairs}"
         below = {column: np.interp(r.budget, uniform_rows["budget"], uniform_rows[column])
                  for column in ("kl_validation", "kl_evaluation")}
         line = (f"{r.method.capitalize()} at {r.budget:g} bits ({label}): KL evaluation {r.kl_evaluation:.4f} "

@@ -12,6 +12,7 @@ import streamlit as st
 from aptq import charts, coverage, history, tradeoffs
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE
 from aptq.choices import ALLOCATORS as SOLVERS
+from aptq.choices import PAIRS_SOLVER
 from aptq.export import plan_files
 from aptq.models import Architecture, LoadedModel
 from ui.experts import separate_experts
@@ -136,7 +137,10 @@ def predictions_section(loaded: LoadedModel, current: PlanChoice | None) -> None
     st.plotly_chart(charts.predicted_curves(curves, star), width="stretch")
     st.caption("Each solver's plan at budgets from the lowest width up, scored by the analysis alone (no "
                "quantization): lower is better if the predictions can be trusted — the section below checks that "
-               "against measured runs.")
+               "against measured runs."
+               + (f" {PAIRS_SOLVER}: the knapsack giving each layer a (bits, group size) pair of the analysed group "
+                  f"sizes, at the bytes of the budget in groups of {request.group_size or 'one row'}."
+                  if PAIRS_SOLVER in set(curves["solver"]) else ""))
 
 
 def side_by_side(choices: dict[str, PlanChoice], arch: Architecture) -> None:

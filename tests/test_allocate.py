@@ -23,6 +23,7 @@ from aptq.allocate import (
     Plan,
     allocate,
     available_error_sources,
+    equal_bytes_pairs,
     error_source_for,
     plan_frame,
     summarize,
@@ -598,6 +599,19 @@ def test_pair_candidates_charged_by_effective_bits_agree_with_exhaustive_search(
                                                if g != plan.request.group_size))
     frame = plan_frame(plan, layers)  # what the heatmap writes in each cell
     assert dict(zip(frame["layer"], frame["group"])) == plan.group_sizes
+
+
+def test_equal_bytes_pairs_spend_what_the_budget_plan_stores_in_its_groups():
+    layers, errors = pair_tables([32, 48, 16], [128, 192, 64], ["q", "k", "v"], ["l0", "l1", "l2"], seed=1)
+    request = AllocationRequest(3.0, "knapsack-layerwise", (2, 3, 4), group_size=64, max_bits={"v": 3})
+    pairs = equal_bytes_pairs(layers, 3.0, request, (0, 32))
+    uniform = summarize(allocate(layers, errors, AllocationRequest(3.0, "uniform", (3,), group_size=64)), layers,
+                        errors)
+    assert pairs.budget == pytest.approx(uniform["effective_bits"]) and pairs.method == "knapsack"
+    assert pairs.candidates == tuple((b, g) for b in (2, 3, 4) for g in (64, 0, 32))  # the request's group first
+    assert (pairs.group_size, pairs.max_bits) == (64, {"v": 3})  # everything else kept
+    plan = allocate(layers, errors, pairs)
+    assert summarize(plan, layers, errors)["effective_bits"] <= uniform["effective_bits"] + 1e-12
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_refused():

@@ -296,6 +296,9 @@ def test_the_bit_budget_page_plans_bit_and_group_pairs_and_the_run_keeps_them(tm
     no_problems(at)
     (settings,) = Store(store).query("SELECT settings FROM runs")["settings"]
     assert json.loads(settings)["layer_groups"] == {name: group for name, group in plan["layer_groups"]}
+    at.switch_page("pages/4_Trade_offs.py").run()  # the predicted curves add the pairs knapsack
+    no_problems(at)
+    assert "knapsack-pairs: the knapsack giving each layer a (bits, group size) pair" in texts(at.caption)
 
 
 def test_a_saved_plan_of_bit_and_group_pairs_runs_on_its_own_group_sizes(partial, tiny_model_dir):

@@ -14,11 +14,12 @@ import pytest
 
 from aptq import charts, coverage, ranking, tradeoffs
 from aptq.allocate import PREDICTED_ERROR_ATTENTION
+from aptq.choices import PAIRS_SOLVER
 from aptq.data import Sampling, load_corpus
 from aptq.models import load_model
 from aptq.pipeline import EvalSettings, QuantizeSettings, layer_table, run_plan
 from aptq.store import Store
-from tests.test_allocate import smol_tables
+from tests.test_allocate import pair_tables, smol_tables
 
 
 def test_coverage_names_whole_blocks_and_tells_other_sets_apart(tiny_model):
@@ -240,3 +241,20 @@ def test_expected_analysis_time_is_the_median_rate_times_blocks_and_tokens():
     found = expected_analysis_time([1e-4, 3e-4, 2e-3], blocks=5, samples=8, seqlen=64)
     assert found.seconds == pytest.approx(3e-4 * 5 * 8 * 64) and found.blocks_measured == 3
     assert expected_analysis_time([], blocks=5, samples=8, seqlen=64) is None
+
+
+def test_predicted_curves_add_the_pairs_knapsack_at_the_bytes_of_each_budget():
+    layers, errors = pair_tables([32, 48, 16, 32], [128, 192, 64, 128], ["q", "k", "v", "o"],
+                                 ["l0", "l1", "l2", "l3"], seed=3)
+    budgets = [2.5, 3.0, 3.5]
+    curves = tradeoffs.predicted_curves(layers, errors, ("knapsack", "uniform"), budgets, (2, 3, 4), 64)
+    at = curves.set_index(["solver", "budget"])
+    assert len(curves) == 9 and set(curves["solver"]) == {"knapsack", "uniform", PAIRS_SOLVER}
+    for budget in budgets:
+        # the widths in groups of 64 are among the pairs at the same bytes: the pairs can only do as well or better
+        assert at.loc[(PAIRS_SOLVER, budget), "avg_bits"] <= budget + 1e-9
+        assert (at.loc[(PAIRS_SOLVER, budget), PREDICTED_ERROR_ATTENTION]
+                <= at.loc[("knapsack", budget), PREDICTED_ERROR_ATTENTION] * (1 + 1e-9))
+    without = tradeoffs.predicted_curves(layers, errors[errors["group_size"] == 64], ("knapsack",), budgets, (2, 3, 4),
+                                         64)
+    assert set(without["solver"]) == {"knapsack"}  # one group size analysed: no pairs to choose from
