@@ -139,7 +139,8 @@ def predictions_section(loaded: LoadedModel, current: PlanChoice | None) -> None
                "quantization): lower is better if the predictions can be trusted — the section below checks that "
                "against measured runs."
                + (f" {PAIRS_SOLVER}: the knapsack giving each layer a (bits, group size) pair of the analysed group "
-                  f"sizes, at the bytes of the budget in groups of {request.group_size or 'one row'}."
+                  f"sizes, at the bytes of the budget in the analysis' "
+                  f"{f'groups of {request.group_size}' if request.group_size else 'per-channel grid'}."
                   if PAIRS_SOLVER in set(curves["solver"]) else ""))
 
 
