@@ -435,6 +435,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def weight_dtype(model: nn.Module) -> str:
+    """The dtype the model's weights (and arithmetic) are in, as stored settings name it: "float32", "bfloat16"…"""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32

@@ -76,6 +76,7 @@ from aptq.models import (
     get_weight,
     model_fingerprint,
     set_weight,
+    weight_dtype,
 )
 from aptq.paths import CACHE_DIR
 from aptq.progress import Progress, no_progress
@@ -647,9 +648,8 @@ def quantize_model(loaded: LoadedModel, plan: dict[str, int], settings: Quantize
 # Reference statistics, cached on disk per model and evaluation protocol
 
 
-def _reference(loaded: LoadedModel, windows: torch.Tensor, eval_fp: str, model_fp: str,
-               progress: Progress) -> ReferenceStats:
-    path = REFERENCE_CACHE / f"{model_fp}-{eval_fp}.pt"
+def _reference(loaded: LoadedModel, windows: torch.Tensor, identity: RunIdentity, progress: Progress) -> ReferenceStats:
+    path = REFERENCE_CACHE / f"{'-'.join([identity.model, identity.evaluation, *_dtype_part(identity.dtype)])}.pt"
     if path.is_file():
         try:
             return ReferenceStats(**torch.load(path))
@@ -668,11 +668,19 @@ def _reference(loaded: LoadedModel, windows: torch.Tensor, eval_fp: str, model_f
 
 
 def run_key(model_fp: str, calibration_fp: str | None, plan: dict[str, int], settings: QuantizeSettings,
-            eval_fp: str) -> str:
+            eval_fp: str, dtype: str = "float32") -> str:
+    """The run's name in the store. The weights' dtype is part of it: a bfloat16 run rounds every weight (and its
+    reference the model) differently from a float32 one. (our choice) float32, the CPU's dtype, adds nothing, so that
+    runs stored before the dtype counted keep their keys."""
     from aptq import history
 
     return digest(model_fp, calibration_fp or "-", history.plan_json(plan),
-                  json.dumps(settings.key_fields(), sort_keys=True), eval_fp, str(PIPELINE_VERSION))
+                  json.dumps(settings.key_fields(), sort_keys=True), eval_fp, str(PIPELINE_VERSION),
+                  *_dtype_part(dtype))
+
+
+def _dtype_part(dtype: str) -> list[str]:
+    return [] if dtype == "float32" else [dtype]
 
 
 def _stage(progress: Progress, stage: str) -> Progress:
@@ -690,6 +698,7 @@ class RunIdentity:
     calibration: str | None  # None for RTN: no calibration data
     evaluation: str
     key: str
+    dtype: str = "float32"  # the model's weights' (aptq.models.weight_dtype)
 
 
 @dataclass(frozen=True)
@@ -764,8 +773,9 @@ def identify_run(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, plan: 
     tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
     calibration_fp = None if settings.method == "rtn" else sampling.fingerprint(corpus, tokenizer_fp)
     eval_fp = digest(corpus.fingerprint, tokenizer_fp, str(evaluation.seqlen), str(evaluation.max_tokens))
+    dtype = weight_dtype(loaded.model)
     return RunIdentity(dict(plan), complete, model_fp, calibration_fp, eval_fp,
-                       run_key(model_fp, calibration_fp, complete, settings, eval_fp))
+                       run_key(model_fp, calibration_fp, complete, settings, eval_fp, dtype), dtype)
 
 
 def _export_target(loaded: LoadedModel, packed: PackedPlan, store_path: Path, export_dir: Path | str | None,
@@ -806,7 +816,7 @@ def reference_for(loaded: LoadedModel, corpus: Corpus, evaluation: EvalSettings,
     """The evaluation windows and the full-precision model's statistics on them (cached on disk)."""
     windows = evaluation_windows(token_ids(loaded.tokenizer, corpus, "evaluation"), evaluation.seqlen,
                                  evaluation.max_tokens)
-    return windows, _reference(loaded, windows, identity.evaluation, identity.model, progress)
+    return windows, _reference(loaded, windows, identity, progress)
 
 
 def measure_run(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, identity: RunIdentity,
@@ -865,7 +875,8 @@ def _run_record(loaded: LoadedModel, corpus_name: str, sampling: Sampling, setti
     groups = np.array([settings.group_of(layer.name) for layer in loaded.arch.layers])
     size = weight_size(table, np.array([identity.plan[layer.name] for layer in loaded.arch.layers]), groups)
     result = measured.evaluation
-    sampled = {"samples": sampling.n_samples, "seqlen": sampling.seqlen, "seed": sampling.seed}
+    sampled = {"samples": sampling.n_samples, "seqlen": sampling.seqlen, "seed": sampling.seed,
+               **({"dtype": identity.dtype} if _dtype_part(identity.dtype) else {})}
     return history.RunRecord(
         key=identity.key, model=identity.model, model_name=loaded.display_name, corpus=corpus_name,
         eval_seqlen=result.seqlen, eval_tokens=result.tokens, calibration=identity.calibration,

@@ -189,8 +189,8 @@ def measure_task(job: SweepJob, key: str) -> RunRecord:
     settings = point_plan.settings_for(job.settings)
     identity = identify_run(loaded, job.corpus, job.sampling, point_plan.bits, settings, job.evaluation)
     if identity.key != key:
-        raise UserError(f"The model at {job.model_path} on this node is not the driver's (other weights or "
-                        f"tokenizer): the run's key differs.")
+        raise UserError(f"The model at {job.model_path} on this node is not the driver's (other weights, tokenizer "
+                        f"or dtype: here it computes in {identity.dtype}): the run's key differs.")
     row = measure_run(loaded, job.corpus, job.sampling, identity, settings, job.evaluation,
                       plan_meta=point_plan.meta, rtn_memo=rtn_memo)
     remove_checkpoints(key)  # (our choice) the row is safe with the driver now; a lost row means one run again

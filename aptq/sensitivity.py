@@ -57,7 +57,7 @@ from aptq.data import Corpus, Sampling, calibration_segments, digest, token_ids,
 from aptq.errors import UserError
 from aptq.gptq import GPTQResult
 from aptq.hessian import DEFAULT_PROBES, BlockHessians, CollectOptions, HessianCollector
-from aptq.models import Architecture, LinearLayer, LoadedModel, get_weight, model_fingerprint
+from aptq.models import Architecture, LinearLayer, LoadedModel, get_weight, model_fingerprint, weight_dtype
 from aptq.progress import Progress, no_progress
 from aptq.quantizer import QuantConfig, layer_error
 
@@ -135,8 +135,7 @@ def identify(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, settings: 
     model_fp = model_fingerprint(loaded.path)
     tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
     calibration_fp = sampling.fingerprint(corpus, tokenizer_fp)
-    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    settings_json = json.dumps(settings.key_fields() | {"dtype": dtype}, sort_keys=True)
+    settings_json = json.dumps(settings.key_fields() | {"dtype": weight_dtype(loaded.model)}, sort_keys=True)
     return Identity(digest(model_fp, calibration_fp, settings_json, str(METHOD_VERSION)), model_fp,
                     calibration_fp, tokenizer_fp, settings_json)
 

@@ -3,7 +3,7 @@ transformers) — against the perplexity of the run they came from; on-disk size
 
 The libraries pin their own transformers/torch, so they live in a separate environment and this runs in two steps:
 
-    PYTHONPATH=. .venv/bin/python bench/bench_export_reference.py export
+    PYTHONPATH=. .venv/bin/python bench/bench_export_reference.py export [--plans P,...] [--dtype bfloat16]
     python3 -m venv .venv-reference && .venv-reference/bin/pip install torch==2.13.0+cpu    # the CPU wheel (PyTorch's
                                                                     # CPU index or a local wheel), not the CUDA build
     .venv-reference/bin/pip install --no-deps gptqmodel==7.7.0     # it asks for torch>=2.14.1; its torch kernel
@@ -15,9 +15,11 @@ The libraries pin their own transformers/torch, so they live in a separate envir
 `export` quantizes the embedded model with RTN in groups of 64 — uniform 4-bit, uniform 4-bit symmetric, uniform
 3-bit, and a knapsack plan at 3.0 bits (on weight-space RTN errors, see `proxy_tables`) — evaluates each on 2048
 Brown tokens (window 512), and exports GPTQ, compressed-tensors and llama.cpp overrides under
-data/cache/export-bench/. `load` loads the exports of `--plans` with each of `--loaders` (GPTQModel's torch kernel in
-the dtype it picks, in float16, in float32; compressed-tensors; and, to tell arithmetic from checkpoint, our own
-dequantized model in float16 or bfloat16), measures the perplexity on the same windows and how far the loaded weights
+data/cache/export-bench/. With `--dtype bfloat16` the model runs in bfloat16 (the GPU default): the run and its exports
+are the bfloat16 pipeline's, named with `-bf16` (`uniform-4bit-bf16`, ...). `load` loads the exports of `--plans` with
+each of `--loaders` (GPTQModel's torch kernel in the dtype it picks, in bfloat16, in float16, in float32;
+compressed-tensors in float32 or bfloat16; and, to tell arithmetic from checkpoint, our own dequantized model in
+float16 or bfloat16), measures the perplexity on the same windows and how far the loaded weights
 are from the run's, and writes bench/results/export.md from every measurement so far (each is kept under
 data/cache/export-bench/measured/, so calls add to one another). Both steps take `--plans`, so that each call fits in
 one turn of the CPU queue. Only aptq.evaluate (torch alone) is imported in the second step.
@@ -32,6 +34,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,6 +49,8 @@ GROUP = 64
 SEQLEN, TOKENS = 512, 2048
 TOLERANCE = 0.005  # the issue's bar: within 0.5 % of the run's perplexity
 PLANS = ("uniform-4bit", "uniform-4bit-sym", "uniform-3bit", "knapsack-3.0bit")
+BF16 = "-bf16"  # the name suffix of a plan's run in bfloat16 (`export --dtype bfloat16`)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 PACKED_SUFFIXES = {"gptq": ("qweight", "qzeros", "scales", "g_idx"),
@@ -57,11 +62,12 @@ def _size(path: Path) -> int:
 
 
 def _fp16_bytes(directory: Path) -> int:
-    """The model in FP16: its dequantized float32 checkpoint (tied tensors saved once) at half the bytes."""
+    """The model in FP16: its dequantized checkpoint's elements (tied tensors saved once) at 2 bytes each, whether the
+    run's dtype was float32 or bfloat16."""
     from safetensors import safe_open
 
     with safe_open(str(directory / "model.safetensors"), "pt") as dequantized:
-        return sum(dequantized.get_tensor(key).nbytes // 2 for key in dequantized.keys())
+        return sum(2 * dequantized.get_tensor(key).numel() for key in dequantized.keys())
 
 
 def _layer_bytes(directory: Path, fmt: str) -> tuple[int, int]:
@@ -91,7 +97,7 @@ def proxy_tables(loaded) -> tuple:
                                         fused=[layer.fused for layer in loaded.arch.layers])
     errors = []
     for layer in loaded.arch.layers:
-        weight = get_weight(loaded.model, layer).detach()
+        weight = get_weight(loaded.model, layer).detach().float()  # a bfloat16 model's errors summed in float32
         for bits in (2, 3, 4, 8):
             error = float((rtn(weight, QuantConfig(bits, GROUP, clip_search=False)) - weight).square().sum())
             errors.append({"layer": layer.name, "bits": bits, "err_layerwise": error, "err_attention": error,
@@ -99,7 +105,7 @@ def proxy_tables(loaded) -> tuple:
     return layers, pd.DataFrame(errors)
 
 
-def export(names: list[str]) -> None:
+def export(names: list[str], dtype: torch.dtype) -> None:
     from aptq.allocate import AllocationRequest, allocate
     from aptq.data import Sampling, evaluation_windows, load_corpus, token_ids
     from aptq.models import load_model
@@ -107,7 +113,8 @@ def export(names: list[str]) -> None:
     from aptq.progress import tqdm_progress
     from aptq.store import Store
 
-    loaded = load_model(device="cpu")
+    loaded = load_model(device="cpu", dtype=dtype)
+    suffix = BF16 if dtype == torch.bfloat16 else ""
     corpus = load_corpus("brown")
     store = Store(CACHE / "export-bench.duckdb")
     sampling = Sampling(8, 128, 0)  # unused by RTN runs (part of run_plan's signature)
@@ -121,14 +128,14 @@ def export(names: list[str]) -> None:
         else:
             request = AllocationRequest(3.0, "knapsack", group_size=GROUP)
             plan, symmetric = allocate(*proxy_tables(loaded), request).bits, False
-        target = EXPORTS / name
+        target = EXPORTS / (name + suffix)
         start = time.perf_counter()
         bar, close = tqdm_progress(name)
         row = run_plan(loaded, corpus, sampling, plan, QuantizeSettings("rtn", GROUP, symmetric), evaluation, store,
-                       bar, {"name": name}, target, overwrite=True,
+                       bar, {"name": name + suffix}, target, overwrite=True,
                        export_formats=("gptq", "compressed-tensors", "llama.cpp"))
         close()
-        print(name, {key: getattr(row, key) for key in ("perplexity", "kl", "fp_perplexity")},
+        print(name + suffix, {key: getattr(row, key) for key in ("perplexity", "kl", "fp_perplexity")},
               f"{time.perf_counter() - start:.0f} s")
 
 
@@ -160,7 +167,37 @@ NOTES = [
     "use the library's own PackedQuantizationCompressor.decompress instead; the symmetric export loads through "
     "from_pretrained as it is.",
     "- compressed-tensors 0.20 packs densely (a 3-bit value may straddle two words); releases before it put 10 "
-    "3-bit values in each word. Our exports follow 0.20; 2, 4 and 8 bits are the same in both.", ""]
+    "3-bit values in each word. Our exports follow 0.20; 2, 4 and 8 bits are the same in both.",
+    "- bfloat16 runs (2026-12-03; `export --dtype bfloat16 --plans uniform-4bit,knapsack-3.0bit`, then `load --plans "
+    "uniform-4bit-bf16,knapsack-3.0bit-bf16 --loaders gptqmodel-bfloat16,compressed-tensors,compressed-tensors-"
+    "bfloat16` and `--loaders ours-bfloat16,gptqmodel-float32,gptqmodel-float16`; load average 2.1–6.6, two "
+    "single-thread bench_allocation jobs running beside it throughout). The checkpoints hold the run's codes exactly: "
+    "the libraries' own unpacking with float32 products (GPTQModel's TorchLinear.dequantize_weight() on a layer "
+    "turned to float32; compressed-tensors' decompress given the scales in float32), rounded once to bfloat16, is the "
+    "run's weights for all 106,168,320 weights of both plans (an ad-hoc check, not part of this script). Their own "
+    "arithmetic does not give them back bit for bit: GPTQModel in bfloat16 rounds twice (our float16 scales to "
+    "bfloat16, then scale · (q − z) in bfloat16) and leaves 8.3 % (uniform-4bit) and 3.0 % (knapsack) of the weights "
+    "one bfloat16 ulp off, max |W − W_run| 3.1e-2 (the largest weights are near 9); compressed-tensors computes "
+    "scale · (q − z) in the scales' float16, and that cast to bfloat16 leaves 1.5 % and 0.7 % one ulp off (max "
+    "1.6e-2). The 1.2e-2 and 1.6e-2 of the float16 and float32 rows are the run's own rounding to bfloat16.",
+    "- Perplexity: every loader is within 0.4 % of the bfloat16 run, but the spread is bfloat16 arithmetic, not the "
+    "checkpoint. The run's own dequantized weights (max |W − W_run| = 0) run by transformers in bfloat16 land "
+    "−0.32 % (uniform-4bit) and +0.21 % (knapsack) from the pipeline's bfloat16 evaluation of the same weights "
+    "(different kernels, e.g. the pipeline loads with eager attention); GPTQModel in bfloat16 gives −0.07 % and "
+    "+0.39 %, compressed-tensors in bfloat16 −0.09 % and +0.27 %. Every float16 and float32 row agrees with the "
+    "others within 0.03 % (−0.36 to −0.39 %, +0.045 to +0.048 %). transformers' from_pretrained refuses these "
+    "asymmetric compressed-tensors exports as it does the float32 ones (Failures), so those rows are the "
+    "decompressor's. GPTQModel took 6–8 min per plan in float16, 2–2.5 min in bfloat16.",
+    "- This machine's data/cache/ was empty, so the float32 exports and the float32 rows were measured again: run "
+    "perplexities within 0.002 % of the previous session's (uniform-4bit 38.2885 against 38.2881), GPTQModel in "
+    "float32 bit for bit again. Our dequantized uniform-4bit model in bfloat16 gave +0.110 % here against +0.345 % "
+    "then (same weights and library versions; cause not found, perhaps another CPU's bfloat16 kernels, AMD EPYC "
+    "with avx512_bf16 here): bfloat16 perplexities on the CPU move by tenths of a percent, which weakens the "
+    "second note's split of GPTQModel's +0.545 %.",
+    "- Found by this measurement: the run key and the cached full-precision reference did not hold the model's "
+    "dtype, so a bfloat16 run of a plan stored in float32 was handed the float32 run's metrics (and the float32 "
+    "reference, fp perplexity 29.0074, served a bfloat16 run whose own is 29.0193). Both are keyed by the dtype now "
+    "(aptq.pipeline.run_key, docs/algorithms.md §11); the runs above were measured with separate stores before.", ""]
 
 
 def _gptqmodel(dtype: torch.dtype | None) -> Callable[[Path], nn.Module]:
@@ -188,15 +225,18 @@ def _dequantized(dtype: torch.dtype) -> Callable[[Path], nn.Module]:
     return load
 
 
-def _compressed_tensors(directory: Path) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def _compressed_tensors(dtype: torch.dtype) -> Callable[[Path], nn.Module]:
+    def load(directory: Path) -> nn.Module:
+        from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+    return load
 
 
-def _compressed_tensors_decompressor(directory: Path) -> nn.Module:
-    """The checkpoint's tensors into a float32 model, each quantized module decompressed by compressed-tensors' own
-    pack-quantized decompressor (for checkpoints that transformers' loader refuses, see the results)."""
+def _compressed_tensors_decompressor(directory: Path, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's tensors into a model in `dtype`, each quantized module decompressed by compressed-tensors' own
+    pack-quantized decompressor (for checkpoints that transformers' loader refuses, see the results); the
+    decompressor computes `scale · (q − z)` in the scales' float16, which is then cast to `dtype`."""
     import re
 
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -207,7 +247,7 @@ def _compressed_tensors_decompressor(directory: Path) -> nn.Module:
     config = AutoConfig.from_pretrained(str(directory))
     quantization = config.quantization_config
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     state = load_file(str(directory / "model.safetensors"))
     schemes = {target.removeprefix("re:"): QuantizationScheme.model_validate(group)
                for group in quantization["config_groups"].values() for target in group["targets"]}
@@ -217,8 +257,8 @@ def _compressed_tensors_decompressor(directory: Path) -> nn.Module:
         if scheme is None:
             continue
         local = {key.removeprefix(name + "."): state.pop(key) for key in list(state) if key.startswith(name + ".")}
-        weights[name + ".weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"].float()
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in (state | weights).items()}, strict=False)
+        weights[name + ".weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"].to(dtype)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in (state | weights).items()}, strict=False)
     assert not unexpected and all(key.endswith("lm_head.weight") for key in missing), (missing, unexpected)
     model.tie_weights()
     return model
@@ -226,26 +266,33 @@ def _compressed_tensors_decompressor(directory: Path) -> nn.Module:
 
 @dataclass(frozen=True)
 class Loader:
-    """One way to load an export and run it: `fmt` is the export's subdirectory ("" = the dequantized HF model)."""
+    """One way to load an export and run it: `fmt` is the export's subdirectory ("" = the dequantized HF model);
+    `fallback` (label, load) when `load` refuses the checkpoint."""
 
     key: str
     fmt: str
     label: str
     load: Callable[[Path], nn.Module]
+    fallback: tuple[str, Callable[[Path], nn.Module]] | None = None
 
 
 LOADERS = (
     Loader("gptqmodel", "gptq", "GPTQModel, BACKEND.TORCH, dtype left to GPTQModel", _gptqmodel(None)),
+    Loader("gptqmodel-bfloat16", "gptq", "GPTQModel, BACKEND.TORCH, dtype=bfloat16", _gptqmodel(torch.bfloat16)),
     Loader("gptqmodel-float16", "gptq", "GPTQModel, BACKEND.TORCH, dtype=float16", _gptqmodel(torch.float16)),
     Loader("gptqmodel-float32", "gptq", "GPTQModel, BACKEND.TORCH, loaded in float16, then .float()",
            _gptqmodel_float32),
     Loader("compressed-tensors", "compressed-tensors", "transformers + compressed-tensors (decompressed)",
-           _compressed_tensors),
+           _compressed_tensors(torch.float32),
+           ("compressed-tensors' PackedQuantizationCompressor.decompress into a float32 model",
+            partial(_compressed_tensors_decompressor, dtype=torch.float32))),
+    Loader("compressed-tensors-bfloat16", "compressed-tensors",
+           "transformers + compressed-tensors (decompressed), dtype=bfloat16", _compressed_tensors(torch.bfloat16),
+           ("compressed-tensors' PackedQuantizationCompressor.decompress into a bfloat16 model",
+            partial(_compressed_tensors_decompressor, dtype=torch.bfloat16))),
     Loader("ours-float16", "", "transformers, dtype=float16", _dequantized(torch.float16)),
     Loader("ours-bfloat16", "", "transformers, dtype=bfloat16", _dequantized(torch.bfloat16)),
 )
-FALLBACK = ("compressed-tensors' PackedQuantizationCompressor.decompress into a float32 model",
-            _compressed_tensors_decompressor)
 
 
 def weight_gap(model: nn.Module, export: Path) -> tuple[float, int]:
@@ -261,7 +308,7 @@ def weight_gap(model: nn.Module, export: Path) -> tuple[float, int]:
             if f"{name}.weight" not in run or not isinstance(module, (BaseQuantLinear, nn.Linear)):
                 continue
             weight = module.dequantize_weight().T if isinstance(module, BaseQuantLinear) else module.weight
-            worst = max(worst, float((weight.float() - run[f"{name}.weight"]).abs().max()))
+            worst = max(worst, float((weight.float() - run[f"{name}.weight"].float()).abs().max()))
             layers += 1
     return worst, layers
 
@@ -290,10 +337,10 @@ def measure(name: str, loader: Loader) -> Measured:
     try:
         model = loader.load(EXPORTS / name / loader.fmt)
     except Exception as error:  # transformers' refusal of a compressed-tensors checkpoint is a result to record
-        if loader.fmt != "compressed-tensors":
+        if loader.fallback is None:
             raise
         errors.append(f"- {name} / {loader.key} with {label}: {type(error).__name__}: {str(error)[:300]}")
-        label, model = FALLBACK[0], FALLBACK[1](EXPORTS / name / loader.fmt)
+        label, model = loader.fallback[0], loader.fallback[1](EXPORTS / name / loader.fmt)
     gap, layers = weight_gap(model, EXPORTS / name)
     # the dtype the model computes in: its floating parameters' (norms and embeddings follow the load dtype)
     dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
@@ -349,10 +396,11 @@ def load(plans: list[str], loaders: list[str], measure_now: bool) -> None:
              "- commands: see the docstring of bench/bench_export_reference.py (export in .venv, load in "
              ".venv-reference)",
              f"- runs: embedded SmolLM2-135M, RTN with the clipping search, groups of {GROUP}; perplexity on "
-             f"{TOKENS} Brown evaluation tokens, window {SEQLEN}; 'run' = our float32 model as evaluated by the "
-             "pipeline, 'loaded' = the export as the library loads and runs it, in the dtype given; max |W − W_run| = "
-             "the largest difference between the loaded linear layers' weights (GPTQModel's: its kernel's "
-             "dequantize_weight()) and the run's, in float32, over that many layers", "",
+             f"{TOKENS} Brown evaluation tokens, window {SEQLEN}; 'run' = our model as evaluated by the "
+             "pipeline (float32; bfloat16 for the -bf16 plans), 'loaded' = the export as the library loads and "
+             "runs it, in the dtype given; max |W − W_run| = the largest difference between the loaded linear "
+             "layers' weights (GPTQModel's: its kernel's dequantize_weight()) and the run's, in float32, over that "
+             "many layers", "",
              "| plan | format | loaded with | computes in | run perplexity | loaded perplexity | gap | within 0.5 % "
              "| max \\|W − W_run\\| (layers) | time |",
              "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
@@ -361,9 +409,9 @@ def load(plans: list[str], loaders: list[str], measure_now: bool) -> None:
              f"{fp16_bytes / 2 ** 20:.1f} MiB with the tied embeddings once; layers = the quantized linear "
              "layers' tensors (codes, scales, zero points, g_idx), ratio to the same layers in FP16, and bits per "
              "weight):", "",
-             "| plan | average bits | layers per width | whole export (float32 HF model + formats) | GPTQ whole | "
-             "GPTQ layers | "
-             "compressed-tensors whole | compressed-tensors layers |", "|---|---|---|---|---|---|---|---|", *sizes, "",
+             "| plan | average bits | layers per width | whole export (dequantized HF model in the run's dtype "
+             "+ formats) | GPTQ whole | GPTQ layers | compressed-tensors whole | compressed-tensors layers |",
+             "|---|---|---|---|---|---|---|---|", *sizes, "",
              *NOTES]
     RESULTS.write_text("\n".join(lines))
     print("\n".join(lines))
@@ -372,7 +420,10 @@ def load(plans: list[str], loaders: list[str], measure_now: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=("export", "load"))
-    parser.add_argument("--plans", default=",".join(PLANS), help="plans to export, or to measure")
+    parser.add_argument("--plans", default=",".join(PLANS),
+                        help=f"plans to export, or to measure (a bfloat16 run's with {BF16}, e.g. uniform-4bit{BF16})")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help=f"export: the dtype the model runs in; bfloat16 names the exports with {BF16}")
     parser.add_argument("--loaders", default="compressed-tensors,gptqmodel-float32",
                         help=f"loaders to measure the plans with, of {', '.join(loader.key for loader in LOADERS)} "
                              "(GPTQModel's float16/bfloat16 CPU path takes about 10 minutes per plan)")
@@ -380,9 +431,10 @@ if __name__ == "__main__":
                         help="write the results from the perplexities measured so far and the sizes; measure nothing")
     args = parser.parse_args()
     chosen = args.plans.split(",")
-    if set(chosen) - set(PLANS):
-        parser.error(f"--plans: choose from {', '.join(PLANS)}")
+    known = PLANS if args.step == "export" else PLANS + tuple(plan + BF16 for plan in PLANS)
+    if set(chosen) - set(known):
+        parser.error(f"--plans: choose from {', '.join(known)}")
     if args.step == "export":
-        export(chosen)
+        export(chosen, DTYPES[args.dtype])
     else:
         load(chosen, args.loaders.split(","), not args.report_only)

@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 import aptq.pipeline as pipeline
 from aptq.aespa import AespaOptions
 from aptq.cli import main
-from aptq.data import Sampling, calibration_segments, evaluation_windows, token_ids
+from aptq.data import Sampling, calibration_segments, digest, evaluation_windows, token_ids
 from aptq.errors import UserError
 from aptq.evaluate import evaluate
-from aptq.history import stored_runs
+from aptq.history import plan_json, stored_runs
 from aptq.models import get_weight, load_model
 from aptq.pipeline import EvalSettings, QuantizeSettings, run_plan, uniform_plan
 from aptq.progress import Cancelled
@@ -57,6 +57,31 @@ def test_every_method_quantizes_evaluates_and_is_stored_once(tiny_model_dir, tex
     assert len(stored_runs(store)) == 1
 
 
+def test_a_bfloat16_run_is_its_own_run_with_its_own_reference(tiny_model_dir, text_corpus, store, tmp_path):
+    """The same plan and settings on the model in bfloat16 (the GPU default) round every weight, and the full-precision
+    reference, differently: it must not be served the float32 run's stored metrics."""
+    plan_of = {}
+    rows = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = load_model(str(tiny_model_dir("llama")), device="cpu", dtype=dtype)
+        plan_of[dtype] = uniform_plan(loaded.arch, 3)
+        rows[dtype] = run_plan(loaded, text_corpus, SAMPLING, plan_of[dtype], QuantizeSettings("rtn", 32), EVALUATION,
+                               store)
+    single, half = rows[torch.float32], rows[torch.bfloat16]
+    assert not half.cached and half.key != single.key and len(stored_runs(store)) == 2
+    assert half.fp_perplexity != single.fp_perplexity  # its own reference, measured in bfloat16
+    assert len(list((tmp_path / "reference").glob("*.pt"))) == 2
+    assert json.loads(half.settings)["dtype"] == "bfloat16" and "dtype" not in json.loads(single.settings)
+    # float32 keys are made as before the dtype counted: runs stored then are still found
+    identity = pipeline.identify_run(load_model(str(tiny_model_dir("llama")), device="cpu"), text_corpus, SAMPLING,
+                                     plan_of[torch.float32], QuantizeSettings("rtn", 32), EVALUATION)
+    assert single.key == identity.key == digest(
+        identity.model, "-", plan_json(identity.plan), json.dumps(QuantizeSettings("rtn", 32).key_fields(),
+                                                                   sort_keys=True),
+        identity.evaluation, str(pipeline.PIPELINE_VERSION))
+
+
+@pytest.mark.integration
 @pytest.mark.integration
 def test_full_precision_layers_stay_exact_and_kl_grows_as_bits_shrink(tiny_model_dir, text_corpus, store):
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
