@@ -68,7 +68,7 @@ PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
          + [("knapsack", b, "heuristic", 0, True) for b in (2.5, 3.0, 3.5)]
          + [("knapsack-layerwise", 3.0, "heuristic", 0, False), ("aptq", 3.0, "heuristic", 0, False)]
          + [("random", 3.0, "heuristic", seed, False) for seed in (0, 1, 2)]
-         + [(PAIRS_SOLVER, b, "heuristic", 0, False) for b in (2.5, 3.0, 3.5)])
+         + [(PAIRS_SOLVER, b, unit, 0, False) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")])
 UNIFORM_WIDTHS = (2, 3, 4)
 
 
@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--output", help="default: bench/results/allocation_<quantizer>[_<model file stem>].md")
     parser.add_argument("--no-calibrated-unit", action="store_true",
                         help="skip the measured unit (hours for a whole model on a CPU): heuristic-unit plans only")
+    parser.add_argument("--plan-units", default="heuristic,calibrated",
+                        help="the units whose knapsack plans run (the measured unit's only where it is measured)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", default=",".join(dict.fromkeys(plan_label(method, multiplied)
                                                                     for method, _, _, _, multiplied in PLANS)),
@@ -182,7 +184,7 @@ def main() -> None:
     budgets = {float(budget) for budget in args.budgets.split(",")}
     chosen = [(method, budget, unit, seed, multiplied) for method, budget, unit, seed, multiplied in PLANS
               if unit in scorings and plan_label(method, multiplied) in methods
-              and (method == "uniform" or budget in budgets)]
+              and (method == "uniform" or (budget in budgets and unit in args.plan_units.split(",")))]
     for method, budget, unit, seed, multiplied in chosen:
         if multiplied and not multiples:
             uniform = {int(r["budget"]): (r["kl_validation"], r["heuristic_attention"]) for r in rows
