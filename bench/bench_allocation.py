@@ -81,9 +81,8 @@ def plan_request(method: str, budget: float, unit: str, seed: int, multiples: di
                  pair_groups: tuple[int, ...], quantizer: str, layers: pd.DataFrame) -> AllocationRequest:
     """The allocation request of a plan of PLANS; "knapsack-pairs" chooses among (bits, group size) pairs at the
     effective bits of a uniform plan of `budget` bits in groups of GROUP (so that both store the same bytes)."""
-    request = AllocationRequest(budget, "knapsack" if method == PAIRS_SOLVER else method, CANDIDATES, seed=seed,
-                                group_size=GROUP, unit=unit, low_high=(2, 4), quantizer=quantizer,
-                                width_multiples=multiples)
+    request = AllocationRequest(budget, method, CANDIDATES, seed=seed, group_size=GROUP, unit=unit, low_high=(2, 4),
+                                quantizer=quantizer, width_multiples=multiples)
     return equal_bytes_pairs(layers, budget, request, pair_groups) if method == PAIRS_SOLVER else request
 
 
