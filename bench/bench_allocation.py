@@ -139,6 +139,8 @@ def main() -> None:
                         help="the plans' quantizer calibrates on the first this many segments outside the validation "
                              "part (default: all of them)")
     args = parser.parse_args()
+    if unknown := set(args.plan_units.split(",")) - {"heuristic", "calibrated"}:
+        parser.error(f"--plan-units: {', '.join(sorted(unknown))} is not a unit; use heuristic and/or calibrated")
     pair_groups = tuple(int(group) for group in args.pair_groups.split(",") if group)
     model_tag = "" if args.model == EMBEDDED_MODEL else f"_{Path(args.model).stem}"
     args.output = args.output or f"bench/results/allocation_{args.quantizer}{model_tag}.md"
