@@ -70,6 +70,7 @@ PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
          + [("random", 3.0, "heuristic", seed, False) for seed in (0, 1, 2)]
          + [(PAIRS_SOLVER, b, unit, 0, False) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")])
 UNIFORM_WIDTHS = (2, 3, 4)
+DEFAULT_PLAN_UNITS = "heuristic,calibrated"
 
 
 def plan_label(method: str, multiplied: bool) -> str:
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--output", help="default: bench/results/allocation_<quantizer>[_<model file stem>].md")
     parser.add_argument("--no-calibrated-unit", action="store_true",
                         help="skip the measured unit (hours for a whole model on a CPU): heuristic-unit plans only")
-    parser.add_argument("--plan-units", default="heuristic,calibrated",
+    parser.add_argument("--plan-units", default=DEFAULT_PLAN_UNITS,
                         help="the units whose knapsack plans run (the measured unit's only where it is measured)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", default=",".join(dict.fromkeys(plan_label(method, multiplied)
@@ -238,7 +239,8 @@ def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, mea
              f"--tokens {args.tokens} --threads {args.threads} --model {args.model}"
              f"{f' --fit-samples {args.fit_samples}' if args.fit_samples else ''} --methods {args.methods} "
              f"--budgets {args.budgets}{f' --pair-groups {args.pair_groups}' if args.pair_groups else ''}"
-             f"{' --no-calibrated-unit' if units is None else ''}`",
+             f"{' --no-calibrated-unit' if units is None else ''}"
+             f"{f' --plan-units {args.plan_units}' if args.plan_units != DEFAULT_PLAN_UNITS else ''}`",
              f"- {model_name}, Brown; analysis of the first {args.max_blocks} blocks "
              f"({len(layers)} layers), calibration {args.samples} × {args.seqlen}, group {GROUP}, widths "
              f"{CANDIDATES}, with the quantizer errors: {analysis_seconds:.0f} s (0 when cached); the unit: "
