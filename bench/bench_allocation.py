@@ -70,6 +70,8 @@ PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
          + [("random", 3.0, "heuristic", seed, False) for seed in (0, 1, 2)]
          + [(PAIRS_SOLVER, b, unit, 0, False) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")])
 UNIFORM_WIDTHS = (2, 3, 4)
+UNIFORM_GROUP_WIDTHS = (3, 4)
+UNIFORM_IN_GROUP = "uniform-g"  # + a group size: a uniform plan on that grid (--uniform-groups)
 DEFAULT_PLAN_UNITS = "heuristic,calibrated"
 
 
@@ -85,6 +87,14 @@ def plan_request(method: str, budget: float, unit: str, seed: int, multiples: di
     request = AllocationRequest(budget, method, CANDIDATES, seed=seed, group_size=GROUP, unit=unit, low_high=(2, 4),
                                 quantizer=quantizer, width_multiples=multiples)
     return equal_bytes_pairs(layers, budget, request, pair_groups) if method == PAIRS_SOLVER else request
+
+
+def uniform_in_group(method: str, bits: int, unit: str, quantizer: str, layers: pd.DataFrame) -> Plan:
+    """The plan a "uniform-g<group>" label names: every layer at `bits` on that group's grid."""
+    group = int(method.removeprefix(UNIFORM_IN_GROUP))
+    request = AllocationRequest(bits, "uniform", CANDIDATES, group_size=GROUP, unit=unit, quantizer=quantizer)
+    names = layers["layer"]
+    return Plan({name: bits for name in names}, request, group_sizes={name: group for name in names})
 
 
 def scored_plan(plan: Plan, unit: str, quantizer: str, multiples: dict[int, float] | None = None) -> Plan:
@@ -136,6 +146,9 @@ def main() -> None:
                         help="group sizes besides 64 (e.g. 192,0): the analysis predicts errors for them and "
                              "'knapsack-pairs' plans choose a (bits, group size) per layer at the effective bits of "
                              "uniform plans of the budget in groups of 64")
+    parser.add_argument("--uniform-groups", default="",
+                        help="group sizes besides 64 (e.g. 0 for per channel) in which uniform 3- and 4-bit plans also "
+                             "run: each grid's predictions checked on their own")
     parser.add_argument("--fit-samples", type=int,
                         help="the plans' quantizer calibrates on the first this many segments outside the validation "
                              "part (default: all of them)")
@@ -143,6 +156,9 @@ def main() -> None:
     if unknown := set(args.plan_units.split(",")) - {"heuristic", "calibrated"}:
         parser.error(f"--plan-units: {', '.join(sorted(unknown))} is not a unit; use heuristic and/or calibrated")
     pair_groups = tuple(int(group) for group in args.pair_groups.split(",") if group)
+    if missing := {int(group) for group in args.uniform_groups.split(",") if group} - set(pair_groups):
+        parser.error(f"--uniform-groups: the analysis predicts no errors in groups of {sorted(missing)}; add them to "
+                     f"--pair-groups")
     model_tag = "" if args.model == EMBEDDED_MODEL else f"_{Path(args.model).stem}"
     args.output = args.output or f"bench/results/allocation_{args.quantizer}{model_tag}.md"
     torch.set_num_threads(args.threads)
@@ -187,13 +203,17 @@ def main() -> None:
     chosen = [(method, budget, unit, seed, multiplied) for method, budget, unit, seed, multiplied in PLANS
               if unit in scorings and plan_label(method, multiplied) in methods
               and (method == "uniform" or (budget in budgets and unit in args.plan_units.split(",")))]
+    chosen += [(f"{UNIFORM_IN_GROUP}{group}", float(bits), "heuristic", 0, False)
+               for group in (int(g) for g in args.uniform_groups.split(",") if g) for bits in UNIFORM_GROUP_WIDTHS]
     for method, budget, unit, seed, multiplied in chosen:
         if multiplied and not multiples:
             uniform = {int(r["budget"]): (r["kl_validation"], r["heuristic_attention"]) for r in rows
                        if r["method"] == "uniform"}
             multiples = measured_width_multiples({b: uniform[b] for b in UNIFORM_WIDTHS})
-        plan = allocate(measured, errors, plan_request(method, budget, unit, seed, multiples if multiplied else {},
-                                                       pair_groups, args.quantizer, measured))
+        plan = (uniform_in_group(method, int(budget), unit, args.quantizer, measured)
+                if method.startswith(UNIFORM_IN_GROUP) else
+                allocate(measured, errors, plan_request(method, budget, unit, seed, multiples if multiplied else {},
+                                                        pair_groups, args.quantizer, measured)))
         plan_settings = replace(settings, layer_groups=plan.layer_groups())
         # the quantizer's settings in the key: a default that changes (act-order, full-precision targets) measures
         # its plans anew instead of reading those of the settings before
@@ -240,7 +260,8 @@ def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, mea
              f"{f' --fit-samples {args.fit_samples}' if args.fit_samples else ''} --methods {args.methods} "
              f"--budgets {args.budgets}{f' --pair-groups {args.pair_groups}' if args.pair_groups else ''}"
              f"{' --no-calibrated-unit' if units is None else ''}"
-             f"{f' --plan-units {args.plan_units}' if args.plan_units != DEFAULT_PLAN_UNITS else ''}`",
+             f"{f' --plan-units {args.plan_units}' if args.plan_units != DEFAULT_PLAN_UNITS else ''}"
+             f"{f' --uniform-groups {args.uniform_groups}' if args.uniform_groups else ''}`",
              f"- {model_name}, Brown; analysis of the first {args.max_blocks} blocks "
              f"({len(layers)} layers), calibration {args.samples} × {args.seqlen}, group {GROUP}, widths "
              f"{CANDIDATES}, with the quantizer errors: {analysis_seconds:.0f} s (0 when cached); the unit: "
