@@ -6,7 +6,8 @@ One run (resumable: the analysis and the unit are cached in --store, each plan's
 1. the analysis with the quantizer errors (RTN, GPTQ, attention-aware GPTQ) of the first --max-blocks blocks;
 2. the measured unit (aptq.calibrate) on the last 25 % of the calibration segments;
 3. plans of the analysed layers (uniform, knapsack in both units and with the width multiples that the uniform plans
-   measure on the validation part, aptq, random) allocated on the errors of
+   measure on the validation part, aptq, random; with --pair-groups the knapsack over (bits, group size) pairs at
+   equal bytes; with --uniform-groups uniform 3- and 4-bit plans on those grids) allocated on the errors of
    --quantizer, each quantized by the pipeline with that quantizer (true-sequential over the analysed blocks; the
    other blocks stay in full precision; the post-norm weighting where the model has post-norms, as the CLI runs it) on
    the calibration segments outside the validation part (or the first --fit-samples of them), so that the
