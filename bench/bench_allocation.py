@@ -98,6 +98,14 @@ def uniform_in_group(method: str, bits: int, unit: str, quantizer: str, layers: 
     return Plan({name: bits for name in names}, request, group_sizes={name: group for name in names})
 
 
+def parse_group_sizes(parser: argparse.ArgumentParser, flag: str, text: str) -> tuple[int, ...]:
+    """A comma-separated list of group sizes (0: per channel); anything else is refused in one line (exit 2)."""
+    try:
+        return tuple(int(group) for group in text.split(",") if group)
+    except ValueError:
+        parser.error(f"{flag}: {text!r} is not a comma-separated list of group sizes (e.g. 32,192,0)")
+
+
 def scored_plan(plan: Plan, unit: str, quantizer: str, multiples: dict[int, float] | None = None) -> Plan:
     """The plan as `summarize` scores it in `unit` (with the width multiples, if given): its widths and group sizes."""
     request = AllocationRequest(plan.request.budget, plan.request.method, plan.request.candidates, group_size=GROUP,
@@ -154,10 +162,12 @@ def main() -> None:
                         help="the plans' quantizer calibrates on the first this many segments outside the validation "
                              "part (default: all of them)")
     args = parser.parse_args()
-    if unknown := set(args.plan_units.split(",")) - {"heuristic", "calibrated"}:
+    plan_units = set(args.plan_units.split(","))
+    if unknown := plan_units - {"heuristic", "calibrated"}:
         parser.error(f"--plan-units: {', '.join(sorted(unknown))} is not a unit; use heuristic and/or calibrated")
-    pair_groups = tuple(int(group) for group in args.pair_groups.split(",") if group)
-    if missing := {int(group) for group in args.uniform_groups.split(",") if group} - set(pair_groups):
+    pair_groups = parse_group_sizes(parser, "--pair-groups", args.pair_groups)
+    uniform_groups = parse_group_sizes(parser, "--uniform-groups", args.uniform_groups)
+    if missing := set(uniform_groups) - set(pair_groups):
         parser.error(f"--uniform-groups: the analysis predicts no errors in groups of {sorted(missing)}; add them to "
                      f"--pair-groups")
     model_tag = "" if args.model == EMBEDDED_MODEL else f"_{Path(args.model).stem}"
@@ -203,9 +213,9 @@ def main() -> None:
     budgets = {float(budget) for budget in args.budgets.split(",")}
     chosen = [(method, budget, unit, seed, multiplied) for method, budget, unit, seed, multiplied in PLANS
               if unit in scorings and plan_label(method, multiplied) in methods
-              and (method == "uniform" or (budget in budgets and unit in args.plan_units.split(",")))]
+              and (method == "uniform" or (budget in budgets and unit in plan_units))]
     chosen += [(f"{UNIFORM_IN_GROUP}{group}", float(bits), "heuristic", 0, False)
-               for group in (int(g) for g in args.uniform_groups.split(",") if g) for bits in UNIFORM_GROUP_WIDTHS]
+               for group in uniform_groups for bits in UNIFORM_GROUP_WIDTHS]
     for method, budget, unit, seed, multiplied in chosen:
         if multiplied and not multiples:
             uniform = {int(r["budget"]): (r["kl_validation"], r["heuristic_attention"]) for r in rows
