@@ -7,7 +7,7 @@ One run (resumable: the analysis and the unit are cached in --store, each plan's
 2. the measured unit (aptq.calibrate) on the last 25 % of the calibration segments;
 3. plans of the analysed layers (uniform, knapsack in both units and with the width multiples that the uniform plans
    measure on the validation part, aptq, random; with --pair-groups the knapsack over (bits, group size) pairs at
-   equal bytes; with --uniform-groups uniform 3- and 4-bit plans on those grids) allocated on the errors of
+   equal bytes; with --uniform-groups uniform 2-, 3- and 4-bit plans on those grids) allocated on the errors of
    --quantizer, each quantized by the pipeline with that quantizer (true-sequential over the analysed blocks; the
    other blocks stay in full precision; the post-norm weighting where the model has post-norms, as the CLI runs it) on
    the calibration segments outside the validation part (or the first --fit-samples of them), so that the
@@ -71,7 +71,6 @@ PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
          + [("random", 3.0, "heuristic", seed, False) for seed in (0, 1, 2)]
          + [(PAIRS_SOLVER, b, unit, 0, False) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")])
 UNIFORM_WIDTHS = (2, 3, 4)
-UNIFORM_GROUP_WIDTHS = (3, 4)
 UNIFORM_IN_GROUP = "uniform-g"  # + a group size: a uniform plan on that grid (--uniform-groups)
 DEFAULT_PLAN_UNITS = "heuristic,calibrated"
 
@@ -215,7 +214,7 @@ def main() -> None:
               if unit in scorings and plan_label(method, multiplied) in methods
               and (method == "uniform" or (budget in budgets and unit in plan_units))]
     chosen += [(f"{UNIFORM_IN_GROUP}{group}", float(bits), "heuristic", 0, False)
-               for group in uniform_groups for bits in UNIFORM_GROUP_WIDTHS]
+               for group in uniform_groups for bits in UNIFORM_WIDTHS]
     for method, budget, unit, seed, multiplied in chosen:
         if multiplied and not multiples:
             uniform = {int(r["budget"]): (r["kl_validation"], r["heuristic_attention"]) for r in rows
