@@ -36,7 +36,12 @@ are large. The measured KL of a uniform plan over its predicted total is therefo
 2 bits. `AllocationRequest.width_multiples` multiplies every layer's predicted error at width b by m_b, with m_b the
 measured/predicted ratio of uniform b-bit on held-out calibration segments (`measured_width_multiples`); a width
 without a measured ratio takes its nearest measured width's (the wider one on a tie). Only ratios between widths
-change a plan; the predicted totals are then in units of the measured KL.
+change a plan; the predicted totals are then in units of the measured KL. The width multiples belong to the
+request's own group size; with (bits, group size) candidates `AllocationRequest.grid_multiples` gives other grids
+their own (group size → bits → multiple, measured the same way on uniform plans of that grid): the predictions err
+differently per grid (Gemma 3: per-channel plans measured 8–11 % above their prediction, groups of 64 13 % below,
+bench/results/allocation_attention_pairs_gemma-3-270m-q4_k_m.md), and pairs compare grids. (our choice) A grid
+without its own multiples takes the request's group size's.
 
 Methods:
   uniform             every free layer at the widest candidate that fits the budget once pins are charged
@@ -128,6 +133,8 @@ class AllocationRequest:
     unit: str = "heuristic"  # how errors of different layers are made comparable (UNIT_COLUMNS; module docstring)
     width_multiples: Mapping[int, float] = field(default_factory=dict)  # bits → multiple of every layer's predicted
     # error at that width (measured_width_multiples); empty: 1 at every width (module docstring, "Width multiples")
+    grid_multiples: Mapping[int, Mapping[int, float]] = field(default_factory=dict)  # group size → bits → multiple,
+    # for pair candidates on grids other than group_size (which width_multiples covers); needs width_multiples
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,8 @@ def summarize(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict:
         "error_source": plan.request.quantizer,
         "error_unit": error_unit(plan.request),
         "width_multiples": {int(b): float(m) for b, m in plan.request.width_multiples.items()},
+        "grid_multiples": {int(g): {int(b): float(m) for b, m in by_width.items()}
+                           for g, by_width in plan.request.grid_multiples.items()},
         **_predicted_errors(plan, layers, errors),
         "bits_by_kind": {str(k): float(row.nb / row.n) for k, row in by_kind.iterrows()},
         "layers_by_bits": {int(w): int(c) for w, c in zip(widths, counts)},
@@ -310,10 +319,14 @@ def _check_request(request: AllocationRequest) -> None:
         raise AllocationError(f"The budget {_fmt(request.budget)} bits per weight is below the smallest candidate "
                               f"width ({min(widths)} bits); raise it to at least {min(widths)} "
                               f"or add a narrower candidate.")
-    bad = {bits: m for bits, m in request.width_multiples.items()
+    bad = {bits: m for multiples in (request.width_multiples, *request.grid_multiples.values())
+           for bits, m in multiples.items()
            if bits not in QUANT_WIDTHS or not (isinstance(m, Real) and math.isfinite(m) and m > 0)}
     if bad:
         raise AllocationError(f"Width multiples must map widths of 2–8 bits to positive numbers; fix {bad}.")
+    if request.grid_multiples and not request.width_multiples:
+        raise AllocationError(f"Grid multiples need the width multiples of the plans' own group size "
+                              f"({request.group_size}) beside them; measure those too or drop the grid multiples.")
     for bounds, label in ((request.min_bits, "min_bits"), (request.max_bits, "max_bits")):
         unknown = sorted(set(bounds) - set(KINDS))
         if unknown:
@@ -398,7 +411,7 @@ def _build_problem(layers: pd.DataFrame, errors: pd.DataFrame, request: Allocati
     _check_bounds(set_allowed, free, layers, set_of_layer)
     metric = error_column(request)
     layer_err = _error_matrix(layers, errors, names, options, metric, request.unit) * \
-        width_multiple(request.width_multiples, widths)
+        option_multiples(request, widths, groups)
     _check_coverage(layer_err, set_allowed[set_of_layer] & free[set_of_layer, None], pinned[set_of_layer], names,
                     options, request.group_size)
     set_err = np.stack([np.bincount(set_of_layer, weights=np.nan_to_num(layer_err[:, j]), minlength=n_sets)
@@ -429,7 +442,9 @@ def _build_problem(layers: pd.DataFrame, errors: pd.DataFrame, request: Allocati
 def error_unit(request: AllocationRequest) -> str:
     """The unit of the request's predicted totals: its unit, and whether they carry width multiples (totals with
     multiples are in another scale, so that the trust table ranks them apart)."""
-    return f"{request.unit} × width multiples" if request.width_multiples else request.unit
+    if not request.width_multiples:
+        return request.unit
+    return f"{request.unit} × width multiples" + (" per grid" if request.grid_multiples else "")
 
 
 def error_column(request: AllocationRequest) -> str:
@@ -447,6 +462,18 @@ def width_multiple(multiples: Mapping[int, float], widths: np.ndarray) -> np.nda
     measured = np.array(sorted(multiples), dtype=np.int64)
     distance = np.abs(widths[..., None] - measured) - measured / 1000  # the tie-break favours the wider width
     return np.array([multiples[int(w)] for w in measured])[distance.argmin(axis=-1)]
+
+
+def option_multiples(request: AllocationRequest, widths: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """The multiple of each option (widths[i] bits in groups of groups[i]): its grid's (module docstring, "Width
+    multiples"), the request's own group size's for a grid without any."""
+    widths, groups = np.asarray(widths, dtype=np.int64), np.asarray(groups, dtype=np.int64)
+    multiples = width_multiple(request.width_multiples, widths)
+    for group, by_width in request.grid_multiples.items():
+        if int(group) != request.group_size:
+            on_grid = groups == int(group)
+            multiples[on_grid] = width_multiple(by_width, widths[on_grid])
+    return multiples
 
 
 def measured_width_multiples(uniform: Mapping[int, tuple[float, float]]) -> dict[int, float]:
@@ -802,9 +829,9 @@ def _chosen_errors(layers: pd.DataFrame, bits: np.ndarray, groups: np.ndarray, e
 
 def _predicted_errors(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict[str, float]:
     """The PREDICTED_ERRORS and their _se: Σ over quantized layers of the request's source's error at the plan's
-    width (and group size), in the request's unit, times its width multiples; the standard error from the unit
-    factors' (a sum of per-layer variances). NaN where an error is missing, and the standard error NaN for tables
-    used as given."""
+    width (and group size), in the request's unit, times its width (and grid) multiples; the standard error from
+    the unit factors' (a sum of per-layer variances). NaN where an error is missing, and the standard error NaN for
+    tables used as given."""
     bits = layers["layer"].map(plan.bits).to_numpy(dtype=np.int64)
     groups = plan.group_size_of(layers)
     quantized = bits < FULL_PRECISION
@@ -816,7 +843,7 @@ def _predicted_errors(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) ->
             factors = unit_factors(layers, metric, plan.request.unit)
             factor, factor_se = factors if factors is not None else (np.ones(len(layers)), np.full(len(layers), np.nan))
             values = _chosen_errors(layers, bits, groups, errors, metric)[quantized] * \
-                width_multiple(plan.request.width_multiples, bits[quantized])
+                option_multiples(plan.request, bits[quantized], groups[quantized])
             if not np.isnan(values).any():
                 total = float((values * factor[quantized]).sum())
                 se = float(np.sqrt(((values * factor_se[quantized]) ** 2).sum()))

@@ -30,6 +30,9 @@ segments before the validation part, and its KL on the validation part divided b
 unit is the width's multiple (aptq.allocate.measured_width_multiples). (our choice) The candidate widths up to 4
 bits are measured (the narrowest candidate when none is); wider ones take the nearest measured width's
 (aptq.allocate.width_multiple): 8 bits' errors are a few thousandths of 4 bits' and its KL near float resolution.
+Grid multiples (`calibrate_widths(grids=…)`): the same measurement on uniform plans in each other group size that
+(bits, group size) candidates use, stored under the quantizer settings of that grid, so that pairs are priced by what
+each grid delivers (aptq.allocate.option_multiples).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -101,10 +104,35 @@ def width_settings(settings: QuantizeSettings) -> str:
 
 def measured_widths(stored: pd.DataFrame, unit: str, source: str, settings: str) -> pd.DataFrame:
     """The rows of a load_widths table measured in `unit` with `source`'s errors and `settings`, with their
-    multiple; empty when none was."""
+    group size and multiple; empty when none was."""
     rows = stored[(stored["unit"] == unit) & (stored["source"] == source) & (stored["settings"] == settings)]
     multiples = measured_width_multiples({int(r.bits): (r.kl, r.predicted) for r in rows.itertuples()})
-    return rows.assign(multiple=rows["bits"].map(multiples)).reset_index(drop=True)
+    return rows.assign(group_size=json.loads(settings)["group_size"] if len(rows) else pd.Series(dtype="int64"),
+                       multiple=rows["bits"].map(multiples)).reset_index(drop=True)
+
+
+def grid_name(group: int) -> str:
+    return f"groups of {group}" if group else "per channel"
+
+
+def _family(settings: str) -> str:
+    """A width_settings string without its group size: the measurements of one quantizer on every grid."""
+    fields = json.loads(settings)
+    del fields["group_size"]
+    return json.dumps(fields, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class MeasuredMultiples:
+    """Multiples measured with one quantizer: at the plans' own group size, and on other grids."""
+
+    widths: dict[int, float]  # bits → multiple (aptq.allocate.AllocationRequest.width_multiples)
+    grids: dict[int, dict[int, float]]  # group size → bits → multiple (AllocationRequest.grid_multiples)
+
+    def describe(self) -> str:
+        text = ", ".join(f"{bits} bits ×{m:.3g}" for bits, m in self.widths.items())
+        return text + "".join(f"; {grid_name(group)}: " + ", ".join(f"{bits} ×{m:.3g}" for bits, m in by_width.items())
+                              for group, by_width in self.grids.items())
 
 
 @dataclass(frozen=True)
@@ -285,65 +313,90 @@ def widths_to_measure(candidates: tuple[int, ...], n_segments: int) -> tuple[int
     return tuple(sorted({int(b) for b in candidates if b <= WIDEST_MEASURED} or {min(candidates)}))
 
 
-def width_multiple_choices(stored: pd.DataFrame, unit: str, source: str) -> dict[str, dict[int, float]]:
-    """The width multiples a plan in `unit` with `source`'s errors may charge, one per way they were measured (a
-    load_widths table): a label naming the quantizer and the multiples → bits → multiple."""
+def width_multiple_choices(stored: pd.DataFrame, unit: str, source: str,
+                           group_size: int) -> dict[str, MeasuredMultiples]:
+    """The multiples a plan in `unit` with `source`'s errors and groups of `group_size` may charge, one per quantizer
+    that measured them at that group size (a load_widths table): a label naming the quantizer and the multiples → the
+    multiples, with those of the other grids measured the same way."""
+    rows = stored[(stored["unit"] == unit) & (stored["source"] == source)]
     choices = {}
-    for how in dict.fromkeys(stored.loc[(stored["unit"] == unit) & (stored["source"] == source), "settings"]):
-        rows = measured_widths(stored, unit, source, how)
-        multiples = {int(r.bits): float(r.multiple) for r in rows.itertuples()}
-        label = f"measured with {json.loads(how)['method']}: " + ", ".join(f"{b} bits ×{m:.3g}"
-                                                                            for b, m in multiples.items())
-        choices[label if label not in choices else f"{label} ({how})"] = multiples
+    for family in dict.fromkeys(map(_family, rows["settings"])):
+        measured = pd.concat([measured_widths(rows, unit, source, how)
+                              for how in dict.fromkeys(rows["settings"]) if _family(how) == family])
+        own = measured[measured["group_size"] == group_size]
+        if own.empty:
+            continue
+        multiples = MeasuredMultiples({int(r.bits): float(r.multiple) for r in own.itertuples()},
+                                      {int(group): {int(r.bits): float(r.multiple) for r in grid.itertuples()}
+                                       for group, grid in measured[measured["group_size"] != group_size]
+                                       .groupby("group_size")})
+        label = f"measured with {json.loads(family)['method']}: {multiples.describe()}"
+        choices[label if label not in choices else f"{label} ({family})"] = multiples
     return choices
 
 
 def calibrate_widths(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, layers: pd.DataFrame,
                      errors: pd.DataFrame, settings: QuantizeSettings, widths: tuple[int, ...],
-                     store: Store | None = None, progress: Progress = no_progress) -> pd.DataFrame:
-    """Per width: unit, source, settings, bits, kl, predicted, seconds, multiple (see the module docstring).
-    `layers`/`errors` are the analysis of `loaded` on `sampling`'s calibration segments, in the unit the plans use
-    (`layers.attrs`); each width is stored once measured, so a repeat is a cache hit and an interrupted run
-    (`Cancelled` from `progress`) continues."""
+                     store: Store | None = None, progress: Progress = no_progress,
+                     grids: tuple[int, ...] = ()) -> pd.DataFrame:
+    """Per width and grid: unit, source, settings, bits, kl, predicted, seconds, group_size, multiple (see the module
+    docstring); the grids are `settings.group_size` and `grids` (other group sizes, 0 = per channel, whose errors the
+    analysis predicts). `layers`/`errors` are the analysis of `loaded` on `sampling`'s calibration segments, in the
+    unit the plans use (`layers.attrs`); each measurement is stored once made, so a repeat is a cache hit and an
+    interrupted run (`Cancelled` from `progress`) continues."""
     segments = calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling)
     windows = validation_segments(segments, WIDTH_HOLDOUT)
     fitting = segments[:segments.shape[0] - windows.shape[0]]
     source = error_source_for(errors, settings.method).source
     unit = layers.attrs.get("unit", "heuristic")
     analysis = layers.attrs["analysis_key"]
-    how = width_settings(settings)
     store = store or Store()
-    todo = [b for b in widths if b not in set(measured_widths(analyses.load_widths(store, analysis), unit, source,
-                                                              how)["bits"])]
+    hows = {group: width_settings(replace(settings, group_size=group))
+            for group in dict.fromkeys((settings.group_size, *grids))}
+    stored = analyses.load_widths(store, analysis)
+    todo = [(bits, group) for group, how in hows.items() for bits in widths
+            if bits not in set(measured_widths(stored, unit, source, how)["bits"])]
+    plan_of = {bits: {name: bits for name in layers["layer"]} for bits in widths}
+    # every prediction before any quantization: a grid the analysis has no errors for is refused in one sentence
+    predicted = {(bits, group): summarize(Plan(plan_of[bits], AllocationRequest(
+        float(bits), "uniform", (bits,), group_size=group, quantizer=source, unit=unit)), layers, errors)[
+        PREDICTED_ERROR_ATTENTION] for bits, group in todo}
     reference = None
-    for done, bits in enumerate(todo):
-        plan = {name: bits for name in layers["layer"]}
-        complete = check_plan(loaded.arch, plan, settings)  # the layers outside the analysis stay in full precision
+    for done, (bits, group) in enumerate(todo):
+        grid_settings = replace(settings, group_size=group)
+        plan = plan_of[bits]
+        complete = check_plan(loaded.arch, plan, grid_settings)  # the layers outside the analysis stay full precision
         reference = reference or reference_stats(loaded.model, windows)
         start = time.perf_counter()
-        run = digest(analysis, unit, source, how, str(bits))  # its quantized blocks' directory, removed once measured
+        run = digest(analysis, unit, source, hows[group], str(bits))  # its quantized blocks' directory, removed after
+        grid = f"{bits} bits" + ("" if group == settings.group_size else f" in {grid_name(group)}")
         try:
-            weights, _ = quantize_model(loaded, complete, settings, fitting, run,
-                                        lambda _d, _t, message: progress(done, len(todo), f"{bits} bits: {message}"))
+            weights, _ = quantize_model(loaded, complete, grid_settings, fitting, run,
+                                        lambda _d, _t, message: progress(done, len(todo), f"{grid}: {message}"))
             kl = evaluate(loaded.model, windows, reference=reference, device=settings.device,
                           weights=weights).kl_divergence
         finally:
             remove_checkpoints(run)
-        request = AllocationRequest(float(bits), "uniform", (bits,), group_size=settings.group_size,
-                                    quantizer=source, unit=unit)
-        predicted = summarize(Plan(plan, request), layers, errors)[PREDICTED_ERROR_ATTENTION]
-        measured_width_multiples({bits: (kl, predicted)})  # refused before it is stored: every stored row is usable
-        analyses.write_width(store, WidthCalibration(analysis, unit, source, how, bits, kl, predicted,
+        expected = predicted[(bits, group)]
+        measured_width_multiples({bits: (kl, expected)})  # refused before it is stored: every stored row is usable
+        analyses.write_width(store, WidthCalibration(analysis, unit, source, hows[group], bits, kl, expected,
                                                      time.perf_counter() - start))
     if todo:
         progress(len(todo), len(todo), "width multiples measured")
-    table = measured_widths(analyses.load_widths(store, analysis), unit, source, how)
+    stored = analyses.load_widths(store, analysis)
+    table = pd.concat([measured_widths(stored, unit, source, how) for how in hows.values()])
     return table[table["bits"].isin(widths)].reset_index(drop=True)
 
 
-def with_width_multiples(layers: pd.DataFrame, widths: pd.DataFrame) -> pd.DataFrame:
-    """The layers table whose attrs carry the measured width multiples (bits → multiple) that sweeps plan with
-    (aptq.sweep.plan_points)."""
+def with_width_multiples(layers: pd.DataFrame, widths: pd.DataFrame, group_size: int) -> pd.DataFrame:
+    """The layers table whose attrs carry the measured multiples (a calibrate_widths table) that sweeps plan with
+    (aptq.sweep.plan_points): bits → multiple at the plans' `group_size`, and group size → bits → multiple for the
+    other grids measured."""
+    own = widths[widths["group_size"] == group_size]
+    grids = widths[widths["group_size"] != group_size]
     charged = layers.copy()
-    charged.attrs = layers.attrs | {"width_multiples": {int(r.bits): float(r.multiple) for r in widths.itertuples()}}
+    charged.attrs = layers.attrs | {
+        "width_multiples": {int(r.bits): float(r.multiple) for r in own.itertuples()},
+        "grid_multiples": {int(group): {int(r.bits): float(r.multiple) for r in grid.itertuples()}
+                           for group, grid in grids.groupby("group_size")}}
     return charged

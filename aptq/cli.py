@@ -367,21 +367,30 @@ def calibrate_unit_for(args: argparse.Namespace, loaded, corpus, sampling, layer
 
 def calibrate_widths_for(args: argparse.Namespace, loaded, corpus, sampling, layers, errors, settings, widths):
     """The layers table carrying the measured width multiples (stored, so a repeat is a cache hit), after one line
-    about them."""
-    from aptq.calibrate import WIDTH_HOLDOUT, calibrate_widths, validation_count, with_width_multiples
+    about them; with --pairs, the multiples of the other group sizes' grids too."""
+    from aptq.calibrate import (
+        WIDTH_HOLDOUT,
+        MeasuredMultiples,
+        calibrate_widths,
+        validation_count,
+        with_width_multiples,
+    )
     from aptq.store import Store
 
     bar = LazyBar("measuring the width multiples")
+    grids = tuple(args.extra_group_sizes) if args.pairs else ()
     try:
-        table = calibrate_widths(loaded, corpus, sampling, layers, errors, settings, widths, Store(args.store), bar)
+        table = calibrate_widths(loaded, corpus, sampling, layers, errors, settings, widths, Store(args.store), bar,
+                                 grids=grids)
     finally:
         bar.close()
     held = validation_count(sampling.n_samples, WIDTH_HOLDOUT)
+    charged = with_width_multiples(layers, table, settings.group_size)
+    measured = MeasuredMultiples(charged.attrs["width_multiples"], charged.attrs["grid_multiples"])
     print(f"\nWidth multiples (held-out KL / predicted total of each uniform plan, {settings.method} on the first "
-          f"{sampling.n_samples - held} calibration segments, KL on the other {held}): "
-          + ", ".join(f"{r.bits} bits ×{r.multiple:.3g}" for r in table.itertuples())
-          + "; stored in table width_calibrations, charged by every plan of this sweep.")
-    return with_width_multiples(layers, table)
+          f"{sampling.n_samples - held} calibration segments, KL on the other {held}): {measured.describe()}; stored "
+          f"in table width_calibrations, charged by every plan of this sweep.")
+    return charged
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
@@ -575,7 +584,8 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
                              "that width, quantized by --quantizer on the first three quarters of the calibration "
                              "segments, its KL on the last quarter over its predicted total (needs at least 8 "
                              "segments; stored); the plans then charge it to every layer's predicted error at that "
-                             "width")
+                             "width; with --pairs, each grid of --extra-group-sizes is measured the same way and "
+                             "priced by its own multiples")
     ray = parser.add_argument_group("Ray", "run the plans in parallel as Ray tasks (needs the ray package); only "
                                            "this process writes the store")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",

@@ -82,17 +82,17 @@ def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPo
     """Every point's plan from the analysis, saved in the store in the points' order (a plan reached again keeps the
     latest point's name). The plans use the predicted errors of the quantizer that will run (`settings.method`),
     or RTN's where the analysis has none of its (aptq.allocate.error_source_for), in the unit `layers.attrs` names
-    (the calibrated unit after aptq.calibrate.with_unit, else the heuristic one), times the width multiples it carries
-    (aptq.calibrate.with_width_multiples; none: 1 at every width). With (bits, group size) candidates the budgets
-    are effective bits and each plan carries its layers' group sizes."""
+    (the calibrated unit after aptq.calibrate.with_unit, else the heuristic one), times the width and grid multiples
+    it carries (aptq.calibrate.with_width_multiples; none: 1 at every width). With (bits, group size) candidates
+    the budgets are effective bits and each plan carries its layers' group sizes."""
     source = error_source_for(errors, settings.method).source
     unit = layers.attrs.get("unit", "heuristic")
-    multiples = layers.attrs.get("width_multiples", {})
+    multiples, grid_multiples = layers.attrs.get("width_multiples", {}), layers.attrs.get("grid_multiples", {})
     plans = []
     for point in points:
         request = AllocationRequest(point.budget, point.allocation, candidates, seed=point.seed,
                                     group_size=settings.group_size, quantizer=source, unit=unit,
-                                    width_multiples=multiples)
+                                    width_multiples=multiples, grid_multiples=grid_multiples)
         try:
             plan = allocate(layers, errors, request)
         except AllocationError as exc:
@@ -101,7 +101,7 @@ def plan_points(layers: pd.DataFrame, errors: pd.DataFrame, points: list[SweepPo
         summary = summarize(plan, layers, errors)
         meta = {"name": point.name, "allocation": point.allocation, "budget": point.budget,
                 "analysis": layers.attrs.get("analysis_key"), "group_size": settings.group_size,
-                **{name: summary[name] for name in ("error_source", "error_unit", "width_multiples",
+                **{name: summary[name] for name in ("error_source", "error_unit", "width_multiples", "grid_multiples",
                                                     *PREDICTED_ERRORS)}}
         layer_groups = plan.layer_groups()
         history.save_plan(store, model_fp, point.name, plan.bits,

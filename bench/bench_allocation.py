@@ -7,12 +7,13 @@ One run (resumable: the analysis and the unit are cached in --store, each plan's
 2. the measured unit (aptq.calibrate) on the last 25 % of the calibration segments;
 3. plans of the analysed layers (uniform, knapsack in both units and with the width multiples that the uniform plans
    measure on the validation part, aptq, random; with --pair-groups the knapsack over (bits, group size) pairs at
-   equal bytes; with --uniform-groups uniform 2-, 3- and 4-bit plans on those grids) allocated on the errors of
-   --quantizer, each quantized by the pipeline with that quantizer (true-sequential over the analysed blocks; the
-   other blocks stay in full precision; the post-norm weighting where the model has post-norms, as the CLI runs it) on
-   the calibration segments outside the validation part (or the first --fit-samples of them), so that the
-   validation KL (where the unit is chosen) is measured on tokens the quantizer never saw; KL and perplexity on the
-   evaluation split's first --tokens tokens are reported only;
+   equal bytes; with --uniform-groups uniform 2-, 3- and 4-bit plans on those grids, whose multiples price the grids
+   of knapsack-pairs-multiples) allocated on the errors of --quantizer, each quantized by the pipeline with that
+   quantizer (true-sequential over the analysed blocks; the other blocks stay in full precision; the post-norm
+   weighting where the model has post-norms, as the CLI runs it) on the calibration segments outside the validation
+   part (or the first --fit-samples of them), so that the validation KL (where the unit is chosen) is measured on
+   tokens the quantizer never saw; KL and perplexity on the evaluation split's first --tokens tokens are reported
+   only;
 4. writes --output (default bench/results/allocation_<quantizer>.md): predicted errors per source, unit factors,
    Spearman of predicted totals against measured KL, and the share of uniform 3-bit's gap that the 3-bit knapsack
    closes. Text from "## Reading" on in an existing output (written by hand) is kept.
@@ -42,7 +43,7 @@ from aptq.allocate import (
     summarize,
     unit_factors,
 )
-from aptq.calibrate import UnitSettings, calibrate_unit, validation_segments, with_unit
+from aptq.calibrate import MeasuredMultiples, UnitSettings, calibrate_unit, validation_segments, with_unit
 from aptq.choices import EMBEDDED_MODEL, PAIRS_SOLVER
 from aptq.data import Sampling, calibration_segments, digest, load_corpus, token_ids
 from aptq.evaluate import evaluate, reference_stats
@@ -69,29 +70,53 @@ PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
          + [("knapsack", b, "heuristic", 0, True) for b in (2.5, 3.0, 3.5)]
          + [("knapsack-layerwise", 3.0, "heuristic", 0, False), ("aptq", 3.0, "heuristic", 0, False)]
          + [("random", 3.0, "heuristic", seed, False) for seed in (0, 1, 2)]
-         + [(PAIRS_SOLVER, b, unit, 0, False) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")])
+         + [(PAIRS_SOLVER, b, unit, 0, multiplied) for multiplied in (False, True) for b in (2.5, 3.0, 3.5)
+            for unit in ("heuristic", "calibrated")])
 UNIFORM_WIDTHS = (2, 3, 4)
 UNIFORM_IN_GROUP = "uniform-g"  # + a group size: a uniform plan on that grid (--uniform-groups)
 DEFAULT_PLAN_UNITS = "heuristic,calibrated"
+NO_MULTIPLES = MeasuredMultiples({}, {})
 
 
 def plan_label(method: str, multiplied: bool) -> str:
-    """How --methods names a plan: its allocator, "knapsack-multiples" for the knapsack with the width multiples."""
+    """How --methods names a plan: its allocator, "knapsack-multiples" for the knapsack with the width multiples
+    ("knapsack-pairs-multiples": with each grid's multiples too)."""
     return f"{method}-multiples" if multiplied else method
 
 
-def plan_request(method: str, budget: float, unit: str, seed: int, multiples: dict[int, float],
+def plan_request(method: str, budget: float, unit: str, seed: int, multiples: MeasuredMultiples,
                  pair_groups: tuple[int, ...], quantizer: str, layers: pd.DataFrame) -> AllocationRequest:
     """The allocation request of a plan of PLANS; "knapsack-pairs" chooses among (bits, group size) pairs at the
-    effective bits of a uniform plan of `budget` bits in groups of GROUP (so that both store the same bytes)."""
+    effective bits of a uniform plan of `budget` bits in groups of GROUP (so that both store the same bytes), priced
+    with the grids' multiples when `multiples` has them."""
     request = AllocationRequest(budget, method, CANDIDATES, seed=seed, group_size=GROUP, unit=unit, low_high=(2, 4),
-                                quantizer=quantizer, width_multiples=multiples)
-    return equal_bytes_pairs(layers, budget, request, pair_groups) if method == PAIRS_SOLVER else request
+                                quantizer=quantizer, width_multiples=multiples.widths)
+    if method != PAIRS_SOLVER:
+        return request
+    return replace(equal_bytes_pairs(layers, budget, request, pair_groups), grid_multiples=multiples.grids)
+
+
+def uniform_grid(method: str) -> int | None:
+    """The group size of a uniform plan's grid ("uniform": GROUP, "uniform-g<group>": that group); None otherwise."""
+    if method == "uniform":
+        return GROUP
+    return int(method.removeprefix(UNIFORM_IN_GROUP)) if method.startswith(UNIFORM_IN_GROUP) else None
+
+
+def measured_multiples(rows: list[dict], unit: str) -> MeasuredMultiples:
+    """The width multiples (groups of GROUP) and grid multiples (the other grids) in `unit` from the uniform plans
+    measured so far: validation KL over the plan's predicted total, as aptq.calibrate.calibrate_widths measures them."""
+    by_grid: dict[int, dict[int, tuple[float, float]]] = {}
+    for row in rows:
+        if (group := uniform_grid(row["method"])) is not None:
+            by_grid.setdefault(group, {})[int(row["budget"])] = (row["kl_validation"], row[f"{unit}_attention"])
+    multiples = {group: measured_width_multiples(uniform) for group, uniform in by_grid.items()}
+    return MeasuredMultiples(multiples.pop(GROUP), multiples)
 
 
 def uniform_in_group(method: str, bits: int, unit: str, quantizer: str, layers: pd.DataFrame) -> Plan:
     """The plan a "uniform-g<group>" label names: every layer at `bits` on that group's grid."""
-    group = int(method.removeprefix(UNIFORM_IN_GROUP))
+    group = uniform_grid(method)
     request = AllocationRequest(bits, "uniform", CANDIDATES, group_size=GROUP, unit=unit, quantizer=quantizer)
     names = layers["layer"]
     return Plan({name: bits for name in names}, request, group_sizes={name: group for name in names})
@@ -105,10 +130,12 @@ def parse_group_sizes(parser: argparse.ArgumentParser, flag: str, text: str) -> 
         parser.error(f"{flag}: {text!r} is not a comma-separated list of group sizes (e.g. 32,192,0)")
 
 
-def scored_plan(plan: Plan, unit: str, quantizer: str, multiples: dict[int, float] | None = None) -> Plan:
-    """The plan as `summarize` scores it in `unit` (with the width multiples, if given): its widths and group sizes."""
+def scored_plan(plan: Plan, unit: str, quantizer: str, multiples: MeasuredMultiples = NO_MULTIPLES) -> Plan:
+    """The plan as `summarize` scores it in `unit` (with the width and grid multiples, if given): its widths and group
+    sizes."""
     request = AllocationRequest(plan.request.budget, plan.request.method, plan.request.candidates, group_size=GROUP,
-                                unit=unit, quantizer=quantizer, width_multiples=multiples or {})
+                                unit=unit, quantizer=quantizer, width_multiples=multiples.widths,
+                                grid_multiples=multiples.grids)
     return Plan(plan.bits, request, group_sizes=plan.group_sizes)
 
 
@@ -155,8 +182,9 @@ def main() -> None:
                              "'knapsack-pairs' plans choose a (bits, group size) per layer at the effective bits of "
                              "uniform plans of the budget in groups of 64")
     parser.add_argument("--uniform-groups", default="",
-                        help="group sizes besides 64 (e.g. 0 for per channel) in which uniform 3- and 4-bit plans also "
-                             "run: each grid's predictions checked on their own")
+                        help="group sizes besides 64 (e.g. 0 for per channel) in which uniform 2-, 3- and 4-bit plans "
+                             "also run: each grid's predictions checked on their own, and its multiples measured "
+                             "(knapsack-pairs-multiples prices each grid by them)")
     parser.add_argument("--fit-samples", type=int,
                         help="the plans' quantizer calibrates on the first this many segments outside the validation "
                              "part (default: all of them)")
@@ -169,6 +197,10 @@ def main() -> None:
     if missing := set(uniform_groups) - set(pair_groups):
         parser.error(f"--uniform-groups: the analysis predicts no errors in groups of {sorted(missing)}; add them to "
                      f"--pair-groups")
+    unmeasured = set(pair_groups) - set(uniform_groups)
+    if plan_label(PAIRS_SOLVER, True) in args.methods.split(",") and unmeasured:
+        parser.error(f"--methods {plan_label(PAIRS_SOLVER, True)}: the grids of groups {sorted(unmeasured)} have no "
+                     f"uniform plans to measure their multiples; add them to --uniform-groups")
     model_tag = "" if args.model == EMBEDDED_MODEL else f"_{Path(args.model).stem}"
     args.output = args.output or f"bench/results/allocation_{args.quantizer}{model_tag}.md"
     torch.set_num_threads(args.threads)
@@ -207,22 +239,23 @@ def main() -> None:
     reference = None
     rows = []
     plans: dict[str, Plan] = {}  # by the first 8 characters of the plan's key
-    multiples: dict[int, float] = {}
+    multiples: dict[str, MeasuredMultiples] = {}  # by unit, once a plan needs them
     methods = {"uniform", "knapsack", *args.methods.split(",")} | ({PAIRS_SOLVER} if pair_groups else set())
     budgets = {float(budget) for budget in args.budgets.split(",")}
     chosen = [(method, budget, unit, seed, multiplied) for method, budget, unit, seed, multiplied in PLANS
               if unit in scorings and plan_label(method, multiplied) in methods
               and (method == "uniform" or (budget in budgets and unit in plan_units))]
-    chosen += [(f"{UNIFORM_IN_GROUP}{group}", float(bits), "heuristic", 0, False)
-               for group in uniform_groups for bits in UNIFORM_WIDTHS]
-    for method, budget, unit, seed, multiplied in chosen:
-        if multiplied and not multiples:
-            uniform = {int(r["budget"]): (r["kl_validation"], r["heuristic_attention"]) for r in rows
-                       if r["method"] == "uniform"}
-            multiples = measured_width_multiples({b: uniform[b] for b in UNIFORM_WIDTHS})
+    in_groups = [(f"{UNIFORM_IN_GROUP}{group}", float(bits), "heuristic", 0, False)
+                 for group in uniform_groups for bits in UNIFORM_WIDTHS]
+    chosen = [plan for plan in chosen if plan[0] == "uniform"] + in_groups + [plan for plan in chosen
+                                                                            if plan[0] != "uniform"]
+    for method, budget, unit, seed, multiplied in chosen:  # every uniform plan first: they measure the multiples
+        if multiplied and unit not in multiples:
+            multiples[unit] = measured_multiples(rows, unit)
         plan = (uniform_in_group(method, int(budget), unit, args.quantizer, measured)
                 if method.startswith(UNIFORM_IN_GROUP) else
-                allocate(measured, errors, plan_request(method, budget, unit, seed, multiples if multiplied else {},
+                allocate(measured, errors, plan_request(method, budget, unit, seed,
+                                                        multiples[unit] if multiplied else NO_MULTIPLES,
                                                         pair_groups, args.quantizer, measured)))
         plan_settings = replace(settings, layer_groups=plan.layer_groups())
         # the quantizer's settings in the key: a default that changes (act-order, full-precision targets) measures
@@ -248,15 +281,19 @@ def main() -> None:
                 row[f"{scoring}_{label}_se"] = summary[f"predicted_error_{label}_se"]
         rows.append(row)
     table = pd.DataFrame(rows)
+    multiples = {scoring: measured_multiples(rows, scoring) for scoring in scorings}
     for row in table.itertuples():  # every plan's prediction with the multiples, once they are measured
-        scored = scored_plan(plans[row.plan], "heuristic", args.quantizer, multiples)
-        table.loc[row.Index, "multiplied_attention"] = summarize(scored, measured, errors)["predicted_error_attention"]
+        for scoring in scorings:
+            scored = scored_plan(plans[row.plan], scoring, args.quantizer, multiples[scoring])
+            table.loc[row.Index, f"{scoring}_multiplied"] = summarize(scored, measured, errors)[
+                "predicted_error_attention"]
     write_report(args, loaded.display_name, table, layers, errors, measured, units, multiples, validation,
                  fitting.n_samples, settings, scorings, analysis_seconds, unit_seconds, load_before)
 
 
 def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, measured, units,
-                 multiples: dict[int, float], validation: torch.Tensor, n_fitting: int, settings: QuantizeSettings,
+                 multiples: dict[str, MeasuredMultiples], validation: torch.Tensor, n_fitting: int,
+                 settings: QuantizeSettings,
                  scorings: tuple[str, ...], analysis_seconds: float, unit_seconds: float,
                  load_before: list[str]) -> None:
     load_after = Path("/proc/loadavg").read_text().split()[:3]
@@ -324,22 +361,23 @@ def _unit_section(measured: pd.DataFrame, metric: str) -> list[str]:
     return lines + [""]
 
 
-def _plan_section(table: pd.DataFrame, multiples: dict[int, float], scorings: tuple[str, ...]) -> list[str]:
-    """Every plan's measured KL against its predictions in each unit of `scorings`, the knapsack against uniform,
-    and the Spearman table."""
+def _plan_section(table: pd.DataFrame, multiples: dict[str, MeasuredMultiples], scorings: tuple[str, ...]) -> list[str]:
+    """Every plan's measured KL against its predictions in each unit of `scorings` (with the multiples too), the
+    knapsack against uniform, and the Spearman table."""
     calibrated = "calibrated" in scorings
     distinct = table.drop_duplicates("plan")
     lines = ["## Plans: predicted totals against measured KL", "",
-             "Width multiples (uniform plans' validation KL / their heuristic prediction): "
-             + (", ".join(f"{bits} bits {m:.3g}" for bits, m in sorted(multiples.items())) or "not run"), "",
+             "Multiples (uniform plans' validation KL / their prediction; groups of 64, then the other grids "
+             "measured): " + "; ".join(f"{scoring} unit {multiples[scoring].describe()}" for scoring in scorings), "",
              "| method | budget | unit | multiples | seed | plan | avg bits | effective bits | KL validation | "
-             "KL evaluation | perplexity | predicted (heuristic) | × multiples | predicted KL (calibrated) ± se |",
-             "|" + "---|" * 14]
+             "KL evaluation | perplexity | predicted (heuristic) | × multiples | predicted KL (calibrated) ± se | "
+             "× multiples |", "|" + "---|" * 15]
     lines += [f"| {r.method} | {r.budget:g} | {r.unit} | {'yes' if r.multiplied else 'no'} | {r.seed} | {r.plan} | "
               f"{r.avg_bits:.3f} | {r.effective_bits:.3f} | {r.kl_validation:.4f} | {r.kl_evaluation:.4f} | "
               f"{r.perplexity:.3f} | "
-              f"{r.heuristic_attention:.4g} ± {r.heuristic_attention_se:.2g} | {r.multiplied_attention:.4f} | "
-              + (f"{r.calibrated_attention:.4f} ± {r.calibrated_attention_se:.2g} |" if calibrated else "— |")
+              f"{r.heuristic_attention:.4g} ± {r.heuristic_attention_se:.2g} | {r.heuristic_multiplied:.4f} | "
+              + (f"{r.calibrated_attention:.4f} ± {r.calibrated_attention_se:.2g} | {r.calibrated_multiplied:.4f} |"
+                 if calibrated else "— | — |")
               for r in table.itertuples()]
     lines += ["", f"Full precision on the same evaluation tokens: perplexity {table['fp_perplexity'].iloc[0]:.3f}."]
     uniform_rows = table[table["method"] == "uniform"].sort_values("budget")
@@ -347,7 +385,9 @@ def _plan_section(table: pd.DataFrame, multiples: dict[int, float], scorings: tu
     knapsacks = table[table["method"].isin(["knapsack", PAIRS_SOLVER])]
     for r in knapsacks.itertuples():
         pairs = f", (bits, group) pairs at {r.effective_bits:.3f} effective bits" if r.method == PAIRS_SOLVER else ""
-        label = f"{r.unit} unit{' × width multiples' if r.multiplied else ''}{pairs}"
+        priced = (" × width and grid multiples" if r.method == PAIRS_SOLVER else " × width multiples") \
+            if r.multiplied else ""
+        label = f"{r.unit} unit{priced}{pairs}"
         below = {column: np.interp(r.budget, uniform_rows["budget"], uniform_rows[column])
                  for column in ("kl_validation", "kl_evaluation")}
         line = (f"{r.method.capitalize()} at {r.budget:g} bits ({label}): KL evaluation {r.kl_evaluation:.4f} "
@@ -368,7 +408,8 @@ def _plan_section(table: pd.DataFrame, multiples: dict[int, float], scorings: tu
               "| predicted by | KL validation | KL evaluation |", "|---|---|---|"]
     predictors = {f"{scoring} unit, {label} errors": f"{scoring}_{label}"
                   for scoring in scorings for label in ("attention", "layerwise")}
-    predictors["heuristic unit × width multiples, attention errors"] = "multiplied_attention"
+    predictors |= {f"{scoring} unit × width and grid multiples, attention errors": f"{scoring}_multiplied"
+                   for scoring in scorings}
     for name, column in predictors.items():
         lines.append(f"| {name} | {spearmanr(distinct[column], distinct['kl_validation']).statistic:.3f} | "
                      f"{spearmanr(distinct[column], distinct['kl_evaluation']).statistic:.3f} |")

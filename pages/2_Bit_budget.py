@@ -23,7 +23,14 @@ from aptq.allocate import (
     plan_frame,
     summarize,
 )
-from aptq.calibrate import WIDTH_HOLDOUT, calibrate_widths, validation_count, widths_to_measure
+from aptq.calibrate import (
+    WIDTH_HOLDOUT,
+    MeasuredMultiples,
+    calibrate_widths,
+    validation_count,
+    widths_to_measure,
+    with_width_multiples,
+)
 from aptq.choices import ERROR_SOLVERS, METHOD_LABELS
 from aptq.data import digest
 from aptq.errors import UserError
@@ -60,7 +67,8 @@ UNIT_HELP = ("how the errors of different layers are made comparable: heuristic 
 WIDTH_HELP = ("each width's measured KL over its predicted total (a uniform plan of that width quantized on most of "
               "the calibration segments, its KL on the rest: `aptq sweep --width-multiples`), charged to every "
               "layer at that width, so that the solver pays for what narrow widths cost once the quantizer runs "
-              "block after block (our choice); the predicted error is then an estimate of the KL")
+              "block after block (our choice); the predicted error is then an estimate of the KL. With several group "
+              "sizes, each grid measured (choose the group sizes, then Measure) is priced by its own multiples")
 
 
 def budget_row(available: list[int]) -> float:
@@ -104,20 +112,21 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
                              "quantizer you will run (GPTQ and attention-aware errors need an analysis with "
                              "quantizer errors: Home's *Quantizer errors*)")
     unit = st.selectbox("Unit", analysis.units_offered, key="error_unit", persist_state="session", help=UNIT_HELP)
-    multiples = {}
+    groups = [analysis.group_size]
+    grids = sorted({int(g) for g in analysis.errors.get("group_size", pd.Series([analysis.group_size]))})
+    if len(grids) > 1 and method in ERROR_SOLVERS and not presenting():
+        groups = st.multiselect("Group sizes", grids, default=[analysis.group_size], key="group_sizes",
+                                persist_state="session", format_func=lambda g: f"{g} columns" if g else "per channel",
+                                help=GROUPS_HELP) or [analysis.group_size]
+    multiples = MeasuredMultiples({}, {})
     if offered := analysis.width_multiples_offered(unit, quantizer):
         choice = st.selectbox("Width multiples", ["none", *offered], key="width_multiples", persist_state="session",
                               help=WIDTH_HELP)
-        multiples = offered.get(choice, {})
+        multiples = offered.get(choice, multiples)
     if not presenting():
         with st.expander("Measure width multiples"):
-            measure_widths(analysis, quantizer, unit, [int(c) for c in candidates])
-    groups = [analysis.group_size]
-    offered = sorted({int(g) for g in analysis.errors.get("group_size", pd.Series([analysis.group_size]))})
-    if len(offered) > 1 and method in ERROR_SOLVERS and not presenting():
-        groups = st.multiselect("Group sizes", offered, default=[analysis.group_size], key="group_sizes",
-                                persist_state="session", format_func=lambda g: f"{g} columns" if g else "per channel",
-                                help=GROUPS_HELP) or [analysis.group_size]
+            measure_widths(analysis, quantizer, unit, [int(c) for c in candidates],
+                           [g for g in groups if g != analysis.group_size])
     if len(groups) > 1:
         st.caption("Each layer takes a (bits, group size) pair: the budget counts effective bits, scales and zero "
                    "points included.")
@@ -128,12 +137,14 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
     return AllocationRequest(budget=budget, method=method, candidates=widths,
                              pins=dict(st.session_state["pins"]), min_bits=min_bits, low_high=low_high,
                              seed=int(seed), group_size=analysis.group_size, quantizer=quantizer, unit=unit,
-                             width_multiples=multiples)
+                             width_multiples=multiples.widths,
+                             grid_multiples=multiples.grids if len(groups) > 1 else {})
 
 
-def measure_widths(analysis: Analysis, quantizer: str, unit: str, candidates: list[int]) -> None:
+def measure_widths(analysis: Analysis, quantizer: str, unit: str, candidates: list[int], grids: list[int]) -> None:
     """A background job measuring the width multiples of the error source's quantizer (what `aptq sweep
-    --width-multiples` does), its progress and Cancel; the choice above offers them once stored."""
+    --width-multiples` does), on the analysis's group size and the other chosen `grids`, its progress and Cancel;
+    the choice above offers them once stored."""
     if not candidates:
         st.caption("Choose candidate widths first.")
         return
@@ -144,15 +155,17 @@ def measure_widths(analysis: Analysis, quantizer: str, unit: str, candidates: li
         st.info(str(exc))
         return
     held = validation_count(analysis.request.samples, WIDTH_HOLDOUT)
-    st.caption(f"Quantizes a uniform plan of the analysed layers at {', '.join(map(str, widths))} bits with "
-               f"{METHOD_LABELS[quantizer]} on the first {analysis.request.samples - held} calibration segments and "
-               f"measures its KL on the other {held} (never the evaluation split): one quantization per width.")
+    on_grids = f", on {len(grids) + 1} grids (the chosen group sizes)" if grids else ""
+    st.caption(f"Quantizes a uniform plan of the analysed layers at {', '.join(map(str, widths))} bits{on_grids} "
+               f"with {METHOD_LABELS[quantizer]} on the first {analysis.request.samples - held} calibration segments "
+               f"and measures its KL on the other {held} (never the evaluation split): one quantization per width "
+               f"and grid.")
     settings = QuantizeSettings(method=quantizer, group_size=analysis.group_size, output_norms=has_output_norms(loaded))
-    key = "widths:" + digest(analysis.key, unit, repr(settings), repr(widths))
+    key = "widths:" + digest(analysis.key, unit, repr(settings), repr(widths), repr(grids))
 
     def work(progress: Progress) -> pd.DataFrame:
         return calibrate_widths(loaded, corpus, analysis.request.sampling, analysis.layers_in(unit), analysis.errors,
-                                settings, widths, Store(default_path()), progress)
+                                settings, widths, Store(default_path()), progress, grids=tuple(grids))
 
     st.button("Measure", key="measure_widths", on_click=lambda: jobs.start(
         key, f"width multiples · {quantizer}", model_source(), work))
@@ -162,7 +175,8 @@ def measure_widths(analysis: Analysis, quantizer: str, unit: str, candidates: li
             st.session_state["widths_read"] = key
             forget_stored_widths()
             st.rerun()
-        st.success("Measured: " + ", ".join(f"{r.bits} bits ×{r.multiple:.3g}" for r in job.result.itertuples()))
+        charged = with_width_multiples(analysis.layers, job.result, analysis.group_size).attrs
+        st.success(f"Measured: {MeasuredMultiples(charged['width_multiples'], charged['grid_multiples']).describe()}")
     else:
         jobs.show(job)
 

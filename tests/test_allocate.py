@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -25,6 +26,7 @@ from aptq.allocate import (
     available_error_sources,
     equal_bytes_pairs,
     error_source_for,
+    pair_candidates,
     plan_frame,
     summarize,
 )
@@ -621,3 +623,38 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused():
         allocate(layers, errors, AllocationRequest(3.0, "knapsack", ((3, 64), (4, 0))))
     with pytest.raises(AllocationError, match="Candidates with group sizes are for the knapsack methods"):
         allocate(layers, errors, AllocationRequest(3.0, "uniform", ((3, 32), (4, 0))))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grid_multiples_price_each_grid_and_the_pairs_knapsack_minimizes_them_exactly(seed):
+    """Each (bits, group) option is charged its grid's multiple; a grid without any takes the request's own group's
+    (here groups of 32), and the knapsack's choice is the brute-force best of the multiplied errors."""
+    layers, errors = pair_tables([32, 48, 16], [128, 192, 64], ["q", "k", "v"], ["l0", "l1", "l2"], seed)
+    widths, grids = {2: 2.0, 3: 1.5, 4: 1.0}, {0: {2: 4.0, 3: 3.0}}  # per channel: 4 bits takes 3 bits' multiple
+    charged = {(b, g): (grids[0] if g == 0 else widths)[min(b, 3) if g == 0 else b]
+               for b in (2, 3, 4) for g in PAIR_GROUPS}
+    scaled = errors.assign(err_attention=[e * charged[(b, g)] for e, b, g in
+                                          zip(errors["err_attention"], errors["bits"], errors["group_size"])])
+    candidates = pair_candidates((2, 3, 4), PAIR_GROUPS)
+    for budget in (2.8, 3.4):
+        request = AllocationRequest(budget, "knapsack", candidates, group_size=32, width_multiples=widths,
+                                    grid_multiples=grids)
+        plan = allocate(layers, errors, request)
+        best, _ = exhaustive_pairs(layers, scaled, candidates, budget)
+        err = scaled.set_index(["layer", "bits", "group_size"])["err_attention"]
+        assert sum(err[(n, plan.bits[n], plan.group_sizes[n])] for n in plan.bits) == pytest.approx(best, rel=1e-9)
+        summary = summarize(plan, layers, errors)
+        assert summary["predicted_error_attention"] == pytest.approx(best, rel=1e-9)
+        assert summary["error_unit"] == "heuristic × width multiples per grid"
+        assert summary["grid_multiples"] == {0: {2: 4.0, 3: 3.0}}
+
+
+def test_grid_multiples_without_the_own_grids_width_multiples_are_refused():
+    layers, errors = pair_tables([32, 48], [128, 64], ["q", "k"], ["l0", "l1"], seed=0)
+    request = AllocationRequest(3.0, "knapsack", pair_candidates((2, 3, 4), (0, 32)), group_size=32,
+                                grid_multiples={0: {3: 1.2}})
+    with pytest.raises(AllocationError, match=r"^Grid multiples need the width multiples of the plans' own group size "
+                                              r"\(32\) beside them"):
+        allocate(layers, errors, request)
+    with pytest.raises(AllocationError, match="Width multiples must map widths of 2–8 bits to positive numbers"):
+        allocate(layers, errors, replace(request, width_multiples={3: 1.0}, grid_multiples={0: {3: -1.0}}))

@@ -301,6 +301,40 @@ def test_the_bit_budget_page_plans_bit_and_group_pairs_and_the_run_keeps_them(tm
     assert "knapsack-pairs: the knapsack giving each layer a (bits, group size) pair" in texts(at.caption)
 
 
+def test_grid_multiples_price_the_pairs_the_bit_budget_page_plans(tmp_path, monkeypatch, tiny_model_dir):
+    """Multiples stored for groups of 32 and per channel: one choice carrying both, and with both group sizes chosen
+    the plan's predicted total charges each layer its grid's multiple."""
+    from aptq.allocate import AllocationRequest, Plan, pair_candidates, summarize
+    from aptq.calibrate import WidthCalibration, width_settings
+    from aptq.pipeline import QuantizeSettings
+
+    store = tmp_path / "store.duckdb"
+    request = AnalysisRequest(samples=4, seqlen=64, group_size=32, max_blocks=1, extra_group_sizes=(0,))
+    at = session_over(store, monkeypatch, str(tiny_model_dir("llama")), request)
+    layers, errors = analyze(load_model(str(tiny_model_dir("llama")), device="cpu"), load_corpus("brown"),
+                             request.sampling, request.settings, store=Store(store))  # stored: read back
+    key = layers.attrs["analysis_key"]
+    for group, multiples in ((32, {2: 2.0, 3: 1.0, 4: 1.0}), (0, {2: 50.0, 3: 5.0, 4: 3.0})):
+        how = width_settings(QuantizeSettings("rtn", group))
+        for bits, multiple in multiples.items():
+            analyses.write_width(Store(store), WidthCalibration(key, "heuristic", "rtn", how, bits, multiple, 1.0,
+                                                                1.0))
+    at.run()
+    at.switch_page("pages/2_Bit_budget.py").run()
+    at.multiselect(key="group_sizes").set_value([32, 0]).run()
+    label = "measured with rtn: 2 bits ×2, 3 bits ×1, 4 bits ×1; per channel: 2 ×50, 3 ×5, 4 ×3"
+    assert at.selectbox(key="width_multiples").options == ["none", label]
+    at.selectbox(key="width_multiples").set_value(label).run()
+    no_problems(at)
+    plan = at.session_state["plan"]
+    assert plan["summary"]["error_unit"] == "heuristic × width multiples per grid"
+    charged = AllocationRequest(3.0, candidates=pair_candidates((2, 3, 4), (32, 0)), group_size=32,
+                                width_multiples={2: 2.0, 3: 1.0, 4: 1.0}, grid_multiples={0: {2: 50.0, 3: 5.0, 4: 3.0}})
+    groups = {name: 32 for name in plan["bits"]} | dict(plan["layer_groups"])
+    expected = summarize(Plan(plan["bits"], charged, group_sizes=groups), layers, errors)
+    assert plan["summary"][PREDICTED_ERROR_ATTENTION] == pytest.approx(expected[PREDICTED_ERROR_ATTENTION])
+
+
 def test_a_saved_plan_of_bit_and_group_pairs_runs_on_its_own_group_sizes(partial, tiny_model_dir):
     """A plan that `aptq sweep --pairs` saved: the Quantize page keeps each layer's group size (the group choice is
     locked to the plan's) instead of running every layer at one."""

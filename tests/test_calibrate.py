@@ -148,6 +148,59 @@ def test_width_multiples_are_each_uniform_plans_held_out_kl_over_its_prediction(
     assert again["multiple"].tolist() == table["multiple"].tolist()
 
 
+def test_grid_multiples_measure_each_grids_uniform_plan_and_are_offered_with_the_own_grids(
+        tiny_model_dir, text_corpus, tmp_path, monkeypatch):
+    """Per channel beside groups of 32: each grid's uniform plan is quantized on its own grid (its KL is the
+    pipeline's run of that grid), stored under that grid's settings, split into width and grid multiples, offered
+    only to plans at the measured own group size; a repeat is a cache hit, a grid the analysis lacks refused before
+    any work."""
+    from aptq import analyses
+    from aptq.calibrate import width_multiple_choices, with_width_multiples
+    from aptq.data import calibration_segments, token_ids
+    from aptq.evaluate import evaluate
+    from aptq.pipeline import EvalSettings, QuantizeSettings, identify_run, measure_run, remove_checkpoints, run_weights
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    store = Store(tmp_path / "grids.duckdb")
+    layers, errors = analyze(loaded, text_corpus, SAMPLING, AnalysisSettings(group_size=32, bits=(2, 3), max_blocks=1,
+                                                                             extra_group_sizes=(0,)), store=store)
+    settings = QuantizeSettings("rtn", 32)
+    table = calibrate_widths(loaded, text_corpus, SAMPLING, layers, errors, settings, (2, 3), store=store,
+                             grids=(0,))
+    assert sorted(zip(table["group_size"], table["bits"])) == [(0, 2), (0, 3), (32, 2), (32, 3)]
+    windows = calibration_segments(token_ids(loaded.tokenizer, text_corpus, "calibration"), SAMPLING)[6:]
+    reference = reference_stats(loaded.model, windows)
+    for row in table[table["group_size"] == 0].itertuples():
+        plan = {name: row.bits for name in layers["layer"]}
+        per_channel = QuantizeSettings("rtn", 0)
+        identity = identify_run(loaded, text_corpus, Sampling(6, SAMPLING.seqlen, seed=0), plan, per_channel,
+                                EvalSettings(24, 48))
+        try:
+            measure_run(loaded, text_corpus, Sampling(6, SAMPLING.seqlen, seed=0), identity, per_channel,
+                        EvalSettings(24, 48))
+            with run_weights(loaded.arch, identity.key).applied(loaded.model):
+                kl = evaluate(loaded.model, windows, reference=reference).kl_divergence
+        finally:
+            remove_checkpoints(identity.key)
+        request = AllocationRequest(float(row.bits), "uniform", (row.bits,), group_size=0)
+        predicted = summarize(allocate(layers, errors, request), layers, errors)["predicted_error_attention"]
+        assert row.kl == pytest.approx(kl, rel=1e-4) and row.multiple == pytest.approx(kl / predicted, rel=1e-4)
+    charged = with_width_multiples(layers, table, 32).attrs
+    by_grid = {(int(r.group_size), int(r.bits)): r.multiple for r in table.itertuples()}
+    assert charged["width_multiples"] == {2: by_grid[(32, 2)], 3: by_grid[(32, 3)]}
+    assert charged["grid_multiples"] == {0: {2: by_grid[(0, 2)], 3: by_grid[(0, 3)]}}
+    stored = analyses.load_widths(store, layers.attrs["analysis_key"])
+    (offered,) = width_multiple_choices(stored, "heuristic", "rtn", 32).values()
+    assert (offered.widths, offered.grids) == (charged["width_multiples"], charged["grid_multiples"])
+    assert width_multiple_choices(stored, "heuristic", "rtn", 64) == {}  # nothing measured in groups of 64
+    monkeypatch.setattr(calibrate, "quantize_model", lambda *a, **k: pytest.fail("a stored grid was measured again"))
+    again = calibrate_widths(loaded, text_corpus, SAMPLING, layers, errors, settings, (2, 3), store=store,
+                             grids=(0,))
+    assert again["multiple"].tolist() == table["multiple"].tolist()
+    with pytest.raises(UserError, match=r"^The predicted errors were computed for group size\(s\) \[0, 32\], not 16"):
+        calibrate_widths(loaded, text_corpus, SAMPLING, layers, errors, settings, (2, 3), store=store, grids=(16,))
+
+
 def test_a_width_without_a_usable_multiple_is_refused_and_not_stored(analysed, text_corpus, monkeypatch):
     """A KL of 0 (nothing measurable) gives no multiple: one sentence, and no row that later reads would fail on."""
     from types import SimpleNamespace

@@ -206,6 +206,24 @@ def test_sweep_measures_the_width_multiples_first_and_plans_with_them(tmp_path, 
     assert unit == "heuristic × width multiples"
 
 
+@pytest.mark.integration
+def test_sweep_with_pairs_measures_each_grids_multiples_and_prices_the_pairs_by_them(tmp_path, tiny_model_dir,
+                                                                                       text_file, capsys):
+    from aptq.cli import main
+    from aptq.history import stored_plans
+    from aptq.store import Store
+
+    store = tmp_path / "store.duckdb"
+    assert main(tiny_sweep(str(tiny_model_dir("llama")), text_file, store, "--quantizer", "rtn", "--candidates",
+                           "2,3,4", "--samples", "8", "--pairs", "--extra-group-sizes", "0", "--budgets", "3.2",
+                           "--width-multiples")) == 0
+    out = capsys.readouterr().out
+    assert "segments, KL on the other 2): 2 bits ×" in out and "; per channel: 2 ×" in out
+    (summary,) = map(json.loads, stored_plans(Store(store))["summary"])
+    assert summary["error_unit"] == "heuristic × width multiples per grid"
+    assert set(summary["width_multiples"]) == {"2", "3", "4"} == set(summary["grid_multiples"]["0"])
+
+
 @pytest.mark.parametrize("flag, setting, value, default", [(["--value-rows"], "value_rows", True, None),
                                                            (["--mlp-rows"], "mlp_rows", True, None),
                                                            (["--shrink", "0.5"], "shrink", 0.5, None),

@@ -142,11 +142,11 @@ def test_sweep_plans_charge_the_width_multiples_the_layers_table_carries(tmp_pat
     points = sweep_points(["knapsack"], [3.0], (0,))
     store = Store(tmp_path / "plans.duckdb")
     (plain,) = plan_points(layers, errors, points, (2, 3, 4), QuantizeSettings("rtn", 64), "model", store)
-    multiples = pd.DataFrame({"bits": [2, 3, 4], "multiple": [100.0, 1.0, 1.0]})
-    charged = with_width_multiples(layers, multiples)
+    multiples = pd.DataFrame({"bits": [2, 3, 4], "group_size": 64, "multiple": [100.0, 1.0, 1.0]})
+    charged = with_width_multiples(layers, multiples, 64)
     (multiplied,) = plan_points(charged, errors, points, (2, 3, 4), QuantizeSettings("rtn", 64), "model", store)
     assert 2 in plain.bits.values() and set(multiplied.bits.values()) == {3}
     rtn = errors.set_index(["layer", "bits"])["err_attention"]
     assert multiplied.meta[PREDICTED_ERROR_ATTENTION] == pytest.approx(sum(rtn[(name, 3)] for name in layers["layer"]))
     assert multiplied.meta["error_unit"] == "heuristic × width multiples" and plain.meta["error_unit"] == "heuristic"
-    assert multiplied.meta["width_multiples"] == {2: 100.0, 3: 1.0, 4: 1.0}
+    assert multiplied.meta["width_multiples"] == {2: 100.0, 3: 1.0, 4: 1.0} and multiplied.meta["grid_multiples"] == {}

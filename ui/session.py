@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from aptq import analyses, history, timing
-from aptq.calibrate import UnitSettings, unit_settings_for, width_multiple_choices, with_unit
+from aptq.calibrate import MeasuredMultiples, UnitSettings, unit_settings_for, width_multiple_choices, with_unit
 from aptq.data import EMBEDDED_CORPUS, Corpus, Sampling, load_corpus
 from aptq.errors import UserError
 from aptq.models import EMBEDDED_MODEL, LoadedModel, load_model, model_fingerprint
@@ -225,10 +225,10 @@ class Analysis:
         """The layers table the allocation reads for `unit` (with the measured rates for the calibrated one)."""
         return with_unit(self.layers, self.units) if unit == "calibrated" else self.layers
 
-    def width_multiples_offered(self, unit: str, source: str) -> dict[str, dict[int, float]]:
-        """The measured width multiples a plan in `unit` with `source`'s errors may charge (aptq sweep
-        --width-multiples measures them), by label."""
-        return {} if self.widths is None else width_multiple_choices(self.widths, unit, source)
+    def width_multiples_offered(self, unit: str, source: str) -> dict[str, MeasuredMultiples]:
+        """The measured width (and grid) multiples a plan in `unit` with `source`'s errors at the analysis's group
+        size may charge (aptq sweep --width-multiples measures them), by label."""
+        return {} if self.widths is None else width_multiple_choices(self.widths, unit, source, self.group_size)
 
 
 class _NotStored(LookupError):
