@@ -323,13 +323,9 @@ def width_multiple_choices(stored: pd.DataFrame, unit: str, source: str,
     for family in dict.fromkeys(map(_family, rows["settings"])):
         measured = pd.concat([measured_widths(rows, unit, source, how)
                               for how in dict.fromkeys(rows["settings"]) if _family(how) == family])
-        own = measured[measured["group_size"] == group_size]
-        if own.empty:
+        multiples = multiples_of(measured, group_size)
+        if not multiples.widths:
             continue
-        multiples = MeasuredMultiples({int(r.bits): float(r.multiple) for r in own.itertuples()},
-                                      {int(group): {int(r.bits): float(r.multiple) for r in grid.itertuples()}
-                                       for group, grid in measured[measured["group_size"] != group_size]
-                                       .groupby("group_size")})
         label = f"measured with {json.loads(family)['method']}: {multiples.describe()}"
         choices[label if label not in choices else f"{label} ({family})"] = multiples
     return choices
@@ -388,15 +384,19 @@ def calibrate_widths(loaded: LoadedModel, corpus: Corpus, sampling: Sampling, la
     return table[table["bits"].isin(widths)].reset_index(drop=True)
 
 
+def multiples_of(widths: pd.DataFrame, group_size: int) -> MeasuredMultiples:
+    """A calibrate_widths table as the multiples plans in groups of `group_size` charge: bits → multiple on that grid,
+    group size → bits → multiple on the others."""
+    return MeasuredMultiples({int(r.bits): float(r.multiple) for r in widths[widths["group_size"] == group_size]
+                              .itertuples()},
+                             {int(group): {int(r.bits): float(r.multiple) for r in grid.itertuples()}
+                              for group, grid in widths[widths["group_size"] != group_size].groupby("group_size")})
+
+
 def with_width_multiples(layers: pd.DataFrame, widths: pd.DataFrame, group_size: int) -> pd.DataFrame:
-    """The layers table whose attrs carry the measured multiples (a calibrate_widths table) that sweeps plan with
-    (aptq.sweep.plan_points): bits → multiple at the plans' `group_size`, and group size → bits → multiple for the
-    other grids measured."""
-    own = widths[widths["group_size"] == group_size]
-    grids = widths[widths["group_size"] != group_size]
+    """The layers table whose attrs carry the measured multiples (a calibrate_widths table, `multiples_of`) that
+    sweeps plan with (aptq.sweep.plan_points)."""
+    multiples = multiples_of(widths, group_size)
     charged = layers.copy()
-    charged.attrs = layers.attrs | {
-        "width_multiples": {int(r.bits): float(r.multiple) for r in own.itertuples()},
-        "grid_multiples": {int(group): {int(r.bits): float(r.multiple) for r in grid.itertuples()}
-                           for group, grid in grids.groupby("group_size")}}
+    charged.attrs = layers.attrs | {"width_multiples": multiples.widths, "grid_multiples": multiples.grids}
     return charged

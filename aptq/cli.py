@@ -368,13 +368,7 @@ def calibrate_unit_for(args: argparse.Namespace, loaded, corpus, sampling, layer
 def calibrate_widths_for(args: argparse.Namespace, loaded, corpus, sampling, layers, errors, settings, widths):
     """The layers table carrying the measured width multiples (stored, so a repeat is a cache hit), after one line
     about them; with --pairs, the multiples of the other group sizes' grids too."""
-    from aptq.calibrate import (
-        WIDTH_HOLDOUT,
-        MeasuredMultiples,
-        calibrate_widths,
-        validation_count,
-        with_width_multiples,
-    )
+    from aptq.calibrate import WIDTH_HOLDOUT, calibrate_widths, multiples_of, validation_count, with_width_multiples
     from aptq.store import Store
 
     bar = LazyBar("measuring the width multiples")
@@ -385,12 +379,11 @@ def calibrate_widths_for(args: argparse.Namespace, loaded, corpus, sampling, lay
     finally:
         bar.close()
     held = validation_count(sampling.n_samples, WIDTH_HOLDOUT)
-    charged = with_width_multiples(layers, table, settings.group_size)
-    measured = MeasuredMultiples(charged.attrs["width_multiples"], charged.attrs["grid_multiples"])
     print(f"\nWidth multiples (held-out KL / predicted total of each uniform plan, {settings.method} on the first "
-          f"{sampling.n_samples - held} calibration segments, KL on the other {held}): {measured.describe()}; stored "
-          f"in table width_calibrations, charged by every plan of this sweep.")
-    return charged
+          f"{sampling.n_samples - held} calibration segments, KL on the other {held}): "
+          f"{multiples_of(table, settings.group_size).describe()}; stored in table width_calibrations, charged by "
+          f"every plan of this sweep.")
+    return with_width_multiples(layers, table, settings.group_size)
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,9 +27,9 @@ from aptq.calibrate import (
     WIDTH_HOLDOUT,
     MeasuredMultiples,
     calibrate_widths,
+    multiples_of,
     validation_count,
     widths_to_measure,
-    with_width_multiples,
 )
 from aptq.choices import ERROR_SOLVERS, METHOD_LABELS
 from aptq.data import digest
@@ -175,8 +175,7 @@ def measure_widths(analysis: Analysis, quantizer: str, unit: str, candidates: li
             st.session_state["widths_read"] = key
             forget_stored_widths()
             st.rerun()
-        charged = with_width_multiples(analysis.layers, job.result, analysis.group_size).attrs
-        st.success(f"Measured: {MeasuredMultiples(charged['width_multiples'], charged['grid_multiples']).describe()}")
+        st.success(f"Measured: {multiples_of(job.result, analysis.group_size).describe()}")
     else:
         jobs.show(job)
 
