@@ -135,6 +135,9 @@ class MeasuredMultiples:
                               for group, by_width in self.grids.items())
 
 
+NO_MULTIPLES = MeasuredMultiples({}, {})  # a plan that charges no multiples
+
+
 @dataclass(frozen=True)
 class LayerUnit:
     """One layer's measurement: noise power per level, KL per level (mean over segments) and the fitted rate."""
@@ -320,9 +323,8 @@ def width_multiple_choices(stored: pd.DataFrame, unit: str, source: str,
     multiples, with those of the other grids measured the same way."""
     rows = stored[(stored["unit"] == unit) & (stored["source"] == source)]
     choices = {}
-    for family in dict.fromkeys(map(_family, rows["settings"])):
-        measured = pd.concat([measured_widths(rows, unit, source, how)
-                              for how in dict.fromkeys(rows["settings"]) if _family(how) == family])
+    for family, grids in rows.groupby(rows["settings"].map(_family), sort=False):
+        measured = pd.concat([measured_widths(grids, unit, source, how) for how in dict.fromkeys(grids["settings"])])
         multiples = multiples_of(measured, group_size)
         if not multiples.widths:
             continue

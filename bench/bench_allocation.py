@@ -43,7 +43,7 @@ from aptq.allocate import (
     summarize,
     unit_factors,
 )
-from aptq.calibrate import MeasuredMultiples, UnitSettings, calibrate_unit, validation_segments, with_unit
+from aptq.calibrate import NO_MULTIPLES, MeasuredMultiples, UnitSettings, calibrate_unit, validation_segments, with_unit
 from aptq.choices import EMBEDDED_MODEL, PAIRS_SOLVER
 from aptq.data import Sampling, calibration_segments, digest, load_corpus, token_ids
 from aptq.evaluate import evaluate, reference_stats
@@ -75,7 +75,6 @@ PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
 UNIFORM_WIDTHS = (2, 3, 4)
 UNIFORM_IN_GROUP = "uniform-g"  # + a group size: a uniform plan on that grid (--uniform-groups)
 DEFAULT_PLAN_UNITS = "heuristic,calibrated"
-NO_MULTIPLES = MeasuredMultiples({}, {})
 
 
 def plan_label(method: str, multiplied: bool) -> str:

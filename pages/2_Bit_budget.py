@@ -24,8 +24,8 @@ from aptq.allocate import (
     summarize,
 )
 from aptq.calibrate import (
+    NO_MULTIPLES,
     WIDTH_HOLDOUT,
-    MeasuredMultiples,
     calibrate_widths,
     multiples_of,
     validation_count,
@@ -118,7 +118,7 @@ def controls(analysis: Analysis, available: list[int], budget: float) -> Allocat
         groups = st.multiselect("Group sizes", grids, default=[analysis.group_size], key="group_sizes",
                                 persist_state="session", format_func=lambda g: f"{g} columns" if g else "per channel",
                                 help=GROUPS_HELP) or [analysis.group_size]
-    multiples = MeasuredMultiples({}, {})
+    multiples = NO_MULTIPLES
     if offered := analysis.width_multiples_offered(unit, quantizer):
         choice = st.selectbox("Width multiples", ["none", *offered], key="width_multiples", persist_state="session",
                               help=WIDTH_HELP)
