@@ -7,9 +7,7 @@ left out. Here every quantized layer of the block keeps its grid, and two things
 
 - each weight's code, `clamp(round(w / s + z + o + v), 0, 2^b − 1)`: `o` the integer by which the layer-wise solution
   moved the code away from round-to-nearest (so that v = 0 gives that solution back exactly), v ∈ [−½, ½] learned;
-- each row-group's scale, `s = s₀ · exp(a)`, a ∈ [−½, ½] learned;
-- where asked (`zeros`, asymmetric grids only), each row-group's integer zero point, `round(z₀ + c)`, c learned within
-  one step of z₀: the position of the grid's window, which the scale alone can only widen or narrow about 0.
+- each row-group's scale, `s = s₀ · exp(a)`, a ∈ [−½, ½] learned; the zero point z stays.
 
 The loss is the mean squared error of the block's output, on the quantized model's inputs, against the full-precision
 model's output of the block on its own inputs (the full-precision stream, where the walk carries it; else the
@@ -44,7 +42,6 @@ from aptq.quantizer import QuantConfig, fp16_ceil
 
 OFFSET_BOUND = 0.5  # |v|: the code moves at most one step from the layer-wise solution's
 SCALE_BOUND = 0.5  # |a|: each scale within a factor e^±½ of the layer-wise solution's
-ZERO_BOUND = 1.0  # |c|: each zero point at most one step from the layer-wise solution's
 PROGRESS_EVERY = 10  # iterations between progress reports (and chances to cancel)
 
 
@@ -54,7 +51,6 @@ class BlockRefinement:
 
     iterations: int = 0  # signed-gradient steps per block, one calibration batch each
     learning_rate: float | None = None  # the first step's size, decaying linearly to 0; None: 1 / iterations
-    zeros: bool = False  # the asymmetric grids' zero points learned too
 
     def __post_init__(self) -> None:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
@@ -70,7 +66,7 @@ class BlockRefinement:
 class _LayerGrid:
     """One layer's grid and learned variables, held group by group (aptq.aespa.GroupedGrid)."""
 
-    def __init__(self, original: Tensor, start: Tensor, cfg: QuantConfig, zeros: bool = False) -> None:
+    def __init__(self, original: Tensor, start: Tensor, cfg: QuantConfig) -> None:
         grid = GroupedGrid.of(original, start, cfg)
         self.d_in = original.shape[1]
         self.max_level = cfg.max_level
@@ -83,29 +79,14 @@ class _LayerGrid:
         self.offset = torch.where(torch.round(position) == grid.codes, 0,
                                   (grid.codes - position) * 1e-3).requires_grad_()
         self.log_factor = torch.zeros(self.scale.shape, device=original.device, requires_grad=True)
-        self.zero_shift = self._zero_start(cfg).requires_grad_() if zeros and not cfg.symmetric else None
-
-    def _zero_start(self, cfg: QuantConfig) -> Tensor:
-        """(our choice, as auto-round's window) c starts at the min-max grid's unrounded zero point less the start's:
-        `−min(w, 0) (2^b − 1) / (max(w, 0) − min(w, 0))`, which a range clipped by the same factor at both ends keeps,
-        so that a group whose zero was a close call moves first; held inside (−½, ½), so that c gives z₀ back."""
-        low = self.weight.clamp(max=0).amin(-1, keepdim=True)  # padding columns are 0: they change neither end
-        high = self.weight.clamp(min=0).amax(-1, keepdim=True)
-        unrounded = torch.where(high > low, -low * cfg.max_level / (high - low).clamp(min=1e-30), self.zero)
-        return (unrounded - self.zero).clamp(-0.499, 0.499)
 
     def _weight(self, scale: Tensor, straight_through: bool) -> Tensor:
-        zero = self.zero
-        if self.zero_shift is not None:
-            moved = self.zero + self.zero_shift
-            rounded = torch.round(moved)
-            zero = torch.clamp(moved + (rounded - moved).detach() if straight_through else rounded, 0, self.max_level)
-        position = self.weight / scale + zero + self.shift + self.offset
+        position = self.weight / scale + self.zero + self.shift + self.offset
         rounded = torch.round(position)
         if straight_through:
             rounded = position + (rounded - position).detach()
         codes = torch.clamp(rounded, 0, self.max_level)
-        return (scale * (codes - zero)).reshape(self.weight.shape[0], -1)[:, :self.d_in]
+        return (scale * (codes - self.zero)).reshape(self.weight.shape[0], -1)[:, :self.d_in]
 
     def relaxed(self) -> Tensor:
         """The weights as the optimiser sees them (float32 scales, gradients straight through the rounding)."""
@@ -113,15 +94,12 @@ class _LayerGrid:
 
     @torch.no_grad()
     def hard(self) -> Tensor:
-        """The weights on the grid: float16 scales (rounded up, as the quantizer's), integer codes and zero points."""
+        """The weights on the grid: float16 scales (rounded up, as the quantizer's), integer codes."""
         return self._weight(fp16_ceil(self.scale * self.log_factor.exp()), straight_through=False)
 
     @torch.no_grad()
     def step(self, size: float) -> None:
-        variables = [(self.offset, OFFSET_BOUND), (self.log_factor, SCALE_BOUND)]
-        if self.zero_shift is not None:
-            variables.append((self.zero_shift, ZERO_BOUND))
-        for variable, bound in variables:
+        for variable, bound in ((self.offset, OFFSET_BOUND), (self.log_factor, SCALE_BOUND)):
             if variable.grad is not None:
                 variable.sub_(variable.grad.sign(), alpha=size).clamp_(-bound, bound)
                 variable.grad = None
@@ -188,7 +166,7 @@ def refine_block(step: BlockStep, model: torch.nn.Module, arch: Architecture, to
     if refinement.iterations == 0 or not layers:
         return weights, None
     grids = {layer.name: _LayerGrid(get_weight(model, layer).to(step.device), weights[layer.name].float()
-                                    .to(step.device), configs[layer.name], refinement.zeros) for layer in layers}
+                                    .to(step.device), configs[layer.name]) for layer in layers}
 
     def loss_over_batches(current: dict[str, Tensor]) -> float:
         parameters = _parameters(step, arch, layers, current)

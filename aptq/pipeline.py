@@ -188,8 +188,6 @@ class QuantizeSettings:
             del fields["fp_targets"]
         if not self.block.iterations:
             del fields["block"]
-        elif not self.block.zeros:
-            del fields["block"]["zeros"]  # the key of every refinement stored before the zero points could move
         if self.layer_groups:
             fields["layer_groups"] = dict(self.layer_groups)
         else:

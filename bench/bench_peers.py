@@ -77,9 +77,10 @@ PEERS = {
 }
 OURS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "attention": "attention-aware GPTQ (ours)", "aespa": "aespa (ours)"}
 # --options → QuantizeSettings: the field and its value; also "shrink=S" (QuantizeSettings.shrink), "fp-targets=A"
-# (QuantizeSettings.fp_targets), "act-order-from=B" (QuantizeSettings.act_order_from: act-order for the layers of B bits
-# and more), "block=N" (QuantizeSettings.block: N steps of block refinement; with "block-zeros" the zero points learned
-# too) and "batch=N" (QuantizeSettings.batch_size: segments per forward pass, and per refinement step)
+# (QuantizeSettings.fp_targets) and
+# "act-order-from=B" (QuantizeSettings.act_order_from: act-order for the layers of B bits and more), "block=N"
+# (QuantizeSettings.block: N steps of block refinement) and "batch=N" (QuantizeSettings.batch_size: segments per
+# forward pass, and per refinement step)
 OPTIONS = {"act-order": ("act_order_from", 2), "v-rows": ("value_rows", True), "mlp-rows": ("mlp_rows", True),
            "attention-rows": ("row_weights", "attention"), "uniform-rows": ("row_weights", "uniform"),
            "output-norms": ("output_norms", True)}
@@ -155,8 +156,7 @@ class Quantized:
         # otherwise: the rows' labels name every option of theirs, as they did before act-order from 3 bits, the
         # targets and the iterations by width became the quantizers' defaults
         chosen, aespa = {"act_order_from": None, "fp_targets": 0.0}, {"iterations": CPU_ITERATIONS}
-        parts = list(filter(None, self.options.split(",")))
-        for part in parts:
+        for part in filter(None, self.options.split(",")):
             name, _, value = part.partition("=")
             if name in OPTIONS:
                 field, setting = OPTIONS[name]
@@ -166,9 +166,7 @@ class Quantized:
             elif name == "act-order-from":
                 chosen["act_order_from"] = int(value)
             elif name == "block":
-                chosen["block"] = BlockRefinement(int(value), zeros="block-zeros" in parts)
-            elif name == "block-zeros":  # read with block=N
-                pass
+                chosen["block"] = BlockRefinement(int(value))
             elif name == "batch":
                 chosen["batch_size"] = int(value)
             elif name in AESPA_FLAGS:
@@ -617,8 +615,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--options", default="", help=f"ours only, comma-separated: {', '.join(OPTIONS)}, "
-                                                       f"shrink=S, fp-targets=A, act-order-from=B, block=N, "
-                                                       f"block-zeros; "
+                                                       f"shrink=S, fp-targets=A, act-order-from=B, block=N; "
                                                        f"aespa also "
                                                        f"{', '.join(AESPA_FLAGS)}, iterations=N")
     parser.add_argument("--model", help="dump only: the model (default: the embedded one)")
@@ -635,11 +632,9 @@ def main() -> None:
                 # aptq.widths.QUANT_WIDTHS, not imported: `quantize` runs in the peers' environment without aptq
                 or (name == "act-order-from" and value.isdigit() and 2 <= int(value) <= 8)
                 or (name == "block" and value.isdigit() and args.method != "rtn")
-                or (part == "block-zeros" and "block=" in options)
                 or (name == "batch" and value.isdigit() and int(value) >= 1)):
             parser.error(f"unknown --options {part}: choose from {', '.join(sorted(allowed))}, shrink=S (0 to 1), "
-                         "fp-targets=A (0 to 1), act-order-from=B (2 to 8), block=N (not rtn), block-zeros (with "
-                         "block=N), batch=N (N ≥ 1)"
+                         "fp-targets=A (0 to 1), act-order-from=B (2 to 8), block=N (not rtn), batch=N (N ≥ 1)"
                          f"{', iterations=N' if args.method == 'aespa' else ''}")
     command = f"bench_peers {args.step} --{'peer' if args.step == 'quantize' else 'method'} " \
               f"{args.peer or args.method} --bits {args.bits} --group {args.group}" + \

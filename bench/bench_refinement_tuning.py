@@ -7,13 +7,12 @@
 Reads bench_peers' dump (its calibration segments, so the same tokens as the whole-model runs; `dump` first), quantizes
 the first BLOCKS blocks (the others stay in full precision) with the layer-wise quantizer of `--method/--options` and
 each variant of the refinement (`STEPS`, `STEPS:LR` or `STEPS:LR:BATCH`: LR the first step's size, 1 / STEPS where
-empty or left out; BATCH the segments a step takes, the walk's default where left out; STEPS followed by z, e.g. 100z,
-learns the zero points too; 0 is the layer-wise quantizer alone), and measures the KL against the full-precision model
-on bench_peers' validation windows of the calibration split — never on the evaluation split. (our choice) The first
-blocks: the refinement lowered their block loss most in the whole-model runs, and they are cheap enough to try several
-variants in one session; the proxy chooses, a whole-model run then confirms. The table goes to
-bench/results/refinement_tuning_<dump>_w<bits>.md (text below the table, the reading written by hand, is kept when it
-is rewritten).
+empty or left out; BATCH the segments a step takes, the walk's default where left out; 0 is the layer-wise quantizer
+alone), and measures the KL against the full-precision model on bench_peers' validation windows
+of the calibration split — never on the evaluation split. (our choice) The first blocks: the refinement lowered their
+block loss most in the whole-model runs, and they are cheap enough to try several variants in one session; the proxy
+chooses, a whole-model run then confirms. The table goes to bench/results/refinement_tuning_<dump>_w<bits>.md (text
+below the table, the reading written by hand, is kept when it is rewritten).
 """
 
 from __future__ import annotations
@@ -42,14 +41,11 @@ class Variant:
     steps: int
     learning_rate: float | None  # None: 1 / steps
     batch: int | None  # segments per step; None: the walk's default (aptq.capture.default_batch_size)
-    zeros: bool = False  # the zero points learned too (BlockRefinement.zeros)
 
     @staticmethod
     def parse(text: str) -> Variant:
         steps, rate, batch = (text.split(":") + ["", ""])[:3]
-        zeros = steps.endswith("z")
-        return Variant(int(steps.removesuffix("z")), float(rate) if rate else None, int(batch) if batch else None,
-                       zeros)
+        return Variant(int(steps), float(rate) if rate else None, int(batch) if batch else None)
 
     def __post_init__(self) -> None:
         self.refinement()  # UserError for what the run would refuse
@@ -60,15 +56,14 @@ class Variant:
         """As the run takes it (aptq.blockwise.BlockRefinement)."""
         from aptq.blockwise import BlockRefinement
 
-        return BlockRefinement(self.steps, self.learning_rate, self.zeros)
+        return BlockRefinement(self.steps, self.learning_rate)
 
     @property
     def label(self) -> str:
         if not self.steps:
             return "layer-wise alone"
         batch = f", {self.batch} segments a step" if self.batch else ""
-        zeros = ", zero points learned" if self.zeros else ""
-        return f"{self.steps} steps, first step {self.refinement().step_size:.4g}{batch}{zeros}"
+        return f"{self.steps} steps, first step {self.refinement().step_size:.4g}{batch}"
 
 
 @dataclass(frozen=True)
@@ -88,7 +83,7 @@ def measure(loaded, segments: torch.Tensor, windows: torch.Tensor, reference, se
     from aptq.widths import FULL_PRECISION
 
     chosen = replace(settings, block=variant.refinement(), batch_size=variant.batch)
-    key = f"refinement-tuning-{variant.steps}-{variant.learning_rate}-{variant.batch}-{variant.zeros}"
+    key = f"refinement-tuning-{variant.steps}-{variant.learning_rate}-{variant.batch}"
     remove_checkpoints(key)  # a run of another dump or settings under the same name
     progress, close = tqdm_progress(variant.label)
     started = time.perf_counter()
@@ -121,7 +116,7 @@ def main() -> None:
                         help="the layer-wise quantizer's, as bench_peers ours takes them (no block=N)")
     parser.add_argument("--blocks", type=int, default=4, help="the first BLOCKS blocks are quantized")
     parser.add_argument("--variants", default="0,100,100:0.02,200::4",
-                        help="STEPS, STEPS:LR or STEPS:LR:BATCH, comma-separated (STEPS as 100z: zero points learned)")
+                        help="STEPS, STEPS:LR or STEPS:LR:BATCH, comma-separated")
     args = parser.parse_args()
     from aptq.errors import UserError
 

@@ -34,53 +34,24 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "RUN_CACHE", tmp_path / "runs")
 
 
-@pytest.mark.parametrize("zeros", [False, True])
 @pytest.mark.parametrize("cfg", [QuantConfig(2, 16), QuantConfig(3, 16, symmetric=True), QuantConfig(4, 0)])
-def test_the_start_comes_back_exactly_and_moved_variables_stay_on_the_grid(cfg, zeros):
-    """A GPTQ start (codes moved away from round-to-nearest), 40 columns in groups of 16 (the last one padded); with
-    the zero points learned (asymmetric grids only) they start off integer and still give the start back."""
+def test_the_start_comes_back_exactly_and_moved_variables_stay_on_the_grid(cfg):
+    """A GPTQ start (codes moved away from round-to-nearest), 40 columns in groups of 16 (the last one padded)."""
     torch.manual_seed(0)
     W = torch.randn(12, 40)
     X = torch.randn(200, 40) @ torch.randn(40, 40)
     start = gptq(W, 2 * X.T @ X / 200, cfg).weight
     assert not torch.equal(start, rtn(W, cfg))  # the shifts matter
-    grid = _LayerGrid(W, start, cfg, zeros)
-    assert (grid.zero_shift is not None) == (zeros and not cfg.symmetric)
-    if grid.zero_shift is not None:
-        assert grid.zero_shift.abs().max() < 0.5 and grid.zero_shift.abs().sum() > 0
+    grid = _LayerGrid(W, start, cfg)
     assert torch.equal(grid.hard(), start)
     assert torch.equal(grid.relaxed().detach(), start)  # what the optimiser sees at its first step
     with torch.no_grad():
         grid.offset.uniform_(-0.5, 0.5)
         grid.log_factor.uniform_(-0.3, 0.3)
-        if grid.zero_shift is not None:
-            grid.zero_shift.uniform_(-1, 1)
     moved = grid.hard()
     assert not torch.equal(moved, start)
     codes = recover_codes(moved, cfg)  # raises where a row-group is on no grid of cfg
     assert torch.equal(codes.dequantize().float(), moved)
-
-
-def test_a_learned_zero_point_moves_the_window_and_nothing_inside_it():
-    """Inside the window a zero step moves every code with it: no gradient reaches the zero point until a weight is
-    clamped; past the half-way point the window moves one level down, the values inside it unchanged and the lowest
-    weight, clamped before, represented."""
-    cfg = QuantConfig(2, 0, clip_search=False)
-    W = torch.tensor([[-3.0, -1.4, 0.1, 0.5, 1.0]])
-    grid = _LayerGrid(W, rtn(W, cfg), cfg, zeros=True)
-    (grid.relaxed() - W).square().sum().backward()
-    assert grid.zero_shift.grad.item() == 0  # the min-max window clamps nothing
-    with torch.no_grad():
-        grid.log_factor.fill_(-0.4)  # a narrower window: -3 and 1.0 fall outside it
-    narrow = grid.hard()
-    (grid.relaxed() - W).square().sum().backward()
-    assert grid.zero_shift.grad.item() != 0
-    with torch.no_grad():
-        grid.zero_shift.fill_(0.6)
-    moved = grid.hard()
-    assert recover_codes(moved, cfg).zeros.item() == recover_codes(narrow, cfg).zeros.item() + 1
-    assert torch.equal(moved[0, 1:3], narrow[0, 1:3])  # inside both windows
-    assert (moved[0, 0] - W[0, 0]).abs() < (narrow[0, 0] - W[0, 0]).abs()
 
 
 def _first_step(model, arch, segments, **walk_options):
@@ -126,11 +97,10 @@ def _block_error(model, arch, step, weights) -> float:
                    for batch, target in zip(step.batches(), targets))
 
 
-@pytest.mark.parametrize("family, dtype, zeros", [("llama", torch.float32, False), ("llama", torch.bfloat16, False),
-                                                  ("llama", torch.float32, True), ("gemma2", torch.float32, False),
-                                                  ("gemma3_text", torch.float32, False), ("gpt2", torch.float32, False),
-                                                  ("qwen3_moe", torch.float32, True)])
-def test_refinement_lowers_the_blocks_output_error_and_leaves_the_model_alone(tiny_model, family, dtype, zeros):
+@pytest.mark.parametrize("family, dtype", [("llama", torch.float32), ("llama", torch.bfloat16),
+                                           ("gemma2", torch.float32), ("gemma3_text", torch.float32),
+                                           ("gpt2", torch.float32), ("qwen3_moe", torch.float32)])
+def test_refinement_lowers_the_blocks_output_error_and_leaves_the_model_alone(tiny_model, family, dtype):
     model, arch = tiny_model(family)
     model.to(dtype)
     torch.manual_seed(1)
@@ -148,7 +118,7 @@ def test_refinement_lowers_the_blocks_output_error_and_leaves_the_model_alone(ti
     # in float32, as the pipeline hands them over: exactly on their grid (a bfloat16 copy is not)
     start = {layer.name: rtn(get_weight(model, layer).float(), configs[layer.name]) for layer, _ in todo}
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    refined, note = refine_block(step, model, arch, todo, start, configs, BlockRefinement(40, zeros=zeros))
+    refined, note = refine_block(step, model, arch, todo, start, configs, BlockRefinement(40))
     assert note is None
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
     assert _block_error(model, arch, step, refined) < _block_error(model, arch, step, start)
@@ -198,8 +168,6 @@ def test_the_pipeline_refines_keys_and_refuses_as_documented(tiny_model_dir, tex
     assert stored[layer.name].dtype == torch.bfloat16
     assert "block" not in settings.key_fields()  # off: the keys of every run stored before it
     assert refined_settings.key_fields()["block"] == {"iterations": 20, "learning_rate": None}
-    zeros = replace(settings, block=BlockRefinement(20, zeros=True))  # in the key only when on
-    assert zeros.key_fields()["block"] == {"iterations": 20, "learning_rate": None, "zeros": True}
     # the refinement's steps take one batch each: a batch size given is in its key, and only there
     assert replace(refined_settings, batch_size=4).key_fields() == refined_settings.key_fields() | {"batch_size": 4}
     assert replace(settings, batch_size=4).key_fields() == settings.key_fields()
