@@ -15,6 +15,7 @@ The peers pin their own transformers, so they run in a separate environment and 
     .venv/bin/python -m bench.bench_peers ours --method attention --bits 3 --group 64 --options act-order,v-rows
     .venv/bin/python -m bench.bench_peers evaluate
     .venv/bin/python -m bench.bench_peers evaluate-longer --tokens 16384   # kept Ŵ on more evaluation tokens
+    .venv/bin/python -m bench.bench_peers evaluate-longer --tokens 16384 --spread   # … on windows from 14 of 15 genres
 
 Another protocol (e.g. `dump --samples 64 --seqlen 512 --tokens 16384`, the issues' own) wants APTQ_CACHE_DIR set to a
 directory of its own as well; its table is written to a file named after it (Inputs.results).
@@ -581,20 +582,34 @@ def write_results(inputs: Inputs, model_name: str, rows: list[Row], fp_perplexit
     print("\n".join(lines))
 
 
-def evaluate_longer(tokens: int, names: list[str]) -> None:
-    """Every kept Ŵ (or `names`) on the first `tokens` evaluation tokens (windows of 512), more than the dump's: a
-    markdown table on stdout, for a reading. Full precision first, as the reference."""
+def spread_windows(windows: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` of the windows at evenly spaced places from the first to the last: 32 of them reach 14 of the Brown
+    evaluation split's 15 genres (with either model's tokenizer), where its first 16384 tokens are seven press reports
+    (ca05–ca35, genre a)."""
+    return windows[torch.linspace(0, len(windows) - 1, min(count, len(windows))).round().long()]
+
+
+def evaluate_longer(tokens: int, names: list[str], spread: bool) -> None:
+    """Every kept Ŵ (or `names`) on the first `tokens` evaluation tokens (windows of 512), more than the dump's, or
+    (`spread`) on `tokens` tokens in windows spread over the whole evaluation split: a markdown table on stdout, for a
+    reading. Full precision first, as the reference."""
     from aptq.data import evaluation_windows, load_corpus, token_ids
     from aptq.evaluate import evaluate, reference_stats
 
     inputs = load_inputs()
     loaded = inputs.load()
-    windows = evaluation_windows(token_ids(loaded.tokenizer, load_corpus("brown"), "evaluation"), WINDOW, tokens)
-    if not torch.equal(windows[:len(inputs.evaluation)], inputs.evaluation):
-        raise RuntimeError("The evaluation windows do not start with the dumped ones.")
+    ids = token_ids(loaded.tokenizer, load_corpus("brown"), "evaluation")
+    if spread:
+        windows = spread_windows(evaluation_windows(ids, WINDOW), tokens // WINDOW)
+        where = f"{windows.numel()} evaluation tokens in windows of {WINDOW} spread over the whole split"
+    else:
+        windows = evaluation_windows(ids, WINDOW, tokens)
+        if not torch.equal(windows[:len(inputs.evaluation)], inputs.evaluation):
+            raise RuntimeError("The evaluation windows do not start with the dumped ones.")
+        where = f"first {windows.numel()} evaluation tokens, windows of {WINDOW}"
     reference = reference_stats(loaded.model, windows)
-    print(f"{loaded.path.name}: first {windows.numel()} evaluation tokens, windows of {WINDOW}; full precision "
-          f"perplexity {evaluate(loaded.model, windows, reference=reference).perplexity:.3f}\n")
+    print(f"{loaded.path.name}: {where}; full precision perplexity "
+          f"{evaluate(loaded.model, windows, reference=reference).perplexity:.3f}\n")
     print("| Ŵ | perplexity | KL | top-1 |\n|---|---|---|---|")
     for path in sorted(WORK.glob("*.pt")) if not names else [WORK / f"{name}.pt" for name in names]:
         if path.name.endswith("-reference.pt") or path == INPUTS:
@@ -620,6 +635,8 @@ def main() -> None:
                                                        f"{', '.join(AESPA_FLAGS)}, iterations=N")
     parser.add_argument("--model", help="dump only: the model (default: the embedded one)")
     parser.add_argument("--rerun", action="store_true", help="ours only: measure again, replacing the stored run")
+    parser.add_argument("--spread", action="store_true", help="evaluate-longer only: windows spread evenly over the "
+                                                               "whole evaluation split instead of its first tokens")
     parser.add_argument("--names", default="", help="evaluate-longer only: comma-separated Ŵ names (file stems in "
                                                     "the work directory; default: every kept Ŵ)")
     args = parser.parse_args()
@@ -646,7 +663,7 @@ def main() -> None:
     elif args.step == "ours":
         ours(args.method, args.bits, args.group, options, command, args.rerun)
     elif args.step == "evaluate-longer":
-        evaluate_longer(args.tokens, [name for name in args.names.split(",") if name])
+        evaluate_longer(args.tokens, [name for name in args.names.split(",") if name], args.spread)
     else:
         evaluate_all()
 
