@@ -827,26 +827,35 @@ def _chosen_errors(layers: pd.DataFrame, bits: np.ndarray, groups: np.ndarray, e
     return values
 
 
-def _predicted_errors(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict[str, float]:
-    """The PREDICTED_ERRORS and their _se: Σ over quantized layers of the request's source's error at the plan's
-    width (and group size), in the request's unit, times its width (and grid) multiples; the standard error from
-    the unit factors' (a sum of per-layer variances). NaN where an error is missing, and the standard error NaN for
-    tables used as given."""
+def layer_predictions(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame,
+                      metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer of `layers`: the predicted error that `_predicted_errors` sums (the raw `metric` at the plan's width
+    and group size, in the request's unit, times its width and grid multiples) and its standard error from the unit
+    factor's; 0 for layers kept in full precision, NaN where an error is missing (the standard error also for tables
+    used as given)."""
     bits = layers["layer"].map(plan.bits).to_numpy(dtype=np.int64)
     groups = plan.group_size_of(layers)
     quantized = bits < FULL_PRECISION
+    factors = unit_factors(layers, metric, plan.request.unit)
+    factor, factor_se = factors if factors is not None else (np.ones(len(layers)), np.full(len(layers), np.nan))
+    values = np.zeros(len(layers))
+    values[quantized] = _chosen_errors(layers, bits, groups, errors, metric)[quantized] * \
+        option_multiples(plan.request, bits[quantized], groups[quantized])
+    return values * factor, np.where(quantized, values * factor_se, 0.0)
+
+
+def _predicted_errors(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame) -> dict[str, float]:
+    """The PREDICTED_ERRORS and their _se: Σ over quantized layers of `layer_predictions`; the standard error a sum of
+    per-layer variances. NaN where an error is missing, and the standard error NaN for tables used as given."""
     totals = {}
     names = (PREDICTED_ERROR_LAYERWISE, PREDICTED_ERROR_ATTENTION)
     for name, metric in zip(names, ERROR_SOURCES[plan.request.quantizer]):
         total = se = math.nan
         if metric in errors.columns:
-            factors = unit_factors(layers, metric, plan.request.unit)
-            factor, factor_se = factors if factors is not None else (np.ones(len(layers)), np.full(len(layers), np.nan))
-            values = _chosen_errors(layers, bits, groups, errors, metric)[quantized] * \
-                option_multiples(plan.request, bits[quantized], groups[quantized])
+            values, spread = layer_predictions(plan, layers, errors, metric)
             if not np.isnan(values).any():
-                total = float((values * factor[quantized]).sum())
-                se = float(np.sqrt(((values * factor_se[quantized]) ** 2).sum()))
+                total = float(values.sum())
+                se = float(np.sqrt((spread ** 2).sum()))
         totals |= {name: total, f"{name}_se": se}
     return {key: totals[key] for key in (PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE,
                                          f"{PREDICTED_ERROR_ATTENTION}_se", f"{PREDICTED_ERROR_LAYERWISE}_se")}

@@ -15,8 +15,9 @@ One run (resumable: the analysis and the unit are cached in --store, each plan's
    tokens the quantizer never saw; KL and perplexity on the evaluation split's first --tokens tokens are reported
    only;
 4. writes --output (default bench/results/allocation_<quantizer>.md): predicted errors per source, unit factors,
-   Spearman of predicted totals against measured KL, and the share of uniform 3-bit's gap that the 3-bit knapsack
-   closes. Text from "## Reading" on in an existing output (written by hand) is kept.
+   Spearman of predicted totals against measured KL, the share of uniform 3-bit's gap that the 3-bit knapsack
+   closes, and two checks of why mixed plans measure dearer than predicted (bench/allocation_checks.py). Text from
+   "## Reading" on in an existing output (written by hand) is kept.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from aptq.pipeline import (
 )
 from aptq.sensitivity import AnalysisSettings, analyze
 from aptq.store import Store
+from bench.allocation_checks import fitted_multiples_lines, selection_bias_lines
 from bench.reading import with_reading
 
 GROUP = 64
@@ -286,11 +288,11 @@ def main() -> None:
             scored = scored_plan(plans[row.plan], scoring, args.quantizer, multiples[scoring])
             table.loc[row.Index, f"{scoring}_multiplied"] = summarize(scored, measured, errors)[
                 "predicted_error_attention"]
-    write_report(args, loaded.display_name, table, layers, errors, measured, units, multiples, validation,
+    write_report(args, loaded.display_name, table, plans, layers, errors, measured, units, multiples, validation,
                  fitting.n_samples, settings, scorings, analysis_seconds, unit_seconds, load_before)
 
 
-def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, measured, units,
+def write_report(args, model_name: str, table: pd.DataFrame, plans: dict[str, Plan], layers, errors, measured, units,
                  multiples: dict[str, MeasuredMultiples], validation: torch.Tensor, n_fitting: int,
                  settings: QuantizeSettings,
                  scorings: tuple[str, ...], analysis_seconds: float, unit_seconds: float,
@@ -337,6 +339,12 @@ def write_report(args, model_name: str, table: pd.DataFrame, layers, errors, mea
     if units is not None:
         lines += _unit_section(measured, ERROR_SOURCES[args.quantizer][1])
     lines += _plan_section(table, multiples, scorings)
+    lines += ["", "## Why mixed plans miss their promise: two checks (bench/allocation_checks.py)", ""]
+    metric = ERROR_SOURCES[args.quantizer][1]
+    for scoring in scorings:
+        unpriced = {key: scored_plan(plan, scoring, args.quantizer) for key, plan in plans.items()}
+        lines += fitted_multiples_lines(table, unpriced, measured, errors, metric, scoring)
+    lines += selection_bias_lines(table, plans, measured, errors)
     output = Path(args.output)
     output.write_text(with_reading(lines, output.read_text() if output.is_file() else ""))
     print("\n".join(lines))

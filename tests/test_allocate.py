@@ -26,6 +26,7 @@ from aptq.allocate import (
     available_error_sources,
     equal_bytes_pairs,
     error_source_for,
+    layer_predictions,
     pair_candidates,
     plan_frame,
     summarize,
@@ -465,6 +466,21 @@ def test_predicted_totals_carry_the_propagated_standard_error():
     assert calibrated["predicted_error_attention_se"] == pytest.approx(np.hypot(0.01 * 1, 0.02 * 4))
     assert np.isnan(summarize(plan, layers[["layer", "block", "kind", "fused", "n_params"]], errors)[
         "predicted_error_attention_se"])  # a table used as given has no known uncertainty
+
+
+def test_layer_predictions_are_the_terms_of_the_predicted_total():
+    """The per-layer terms that bench/allocation_checks.py splits by grid: with the width multiples, zero for a layer
+    kept in full precision."""
+    layers, errors = unit_layers()
+    plan = Plan({"l0": 4, "l1": 2, "l2": 16}, AllocationRequest(3.0, candidates=(2, 4), width_multiples={2: 2.0,
+                                                                                                        4: 1.5}))
+    values, spread = layer_predictions(plan, layers, errors, "err_attention")
+    # heuristic factors 5, 0.5, 1 (test_predicted_totals_carry_the_propagated_standard_error) × raw errors × multiples
+    assert values == pytest.approx([5 * 1 * 1.5, 0.5 * 8 * 2.0, 0.0])
+    assert spread == pytest.approx([0.5 * 1 * 1.5, 0.0625 * 8 * 2.0, 0.0])
+    summary = summarize(plan, layers, errors)
+    assert summary["predicted_error_attention"] == pytest.approx(values.sum())
+    assert summary["predicted_error_attention_se"] == pytest.approx(np.sqrt((spread ** 2).sum()))
 
 
 def test_the_calibrated_unit_changes_the_plan_and_needs_its_measurement():
