@@ -24,6 +24,9 @@ Another model: `dump --model SOURCE` (anything `aptq.models.load_model` takes; e
 dump) with APTQ_CACHE_DIR set to a directory of its own, so that its dump, Ŵ files and store stay apart; its table is
 written to bench/results/peers_<model>.md.
 
+Any environment with a peer and the pinned torch runs its `quantize` step (it imports no aptq module): the 2026-12-04
+rows ran llm-compressor and GPTQModel from a second one, /work/venv-peers2, installed with the same pins.
+
 (pip warns that llmcompressor 0.14.0.1 asks for auto-round ≤ 0.15.1; its GPTQ path does not use auto-round, so the
 newest auto-round stays. GPTQModel 7.7.0 needs torch ≥ 2.14.1, so its 7.6.0 is the newest that installs beside the
 pinned CPU torch; it downgrades numpy to 2.2.6.)
