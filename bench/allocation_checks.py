@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 
-from aptq.allocate import UNIT_COLUMNS, Plan, allocate, layer_predictions, summarize
+from aptq.allocate import UNIT_COLUMNS, Plan, allocate, layer_predictions, plan_frame, summarize
 from aptq.choices import PAIRS_SOLVER
 
 DRAWS = 40  # perturbed unit tables per knapsack plan (our choice: the mean's spread below 1 %)
@@ -25,9 +25,7 @@ DRAWS = 40  # perturbed unit tables per knapsack plan (our choice: the mean's sp
 
 def grid_terms(plan: Plan, layers: pd.DataFrame, errors: pd.DataFrame, metric: str) -> dict[tuple[int, int], float]:
     """The plan's predicted error (its request's unit and multiples) summed per grid: (group size, bits) → total."""
-    values, _ = layer_predictions(plan, layers, errors, metric)
-    bits = layers["layer"].map(plan.bits).to_numpy(dtype=np.int64)
-    frame = pd.DataFrame({"group": plan.group_size_of(layers), "bits": bits, "value": values})
+    frame = plan_frame(plan, layers).assign(value=layer_predictions(plan, layers, errors, metric)[0])
     quantized = frame[frame["value"] > 0]
     return {(int(g), int(b)): float(v) for (g, b), v in quantized.groupby(["group", "bits"])["value"].sum().items()}
 
@@ -64,11 +62,6 @@ def fitted_multiples_lines(table: pd.DataFrame, unpriced: dict[str, Plan], layer
     return lines
 
 
-def _choices(plan: Plan, layers: pd.DataFrame) -> list[tuple[int, int]]:
-    """(bits, group size) per layer."""
-    return list(zip(layers["layer"].map(plan.bits), plan.group_size_of(layers)))
-
-
 def selection_bias_lines(table: pd.DataFrame, plans: dict[str, Plan], layers: pd.DataFrame, errors: pd.DataFrame,
                          seed: int = 0) -> list[str]:
     """Check 2 for every knapsack plan of the table (`plans` by the table's plan column, as allocated)."""
@@ -83,6 +76,7 @@ def selection_bias_lines(table: pd.DataFrame, plans: dict[str, Plan], layers: pd
     for row in knapsacks.itertuples():
         plan = plans[row.plan]
         value, spread, *_ = UNIT_COLUMNS[plan.request.unit]
+        chosen = plan_frame(plan, layers)[["bits", "group"]]
         ratios, moved = [], []
         for _ in range(DRAWS):
             noisy = layers.copy()
@@ -91,7 +85,7 @@ def selection_bias_lines(table: pd.DataFrame, plans: dict[str, Plan], layers: pd
             redrawn = allocate(noisy, errors, plan.request)
             promise = summarize(redrawn, noisy, errors)["predicted_error_attention"]
             ratios.append(summarize(redrawn, layers, errors)["predicted_error_attention"] / promise)
-            moved.append(sum(a != b for a, b in zip(_choices(redrawn, layers), _choices(plan, layers))))
+            moved.append(int((plan_frame(redrawn, layers)[["bits", "group"]] != chosen).any(axis=1).sum()))
         lines.append(f"| {row.method} | {row.budget:g} | {row.unit} | {'yes' if row.multiplied else 'no'} | "
                      f"{np.mean(moved):.1f} | {np.mean(ratios):.3f} | {np.percentile(ratios, 5):.3f} | "
                      f"{np.percentile(ratios, 95):.3f} |")

@@ -336,11 +336,11 @@ def write_report(args, model_name: str, table: pd.DataFrame, plans: dict[str, Pl
     lines += ["", "At 3 bits per kind (attention-aware measure): RTN / GPTQ / aware = "
               + "; ".join(f"{kind} {r.err_attention:.3g} / {r.err_gptq_attention:.3g} / {r.err_aware_attention:.3g}"
                           for kind, r in at3.iterrows()), ""]
+    metric = ERROR_SOURCES[args.quantizer][1]
     if units is not None:
-        lines += _unit_section(measured, ERROR_SOURCES[args.quantizer][1])
+        lines += _unit_section(measured, metric)
     lines += _plan_section(table, multiples, scorings)
     lines += ["", "## Why mixed plans miss their promise: two checks (bench/allocation_checks.py)", ""]
-    metric = ERROR_SOURCES[args.quantizer][1]
     for scoring in scorings:
         unpriced = {key: scored_plan(plan, scoring, args.quantizer) for key, plan in plans.items()}
         lines += fitted_multiples_lines(table, unpriced, measured, errors, metric, scoring)
