@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from aptq.allocate import PREDICTED_ERROR_ATTENTION, PREDICTED_ERROR_LAYERWISE
 from aptq.choices import PAIRS_SOLVER
 from aptq.history import quantizer_names
+from aptq.tradeoffs import MEASURE_SE, PREDICTED_ERROR_ATTENTION_SE, band
 
 KIND_ORDER = ["q", "k", "v", "o", "gate", "up", "down"]
 METHOD_COLORS = {"fp": "#222222", "uniform": "#7f7f7f", "aptq": "#1f77b4", "knapsack": "#d62728",
@@ -284,24 +285,51 @@ AXIS_LABELS = {"avg_bits": "average bits per weight, whole model",
                PREDICTED_ERROR_LAYERWISE: "predicted Σ e (layer-wise)"}
 
 
+def _translucent(color: str | None, alpha: float = 0.15) -> str:
+    """A '#rrggbb' colour (grey when None) as rgba with the given opacity: the fill of an uncertainty band."""
+    color = color or "#7f7f7f"
+    return f"rgba({int(color[1:3], 16)}, {int(color[3:5], 16)}, {int(color[5:7], 16)}, {alpha})"
+
+
+def _column_or_nan(frame: pd.DataFrame, name: str) -> pd.Series:
+    """`frame[name]`, or NaN throughout where the frame has no such column (runs stored before it existed)."""
+    return frame[name] if name in frame else pd.Series(np.nan, index=frame.index)
+
+
+def _band_trace(x: pd.Series, low: pd.Series, high: pd.Series, color: str | None, group: str,
+                log: bool) -> go.Scatter | None:
+    """A filled band from `low` to `high` along `x`, in the legend group of its line (they show and hide together);
+    None where any point lacks a band, or on a log axis where one reaches 0."""
+    if low.isna().any() or high.isna().any() or (log and (low <= 0).any()):
+        return None
+    return go.Scatter(x=[*x, *x[::-1]], y=[*high, *low[::-1]], fill="toself", fillcolor=_translucent(color),
+                      line={"width": 0}, mode="lines", hoverinfo="skip", showlegend=False, legendgroup=group)
+
+
 def tradeoff_curves(runs: pd.DataFrame, y: str = "perplexity", title: str = "", x: str = "covered_avg_bits",
                     baseline: float | None = None, frontier: pd.DataFrame | None = None,
                     current: dict | None = None) -> go.Figure:
     """`y` against bits from stored runs of one run set (aptq.tradeoffs): one line per allocation method (colour) and
-    quantizer (aptq.history.quantizer_names; dash and marker by its method); `baseline` the full-precision value (a
-    horizontal line); `frontier` the runs nothing beats (a grey step line). `current` = {"x", "y", "low", "high",
-    "label"} adds the current plan: a filled star when it was measured (low = high = y), an open star with its
-    uncertainty band when estimated, a dotted vertical line when there is neither."""
+    quantizer (aptq.history.quantizer_names; dash and marker by its method), each in its band of ± BAND_Z standard
+    errors over the evaluation windows (aptq.tradeoffs.band; none for runs stored before the store kept them);
+    `baseline` the full-precision value (a horizontal line); `frontier` the runs nothing beats (a grey step line).
+    `current` = {"x", "y", "low", "high", "label"} adds the current plan: a filled star when it was measured (low =
+    high = y), an open star with its uncertainty band when estimated, a dotted vertical line when there is neither."""
     figure = go.Figure()
     if frontier is not None and len(frontier) > 1:
         figure.add_trace(go.Scatter(x=frontier[x], y=frontier[y], mode="lines", name="best runs (Pareto frontier)",
                                     line={"color": "#bbbbbb", "width": 8, "shape": "hv"}, hoverinfo="skip"))
     ordered = runs.sort_values(x)
+    low, high = band(ordered[y], _column_or_nan(ordered, MEASURE_SE[y]), y)
     for (allocation, quantizer, method), group in ordered.groupby(["allocation", quantizer_names(ordered), "method"],
                                                                   sort=True):
+        name, color = f"{allocation} · {quantizer}", METHOD_COLORS.get(str(allocation))
+        shade = _band_trace(group[x], low[group.index], high[group.index], color, name, y != "top1")
+        if shade is not None:
+            figure.add_trace(shade)
         figure.add_trace(go.Scatter(
-            x=group[x], y=group[y], mode="lines+markers", name=f"{allocation} · {quantizer}",
-            line={"color": METHOD_COLORS.get(str(allocation)), "dash": QUANT_DASH.get(str(method), "solid")},
+            x=group[x], y=group[y], mode="lines+markers", name=name, legendgroup=name,
+            line={"color": color, "dash": QUANT_DASH.get(str(method), "solid")},
             marker={"symbol": QUANT_SYMBOLS.get(str(method), "circle"), "size": 9}, customdata=group[["plan_name"]],
             hovertemplate=f"%{{customdata[0]}}<br>%{{x:.3f}} bits<br>{y} %{{y:.4g}}<extra>%{{fullData.name}}</extra>"))
     if baseline is not None:
@@ -321,7 +349,8 @@ def tradeoff_curves(runs: pd.DataFrame, y: str = "perplexity", title: str = "", 
                          title=chart_title(title or f"{y} vs bits"),
                          margin={"t": 70}, legend={"title": "allocation · quantization"})
     if y != "top1":
-        figure.update_yaxes(log_axis([runs[y], [baseline], [(current or {}).get(k) for k in ("low", "high")]]))
+        figure.update_yaxes(log_axis([runs[y], low.dropna(), high.dropna(), [baseline],
+                                      [(current or {}).get(k) for k in ("low", "high")]]))
     return figure
 
 
@@ -360,11 +389,17 @@ def log_axis(parts: list, most_labels: int = 8) -> dict:
 
 def predicted_curves(curves: pd.DataFrame, current: dict | None = None) -> go.Figure:
     """Predicted total error against bits for every solver (aptq.tradeoffs.predicted_curves), before anything is
-    quantized; `current` = {"x", "y", "label"} marks the current plan."""
+    quantized, each in its band of ± BAND_Z standard errors (the unit's, propagated by aptq.allocate.summarize);
+    `current` = {"x", "y", "label"} marks the current plan."""
     figure = go.Figure()
+    low, high = band(curves[PREDICTED_ERROR_ATTENTION], _column_or_nan(curves, PREDICTED_ERROR_ATTENTION_SE), "kl")
     for solver, group in curves.groupby("solver", sort=False):
+        color = METHOD_COLORS.get(str(solver))
+        shade = _band_trace(group["avg_bits"], low[group.index], high[group.index], color, str(solver), True)
+        if shade is not None:
+            figure.add_trace(shade)
         figure.add_trace(go.Scatter(x=group["avg_bits"], y=group[PREDICTED_ERROR_ATTENTION], mode="lines+markers",
-                                    name=str(solver), line={"color": METHOD_COLORS.get(str(solver))},
+                                    name=str(solver), line={"color": color}, legendgroup=str(solver),
                                     hovertemplate="%{x:.3f} bits<br>predicted %{y:.4g}<extra>%{fullData.name}</extra>"))
     if current is not None:
         figure.add_trace(go.Scatter(x=[current["x"]], y=[current["y"]], mode="markers", name=current["label"],
@@ -372,7 +407,8 @@ def predicted_curves(curves: pd.DataFrame, current: dict | None = None) -> go.Fi
     pairs = PAIRS_SOLVER in set(curves["solver"])
     figure.update_layout(xaxis_title="average bits per weight over the analysed layers"
                          + (f" ({PAIRS_SOLVER}: of a plan in the analysis' groups of the same size)" if pairs else ""),
-                         yaxis=log_axis([curves[PREDICTED_ERROR_ATTENTION], [(current or {}).get("y")]])
+                         yaxis=log_axis([curves[PREDICTED_ERROR_ATTENTION], low.dropna(), high.dropna(),
+                                         [(current or {}).get("y")]])
                          | {"title": AXIS_LABELS[PREDICTED_ERROR_ATTENTION]}, height=400,
                          title=chart_title("predicted error against bits, every solver (from the analysis alone)"),
                          margin={"t": 70}, legend={"title": "solver"})

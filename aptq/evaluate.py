@@ -3,6 +3,11 @@
 Perplexity follows the GPTQ protocol: non-overlapping windows of `seqlen` tokens, each evaluated independently; it
 is exp of the mean negative log-likelihood over every predicted token (the L−1 next-token predictions per window).
 KL divergence KL(P_reference ‖ P_model) and top-1 agreement are averaged over the same predicted positions.
+Each comes with a standard error of that mean over the windows (`Evaluation.nll_se`, `kl_se`, `top1_se`): **(our
+choice)** the windows taken as independent samples of equal weight (every window predicts the same number of tokens,
+so the mean of the window means is the mean over positions) — the uncertainty the Trade-offs page draws as bands. It
+says how much another draw of windows from the same text could move a measure, not how much two runs measured on the
+same windows can differ (their difference is far less uncertain: both see the same text).
 
 Comparing many quantized models with one reference would recompute the reference's logits every time, so the
 reference can be summarized once as `ReferenceStats`: its top-k log-probabilities per position (our choice, k = 128).
@@ -54,6 +59,10 @@ class Evaluation:
     seconds: float
     kl_divergence: float | None = None  # nats per token, against the reference model
     top1_agreement: float | None = None  # fraction of positions where both models' argmax agree
+    # Standard errors of the three means over the windows (module docstring); None with fewer than two windows.
+    nll_se: float | None = None
+    kl_se: float | None = None
+    top1_se: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -223,18 +232,27 @@ def reference_stats(model: nn.Module, windows: torch.Tensor, k: int = REFERENCE_
     return ReferenceStats(torch.cat(values), torch.cat(ids), nll_sum / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
-def _kl_and_agreement(log_probs: torch.Tensor, reference: ReferenceStats | torch.Tensor) -> tuple[float, int]:
-    """Summed KL(P_ref ‖ P_model) and the count of matching argmaxes, against full or top-k reference log-probs."""
+def _kl_and_agreement(log_probs: torch.Tensor, reference: ReferenceStats | torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window of the batch: summed KL(P_ref ‖ P_model) and the count of matching argmaxes, against full or top-k
+    reference log-probs."""
     if isinstance(reference, torch.Tensor):  # full reference log-probabilities: exact
         kl = (reference.exp() * (reference - log_probs)).sum(-1)
-        return kl.double().sum().item(), (reference.argmax(-1) == log_probs.argmax(-1)).sum().item()
+        return kl.double().sum(-1), (reference.argmax(-1) == log_probs.argmax(-1)).sum(-1)
     ref_top, ref_ids = reference.log_probs, reference.token_ids.long()
     model_top = log_probs.gather(-1, ref_ids)
     p_top = ref_top.exp()
     p_rest = (1 - p_top.sum(-1)).clamp_min(0)
     q_rest = (1 - model_top.exp().sum(-1)).clamp_min(1e-12)
     kl = (p_top * (ref_top - model_top)).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * q_rest.log()
-    return kl.double().sum().item(), (ref_ids[..., 0] == log_probs.argmax(-1)).sum().item()
+    return kl.double().sum(-1), (ref_ids[..., 0] == log_probs.argmax(-1)).sum(-1)
+
+
+def _mean_and_se(per_window: list[float], tokens_per_window: int) -> tuple[float, float | None]:
+    """The mean per token of per-window sums over equally long windows, and its standard error over the windows."""
+    means = torch.tensor(per_window, dtype=torch.float64) / tokens_per_window
+    se = (means.std() / math.sqrt(len(means))).item() if len(means) > 1 else None
+    return means.mean().item(), se
 
 
 @torch.inference_mode()
@@ -247,7 +265,8 @@ def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Ref
     swapped into each block while it runs (see the module docstring)."""
     check_window(model, windows.shape[1])
     start = time.perf_counter()
-    nll_sum, kl_sum, agree_sum, count = 0.0, 0.0, 0, 0
+    nll_sums, kl_sums, agree_sums = [], [], []  # per window
+    predicted = windows.shape[1] - 1  # next-token predictions per window
     firsts = range(0, windows.shape[0], batch_size)
     batches = _log_prob_batches(model, windows, batch_size, device, blockwise, weights, progress)
     reference_batches = (_log_prob_batches(reference, windows, batch_size, device, blockwise, None, no_progress)
@@ -258,8 +277,7 @@ def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Ref
         nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if not torch.isfinite(nll).all():
             raise UserError("The model produced non-finite log-probabilities (NaN/inf); its weights are broken.")
-        nll_sum += nll.double().sum().item()
-        count += targets.numel()
+        nll_sums += nll.double().sum(-1).tolist()
         if isinstance(reference, ReferenceStats):
             ref_top, ref_ids = reference.batch(first, batch_size)
             kl, agree = _kl_and_agreement(log_probs, ReferenceStats(ref_top.to(log_probs.device),
@@ -267,11 +285,12 @@ def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Ref
         elif reference is not None:
             kl, agree = _kl_and_agreement(log_probs, reference_log_probs.to(log_probs.device))
         if reference is not None:
-            kl_sum += kl
-            agree_sum += agree
-        progress(min(first + batch_size, windows.shape[0]), windows.shape[0], f"ppl {math.exp(nll_sum / count):.3f}")
-    mean_nll = nll_sum / count
-    return Evaluation(math.exp(mean_nll), mean_nll, count, windows.shape[0], windows.shape[1],
-                      time.perf_counter() - start,
-                      kl_sum / count if reference is not None else None,
-                      agree_sum / count if reference is not None else None)
+            kl_sums += kl.tolist()
+            agree_sums += agree.tolist()
+        progress(min(first + batch_size, windows.shape[0]), windows.shape[0],
+                 f"ppl {math.exp(sum(nll_sums) / (len(nll_sums) * predicted)):.3f}")
+    mean_nll, nll_se = _mean_and_se(nll_sums, predicted)
+    kl, kl_se = _mean_and_se(kl_sums, predicted) if reference is not None else (None, None)
+    top1, top1_se = _mean_and_se(agree_sums, predicted) if reference is not None else (None, None)
+    return Evaluation(math.exp(mean_nll), mean_nll, windows.shape[0] * predicted, windows.shape[0],
+                      windows.shape[1], time.perf_counter() - start, kl, top1, nll_se, kl_se, top1_se)

@@ -17,7 +17,9 @@ runs    key PK (model + calibration + plan + quantization settings + evaluation 
         label and tag (a person's name and tag for the run), completions (JSON: aptq.teaching samples),
         error_source (rtn | gptq | attention) and error_unit (heuristic | calibrated): whose predicted errors, in
         which unit, the run's predicted totals are (for knapsack plans, aptq.choices.ERROR_SOLVERS, also what
-        chose the plan); NULL for runs without a prediction (a plan file) and in rows stored before these columns
+        chose the plan); NULL for runs without a prediction (a plan file) and in rows stored before these columns;
+        nll_se, kl_se, top1_se: standard errors of the mean NLL, KL and top-1 over the evaluation windows
+        (aptq.evaluate; the bands of the Trade-offs page), NULL in rows stored before them
 baselines  (model, corpus, eval_seqlen, eval_tokens) PK, perplexity, tokens_per_second, created: full-precision
         perplexity measured on the Home page
 
@@ -60,6 +62,9 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS tag VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS completions JSON;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS error_source VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS error_unit VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS nll_se DOUBLE;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS kl_se DOUBLE;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS top1_se DOUBLE;
 CREATE TABLE IF NOT EXISTS baselines (
     model VARCHAR, corpus VARCHAR, eval_seqlen INTEGER, eval_tokens BIGINT, perplexity DOUBLE,
     tokens_per_second DOUBLE, created TIMESTAMP DEFAULT current_timestamp,
@@ -110,6 +115,10 @@ class RunRecord:
     tag: str | None = None
     error_source: str | None = None  # predicted_with: whose predicted errors the totals above are, None without any
     error_unit: str | None = None  # … and their unit
+    # Standard errors over the evaluation windows (aptq.evaluate.Evaluation); None in rows stored before them.
+    nll_se: float | None = None
+    kl_se: float | None = None
+    top1_se: float | None = None
     created: datetime | None = None  # set by the store
     # Not stored: how this call came by the run.
     cached: bool = False  # it was stored before: no quantization or evaluation was done

@@ -887,7 +887,8 @@ def _run_record(loaded: LoadedModel, corpus_name: str, sampling: Sampling, setti
         analysis=meta.get("analysis"), **size, **{name: meta.get(name) for name in PREDICTED_ERRORS},
         **history.predicted_with(meta),
         perplexity=result.perplexity, kl=result.kl_divergence, top1=result.top1_agreement,
-        fp_perplexity=measured.fp_perplexity, quant_seconds=quantized.seconds, eval_seconds=result.seconds,
+        nll_se=result.nll_se, kl_se=result.kl_se, top1_se=result.top1_se, fp_perplexity=measured.fp_perplexity,
+        quant_seconds=quantized.seconds, eval_seconds=result.seconds,
         device=quantized.device, notes=" ".join(quantized.notes) or None,
         **coverage.run_fields(loaded.arch, table, identity.decided, groups),
         completions=json.dumps([asdict(c) for c in measured.completions]) if measured.completions else None)

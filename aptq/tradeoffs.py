@@ -30,6 +30,10 @@ from aptq.models import Architecture
 MIN_FIT_RUNS = 3  # (our choice) runs with predictions needed before an unmeasured plan gets an estimate
 SET_COLUMNS = ["coverage", "corpus", "eval_seqlen", "eval_tokens"]
 HIGHER_IS_BETTER = {"perplexity": False, "kl": False, "top1": True}
+BAND_Z = 2.0  # (our choice) uncertainty bands of ± 2 standard errors (about 95 % for a normally distributed mean)
+# the standard error each measure's band is drawn from (aptq.evaluate: over the evaluation windows)
+MEASURE_SE = {"perplexity": "nll_se", "kl": "kl_se", "top1": "top1_se"}
+PREDICTED_ERROR_ATTENTION_SE = f"{PREDICTED_ERROR_ATTENTION}_se"
 
 
 @dataclass(frozen=True)
@@ -134,8 +138,9 @@ def runs_of_plan(runs: pd.DataFrame, plan: dict[str, int], arch: Architecture) -
 def predicted_curves(layers: pd.DataFrame, errors: pd.DataFrame, solvers: tuple[str, ...], budgets: list[float],
                      candidates: tuple[int, ...], group_size: int) -> pd.DataFrame:
     """Predicted total error (attention-aware, in one unit) of every solver's plan at every budget, from the
-    analysis alone: solver, budget, avg_bits (over the analysed layers), PREDICTED_ERROR_ATTENTION. Budgets a solver
-    cannot meet are left out.
+    analysis alone: solver, budget, avg_bits (over the analysed layers), PREDICTED_ERROR_ATTENTION and its standard
+    error (aptq.allocate.summarize; NaN for an analysis without standard errors). Budgets a solver cannot meet are
+    left out.
 
     With errors at several group sizes, also PAIRS_SOLVER: the knapsack over (bits, group size) pairs at the bytes
     of a `budget`-bit plan in groups of `group_size` (allocate.equal_bytes_pairs); its avg_bits is the average width
@@ -156,5 +161,18 @@ def predicted_curves(layers: pd.DataFrame, errors: pd.DataFrame, solvers: tuple[
             bits = (summary["avg_bits"] if solver != PAIRS_SOLVER else
                     summary["effective_bits"] - request.budget + budget)
             rows.append({"solver": solver, "budget": budget, "avg_bits": bits,
-                         PREDICTED_ERROR_ATTENTION: summary[PREDICTED_ERROR_ATTENTION]})
-    return pd.DataFrame(rows, columns=["solver", "budget", "avg_bits", PREDICTED_ERROR_ATTENTION])
+                         PREDICTED_ERROR_ATTENTION: summary[PREDICTED_ERROR_ATTENTION],
+                         PREDICTED_ERROR_ATTENTION_SE: summary[PREDICTED_ERROR_ATTENTION_SE]})
+    return pd.DataFrame(rows, columns=["solver", "budget", "avg_bits", PREDICTED_ERROR_ATTENTION,
+                                       PREDICTED_ERROR_ATTENTION_SE])
+
+
+def band(values: pd.Series, se: pd.Series, measure: str) -> tuple[pd.Series, pd.Series]:
+    """Low and high ends of `values` ± BAND_Z standard errors `se` (NaN where `se` is): for perplexity `se` is that
+    of the mean NLL and the band exp(NLL ± BAND_Z·se); KL's low end stops at 0 and top-1's within [0, 1], the
+    bounds the measures have."""
+    values, se = values.astype(float), se.astype(float)
+    if measure == "perplexity":
+        return values * np.exp(-BAND_Z * se), values * np.exp(BAND_Z * se)
+    low, high = values - BAND_Z * se, values + BAND_Z * se
+    return (low.clip(lower=0), high) if measure != "top1" else (low.clip(lower=0), high.clip(upper=1))

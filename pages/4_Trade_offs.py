@@ -79,7 +79,10 @@ def quality_section(runs: pd.DataFrame, current: PlanChoice | None, loaded: Load
                                            tradeoffs.pareto_frontier(chosen, x, measured), point), width="stretch")
     st.caption(f"{len(chosen)} run(s) covering {run_set.coverage} under this protocol; colour = allocation method, "
                f"line style = quantizer (dotted RTN, dashed GPTQ, solid attention-aware, dash-dotted aespa; runs with "
-               f"block refinement have lines of their own); the thick "
+               f"block refinement have lines of their own); shaded: ± {tradeoffs.BAND_Z:g} standard errors of each "
+               f"measure over the evaluation windows (the uncertainty of another draw of windows from the same text; "
+               f"two runs on the same windows differ far more surely than their bands suggest; runs stored before "
+               f"the store kept it have no band); the thick "
                f"grey steps are the best runs (Pareto frontier); dashed line: full precision.")
 
     st.subheader("How far to trust the predictions")
@@ -137,7 +140,9 @@ def predictions_section(loaded: LoadedModel, current: PlanChoice | None) -> None
     st.plotly_chart(charts.predicted_curves(curves, star), width="stretch")
     st.caption("Each solver's plan at budgets from the lowest width up, scored by the analysis alone (no "
                "quantization): lower is better if the predictions can be trusted — the section below checks that "
-               "against measured runs."
+               f"against measured runs. Shaded: ± {tradeoffs.BAND_Z:g} standard errors of each predicted total, "
+               "from the standard errors of the unit's factors (Hutchinson's traces, or the measured KL rates); "
+               "none where the analysis has none."
                + (f" {PAIRS_SOLVER}: the knapsack giving each layer a (bits, group size) pair of the analysed group "
                   f"sizes, at the bytes of the budget in the analysis' "
                   f"{f'groups of {request.group_size}' if request.group_size else 'per-channel grid'}."

@@ -71,3 +71,16 @@ def test_top_k_reference_stats_bound_the_exact_kl(tiny_llama, tmp_path):
     assert 0 < top.kl_divergence <= kl * (1 + 1e-4)
     assert evaluate(tiny_llama, windows, reference=reference_stats(tiny_llama, windows)).kl_divergence == \
         pytest.approx(0.0, abs=1e-6)
+
+
+def test_standard_errors_are_those_of_the_window_means(tiny_llama, tmp_path):
+    other = load_model(str(save_tiny_model("llama", tmp_path, seed=3)), device="cpu").model
+    windows = torch.randint(0, 49152, (4, 9), generator=torch.Generator().manual_seed(4))
+    together = evaluate(other, windows, reference=tiny_llama, batch_size=3)  # batches of 3 and 1 windows
+    alone = [evaluate(other, windows[i:i + 1], reference=tiny_llama) for i in range(4)]
+    for se, values in ((together.nll_se, [a.mean_nll for a in alone]),
+                       (together.kl_se, [a.kl_divergence for a in alone]),
+                       (together.top1_se, [a.top1_agreement for a in alone])):
+        assert se == pytest.approx(np.std(values, ddof=1) / 2, rel=1e-6) and se > 0
+    assert together.kl_divergence == pytest.approx(np.mean([a.kl_divergence for a in alone]), rel=1e-9)
+    assert alone[0].kl_se is None and alone[0].nll_se is None  # one window: no spread to measure

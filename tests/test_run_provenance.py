@@ -19,6 +19,7 @@ from aptq.sweep import run_sweep, sweep_points
 from tests.test_history_runs import a_run
 
 NEW_COLUMNS = ("error_source", "error_unit")
+LATER_COLUMNS = (*NEW_COLUMNS, "nll_se", "kl_se", "top1_se")  # every column added to the runs table since its start
 
 
 @pytest.fixture(autouse=True)
@@ -67,16 +68,19 @@ def test_set_prediction_gives_a_stored_run_the_new_plans_source_and_unit(tmp_pat
 def test_a_store_from_before_the_columns_opens_and_keeps_its_rows(tmp_path):
     path = tmp_path / "old.duckdb"
     old_schema = "\n".join(line for line in history.SCHEMA.splitlines()
-                           if not any(f"EXISTS {column} " in line for column in NEW_COLUMNS))
-    old_row = {name: value for name, value in a_run("old").row().items() if name not in NEW_COLUMNS}
+                           if not any(f"EXISTS {column} " in line for column in LATER_COLUMNS))
+    old_row = {name: value for name, value in a_run("old").row().items() if name not in LATER_COLUMNS}
     with duckdb.connect(str(path)) as con:
         con.execute(old_schema)
         con.register("row", pd.DataFrame([old_row]))
         con.execute("INSERT INTO runs BY NAME SELECT * FROM row")
-        assert not set(NEW_COLUMNS) & {c[0] for c in con.execute("DESCRIBE runs").fetchall()}
+        assert not set(LATER_COLUMNS) & {c[0] for c in con.execute("DESCRIBE runs").fetchall()}
     runs = history.stored_runs(Store(path))
     assert list(runs["key"]) == ["old"] and runs.loc[0, "perplexity"] == 12.0
-    assert runs.loc[0, list(NEW_COLUMNS)].isna().all()
-    history.record_run(Store(path), a_run("new", allocation="knapsack", error_source="rtn", error_unit="heuristic"))
-    assert history.find_run(Store(path), "new").error_source == "rtn" and history.find_run(Store(path), "old")
+    assert runs.loc[0, list(LATER_COLUMNS)].isna().all()
+    history.record_run(Store(path), a_run("new", allocation="knapsack", error_source="rtn", error_unit="heuristic",
+                                      kl_se=0.002))
+    new = history.find_run(Store(path), "new")
+    assert (new.error_source, new.kl_se) == ("rtn", 0.002)
+    assert history.find_run(Store(path), "old").kl_se is None
 

@@ -12,14 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aptq import charts, coverage, ranking, tradeoffs
-from aptq.allocate import PREDICTED_ERROR_ATTENTION
+from aptq import charts, coverage, history, ranking, tradeoffs
+from aptq.allocate import PREDICTED_ERROR_ATTENTION, AllocationRequest, allocate, summarize
 from aptq.choices import PAIRS_SOLVER
 from aptq.data import Sampling, load_corpus
 from aptq.models import load_model
 from aptq.pipeline import EvalSettings, QuantizeSettings, layer_table, run_plan
 from aptq.store import Store
-from tests.test_allocate import pair_tables, smol_tables
+from tests.test_allocate import pair_tables, smol_tables, unit_layers
 
 
 def test_coverage_names_whole_blocks_and_tells_other_sets_apart(tiny_model):
@@ -43,6 +43,9 @@ def test_a_partial_plan_run_records_its_coverage_and_bits_over_it(tmp_path, tiny
                    EvalSettings(seqlen=32, max_tokens=64), store=Store(tmp_path / "s.duckdb"))
     assert row.coverage == "block 0 of 2"
     assert row.covered_avg_bits == pytest.approx(3.0)
+    # two evaluation windows: each measure stored with its standard error over them (the quality chart's bands)
+    stored = history.stored_runs(Store(tmp_path / "s.duckdb")).iloc[0]
+    assert all(stored[name] == getattr(row, name) and getattr(row, name) > 0 for name in ("nll_se", "kl_se"))
     assert row.avg_bits == pytest.approx((3 + 16) / 2)  # two blocks of equal size, the second kept in FP16
     # A row stored before coverage was recorded gets the same answer from its plan.
     old = pd.DataFrame([replace(row, coverage=None, covered_avg_bits=None, covered_effective_bits=None).row()])
@@ -258,3 +261,35 @@ def test_predicted_curves_add_the_pairs_knapsack_at_the_bytes_of_each_budget():
     without = tradeoffs.predicted_curves(layers, errors[errors["group_size"] == 64], ("knapsack",), budgets, (2, 3, 4),
                                          64)
     assert set(without["solver"]) == {"knapsack"}  # one group size analysed: no pairs to choose from
+
+
+def test_the_quality_chart_draws_each_line_in_its_band_of_two_standard_errors():
+    runs = pd.DataFrame({"allocation": ["uniform"] * 2 + ["knapsack"] * 2, "method": "gptq",
+                         "plan_name": ["u3", "u4", "k3", "k4"], "covered_avg_bits": [3.0, 4.0, 3.0, 4.0],
+                         "perplexity": [60.0, 48.0, 55.0, 47.0], "nll_se": [0.01, 0.02, 0.01, np.nan],
+                         "kl": [0.3, 0.1, 0.25, 0.09], "kl_se": [0.01, 0.005, 0.2, 0.004]})
+    traces = charts.tradeoff_curves(runs, "perplexity").data
+    bands = [trace for trace in traces if trace.fill == "toself"]
+    # one band: the knapsack line has a run stored without a standard error, so it gets none
+    assert len(bands) == 1 and bands[0].legendgroup == "uniform · gptq"
+    # along the bits: the high ends, then the low ends back
+    assert list(bands[0].x) == [3.0, 4.0, 4.0, 3.0]
+    assert list(bands[0].y) == pytest.approx([60.0 * math.exp(0.02), 48.0 * math.exp(0.04), 48.0 * math.exp(-0.04),
+                                              60.0 * math.exp(-0.02)])
+    kl_bands = [trace for trace in charts.tradeoff_curves(runs, "kl").data if trace.fill == "toself"]
+    # the knapsack's 3-bit band would reach below 0 on the log axis: left out, not cut
+    assert [band.legendgroup for band in kl_bands] == ["uniform · gptq"]
+    assert list(kl_bands[0].y) == pytest.approx([0.32, 0.11, 0.09, 0.28])
+    assert not [t for t in charts.tradeoff_curves(runs.drop(columns=["nll_se"])).data if t.fill == "toself"]
+
+
+def test_predicted_curves_carry_the_standard_error_of_each_plans_predicted_total():
+    layers, errors = unit_layers()
+    curves = tradeoffs.predicted_curves(layers, errors, ("knapsack", "uniform"), [2.0, 3.0, 4.0], (2, 4), 0)
+    for row in curves.itertuples():
+        plan = allocate(layers, errors, AllocationRequest(row.budget, row.solver, (2, 4), group_size=0))
+        expected = summarize(plan, layers, errors)
+        assert row.predicted_error_attention_se == pytest.approx(expected["predicted_error_attention_se"])
+    assert (curves["predicted_error_attention_se"] > 0).all()
+    bands = [trace for trace in charts.predicted_curves(curves).data if trace.fill == "toself"]
+    assert sorted(band.legendgroup for band in bands) == ["knapsack", "uniform"]
