@@ -335,6 +335,52 @@ def test_grid_multiples_price_the_pairs_the_bit_budget_page_plans(tmp_path, monk
     assert plan["summary"][PREDICTED_ERROR_ATTENTION] == pytest.approx(expected[PREDICTED_ERROR_ATTENTION])
 
 
+def test_the_trade_offs_sweep_plans_pairs_priced_by_the_chosen_multiples(tmp_path, monkeypatch, tiny_model_dir):
+    """The sweep section offers what `aptq sweep --pairs --width-multiples` does: with both group sizes and the
+    stored multiples chosen, a solver that cannot take pairs is refused in one sentence, and the knapsack's plan is
+    saved with its layers' group sizes and the multiples in its unit, then measured on them."""
+    from aptq.calibrate import WidthCalibration, width_settings
+    from aptq.pipeline import QuantizeSettings
+
+    store = tmp_path / "store.duckdb"
+    request = AnalysisRequest(samples=4, seqlen=64, group_size=32, max_blocks=1, extra_group_sizes=(0,))
+    at = session_over(store, monkeypatch, str(tiny_model_dir("llama")), request)
+    layers, _ = analyze(load_model(str(tiny_model_dir("llama")), device="cpu"), load_corpus("brown"),
+                        request.sampling, request.settings, store=Store(store))  # stored: read back
+    key = layers.attrs["analysis_key"]
+    for group, multiples in ((32, {2: 2.0, 3: 1.0, 4: 1.0}), (0, {2: 1.5, 3: 1.0, 4: 1.0})):
+        how = width_settings(QuantizeSettings("rtn", group))
+        for bits, multiple in multiples.items():
+            analyses.write_width(Store(store), WidthCalibration(key, "heuristic", "rtn", how, bits, multiple, 1.0,
+                                                                1.0))
+    at.run()
+    at.switch_page("pages/4_Trade_offs.py").run()
+    at.multiselect(key="sweep_groups").set_value([32, 0]).run()
+    label = "measured with rtn: 2 bits ×2, 3 bits ×1, 4 bits ×1; per channel: 2 ×1.5, 3 ×1, 4 ×1"
+    assert at.selectbox(key="sweep_multiples").options == ["none", label]
+    at.selectbox(key="sweep_multiples").set_value(label)
+    at.text_input(key="sweep_budgets").set_value("3")
+    at.number_input(key="sweep_tokens").set_value(256).run()
+    button(at, "Measure the sweep").click().run()
+    assert texts(at.error) == ("(bits, group size) pairs are for the knapsack solvers (knapsack, knapsack-layerwise), "
+                               "not uniform: leave it out of the solvers, or keep one group size.")
+    at.multiselect(key="sweep_methods").set_value(["knapsack"]).run()
+    button(at, "Measure the sweep").click().run()
+    deadline = time.monotonic() + 300
+    while not (at.success or at.error or at.exception) and time.monotonic() < deadline:
+        time.sleep(2)
+        at.run()
+    no_problems(at)
+    assert "sweep of 1 plans here: 1 points measured or found stored" in texts(at.success)
+    plans = Store(store).query("SELECT summary, layer_groups FROM plans")
+    (summary,) = [json.loads(s) for s in plans["summary"]]
+    assert summary["error_unit"] == "heuristic × width multiples per grid" and summary["grid_multiples"]
+    chosen = dict(json.loads(plans["layer_groups"][0]))
+    assert chosen and set(chosen.values()) == {0}  # some layers per channel, the rest in the groups of 32
+    (settings,) = Store(store).query("SELECT settings FROM runs")["settings"]
+    assert json.loads(settings)["layer_groups"] == chosen
+
+
 def test_a_saved_plan_of_bit_and_group_pairs_runs_on_its_own_group_sizes(partial, tiny_model_dir):
     """A plan that `aptq sweep --pairs` saved: the Quantize page keeps each layer's group size (the group choice is
     locked to the plan's) instead of running every layer at one."""
