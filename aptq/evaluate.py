@@ -3,11 +3,12 @@
 Perplexity follows the GPTQ protocol: non-overlapping windows of `seqlen` tokens, each evaluated independently; it
 is exp of the mean negative log-likelihood over every predicted token (the L−1 next-token predictions per window).
 KL divergence KL(P_reference ‖ P_model) and top-1 agreement are averaged over the same predicted positions.
-Each comes with a standard error of that mean over the windows (`Evaluation.nll_se`, `kl_se`, `top1_se`): **(our
-choice)** the windows taken as independent samples of equal weight (every window predicts the same number of tokens,
-so the mean of the window means is the mean over positions) — the uncertainty the Trade-offs page draws as bands. It
-says how much another draw of windows from the same text could move a measure, not how much two runs measured on the
-same windows can differ (their difference is far less uncertain: both see the same text).
+Each comes with its per-window means and a standard error of the mean over the windows (`Evaluation.nll_se`,
+`kl_se`, `top1_se`): **(our choice)** the windows taken as independent samples of equal weight (every window predicts
+the same number of tokens, so the mean of the window means is the mean over positions) — the uncertainty the
+Trade-offs page draws as bands. It says how much another draw of windows from the same text could move a measure, not
+how much two evaluations on the same windows differ: that is `paired_difference`, the mean of the per-window
+differences and its standard error, far smaller where both models find the same windows hard.
 
 Comparing many quantized models with one reference would recompute the reference's logits every time, so the
 reference can be summarized once as `ReferenceStats`: its top-k log-probabilities per position (our choice, k = 128).
@@ -32,6 +33,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, nullco
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -59,17 +61,50 @@ class Evaluation:
     seconds: float
     kl_divergence: float | None = None  # nats per token, against the reference model
     top1_agreement: float | None = None  # fraction of positions where both models' argmax agree
-    # Standard errors of the three means over the windows (module docstring); None with fewer than two windows.
-    nll_se: float | None = None
-    kl_se: float | None = None
-    top1_se: float | None = None
+    # The three measures of each window (means over its predictions), in window order; KL and top-1 empty without a
+    # reference.
+    window_nll: tuple[float, ...] = ()
+    window_kl: tuple[float, ...] = ()
+    window_top1: tuple[float, ...] = ()
 
     @property
     def tokens_per_second(self) -> float:
         return self.windows * self.seqlen / self.seconds if self.seconds > 0 else float("nan")
 
+    # Standard errors of the three means over the windows (module docstring); None with fewer than two windows.
+    @property
+    def nll_se(self) -> float | None:
+        return _standard_error(self.window_nll)
+
+    @property
+    def kl_se(self) -> float | None:
+        return _standard_error(self.window_kl)
+
+    @property
+    def top1_se(self) -> float | None:
+        return _standard_error(self.window_top1)
+
     def as_dict(self) -> dict:
-        return asdict(self) | {"tokens_per_second": self.tokens_per_second}
+        return asdict(self) | {"tokens_per_second": self.tokens_per_second, "nll_se": self.nll_se,
+                               "kl_se": self.kl_se, "top1_se": self.top1_se}
+
+
+MEASURES = {"nll": "window_nll", "kl": "window_kl", "top1": "window_top1"}  # a measure → its per-window field
+
+
+def _standard_error(values: tuple[float, ...]) -> float | None:
+    """The standard error of the mean of `values` taken as independent samples; None with fewer than two."""
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+
+
+def paired_difference(a: Evaluation, b: Evaluation, measure: str) -> tuple[float, float | None]:
+    """`a`'s mean `measure` ("nll", "kl" or "top1") less `b`'s, evaluated on the same windows, and the standard error
+    of that difference from the per-window differences (perplexities compare as exp of the NLL difference)."""
+    first, second = getattr(a, MEASURES[measure]), getattr(b, MEASURES[measure])
+    if len(first) != len(second) or (a.windows, a.seqlen) != (b.windows, b.seqlen):
+        raise ValueError("A paired difference needs two evaluations on the same windows.")
+    differences = tuple(x - y for x, y in zip(first, second, strict=True))
+    return float(np.mean(differences)), _standard_error(differences)
 
 
 def check_window(model: nn.Module, seqlen: int) -> None:
@@ -248,13 +283,6 @@ def _kl_and_agreement(log_probs: torch.Tensor, reference: ReferenceStats | torch
     return kl.double().sum(-1), (ref_ids[..., 0] == log_probs.argmax(-1)).sum(-1)
 
 
-def _mean_and_se(per_window: list[float], tokens_per_window: int) -> tuple[float, float | None]:
-    """The mean per token of per-window sums over equally long windows, and its standard error over the windows."""
-    means = torch.tensor(per_window, dtype=torch.float64) / tokens_per_window
-    se = (means.std() / math.sqrt(len(means))).item() if len(means) > 1 else None
-    return means.mean().item(), se
-
-
 @torch.inference_mode()
 def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | ReferenceStats | None = None,
              batch_size: int = 1, progress: Progress = no_progress, device: torch.device | str | None = None,
@@ -289,8 +317,11 @@ def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Ref
             agree_sums += agree.tolist()
         progress(min(first + batch_size, windows.shape[0]), windows.shape[0],
                  f"ppl {math.exp(sum(nll_sums) / (len(nll_sums) * predicted)):.3f}")
-    mean_nll, nll_se = _mean_and_se(nll_sums, predicted)
-    kl, kl_se = _mean_and_se(kl_sums, predicted) if reference is not None else (None, None)
-    top1, top1_se = _mean_and_se(agree_sums, predicted) if reference is not None else (None, None)
+    window_nll, window_kl, window_top1 = (tuple(value / predicted for value in sums)
+                                          for sums in (nll_sums, kl_sums, agree_sums))
+    mean_nll = float(np.mean(window_nll))
     return Evaluation(math.exp(mean_nll), mean_nll, windows.shape[0] * predicted, windows.shape[0],
-                      windows.shape[1], time.perf_counter() - start, kl, top1, nll_se, kl_se, top1_se)
+                      windows.shape[1], time.perf_counter() - start,
+                      float(np.mean(window_kl)) if reference is not None else None,
+                      float(np.mean(window_top1)) if reference is not None else None,
+                      window_nll, window_kl, window_top1)

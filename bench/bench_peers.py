@@ -16,6 +16,7 @@ The peers pin their own transformers, so they run in a separate environment and 
     .venv/bin/python -m bench.bench_peers evaluate
     .venv/bin/python -m bench.bench_peers evaluate-longer --tokens 16384   # kept Ŵ on more evaluation tokens
     .venv/bin/python -m bench.bench_peers evaluate-longer --tokens 16384 --spread   # … on windows from 14 of 15 genres
+    .venv/bin/python -m bench.bench_peers evaluate-longer --tokens 16384 --against autoround-w3-g64   # paired gaps
 
 Another protocol (e.g. `dump --samples 64 --seqlen 512 --tokens 16384`, the issues' own) wants APTQ_CACHE_DIR set to a
 directory of its own as well; its table is written to a file named after it (Inputs.results).
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -592,12 +594,14 @@ def spread_windows(windows: torch.Tensor, count: int) -> torch.Tensor:
     return windows[torch.linspace(0, len(windows) - 1, min(count, len(windows))).round().long()]
 
 
-def evaluate_longer(tokens: int, names: list[str], spread: bool) -> None:
+def evaluate_longer(tokens: int, names: list[str], spread: bool, against: str | None) -> None:
     """Every kept Ŵ (or `names`) on the first `tokens` evaluation tokens (windows of 512), more than the dump's, or
     (`spread`) on `tokens` tokens in windows spread over the whole evaluation split: a markdown table on stdout, for a
-    reading. Full precision first, as the reference."""
+    reading, each measure ± its standard error over the windows. Full precision first, as the reference. With
+    `against` (a Ŵ name), each Ŵ's perplexity ratio and KL difference to that Ŵ, paired window by window
+    (aptq.evaluate.paired_difference): whether a gap between two methods stands out of the windows' spread."""
     from aptq.data import evaluation_windows, load_corpus, token_ids
-    from aptq.evaluate import evaluate, reference_stats
+    from aptq.evaluate import evaluate, paired_difference, reference_stats
 
     inputs = load_inputs()
     loaded = inputs.load()
@@ -613,13 +617,19 @@ def evaluate_longer(tokens: int, names: list[str], spread: bool) -> None:
     reference = reference_stats(loaded.model, windows)
     print(f"{loaded.path.name}: {where}; full precision perplexity "
           f"{evaluate(loaded.model, windows, reference=reference).perplexity:.3f}\n")
-    print("| Ŵ | perplexity | KL | top-1 |\n|---|---|---|---|")
+    base = evaluate_weights(loaded, WORK / f"{against}.pt", windows, reference) if against else None
+    paired = f" | perplexity / {against}'s (paired) | KL − {against}'s (paired)" if against else ""
+    print(f"| Ŵ | perplexity (± se) | KL (± se) | top-1{paired} |\n|---|---|---|---{'|---|---' if against else ''}|")
     for path in sorted(WORK.glob("*.pt")) if not names else [WORK / f"{name}.pt" for name in names]:
         if path.name.endswith("-reference.pt") or path == INPUTS:
             continue
         result = evaluate_weights(loaded, path, windows, reference)
-        print(f"| {path.stem} | {result.perplexity:.3f} | {result.kl_divergence:.4f} | {result.top1_agreement:.4f} |",
-              flush=True)
+        line = (f"| {path.stem} | {result.perplexity:.3f} (± {result.perplexity * result.nll_se:.2f}) | "
+                f"{result.kl_divergence:.4f} (± {result.kl_se:.4f}) | {result.top1_agreement:.4f}")
+        if base is not None:
+            (nll, nll_se), (kl, kl_se) = (paired_difference(result, base, measure) for measure in ("nll", "kl"))
+            line += f" | {math.exp(nll):.4f} (± {math.exp(nll) * nll_se:.4f}) | {kl:+.4f} (± {kl_se:.4f})"
+        print(line + " |", flush=True)
 
 
 def main() -> None:
@@ -642,6 +652,8 @@ def main() -> None:
                                                                "whole evaluation split instead of its first tokens")
     parser.add_argument("--names", default="", help="evaluate-longer only: comma-separated Ŵ names (file stems in "
                                                     "the work directory; default: every kept Ŵ)")
+    parser.add_argument("--against", help="evaluate-longer only: a Ŵ name; every Ŵ's perplexity ratio and KL "
+                                          "difference to it, paired window by window, with standard errors")
     args = parser.parse_args()
     options = ",".join(sorted(filter(None, (part.strip() for part in args.options.split(",")))))
     allowed = set(OPTIONS) | (set(AESPA_FLAGS) if args.method == "aespa" else set())
@@ -666,7 +678,9 @@ def main() -> None:
     elif args.step == "ours":
         ours(args.method, args.bits, args.group, options, command, args.rerun)
     elif args.step == "evaluate-longer":
-        evaluate_longer(args.tokens, [name for name in args.names.split(",") if name], args.spread)
+        if args.against and not (WORK / f"{args.against}.pt").exists():
+            parser.error(f"--against {args.against}: no such Ŵ in {WORK}; give a file stem of a kept Ŵ.")
+        evaluate_longer(args.tokens, [name for name in args.names.split(",") if name], args.spread, args.against)
     else:
         evaluate_all()
 

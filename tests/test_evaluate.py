@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aptq.errors import UserError
-from aptq.evaluate import evaluate, reference_stats
+from aptq.evaluate import evaluate, paired_difference, reference_stats
 from aptq.models import load_model
 from tests.tiny_models import save_tiny_model
 
@@ -82,5 +82,21 @@ def test_standard_errors_are_those_of_the_window_means(tiny_llama, tmp_path):
                        (together.kl_se, [a.kl_divergence for a in alone]),
                        (together.top1_se, [a.top1_agreement for a in alone])):
         assert se == pytest.approx(np.std(values, ddof=1) / 2, rel=1e-6) and se > 0
+    assert together.window_kl == pytest.approx([a.kl_divergence for a in alone], rel=1e-9)
     assert together.kl_divergence == pytest.approx(np.mean([a.kl_divergence for a in alone]), rel=1e-9)
     assert alone[0].kl_se is None and alone[0].nll_se is None  # one window: no spread to measure
+
+
+def test_a_paired_difference_is_the_mean_and_standard_error_of_the_window_differences(tiny_llama, tmp_path):
+    first, second = (load_model(str(save_tiny_model("llama", tmp_path / str(seed), seed=seed)), device="cpu").model
+                     for seed in (5, 6))
+    windows = torch.randint(0, 49152, (5, 9), generator=torch.Generator().manual_seed(7))
+    a, b = (evaluate(model, windows, reference=tiny_llama) for model in (first, second))
+    for measure, per_window in (("nll", "window_nll"), ("kl", "window_kl"), ("top1", "window_top1")):
+        differences = np.subtract(getattr(a, per_window), getattr(b, per_window))
+        mean, se = paired_difference(a, b, measure)
+        assert mean == pytest.approx(differences.mean(), abs=1e-12)
+        assert se == pytest.approx(differences.std(ddof=1) / np.sqrt(5), rel=1e-9)
+    assert paired_difference(a, b, "nll")[0] == pytest.approx(a.mean_nll - b.mean_nll, abs=1e-12)
+    with pytest.raises(ValueError, match="same windows"):
+        paired_difference(a, evaluate(first, windows[:3], reference=tiny_llama), "kl")
