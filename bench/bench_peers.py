@@ -359,7 +359,14 @@ def ours(method: str, bits: int, group: int, options: str, command: str, rerun: 
     if not torch.equal(calibration_segments(token_ids(loaded.tokenizer, corpus, "calibration"), sampling),
                        inputs.calibration):
         raise RuntimeError("The pipeline would draw other calibration segments than the dumped ones.")
-    progress, close = tqdm_progress(f"{method} {bits}-bit g{group}")
+    bar, close = tqdm_progress(f"{method} {bits}-bit g{group}")
+    before_evaluation: list[float] = []  # the peak RSS when the evaluation starts: the quantization's, as the peers'
+
+    def progress(done: int, total: int, message: str) -> None:
+        if message.startswith("evaluating") and not before_evaluation:
+            before_evaluation.append(peak_rss_gib())
+        bar(done, total, message)
+
     asked = Quantized(method, bits, group, 0.0, None, "", command, options=options)
     store = Store()
     identity = identify_run(loaded, corpus, sampling, uniform_plan(loaded.arch, bits), asked.settings(), evaluation)
@@ -380,8 +387,10 @@ def ours(method: str, bits: int, group: int, options: str, command: str, rerun: 
         torch.save({path_of[name]: weight for block in range(loaded.arch.n_blocks)
                     for name, weight in weights.block(block).items()}, WORK / f"{asked.name}.pt")
         remove_checkpoints(identity.key)
-    note = "stored run: time as stored" if cached else "process peak RSS: quantization and evaluation in it"
-    record = replace(asked, seconds=run.quant_seconds, peak_rss_gib=None if cached else peak_rss_gib(),
+    note = ("stored run: time as stored" if cached else "process peak RSS until its evaluation began (model load, "
+            "the reference statistics where not cached, quantization)")
+    record = replace(asked, seconds=run.quant_seconds,
+                     peak_rss_gib=None if cached else (before_evaluation or [peak_rss_gib()])[0],
                      load=load_average(), note=note, run_key=identity.key)
     save_record(record)
     print(record, run.perplexity)
