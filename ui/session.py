@@ -324,6 +324,11 @@ def current_analysis() -> Analysis | None:
     loaded, corpus = current_model(), current_corpus()
     if loaded is None or corpus is None:
         return None
+    return analysis_of(loaded, corpus)
+
+
+def analysis_of(loaded: LoadedModel, corpus: Corpus) -> Analysis | None:
+    """current_analysis for a page that has the model and corpus already (and has said what the model lacks)."""
     request = analysis_request(loaded, corpus)
     key = cached_analysis_key(model_source(), corpus_spec(), request)
     try:

@@ -18,7 +18,7 @@ from aptq.progress import Progress
 from aptq.store import Store, default_path
 from aptq.sweep import run_sweep, sweep_points
 from ui import jobs
-from ui.session import Analysis, checked, corpus_spec, current_analysis, model_source
+from ui.session import Analysis, analysis_of, checked, corpus_spec, model_source
 
 
 def pairs_and_multiples(analysis: Analysis, unit: str, method: str, cols: list) -> tuple[list[int], pd.DataFrame]:
@@ -49,7 +49,7 @@ def pairs_and_multiples(analysis: Analysis, unit: str, method: str, cols: list) 
 
 def sweep_section(loaded: LoadedModel, corpus: Corpus) -> None:
     """Solvers, budgets, quantizer and where to run; the running sweep's progress; failed runs when it ends."""
-    analysis = current_analysis()
+    analysis = analysis_of(loaded, corpus)
     if analysis is None:
         return
     request, key, frames = analysis.request, analysis.key, (analysis.layers, analysis.errors)
