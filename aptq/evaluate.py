@@ -89,7 +89,7 @@ class Evaluation:
                                "kl_se": self.kl_se, "top1_se": self.top1_se}
 
 
-MEASURES = {"nll": "window_nll", "kl": "window_kl", "top1": "window_top1"}  # a measure → its per-window field
+WINDOW_FIELDS = {"nll": "window_nll", "kl": "window_kl", "top1": "window_top1"}  # a measure → its per-window field
 
 
 def _standard_error(values: tuple[float, ...]) -> float | None:
@@ -100,7 +100,7 @@ def _standard_error(values: tuple[float, ...]) -> float | None:
 def paired_difference(a: Evaluation, b: Evaluation, measure: str) -> tuple[float, float | None]:
     """`a`'s mean `measure` ("nll", "kl" or "top1") less `b`'s, evaluated on the same windows, and the standard error
     of that difference from the per-window differences (perplexities compare as exp of the NLL difference)."""
-    first, second = getattr(a, MEASURES[measure]), getattr(b, MEASURES[measure])
+    first, second = getattr(a, WINDOW_FIELDS[measure]), getattr(b, WINDOW_FIELDS[measure])
     if len(first) != len(second) or (a.windows, a.seqlen) != (b.windows, b.seqlen):
         raise ValueError("A paired difference needs two evaluations on the same windows.")
     differences = tuple(x - y for x, y in zip(first, second, strict=True))
