@@ -301,10 +301,10 @@ def test_the_bit_budget_page_plans_bit_and_group_pairs_and_the_run_keeps_them(tm
     assert "knapsack-pairs: the knapsack giving each layer a (bits, group size) pair" in texts(at.caption)
 
 
-def test_grid_multiples_price_the_pairs_the_bit_budget_page_plans(tmp_path, monkeypatch, tiny_model_dir):
-    """Multiples stored for groups of 32 and per channel: one choice carrying both, and with both group sizes chosen
-    the plan's predicted total charges each layer its grid's multiple."""
-    from aptq.allocate import AllocationRequest, Plan, pair_candidates, summarize
+def session_with_grid_multiples(tmp_path, monkeypatch, tiny_model_dir, per_channel: dict[int, float]):
+    """A session over a tiny llama analysed in groups of 32 and per channel, with RTN width multiples stored for both
+    grids (groups of 32: 2 bits ×2, else ×1; per channel: `per_channel`), run once: (app test, store path, layers,
+    errors)."""
     from aptq.calibrate import WidthCalibration, width_settings
     from aptq.pipeline import QuantizeSettings
 
@@ -314,12 +314,22 @@ def test_grid_multiples_price_the_pairs_the_bit_budget_page_plans(tmp_path, monk
     layers, errors = analyze(load_model(str(tiny_model_dir("llama")), device="cpu"), load_corpus("brown"),
                              request.sampling, request.settings, store=Store(store))  # stored: read back
     key = layers.attrs["analysis_key"]
-    for group, multiples in ((32, {2: 2.0, 3: 1.0, 4: 1.0}), (0, {2: 50.0, 3: 5.0, 4: 3.0})):
+    for group, multiples in ((32, {2: 2.0, 3: 1.0, 4: 1.0}), (0, per_channel)):
         how = width_settings(QuantizeSettings("rtn", group))
         for bits, multiple in multiples.items():
             analyses.write_width(Store(store), WidthCalibration(key, "heuristic", "rtn", how, bits, multiple, 1.0,
                                                                 1.0))
     at.run()
+    return at, store, layers, errors
+
+
+def test_grid_multiples_price_the_pairs_the_bit_budget_page_plans(tmp_path, monkeypatch, tiny_model_dir):
+    """Multiples stored for groups of 32 and per channel: one choice carrying both, and with both group sizes chosen
+    the plan's predicted total charges each layer its grid's multiple."""
+    from aptq.allocate import AllocationRequest, Plan, pair_candidates, summarize
+
+    at, _, layers, errors = session_with_grid_multiples(tmp_path, monkeypatch, tiny_model_dir,
+                                                        {2: 50.0, 3: 5.0, 4: 3.0})
     at.switch_page("pages/2_Bit_budget.py").run()
     at.multiselect(key="group_sizes").set_value([32, 0]).run()
     label = "measured with rtn: 2 bits ×2, 3 bits ×1, 4 bits ×1; per channel: 2 ×50, 3 ×5, 4 ×3"
@@ -339,21 +349,7 @@ def test_the_trade_offs_sweep_plans_pairs_priced_by_the_chosen_multiples(tmp_pat
     """The sweep section offers what `aptq sweep --pairs --width-multiples` does: with both group sizes and the
     stored multiples chosen, a solver that cannot take pairs is refused in one sentence, and the knapsack's plan is
     saved with its layers' group sizes and the multiples in its unit, then measured on them."""
-    from aptq.calibrate import WidthCalibration, width_settings
-    from aptq.pipeline import QuantizeSettings
-
-    store = tmp_path / "store.duckdb"
-    request = AnalysisRequest(samples=4, seqlen=64, group_size=32, max_blocks=1, extra_group_sizes=(0,))
-    at = session_over(store, monkeypatch, str(tiny_model_dir("llama")), request)
-    layers, _ = analyze(load_model(str(tiny_model_dir("llama")), device="cpu"), load_corpus("brown"),
-                        request.sampling, request.settings, store=Store(store))  # stored: read back
-    key = layers.attrs["analysis_key"]
-    for group, multiples in ((32, {2: 2.0, 3: 1.0, 4: 1.0}), (0, {2: 1.5, 3: 1.0, 4: 1.0})):
-        how = width_settings(QuantizeSettings("rtn", group))
-        for bits, multiple in multiples.items():
-            analyses.write_width(Store(store), WidthCalibration(key, "heuristic", "rtn", how, bits, multiple, 1.0,
-                                                                1.0))
-    at.run()
+    at, store, _, _ = session_with_grid_multiples(tmp_path, monkeypatch, tiny_model_dir, {2: 1.5, 3: 1.0, 4: 1.0})
     at.switch_page("pages/4_Trade_offs.py").run()
     at.multiselect(key="sweep_groups").set_value([32, 0]).run()
     label = "measured with rtn: 2 bits ×2, 3 bits ×1, 4 bits ×1; per channel: 2 ×1.5, 3 ×1, 4 ×1"
