@@ -67,12 +67,15 @@ GROUP = 64
 QUANTIZER_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "attention": "the attention-aware GPTQ"}
 CANDIDATES = (2, 3, 4, 8)
 # (method, budget, unit, seed, with the width multiples); the uniform plans come first: they measure the multiples.
+# The sweep runs from 2.5 to 4.5 bits; --budgets picks among them (the defaults run every one).
+SWEEP_BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5)
 PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
-         + [("knapsack", b, unit, 0, False) for b in (2.5, 3.0, 3.5) for unit in ("heuristic", "calibrated")]
-         + [("knapsack", b, "heuristic", 0, True) for b in (2.5, 3.0, 3.5)]
-         + [("knapsack-layerwise", 3.0, "heuristic", 0, False), ("aptq", 3.0, "heuristic", 0, False)]
+         + [("knapsack", b, unit, 0, False) for b in SWEEP_BUDGETS for unit in ("heuristic", "calibrated")]
+         + [("knapsack", b, "heuristic", 0, True) for b in SWEEP_BUDGETS]
+         + [("knapsack-layerwise", 3.0, "heuristic", 0, False)]
+         + [("aptq", b, "heuristic", 0, False) for b in SWEEP_BUDGETS]
          + [("random", 3.0, "heuristic", seed, False) for seed in (0, 1, 2)]
-         + [(PAIRS_SOLVER, b, unit, 0, multiplied) for multiplied in (False, True) for b in (2.5, 3.0, 3.5)
+         + [(PAIRS_SOLVER, b, unit, 0, multiplied) for multiplied in (False, True) for b in SWEEP_BUDGETS
             for unit in ("heuristic", "calibrated")])
 UNIFORM_WIDTHS = (2, 3, 4)
 UNIFORM_IN_GROUP = "uniform-g"  # + a group size: a uniform plan on that grid (--uniform-groups)
@@ -397,8 +400,10 @@ def _plan_section(table: pd.DataFrame, multiples: dict[str, MeasuredMultiples], 
         label = f"{r.unit} unit{priced}{pairs}"
         below = {column: np.interp(r.budget, uniform_rows["budget"], uniform_rows[column])
                  for column in ("kl_validation", "kl_evaluation")}
+        widest = uniform_rows["budget"].max()
+        how = "interpolated" if r.budget <= widest else f"its widest plan, {widest:g} bits"
         line = (f"{r.method.capitalize()} at {r.budget:g} bits ({label}): KL evaluation {r.kl_evaluation:.4f} "
-                f"against uniform {below['kl_evaluation']:.4f} (interpolated), validation {r.kl_validation:.4f} "
+                f"against uniform {below['kl_evaluation']:.4f} ({how}), validation {r.kl_validation:.4f} "
                 f"against {below['kl_validation']:.4f}")
         if r.budget == 3.0:
             closed = {column: (uniform[column] - getattr(r, column)) / (uniform[column] - floor)
