@@ -66,9 +66,9 @@ from bench.reading import with_reading
 GROUP = 64
 QUANTIZER_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "attention": "the attention-aware GPTQ"}
 CANDIDATES = (2, 3, 4, 8)
-# (method, budget, unit, seed, with the width multiples); the uniform plans come first: they measure the multiples.
 # The sweep runs from 2.5 to 4.5 bits; --budgets picks among them (the defaults run every one).
 SWEEP_BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5)
+# (method, budget, unit, seed, with the width multiples); the uniform plans come first: they measure the multiples.
 PLANS = ([("uniform", b, "heuristic", 0, False) for b in (2.0, 3.0, 4.0)]
          + [("knapsack", b, unit, 0, False) for b in SWEEP_BUDGETS for unit in ("heuristic", "calibrated")]
          + [("knapsack", b, "heuristic", 0, True) for b in SWEEP_BUDGETS]

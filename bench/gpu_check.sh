@@ -45,8 +45,8 @@ $PY bench/bench_big_model.py make --out $BIG --hidden 2048 --layers 16 --heads 3
   --intermediate 8192 --vocab 32000 >> "$LOG" 2>&1
 
 PAPER="--samples 128 --seqlen 2048 --dtype bfloat16"
-# Stage limits add up to 8.5 minutes with the two models' making; a stage past its limit is recorded as failed and
-# the next one runs.
+# Stage limits add up to 8.5 minutes (making the two models adds about one); a stage past its limit is recorded as
+# failed and the next one runs.
 run_stage 75 $SMOL analyze $PAPER --group 64 --max-blocks 2
 run_stage 90 $SMOL quantize $PAPER --group 64 --max-blocks 2 --eval-windows 16
 run_stage 40 $BIG eval $PAPER --eval-windows 16 --group 128
