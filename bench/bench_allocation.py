@@ -392,6 +392,7 @@ def _plan_section(table: pd.DataFrame, multiples: dict[str, MeasuredMultiples], 
     lines += ["", f"Full precision on the same evaluation tokens: perplexity {table['fp_perplexity'].iloc[0]:.3f}."]
     uniform_rows = table[table["method"] == "uniform"].sort_values("budget")
     uniform = uniform_rows[uniform_rows["budget"] == 3.0].iloc[0]
+    widest = uniform_rows["budget"].max()  # above it the comparison is with that plan, not an interpolation
     knapsacks = table[table["method"].isin(["knapsack", PAIRS_SOLVER])]
     for r in knapsacks.itertuples():
         pairs = f", (bits, group) pairs at {r.effective_bits:.3f} effective bits" if r.method == PAIRS_SOLVER else ""
@@ -400,7 +401,6 @@ def _plan_section(table: pd.DataFrame, multiples: dict[str, MeasuredMultiples], 
         label = f"{r.unit} unit{priced}{pairs}"
         below = {column: np.interp(r.budget, uniform_rows["budget"], uniform_rows[column])
                  for column in ("kl_validation", "kl_evaluation")}
-        widest = uniform_rows["budget"].max()
         how = "interpolated" if r.budget <= widest else f"its widest plan, {widest:g} bits"
         line = (f"{r.method.capitalize()} at {r.budget:g} bits ({label}): KL evaluation {r.kl_evaluation:.4f} "
                 f"against uniform {below['kl_evaluation']:.4f} ({how}), validation {r.kl_validation:.4f} "
